@@ -1,0 +1,159 @@
+"""Plain torch reference ops for the Gated DeltaNet layer.
+
+These are the ground truth that the Triton kernels (kernels/*.py, a later issue) must match, and the CPU path of
+the engine. All state is float32 whatever the input dtype.
+
+The gated delta rule, per value head, with a recurrent state S of shape [K, V]:
+
+    S_t = exp(g_t) * S_{t-1}                                  (decay)
+    S_t = S_t + beta_t * k_t (v_t - S_t^T k_t)^T              (delta-rule write)
+    o_t = S_t^T (q_t * scale)
+
+`recurrent_gated_delta_rule` runs that loop token by token (decode). `chunk_gated_delta_rule` computes the same
+thing a chunk of C tokens at a time (prefill): inside a chunk the C sequential rank-1 updates are folded into one
+lower-triangular solve (the UT transform of the WY representation, as in DeltaNet / Gated DeltaNet), so the only
+sequential loop is over chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim (the form fla and transformers use)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+def _prepare(q, k, v, g, beta, scale, use_qk_l2norm):
+    # q, k: [B, T, H, K]; v: [B, T, HV, V]; g, beta: [B, T, HV]  ->  float32, heads first: [B, HV, T, *]
+    if q.shape != k.shape or q.dim() != 4 or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"gated delta rule: bad shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    hv, h = v.shape[2], q.shape[2]
+    if hv % h or g.shape != v.shape[:3] or beta.shape != v.shape[:3]:
+        raise ValueError(
+            f"gated delta rule: value heads {hv} must be a multiple of key heads {h}; "
+            f"g{tuple(g.shape)} and beta{tuple(beta.shape)} must be {tuple(v.shape[:3])}"
+        )
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    if hv != h:  # grouped values: each key head serves hv // h consecutive value heads
+        q, k = q.repeat_interleave(hv // h, dim=2), k.repeat_interleave(hv // h, dim=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q = q * scale
+    return [x.transpose(1, 2).float().contiguous() for x in (q, k, v, g, beta)]
+
+
+def _initial_state(initial_state, b, hv, dk, dv, device):
+    if initial_state is None:
+        return torch.zeros(b, hv, dk, dv, dtype=torch.float32, device=device)
+    if initial_state.shape != (b, hv, dk, dv):
+        raise ValueError(f"initial_state{tuple(initial_state.shape)} must be {(b, hv, dk, dv)}")
+    return initial_state.float()
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token gated delta rule.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, HV, V] (HV a multiple of H); g (log decay, <= 0), beta: [B, T, HV].
+        scale: query scale, default K ** -0.5. initial_state: [B, HV, K, V] or None (zeros).
+    Returns:
+        o: [B, T, HV, V] in v's dtype; final state: [B, HV, K, V] float32.
+
+    Example:
+        >>> o, s = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s)
+    """
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
+    b, hv, t, dk = k.shape
+    state = _initial_state(initial_state, b, hv, dk, v.shape[-1], v.device)
+    out = torch.empty_like(v)
+    for i in range(t):
+        state = state * g[:, :, i].exp()[..., None, None]
+        kt = k[:, :, i]  # [B, HV, K]
+        delta = (v[:, :, i] - torch.einsum("bhkv,bhk->bhv", state, kt)) * beta[:, :, i, None]
+        state = state + kt[..., :, None] * delta[..., None, :]
+        out[:, :, i] = torch.einsum("bhkv,bhk->bhv", state, q[:, :, i])
+    return out.transpose(1, 2).to(out_dtype), state
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule: same contract as `recurrent_gated_delta_rule`, any T (not only multiples of C).
+
+    Example:
+        >>> o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s)  # q: [1, 500, 4, 64]
+    """
+    out_dtype = v.dtype
+    q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
+    b, hv, t, dk = k.shape
+    dv = v.shape[-1]
+    state = _initial_state(initial_state, b, hv, dk, dv, v.device)
+    c = chunk_size
+    pad = (c - t % c) % c
+    # Zero padding at the end is harmless: padded rows have beta = 0 and g = 0 (no write, no decay).
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    n = (t + pad) // c
+    q, k, v = (x.view(b, hv, n, c, -1) for x in (q, k, v))
+    g, beta = g.view(b, hv, n, c), beta.view(b, hv, n, c)
+
+    gcum = g.cumsum(-1)  # log of the decay from the chunk start to position i (inclusive)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    # decay[i, j] = exp(gcum_i - gcum_j) for j <= i, else 0 (masked before exp so it cannot overflow)
+    decay = (gcum[..., :, None] - gcum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    kb = k * beta[..., None]
+    # UT transform: (I + A) W = beta * [v, k * exp(gcum)], A strictly lower with A_ij = beta_i k_i.k_j decay_ij.
+    a = (kb @ k.transpose(-1, -2)) * decay
+    a = a.tril(-1) + torch.eye(c, device=q.device)
+    rhs = torch.cat([v * beta[..., None], kb * gcum.exp()[..., None]], dim=-1)
+    w = torch.linalg.solve_triangular(a, rhs, upper=False, unitriangular=True)
+    u, wk = w[..., :dv], w[..., dv:]  # u: values to write if the state were 0; wk: how the old state reads
+
+    attn = (q @ k.transpose(-1, -2)) * decay  # intra-chunk scores, causal incl. the diagonal
+    q_dec = q * gcum.exp()[..., None]  # queries read the old state decayed to their position
+    k_dec = k * (gcum[..., -1:] - gcum).exp()[..., None]  # keys decayed to the chunk end
+    chunk_decay = gcum[..., -1].exp()[..., None, None]
+    out = torch.empty_like(v)
+    for i in range(n):
+        v_new = u[:, :, i] - wk[:, :, i] @ state  # delta-rule correction against the state so far
+        out[:, :, i] = q_dec[:, :, i] @ state + attn[:, :, i] @ v_new
+        state = state * chunk_decay[:, :, i] + k_dec[:, :, i].transpose(-1, -2) @ v_new
+    out = out.view(b, hv, n * c, dv)[:, :, :t].transpose(1, 2)
+    return out.to(out_dtype), state
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal convolution with SiLU, continuing from `state`.
+
+    Args:
+        x: [T, C] new inputs; weight: [C, W] taps; state: [W-1, C], the previous W-1 inputs (zeros at start).
+    Returns:
+        y: [T, C] = silu(sum_i weight[:, i] * xx[t + i]) with xx = cat(state, x); new state: [W-1, C].
+    """
+    xx = torch.cat([state.to(x.dtype), x], dim=0)  # [T+W-1, C]
+    y = F.conv1d(xx.t().unsqueeze(0), weight.unsqueeze(1).to(x.dtype), groups=x.shape[1])[0].t()
+    return F.silu(y), xx[xx.shape[0] - state.shape[0] :].to(state.dtype)

@@ -1,0 +1,181 @@
+"""Per-layer state: Gated DeltaNet's constant-size state and attention's bounded KV window.
+
+KVWindow keeps `sink` first tokens plus a ring buffer of the last `window` tokens (StreamingLLM), preallocated
+once; `window=None` is exact full attention in a buffer that grows by doubling. Token p attends to keys j with
+j <= p and (j < sink or j > p - window).
+
+Rotary: StreamingLLM rotates keys by their slot in the cache, so that once tokens are evicted the sink keys sit
+just before the window: window keys keep their true distance p - j to the query, sink key i is seen at distance
+sink + window - 1 - i. We get the same scores cheaper: keys are stored rotated once at their absolute position
+(angles in float64, so precision does not fade with position) and, for the sink keys only, the query is rotated
+at min(p, sink + window - 1) instead of p. With no eviction both equal plain absolute positions, so reference
+parity holds, and nothing is re-rotated per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAGE = 256  # tokens per snapshot page: the unit the memory store deduplicates
+
+
+class Rotary:
+    """Rotate-half RoPE (Hugging Face Llama convention)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        # inv_freq as transformers computes it (float32), used in float64 for the angles.
+        self.inv_freq = (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)).double()
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, D]; pos: [T] int64
+        ang = pos.double()[:, None] * self.inv_freq.to(pos.device)  # [T, D/2]
+        cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[:, None]
+        sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[:, None]
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rot * sin
+
+
+@dataclass
+class DeltaState:
+    """Gated DeltaNet layer state: conv [W-1, conv_dim] (model dtype), recurrent [1, HV, DK, DV] float32."""
+
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.conv": self.conv, f"{prefix}.recurrent": self.recurrent}
+
+    def load(self, prefix: str, t: dict[str, torch.Tensor]) -> None:
+        self.conv = t[f"{prefix}.conv"].to(self.conv.device, self.conv.dtype).clone()
+        self.recurrent = t[f"{prefix}.recurrent"].to(self.recurrent.device, torch.float32).clone()
+
+
+class KVWindow:
+    """Bounded KV cache of one attention layer: slots [0, sink) hold the first tokens, slots [sink, sink+window)
+    a ring buffer of the most recent ones. `pos[slot]` is the absolute position held by a slot (-1: empty)."""
+
+    def __init__(
+        self,
+        n_kv: int,
+        head_dim: int,
+        sink: int,
+        window: int | None,
+        rotary: Rotary | None,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        capacity: int = 1024,
+    ):
+        if window is not None and window < 1:
+            raise ValueError("window must be >= 1 or None")
+        self.sink = sink if window is not None else 0
+        self.window = window
+        self.rotary = rotary
+        cap = self.sink + window if window is not None else capacity
+        self.k = torch.zeros(n_kv, cap, head_dim, dtype=dtype, device=device)  # keys, rotated
+        self.v = torch.zeros(n_kv, cap, head_dim, dtype=dtype, device=device)
+        self.pos = torch.full((cap,), -1, dtype=torch.long, device=device)
+        self.seen = 0  # tokens written so far = absolute position of the next token
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def _slots(self, p: torch.Tensor) -> torch.Tensor:
+        if self.window is None:
+            return p
+        return torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.window)
+
+    def _grow(self, need: int) -> None:
+        cap = self.capacity
+        while cap < need:
+            cap *= 2
+        if cap != self.capacity:
+            n = self.capacity
+            for name in ("k", "v"):
+                old = getattr(self, name)
+                new = old.new_zeros(old.shape[0], cap, old.shape[2])
+                new[:, :n] = old
+                setattr(self, name, new)
+            pos = self.pos.new_full((cap,), -1)
+            pos[:n] = self.pos
+            self.pos = pos
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> None:
+        if self.window is not None and len(p) > self.window:  # only the last `window` (and the sinks) survive
+            keep = (p < self.sink) | (p >= p[-1] - self.window + 1)
+            k, v, p = k[keep], v[keep], p[keep]
+        s = self._slots(p)
+        self.k[:, s] = k.transpose(0, 1)
+        self.v[:, s] = v.transpose(0, 1)
+        self.pos[s] = p
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write the new keys/values and return attention outputs. q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
+        t, h, d = q.shape
+        p = torch.arange(self.seen, self.seen + t, device=q.device)
+        q_sink = q
+        if self.rotary is not None:
+            if self.window is not None and self.seen + t > self.sink + self.window:
+                q_sink = self.rotary(q, p.clamp(max=self.sink + self.window - 1))
+            q, k = self.rotary(q, p), self.rotary(k, p)
+        if self.window is None:
+            self._grow(self.seen + t)
+        if self.window is None or t == 1:
+            # Safe to write first: nothing a query here still needs gets overwritten.
+            self._write(k, v, p)
+            n = self.seen + t if self.window is None else self.capacity
+            keys, vals, kpos = self.k[:, :n], self.v[:, :n], self.pos[:n]
+        else:
+            # A long chunk overwrites ring slots its own early queries still read: attend first, then write.
+            keys = torch.cat([self.k, k.transpose(0, 1)], 1)
+            vals = torch.cat([self.v, v.transpose(0, 1)], 1)
+            kpos = torch.cat([self.pos, p])
+        self.seen += t
+
+        hkv = keys.shape[0]
+        g = h // hkv
+        qg = q.view(t, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
+        scores = (qg @ keys[:, None].transpose(-1, -2)) * d**-0.5  # [Hkv, G, T, L]
+        if q_sink is not q:
+            sink_cols = (kpos < self.sink) & (kpos >= 0)
+            idx = sink_cols.nonzero()[:, 0]
+            qs = q_sink.view(t, hkv, g, d).permute(1, 2, 0, 3)
+            scores[..., idx] = (qs @ keys[:, None, idx].transpose(-1, -2)) * d**-0.5
+        allowed = (kpos[None, :] <= p[:, None]) & (kpos[None, :] >= 0)
+        if self.window is not None:
+            allowed &= (kpos[None, :] > p[:, None] - self.window) | (kpos[None, :] < self.sink)
+        scores = scores.float().masked_fill(~allowed, float("-inf"))
+        probs = scores.softmax(-1).to(vals.dtype)
+        out = probs @ vals[:, None]  # [Hkv, G, T, D]
+        return out.permute(2, 0, 1, 3).reshape(t, h, d)
+
+    # --- snapshot support: fixed-size pages of slots, so unchanged pages hash the same between snapshots ---
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        used = self.capacity if self.window is not None else self.seen
+        out = {}
+        for j, start in enumerate(range(0, used, PAGE)):
+            end = min(start + PAGE, used)
+            out[f"{prefix}.kv.{j:05d}"] = torch.stack([self.k[:, start:end], self.v[:, start:end]])
+        return out
+
+    def load(self, prefix: str, t: dict[str, torch.Tensor], seen: int) -> None:
+        pages = sorted(n for n in t if n.startswith(prefix + ".kv."))
+        kv = torch.cat([t[n] for n in pages], dim=2) if pages else self.k.new_zeros(2, self.k.shape[0], 0, 1)
+        used = kv.shape[2]
+        if self.window is None:
+            self._grow(max(used, 1))
+        elif used != self.capacity:
+            raise ValueError(f"KV window holds {used} slots, this engine has {self.capacity}")
+        self.k.zero_()
+        self.v.zero_()
+        self.k[:, :used] = kv[0].to(self.k.dtype)
+        self.v[:, :used] = kv[1].to(self.v.dtype)
+        self.seen = seen
+        self.pos.fill_(-1)
+        p = torch.arange(seen, device=self.pos.device)
+        if self.window is not None:
+            p = p[(p < self.sink) | (p >= seen - self.window)]
+        self.pos[self._slots(p)] = p

@@ -1,0 +1,212 @@
+"""The engine: one model, one session state; feed tokens, snapshot, restore, generate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from model import snapshot as snap
+from model.cache import DeltaState, KVWindow, Rotary
+from model.config import LINEAR
+from model.errors import SnapshotError
+from model.layers import HybridLM
+from model.sampling import Sampler, TextStream
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
+
+
+def fingerprint(model: HybridLM) -> str:
+    """Identifies a model: its config plus a strided sample of every weight (hashing all 15 GB of a 7B model
+    on every load would cost more than it proves). Two checkpoints that differ anywhere but in unsampled
+    elements get different fingerprints; the same checkpoint always the same one, whatever dtype it runs in."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}:{list(p.shape)}".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class Engine:
+    """Runs a HybridLM over one stream of tokens, keeping per-layer state between calls.
+
+    window/sink bound the attention caches (window=None: exact full attention). prefill_chunk is the number of
+    tokens run through the layers at once: it bounds activation memory, not results.
+    """
+
+    def __init__(
+        self,
+        model: HybridLM,
+        tokenizer: Tokenizer | None = None,
+        window: int | None = None,
+        sink: int = 4,
+        prefill_chunk: int = 512,
+    ):
+        self.model = model.eval()
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.window, self.sink = window, sink
+        self.prefill_chunk = prefill_chunk
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.fingerprint = fingerprint(model)
+        self.reset()
+
+    # --- state -----------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything: back to the state before the first token."""
+        cfg, dev, dt = self.config, self.device, self.dtype
+        rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
+        self.states: list[DeltaState | KVWindow] = []
+        for layer_type in cfg.layer_types:
+            if layer_type == LINEAR:
+                conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
+                    cfg.linear_num_value_heads * cfg.linear_value_head_dim
+                )
+                shape = (1, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+                self.states.append(
+                    DeltaState(
+                        conv=torch.zeros(cfg.linear_conv_kernel_dim - 1, conv_dim, dtype=dt, device=dev),
+                        recurrent=torch.zeros(shape, dtype=torch.float32, device=dev),
+                    )
+                )
+            else:
+                self.states.append(
+                    KVWindow(cfg.num_key_value_heads, cfg.head_dim, self.sink, self.window, rotary, dt, dev)
+                )
+        self.tokens_seen = 0
+        self.token_chain = snap.EMPTY_CHAIN
+
+    def state_bytes(self) -> int:
+        """Bytes of the current state (what a snapshot payload holds, before its small header)."""
+        return sum(t.numel() * t.element_size() for t in self._state_tensors().values())
+
+    # --- forward ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def feed(
+        self, ids: Sequence[int] | torch.Tensor, logits: Literal["all", "last", "none"] = "all"
+    ) -> torch.Tensor | None:
+        """Advance the state by `ids`; return their logits [len(ids), vocab] (float32), only the last row
+        [1, vocab] with logits="last", or None with logits="none" (e.g. when ingesting)."""
+        ids_t = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
+        n = ids_t.numel()
+        if n == 0:
+            raise ValueError("feed() needs at least one token id")
+        vocab = self.config.vocab_size
+        if int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}); got {int(ids_t.min())}..{int(ids_t.max())}")
+        outs = []
+        for start in range(0, n, self.prefill_chunk):
+            h = self.model.hidden(ids_t[start : start + self.prefill_chunk], self.states)
+            if logits == "all":
+                outs.append(self.model.logits(h).float())
+            elif logits == "last" and start + self.prefill_chunk >= n:
+                outs.append(self.model.logits(h[-1:]).float())
+        self.tokens_seen += n
+        self.token_chain = snap.chain(self.token_chain, ids_t.tolist())
+        return torch.cat(outs) if outs else None
+
+    # --- snapshots -------------------------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i, st in enumerate(self.states):
+            out.update(st.tensors(f"layers.{i:03d}"))
+        return out
+
+    def _header(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "arch": self.config.arch,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "window": self.window,
+            "sink": self.sink,
+            "tokens_seen": self.tokens_seen,
+            "token_chain": self.token_chain,
+        }
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes (see model/snapshot.py); restore() continues from it exactly."""
+        return snap.pack(self._header(), self._state_tensors())
+
+    def restore(self, blob: bytes) -> None:
+        """Replace the state by a snapshot's. Refuses, leaving the state as it was, a blob of another model,
+        another window/dtype, an unknown format version, or a truncated or corrupted blob."""
+        header, tensors = snap.unpack(blob)
+        mine = self._header()
+        if header.get("fingerprint") != mine["fingerprint"]:
+            raise SnapshotError(
+                f"snapshot was taken with another model (fingerprint {header.get('fingerprint')}, "
+                f"this model is {mine['fingerprint']}); load the model the session was created with"
+            )
+        for key in ("window", "sink", "dtype"):
+            if header.get(key) != mine[key]:
+                raise SnapshotError(
+                    f"snapshot has {key}={header.get(key)!r}, this engine runs {key}={mine[key]!r}; "
+                    f"load the model with the same setting to resume it"
+                )
+        seen = header.get("tokens_seen")
+        if not isinstance(seen, int) or seen < 0:
+            raise SnapshotError("snapshot header has no valid tokens_seen")
+        expected = {n for n in self._state_tensors() if ".kv." not in n}
+        if not expected <= set(tensors):
+            raise SnapshotError("snapshot lacks state tensors this model needs")
+        old = self.states
+        try:
+            self.reset()
+            for i, st in enumerate(self.states):
+                prefix = f"layers.{i:03d}"
+                if isinstance(st, KVWindow):
+                    st.load(prefix, tensors, seen)
+                else:
+                    st.load(prefix, tensors)
+        except (KeyError, ValueError, RuntimeError) as e:
+            self.states = old
+            raise SnapshotError(f"snapshot state does not fit this model: {e}") from e
+        self.tokens_seen = seen
+        self.token_chain = header["token_chain"]
+
+    # --- generation ------------------------------------------------------------------------------------
+    def generate(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_ids: Sequence[int] | None = None,
+    ) -> Iterator[str]:
+        """Feed `ids` (the prompt's new tokens), then sample up to max_new_tokens, yielding text pieces as they
+        become printable. Stops at an end-of-sequence id (default: the model's eos) or a stop string, which is
+        not yielded. Every sampled token is fed, so the state has consumed exactly prompt + generated ids;
+        `self.generated` holds the generated ids afterwards."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; feed() token ids directly")
+        sampler = Sampler(temperature, top_p, top_k, seed)
+        eos = set(self.config.eos_ids if stop_ids is None else stop_ids)
+        stream = TextStream(self.tokenizer, stop)
+        self.generated: list[int] = []
+        logits = self.feed(list(ids), logits="last") if len(ids) else None
+        if logits is None:
+            raise ValueError("generate() needs at least one prompt token")
+        for _ in range(max_new_tokens):
+            tok = sampler(logits[-1])
+            self.generated.append(tok)
+            logits = self.feed([tok], logits="last")
+            if tok in eos:
+                break
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+            if stream.stopped:
+                return
+        tail = stream.flush()
+        if tail:
+            yield tail

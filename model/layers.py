@@ -1,0 +1,188 @@
+"""The layers of a hybrid model, parameter names as in Hugging Face checkpoints so state dicts load as they are.
+
+Every forward takes one sequence without a batch dim (`x: [T, hidden]`) and the layer's own state object from
+model/cache.py, which it advances in place: the engine runs one session at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from model.cache import DeltaState, KVWindow
+from model.config import LINEAR, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each value head, then times silu(gate): the output norm of Gated DeltaNet."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):  # fla's FusedRMSNormGated default eps, as the reference
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a bounded KVWindow, optional q/k RMSNorm (OLMo) and rotary (Llama)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        if cfg.qk_norm:  # over the whole projection, not per head (OLMo 2/3 style)
+            self.q_norm = RMSNorm(self.n_heads * self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x: torch.Tensor, kv: KVWindow) -> torch.Tensor:
+        # x: [T, hidden]
+        t = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(t, self.n_heads, self.head_dim)
+        k = k.view(t, self.n_kv, self.head_dim)
+        v = v.view(t, self.n_kv, self.head_dim)
+        o = kv.attend(q, k, v)  # [T, H, D]
+        return self.o_proj(o.reshape(t, -1))
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet token mixer (OLMo Hybrid): separate q/k/v/a/b/g projections, short conv, delta rule."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
+        self.beta_scale = 2.0 if cfg.linear_allow_neg_eigval else 1.0  # beta in [0, 2]: negative eigenvalues
+        self.q_proj = nn.Linear(h, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.value_dim, bias=False)
+        self.a_proj = nn.Linear(h, self.hv, bias=False)
+        self.b_proj = nn.Linear(h, self.hv, bias=False)
+        self.g_proj = nn.Linear(h, self.value_dim, bias=False)
+        self.o_proj = nn.Linear(self.value_dim, h, bias=False)
+        conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.linear_conv_kernel_dim, groups=conv_dim, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.hv))
+        self.dt_bias = nn.Parameter(torch.zeros(self.hv))
+        self.o_norm = GatedRMSNorm(self.dv)
+
+    def forward(self, x: torch.Tensor, st: DeltaState) -> torch.Tensor:
+        # x: [T, hidden]; st.conv: [W-1, conv_dim]; st.recurrent: [1, HV, DK, DV] float32
+        t = x.shape[0]
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv, st.conv = causal_conv1d(qkv, self.conv1d.weight[:, 0], st.conv)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        beta = self.b_proj(x).sigmoid() * self.beta_scale  # [T, HV]
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)  # log decay <= 0
+        op = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
+        o, st.recurrent = op(
+            q.view(1, t, self.hk, self.dk),
+            k.view(1, t, self.hk, self.dk),
+            v.view(1, t, self.hv, self.dv),
+            g[None],
+            beta[None],
+            initial_state=st.recurrent,
+        )
+        o = self.o_norm(o[0], self.g_proj(x).view(t, self.hv, self.dv))
+        return self.o_proj(o.reshape(t, self.value_dim))
+
+
+class Block(nn.Module):
+    """One decoder layer. Norm placement by kind: pre-norm for Llama and for OLMo Hybrid's DeltaNet layers,
+    post-norm (norm of the sublayer output, before the residual add) for OLMo Hybrid's attention layers."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str):
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.linear = layer_type == LINEAR
+        self.post_norm = not self.linear and cfg.post_norm_attention
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        if self.post_norm:
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
+        else:
+            self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, state: DeltaState | KVWindow) -> torch.Tensor:
+        mixer = self.linear_attn if self.linear else self.self_attn
+        if self.post_norm:
+            x = x + self.post_attention_layernorm(mixer(x, state))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
+        x = x + mixer(self.input_layernorm(x), state)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class HybridLM(nn.Module):
+    """Embeddings, the decoder layers, final norm and LM head (tied to the embeddings if the config says)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def hidden(self, ids: torch.Tensor, states: list) -> torch.Tensor:
+        # ids: [T] -> final hidden states [T, hidden], advancing each layer's state
+        x = self.model.embed_tokens(ids)
+        for layer, st in zip(self.model.layers, states, strict=True):
+            x = layer(x, st)
+        return self.model.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.head_weight)

@@ -1,0 +1,77 @@
+"""Token sampling (greedy / temperature / top-k / top-p, seeded) and incremental detokenisation with stop strings."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
+
+
+class Sampler:
+    """temperature 0 is greedy (argmax); otherwise softmax(logits / T) restricted to the top_k tokens (0: all)
+    and to the smallest set whose probability reaches top_p, drawn with a seeded generator."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.gen = torch.Generator()
+        self.gen.manual_seed(seed if seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        # logits: [vocab]
+        if self.temperature == 0:
+            return int(logits.argmax())
+        x = logits.float().cpu() / self.temperature
+        if self.top_k:
+            kth = torch.topk(x, min(self.top_k, x.numel())).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_x, order = x.sort(descending=True)
+            cum = sorted_x.softmax(-1).cumsum(-1)
+            drop = cum - sorted_x.softmax(-1) >= self.top_p  # keep tokens until the mass before them reaches p
+            x[order[drop]] = float("-inf")
+        return int(torch.multinomial(x.softmax(-1), 1, generator=self.gen))
+
+
+class TextStream:
+    """Turns token ids into printable text pieces: holds back incomplete UTF-8 sequences and any tail that could
+    still become a stop string; `stopped` turns true once a stop string appears (it is never emitted)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tok = tokenizer
+        self.stop = [s for s in stop if s]
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # holds incomplete sequences
+        self.pending = ""  # decoded text not yet emitted
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.pending += self.utf8.decode(self.tok.decode_bytes([token]))
+        for s in self.stop:
+            i = self.pending.find(s)
+            if i >= 0:
+                self.stopped = True
+                out, self.pending = self.pending[:i], ""
+                return out
+        hold = max((_overlap(self.pending, s) for s in self.stop), default=0)
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out = "" if self.stopped else self.pending + self.utf8.decode(b"", final=True)
+        self.pending = ""
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
