@@ -116,14 +116,15 @@ class KVWindow:
         """Write the new keys/values and return attention outputs. q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
         t, h, d = q.shape
         p = torch.arange(self.seen, self.seen + t, device=q.device)
-        q_sink = q
+        q_sink = None  # queries for the sink keys, once evictions have begun (see module docstring)
         if self.rotary is not None:
             if self.window is not None and self.seen + t > self.sink + self.window:
                 q_sink = self.rotary(q, p.clamp(max=self.sink + self.window - 1))
             q, k = self.rotary(q, p), self.rotary(k, p)
         if self.window is None:
             self._grow(self.seen + t)
-        if self.window is None or t == 1:
+        write_first = self.window is None or t == 1
+        if write_first:
             # Safe to write first: nothing a query here still needs gets overwritten.
             self._write(k, v, p)
             n = self.seen + t if self.window is None else self.capacity
@@ -139,7 +140,7 @@ class KVWindow:
         g = h // hkv
         qg = q.view(t, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
         scores = (qg @ keys[:, None].transpose(-1, -2)) * d**-0.5  # [Hkv, G, T, L]
-        if q_sink is not q:
+        if q_sink is not None:
             sink_cols = (kpos < self.sink) & (kpos >= 0)
             idx = sink_cols.nonzero()[:, 0]
             qs = q_sink.view(t, hkv, g, d).permute(1, 2, 0, 3)
@@ -150,6 +151,8 @@ class KVWindow:
         scores = scores.float().masked_fill(~allowed, float("-inf"))
         probs = scores.softmax(-1).to(vals.dtype)
         out = probs @ vals[:, None]  # [Hkv, G, T, D]
+        if not write_first:
+            self._write(k, v, p)
         return out.permute(2, 0, 1, 3).reshape(t, h, d)
 
     # --- snapshot support: fixed-size pages of slots, so unchanged pages hash the same between snapshots ---

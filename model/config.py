@@ -109,7 +109,7 @@ class ModelConfig:
                 num_key_value_heads=kv,
                 head_dim=head_dim,
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=_rope_theta(hf, default=10000.0 if arch == "llama" else None),
+                rope_theta=_rope_theta(hf),
                 attention_bias=bool(hf.get("attention_bias", False)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 max_position_embeddings=int(hf.get("max_position_embeddings") or 4096),
@@ -149,16 +149,15 @@ class ModelConfig:
             raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
-def _rope_theta(hf: dict[str, Any], default: float | None) -> float | None:
+def _rope_theta(hf: dict[str, Any]) -> float | None:
+    """Rotary base as transformers reads it: NoPE only when rope_parameters says rope_theta: null (as the
+    released OLMo Hybrid checkpoints do); a missing value means the default base 10000."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling")
     if isinstance(rope, dict):
         kind = rope.get("rope_type") or rope.get("type") or "default"
         if kind != "default":
             raise CheckpointError(f"rope_type {kind!r} is not supported (only default rotary)")
-        if rope.get("rope_theta") is not None:
-            return float(rope["rope_theta"])
-        if "rope_theta" not in hf:
-            return default
-    if "rope_theta" in hf:
-        return None if hf["rope_theta"] is None else float(hf["rope_theta"])
-    return default if rope is not False else None
+        if "rope_theta" in rope:
+            return None if rope["rope_theta"] is None else float(rope["rope_theta"])
+    theta = hf.get("rope_theta", 10000.0)
+    return None if theta is None else float(theta)

@@ -35,6 +35,7 @@ def default_config() -> ModelConfig:
             "eos_token_id": 100257,
             "pad_token_id": 100277,
             "max_position_embeddings": 65536,
+            "rope_parameters": {"rope_type": "default", "rope_theta": None},  # NoPE, as OLMo Hybrid 7B
         }
     )
 

@@ -31,8 +31,8 @@ def make_olmo_hybrid(out: Path, vocab: int = 320, dtype=torch.float32, seed: int
 
     rope = kw.pop("rope", True)
     cfg = OlmoHybridConfig(vocab_size=vocab, eos_token_id=1, pad_token_id=0, **kw)
-    if not rope:
-        cfg.rope_parameters = None
+    if not rope:  # how released checkpoints say NoPE
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": None}
     torch.manual_seed(seed)
     model = OlmoHybridForCausalLM(cfg).eval()
     _spread_norms(model)
