@@ -136,24 +136,28 @@ class KVWindow:
             kpos = torch.cat([self.pos, p])
         self.seen += t
 
-        hkv = keys.shape[0]
+        hkv, n_keys = keys.shape[0], keys.shape[1]
         g = h // hkv
-        qg = q.view(t, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, T, D]
-        scores = (qg @ keys[:, None].transpose(-1, -2)) * d**-0.5  # [Hkv, G, T, L]
+        scale = d**-0.5
+
+        def grouped(x: torch.Tensor) -> torch.Tensor:  # [T, H, D] -> [Hkv, G*T, D]: GQA without repeating keys
+            return x.view(t, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * t, d)
+
+        # 3-D bmm throughout: broadcasting 5-D matmuls take a slow path on CPU.
+        scores = torch.bmm(grouped(q), keys.transpose(1, 2)).view(hkv, g, t, n_keys) * scale
         if q_sink is not None:
-            sink_cols = (kpos < self.sink) & (kpos >= 0)
-            idx = sink_cols.nonzero()[:, 0]
-            qs = q_sink.view(t, hkv, g, d).permute(1, 2, 0, 3)
-            scores[..., idx] = (qs @ keys[:, None, idx].transpose(-1, -2)) * d**-0.5
+            idx = ((kpos < self.sink) & (kpos >= 0)).nonzero()[:, 0]
+            sink_scores = torch.bmm(grouped(q_sink), keys[:, idx].transpose(1, 2)) * scale
+            scores[..., idx] = sink_scores.view(hkv, g, t, -1)
         allowed = (kpos[None, :] <= p[:, None]) & (kpos[None, :] >= 0)
         if self.window is not None:
             allowed &= (kpos[None, :] > p[:, None] - self.window) | (kpos[None, :] < self.sink)
         scores = scores.float().masked_fill(~allowed, float("-inf"))
-        probs = scores.softmax(-1).to(vals.dtype)
-        out = probs @ vals[:, None]  # [Hkv, G, T, D]
+        probs = scores.softmax(-1).to(vals.dtype).view(hkv, g * t, n_keys)
+        out = torch.bmm(probs, vals).view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, h, d)
         if not write_first:
             self._write(k, v, p)
-        return out.permute(2, 0, 1, 3).reshape(t, h, d)
+        return out
 
     # --- snapshot support: fixed-size pages of slots, so unchanged pages hash the same between snapshots ---
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
