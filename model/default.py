@@ -10,6 +10,7 @@ import math
 import torch
 
 from model.config import ModelConfig
+from model.engine import model_fingerprint
 from model.layers import HybridLM
 from model.tokenizer import Tokenizer
 
@@ -40,7 +41,8 @@ def default_config() -> ModelConfig:
     )
 
 
-def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[HybridLM, Tokenizer]:
+def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[HybridLM, Tokenizer, str]:
+    """The model (cast to dtype), its tokenizer, and its fingerprint (of the float32 weights)."""
     cfg = default_config()
     gen = torch.Generator().manual_seed(SEED)
     model = HybridLM(cfg)
@@ -55,4 +57,5 @@ def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tu
                 p.fill_(1.0)  # norm weights
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model.to(device=device, dtype=dtype).eval(), Tokenizer.cl100k_olmo()
+    fp = model_fingerprint(cfg, model.state_dict())
+    return model.to(device=device, dtype=dtype).eval(), Tokenizer.cl100k_olmo(), fp

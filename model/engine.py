@@ -11,7 +11,7 @@ import torch
 
 from model import snapshot as snap
 from model.cache import DeltaState, KVWindow, Rotary
-from model.config import LINEAR
+from model.config import LINEAR, ModelConfig
 from model.errors import SnapshotError
 from model.layers import HybridLM
 from model.sampling import Sampler, TextStream
@@ -20,12 +20,12 @@ if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
 
-def fingerprint(model: HybridLM) -> str:
-    """Identifies a model: its config plus a strided sample of every weight (hashing all 15 GB of a 7B model
-    on every load would cost more than it proves). Two checkpoints that differ anywhere but in unsampled
-    elements get different fingerprints; the same checkpoint always the same one, whatever dtype it runs in."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    for name, p in sorted(model.state_dict().items()):
+def model_fingerprint(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> str:
+    """Identifies a model: its config plus a strided sample of every weight as stored in the checkpoint
+    (hashing all 15 GB of a 7B model on every load would cost more than it proves). Computed before any dtype
+    cast, so a checkpoint has one fingerprint whatever dtype it runs in."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for name, p in sorted(state_dict.items()):
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
         h.update(f"{name}:{list(p.shape)}".encode())
@@ -47,6 +47,7 @@ class Engine:
         window: int | None = None,
         sink: int = 4,
         prefill_chunk: int = 512,
+        fingerprint: str | None = None,
     ):
         self.model = model.eval()
         self.config = model.config
@@ -55,7 +56,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.fingerprint = fingerprint(model)
+        self.fingerprint = fingerprint or model_fingerprint(model.config, model.state_dict())
         self.reset()
 
     # --- state -----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from model.config import ModelConfig
-from model.engine import Engine
+from model.engine import Engine, model_fingerprint
 from model.errors import CheckpointError
 from model.layers import HybridLM
 
@@ -35,8 +35,11 @@ def canonical_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> HybridLM:
-    """Instantiate the model and load a state dict in Hugging Face naming, checking every name and shape."""
+def build(
+    cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str
+) -> tuple[HybridLM, str]:
+    """Instantiate the model and load a state dict in Hugging Face naming, checking every name and shape.
+    Returns the model and the checkpoint's fingerprint (taken before the dtype cast)."""
     with torch.device("meta"):
         model = HybridLM(cfg)
     expected = model.state_dict()
@@ -53,8 +56,9 @@ def build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dt
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
             raise CheckpointError(f"tensor {k} has shape {tuple(sd[k].shape)}, config implies {tuple(v.shape)}")
+    fp = model_fingerprint(cfg, sd)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
-    return model.eval()
+    return model.eval(), fp
 
 
 def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
@@ -94,8 +98,8 @@ def load_model(
     if str(path) == "default":
         from model.default import default_model
 
-        model, tokenizer = default_model(dtype, device)
-        return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk)
+        model, tokenizer, fp = default_model(dtype, device)
+        return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp)
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"no model at {p}: give a checkpoint directory, a .gguf file, or 'default'")
@@ -107,14 +111,14 @@ def load_model(
         from model.tokenizer import Tokenizer
 
         hf, sd = read_gguf(p)
-        model = build(ModelConfig.from_hf(hf), sd, dtype, device)
+        model, fp = build(ModelConfig.from_hf(hf), sd, dtype, device)
         tokenizer = Tokenizer.from_gguf(p)
     else:
         cfg = ModelConfig.from_file(p / "config.json")
-        model = build(cfg, _read_safetensors(p), dtype, device)
+        model, fp = build(cfg, _read_safetensors(p), dtype, device)
         tokenizer = None
         if (p / "tokenizer.json").exists():
             from model.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_tokenizer_json(p)
-    return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk)
+    return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp)

@@ -3,8 +3,9 @@
     b"DMSNAP\\n"  |  u32 little-endian header length  |  JSON header (utf-8)  |  safetensors payload
 
 The header carries `format` (version), `fingerprint` (model), `dtype`, `window`, `sink`, `tokens_seen`,
-`token_chain` (chained sha256 of every token id consumed), `shapes` (tensor name -> shape) and `sha256` /
-`payload_bytes` of the payload. The payload is a plain safetensors file whose tensors are the per-layer states;
+`token_chain` (chained sha256 of every token id consumed), `shapes` (tensor name -> shape), `payload_bytes`,
+and `sha256` over the rest of the header (canonical JSON) followed by the payload, so a flipped bit anywhere is
+caught. The payload is a plain safetensors file whose tensors are the per-layer states;
 attention windows come as fixed-size pages, each its own tensor, so a store can split a payload at tensor
 boundaries and deduplicate unchanged pages without knowing the model.
 """
@@ -33,8 +34,8 @@ def pack(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
         format=FORMAT_VERSION,
         shapes={n: list(t.shape) for n, t in sorted(tensors.items())},
         payload_bytes=len(payload),
-        sha256=hashlib.sha256(payload).hexdigest(),
     )
+    header["sha256"] = _digest(header, payload)
     hb = json.dumps(header, sort_keys=True).encode()
     return MAGIC + struct.pack("<I", len(hb)) + hb + payload
 
@@ -73,8 +74,8 @@ def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             f"snapshot is truncated or padded: payload has {len(payload)} bytes, header says "
             f"{header.get('payload_bytes')}"
         )
-    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-        raise SnapshotError("snapshot is corrupt: payload sha256 does not match its header")
+    if _digest(header, payload) != header.get("sha256"):
+        raise SnapshotError("snapshot is corrupt: its sha256 does not match its header and payload")
     try:
         tensors = st_load(payload)
     except Exception as e:  # safetensors raises its own error types
@@ -83,6 +84,13 @@ def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if shapes != header.get("shapes"):
         raise SnapshotError("snapshot payload tensors do not match the shapes in its header")
     return header, tensors
+
+
+def _digest(header: dict[str, Any], payload: bytes) -> str:
+    rest = {k: v for k, v in header.items() if k != "sha256"}
+    h = hashlib.sha256(json.dumps(rest, sort_keys=True).encode())
+    h.update(payload)
+    return h.hexdigest()
 
 
 def chain(prev: str, ids: list[int]) -> str:

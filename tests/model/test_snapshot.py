@@ -1,0 +1,106 @@
+"""Every bad blob gets its own clear error, and a refused restore leaves the state untouched."""
+
+import json
+import struct
+
+import pytest
+import torch
+
+from model import SnapshotError, load_model
+from model.snapshot import MAGIC
+from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    make_olmo_hybrid(a, vocab=VOCAB, seed=0, **OLMO_SHAPES["olmo_gqa_rope"])
+    make_olmo_hybrid(b, vocab=VOCAB, seed=1, **OLMO_SHAPES["olmo_gqa_rope"])  # same shapes, other weights
+    return a, b
+
+
+@pytest.fixture()
+def engine_and_blob(dirs):
+    eng = load_model(dirs[0], window=16, sink=2)
+    eng.feed(torch.arange(40) % VOCAB)
+    return eng, eng.snapshot()
+
+
+def refuses(eng, blob, match):
+    """Restore must raise with `match`, and the state must be exactly what it was."""
+    before = eng.snapshot()
+    with pytest.raises(SnapshotError, match=match):
+        eng.restore(blob)
+    assert eng.snapshot() == before
+
+
+def rewrite_header(blob, **changes):
+    (n,) = struct.unpack_from("<I", blob, len(MAGIC))
+    start = len(MAGIC) + 4
+    header = json.loads(blob[start : start + n])
+    header.update(changes)
+    hb = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(hb)) + hb + blob[start + n :]
+
+
+def test_round_trip_restores_counters(engine_and_blob, dirs):
+    eng, blob = engine_and_blob
+    other = load_model(dirs[0], window=16, sink=2)
+    other.restore(blob)
+    assert (other.tokens_seen, other.token_chain) == (40, eng.token_chain)
+    assert torch.equal(other.feed([5, 6]), eng.feed([5, 6]))
+
+
+def test_blob_of_another_model(engine_and_blob, dirs):
+    eng, _ = engine_and_blob
+    stranger = load_model(dirs[1], window=16, sink=2)
+    stranger.feed([1, 2, 3])
+    refuses(eng, stranger.snapshot(), "another model")
+
+
+def test_truncated_blob(engine_and_blob):
+    eng, blob = engine_and_blob
+    for cut in (len(blob) - 1, len(blob) // 2, 30, 5):
+        refuses(eng, blob[:cut], "truncated|bad magic|corrupt")
+    refuses(eng, blob[: len(blob) // 2], "truncated")
+
+
+@pytest.mark.parametrize("where", ["payload_start", "payload_middle", "payload_end"])
+def test_bit_flip_in_payload(engine_and_blob, where):
+    eng, blob = engine_and_blob
+    (n,) = struct.unpack_from("<I", blob, len(MAGIC))
+    start = len(MAGIC) + 4 + n
+    pos = {"payload_start": start + 3, "payload_middle": (start + len(blob)) // 2, "payload_end": len(blob) - 1}
+    flipped = bytearray(blob)
+    flipped[pos[where]] ^= 0x10
+    refuses(eng, bytes(flipped), "corrupt")
+
+
+def test_bit_flip_in_header(engine_and_blob):
+    eng, blob = engine_and_blob
+    flipped = bytearray(blob)
+    flipped[len(MAGIC) + 6] ^= 0x01  # inside the JSON
+    refuses(eng, bytes(flipped), "corrupt|another model|tokens_seen|format")
+
+
+def test_unknown_format_version(engine_and_blob):
+    eng, blob = engine_and_blob
+    refuses(eng, rewrite_header(blob, format=99), "format version 99")
+
+
+def test_other_window_or_dtype(engine_and_blob, dirs):
+    eng, _ = engine_and_blob
+    for kwargs, match in [(dict(window=32, sink=2), "window=32"), (dict(window=16, sink=2, dtype=torch.bfloat16),
+                                                                   "dtype='bfloat16'")]:
+        other = load_model(dirs[0], **kwargs)
+        other.feed([1, 2, 3])
+        refuses(eng, other.snapshot(), match)
+
+
+def test_not_a_snapshot(engine_and_blob):
+    eng, _ = engine_and_blob
+    refuses(eng, b"PK\x03\x04 a zip file", "bad magic")
+    with pytest.raises(SnapshotError, match="bytes"):
+        eng.restore("a string")
