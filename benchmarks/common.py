@@ -1,0 +1,70 @@
+"""Shared helpers for benchmarks: corpus tokens, timing, and the results format of DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def corpus_text(min_chars: int) -> str:
+    """Real text to tokenize: the standard library's own Python sources, in a fixed order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts, n = [], 0
+    for f in sorted(stdlib.glob("*.py")):
+        s = f.read_text(errors="replace")
+        parts.append(s)
+        n += len(s)
+        if n >= min_chars:
+            break
+    return "".join(parts)
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
+    """Median wall time in seconds over `repeat` runs, and the last result."""
+    times, out = [], None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def versions(**extra: str) -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, **extra}
+
+
+def write_results(name: str, rows: list[dict], title: str, columns: list[str], **meta) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"device": device_name(), "versions": versions(), **meta, "rows": rows}
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    lines = [f"# {title}", "", f"Device: {doc['device']}; torch {torch.__version__}", ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return RESULTS / f"{name}.json"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
