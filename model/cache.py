@@ -17,22 +17,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 PAGE = 256  # tokens per snapshot page: the unit the memory store deduplicates
 
 
 class Rotary:
-    """Rotate-half RoPE (Hugging Face Llama convention)."""
+    """Rotate-half RoPE (Hugging Face Llama convention). One instance serves every attention layer, so the
+    cos/sin of a step's positions are computed once per step, not once per layer."""
 
     def __init__(self, head_dim: int, theta: float):
         # inv_freq as transformers computes it (float32), used in float64 for the angles.
         self.inv_freq = (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)).double()
+        self._key: tuple | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _table(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (int(pos[0]), int(pos[-1]), len(pos), dtype, pos.device)
+        if key != self._key or self._cos_sin is None:
+            ang = pos.double()[:, None] * self.inv_freq.to(pos.device)  # [T, D/2]
+            cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+            self._cos_sin = (torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None])
+            self._key = key
+        return self._cos_sin
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, D]; pos: [T] int64
-        ang = pos.double()[:, None] * self.inv_freq.to(pos.device)  # [T, D/2]
-        cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.dtype)[:, None]
-        sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.dtype)[:, None]
+        # x: [T, heads, D]; pos: [T] int64, consecutive or clamped (the key identifies both)
+        cos, sin = self._table(pos, x.dtype)
         half = x.shape[-1] // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rot * sin
@@ -135,6 +146,15 @@ class KVWindow:
             vals = torch.cat([self.v, v.transpose(0, 1)], 1)
             kpos = torch.cat([self.pos, p])
         self.seen += t
+
+        if t == 1 and q_sink is None:  # decode: one fused kernel, no score matrix in Python
+            mask = None
+            if self.window is not None:
+                mask = ((kpos >= 0) & ((kpos > p - self.window) | (kpos < self.sink)))[None]
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask, scale=d**-0.5, enable_gqa=True
+            )  # [1, H, 1, D]
+            return out[0].transpose(0, 1)
 
         hkv, n_keys = keys.shape[0], keys.shape[1]
         g = h // hkv
