@@ -61,3 +61,36 @@ def test_half_precision_checkpoints_load(tmp_path, dtype):
         want = ref(ids[None]).logits[0]
     got = load_model(tmp_path).feed(ids)
     assert (got - want).abs().max() < 1e-4
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    """A checkpoint saved in shards (model.safetensors.index.json) loads the same as one file."""
+    ref = make_olmo_hybrid(tmp_path / "one", **OLMO_SHAPES["olmo_odd_nope"])
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
+    ids = torch.randint(0, 320, (50,), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+    eng = load_model(tmp_path / "sharded")
+    assert (eng.feed(ids) - want).abs().max() < 1e-4
+    assert eng.fingerprint == load_model(tmp_path / "one").fingerprint  # same weights, same identity
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    from model import CheckpointError
+
+    make_llama(tmp_path, **LLAMA_SHAPES["llama_gqa"])
+    with pytest.raises(CheckpointError, match="no model at"):
+        load_model(tmp_path / "missing")
+    cfg = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(cfg.replace('"num_hidden_layers": 3', '"num_hidden_layers": 4'))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(cfg.replace('"llama"', '"gpt2"'))
+    with pytest.raises(CheckpointError, match="model_type 'gpt2'"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(cfg)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="cannot read weights"):
+        load_model(tmp_path)

@@ -1,0 +1,65 @@
+"""The deltamem command, run as a real subprocess: generate, save and resume a state file, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def deltamem(*args, stdin=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args], input=stdin, capture_output=True, text=True, env=env,
+        timeout=300,
+    )
+
+
+def test_generate_saves_and_resumes_state(tmp_path):
+    state = tmp_path / "s.snap"
+    first = deltamem("generate", "--state", str(state), "--json", "--max-new-tokens", "5", "Hello, memory")
+    assert first.returncode == 0, first.stderr
+    a = json.loads(first.stdout)
+    assert not a["resumed"] and a["new_tokens"] == 5 and state.exists()
+    second = deltamem("generate", "--state", str(state), "--json", "--max-new-tokens", "5", " and again")
+    b = json.loads(second.stdout)
+    # Resumed: the new run fed only its own prompt, on top of everything the first run consumed.
+    assert b["resumed"] and b["tokens_seen"] == a["tokens_seen"] + b["prompt_tokens"] + b["new_tokens"]
+
+
+def test_stdin_prompt_and_text_output():
+    r = deltamem("generate", "--max-new-tokens", "3", "--seed", "1", "--temperature", "0.8", "-", stdin="hi")
+    assert r.returncode == 0, r.stderr
+    assert "3 tokens" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "no/such/dir", "x"], "no model at"),
+        (["generate", "--window", "0", "x"], "--window must be >= 1"),
+        (["generate", "--max-new-tokens", "3", "--top-p", "0", "x"], "top_p"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, message):
+    r = deltamem(*args)
+    assert r.returncode == 1
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+
+
+def test_corrupt_state_file_is_refused_and_kept(tmp_path):
+    state = tmp_path / "s.snap"
+    state.write_bytes(b"DMSNAP\n garbage")
+    r = deltamem("generate", "--state", str(state), "--max-new-tokens", "2", "x")
+    assert r.returncode == 1 and "snapshot" in r.stderr and "Traceback" not in r.stderr
+    assert state.read_bytes() == b"DMSNAP\n garbage"  # nothing overwritten
+
+
+def test_unknown_option_exits_2():
+    r = deltamem("generate", "--bogus", "x")
+    assert r.returncode == 2 and "usage:" in r.stderr
