@@ -146,7 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         n = len(engine.generated)
         print(
-            f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tok/s; state {engine.state_bytes() / 1e6:.1f} MB"
+            f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tok/s; "
+            f"state {engine.state_bytes() / 1e6:.1f} MB"
             f"{', resumed from ' + str(args.state) if resumed else ''}"
             f"{', saved to ' + str(args.state) if args.state else ''}]",
             file=sys.stderr,

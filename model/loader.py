@@ -107,7 +107,6 @@ def load_model(
         if p.suffix != ".gguf":
             raise CheckpointError(f"{p} is not a .gguf file; for safetensors give the checkpoint directory")
         from model.gguf_file import read_gguf
-
         from model.tokenizer import Tokenizer
 
         hf, sd = read_gguf(p)
