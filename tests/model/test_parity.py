@@ -6,8 +6,6 @@ import torch
 from model import load_model
 from tests.model.hf_models import LLAMA_SHAPES, OLMO_SHAPES, make_llama, make_olmo_hybrid
 
-pytest.importorskip("transformers")
-
 
 @pytest.mark.parametrize("name", sorted(OLMO_SHAPES))
 def test_olmo_hybrid_matches_transformers(tmp_path, name):

