@@ -11,7 +11,7 @@ import torch
 
 from model.config import ModelConfig
 from model.engine import model_fingerprint
-from model.layers import HybridLM, prepare
+from model.layers import HybridLM
 from model.tokenizer import Tokenizer
 
 SEED = 20261123
@@ -58,4 +58,4 @@ def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tu
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     fp = model_fingerprint(cfg, model.state_dict())
-    return prepare(model.to(device=device, dtype=dtype)), Tokenizer.cl100k_olmo(), fp
+    return model.to(device=device, dtype=dtype).eval(), Tokenizer.cl100k_olmo(), fp

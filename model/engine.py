@@ -14,6 +14,7 @@ from model.cache import DeltaState, KVWindow, Rotary
 from model.config import LINEAR, ModelConfig
 from model.errors import SnapshotError
 from model.layers import HybridLM
+from model.packed import pack
 from model.sampling import Sampler, TextStream
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.fingerprint = fingerprint or model_fingerprint(model.config, model.state_dict())
+        pack(model)  # inference layout for the CPU; after this the model's state_dict is not a checkpoint
         self.reset()
 
     # --- state -----------------------------------------------------------------------------------------

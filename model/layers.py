@@ -13,6 +13,7 @@ from torch import nn
 from kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from model.cache import DeltaState, KVWindow
 from model.config import LINEAR, ModelConfig
+from model.packed import PackedLinear, fuse_linears
 
 
 class RMSNorm(nn.Module):
@@ -44,33 +45,27 @@ class GatedRMSNorm(nn.Module):
 
 
 class Fusable(nn.Module):
-    """A module whose input projections (the Linear children named in FUSE) all read the same input. prepare()
-    concatenates their weights into one matrix and rebinds each child's weight as a view of it, so a step runs
-    one matmul instead of several (no extra memory; state_dict unchanged)."""
+    """A module whose input projections (the Linear children named in FUSE) all read the same input; once
+    packed (model/packed.py) they run as one matmul."""
 
     FUSE: tuple[str, ...] = ()
-    fused: tuple[torch.Tensor, torch.Tensor | None, list[int]] | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fused: PackedLinear | None = None
+        self.sizes: list[int] = []
 
     def project(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused is None:
             return [getattr(self, n)(x) for n in self.FUSE]
-        w, b, sizes = self.fused
-        return list(F.linear(x, w, b).split(sizes, dim=-1))
+        return list(self.fused(x).split(self.sizes, dim=-1))
 
-    def fuse(self) -> None:
+    def pack(self, blocks: int) -> None:
         lins = [getattr(self, n) for n in self.FUSE]
-        sizes = [lin.out_features for lin in lins]
-        w = torch.cat([lin.weight.data for lin in lins]).t().contiguous().t()  # column-major, see prepare()
-        b = None
-        if lins[0].bias is not None:
-            b = torch.cat([lin.bias.data for lin in lins])
-        start = 0
-        for lin, n in zip(lins, sizes, strict=True):
-            lin.weight.data = w[start : start + n]
-            if b is not None:
-                lin.bias.data = b[start : start + n]
-            start += n
-        self.fused = (w, b, sizes)
+        self.sizes = [lin.out_features for lin in lins]
+        self.fused = fuse_linears(lins, blocks)
+        for n in self.FUSE:
+            delattr(self, n)
 
 
 class MLP(Fusable):
@@ -211,33 +206,26 @@ class HybridLM(nn.Module):
         self.model = Decoder(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head: PackedLinear | None = None  # set by pack()
 
-    @property
-    def head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+    def pack(self, blocks: int) -> None:
+        """One packed head; a tied head also serves the embedding lookup, so the matrix is held once."""
+        tied = self.config.tie_word_embeddings
+        self.head = PackedLinear(self.model.embed_tokens.weight if tied else self.lm_head.weight, None, blocks)
+        if tied:
+            del self.model.embed_tokens
+        else:
+            del self.lm_head
 
     def hidden(self, ids: torch.Tensor, states: list) -> torch.Tensor:
         # ids: [T] -> final hidden states [T, hidden], advancing each layer's state
-        x = self.model.embed_tokens(ids)
+        emb = getattr(self.model, "embed_tokens", None)
+        x = emb(ids) if emb is not None else self.head.rows(ids)
         for layer, st in zip(self.model.layers, states, strict=True):
             x = layer(x, st)
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.head_weight)
-
-
-def prepare(model: HybridLM) -> HybridLM:
-    """Lay 2-D weights out column-major on CPU (same [out, in] shape, transposed strides): F.linear then runs
-    x @ W^T as a GEMM over a contiguous [in, out] matrix, which MKL spreads over all cores, where its row-major
-    GEMV path for one token uses one core's memory bandwidth (13 vs 25 GB/s measured here). Decode on a CPU is
-    bound by reading the weights, so this is most of its speed; prefill is unchanged."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, Fusable):
-                m.fuse()
-        if next(model.parameters()).device.type == "cpu":
-            for p in model.parameters():
-                if p.dim() == 2 and p.stride(-1) == 1:  # fused weights are column-major already
-                    p.data = p.data.t().contiguous().t()
-    return model.eval()
+        if self.head is not None:
+            return self.head(h)
+        return F.linear(h, self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight)

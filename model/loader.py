@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from model.config import ModelConfig
 from model.engine import Engine, model_fingerprint
 from model.errors import CheckpointError
-from model.layers import HybridLM, prepare
+from model.layers import HybridLM
 
 
 def canonical_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -58,7 +58,7 @@ def build(
             raise CheckpointError(f"tensor {k} has shape {tuple(sd[k].shape)}, config implies {tuple(v.shape)}")
     fp = model_fingerprint(cfg, sd)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
-    return prepare(model), fp
+    return model.eval(), fp
 
 
 def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
