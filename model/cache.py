@@ -115,6 +115,13 @@ class KVWindow:
             self.pos = pos
 
     def _write(self, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> None:
+        if len(p) == 1:  # decode: plain copies into one slot, no index tensors
+            n = self.seen
+            slot = n if self.window is None or n < self.sink else self.sink + (n - self.sink) % self.window
+            self.k[:, slot] = k[0]
+            self.v[:, slot] = v[0]
+            self.pos[slot] = n
+            return
         if self.window is not None and len(p) > self.window:  # only the last `window` (and the sinks) survive
             keep = (p < self.sink) | (p >= p[-1] - self.window + 1)
             k, v, p = k[keep], v[keep], p[keep]
