@@ -53,7 +53,7 @@ def versions(**extra: str) -> dict[str, str]:
 
 def write_results(name: str, rows: list[dict], title: str, columns: list[str], **meta) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    doc = {"device": device_name(), "versions": versions(), **meta, "rows": rows}
+    doc = {"device": device_name(), "versions": meta.pop("versions", None) or versions(), **meta, "rows": rows}
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [f"# {title}", "", f"Device: {doc['device']}; torch {torch.__version__}", ""]
     lines.append("| " + " | ".join(columns) + " |")

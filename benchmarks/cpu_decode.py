@@ -74,7 +74,7 @@ def main() -> None:
         rows,
         "CPU decode, SmolLM2-135M-Instruct GGUF, fp32 greedy",
         ["case", "ours_tok_s", "baseline_tok_s", "speedup", "identical_greedy_prefix"],
-        versions_extra=versions(transformers=transformers.__version__),
+        versions=versions(transformers=transformers.__version__),
         command="python benchmarks/cpu_decode.py",
     )
     print(f"wrote {out}")
