@@ -57,7 +57,11 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.fingerprint = fingerprint or model_fingerprint(model.config, model.state_dict())
+        # Fingerprint the checkpoint layout once, before packing (a second engine on the model reuses it).
+        self.fingerprint = fingerprint or getattr(model, "fingerprint", None) or model_fingerprint(
+            model.config, model.state_dict()
+        )
+        model.fingerprint = self.fingerprint
         pack(model)  # inference layout for the CPU; after this the model's state_dict is not a checkpoint
         self.reset()
 

@@ -55,7 +55,7 @@ def fuse_linears(linears: list[nn.Linear], blocks: int) -> PackedLinear:
 def pack(model: nn.Module, blocks: int | None = None) -> nn.Module:
     """Replace every nn.Linear of a CPU model (fused where a module lists FUSE groups) by PackedLinear.
     No-op on other devices, where the vendor GEMV is already bandwidth-bound."""
-    if next(model.parameters()).device.type != "cpu":
+    if next(model.parameters()).device.type != "cpu" or getattr(model, "packed", False):
         return model
     blocks = blocks or torch.get_num_threads()
     with torch.no_grad():
@@ -66,4 +66,5 @@ def pack(model: nn.Module, blocks: int | None = None) -> nn.Module:
             for name, child in list(mod.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(mod, name, PackedLinear(child.weight, child.bias, blocks))
+    model.packed = True
     return model.eval()

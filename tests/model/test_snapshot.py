@@ -104,3 +104,13 @@ def test_not_a_snapshot(engine_and_blob):
     refuses(eng, b"PK\x03\x04 a zip file", "bad magic")
     with pytest.raises(SnapshotError, match="bytes"):
         eng.restore("a string")
+
+
+def test_two_engines_on_one_model_share_identity(engine_and_blob):
+    from model import Engine
+
+    eng, blob = engine_and_blob
+    twin = Engine(eng.model, window=16, sink=2)  # the model is already packed: same fingerprint, no re-pack
+    assert twin.fingerprint == eng.fingerprint
+    twin.restore(blob)
+    assert torch.equal(twin.feed([7]), eng.feed([7]))
