@@ -66,6 +66,8 @@ def _load(args: argparse.Namespace):
     window = None if args.full_attention else args.window
     if window is not None and window < 1:
         raise ValueError("--window must be >= 1")
+    if args.sink < 0:
+        raise ValueError("--sink must be >= 0")
     return load_model(args.model, window=window, sink=args.sink)
 
 

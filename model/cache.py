@@ -60,8 +60,11 @@ class DeltaState:
         return {f"{prefix}.conv": self.conv, f"{prefix}.recurrent": self.recurrent}
 
     def load(self, prefix: str, t: dict[str, torch.Tensor]) -> None:
-        self.conv = t[f"{prefix}.conv"].to(self.conv.device, self.conv.dtype).clone()
-        self.recurrent = t[f"{prefix}.recurrent"].to(self.recurrent.device, torch.float32).clone()
+        conv, rec = t[f"{prefix}.conv"], t[f"{prefix}.recurrent"]
+        if conv.shape != self.conv.shape or rec.shape != self.recurrent.shape:
+            raise ValueError(f"{prefix}: state shapes {tuple(conv.shape)}, {tuple(rec.shape)} do not fit this model")
+        self.conv = conv.to(self.conv.device, self.conv.dtype).clone()
+        self.recurrent = rec.to(self.recurrent.device, torch.float32).clone()
 
 
 class KVWindow:
@@ -79,8 +82,8 @@ class KVWindow:
         device: torch.device | str,
         capacity: int = 1024,
     ):
-        if window is not None and window < 1:
-            raise ValueError("window must be >= 1 or None")
+        if (window is not None and window < 1) or sink < 0:
+            raise ValueError(f"need window >= 1 or None and sink >= 0, got window={window}, sink={sink}")
         self.sink = sink if window is not None else 0
         self.window = window
         self.rotary = rotary
@@ -199,7 +202,11 @@ class KVWindow:
         pages = sorted(n for n in t if n.startswith(prefix + ".kv."))
         kv = torch.cat([t[n] for n in pages], dim=2) if pages else self.k.new_zeros(2, self.k.shape[0], 0, 1)
         used = kv.shape[2]
+        if kv.shape[0] != 2 or kv.shape[1] != self.k.shape[0] or (used and kv.shape[3] != self.k.shape[2]):
+            raise ValueError(f"{prefix}: KV pages of shape {tuple(kv.shape)} do not fit this model")
         if self.window is None:
+            if used != seen:
+                raise ValueError(f"{prefix}: full-attention KV holds {used} tokens, header says {seen}")
             self._grow(max(used, 1))
         elif used != self.capacity:
             raise ValueError(f"KV window holds {used} slots, this engine has {self.capacity}")

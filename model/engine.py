@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -53,6 +54,8 @@ class Engine:
         self.model = model.eval()
         self.config = model.config
         self.tokenizer = tokenizer
+        if sink < 0 or (window is not None and window < 1):
+            raise ValueError(f"need sink >= 0 and window >= 1 or None; got sink={sink}, window={window}")
         self.window, self.sink = window, sink
         self.prefill_chunk = prefill_chunk
         p = next(model.parameters())
@@ -68,27 +71,31 @@ class Engine:
     # --- state -----------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything: back to the state before the first token."""
+        self.states = self._empty_states()
+        self.tokens_seen = 0
+        self.token_chain = snap.EMPTY_CHAIN
+
+    def _empty_states(self) -> list[DeltaState | KVWindow]:
         cfg, dev, dt = self.config, self.device, self.dtype
         rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
-        self.states: list[DeltaState | KVWindow] = []
+        states: list[DeltaState | KVWindow] = []
         for layer_type in cfg.layer_types:
             if layer_type == LINEAR:
                 conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
                     cfg.linear_num_value_heads * cfg.linear_value_head_dim
                 )
                 shape = (1, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
-                self.states.append(
+                states.append(
                     DeltaState(
                         conv=torch.zeros(cfg.linear_conv_kernel_dim - 1, conv_dim, dtype=dt, device=dev),
                         recurrent=torch.zeros(shape, dtype=torch.float32, device=dev),
                     )
                 )
             else:
-                self.states.append(
+                states.append(
                     KVWindow(cfg.num_key_value_heads, cfg.head_dim, self.sink, self.window, rotary, dt, dev)
                 )
-        self.tokens_seen = 0
-        self.token_chain = snap.EMPTY_CHAIN
+        return states
 
     def state_bytes(self) -> int:
         """Bytes of the current state (what a snapshot payload holds, before its small header)."""
@@ -157,26 +164,23 @@ class Engine:
                     f"snapshot has {key}={header.get(key)!r}, this engine runs {key}={mine[key]!r}; "
                     f"load the model with the same setting to resume it"
                 )
-        seen = header.get("tokens_seen")
-        if not isinstance(seen, int) or seen < 0:
+        seen, chain = header.get("tokens_seen"), header.get("token_chain")
+        if type(seen) is not int or seen < 0:
             raise SnapshotError("snapshot header has no valid tokens_seen")
-        expected = {n for n in self._state_tensors() if ".kv." not in n}
-        if not expected <= set(tensors):
-            raise SnapshotError("snapshot lacks state tensors this model needs")
-        old = self.states
+        if not isinstance(chain, str) or not re.fullmatch("[0-9a-f]{64}", chain):
+            raise SnapshotError("snapshot header has no valid token_chain")
+        # Load into fresh states and swap everything in at the end: a refused blob changes nothing.
+        states = self._empty_states()
         try:
-            self.reset()
-            for i, st in enumerate(self.states):
+            for i, st in enumerate(states):
                 prefix = f"layers.{i:03d}"
                 if isinstance(st, KVWindow):
                     st.load(prefix, tensors, seen)
                 else:
                     st.load(prefix, tensors)
-        except (KeyError, ValueError, RuntimeError) as e:
-            self.states = old
-            raise SnapshotError(f"snapshot state does not fit this model: {e}") from e
-        self.tokens_seen = seen
-        self.token_chain = header["token_chain"]
+        except Exception as e:  # any mismatch between header and tensors is the blob's fault
+            raise SnapshotError(f"snapshot state does not fit this model: {e!r}") from e
+        self.states, self.tokens_seen, self.token_chain = states, seen, chain
 
     # --- generation ------------------------------------------------------------------------------------
     def generate(

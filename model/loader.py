@@ -66,7 +66,7 @@ def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
     if index.exists():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
     elif (root / "model.safetensors").exists():
         files = ["model.safetensors"]

@@ -21,7 +21,10 @@ class Sampler:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.gen = torch.Generator()
-        self.gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            self.gen.seed()  # a fresh random seed for this generator only; the global RNG is left alone
+        else:
+            self.gen.manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
         # logits: [vocab]
@@ -51,13 +54,14 @@ class TextStream:
         self.stopped = False
 
     def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.pending += self.utf8.decode(self.tok.decode_bytes([token]))
-        for s in self.stop:
-            i = self.pending.find(s)
-            if i >= 0:
-                self.stopped = True
-                out, self.pending = self.pending[:i], ""
-                return out
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:  # the earliest stop string in the text wins, whichever is listed first
+            self.stopped = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
         hold = max((_overlap(self.pending, s) for s in self.stop), default=0)
         out = self.pending[: len(self.pending) - hold]
         self.pending = self.pending[len(out) :]

@@ -57,7 +57,7 @@ def read_header(blob: bytes) -> tuple[dict[str, Any], int]:
         raise SnapshotError(f"snapshot header is corrupt: {e}") from e
     if not isinstance(header, dict) or "format" not in header:
         raise SnapshotError("snapshot header is corrupt: no format version")
-    if header["format"] != FORMAT_VERSION:
+    if type(header["format"]) is not int or header["format"] != FORMAT_VERSION:
         raise SnapshotError(
             f"snapshot format version {header['format']!r} is not supported by this deltamem "
             f"(it reads version {FORMAT_VERSION}); upgrade deltamem or re-create the session"

@@ -97,3 +97,9 @@ def test_stop_string_cuts_and_never_leaks(cl100k):
             break
     out += stream.flush()
     assert out == TEXT[: TEXT.index("END")]
+
+
+def test_earliest_stop_string_wins(cl100k):
+    stream = TextStream(cl100k, stop=["END", "."])
+    out = "".join(stream.push(i) for i in cl100k.encode("a.bENDc")) + stream.flush()
+    assert out == "a" and stream.stopped

@@ -114,3 +114,32 @@ def test_two_engines_on_one_model_share_identity(engine_and_blob):
     assert twin.fingerprint == eng.fingerprint
     twin.restore(blob)
     assert torch.equal(twin.feed([7]), eng.feed([7]))
+
+
+def resealed(blob, drop_tensor=None, **changes):
+    """A blob whose hashes are valid but whose header disagrees with its tensors (a buggy or hostile writer)."""
+    from model.snapshot import pack, unpack
+
+    header, tensors = unpack(blob)
+    header = {k: v for k, v in header.items() if k not in ("format", "shapes", "payload_bytes", "sha256")}
+    header.update(changes)
+    if drop_tensor:
+        tensors.pop(sorted(n for n in tensors if drop_tensor in n)[0])
+    return pack(header, tensors)
+
+
+def test_self_consistent_but_wrong_blobs(engine_and_blob, dirs):
+    eng, blob = engine_and_blob
+    refuses(eng, resealed(blob, drop_tensor=".kv."), "does not fit")
+    refuses(eng, resealed(blob, drop_tensor=".recurrent"), "does not fit")
+    refuses(eng, resealed(blob, token_chain=123), "token_chain")
+    refuses(eng, resealed(blob, tokens_seen=True), "tokens_seen")
+    full = load_model(dirs[0])
+    full.feed(torch.arange(28) % VOCAB)
+    refuses(full, resealed(full.snapshot(), tokens_seen=3), "holds 28 tokens, header says 3")
+    refuses(full, resealed(full.snapshot(), tokens_seen=5000), "holds 28 tokens")
+
+
+def test_negative_sink_is_refused(dirs):
+    with pytest.raises(ValueError, match="sink >= 0"):
+        load_model(dirs[0], window=4, sink=-1)
