@@ -2,6 +2,7 @@
 
     deltamem generate [--model PATH] [--state FILE] [--window N] [sampling options] "prompt"
     deltamem info [--model PATH]
+    deltamem sessions list | show ID | delete ID | fork ID | rewind ID --to N | export ID FILE | import FILE | gc
 
 Errors a user can cause print one line on stderr and exit non-zero: 1 for a model, state or runtime problem,
 2 for bad arguments (argparse's own code).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
@@ -57,7 +59,44 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="show a model's config, state size and fingerprint")
     model_args(i)
+    _sessions_parser(sub)
     return p
+
+
+def _sessions_parser(sub) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        help="memory database (default $DELTAMEM_DB, else ~/.local/share/deltamem/memory.db)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    s = sub.add_parser("sessions", help="list, inspect, fork, rewind, export, import and delete saved sessions")
+    ss = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    lst = ss.add_parser("list", parents=[common], help="all sessions, most recent first")
+    lst.add_argument("--project", type=Path, help="only the sessions of this project root")
+    show = ss.add_parser("show", parents=[common], help="a session's turns, snapshots and ingested files")
+    show.add_argument("id", help="session id, unique id prefix, or title")
+    show.add_argument("--turns", type=int, default=20, help="show the last N turns (default 20; 0 = all)")
+    delete = ss.add_parser("delete", parents=[common], help="delete a session (asks unless --yes)")
+    delete.add_argument("id")
+    delete.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    fork = ss.add_parser("fork", parents=[common], help="new session from a snapshot of this one (no copy)")
+    fork.add_argument("id")
+    fork.add_argument("--at", type=int, default=None, metavar="TURN", help="turn to fork at (default: latest)")
+    fork.add_argument("--title", help="title of the new session")
+    rewind = ss.add_parser("rewind", parents=[common], help="drop the turns after TURN (asks unless --yes)")
+    rewind.add_argument("id")
+    rewind.add_argument("--to", type=int, required=True, metavar="TURN", help="0, or a turn with a snapshot")
+    rewind.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    export = ss.add_parser("export", parents=[common], help="write a session to one portable file")
+    export.add_argument("id")
+    export.add_argument("file", type=Path)
+    imp = ss.add_parser("import", parents=[common], help="add a session from an exported file, validated")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--model", help="also check that the session was saved with this model (path or 'default')")
+    ss.add_parser("gc", parents=[common], help="delete snapshots and pieces no session uses; reclaim space")
 
 
 def _load(args: argparse.Namespace):
@@ -78,9 +117,7 @@ def _chat_prompt(engine, text: str) -> str:
     if not template:
         raise ValueError("this model has no chat template; drop --chat")
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(
-        messages=[{"role": "user", "content": text}], add_generation_prompt=True
-    )
+    return env.from_string(template).render(messages=[{"role": "user", "content": text}], add_generation_prompt=True)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -179,13 +216,163 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _ago(iso: str) -> str:
+    """'2026-11-23T09:03:10.123+00:00' -> '5m ago' (a date once it is over a week old)."""
+    from datetime import UTC, datetime
+
+    then = datetime.fromisoformat(iso)
+    secs = (datetime.now(UTC) - then).total_seconds()
+    for limit, div, unit in ((60, 1, "s"), (3600, 60, "m"), (86400, 3600, "h"), (7 * 86400, 86400, "d")):
+        if secs < limit:
+            return f"{max(0, int(secs // div))}{unit} ago"
+    return then.date().isoformat()
+
+
+def _confirm(question: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ValueError("refusing without confirmation: stdin is not a terminal; pass --yes")
+    from rich.prompt import Confirm
+
+    return Confirm.ask(question, default=False)
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from memory.store import Store
+
+    out = Console(highlight=False)
+
+    def emit(obj, text: str | None = None) -> int:
+        """The result: JSON with --json, else the text (if any)."""
+        if args.json:
+            print(json.dumps(obj, indent=2, default=str))
+        elif text is not None:
+            out.print(text)
+        return 0
+
+    with Store(args.db) as store:
+        if args.action == "list":
+            project = store.project(args.project) if args.project else None
+            rows = store.sessions(project)
+            if args.json:
+                return emit(rows)
+            table = Table(title=f"sessions in {store.path}", title_justify="left")
+            for col in ("id", "title", "project", "turns", "tokens", "snapshot", "updated"):
+                wrap = col in ("title", "project")
+                table.add_column(col, justify="left" if wrap or col in ("id", "updated") else "right", no_wrap=not wrap)
+            for r in rows:
+                table.add_row(
+                    r["id"],
+                    r["title"],
+                    r["project_name"] or "-",
+                    str(r["turns"]),
+                    f"{r['tokens_seen']:,}" if r["tokens_seen"] is not None else "-",
+                    _size(r["snapshot_bytes"]),
+                    _ago(r["updated"]),
+                )
+            out.print(table if rows else "no sessions yet")
+            return 0
+
+        if args.action == "gc":
+            removed = store.gc()
+            return emit(removed, f"removed {removed['snapshots']} snapshots and {removed['pieces']} pieces nobody used")
+
+        if args.action == "import":
+            fingerprint = None
+            if args.model:
+                from model import load_model
+
+                fingerprint = load_model(args.model).fingerprint
+            sid = store.import_(args.file, fingerprint=fingerprint)
+            return emit({"session": sid}, f"imported session {sid} from {args.file}")
+
+        sess = store.session(args.id)
+        sid = sess["id"]
+        if args.action == "show":
+            info = next(r for r in store.sessions() if r["id"] == sid)
+            turns = store.turns(sid)
+            snaps = store.snapshots(sid)
+            ledger = store.ingested(sid)
+            if args.json:
+                return emit({"session": info, "turns": turns, "snapshots": snaps, "ingested": list(ledger.values())})
+            out.print(
+                f"[bold]{info['title']}[/bold]  {sid}  model {info['fingerprint'][:12]}  "
+                f"project {info['project'] or '-'}"
+                + (f"  forked from {info['parent_id']}" if info["parent_id"] else "")
+            )
+            shown = turns[-args.turns :] if args.turns else turns
+            t = Table(title=f"turns ({len(shown)} of {len(turns)})", title_justify="left")
+            for col, width in (("turn", 4), ("role", 9), ("tokens", 6)):
+                t.add_column(col, justify="right" if col != "role" else "left", no_wrap=True, min_width=width)
+            t.add_column("text", overflow="ellipsis", no_wrap=True, max_width=max(20, out.width - 36))
+            for r in shown:
+                t.add_row(str(r["seq"]), r["role"], str(r["tokens"] or "-"), " ".join(r["text"].split())[:200])
+            out.print(t)
+            t = Table(title="snapshots (resume, fork or rewind at these turns)", title_justify="left")
+            for col in ("id", "turn", "name", "tokens seen", "size", "created"):
+                t.add_column(col)
+            for r in snaps:
+                t.add_row(
+                    str(r["id"]),
+                    str(r["turn_seq"]),
+                    r["name"] or "",
+                    f"{r['tokens_seen']:,}",
+                    _size(r["bytes"]),
+                    r["created"][:19].replace("T", " "),
+                )
+            out.print(t)
+            out.print(f"{len(ledger)} ingested files, {sum(r['tokens'] or 0 for r in ledger.values()):,} tokens")
+            return 0
+
+        if args.action == "delete":
+            if not _confirm(f"Delete session {sess['title']!r} ({sid}) and its snapshots?", args.yes):
+                out.print("kept")
+                return EXIT_ERROR
+            store.delete(sid)
+            return emit({"deleted": sid}, f"deleted session {sid}")
+
+        if args.action == "fork":
+            new = store.fork(sid, at_turn=args.at, title=args.title)
+            return emit({"session": new, "parent": sid}, f"forked {sid} into {new}")
+
+        if args.action == "rewind":
+            store.check_resume_point(sid, args.to)  # a bad turn is an error before any question
+            dropped = sum(t["seq"] > args.to for t in store.turns(sid))
+            if not _confirm(f"Rewind {sess['title']!r} to turn {args.to}, dropping {dropped} turns?", args.yes):
+                out.print("kept")
+                return EXIT_ERROR
+            store.rewind(sid, args.to)
+            done = {"session": sid, "turn": args.to, "dropped": dropped}
+            return emit(done, f"rewound {sid} to turn {args.to} ({dropped} turns dropped)")
+
+        if args.action == "export":
+            info = store.export(sid, args.file)
+            return emit(info, f"exported {sid} to {args.file} ({_size(info['bytes'])})")
+    raise AssertionError(args.action)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from memory.errors import StoreError
     from model.errors import DeltamemError
 
     try:
-        return {"generate": cmd_generate, "info": cmd_info}[args.command](args)
-    except (DeltamemError, ValueError, OSError) as e:
+        return {"generate": cmd_generate, "info": cmd_info, "sessions": cmd_sessions}[args.command](args)
+    except (DeltamemError, StoreError, ValueError, OSError, sqlite3.Error) as e:
         print(f"deltamem: error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -1,1 +1,6 @@
-"""Placeholder package: filled in by a later issue (see DESIGN.md)."""
+"""Session memory in SQLite: sessions, turns, content-addressed snapshots, the ingest ledger, recall (memory.store)."""
+
+from memory.errors import CorruptSnapshot, NotFound, SchemaError, StoreError
+from memory.store import Store, default_db_path
+
+__all__ = ["CorruptSnapshot", "NotFound", "SchemaError", "Store", "StoreError", "default_db_path"]

@@ -1,0 +1,20 @@
+"""Errors of the memory store a user can cause, each with a message that says what to do."""
+
+
+class StoreError(Exception):
+    """Base of memory-store errors; the CLI prints them as one line."""
+
+
+class SchemaError(StoreError):
+    """The database's schema is newer than this deltamem, or the file is not a deltamem database."""
+
+
+class NotFound(StoreError, KeyError):
+    """No such session, turn or snapshot."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "not found"
+
+
+class CorruptSnapshot(StoreError):
+    """A stored snapshot whose bytes no longer match their hashes."""

@@ -1,0 +1,63 @@
+"""Split a snapshot blob into content-addressed pieces and join them back, reading only its headers.
+
+A snapshot blob (model/snapshot.py) is `b"DMSNAP\\n" | u32 len | JSON header | safetensors payload`, and a
+safetensors payload is `u64 len | JSON header | tensor bytes`, tensors laid end to end at the offsets the JSON
+gives. Each tensor's bytes become one piece, keyed by sha256: a turn that changes the recurrent state and one
+page of the attention window stores those and references the unchanged pages it already has. memory/ knows
+nothing of models: it relies only on these two framings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"DMSNAP\n"
+
+
+class BlobError(ValueError):
+    """Bytes that are not a snapshot blob this store can split, or pieces that do not join back."""
+
+
+@dataclass(frozen=True)
+class Split:
+    header: dict  # the snapshot's own JSON header (fingerprint, tokens_seen, sha256, ...)
+    prefix: bytes  # everything before the tensor bytes: magic, header, safetensors header
+    pieces: list[tuple[str, bytes]]  # (sha256 hex, bytes) in payload order
+
+
+def split(blob: bytes) -> Split:
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
+        raise BlobError("not a deltamem snapshot")
+    (n,) = struct.unpack_from("<I", blob, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(blob[start : start + n])
+        (m,) = struct.unpack_from("<Q", blob, start + n)
+        st_start = start + n + 8
+        st_header = json.loads(blob[st_start : st_start + m])
+    except (ValueError, struct.error) as e:
+        raise BlobError(f"snapshot headers are corrupt: {e}") from e
+    data_start = st_start + m
+    spans = sorted((tuple(v["data_offsets"]) for k, v in st_header.items() if k != "__metadata__"), key=lambda s: s[0])
+    pos = 0
+    pieces = []
+    for a, b in spans:
+        if a != pos or b < a or data_start + b > len(blob):
+            raise BlobError("snapshot payload is truncated or its tensors are not laid end to end")
+        data = blob[data_start + a : data_start + b]
+        pieces.append((hashlib.sha256(data).hexdigest(), data))
+        pos = b
+    if data_start + pos != len(blob):
+        raise BlobError("snapshot has trailing bytes after its tensors")
+    return Split(header, blob[:data_start], pieces)
+
+
+def join(prefix: bytes, pieces: list[tuple[str, bytes]]) -> bytes:
+    """Reassemble a blob, checking every piece against its hash."""
+    for digest, data in pieces:
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BlobError(f"stored snapshot piece {digest[:12]} is corrupt (hash mismatch)")
+    return prefix + b"".join(d for _, d in pieces)

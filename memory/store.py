@@ -1,0 +1,616 @@
+"""Store: sessions, turns, snapshots of model state and the ingest ledger, in one SQLite file (sqlite-utils, WAL).
+
+A snapshot blob is stored as a prefix (its headers) plus content-addressed pieces (its tensors), so unchanged
+attention-window pages are written once however many turns reference them. Every write that belongs together
+(a turn, its snapshot and its ledger entries; a fork; a rewind) is one `BEGIN IMMEDIATE` transaction: a process
+killed at any moment leaves the database at the last committed turn, and concurrent writers queue on the busy
+timeout instead of failing with "database is locked".
+
+Turns are numbered per session from 1 (`seq`). A snapshot is taken at a turn (`turn_seq`, the last turn it has
+consumed); rewinding or forking is possible at turn 0 (the empty state) and at every turn that has a snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from memory import pieces as pc
+from memory.errors import CorruptSnapshot, NotFound, StoreError
+from memory.migrations import MIGRATIONS, migrate
+
+ENV_DB = "DELTAMEM_DB"
+KEEP_LAST = 16  # snapshots kept per session (plus named ones) unless the session or the caller says otherwise
+
+
+def default_db_path() -> Path:
+    """$DELTAMEM_DB, else $XDG_DATA_HOME/deltamem/memory.db (~/.local/share/deltamem/memory.db)."""
+    if os.environ.get(ENV_DB):
+        return Path(os.environ[ENV_DB])
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "deltamem" / "memory.db"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Store:
+    def __init__(self, path: str | Path | None = None, busy_timeout_ms: int = 30_000, keep_last: int = KEEP_LAST):
+        self.path = Path(path) if path is not None else default_db_path()
+        self.keep_last = keep_last
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open the memory database {self.path}: {e}") from e
+        # autocommit connection: _write()/_read() open the transactions we need, nothing else lingers
+        self.db = sqlite_utils.Database(conn)
+        try:
+            self.db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = FULL")  # a committed turn survives power loss too
+            self.db.execute("PRAGMA foreign_keys = ON")
+            if self.db.execute("PRAGMA user_version").fetchone()[0] != len(MIGRATIONS):
+                with self._write():  # the write lock first: two processes opening a new file migrate it once
+                    migrate(self.db)
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            raise StoreError(f"cannot open the memory database {self.path}: {e}") from e
+        except StoreError:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        """One write transaction, taking the write lock up front so it never fails half-way on a lock upgrade."""
+        if self.db.conn.in_transaction:
+            with self.db.atomic():  # nested: a savepoint
+                yield
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.conn.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[None]:
+        """Several reads that see one consistent database (WAL: never blocked by a writer)."""
+        if self.db.conn.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
+
+    # --- projects and sessions -----------------------------------------------------------------------------
+    def project(self, root: str | Path, name: str | None = None) -> int:
+        root = str(Path(root).resolve())
+        with self._write():
+            row = next(self.db["projects"].rows_where("root = ?", [root]), None)
+            if row:
+                return row["id"]
+            return (
+                self.db["projects"].insert({"root": root, "name": name or Path(root).name, "created": _now()}).last_pk
+            )
+
+    def create_session(self, title: str, fingerprint: str, project_id: int | None = None) -> str:
+        if not title.strip():
+            raise StoreError("a session needs a non-empty title")
+        sid = uuid.uuid4().hex[:12]
+        now = _now()
+        with self._write():
+            self.db["sessions"].insert(
+                {
+                    "id": sid,
+                    "project_id": project_id,
+                    "title": title,
+                    "fingerprint": fingerprint,
+                    "created": now,
+                    "updated": now,
+                }
+            )
+        return sid
+
+    def session(self, ref: str) -> dict[str, Any]:
+        """A session by id, title, or unique id prefix (4+ characters)."""
+        rows = list(self.db["sessions"].rows_where("id = ?", [ref]))
+        rows = rows or list(self.db["sessions"].rows_where("title = ?", [ref]))
+        if not rows and len(ref) >= 4:
+            rows = list(self.db["sessions"].rows_where("id like ? escape '\\'", [_like_prefix(ref)]))
+        if len(rows) != 1:
+            raise NotFound(
+                f"no session {ref!r} (see `deltamem sessions list`)"
+                if not rows
+                else f"{ref!r} matches {len(rows)} sessions; use the id"
+            )
+        return rows[0]
+
+    def sessions(self, project_id: int | None = None) -> list[dict[str, Any]]:
+        """Every session (or a project's) with turns, tokens seen and latest snapshot size, most recent first."""
+        where = "where s.project_id = ?" if project_id is not None else ""
+        return list(
+            self.db.query(
+                f"""
+                select s.*, p.root as project, p.name as project_name,
+                  (select count(*) from turns t where t.session_id = s.id) as turns,
+                  (select count(*) from session_snapshots ss where ss.session_id = s.id) as snapshots,
+                  last.tokens_seen, last.bytes as snapshot_bytes
+                from sessions s left join projects p on p.id = s.project_id
+                left join snapshots last on last.id = (
+                  select ss.snapshot_id from session_snapshots ss where ss.session_id = s.id
+                  order by ss.turn_seq desc, ss.snapshot_id desc limit 1)
+                {where}
+                order by s.updated desc, s.id
+                """,
+                [project_id] if project_id is not None else [],
+            )
+        )
+
+    def rename(self, ref: str, title: str) -> None:
+        if not title.strip():
+            raise StoreError("a session needs a non-empty title")
+        sid = self.session(ref)["id"]
+        with self._write():
+            self.db["sessions"].update(sid, {"title": title, "updated": _now()})
+
+    def set_keep_last(self, ref: str, keep_last: int | None) -> None:
+        """This session's retention (None: the store's default)."""
+        if keep_last is not None and keep_last < 1:
+            raise StoreError("keep_last must be >= 1")
+        sid = self.session(ref)["id"]
+        with self._write():
+            self.db["sessions"].update(sid, {"keep_last": keep_last})
+
+    def turns(self, ref: str) -> list[dict[str, Any]]:
+        sid = self.session(ref)["id"]
+        return list(self.db["turns"].rows_where("session_id = ?", [sid], order_by="seq"))
+
+    # --- turns and snapshots -------------------------------------------------------------------------------
+    def save_turn(
+        self,
+        ref: str,
+        turns: Iterable[dict[str, Any]],
+        snapshot: bytes | None = None,
+        *,
+        name: str | None = None,
+        ingested: Iterable[dict[str, Any]] = (),
+        checkpoint_id: str | None = None,
+    ) -> int | None:
+        """Append turns (dicts: role, text, tokens, tool_calls), the ledger entries of files they read (dicts: path,
+        sha256 (None: removed), mtime, bytes, tokens, text) and the snapshot taken after them, in one transaction;
+        then apply the session's retention. Returns the snapshot id (None without a snapshot)."""
+        turns = list(turns)
+        if snapshot is not None and not turns:
+            raise StoreError("a snapshot is saved with the turn that produced it; got no turn")
+        try:
+            split = pc.split(snapshot) if snapshot is not None else None
+        except pc.BlobError as e:
+            raise CorruptSnapshot(f"refusing to store a bad snapshot: {e}") from e
+        with self._write():
+            sess = self.session(ref)
+            if split is not None and split.header.get("fingerprint") != sess["fingerprint"]:
+                raise StoreError(
+                    f"snapshot is of model {split.header.get('fingerprint')}; session {sess['id']} uses "
+                    f"{sess['fingerprint']}"
+                )
+            seq = self.db.execute(
+                "select coalesce(max(seq), 0) from turns where session_id = ?", [sess["id"]]
+            ).fetchone()[0]
+            now = _now()
+            for t in turns:
+                if not t.get("role"):
+                    raise StoreError("every turn needs a role")
+                seq += 1
+                self.db["turns"].insert(
+                    {
+                        "session_id": sess["id"],
+                        "seq": seq,
+                        "role": t["role"],
+                        "text": t.get("text") or "",
+                        "tokens": t.get("tokens"),
+                        "tool_calls": json.dumps(t["tool_calls"]) if t.get("tool_calls") else None,
+                        "created": now,
+                    }
+                )
+            for f in ingested:
+                self.db["ingested"].insert(
+                    {
+                        "session_id": sess["id"],
+                        "turn_seq": seq,
+                        "path": f["path"],
+                        "sha256": f.get("sha256"),
+                        "mtime": f.get("mtime"),
+                        "bytes": f.get("bytes"),
+                        "tokens": f.get("tokens"),
+                        "text": f.get("text"),
+                    }
+                )
+            snap_id = None
+            if split is not None:
+                row = {
+                    "fingerprint": split.header.get("fingerprint"),
+                    "tokens_seen": split.header.get("tokens_seen"),
+                    "bytes": len(snapshot),
+                    "sha256": hashlib.sha256(snapshot).hexdigest(),
+                    "prefix": split.prefix,
+                    "created": now,
+                }
+                snap_id = self._insert_snapshot(split.pieces, row)
+                self.db["session_snapshots"].insert(
+                    {
+                        "session_id": sess["id"],
+                        "snapshot_id": snap_id,
+                        "turn_seq": seq,
+                        "name": name,
+                        "checkpoint_id": checkpoint_id,
+                    }
+                )
+                self._retain(sess["id"], sess["keep_last"] or self.keep_last)
+            self.db["sessions"].update(sess["id"], {"updated": now})
+        return snap_id
+
+    def _insert_snapshot(self, pieces: list[tuple[str, bytes]], row: dict[str, Any]) -> int:
+        """Store a snapshot row and its pieces (those not stored yet)."""
+        for digest, data in pieces:
+            self.db.execute(
+                "insert or ignore into pieces (sha256, bytes, data) values (?, ?, ?)", [digest, len(data), data]
+            )
+        snap_id = self.db["snapshots"].insert(row).last_pk
+        self.db["snapshot_pieces"].insert_all(
+            {"snapshot_id": snap_id, "idx": i, "sha256": d} for i, (d, _) in enumerate(pieces)
+        )
+        return snap_id
+
+    def snapshots(self, ref: str) -> list[dict[str, Any]]:
+        """The session's snapshots, oldest first: id, turn_seq, name, tokens_seen, bytes, created, checkpoint_id."""
+        sid = self.session(ref)["id"]
+        return list(
+            self.db.query(
+                """select sn.id, ss.turn_seq, ss.name, sn.tokens_seen, sn.bytes, sn.created, ss.checkpoint_id
+                   from session_snapshots ss join snapshots sn on sn.id = ss.snapshot_id
+                   where ss.session_id = ? order by ss.turn_seq, sn.id""",
+                [sid],
+            )
+        )
+
+    def load_snapshot(self, ref: str, snapshot_id: int | None = None) -> bytes:
+        """The session's latest snapshot (or a given one of its own), reassembled and verified by hash."""
+        with self._read():
+            rows = self.snapshots(ref)
+            if snapshot_id is not None:
+                rows = [r for r in rows if r["id"] == snapshot_id]
+            if not rows:
+                raise NotFound(f"session {ref!r} has no snapshot" + (f" {snapshot_id}" if snapshot_id else ""))
+            return self._blob(rows[-1]["id"])
+
+    def _blob(self, snapshot_id: int) -> bytes:
+        row = self.db["snapshots"].get(snapshot_id)
+        parts = _piece_rows(self.db, snapshot_id)
+        missing = sum(d is None for _, d in parts)
+        if missing:
+            raise CorruptSnapshot(f"snapshot {snapshot_id} lacks {missing} of its stored pieces")
+        try:
+            blob = pc.join(row["prefix"], parts)
+        except pc.BlobError as e:
+            raise CorruptSnapshot(f"snapshot {snapshot_id}: {e}") from e
+        if hashlib.sha256(blob).hexdigest() != row["sha256"]:
+            raise CorruptSnapshot(f"snapshot {snapshot_id} does not match its recorded sha256")
+        return blob
+
+    def name_snapshot(self, ref: str, snapshot_id: int, name: str | None) -> None:
+        """Pin (or with None, unpin) one of the session's snapshots: named ones survive retention."""
+        sid = self.session(ref)["id"]
+        with self._write():
+            cur = self.db.execute(
+                "update session_snapshots set name = ? where session_id = ? and snapshot_id = ?",
+                [name, sid, snapshot_id],
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"session {sid} has no snapshot {snapshot_id}")
+
+    # --- fork, rewind, delete, retention -------------------------------------------------------------------
+    def check_resume_point(self, sid: str, turn: int | None) -> int:
+        """Validate a turn to fork or rewind at: 0, or a turn that has a snapshot (default: the latest one)."""
+        points = [s["turn_seq"] for s in self.snapshots(sid)]
+        if turn is None:
+            return max(points, default=0)
+        if turn != 0 and turn not in points:
+            have = ", ".join(map(str, sorted(set(points)))) or "none"
+            raise NotFound(f"session {sid} has no snapshot at turn {turn} (0 and the turns with one: {have})")
+        return turn
+
+    def fork(self, ref: str, at_turn: int | None = None, title: str | None = None) -> str:
+        """A new session holding the turns up to `at_turn` (default: the latest snapshot), the snapshots and ledger
+        up to it; snapshot rows are shared, not copied."""
+        with self._write():
+            src = self.session(ref)
+            last = self.check_resume_point(src["id"], at_turn)
+            snaps = [s for s in self.snapshots(src["id"]) if s["turn_seq"] <= last]
+            new = self.create_session(title or f"{src['title']} (fork)", src["fingerprint"], src["project_id"])
+            self.db["sessions"].update(
+                new,
+                {
+                    "parent_id": src["id"],
+                    "parent_snapshot_id": snaps[-1]["id"] if snaps else None,
+                    "keep_last": src["keep_last"],
+                },
+            )
+            self.db.execute(
+                """insert into turns (session_id, seq, role, text, tokens, tool_calls, created)
+                   select ?, seq, role, text, tokens, tool_calls, created from turns
+                   where session_id = ? and seq <= ? order by seq""",
+                [new, src["id"], last],
+            )
+            self.db.execute(
+                """insert into ingested (session_id, turn_seq, path, sha256, mtime, bytes, tokens, text)
+                   select ?, turn_seq, path, sha256, mtime, bytes, tokens, text from ingested
+                   where session_id = ? and turn_seq <= ? order by id""",
+                [new, src["id"], last],
+            )
+            self.db["session_snapshots"].insert_all(
+                {
+                    "session_id": new,
+                    "snapshot_id": s["id"],
+                    "turn_seq": s["turn_seq"],
+                    "name": s["name"],
+                    "checkpoint_id": s["checkpoint_id"],
+                }
+                for s in snaps
+            )
+        return new
+
+    def rewind(self, ref: str, to_turn: int) -> None:
+        """Drop the turns, ledger entries and snapshots after `to_turn`; blobs no session uses are deleted."""
+        with self._write():
+            sid = self.session(ref)["id"]
+            last = self.check_resume_point(sid, to_turn)
+            for table, col in (("turns", "seq"), ("ingested", "turn_seq"), ("session_snapshots", "turn_seq")):
+                self.db.execute(f"delete from {table} where session_id = ? and {col} > ?", [sid, last])
+            self.db["sessions"].update(sid, {"updated": _now()})
+            self._collect()
+
+    def delete(self, ref: str) -> None:
+        with self._write():
+            sid = self.session(ref)["id"]
+            for table in ("session_snapshots", "turns", "ingested"):
+                self.db.execute(f"delete from {table} where session_id = ?", [sid])
+            self.db.execute("update sessions set parent_id = null where parent_id = ?", [sid])
+            self.db.execute("delete from sessions where id = ?", [sid])
+            self._collect()
+
+    def retain(self, ref: str, keep_last: int) -> None:
+        """Keep the session's last `keep_last` snapshots and its named ones; delete the rest no one else uses."""
+        with self._write():
+            self._retain(self.session(ref)["id"], keep_last)
+
+    def _retain(self, sid: str, keep_last: int) -> None:
+        snaps = self.snapshots(sid)
+        drop = [s["id"] for s in snaps[: max(0, len(snaps) - keep_last)] if not s["name"]]
+        for snap_id in drop:
+            self.db.execute("delete from session_snapshots where session_id = ? and snapshot_id = ?", [sid, snap_id])
+        if drop:
+            self._collect(drop)
+
+    def _collect(self, candidates: list[int] | None = None) -> dict[str, int]:
+        """Delete snapshots no session references (among `candidates`, or all) and pieces no snapshot uses."""
+        scope = f"and id in ({','.join('?' * len(candidates))})" if candidates is not None else ""
+        orphans = [
+            r[0]
+            for r in self.db.execute(
+                f"select id from snapshots where id not in (select snapshot_id from session_snapshots) {scope}",
+                candidates or [],
+            ).fetchall()
+        ]
+        n_pieces = 0
+        for snap_id in orphans:
+            digests = [
+                r[0]
+                for r in self.db.execute(
+                    "select distinct sha256 from snapshot_pieces where snapshot_id = ?", [snap_id]
+                ).fetchall()
+            ]
+            self.db.execute("delete from snapshot_pieces where snapshot_id = ?", [snap_id])
+            self.db.execute("delete from snapshots where id = ?", [snap_id])
+            for d in digests:
+                n_pieces += self.db.execute(
+                    "delete from pieces where sha256 = ? and not exists "
+                    "(select 1 from snapshot_pieces where sha256 = ?)",
+                    [d, d],
+                ).rowcount
+        if candidates is None:  # pieces left by an older, interrupted layout: none expected, cheap to check
+            n_pieces += self.db.execute(
+                "delete from pieces where sha256 not in (select sha256 from snapshot_pieces)"
+            ).rowcount
+        return {"snapshots": len(orphans), "pieces": n_pieces}
+
+    def gc(self) -> dict[str, int]:
+        """Delete every snapshot no session references and every piece no snapshot uses; reclaim the space."""
+        with self._write():
+            removed = self._collect()
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return removed
+
+    # --- ingest ledger and recall --------------------------------------------------------------------------
+    def ingested(self, ref: str) -> dict[str, dict[str, Any]]:
+        """The ledger as the session's state knows it: path -> latest entry (path, sha256, mtime, bytes, tokens,
+        turn_seq), removed files left out."""
+        sid = self.session(ref)["id"]
+        rows = self.db.query(
+            """select path, sha256, mtime, bytes, tokens, turn_seq from ingested i
+               where session_id = ? and turn_seq = (
+                 select max(turn_seq) from ingested j where j.session_id = i.session_id and j.path = i.path)
+               order by path""",
+            [sid],
+        )
+        return {r["path"]: r for r in rows if r["sha256"] is not None}
+
+    def search(self, ref: str, query: str, limit: int = 10) -> list[dict[str, Any]]:
+        """Full-text search over the session's turns and the latest text of its ingested files: exact recall of
+        what fell out of the attention window. Hits: kind ('turn' or 'file'), seq or path, snippet."""
+        sid = self.session(ref)["id"]
+        try:
+            return list(
+                self.db.query(
+                    """select * from (
+                         select 'turn' as kind, t.seq, t.role as path, t.role,
+                           snippet(turns_fts, 0, '[', ']', '…', 12) as snippet, turns_fts.rank as rank
+                         from turns_fts join turns t on t.rowid = turns_fts.rowid
+                         where turns_fts match :q and t.session_id = :sid
+                         union all
+                         select 'file', i.turn_seq, i.path, null,
+                           snippet(ingested_fts, 1, '[', ']', '…', 12), ingested_fts.rank
+                         from ingested_fts join ingested i on i.rowid = ingested_fts.rowid
+                         where ingested_fts match :q and i.session_id = :sid and i.sha256 is not null
+                           and i.turn_seq = (select max(turn_seq) from ingested j
+                                             where j.session_id = i.session_id and j.path = i.path)
+                       ) order by rank limit :limit""",
+                    {"q": query, "sid": sid, "limit": limit},
+                )
+            )
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"bad search query {query!r}: {e}") from e
+
+    # --- export and import ---------------------------------------------------------------------------------
+    def export(self, ref: str, path: str | Path) -> dict[str, Any]:
+        """Write one session (turns, snapshots, ledger) to a new portable file: a deltamem database holding only
+        that session. Written beside the target and renamed into place, so a failure leaves no partial file."""
+        path = Path(path)
+        if path.exists():
+            raise StoreError(f"{path} already exists; choose another file name")
+        sess = self.session(ref)
+        if not path.parent.is_dir():
+            raise StoreError(f"cannot write {path}: {path.parent} is not a directory")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
+            os.close(fd)
+            Path(tmp).unlink()
+        except OSError as e:
+            raise StoreError(f"cannot write {path}: {e}") from e
+        try:
+            with Store(tmp) as out, self._read():
+                _copy_session(self, out, sess["id"], new_id=sess["id"])
+                out.db.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
+            os.replace(tmp, path)
+        except BaseException:
+            for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+                Path(leftover).unlink(missing_ok=True)
+            raise
+        return {"session": sess["id"], "path": str(path), "bytes": path.stat().st_size}
+
+    def import_(self, path: str | Path, fingerprint: str | None = None) -> str:
+        """Import a session exported by `export`, after checking every snapshot against its hashes and the
+        session's model fingerprint (and `fingerprint`, if given). On any error nothing is written."""
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"{path}: no such file")
+        with tempfile.TemporaryDirectory() as tmpdir:
+            copy = Path(tmpdir) / "import.db"
+            shutil.copyfile(path, copy)  # the user's file is never modified (an old one gets upgraded here)
+            try:
+                src = Store(copy)
+            except StoreError as e:
+                raise StoreError(f"cannot import {path}: {e}") from e
+            with src:
+                try:
+                    return self._import_from(src, path, fingerprint)
+                except (sqlite3.Error, pc.BlobError) as e:
+                    raise StoreError(f"{path} is not a valid deltamem export: {e}") from e
+
+    def _import_from(self, src: Store, path: Path, fingerprint: str | None) -> str:
+        rows = src.sessions()
+        if len(rows) != 1:
+            raise StoreError(f"{path} is not a deltamem export (it holds {len(rows)} sessions)")
+        sess = rows[0]
+        if fingerprint is not None and sess["fingerprint"] != fingerprint:
+            raise StoreError(
+                f"session {sess['id']} was saved with model {sess['fingerprint']}; this model is {fingerprint}"
+            )
+        for snap in src.snapshots(sess["id"]):
+            blob = src._blob(snap["id"])
+            header = pc.split(blob).header
+            if header.get("fingerprint") != sess["fingerprint"]:
+                raise StoreError(
+                    f"{path}: snapshot {snap['id']} is of model {header.get('fingerprint')}, not of its "
+                    f"session's model {sess['fingerprint']}"
+                )
+        with self._write():
+            if next(self.db["sessions"].rows_where("id = ?", [sess["id"]]), None):
+                raise StoreError(f"session {sess['id']} already exists here; delete it first to re-import")
+            _copy_session(src, self, sess["id"], new_id=sess["id"])
+        return sess["id"]
+
+
+def _copy_session(src: Store, dst: Store, sid: str, new_id: str) -> None:
+    """Copy a session with its turns, ledger, snapshots and their pieces from one store to another (inside
+    the caller's transactions)."""
+    sess = src.session(sid)
+    project_id = None
+    if sess["project_id"] is not None:
+        proj = src.db["projects"].get(sess["project_id"])
+        project_id = dst.project(proj["root"], proj["name"])
+    with dst._write():
+        dst.db["sessions"].insert(
+            {**sess, "id": new_id, "project_id": project_id, "parent_id": None, "parent_snapshot_id": None}
+        )
+        dst.db["turns"].insert_all(
+            {k: v for k, v in t.items() if k != "id"} | {"session_id": new_id} for t in src.turns(sid)
+        )
+        dst.db["ingested"].insert_all(
+            {k: v for k, v in r.items() if k != "id"} | {"session_id": new_id}
+            for r in src.db["ingested"].rows_where("session_id = ?", [sid], order_by="id")
+        )
+        for snap in src.snapshots(sid):
+            row = src.db["snapshots"].get(snap["id"])
+            new_snap = dst._insert_snapshot(
+                _piece_rows(src.db, snap["id"]), {k: v for k, v in row.items() if k != "id"}
+            )
+            dst.db["session_snapshots"].insert(
+                {
+                    "session_id": new_id,
+                    "snapshot_id": new_snap,
+                    "turn_seq": snap["turn_seq"],
+                    "name": snap["name"],
+                    "checkpoint_id": snap["checkpoint_id"],
+                }
+            )
+
+
+def _piece_rows(db: sqlite_utils.Database, snapshot_id: int) -> list[tuple[str, bytes | None]]:
+    """A snapshot's pieces in payload order: (sha256, bytes, or None where the piece is missing)."""
+    return db.execute(
+        """select sp.sha256, cast(p.data as blob) from snapshot_pieces sp
+           left join pieces p on p.sha256 = sp.sha256 where sp.snapshot_id = ? order by sp.idx""",
+        [snapshot_id],
+    ).fetchall()
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
