@@ -37,6 +37,7 @@ test: $(TEST_VENV)/.installed
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python benchmarks/resume.py
 	$(TEST_VENV)/bin/python benchmarks/cpu_decode.py
+	$(TEST_VENV)/bin/python benchmarks/memory.py
 
 clean:
 	rm -rf $(DEMO_VENV) $(TEST_VENV) demo.snap

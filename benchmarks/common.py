@@ -68,3 +68,23 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
+
+
+def olmo_hybrid_7b_config() -> dict:
+    """OLMo Hybrid 7B's shapes (DESIGN.md): hidden 3840, 32 layers = 8 x (3 Gated DeltaNet + 1 attention), 30 heads
+    of 128 (30 KV heads), DeltaNet key head 96, value head 192, conv 4, no rotary."""
+    return {
+        "model_type": "olmo_hybrid",
+        "vocab_size": 100352,
+        "hidden_size": 3840,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 30,
+        "num_key_value_heads": 30,
+        "linear_num_key_heads": 30,
+        "linear_num_value_heads": 30,
+        "linear_key_head_dim": 96,
+        "linear_value_head_dim": 192,
+        "linear_conv_kernel_dim": 4,
+        "rope_parameters": {"rope_type": "default", "rope_theta": None},
+    }

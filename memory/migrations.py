@@ -66,8 +66,9 @@ def m001_initial(db: sqlite_utils.Database) -> None:
             "fingerprint": str,
             "tokens_seen": int,
             "bytes": int,
-            "sha256": str,
+            "sha256": str,  # the snapshot's own digest of header + payload (in its header)
             "prefix": bytes,
+            "prefix_sha256": str,
             "created": str,
         },
         pk="id",

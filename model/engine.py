@@ -35,6 +35,29 @@ def model_fingerprint(config: ModelConfig, state_dict: dict[str, torch.Tensor]) 
     return h.hexdigest()[:32]
 
 
+def empty_states(
+    cfg: ModelConfig, window: int | None, sink: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> list[DeltaState | KVWindow]:
+    """The state of a model of this config before its first token: per layer, a DeltaState or a KVWindow."""
+    rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
+    states: list[DeltaState | KVWindow] = []
+    for layer_type in cfg.layer_types:
+        if layer_type == LINEAR:
+            conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
+                cfg.linear_num_value_heads * cfg.linear_value_head_dim
+            )
+            shape = (1, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
+            states.append(
+                DeltaState(
+                    conv=torch.zeros(cfg.linear_conv_kernel_dim - 1, conv_dim, dtype=dtype, device=device),
+                    recurrent=torch.zeros(shape, dtype=torch.float32, device=device),
+                )
+            )
+        else:
+            states.append(KVWindow(cfg.num_key_value_heads, cfg.head_dim, sink, window, rotary, dtype, device))
+    return states
+
+
 class Engine:
     """Runs a HybridLM over one stream of tokens, keeping per-layer state between calls.
 
@@ -76,26 +99,7 @@ class Engine:
         self.token_chain = snap.EMPTY_CHAIN
 
     def _empty_states(self) -> list[DeltaState | KVWindow]:
-        cfg, dev, dt = self.config, self.device, self.dtype
-        rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
-        states: list[DeltaState | KVWindow] = []
-        for layer_type in cfg.layer_types:
-            if layer_type == LINEAR:
-                conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + (
-                    cfg.linear_num_value_heads * cfg.linear_value_head_dim
-                )
-                shape = (1, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
-                states.append(
-                    DeltaState(
-                        conv=torch.zeros(cfg.linear_conv_kernel_dim - 1, conv_dim, dtype=dt, device=dev),
-                        recurrent=torch.zeros(shape, dtype=torch.float32, device=dev),
-                    )
-                )
-            else:
-                states.append(
-                    KVWindow(cfg.num_key_value_heads, cfg.head_dim, self.sink, self.window, rotary, dt, dev)
-                )
-        return states
+        return empty_states(self.config, self.window, self.sink, self.dtype, self.device)
 
     def state_bytes(self) -> int:
         """Bytes of the current state (what a snapshot payload holds, before its small header)."""
@@ -183,6 +187,14 @@ class Engine:
         self.states, self.tokens_seen, self.token_chain = states, seen, chain
 
     # --- generation ------------------------------------------------------------------------------------
+    def _unknown_ids(self) -> torch.Tensor | None:
+        """Ids the model can emit but the tokenizer cannot decode (vocab padding): never sampled."""
+        if getattr(self, "_unknown_for", None) is not self.tokenizer:
+            ids = self.tokenizer.unknown_ids(self.config.vocab_size)
+            self._unknown = torch.tensor(ids, dtype=torch.long, device=self.device) if ids else None
+            self._unknown_for = self.tokenizer
+        return self._unknown
+
     def generate(
         self,
         ids: Sequence[int],
@@ -207,8 +219,10 @@ class Engine:
         logits = self.feed(list(ids), logits="last") if len(ids) else None
         if logits is None:
             raise ValueError("generate() needs at least one prompt token")
+        unknown = self._unknown_ids()
         for _ in range(max_new_tokens):
-            tok = sampler(logits[-1])
+            row = logits[-1] if unknown is None else logits[-1].index_fill(0, unknown, float("-inf"))
+            tok = sampler(row)
             self.generated.append(tok)
             logits = self.feed([tok], logits="last")
             if tok in eos:

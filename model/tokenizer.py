@@ -146,6 +146,10 @@ class Tokenizer:
                 pos = m.end()
         return out
 
+    def unknown_ids(self, vocab_size: int) -> list[int]:
+        """Ids below the model's vocab_size that this tokenizer has no token for (a padded embedding matrix)."""
+        return [i for i in range(vocab_size) if i not in self._id_to_bytes]
+
     def decode_bytes(self, ids) -> bytes:
         """The bytes the ids stand for (special tokens included as their text)."""
         try:

@@ -129,6 +129,12 @@ def test_corrupt_piece_is_detected_and_nothing_else_touched(store, ckpt):
     store.db.execute("update pieces set data = ? where sha256 = ?", [bytes(data[:10]), victim])
     with pytest.raises(CorruptSnapshot):
         store.load_snapshot(b)
+    snap_a = store.snapshots(a)[0]["id"]
+    prefix = bytearray(store.db["snapshots"].get(snap_a)["prefix"])
+    prefix[20] ^= 0x01  # a bit of the snapshot's own JSON header
+    store.db["snapshots"].update(snap_a, {"prefix": bytes(prefix)})
+    with pytest.raises(CorruptSnapshot, match="headers are corrupt"):
+        store.load_snapshot(a)
 
 
 def test_wrong_fingerprint_is_refused(store, ckpt, tmp_path):

@@ -103,3 +103,21 @@ def test_earliest_stop_string_wins(cl100k):
     stream = TextStream(cl100k, stop=["END", "."])
     out = "".join(stream.push(i) for i in cl100k.encode("a.bENDc")) + stream.flush()
     assert out == "a" and stream.stopped
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_sampled(tiny, cl100k):
+    """A model's vocab is often padded past its tokenizer: generate must pick the best decodable id."""
+    d, _ = tiny
+    bytes_only = Tokenizer(cl100k.encoding, {i: cl100k.decode_bytes([i]) for i in range(256)}, name="bytes")
+    assert bytes_only.unknown_ids(320) == list(range(256, 320))
+    eng, ref = load_model(d), load_model(d)
+    eng.tokenizer = bytes_only
+    prompt = [5, 6, 7]
+    list(eng.generate(prompt, max_new_tokens=40, stop_ids=[]))
+    want, logits, picked_unknown = [], ref.feed(prompt)[-1], False
+    for _ in range(40):
+        picked_unknown |= int(logits.argmax()) >= 256
+        want.append(int(logits[:256].argmax()))
+        logits = ref.feed([want[-1]])[-1]
+    assert picked_unknown  # the unmasked model would have emitted an undecodable id
+    assert eng.generated == want
