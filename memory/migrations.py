@@ -116,6 +116,18 @@ def m002_checkpoints_and_retention(db: sqlite_utils.Database) -> None:
     db["sessions"].add_column("keep_last", int)
 
 
+@migration
+def m003_snapshot_tokens(db: sqlite_utils.Database) -> None:
+    # The token ids a snapshot's state has consumed, as content-addressed chunks (pieces) of TOKEN_CHUNK int32s:
+    # consecutive snapshots of a session share every full chunk, so a turn writes only its last chunk or two.
+    db["snapshot_tokens"].create(
+        {"snapshot_id": int, "idx": int, "sha256": str},
+        pk=("snapshot_id", "idx"),
+        foreign_keys=[("snapshot_id", "snapshots", "id"), ("sha256", "pieces", "sha256")],
+    )
+    db["snapshot_tokens"].create_index(["sha256"])
+
+
 def migrate(db: sqlite_utils.Database, upto: int | None = None) -> None:
     """Apply the migrations this database lacks (up to `upto`, for tests); refuse one from a newer deltamem."""
     version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -12,15 +12,17 @@ consumed); rewinding or forking is possible at turn 0 (the empty state) and at e
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from memory.errors import CorruptSnapshot, NotFound, StoreError
 from memory.migrations import MIGRATIONS, migrate
 
 ENV_DB = "DELTAMEM_DB"
+TOKEN_CHUNK = 4096  # token ids per stored chunk: a turn rewrites only the last chunk of a session's ids
 KEEP_LAST = 16  # snapshots kept per session (plus named ones) unless the session or the caller says otherwise
 
 
@@ -203,10 +206,13 @@ class Store:
         name: str | None = None,
         ingested: Iterable[dict[str, Any]] = (),
         checkpoint_id: str | None = None,
+        token_ids: Sequence[int] | None = None,
     ) -> int | None:
         """Append turns (dicts: role, text, tokens, tool_calls), the ledger entries of files they read (dicts: path,
         sha256 (None: removed), mtime, bytes, tokens, text) and the snapshot taken after them, in one transaction;
-        then apply the session's retention. Returns the snapshot id (None without a snapshot)."""
+        then apply the session's retention. `token_ids`: every id the snapshot's state has consumed, kept with it
+        (in shared chunks) so a resumed session can check its prompt against them. Returns the snapshot id (None
+        without a snapshot)."""
         turns = list(turns)
         if snapshot is not None and not turns:
             raise StoreError("a snapshot is saved with the turn that produced it; got no turn")
@@ -264,7 +270,8 @@ class Store:
                     "prefix": split.prefix,
                     "created": now,
                 }
-                snap_id = self._insert_snapshot(split.pieces, row)
+                tokens = _token_chunks(token_ids) if token_ids is not None else []
+                snap_id = self._insert_snapshot(split.pieces, row, tokens)
                 self.db["session_snapshots"].insert(
                     {
                         "session_id": sess["id"],
@@ -278,16 +285,17 @@ class Store:
             self.db["sessions"].update(sess["id"], {"updated": now})
         return snap_id
 
-    def _insert_snapshot(self, pieces: list[tuple[str, bytes]], row: dict[str, Any]) -> int:
-        """Store a snapshot row and its pieces (those not stored yet)."""
-        for digest, data in pieces:
+    def _insert_snapshot(
+        self, pieces: list[tuple[str, bytes]], row: dict[str, Any], tokens: list[tuple[str, bytes]]
+    ) -> int:
+        """Store a snapshot row, its pieces and its token chunks (the pieces not stored yet)."""
+        for digest, data in [*pieces, *tokens]:
             self.db.execute(
                 "insert or ignore into pieces (sha256, bytes, data) values (?, ?, ?)", [digest, len(data), data]
             )
         snap_id = self.db["snapshots"].insert(row).last_pk
-        self.db["snapshot_pieces"].insert_all(
-            {"snapshot_id": snap_id, "idx": i, "sha256": d} for i, (d, _) in enumerate(pieces)
-        )
+        for table, parts in (("snapshot_pieces", pieces), ("snapshot_tokens", tokens)):
+            self.db[table].insert_all({"snapshot_id": snap_id, "idx": i, "sha256": d} for i, (d, _) in enumerate(parts))
         return snap_id
 
     def snapshots(self, ref: str) -> list[dict[str, Any]]:
@@ -311,6 +319,27 @@ class Store:
             if not rows:
                 raise NotFound(f"session {ref!r} has no snapshot" + (f" {snapshot_id}" if snapshot_id else ""))
             return self._blob(rows[-1]["id"])
+
+    def load_tokens(self, ref: str, snapshot_id: int) -> list[int] | None:
+        """The token ids one of the session's snapshots has consumed (None if it was saved without them)."""
+        with self._read():
+            if not any(r["id"] == snapshot_id for r in self.snapshots(ref)):
+                raise NotFound(f"session {ref!r} has no snapshot {snapshot_id}")
+            parts = _piece_rows(self.db, snapshot_id, "snapshot_tokens")
+        if not parts:
+            row = self.db["snapshots"].get(snapshot_id)
+            return [] if row["tokens_seen"] == 0 else None
+        if any(d is None for _, d in parts):
+            raise CorruptSnapshot(f"snapshot {snapshot_id} lacks some of its stored token chunks")
+        try:
+            data = pc.join(b"", parts)
+        except pc.BlobError as e:
+            raise CorruptSnapshot(f"snapshot {snapshot_id} token ids: {e}") from e
+        ids = array.array("i")
+        ids.frombytes(data)
+        if sys.byteorder == "big":
+            ids.byteswap()
+        return ids.tolist()
 
     def _blob(self, snapshot_id: int) -> bytes:
         row = self.db["snapshots"].get(snapshot_id)
@@ -432,25 +461,25 @@ class Store:
             ).fetchall()
         ]
         n_pieces = 0
+        used = "(select sha256 from snapshot_pieces union all select sha256 from snapshot_tokens)"
         for snap_id in orphans:
-            digests = [
+            digests = {
                 r[0]
-                for r in self.db.execute(
-                    "select distinct sha256 from snapshot_pieces where snapshot_id = ?", [snap_id]
-                ).fetchall()
-            ]
-            self.db.execute("delete from snapshot_pieces where snapshot_id = ?", [snap_id])
+                for table in ("snapshot_pieces", "snapshot_tokens")
+                for r in self.db.execute(f"select sha256 from {table} where snapshot_id = ?", [snap_id]).fetchall()
+            }
+            for table in ("snapshot_pieces", "snapshot_tokens"):
+                self.db.execute(f"delete from {table} where snapshot_id = ?", [snap_id])
             self.db.execute("delete from snapshots where id = ?", [snap_id])
             for d in digests:
                 n_pieces += self.db.execute(
-                    "delete from pieces where sha256 = ? and not exists "
-                    "(select 1 from snapshot_pieces where sha256 = ?)",
-                    [d, d],
+                    "delete from pieces where sha256 = :d"
+                    " and not exists (select 1 from snapshot_pieces where sha256 = :d)"
+                    " and not exists (select 1 from snapshot_tokens where sha256 = :d)",
+                    {"d": d},
                 ).rowcount
         if candidates is None:  # pieces left by an older, interrupted layout: none expected, cheap to check
-            n_pieces += self.db.execute(
-                "delete from pieces where sha256 not in (select sha256 from snapshot_pieces)"
-            ).rowcount
+            n_pieces += self.db.execute(f"delete from pieces where sha256 not in {used}").rowcount
         return {"snapshots": len(orphans), "pieces": n_pieces}
 
     def gc(self) -> dict[str, int]:
@@ -557,6 +586,7 @@ class Store:
             )
         for snap in src.snapshots(sess["id"]):
             blob = src._blob(snap["id"])
+            src.load_tokens(sess["id"], snap["id"])  # its token chunks check out too
             header = pc.split(blob).header
             if header.get("fingerprint") != sess["fingerprint"]:
                 raise StoreError(
@@ -592,7 +622,9 @@ def _copy_session(src: Store, dst: Store, sid: str, new_id: str) -> None:
         for snap in src.snapshots(sid):
             row = src.db["snapshots"].get(snap["id"])
             new_snap = dst._insert_snapshot(
-                _piece_rows(src.db, snap["id"]), {k: v for k, v in row.items() if k != "id"}
+                _piece_rows(src.db, snap["id"]),
+                {k: v for k, v in row.items() if k != "id"},
+                _piece_rows(src.db, snap["id"], "snapshot_tokens"),
             )
             dst.db["session_snapshots"].insert(
                 {
@@ -605,13 +637,25 @@ def _copy_session(src: Store, dst: Store, sid: str, new_id: str) -> None:
             )
 
 
-def _piece_rows(db: sqlite_utils.Database, snapshot_id: int) -> list[tuple[str, bytes | None]]:
-    """A snapshot's pieces in payload order: (sha256, bytes, or None where the piece is missing)."""
+def _piece_rows(
+    db: sqlite_utils.Database, snapshot_id: int, table: str = "snapshot_pieces"
+) -> list[tuple[str, bytes | None]]:
+    """A snapshot's pieces (or token chunks) in order: (sha256, bytes, or None where the piece is missing)."""
     return db.execute(
-        """select sp.sha256, cast(p.data as blob) from snapshot_pieces sp
-           left join pieces p on p.sha256 = sp.sha256 where sp.snapshot_id = ? order by sp.idx""",
+        f"""select sp.sha256, cast(p.data as blob) from {table} sp
+            left join pieces p on p.sha256 = sp.sha256 where sp.snapshot_id = ? order by sp.idx""",
         [snapshot_id],
     ).fetchall()
+
+
+def _token_chunks(ids: Sequence[int]) -> list[tuple[str, bytes]]:
+    """Token ids as int32 little-endian chunks of TOKEN_CHUNK, keyed by sha256."""
+    arr = array.array("i", ids)
+    if sys.byteorder == "big":
+        arr.byteswap()
+    data = arr.tobytes()
+    step = 4 * TOKEN_CHUNK
+    return [(hashlib.sha256(c).hexdigest(), c) for c in (data[i : i + step] for i in range(0, len(data), step))]
 
 
 def _like_prefix(text: str) -> str:

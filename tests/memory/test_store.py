@@ -7,6 +7,7 @@ import sqlite_utils
 import torch
 
 from memory.errors import CorruptSnapshot, NotFound, SchemaError, StoreError
+from memory.migrations import MIGRATIONS
 from memory.store import Store
 from model import load_model
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
@@ -241,7 +242,7 @@ def _older_database(path):
 def test_older_database_is_upgraded_in_place(tmp_path):
     _older_database(tmp_path / "old.db")
     with Store(tmp_path / "old.db") as store:
-        assert store.db.execute("pragma user_version").fetchone()[0] == 2
+        assert store.db.execute("pragma user_version").fetchone()[0] == len(MIGRATIONS) > 1
         assert "keep_last" in store.db["sessions"].columns_dict
         assert "checkpoint_id" in store.db["session_snapshots"].columns_dict
         assert [t["text"] for t in store.turns("old")] == ["from the old days"]
@@ -371,3 +372,35 @@ def test_bad_imports_are_refused_and_write_nothing(tmp_path, ckpt):
                 t.import_(path, fingerprint="someone-else" if path.name == "good.db" else None)
     assert _dump(tmp_path / "target.db") == before
     assert fp != "someone-else"
+
+
+def test_token_ids_are_kept_with_their_snapshot_in_shared_chunks(store, ckpt):
+    from memory.store import TOKEN_CHUNK
+
+    eng = load_model(ckpt, window=64, sink=4)
+    sid = store.create_session("ids", eng.fingerprint)
+    consumed = []
+    sizes = []
+    for turn, n in enumerate((TOKEN_CHUNK + 10, 300, 50)):
+        new = ids(n, 80 + turn)
+        eng.feed(new, logits="none")
+        consumed += new
+        before = store.db.execute("select sum(bytes) from pieces").fetchone()[0] or 0
+        store.save_turn(sid, [{"role": "user", "text": str(turn)}], eng.snapshot(), token_ids=consumed)
+        sizes.append(store.db.execute("select sum(bytes) from pieces").fetchone()[0] - before)
+    snaps = store.snapshots(sid)
+    assert store.load_tokens(sid, snaps[-1]["id"]) == consumed
+    assert store.load_tokens(sid, snaps[0]["id"]) == consumed[: TOKEN_CHUNK + 10]
+    fork = store.fork(sid, at_turn=2)
+    assert store.load_tokens(fork, store.snapshots(fork)[-1]["id"]) == consumed[: TOKEN_CHUNK + 310]
+    # the later turns rewrote only the last, partial chunk of ids (plus their state), not the full first chunk
+    chunk_rows = store.db.execute("select count(distinct sha256) from snapshot_tokens").fetchone()[0]
+    assert chunk_rows == 4  # one full chunk shared by all three, and each snapshot's own tail
+    store.rewind(sid, to_turn=1)
+    store.delete(fork)
+    assert store.db.execute("select count(distinct sha256) from snapshot_tokens").fetchone()[0] == 2
+    left = {r[0] for r in store.db.execute("select sha256 from pieces")}
+    used = {
+        r[0] for r in store.db.execute("select sha256 from snapshot_pieces union select sha256 from snapshot_tokens")
+    }
+    assert left == used  # nothing orphaned, nothing missing
