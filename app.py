@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 EXIT_ERROR = 1
+EXIT_STEP_LIMIT = 3  # `deltamem run` stopped at --max-steps without an answer
+EXIT_MODEL = 4  # the model failed (template, generation)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +62,43 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show a model's config, state size and fingerprint")
     model_args(i)
     _sessions_parser(sub)
+    _agent_parsers(sub, model_args)
     return p
+
+
+def _agent_parsers(sub, model_args) -> None:
+    def common(sp: argparse.ArgumentParser) -> None:
+        model_args(sp)
+        sp.add_argument("--repo", type=Path, default=Path("."), help="project root (default: the current directory)")
+        sp.add_argument("--session", help="session title or id (default: the project folder's name)")
+        sp.add_argument("--db", type=Path, default=None, help="memory database (default $DELTAMEM_DB or the data dir)")
+        sp.add_argument("--json", action="store_true", help="one JSON object on stdout instead of text")
+
+    def agent_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--max-steps", type=int, default=8, help="model calls per task before giving up (default 8)")
+        sp.add_argument(
+            "--approve",
+            choices=["never", "ask", "always"],
+            default="never",
+            help="risky tools (write_file, edit, shell): never run them (default), ask on the terminal, or always",
+        )
+        sp.add_argument("--allow-shell", action="store_true", help="make the shell tool available (still risky)")
+        sp.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
+        sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        sp.add_argument("--seed", type=int, default=None)
+
+    ing = sub.add_parser("ingest", help="read a project's text files into a session's memory (changed files only)")
+    common(ing)
+    ing.add_argument("--max-file-bytes", type=int, default=256_000, help="skip larger files (default 256000)")
+    run = sub.add_parser(
+        "run", help="run the agent on a task in a project; exit 0 on an answer, 3 at the step limit, 4 model error"
+    )
+    common(run)
+    agent_args(run)
+    run.add_argument("task", help="what to do (use - to read stdin)")
+    chat = sub.add_parser("chat", help="a line-by-line chat with the agent (the plain-terminal REPL)")
+    common(chat)
+    agent_args(chat)
 
 
 def _sessions_parser(sub) -> None:
@@ -365,13 +403,185 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     raise AssertionError(args.action)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _agent(args: argparse.Namespace):
+    from agent.runner import Agent
+    from memory.store import Store
+
+    if not args.repo.is_dir():
+        raise ValueError(f"--repo {args.repo}: not a directory")
+    if getattr(args, "max_steps", 1) < 1:
+        raise ValueError("--max-steps must be >= 1")
+    store = Store(args.db)
+    engine = _load(args)
+    name = args.session or args.repo.resolve().name
+    kw = {}
+    if args.command != "ingest":
+        kw = dict(
+            approve=args.approve,
+            max_steps=args.max_steps,
+            allow_shell=args.allow_shell,
+            max_new_tokens=args.max_new_tokens,
+        )
+    agent = Agent(engine, store, name, args.repo, **kw)
+    if args.command != "ingest":
+        agent.session.sampling = {"temperature": args.temperature, "seed": args.seed}
+    return agent
+
+
+def _ask(pending: dict) -> bool:
+    """The terminal's answer to a risky tool call (no terminal: no)."""
+    if not sys.stdin.isatty():
+        print(f"deltamem: declined {pending['tool']} (no terminal to ask; use --approve always)", file=sys.stderr)
+        return False
+    from rich.prompt import Confirm
+
+    args = json.dumps(pending["arguments"], ensure_ascii=False)
+    return Confirm.ask(f"Allow [bold]{pending['tool']}[/bold] {args[:300]}?", default=False)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    agent = _agent(args)
+    start = time.perf_counter()
+    progress = Progress(
+        TextColumn("ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+        TextColumn("{task.fields[rate]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[path]}"),
+        console=Console(stderr=True),
+        disable=args.json,
+        transient=False,
+    )
+    task = None
+    tokens = 0
+
+    def on_event(e: dict) -> None:
+        nonlocal task, tokens
+        if "scan" in e:
+            task = progress.add_task("ingest", total=e["scan"]["changed"], tokens=0, rate=0.0, path="")
+        elif "file" in e:
+            tokens += e["tokens"]
+            rate = tokens / max(time.perf_counter() - start, 1e-9)
+            progress.update(task, advance=1, tokens=tokens, rate=rate, path=e["file"][-40:])
+
+    with progress:
+        result = agent.ingest(on_event, max_bytes=args.max_file_bytes)
+    elapsed = time.perf_counter() - start
+    summary = {
+        "session": agent.session_id,
+        "files": result.files,
+        "removed": result.removed,
+        "unchanged": result.unchanged,
+        "skipped": [{"path": p, "why": w} for p, w in result.skipped],
+        "tokens": result.tokens,
+        "seconds": round(elapsed, 3),
+        "snapshot": result.snapshot_id,
+        "tokens_seen": agent.session.engine.tokens_seen,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"ingested {result.files} files ({result.tokens:,} tokens, {result.tokens / max(elapsed, 1e-9):,.0f} "
+            f"tok/s), {result.removed} removed, {result.unchanged} unchanged, {len(result.skipped)} skipped; "
+            f"session {agent.session_id} has read {agent.session.engine.tokens_seen:,} tokens",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _run_task(agent, task: str, as_json: bool, approver) -> int:
+    def on_event(e: dict) -> None:
+        if as_json:
+            return
+        if "token" in e:
+            sys.stdout.write(e["token"])
+            sys.stdout.flush()
+        elif "tool" in e:
+            status = "ok" if e["ok"] else "failed"
+            print(f"\n[{e['tool']} {json.dumps(e['arguments'], ensure_ascii=False)[:120]}: {status}]", file=sys.stderr)
+
     from memory.errors import StoreError
     from model.errors import DeltamemError
 
     try:
-        return {"generate": cmd_generate, "info": cmd_info, "sessions": cmd_sessions}[args.command](args)
+        result = agent.run(task, on_event, approver)
+    except (StoreError, OSError):
+        raise
+    except (DeltamemError, ValueError, RuntimeError) as e:
+        print(f"\ndeltamem: model error: {e}", file=sys.stderr)
+        return EXIT_MODEL
+    code = 0 if result.outcome == "answer" else EXIT_STEP_LIMIT
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "outcome": result.outcome,
+                    "answer": result.answer,
+                    "tool_calls": [{k: c[k] for k in ("tool", "arguments", "ok", "result")} for c in result.tool_calls],
+                    "tokens_fed": result.tokens_fed,
+                    "session": result.session_id,
+                    "snapshot": result.snapshot_id,
+                    "tokens_seen": agent.session.engine.tokens_seen,
+                }
+            )
+        )
+    else:
+        sys.stdout.write("\n")
+        if code == EXIT_STEP_LIMIT:
+            print("deltamem: stopped at the step limit without an answer (--max-steps)", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    task = sys.stdin.read() if args.task == "-" else args.task
+    if not task.strip():
+        print("deltamem: error: the task is empty", file=sys.stderr)
+        return 2
+    return _run_task(_agent(args), task, args.json, _ask if args.approve == "ask" else None)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    agent = _agent(args)
+    approver = _ask if args.approve == "ask" else None
+    print(
+        f"session {agent.session_id} ({agent.session.engine.tokens_seen:,} tokens in memory); /quit to leave",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return 0
+        if line.strip() in ("/quit", "/exit"):
+            return 0
+        if line.strip():
+            _run_task(agent, line, False, approver)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="deltamem: %(message)s")
+    from memory.errors import StoreError
+    from model.errors import DeltamemError
+
+    try:
+        commands = {
+            "generate": cmd_generate,
+            "info": cmd_info,
+            "sessions": cmd_sessions,
+            "ingest": cmd_ingest,
+            "run": cmd_run,
+            "chat": cmd_chat,
+        }
+        return commands[args.command](args)
     except (DeltamemError, StoreError, ValueError, OSError, sqlite3.Error) as e:
         print(f"deltamem: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -1,0 +1,216 @@
+"""Agent: a model, a session of the memory store, the tools and the graph, wired together for one project.
+
+    agent = Agent(engine, store, "my-repo", root="path/to/repo")
+    agent.ingest(on_event=print)                 # read the project's text files (only changed ones next time)
+    result = agent.run("where is the config parsed?", on_event=print)
+    result.outcome, result.answer, result.snapshot_id
+
+Every run and every ingest batch ends with one transaction in the store: its turns, its ledger entries and a
+snapshot of the model state (with the ids it consumed), linked to the graph checkpoint of that moment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from langgraph.types import Command
+
+from agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
+from agent.prompt import file_message, system_prompt
+from agent.session import AgentSession
+from memory.store import Store
+from tools import ToolContext, default_tools
+from tools.files import project_files
+
+MAX_FILE_BYTES = 256_000  # larger files are skipped by ingest (the tools can still read them in ranges)
+BATCH_BYTES = 128_000  # ingest commits a snapshot after about this much text (~32k tokens)
+
+Event = dict
+Approver = Callable[[dict], bool]
+
+
+@dataclass
+class RunResult:
+    outcome: str  # "answer" or "step_limit"
+    answer: str
+    tool_calls: list[dict] = field(default_factory=list)  # name, arguments, ok, result
+    tokens_fed: int = 0
+    session_id: str = ""
+    snapshot_id: int | None = None
+
+
+@dataclass
+class IngestResult:
+    files: int = 0  # new or changed files fed
+    removed: int = 0
+    unchanged: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    tokens: int = 0
+    snapshot_id: int | None = None
+
+
+@dataclass
+class _Change:
+    path: str
+    text: str | None  # None: removed
+    sha256: str | None = None
+    mtime: float | None = None
+    size: int | None = None
+
+
+class Agent:
+    def __init__(self, engine, store: Store, session: str, root: str | Path, *, approve: Approve = "never",
+                 max_steps: int = 8, allow_shell: bool = False, max_new_tokens: int = 512):
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise ValueError(f"{root} is not a directory")
+        self.store = store
+        self.session = AgentSession.open(engine, store, session, self.root)
+        self.session.max_new_tokens = max_new_tokens
+        self.tools = default_tools()
+        self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
+        self.saver = sqlite_checkpointer(store.path)
+        self.graph = build_graph(self.session, self.tools, self.ctx, approve, max_steps, self.saver)
+        self.config = {"configurable": {"thread_id": self.session.sid}}
+
+    @property
+    def session_id(self) -> str:
+        return self.session.sid
+
+    def messages(self) -> list[dict]:
+        return list(self.graph.get_state(self.config).values.get("messages") or [])
+
+    def _with_system(self, new: list[dict]) -> list[dict]:
+        if self.messages():
+            return new
+        return [{"role": "system", "content": system_prompt(self.root.name, self.tools)}, *new]
+
+    def _drive(self, inp, on_event: Callable[[Event], None], approver: Approver | None) -> None:
+        """Stream the graph to its end, answering approval interrupts with `approver`."""
+        while True:
+            pending = None
+            for mode, chunk in self.graph.stream(inp, self.config, stream_mode=["custom", "updates"]):
+                if mode == "custom":
+                    on_event(chunk)
+                elif "__interrupt__" in chunk:
+                    pending = chunk["__interrupt__"][0].value
+            if pending is None:
+                return
+            inp = Command(resume=bool(approver(pending)) if approver else False)
+
+    def _save(self, before: int, turns_extra: dict, ingested=()) -> int:
+        state = self.graph.get_state(self.config)
+        rows = [
+            {"role": m["role"], "text": m["content"], "tool_calls": m.get("tool_calls") or None}
+            for m in state.values["messages"][before:]
+        ]
+        if rows:
+            rows[0].update(turns_extra)
+        checkpoint = state.config["configurable"].get("checkpoint_id")
+        return self.session.save(rows, checkpoint_id=checkpoint, ingested=ingested)
+
+    # --- tasks ---------------------------------------------------------------------------------------------
+    def run(self, task: str, on_event: Callable[[Event], None] = lambda e: None,
+            approver: Approver | None = None) -> RunResult:
+        if not task.strip():
+            raise ValueError("the task is empty")
+        before = len(self.messages())
+        fed0 = self.session.fed
+        calls: list[dict] = []
+
+        def track(event: Event) -> None:
+            if "tool" in event:
+                calls.append(event)
+            on_event(event)
+
+        inp = {"messages": self._with_system([{"role": "user", "content": task}]), "steps": 0, "mode": ""}
+        self._drive(inp, track, approver)
+        state = self.graph.get_state(self.config).values
+        fed = self.session.fed - fed0
+        snap_id = self._save(before, {"tokens": fed})
+        last = state["messages"][-1]
+        return RunResult(outcome(state), last["content"] if last["role"] == "assistant" else "", calls, fed,
+                         self.session.sid, snap_id)
+
+    # --- ingest ------------------------------------------------------------------------------------------
+    def scan(self, max_bytes: int = MAX_FILE_BYTES) -> tuple[list[_Change], IngestResult]:
+        """What an ingest would feed: new and changed text files, and removed ones, against the ledger."""
+        ledger = self.store.ingested(self.session.sid)
+        result = IngestResult()
+        changes = []
+        files = project_files(self.root)
+        for rel in files:
+            path = self.root / rel
+            key = rel.as_posix()
+            try:
+                st = path.stat()
+                if st.st_size > max_bytes:
+                    result.skipped.append((key, f"larger than {max_bytes:,} bytes"))
+                    continue
+                data = path.read_bytes()
+            except OSError as e:
+                result.skipped.append((key, f"unreadable: {e.strerror}"))
+                continue
+            try:
+                text = data.decode("utf-8")
+                if "\0" in text:
+                    raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
+            except UnicodeDecodeError:
+                result.skipped.append((key, "binary"))
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if key in ledger and ledger[key]["sha256"] == digest:
+                result.unchanged += 1
+                continue
+            changes.append(_Change(key, text, digest, st.st_mtime, len(data)))
+        present = {rel.as_posix() for rel in files}
+        changes += [_Change(p, None) for p in sorted(set(ledger) - present)]
+        return changes, result
+
+    def ingest(self, on_event: Callable[[Event], None] = lambda e: None, max_bytes: int = MAX_FILE_BYTES,
+               batch_bytes: int = BATCH_BYTES) -> IngestResult:
+        """Feed new and changed files (and notes of removed ones) through the model, in batches; each batch is
+        committed with its ledger entries and a snapshot, so an interrupted ingest keeps what it finished."""
+        changes, result = self.scan(max_bytes)
+        on_event({"scan": {"changed": len(changes), "unchanged": result.unchanged, "skipped": len(result.skipped)}})
+        batch: list[_Change] = []
+        size = 0
+        for i, ch in enumerate(changes):
+            batch.append(ch)
+            size += ch.size or 0
+            if size >= batch_bytes or i == len(changes) - 1:
+                self._ingest_batch(batch, on_event, result)
+                batch, size = [], 0
+        return result
+
+    def _ingest_batch(self, batch: list[_Change], on_event, result: IngestResult) -> None:
+        fed0 = self.session.fed
+        msgs = [file_message(ch.path, ch.text) for ch in batch]
+
+        def progress(event: Event) -> None:
+            if "progress" in event:
+                p = event["progress"]
+                ch = batch[p["done"] - 1]
+                on_event({"file": ch.path, "tokens": p["tokens"], "removed": ch.text is None})
+
+        inp = {"messages": self._with_system(msgs), "mode": "feed", "feed_count": len(msgs)}
+        self._drive(inp, progress, None)
+        fed = self.session.fed - fed0
+        ledger = [
+            {"path": ch.path, "sha256": ch.sha256, "mtime": ch.mtime, "bytes": ch.size, "text": ch.text,
+             "tokens": None}
+            for ch in batch
+        ]
+        names = ", ".join(ch.path for ch in batch[:3]) + (f" and {len(batch) - 3} more" if len(batch) > 3 else "")
+        # the file messages stay in the conversation; the turn log gets one short line per batch
+        checkpoint = self.graph.get_state(self.config).config["configurable"].get("checkpoint_id")
+        result.snapshot_id = self.session.save(
+            [{"role": "ingest", "text": f"ingested {len(batch)} files: {names}", "tokens": fed}],
+            checkpoint_id=checkpoint, ingested=ledger,
+        )
+        result.files += sum(ch.text is not None for ch in batch)
+        result.removed += sum(ch.text is None for ch in batch)
+        result.tokens += fed

@@ -1,0 +1,182 @@
+"""AgentSession: one engine bound to one stored session, fed append-only.
+
+The state has consumed `ids` (whose text is `text`). Each model call renders the whole conversation with the
+chat template; when `text` is a prefix of it, only the rest is tokenized and fed. When it is not (a template that
+rewrites history, a stop string, a crash between a graph checkpoint and a snapshot), the newest snapshot whose
+consumed text *is* a prefix is restored and the rest fed from there: logged, never a silent divergence.
+
+A snapshot is stored with the ids its state consumed, and on resume those ids are checked against the
+snapshot's own hash chain (`token_chain` in its header) before the state is trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.prompt import ChatTemplate
+from memory.errors import NotFound, StoreError
+from memory.store import Store
+from model import snapshot as snap
+
+log = logging.getLogger("deltamem.agent")
+
+
+@dataclass
+class Reply:
+    text: str  # what the model wrote (end-of-turn token excluded)
+    fed: int  # prompt tokens fed for this call
+    generated: list[int] = field(default_factory=list)
+
+
+class AgentSession:
+    def __init__(self, engine, store: Store, session_id: str):
+        if engine.tokenizer is None:
+            raise ValueError("the agent needs a model with a tokenizer")
+        self.engine, self.store, self.sid = engine, store, session_id
+        self.tok = engine.tokenizer
+        self.template = ChatTemplate.for_tokenizer(self.tok)
+        self.stop_ids = sorted(set(engine.config.eos_ids) | {self.tok.special_tokens.get("<|im_end|>", -1)} - {-1})
+        self.ids: list[int] = []
+        self.text = ""
+        self.fed = 0  # tokens fed since this object was created (prompts, files and generated tokens)
+        self.restored_from: int | None = None  # snapshot id the state was last restored from
+        self.max_new_tokens = 512
+        self.sampling: dict = {}  # temperature, top_p, top_k, seed for engine.generate
+
+    # --- opening ---------------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, engine, store: Store, name: str, project_root: str | Path | None = None, create: bool = True
+    ) -> AgentSession:
+        """Resume the session `name` (id, prefix or title) from its newest good snapshot, or create it."""
+        try:
+            sess = store.session(name)
+        except NotFound:
+            if not create:
+                raise
+            project = store.project(project_root) if project_root is not None else None
+            sess = store.session(store.create_session(name, engine.fingerprint, project))
+        if sess["fingerprint"] != engine.fingerprint:
+            raise StoreError(
+                f"session {sess['title']!r} was saved with model {sess['fingerprint'][:12]}; this model is "
+                f"{engine.fingerprint[:12]} (pass the same --model)"
+            )
+        s = cls(engine, store, sess["id"])
+        s.resume()
+        return s
+
+    def resume(self) -> None:
+        """Restore the newest snapshot whose stored ids match its own hash chain; none: the empty state."""
+        for row in reversed(self.store.snapshots(self.sid)):
+            if self._restore(row["id"]):
+                return
+        self._reset()
+
+    def _reset(self) -> None:
+        self.engine.reset()
+        self.ids, self.text, self.restored_from = [], "", None
+
+    def _restore(self, snapshot_id: int, ids: list[int] | None = None) -> bool:
+        ids = self.store.load_tokens(self.sid, snapshot_id) if ids is None else ids
+        if ids is None:
+            log.warning("snapshot %s was saved without its token ids; skipping it", snapshot_id)
+            return False
+        blob = self.store.load_snapshot(self.sid, snapshot_id)
+        header, _ = snap.read_header(blob)
+        if header.get("tokens_seen") != len(ids) or header.get("token_chain") != snap.chain(snap.EMPTY_CHAIN, ids):
+            log.warning("snapshot %s does not match its stored token ids; skipping it", snapshot_id)
+            return False
+        self.engine.restore(blob)
+        self.ids, self.text, self.restored_from = list(ids), self.tok.decode(ids), snapshot_id
+        return True
+
+    # --- feeding -----------------------------------------------------------------------------------------
+    def _sync(self, rendered: str) -> list[int]:
+        """The ids to feed so that the state will have consumed `rendered`; rolls back first if it must."""
+        if not rendered.startswith(self.text):
+            self._roll_back(rendered)
+        return self.tok.encode(rendered[len(self.text) :])
+
+    def _roll_back(self, rendered: str) -> None:
+        at = next((i for i, (a, b) in enumerate(zip(self.text, rendered, strict=False)) if a != b), len(self.text))
+        for row in reversed(self.store.snapshots(self.sid)):
+            ids = self.store.load_tokens(self.sid, row["id"])
+            if ids is not None and rendered.startswith(self.tok.decode(ids)) and self._restore(row["id"], ids):
+                log.warning(
+                    "the prompt differs from what the model state consumed at character %d of %d; restored "
+                    "snapshot %s (turn %s, %d tokens) and feeding the rest from there",
+                    at, len(self.text), row["id"], row["turn_seq"], len(ids),
+                )
+                return
+        log.warning(
+            "the prompt differs from what the model state consumed at character %d and no snapshot is a prefix "
+            "of it; re-reading the whole conversation", at,
+        )
+        self._reset()
+
+    def feed(self, messages: list[dict], add_generation_prompt: bool = False) -> int:
+        """Make the state consume the rendered conversation (no generation); returns the tokens fed."""
+        rendered = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+        new = self._sync(rendered)
+        if new:
+            self.engine.feed(new, logits="none")
+        self._consumed(new, rendered[len(self.text) :])
+        return len(new)
+
+    def reply(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 512,
+        on_piece: Callable[[str], None] | None = None,
+        **sampling,
+    ) -> Reply:
+        """Feed the conversation's new part plus the generation prompt, then generate the assistant's turn."""
+        rendered = self.template.render(messages, add_generation_prompt=True)
+        new = self._sync(rendered)
+        delta = rendered[len(self.text) :]
+        if not new:  # the template added nothing (cannot happen with a generation prompt): nudge with a newline
+            delta, new = "\n", self.tok.encode("\n")
+        self.engine.generated = []
+        try:
+            for piece in self.engine.generate(new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, **sampling):
+                if on_piece is not None:
+                    on_piece(piece)
+        finally:  # finished or interrupted: keep ids/text in step with the state, or go back to a known one
+            gen = list(self.engine.generated)
+            if self.engine.tokens_seen == len(self.ids) + len(new) + len(gen):
+                self._consumed(new, delta)
+                self._consumed(gen, self.tok.decode(gen))
+            else:  # stopped inside a forward pass: the state is half-updated
+                log.warning("generation was interrupted mid-step; going back to the last snapshot")
+                self.resume()
+        body = gen[:-1] if gen and gen[-1] in self.stop_ids else gen
+        return Reply(self.tok.decode(body), len(new), gen)
+
+    def _consumed(self, ids: list[int], text: str) -> None:
+        self.ids += ids
+        self.text += text
+        self.fed += len(ids)
+
+    # --- the graph's brain ----------------------------------------------------------------------------------
+    def respond(self, messages: list[dict], on_piece: Callable[[str], None]) -> str:
+        return self.reply(messages, self.max_new_tokens, on_piece, **self.sampling).text
+
+    def feed_messages(self, messages: list[dict], new_count: int, on_progress: Callable[[dict], None]) -> int:
+        """Feed the last `new_count` messages one at a time (a progress event after each)."""
+        total, start = 0, len(messages) - new_count
+        for i in range(start + 1, len(messages) + 1):
+            n = self.feed(messages[:i])
+            total += n
+            on_progress({"done": i - start, "count": new_count, "tokens": n})
+        return total
+
+    # --- saving ------------------------------------------------------------------------------------------
+    def save(self, turns: list[dict], checkpoint_id: str | None = None, ingested=(), name: str | None = None) -> int:
+        """Store the turns, ledger entries and a snapshot of the state (with its ids), in one transaction."""
+        return self.store.save_turn(
+            self.sid, turns, self.engine.snapshot(), ingested=ingested, checkpoint_id=checkpoint_id,
+            token_ids=self.ids, name=name,
+        )
