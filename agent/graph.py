@@ -41,8 +41,14 @@ class Brain(Protocol):
     def feed_messages(self, messages: list[dict], new_count: int, on_progress: Callable[[dict], None]) -> int: ...
 
 
-def build_graph(brain: Brain, tools: dict, ctx: ToolContext, approve: Approve = "never", max_steps: int = 8,
-                checkpointer: SqliteSaver | None = None):
+def build_graph(
+    brain: Brain,
+    tools: dict,
+    ctx: ToolContext,
+    approve: Approve = "never",
+    max_steps: int = 8,
+    checkpointer: SqliteSaver | None = None,
+):
     if approve not in ("never", "ask", "always"):
         raise ValueError(f"approval policy must be never, ask or always; got {approve!r}")
     if max_steps < 1:
@@ -112,7 +118,7 @@ def sqlite_checkpointer(db_path: str | Path) -> SqliteSaver:
 
 
 def outcome(state: dict[str, Any]) -> str:
-    """"answer" when the last message is an assistant turn without tool calls, else "step_limit"."""
+    """ "answer" when the last message is an assistant turn without tool calls, else "step_limit"."""
     msgs = state.get("messages") or []
     last = msgs[-1] if msgs else {}
     if last.get("role") == "assistant" and not (last.get("tool_calls") or last.get("errors")):

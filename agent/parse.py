@@ -53,12 +53,12 @@ def _one_call(body: str) -> tuple[dict, str | None]:
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError) as e:
-        return {}, f"a tool call is not valid JSON ({e}); write {OPEN}{{\"name\": ..., \"arguments\": {{...}}}}{CLOSE}"
+        return {}, f'a tool call is not valid JSON ({e}); write {OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE}'
     if not isinstance(obj, dict):
-        return {}, "a tool call must be a JSON object with \"name\" and \"arguments\""
+        return {}, 'a tool call must be a JSON object with "name" and "arguments"'
     name = obj.get("name")
     if not isinstance(name, str) or not name:
-        return {}, "a tool call has no \"name\" string"
+        return {}, 'a tool call has no "name" string'
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models double-encode the arguments
         try:

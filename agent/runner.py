@@ -62,8 +62,18 @@ class _Change:
 
 
 class Agent:
-    def __init__(self, engine, store: Store, session: str, root: str | Path, *, approve: Approve = "never",
-                 max_steps: int = 8, allow_shell: bool = False, max_new_tokens: int = 512):
+    def __init__(
+        self,
+        engine,
+        store: Store,
+        session: str,
+        root: str | Path,
+        *,
+        approve: Approve = "never",
+        max_steps: int = 8,
+        allow_shell: bool = False,
+        max_new_tokens: int = 512,
+    ):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ValueError(f"{root} is not a directory")
@@ -113,8 +123,9 @@ class Agent:
         return self.session.save(rows, checkpoint_id=checkpoint, ingested=ingested)
 
     # --- tasks ---------------------------------------------------------------------------------------------
-    def run(self, task: str, on_event: Callable[[Event], None] = lambda e: None,
-            approver: Approver | None = None) -> RunResult:
+    def run(
+        self, task: str, on_event: Callable[[Event], None] = lambda e: None, approver: Approver | None = None
+    ) -> RunResult:
         if not task.strip():
             raise ValueError("the task is empty")
         before = len(self.messages())
@@ -132,8 +143,14 @@ class Agent:
         fed = self.session.fed - fed0
         snap_id = self._save(before, {"tokens": fed})
         last = state["messages"][-1]
-        return RunResult(outcome(state), last["content"] if last["role"] == "assistant" else "", calls, fed,
-                         self.session.sid, snap_id)
+        return RunResult(
+            outcome(state),
+            last["content"] if last["role"] == "assistant" else "",
+            calls,
+            fed,
+            self.session.sid,
+            snap_id,
+        )
 
     # --- ingest ------------------------------------------------------------------------------------------
     def scan(self, max_bytes: int = MAX_FILE_BYTES) -> tuple[list[_Change], IngestResult]:
@@ -170,8 +187,12 @@ class Agent:
         changes += [_Change(p, None) for p in sorted(set(ledger) - present)]
         return changes, result
 
-    def ingest(self, on_event: Callable[[Event], None] = lambda e: None, max_bytes: int = MAX_FILE_BYTES,
-               batch_bytes: int = BATCH_BYTES) -> IngestResult:
+    def ingest(
+        self,
+        on_event: Callable[[Event], None] = lambda e: None,
+        max_bytes: int = MAX_FILE_BYTES,
+        batch_bytes: int = BATCH_BYTES,
+    ) -> IngestResult:
         """Feed new and changed files (and notes of removed ones) through the model, in batches; each batch is
         committed with its ledger entries and a snapshot, so an interrupted ingest keeps what it finished."""
         changes, result = self.scan(max_bytes)
@@ -200,8 +221,7 @@ class Agent:
         self._drive(inp, progress, None)
         fed = self.session.fed - fed0
         ledger = [
-            {"path": ch.path, "sha256": ch.sha256, "mtime": ch.mtime, "bytes": ch.size, "text": ch.text,
-             "tokens": None}
+            {"path": ch.path, "sha256": ch.sha256, "mtime": ch.mtime, "bytes": ch.size, "text": ch.text, "tokens": None}
             for ch in batch
         ]
         names = ", ".join(ch.path for ch in batch[:3]) + (f" and {len(batch) - 3} more" if len(batch) > 3 else "")
@@ -209,7 +229,8 @@ class Agent:
         checkpoint = self.graph.get_state(self.config).config["configurable"].get("checkpoint_id")
         result.snapshot_id = self.session.save(
             [{"role": "ingest", "text": f"ingested {len(batch)} files: {names}", "tokens": fed}],
-            checkpoint_id=checkpoint, ingested=ledger,
+            checkpoint_id=checkpoint,
+            ingested=ledger,
         )
         result.files += sum(ch.text is not None for ch in batch)
         result.removed += sum(ch.text is None for ch in batch)

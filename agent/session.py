@@ -12,7 +12,7 @@ snapshot's own hash chain (`token_chain` in its header) before the state is trus
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,8 @@ class Reply:
 
 
 class AgentSession:
-    def __init__(self, engine, store: Store, session_id: str):
+    def __init__(self, engine, store: Store | None, session_id: str):
+        """store None: no snapshots (a conversation that does not match the state is re-read from the start)."""
         if engine.tokenizer is None:
             raise ValueError("the agent needs a model with a tokenizer")
         self.engine, self.store, self.sid = engine, store, session_id
@@ -68,9 +69,12 @@ class AgentSession:
         s.resume()
         return s
 
+    def _snapshots(self) -> list[dict]:
+        return self.store.snapshots(self.sid) if self.store is not None else []
+
     def resume(self) -> None:
         """Restore the newest snapshot whose stored ids match its own hash chain; none: the empty state."""
-        for row in reversed(self.store.snapshots(self.sid)):
+        for row in reversed(self._snapshots()):
             if self._restore(row["id"]):
                 return
         self._reset()
@@ -102,18 +106,23 @@ class AgentSession:
 
     def _roll_back(self, rendered: str) -> None:
         at = next((i for i, (a, b) in enumerate(zip(self.text, rendered, strict=False)) if a != b), len(self.text))
-        for row in reversed(self.store.snapshots(self.sid)):
+        for row in reversed(self._snapshots()):
             ids = self.store.load_tokens(self.sid, row["id"])
             if ids is not None and rendered.startswith(self.tok.decode(ids)) and self._restore(row["id"], ids):
                 log.warning(
                     "the prompt differs from what the model state consumed at character %d of %d; restored "
                     "snapshot %s (turn %s, %d tokens) and feeding the rest from there",
-                    at, len(self.text), row["id"], row["turn_seq"], len(ids),
+                    at,
+                    len(self.text),
+                    row["id"],
+                    row["turn_seq"],
+                    len(ids),
                 )
                 return
         log.warning(
             "the prompt differs from what the model state consumed at character %d and no snapshot is a prefix "
-            "of it; re-reading the whole conversation", at,
+            "of it; re-reading the whole conversation",
+            at,
         )
         self._reset()
 
@@ -126,14 +135,9 @@ class AgentSession:
         self._consumed(new, rendered[len(self.text) :])
         return len(new)
 
-    def reply(
-        self,
-        messages: list[dict],
-        max_new_tokens: int = 512,
-        on_piece: Callable[[str], None] | None = None,
-        **sampling,
-    ) -> Reply:
-        """Feed the conversation's new part plus the generation prompt, then generate the assistant's turn."""
+    def stream_reply(self, messages: list[dict], max_new_tokens: int = 512, **sampling) -> Generator[str, None, Reply]:
+        """Feed the conversation's new part plus the generation prompt, then generate the assistant's turn,
+        yielding text pieces; returns the Reply. Closing it early stops generation with the state consistent."""
         rendered = self.template.render(messages, add_generation_prompt=True)
         new = self._sync(rendered)
         delta = rendered[len(self.text) :]
@@ -141,10 +145,8 @@ class AgentSession:
             delta, new = "\n", self.tok.encode("\n")
         self.engine.generated = []
         try:
-            for piece in self.engine.generate(new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, **sampling):
-                if on_piece is not None:
-                    on_piece(piece)
-        finally:  # finished or interrupted: keep ids/text in step with the state, or go back to a known one
+            yield from self.engine.generate(new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, **sampling)
+        finally:  # finished, closed or interrupted: keep ids/text in step with the state, or go back to a known one
             gen = list(self.engine.generated)
             if self.engine.tokens_seen == len(self.ids) + len(new) + len(gen):
                 self._consumed(new, delta)
@@ -154,6 +156,18 @@ class AgentSession:
                 self.resume()
         body = gen[:-1] if gen and gen[-1] in self.stop_ids else gen
         return Reply(self.tok.decode(body), len(new), gen)
+
+    def reply(
+        self, messages: list[dict], max_new_tokens: int = 512, on_piece: Callable[[str], None] | None = None, **sampling
+    ) -> Reply:
+        it = self.stream_reply(messages, max_new_tokens, **sampling)
+        while True:
+            try:
+                piece = next(it)
+            except StopIteration as done:
+                return done.value
+            if on_piece is not None:
+                on_piece(piece)
 
     def _consumed(self, ids: list[int], text: str) -> None:
         self.ids += ids
@@ -177,6 +191,11 @@ class AgentSession:
     def save(self, turns: list[dict], checkpoint_id: str | None = None, ingested=(), name: str | None = None) -> int:
         """Store the turns, ledger entries and a snapshot of the state (with its ids), in one transaction."""
         return self.store.save_turn(
-            self.sid, turns, self.engine.snapshot(), ingested=ingested, checkpoint_id=checkpoint_id,
-            token_ids=self.ids, name=name,
+            self.sid,
+            turns,
+            self.engine.snapshot(),
+            ingested=ingested,
+            checkpoint_id=checkpoint_id,
+            token_ids=self.ids,
+            name=name,
         )

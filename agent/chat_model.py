@@ -1,0 +1,223 @@
+"""ChatDeltamem: the engine as a LangChain chat model (tool binding, streaming, usage metadata).
+
+    from agent.chat_model import ChatDeltamem
+    llm = ChatDeltamem(model="default", max_tokens=64).bind_tools([my_tool])
+    llm.invoke("hi")
+
+Each instance keeps its own model state and, like the agent, feeds only what a call adds to the conversation it
+saw last (a different history is re-read from the start). The weights of one checkpoint are loaded once per
+process and shared between instances. Tools are listed in the system prompt and calls come back parsed from
+`<tool_call>` blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from agent.parse import CLOSE, OPEN, format_tool_call, parse_tool_calls
+from agent.session import AgentSession
+
+_MODELS: dict[tuple, Any] = {}  # (model, window, sink) -> a loaded Engine whose weights new engines share
+_LOCK = threading.Lock()
+
+
+def _engine(model: str, window: int | None, sink: int):
+    from model import load_model
+    from model.engine import Engine
+
+    with _LOCK:
+        key = (model, window, sink)
+        if key not in _MODELS:
+            _MODELS[key] = load_model(model, window=window, sink=sink)
+        base = _MODELS[key]
+    return Engine(base.model, base.tokenizer, window=window, sink=sink, fingerprint=base.fingerprint)
+
+
+class ChatDeltamem(BaseChatModel):
+    """A local deltamem hybrid model as a LangChain chat model."""
+
+    model: str = Field(default="default", alias="model_name")
+    """Checkpoint directory, a Llama .gguf file, or "default"."""
+    window: int | None = 4096
+    sink: int = 4
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 16
+    seed: int | None = None
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    model_config = ConfigDict(populate_by_name=True)
+
+    _session: AgentSession | None = PrivateAttr(default=None)
+
+    @property
+    def _llm_type(self) -> str:
+        return "deltamem"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "window": self.window, "sink": self.sink, "temperature": self.temperature}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params.update(
+            ls_provider="deltamem", ls_model_name=kwargs.get("model", self.model), ls_max_tokens=self.max_tokens
+        )
+        return params
+
+    def bind_tools(
+        self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    # --- conversion ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _to_dicts(messages: list[BaseMessage], tools: list[dict] | None) -> list[dict]:
+        out = []
+        for m in messages:
+            content = m.content if isinstance(m.content, str) else _text_of(m.content)
+            if isinstance(m, SystemMessage):
+                out.append({"role": "system", "content": content})
+            elif isinstance(m, HumanMessage):
+                out.append({"role": "user", "content": content})
+            elif isinstance(m, AIMessage):
+                calls = "".join(format_tool_call(c["name"], c["args"]) for c in m.tool_calls)
+                out.append({"role": "assistant", "content": content + calls})
+            elif isinstance(m, ToolMessage):
+                out.append({"role": "tool", "content": content})
+            else:
+                out.append({"role": m.type, "content": content})
+        if tools:
+            listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+            note = f'You can call these tools by writing {OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE}:\n{listing}'
+            if out and out[0]["role"] == "system":
+                out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + note}
+            else:
+                out.insert(0, {"role": "system", "content": note})
+        return out
+
+    def _state(self) -> AgentSession:
+        if self._session is None:
+            self._session = AgentSession(_engine(self.model, self.window, self.sink), None, "")
+        return self._session
+
+    # --- generation ----------------------------------------------------------------------------------------
+    def _sampling(self, stop: list[str] | None) -> dict:
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": list(stop or self.stop or []),
+        }
+
+    @staticmethod
+    def _usage(s: AgentSession, reply, before: int) -> UsageMetadata:
+        """Tokens of the prompt, of the reply, and how many prompt tokens the state already held (not re-fed)."""
+        out = len(reply.generated)
+        prompt = len(s.ids) - out
+        return UsageMetadata(
+            input_tokens=prompt,
+            output_tokens=out,
+            total_tokens=prompt + out,
+            input_token_details={"cache_read": prompt - reply.fed},
+        )
+
+    def _run(self, messages, stop, tools, on_piece):
+        s = self._state()
+        before = len(s.ids)
+        reply = s.reply(self._to_dicts(messages, tools), self.max_tokens, on_piece, **self._sampling(stop))
+        return reply, self._usage(s, reply, before)
+
+    def _message(self, text: str, usage: UsageMetadata, tools) -> AIMessage:
+        if not tools:
+            return AIMessage(content=text, usage_metadata=usage, response_metadata={"model_name": self.model})
+        parsed = parse_tool_calls(text)
+        return AIMessage(
+            content=parsed.content,
+            tool_calls=[
+                {"name": c["name"], "args": c["arguments"], "id": c["id"], "type": "tool_call"} for c in parsed.calls
+            ],
+            invalid_tool_calls=[
+                {"name": None, "args": None, "id": None, "error": e, "type": "invalid_tool_call"} for e in parsed.errors
+            ],
+            usage_metadata=usage,
+            response_metadata={"model_name": self.model},
+        )
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        tools = kwargs.get("tools")
+        on_piece = (lambda p: run_manager.on_llm_new_token(p)) if run_manager else None
+        reply, usage = self._run(messages, stop, tools, on_piece)
+        return ChatResult(generations=[ChatGeneration(message=self._message(reply.text, usage, tools))])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        tools = kwargs.get("tools")
+        if tools:  # tool calls are parsed from the whole reply: one chunk
+            result = self._generate(messages, stop, run_manager, **kwargs)
+            msg = result.generations[0].message
+            yield ChatGenerationChunk(
+                message=AIMessageChunk(
+                    content=msg.content,
+                    usage_metadata=msg.usage_metadata,
+                    response_metadata=msg.response_metadata,
+                    tool_call_chunks=[
+                        {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
+                        for i, c in enumerate(msg.tool_calls)
+                    ],
+                )
+            )
+            return
+        s = self._state()
+        before = len(s.ids)
+        it = s.stream_reply(self._to_dicts(messages, None), self.max_tokens, **self._sampling(stop))
+        while True:
+            try:
+                piece = next(it)
+            except StopIteration as done:
+                reply = done.value
+                break
+            if run_manager:
+                run_manager.on_llm_new_token(piece)
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                usage_metadata=self._usage(s, reply, before),
+                chunk_position="last",
+                response_metadata={"model_name": self.model},
+            )
+        )
+
+
+def _text_of(content: list) -> str:
+    return "".join(c if isinstance(c, str) else c.get("text", "") for c in content if isinstance(c, str | dict))

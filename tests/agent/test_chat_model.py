@@ -1,0 +1,69 @@
+"""ChatDeltamem against langchain-tests' standard unit tests, and the standard integration tests that a local
+random-weight model can pass (invoke, stream, batch, conversation, stop sequences, usage metadata); the ones
+that need a model that follows instructions (tool calling, structured output) are switched off by the suite's
+own capability flags."""
+
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from agent.chat_model import ChatDeltamem
+from agent.parse import format_tool_call
+
+
+class TestChatDeltamemUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self):
+        return ChatDeltamem
+
+    @property
+    def chat_model_params(self):
+        return {"model": "default"}
+
+    @property
+    def has_structured_output(self):
+        return False
+
+
+class TestChatDeltamemIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self):
+        return ChatDeltamem
+
+    @property
+    def chat_model_params(self):
+        return {"model": "default"}
+
+    @property
+    def has_tool_calling(self):
+        return False  # random weights never choose a tool on purpose; parsing is tested below
+
+    @property
+    def has_structured_output(self):
+        return False
+
+    @property
+    def supports_json_mode(self):
+        return False
+
+    @property
+    def supports_model_override(self):
+        return False  # one instance, one loaded checkpoint
+
+
+def test_tool_calls_come_back_parsed_and_history_is_reused():
+    llm = ChatDeltamem(max_tokens=4)
+    history = [SystemMessage("be brief"), HumanMessage("price of apple?")]
+    first = llm.invoke(history)
+    assert first.usage_metadata["input_token_details"]["cache_read"] == 0
+    # the next call extends the same conversation: only its new part is fed
+    call = AIMessage(content="", tool_calls=[{"name": "price", "args": {"item": "apple"}, "id": "c0"}])
+    rendered = ChatDeltamem._to_dicts([*history, first, call], None)
+    assert rendered[-1]["content"] == format_tool_call("price", {"item": "apple"})
+    second = llm.invoke([*history, first, HumanMessage("and pear?")])
+    u = second.usage_metadata
+    assert u["input_token_details"]["cache_read"] == first.usage_metadata["total_tokens"] - 0
+    assert u["input_tokens"] > u["input_token_details"]["cache_read"]
+    parsed = llm._message("thinking " + format_tool_call("price", {"item": "pear"}), u, tools=[{}])
+    assert parsed.tool_calls[0]["name"] == "price" and parsed.tool_calls[0]["args"] == {"item": "pear"}
+    assert parsed.content == "thinking"

@@ -1,0 +1,106 @@
+"""End to end with the real default model on a real git repository: ingest (and re-ingest only what changed),
+run a task, kill a run mid-generation, resume by session name: the restored state is bit-identical to the saved
+snapshot and the next turn feeds only its new tokens."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.runner import Agent
+from memory.store import Store
+from model import load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def deltamem(*args, wait=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(ROOT / "app.py"), *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    r = tmp_path / "shop"
+    (r / "src").mkdir(parents=True)
+    (r / "README.md").write_text("# Shop\nA tiny shop. Prices live in src/prices.py.\n")
+    (r / "src" / "prices.py").write_text(
+        "PRICES = {'apple': 3, 'pear': 5}\n\ndef price(item):\n    return PRICES[item]\n"
+    )
+    (r / ".gitignore").write_text("secret.txt\n")
+    (r / "secret.txt").write_text("do not read me")
+    (r / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(["git", *cmd], cwd=r, check=True)
+    return r
+
+
+def test_ingest_run_kill_resume(repo, tmp_path):
+    db = tmp_path / "memory.db"
+    common = ["--repo", str(repo), "--session", "shop", "--db", str(db)]
+
+    first = deltamem("ingest", *common, "--json")
+    assert first.returncode == 0, first.stderr
+    a = json.loads(first.stdout)
+    assert (a["files"], a["unchanged"]) == (3, 0) and a["tokens"] > 0
+    assert {s["path"]: s["why"] for s in a["skipped"]} == {"logo.png": "binary"}
+    ledger = {p for (p,) in sqlite3.connect(db).execute("select path from ingested")}
+    assert ledger == {"README.md", "src/prices.py", ".gitignore"}  # secret.txt is git-ignored
+
+    (repo / "src" / "prices.py").write_text("PRICES = {'apple': 4}\n")
+    second = json.loads(deltamem("ingest", *common, "--json").stdout)
+    assert (second["files"], second["unchanged"]) == (1, 2)
+    assert second["tokens_seen"] == a["tokens_seen"] + second["tokens"]  # appended, not re-read
+
+    ran = deltamem("run", *common, "--json", "--max-new-tokens", "6", "What does an apple cost?")
+    assert ran.returncode in (0, 3), ran.stderr
+    r = json.loads(ran.stdout)
+    assert r["tokens_seen"] == second["tokens_seen"] + r["tokens_fed"] and r["snapshot"]
+
+    # a run killed while generating: nothing of it is committed, the session stays at its last snapshot
+    killed = deltamem("run", *common, "--max-new-tokens", "2000", "Tell me everything.", wait=False)
+    line = ""
+    deadline = time.time() + 120
+    while time.time() < deadline and not line:  # wait until it streams tokens, then kill it
+        line = killed.stdout.read(1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert line, killed.stderr.read()
+
+    with Store(db) as store:
+        saved = store.load_snapshot("shop")
+        agent = Agent(load_model("default", window=4096), store, "shop", repo, max_new_tokens=6)
+        assert agent.session.engine.snapshot() == saved  # resumed by name: the state is the saved one, bit for bit
+        seen = agent.session.engine.tokens_seen
+        prev_text = agent.session.text
+        rendered = agent.session.template.render(
+            [*agent.messages(), {"role": "user", "content": "And a pear?"}], add_generation_prompt=True
+        )
+        result = agent.run("And a pear?")
+    # the new turn fed only what the state had not read: the killed run's question, this one, the reply
+    assert rendered.startswith(prev_text)
+    new_prompt = len(agent.session.tok.encode(rendered[len(prev_text) :]))
+    assert result.tokens_fed == new_prompt + len(agent.session.engine.generated) < 200
+    assert agent.session.engine.tokens_seen == seen + result.tokens_fed
+    assert "Tell me everything." in rendered[len(prev_text) :]
+
+
+def test_bad_arguments_exit_codes(repo, tmp_path):
+    db = ["--db", str(tmp_path / "m.db")]
+    r = deltamem("run", "--repo", str(tmp_path / "nope"), *db, "task")
+    assert r.returncode == 1 and "not a directory" in r.stderr and "Traceback" not in r.stderr
+    r = deltamem("run", "--repo", str(repo), *db, "--max-steps", "0", "task")
+    assert r.returncode == 1 and "--max-steps" in r.stderr
+    r = deltamem("run", "--repo", str(repo), *db, "   ")
+    assert r.returncode == 2 and "empty" in r.stderr
+    r = deltamem("run", "--repo", str(repo), *db, "--approve", "sometimes", "task")
+    assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -1,0 +1,255 @@
+"""File tools: list_dir, read_file, grep, glob (read-only) and write_file, edit (risky). Every path goes through
+the sandbox (tools.sandbox); grep and glob see the files .gitignore keeps (tools.files.project_files)."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+from tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from tools.files import project_files
+from tools.sandbox import MAX_READ, has_control_chars, read_text, resolve, split_lines
+
+MAX_ENTRIES = 500  # list_dir entries and glob files shown
+MAX_MATCHES = 200  # grep result lines shown
+MAX_LINE = 300  # characters of a matching line grep shows
+
+
+def _schema(required: list[str], **properties: dict) -> dict:
+    return {"type": "object", "properties": properties, "required": required}
+
+
+def _more(shown: int, total: int, what: str) -> str:
+    return f"\n[... {total - shown:,} more {what}]" if total > shown else ""
+
+
+def list_dir(ctx: ToolContext, path: str = ".") -> str:
+    target = resolve(ctx.root, path)
+    if not target.is_dir():
+        raise ToolError(f"{path!r} is a file, not a directory (use read_file)")
+    entries = []
+    with os.scandir(target) as it:
+        for entry in it:
+            if entry.name == ".git":
+                continue
+            name = repr(entry.name) if has_control_chars(entry.name) else entry.name
+            entries.append(name + "/" if entry.is_dir() else name)
+    if not entries:
+        return "(empty directory)"
+    entries.sort()
+    return "\n".join(entries[:MAX_ENTRIES]) + _more(MAX_ENTRIES, len(entries), "entries")
+
+
+def read_file(ctx: ToolContext, path: str, start_line: int = 1, end_line: int | None = None) -> str:
+    if start_line < 1:
+        raise ToolError(f"start_line must be >= 1, got {start_line}")
+    if end_line is not None and end_line < start_line:
+        raise ToolError(f"end_line ({end_line}) is before start_line ({start_line})")
+    target = resolve(ctx.root, path, allow_dir=False)
+    text, truncated = read_text(target, path)
+    lines = split_lines(text)
+    if not lines and start_line == 1:
+        return "(empty file)"
+    if start_line > len(lines):
+        if truncated:
+            raise ToolError(f"line {start_line} of {path!r} lies past the first {MAX_READ:,} bytes, the most one read")
+        raise ToolError(f"start_line {start_line} is past the end of {path!r} ({len(lines)} lines)")
+    end = len(lines) if end_line is None else min(end_line, len(lines))
+    out = "\n".join(f"{n:5d}| {lines[n - 1]}" for n in range(start_line, end + 1))
+    if truncated and end == len(lines):
+        size = target.stat().st_size
+        out += f"\n[... {path} is {size:,} bytes; read_file reads only the first {MAX_READ:,}]"
+    return out
+
+
+def _matches_glob(root: Path, pattern: str) -> set[Path]:
+    """Paths (relative to root) that pathlib's glob finds for `pattern`, refused if it could leave the root."""
+    if not pattern or has_control_chars(pattern):
+        raise ToolError(f"bad glob pattern {pattern!r}")
+    if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise ToolError(f"refused: the glob {pattern!r} must stay inside the project root (no absolute path, no '..')")
+    try:
+        return {p.relative_to(root) for p in root.glob(pattern)}
+    except ValueError as e:
+        raise ToolError(f"bad glob pattern {pattern!r}: {e}") from None
+
+
+def glob_files(ctx: ToolContext, pattern: str) -> str:
+    root = ctx.root.resolve()
+    found = sorted(_matches_glob(root, pattern) & set(project_files(root)))
+    if not found:
+        return f"no files match {pattern!r}"
+    return "\n".join(p.as_posix() for p in found[:MAX_ENTRIES]) + _more(MAX_ENTRIES, len(found), "files")
+
+
+def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = None) -> str:
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ToolError(f"bad regular expression {pattern!r}: {e}") from None
+    root = ctx.root.resolve()
+    target = resolve(root, path)
+    in_dir = target.is_dir()
+    if in_dir:
+        under = target.relative_to(root)
+        files = [f for f in project_files(root) if under in f.parents]
+        if glob is not None:
+            if "/" in glob:
+                files = sorted(set(files) & _matches_glob(root, glob))
+            else:
+                files = [f for f in files if fnmatch.fnmatchcase(f.name, glob)]
+    else:
+        files = [target.relative_to(root)]
+    out, skipped = [], 0
+    for rel in files:
+        try:
+            if in_dir and (root / rel).stat().st_size > MAX_READ:
+                skipped += 1
+                continue
+            text, truncated = read_text(root / rel, rel.as_posix())
+        except (ToolError, OSError):
+            if not in_dir:
+                raise
+            skipped += 1
+            continue
+        if truncated:  # only an explicitly named file gets here, or one that grew since its stat
+            if not in_dir:
+                raise ToolError(f"{path!r} is over {MAX_READ:,} bytes, the most grep reads from one file")
+            skipped += 1
+            continue
+        for n, line in enumerate(split_lines(text), 1):
+            if rx.search(line):
+                shown = line if len(line) <= MAX_LINE else line[:MAX_LINE] + " [...]"
+                out.append(f"{rel.as_posix()}:{n}: {shown}")
+                if len(out) > MAX_MATCHES:
+                    break
+        if len(out) > MAX_MATCHES:
+            break
+    result = "\n".join(out[:MAX_MATCHES]) if out else "no matches"
+    if len(out) > MAX_MATCHES:
+        result += f"\n[... stopped after {MAX_MATCHES} matches; narrow the pattern, path or glob]"
+    if skipped:
+        result += f"\n(skipped {skipped} binary, unreadable or over-{MAX_READ:,}-byte file(s))"
+    return result
+
+
+def _write_atomic(target: Path, text: str, name: str) -> None:
+    """Write `text` to `target` by a temp file in its directory renamed over it (keeping an existing file's mode)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ToolError(f"cannot write {name!r}: {e.strerror}") from None
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(fd, mode)
+            os.fsync(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_file(ctx: ToolContext, path: str, content: str) -> str:
+    target = resolve(ctx.root, path, must_exist=False, allow_dir=False, write=True)
+    existed = target.exists()
+    _write_atomic(target, content, path)
+    verb = "overwrote" if existed else "created"
+    return f"{verb} {path} ({len(content.encode('utf-8')):,} bytes, {len(split_lines(content))} lines)"
+
+
+def _occurrences(text: str, sub: str) -> list[int]:
+    """Start offsets of every occurrence of `sub` in `text`, overlapping ones included."""
+    found, i = [], text.find(sub)
+    while i != -1:
+        found.append(i)
+        i = text.find(sub, i + 1)
+    return found
+
+
+def edit(ctx: ToolContext, path: str, old: str, new: str) -> str:
+    if not old:
+        raise ToolError("old must not be empty")
+    target = resolve(ctx.root, path, allow_dir=False, write=True)
+    text, truncated = read_text(target, path)
+    if truncated:
+        raise ToolError(f"{path!r} is over {MAX_READ:,} bytes, the most edit reads; use write_file or shell")
+    at = _occurrences(text, old)
+    if len(at) != 1:
+        if not at:
+            raise ToolError(f"old text not found in {path!r} (it must match exactly, whitespace included)")
+        raise ToolError(f"old text occurs {len(at)} times in {path!r}; it must occur exactly once (add context)")
+    _write_atomic(target, text[: at[0]] + new + text[at[0] + len(old) :], path)
+    line = text.count("\n", 0, at[0]) + 1
+    return f"edited {path}: replaced the occurrence at line {line}"
+
+
+_PATH = {"type": "string", "description": "path relative to the project root"}
+
+TOOLS = (
+    Tool(
+        "list_dir",
+        "List a directory of the project: one entry per line, directories ending in '/'.",
+        _schema([], path={**_PATH, "default": "."}),
+        False,
+        kwargs_runner(list_dir),
+    ),
+    Tool(
+        "read_file",
+        "Read a text file with numbered lines ('   12| text'), optionally only lines start_line..end_line.",
+        _schema(
+            ["path"],
+            path=_PATH,
+            start_line={"type": "integer", "description": "first line to show, from 1", "default": 1},
+            end_line={"type": "integer", "description": "last line to show (default: the end of the file)"},
+        ),
+        False,
+        kwargs_runner(read_file),
+    ),
+    Tool(
+        "grep",
+        "Search the project's text files (those .gitignore keeps) for a Python regular expression, line by line; "
+        "results are 'path:line: text'.",
+        _schema(
+            ["pattern"],
+            pattern={"type": "string", "description": "Python regular expression; (?i) for case-insensitive"},
+            path={**_PATH, "description": "file or directory to search", "default": "."},
+            glob={"type": "string", "description": "only files whose name matches, e.g. '*.py' (with '/': path glob)"},
+        ),
+        False,
+        kwargs_runner(grep),
+    ),
+    Tool(
+        "glob",
+        "List the project's files (those .gitignore keeps) matching a glob relative to the root, e.g. '**/*.py'.",
+        _schema(["pattern"], pattern={"type": "string", "description": "glob pattern, '**' for any directories"}),
+        False,
+        kwargs_runner(glob_files),
+    ),
+    Tool(
+        "write_file",
+        "Create or overwrite a text file with the given content (parent directories are created).",
+        _schema(["path", "content"], path=_PATH, content={"type": "string", "description": "the whole new text"}),
+        True,
+        kwargs_runner(write_file),
+    ),
+    Tool(
+        "edit",
+        "Replace one exact occurrence of `old` in a file by `new`; `old` must occur exactly once in the file.",
+        _schema(
+            ["path", "old", "new"],
+            path=_PATH,
+            old={"type": "string", "description": "text to replace, exactly as in the file"},
+            new={"type": "string", "description": "replacement text"},
+        ),
+        True,
+        kwargs_runner(edit),
+    ),
+)
