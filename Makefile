@@ -38,6 +38,7 @@ bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python benchmarks/resume.py
 	$(TEST_VENV)/bin/python benchmarks/cpu_decode.py
 	$(TEST_VENV)/bin/python benchmarks/memory.py
+	$(TEST_VENV)/bin/python benchmarks/agent.py
 
 clean:
 	rm -rf $(DEMO_VENV) $(TEST_VENV) demo.snap

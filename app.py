@@ -338,6 +338,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             sid = store.import_(args.file, fingerprint=fingerprint)
             return emit({"session": sid}, f"imported session {sid} from {args.file}")
 
+        from agent import threads
+
         sess = store.session(args.id)
         sid = sess["id"]
         if args.action == "show":
@@ -380,11 +382,11 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             if not _confirm(f"Delete session {sess['title']!r} ({sid}) and its snapshots?", args.yes):
                 out.print("kept")
                 return EXIT_ERROR
-            store.delete(sid)
+            threads.delete(store, sid)
             return emit({"deleted": sid}, f"deleted session {sid}")
 
         if args.action == "fork":
-            new = store.fork(sid, at_turn=args.at, title=args.title)
+            new = threads.fork(store, sid, at_turn=args.at, title=args.title)
             return emit({"session": new, "parent": sid}, f"forked {sid} into {new}")
 
         if args.action == "rewind":
@@ -393,7 +395,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             if not _confirm(f"Rewind {sess['title']!r} to turn {args.to}, dropping {dropped} turns?", args.yes):
                 out.print("kept")
                 return EXIT_ERROR
-            store.rewind(sid, args.to)
+            threads.rewind(store, sid, args.to)
             done = {"session": sid, "turn": args.to, "dropped": dropped}
             return emit(done, f"rewound {sid} to turn {args.to} ({dropped} turns dropped)")
 

@@ -104,3 +104,34 @@ def test_bad_arguments_exit_codes(repo, tmp_path):
     assert r.returncode == 2 and "empty" in r.stderr
     r = deltamem("run", "--repo", str(repo), *db, "--approve", "sometimes", "task")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_rewind_and_fork_carry_the_conversation_with_the_state(repo, tmp_path):
+    db = tmp_path / "memory.db"
+    with Store(db) as store:
+        agent = Agent(load_model("default", window=4096), store, "shop", repo, max_new_tokens=4)
+        agent.ingest()
+        agent.run("first question")
+        after_first = agent.messages()
+        agent.run("second question")
+        snaps = store.snapshots("shop")
+        ingest_turn, first_turn = snaps[0]["turn_seq"], snaps[1]["turn_seq"]
+        first_blob = store.load_snapshot("shop", snaps[1]["id"])
+        ingest_blob = store.load_snapshot("shop", snaps[0]["id"])
+        ingest_msgs = [m for m in after_first if m["role"] != "assistant"][:-1]
+
+    r = deltamem("sessions", "rewind", "shop", "--to", str(first_turn), "--yes", "--db", str(db))
+    assert r.returncode == 0, r.stderr
+    r = deltamem("sessions", "fork", "shop", "--at", str(ingest_turn), "--title", "from-ingest", "--db", str(db))
+    assert r.returncode == 0, r.stderr
+
+    with Store(db) as store:
+        rewound = Agent(load_model("default", window=4096), store, "shop", repo, max_new_tokens=4)
+        assert rewound.messages() == after_first and rewound.session.engine.snapshot() == first_blob
+        text = rewound.session.text
+        result = rewound.run("second question, again")
+        assert rewound.session.restored_from == snaps[1]["id"]  # no roll-back was needed: only new tokens fed
+        assert result.tokens_fed < 60 and rewound.session.text.startswith(text)
+
+        forked = Agent(load_model("default", window=4096), store, "from-ingest", repo, max_new_tokens=4)
+        assert forked.messages() == ingest_msgs and forked.session.engine.snapshot() == ingest_blob
