@@ -135,3 +135,30 @@ def test_rewind_and_fork_carry_the_conversation_with_the_state(repo, tmp_path):
 
         forked = Agent(load_model("default", window=4096), store, "from-ingest", repo, max_new_tokens=4)
         assert forked.messages() == ingest_msgs and forked.session.engine.snapshot() == ingest_blob
+
+
+def test_chat_repl_streams_and_quits(repo, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "app.py"),
+            "chat",
+            "--repo",
+            str(repo),
+            "--db",
+            str(tmp_path / "m.db"),
+            "--max-new-tokens",
+            "3",
+        ],
+        input="hello there\n\n/quit\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "/quit to leave" in r.stderr and r.stdout.count("you> ") == 3
+    with Store(tmp_path / "m.db") as store:
+        assert [t["role"] for t in store.turns("shop")][:2] == ["system", "user"]
+        assert store.turns("shop")[1]["text"] == "hello there"
