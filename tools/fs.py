@@ -56,7 +56,7 @@ def read_file(ctx: ToolContext, path: str, start_line: int = 1, end_line: int | 
         return "(empty file)"
     if start_line > len(lines):
         if truncated:
-            raise ToolError(f"line {start_line} of {path!r} lies past the first {MAX_READ:,} bytes, the most one read")
+            raise ToolError(f"line {start_line} of {path!r} is past the first {MAX_READ:,} bytes, all read_file reads")
         raise ToolError(f"start_line {start_line} is past the end of {path!r} ({len(lines)} lines)")
     end = len(lines) if end_line is None else min(end_line, len(lines))
     out = "\n".join(f"{n:5d}| {lines[n - 1]}" for n in range(start_line, end + 1))
