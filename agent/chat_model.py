@@ -129,7 +129,7 @@ class ChatDeltamem(BaseChatModel):
         }
 
     @staticmethod
-    def _usage(s: AgentSession, reply, before: int) -> UsageMetadata:
+    def _usage(s: AgentSession, reply) -> UsageMetadata:
         """Tokens of the prompt, of the reply, and how many prompt tokens the state already held (not re-fed)."""
         out = len(reply.generated)
         prompt = len(s.ids) - out
@@ -142,9 +142,8 @@ class ChatDeltamem(BaseChatModel):
 
     def _run(self, messages, stop, tools, on_piece):
         s = self._state()
-        before = len(s.ids)
         reply = s.reply(self._to_dicts(messages, tools), self.max_tokens, on_piece, **self._sampling(stop))
-        return reply, self._usage(s, reply, before)
+        return reply, self._usage(s, reply)
 
     def _message(self, text: str, usage: UsageMetadata, tools) -> AIMessage:
         if not tools:
@@ -198,7 +197,6 @@ class ChatDeltamem(BaseChatModel):
             )
             return
         s = self._state()
-        before = len(s.ids)
         it = s.stream_reply(self._to_dicts(messages, None), self.max_tokens, **self._sampling(stop))
         while True:
             try:
@@ -212,7 +210,7 @@ class ChatDeltamem(BaseChatModel):
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content="",
-                usage_metadata=self._usage(s, reply, before),
+                usage_metadata=self._usage(s, reply),
                 chunk_position="last",
                 response_metadata={"model_name": self.model},
             )
