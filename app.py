@@ -590,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deltamem: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line for the user, the traceback with DELTAMEM_DEBUG=1
+        if os.environ.get("DELTAMEM_DEBUG"):
+            raise
+        print(
+            f"deltamem: internal error: {type(e).__name__}: {e} (DELTAMEM_DEBUG=1 shows the traceback)", file=sys.stderr
+        )
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from langgraph.types import Command
 
+from agent import threads
 from agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
 from agent.prompt import file_message, system_prompt
-from agent.session import AgentSession
+from agent.session import AgentSession, log
 from memory.store import Store
 from tools import ToolContext, default_tools
 from tools.files import project_files
@@ -85,6 +86,12 @@ class Agent:
         self.saver = sqlite_checkpointer(store.path)
         self.graph = build_graph(self.session, self.tools, self.ctx, approve, max_steps, self.saver)
         self.config = {"configurable": {"thread_id": self.session.sid}}
+        restored = self.session.restored_from
+        checkpoint = next((r["checkpoint_id"] for r in store.snapshots(self.session.sid) if r["id"] == restored), None)
+        if threads.reconcile(self.graph, self.session.sid, checkpoint):
+            log.warning(
+                "the conversation went past the last saved turn (an unfinished run?); resuming at the last saved turn"
+            )
 
     @property
     def session_id(self) -> str:

@@ -1,8 +1,10 @@
 """Keep the agent's LangGraph threads in step with the store when a session is forked, rewound or deleted.
 
-A snapshot row records the graph checkpoint taken with it. Rewinding a session to a snapshot makes that
-checkpoint's state the thread's newest (LangGraph's own time travel: a new checkpoint whose parent is the old
-one, so history stays); forking copies it into the new session's thread; deleting drops the thread.
+A snapshot row records the graph checkpoint taken with it; the committed snapshot is the session, so an agent
+opening a session brings the thread to that checkpoint (dropping a run that was killed before it committed).
+Rewinding a session to a snapshot makes that checkpoint's state the thread's newest (LangGraph's own time travel:
+a new checkpoint whose parent is the old one, so history stays); forking copies the thread (checkpoint ids kept,
+so the shared snapshot rows stay valid) and then rewinds the copy; deleting drops the thread.
 """
 
 from __future__ import annotations
@@ -44,30 +46,51 @@ def _latest_checkpoint(store: Store, session_id: str) -> str | None:
     return snaps[-1]["checkpoint_id"] if snaps else None
 
 
+def reconcile(graph, thread: str, checkpoint_id: str | None) -> bool:
+    """Make the thread's newest state the one at `checkpoint_id` (None: empty), unless it already is: after a
+    rewind, or after a run that was killed before it committed. Returns whether anything changed."""
+    current = graph.get_state(_at(thread, None))
+    if checkpoint_id is None:
+        if not current.values:
+            return False
+        graph.checkpointer.delete_thread(thread)
+        return True
+    if current.values.get("messages") == graph.get_state(_at(thread, checkpoint_id)).values.get("messages"):
+        return False
+    graph.update_state(_at(thread, checkpoint_id), {"mode": ""}, as_node="feed")
+    return True
+
+
 def rewind(store: Store, ref: str, to_turn: int) -> None:
     """Store.rewind, and the session's thread back to the checkpoint of the snapshot rewound to."""
     sid = store.session(ref)["id"]
     store.rewind(sid, to_turn)
-    if not _has_threads(store):
-        return
-    graph = _graph(store)
-    cid = _latest_checkpoint(store, sid)
-    if cid is None:
-        graph.checkpointer.delete_thread(sid)
-    elif graph.get_state(_at(sid, None)).config["configurable"].get("checkpoint_id") != cid:
-        graph.update_state(_at(sid, cid), {"mode": ""}, as_node="feed")
+    if _has_threads(store):
+        reconcile(_graph(store), sid, _latest_checkpoint(store, sid))
 
 
 def fork(store: Store, ref: str, at_turn: int | None = None, title: str | None = None) -> str:
     """Store.fork, and the new session's thread started from the checkpoint of the snapshot forked at."""
     src = store.session(ref)["id"]
     new = store.fork(src, at_turn, title)
-    cid = _latest_checkpoint(store, new)
-    if cid and _has_threads(store):
+    if _has_threads(store):
         graph = _graph(store)
-        values = graph.get_state(_at(src, cid)).values
-        graph.update_state(_at(new, None), {**values, "mode": ""}, as_node="feed")
+        _copy_thread(store, src, new)
+        reconcile(graph, new, _latest_checkpoint(store, new))
     return new
+
+
+def _copy_thread(store: Store, src: str, new: str) -> None:
+    """Copy a thread's checkpoints and writes under a new thread id, in one transaction (langgraph's SQLite saver
+    has no copy_thread; its tables are keyed by thread_id first)."""
+    with store._write():
+        for table in ("checkpoints", "writes"):
+            cols = [c.name for c in store.db[table].columns]
+            picked = ", ".join("?" if c == "thread_id" else f'"{c}"' for c in cols)
+            names = ", ".join(f'"{c}"' for c in cols)
+            store.db.execute(
+                f"insert into {table} ({names}) select {picked} from {table} where thread_id = ?", [new, src]
+            )
 
 
 def delete(store: Store, ref: str) -> None:
