@@ -48,6 +48,7 @@ def build_graph(
     approve: Approve = "never",
     max_steps: int = 8,
     checkpointer: SqliteSaver | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ):
     if approve not in ("never", "ask", "always"):
         raise ValueError(f"approval policy must be never, ask or always; got {approve!r}")
@@ -72,7 +73,7 @@ def build_graph(
 
     def route_model(state: State) -> str:
         last = state["messages"][-1]
-        if not (last["tool_calls"] or last["errors"]) or state["steps"] >= max_steps:
+        if not (last["tool_calls"] or last["errors"]) or state["steps"] >= max_steps or should_stop():
             return END
         return "tools"
 

@@ -21,7 +21,7 @@ from langgraph.types import Command
 from agent import threads
 from agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
 from agent.prompt import file_message, system_prompt
-from agent.session import AgentSession, log
+from agent.session import AgentSession, Cancelled, log
 from memory.store import Store
 from tools import ToolContext, default_tools
 from tools.files import project_files
@@ -51,6 +51,7 @@ class IngestResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     tokens: int = 0
     snapshot_id: int | None = None
+    cancelled: bool = False
 
 
 @dataclass
@@ -84,7 +85,9 @@ class Agent:
         self.tools = default_tools()
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
         self.saver = sqlite_checkpointer(store.path)
-        self.graph = build_graph(self.session, self.tools, self.ctx, approve, max_steps, self.saver)
+        self.graph = build_graph(
+            self.session, self.tools, self.ctx, approve, max_steps, self.saver, should_stop=self.session.cancel.is_set
+        )
         self.config = {"configurable": {"thread_id": self.session.sid}}
         restored = self.session.restored_from
         checkpoint = next((r["checkpoint_id"] for r in store.snapshots(self.session.sid) if r["id"] == restored), None)
@@ -135,6 +138,7 @@ class Agent:
     ) -> RunResult:
         if not task.strip():
             raise ValueError("the task is empty")
+        self.session.cancel.clear()
         before = len(self.messages())
         fed0 = self.session.fed
         calls: list[dict] = []
@@ -202,6 +206,7 @@ class Agent:
     ) -> IngestResult:
         """Feed new and changed files (and notes of removed ones) through the model, in batches; each batch is
         committed with its ledger entries and a snapshot, so an interrupted ingest keeps what it finished."""
+        self.session.cancel.clear()
         changes, result = self.scan(max_bytes)
         on_event({"scan": {"changed": len(changes), "unchanged": result.unchanged, "skipped": len(result.skipped)}})
         batch: list[_Change] = []
@@ -210,7 +215,12 @@ class Agent:
             batch.append(ch)
             size += ch.size or 0
             if size >= batch_bytes or i == len(changes) - 1:
-                self._ingest_batch(batch, on_event, result)
+                try:
+                    self._ingest_batch(batch, on_event, result)
+                except Cancelled:  # the unfinished batch is dropped: ledger, state and thread stay at the last save
+                    self.back_to_last_save()
+                    result.cancelled = True
+                    break
                 batch, size = [], 0
         return result
 

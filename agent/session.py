@@ -12,6 +12,7 @@ snapshot's own hash chain (`token_chain` in its header) before the state is trus
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ from memory.store import Store
 from model import snapshot as snap
 
 log = logging.getLogger("deltamem.agent")
+
+
+class Cancelled(Exception):
+    """Raised by feed_messages when `cancel` is set between two files."""
 
 
 @dataclass
@@ -45,6 +50,7 @@ class AgentSession:
         self.fed = 0  # tokens fed since this object was created (prompts, files and generated tokens)
         self.restored_from: int | None = None  # snapshot id the state was last restored from
         self.max_new_tokens = 512
+        self.cancel = threading.Event()  # set from another thread: generation stops after its current token
         self.sampling: dict = {}  # temperature, top_p, top_k, seed for engine.generate
 
     # --- opening ---------------------------------------------------------------------------------------
@@ -145,7 +151,10 @@ class AgentSession:
             delta, new = "\n", self.tok.encode("\n")
         self.engine.generated = []
         try:
-            yield from self.engine.generate(new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, **sampling)
+            for piece in self.engine.generate(new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, **sampling):
+                yield piece
+                if self.cancel.is_set():  # each yielded token is fully fed: stopping here is clean
+                    break
         finally:  # finished, closed or interrupted: keep ids/text in step with the state, or go back to a known one
             gen = list(self.engine.generated)
             if self.engine.tokens_seen == len(self.ids) + len(new) + len(gen):
@@ -182,6 +191,8 @@ class AgentSession:
         """Feed the last `new_count` messages one at a time (a progress event after each)."""
         total, start = 0, len(messages) - new_count
         for i in range(start + 1, len(messages) + 1):
+            if self.cancel.is_set():
+                raise Cancelled("ingest cancelled")
             n = self.feed(messages[:i])
             total += n
             on_progress({"done": i - start, "count": new_count, "tokens": n})
