@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="deltamem",
         description="Local long-memory agents on a hybrid Gated DeltaNet + attention model.",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -99,6 +99,12 @@ def _agent_parsers(sub, model_args) -> None:
     chat = sub.add_parser("chat", help="a line-by-line chat with the agent (the plain-terminal REPL)")
     common(chat)
     agent_args(chat)
+    tui = sub.add_parser("tui", help="the terminal UI (also what plain `deltamem` opens in a terminal)")
+    model_args(tui)
+    tui.add_argument("--repo", type=Path, default=Path("."), help="project root (default: the current directory)")
+    tui.add_argument("--session", help="session title or id (default: the project folder's name)")
+    tui.add_argument("--db", type=Path, default=None, help="memory database (default $DELTAMEM_DB or the data dir)")
+    tui.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
 
 
 def _sessions_parser(sub) -> None:
@@ -548,6 +554,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _run_task(_agent(args), task, args.json, _ask if args.approve == "ask" else None)
 
 
+def cmd_tui(args: argparse.Namespace) -> int:
+    from ui.app import DeltamemApp
+
+    if not args.repo.is_dir():
+        raise ValueError(f"--repo {args.repo}: not a directory")
+    window = None if args.full_attention else args.window
+    DeltamemApp(args.db, args.repo, args.session, args.model, window, args.max_new_tokens).run()
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     agent = _agent(args)
     approver = _ask if args.approve == "ask" else None
@@ -567,7 +583,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # plain `deltamem`: the TUI in a terminal, the help elsewhere
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            args = parser.parse_args(["tui"])
+        else:
+            parser.print_help(sys.stderr)
+            return 2
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="deltamem: %(message)s")
@@ -582,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             "ingest": cmd_ingest,
             "run": cmd_run,
             "chat": cmd_chat,
+            "tui": cmd_tui,
         }
         return commands[args.command](args)
     except (DeltamemError, StoreError, ValueError, OSError, sqlite3.Error) as e:

@@ -56,7 +56,10 @@ class Store:
         self.keep_last = keep_last
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+            # check_same_thread off: a Store may be handed between threads (UI workers), never used by two at once
+            conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+            )
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open the memory database {self.path}: {e}") from e
         # autocommit connection: _write()/_read() open the transactions we need, nothing else lingers

@@ -1,0 +1,155 @@
+"""The Textual app driven by its Pilot, with the real default model and a real memory database: open, resume,
+send a message and see streamed text, cancel generation, rewind, fork, delete, ingest, help."""
+
+import subprocess
+
+import pytest
+
+from agent.runner import Agent
+from memory.store import Store
+from model import load_model
+from ui.app import DeltamemApp
+from ui.sessions import SessionsScreen
+from ui.widgets import AssistantMessage, ConfirmScreen, HelpScreen, UserMessage
+
+SIZE = (120, 40)
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    r = tmp_path / "shop"
+    r.mkdir()
+    (r / "README.md").write_text("# Shop\nPrices live in prices.py.\n")
+    (r / "prices.py").write_text("PRICES = {'apple': 3}\n")
+    subprocess.run(["git", "init", "-q"], cwd=r, check=True)
+    return r
+
+
+async def settle(app, pilot, timeout=120.0):
+    """Wait until the app's agent work is done (model load, a run, an ingest)."""
+    for _ in range(int(timeout * 10)):
+        await pilot.pause(0.1)
+        if app.agent is not None and not app.busy and not app.workers._workers:
+            return
+    raise AssertionError("the app stayed busy")
+
+
+async def test_send_a_message_and_see_it_streamed_and_saved(repo, tmp_path):
+    app = DeltamemApp(tmp_path / "m.db", repo, max_new_tokens=12)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press(*"hello", "enter")
+        await settle(app, pilot)
+        users = [w.source if hasattr(w, "source") else str(w.render()) for w in app.query(UserMessage)]
+        answers = list(app.query(AssistantMessage))
+        assert "hello" in users[0] and answers and answers[0].source.strip()
+        sid = app.agent.session_id
+        with Store(tmp_path / "m.db") as store:
+            turns = store.turns(sid)
+            assert [t["role"] for t in turns][1:3] == ["user", "assistant"]
+            assert turns[2]["text"] == answers[0].source  # what was streamed is what was saved
+            assert store.load_snapshot(sid) == app.agent.session.engine.snapshot()
+
+
+async def test_resume_shows_the_conversation_and_the_state(repo, tmp_path):
+    with Store(tmp_path / "m.db") as store:
+        agent = Agent(load_model("default", window=4096), store, "shop", repo, max_new_tokens=5)
+        agent.run("what costs 3?")
+        seen = agent.session.engine.tokens_seen
+    app = DeltamemApp(tmp_path / "m.db", repo, session="shop")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert str(app.query(UserMessage).first().render()) == "what costs 3?"
+        assert app.agent.session.engine.tokens_seen == seen
+        assert f"{seen:,}" in str(app.query_one("#mem-stats").render())
+        assert app.query_one("#snapshots").row_count == 1
+
+
+async def test_escape_stops_generation_and_the_state_stays_consistent(repo, tmp_path):
+    app = DeltamemApp(tmp_path / "m.db", repo, max_new_tokens=400)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press(*"tell me a long story", "enter")
+        for _ in range(600):
+            await pilot.pause(0.05)
+            if app.query(AssistantMessage) and app.query(AssistantMessage).first().source:
+                break
+        await pilot.press("escape")
+        await settle(app, pilot)
+        gen = len(app.agent.session.engine.generated)
+        assert 0 < gen < 400  # stopped early
+        with Store(tmp_path / "m.db") as store:  # the partial answer was committed with its exact state
+            assert store.load_snapshot(app.agent.session_id) == app.agent.session.engine.snapshot()
+            ids = store.load_tokens(app.agent.session_id, store.snapshots(app.agent.session_id)[-1]["id"])
+            assert ids == app.agent.session.ids
+
+
+async def test_rewind_and_fork_from_the_memory_panel(repo, tmp_path):
+    with Store(tmp_path / "m.db") as store:
+        agent = Agent(load_model("default", window=4096), store, "shop", repo, max_new_tokens=3)
+        agent.run("first")
+        agent.run("second")
+        first_turn = store.snapshots("shop")[0]["turn_seq"]
+    app = DeltamemApp(tmp_path / "m.db", repo, session="shop")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        assert len(app.query(UserMessage)) == 2
+        table = app.query_one("#snapshots")
+        table.focus()
+        await pilot.press("down", "r")  # rows are newest first: the second row is the first turn
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await settle(app, pilot)
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["first"]
+        assert [s["turn_seq"] for s in app.store.snapshots("shop")] == [first_turn]
+        app.query_one("#snapshots").focus()
+        await pilot.press("f")
+        await settle(app, pilot)
+        assert app.store.session(app.agent.session_id)["title"] == "shop (fork)"
+        assert [str(w.render()) for w in app.query(UserMessage)] == ["first"]
+
+
+async def test_session_browser_filter_resume_and_delete(repo, tmp_path):
+    with Store(tmp_path / "m.db") as store:
+        for title in ("alpha", "beta"):
+            Agent(load_model("default", window=4096), store, title, repo, max_new_tokens=2).run(f"hi {title}")
+    app = DeltamemApp(tmp_path / "m.db", repo, session="alpha")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+o")
+        assert isinstance(app.screen, SessionsScreen)
+        await pilot.press(*"bet")
+        table = app.screen.query_one("#session-table")
+        assert table.row_count == 1
+        await pilot.press("enter")
+        await settle(app, pilot)
+        assert app.store.session(app.agent.session_id)["title"] == "beta"
+        await pilot.press("ctrl+o", *"alpha", "ctrl+d")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await pilot.pause(0.2)
+        assert [s["title"] for s in app.store.sessions()] == ["beta"]
+
+
+async def test_ingest_with_progress_then_help(repo, tmp_path):
+    app = DeltamemApp(tmp_path / "m.db", repo)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert "ingested 2 files" in str(app.query_one("#ingest-status").render())
+        assert set(app.store.ingested(app.agent.session_id)) == {"README.md", "prices.py"}
+        assert "2 files read" in " ".join(str(w.render()) for w in app.query(".files"))
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+
+
+async def test_narrow_terminal_hides_the_memory_panel(repo, tmp_path):
+    app = DeltamemApp(tmp_path / "m.db", repo)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(app, pilot)
+        assert not app.query_one("#memory").display
+        await pilot.press("f2")
+        assert app.query_one("#memory").display

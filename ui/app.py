@@ -1,0 +1,375 @@
+"""The deltamem terminal UI (Textual): chat with streaming answers, tool panels and approvals, the memory panel,
+ingest with progress, and the session browser.
+
+All model work runs in thread workers (the engine and the store are synchronous); the UI thread only renders.
+Every finished turn is already committed to the memory store, so quitting never loses one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
+
+from ui.widgets import (
+    AskScreen,
+    AssistantMessage,
+    ChatLog,
+    ConfirmScreen,
+    HelpScreen,
+    MemoryPanel,
+    Prompt,
+    UserMessage,
+    size,
+    tool_panel,
+)
+
+
+class DeltamemApp(App):
+    CSS_PATH = "deltamem.tcss"
+    TITLE = "deltamem"
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("escape", "stop", "Stop answer"),
+        Binding("ctrl+o", "sessions", "Sessions"),
+        Binding("ctrl+r", "ingest", "Ingest"),
+        Binding("f1", "help", "Help"),
+        Binding("f2", "toggle_memory", "Memory panel"),
+    ]
+
+    def __init__(
+        self,
+        db: Path | None,
+        repo: Path,
+        session: str | None = None,
+        model: str = "default",
+        window: int | None = 4096,
+        max_new_tokens: int = 256,
+        agent_factory=None,
+    ):
+        super().__init__()
+        self.db, self.repo, self.model_spec, self.window = db, Path(repo).resolve(), model, window
+        self.session_name = session or self.repo.name
+        self.max_new_tokens = max_new_tokens
+        self.agent_factory = agent_factory  # tests: (store, session name) -> Agent; default builds the real one
+        self.agent = None
+        self.store = None  # read by the UI thread
+        self.agent_store = None  # used by the agent's worker threads, one at a time
+        self.engine = None
+        self.busy = False
+        self.last_save: float | None = None
+        self._stream_target: AssistantMessage | None = None
+
+    # --- layout --------------------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="main"):
+            with Vertical(id="chat-pane"):
+                yield ChatLog(id="chat")
+                yield Static("", id="status")
+                yield Prompt(id="prompt")
+            yield MemoryPanel(id="memory")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        from memory.store import Store
+
+        self.store = Store(self.db)
+        self.query_one("#status", Static).update("loading the model…")
+        self.query_one(Prompt).focus()
+        self._open(self.session_name)
+
+    # --- opening sessions ------------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="agent")
+    def _open(self, name: str) -> None:
+        from memory.store import Store
+
+        if self.agent_store is None:  # the agent's own connection; the UI thread reads through self.store
+            self.agent_store = Store(self.db)
+        store = self.agent_store
+        if self.agent_factory is not None:
+            agent = self.agent_factory(store, name)
+        else:
+            from agent.runner import Agent
+            from model import load_model
+            from model.engine import Engine
+
+            if self.engine is None:
+                self.engine = load_model(self.model_spec, window=self.window)
+            else:  # a new Engine on the loaded weights: a fresh state for the other session
+                e = self.engine
+                self.engine = Engine(e.model, e.tokenizer, window=e.window, sink=e.sink, fingerprint=e.fingerprint)
+            agent = Agent(self.engine, store, name, self.repo, approve="ask", max_new_tokens=self.max_new_tokens)
+        self.agent = agent
+        self.call_from_thread(self._show_session)
+
+    def _show_session(self) -> None:
+        chat = self.query_one(ChatLog)
+        chat.remove_children()
+        files = 0
+        for m in self.agent.messages():
+            if m["role"] == "system":
+                continue
+            if m["role"] == "user" and m["content"].startswith("File "):
+                files += 1
+                continue
+            if files:
+                chat.mount(Static(f"📄 {files} files read", classes="files"))
+                files = 0
+            if m["role"] == "user":
+                chat.mount(UserMessage(m["content"], markup=False))
+            elif m["role"] == "assistant":
+                chat.mount(AssistantMessage(m["content"]))
+            elif m["role"] == "tool" and "call" in m:
+                c = m["call"]
+                chat.mount(
+                    tool_panel(
+                        {
+                            "tool": c["name"],
+                            "arguments": c["arguments"],
+                            "ok": m.get("ok", True),
+                            "result": m["content"],
+                        }
+                    )
+                )
+        if files:
+            chat.mount(Static(f"📄 {files} files read", classes="files"))
+        chat.scroll_end(animate=False)
+        title = self.store.session(self.agent.session_id)["title"]
+        self.sub_title = f"{title} · {self.repo}"
+        self.query_one("#status", Static).update("")
+        self.refresh_memory()
+
+    # --- memory panel ----------------------------------------------------------------------------------------
+    def refresh_memory(self) -> None:
+        if self.agent is None:
+            return
+        eng = self.agent.session.engine
+        tensors = eng._state_tensors()
+        recurrent = sum(t.numel() * t.element_size() for n, t in tensors.items() if ".kv." not in n)
+        kv = sum(t.numel() * t.element_size() for n, t in tensors.items() if ".kv." in n)
+        cap = None if eng.window is None else eng.sink + eng.window
+        saved = "never" if self.last_save is None else f"{time.time() - self.last_save:.0f} s ago"
+        self.query_one("#mem-stats", Static).update(
+            f"tokens seen  {eng.tokens_seen:,}\nrecurrent    {size(recurrent)}\nKV cache     {size(kv)}\n"
+            f"window       {'full attention' if cap is None else f'{eng.sink} sink + {eng.window}'}\n"
+            f"last save    {saved}"
+        )
+        bar = self.query_one("#window-fill", ProgressBar)
+        bar.update(total=cap or max(eng.tokens_seen, 1), progress=min(eng.tokens_seen, cap or eng.tokens_seen))
+        table = self.query_one("#snapshots", DataTable)
+        table.clear()
+        for s in reversed(self.store.snapshots(self.agent.session_id)):
+            table.add_row(
+                str(s["turn_seq"]),
+                f"{s['tokens_seen']:,}",
+                size(s["bytes"]),
+                s["created"][11:19],
+                key=str(s["turn_seq"]),
+            )
+
+    # --- chat ------------------------------------------------------------------------------------------------
+    @on(Prompt.Submitted)
+    def send(self, event: Prompt.Submitted) -> None:
+        if self.agent is None or self.busy:
+            self.notify("wait for the current answer (Esc stops it)", severity="warning")
+            return
+        chat = self.query_one(ChatLog)
+        chat.mount(UserMessage(event.text, markup=False))
+        self._stream_target = None
+        self.busy = True
+        self.query_one("#status", Static).update("thinking… (Esc to stop)")
+        self._run(event.text)
+
+    async def _token(self, piece: str) -> None:
+        if self._stream_target is None:  # the first piece of an answer (or of one after a tool call)
+            self._stream_target = AssistantMessage("")
+            await self.query_one(ChatLog).mount(self._stream_target)
+        await self._stream_target.append(piece)
+        self.query_one(ChatLog).scroll_end(animate=False)
+
+    def _tool(self, event: dict) -> None:
+        self.query_one(ChatLog).mount(tool_panel(event))
+        self._stream_target = None
+
+    def _approve(self, pending: dict) -> bool:
+        """Called in the worker thread: ask on the UI thread, wait for the answer."""
+        answer: dict = {}
+        done = threading.Event()
+
+        def ask() -> None:
+            import json
+
+            args = json.dumps(pending["arguments"], ensure_ascii=False, indent=1)
+            self.push_screen(
+                ConfirmScreen(f"Run {pending['tool']}?", args[:2000]),
+                callback=lambda ok: (answer.update(ok=ok), done.set()),
+            )
+
+        self.call_from_thread(ask)
+        done.wait()
+        return bool(answer.get("ok"))
+
+    @work(thread=True, exclusive=True, group="agent")
+    def _run(self, text: str) -> None:
+        def on_event(e: dict) -> None:
+            if "token" in e:
+                self.call_from_thread(self._token, e["token"])
+            elif "tool" in e:
+                self.call_from_thread(self._tool, e)
+
+        try:
+            result = self.agent.run(text, on_event, self._approve)
+            self.last_save = time.time()
+            note = (
+                "stopped"
+                if self.agent.session.cancel.is_set()
+                else ("" if result.outcome == "answer" else "stopped at the step limit")
+            )
+        except Exception as e:  # shown, never a crash: the session stays at its last saved turn
+            self.agent.back_to_last_save()
+            note = f"error: {e}"
+        self.call_from_thread(self._done, note)
+
+    def _done(self, note: str) -> None:
+        self.busy = False
+        self.query_one("#status", Static).update(note)
+        self.refresh_memory()
+
+    def action_stop(self) -> None:
+        if self.agent is not None and self.busy:
+            self.agent.session.cancel.set()
+
+    # --- ingest ----------------------------------------------------------------------------------------------
+    def action_ingest(self) -> None:
+        if self.agent is None or self.busy:
+            self.notify("busy: wait or press Esc", severity="warning")
+            return
+        self.busy = True
+        self.query_one("#ingest-bar", ProgressBar).remove_class("hidden")
+        self._ingest()
+
+    @work(thread=True, exclusive=True, group="agent")
+    def _ingest(self) -> None:
+        status = self.query_one("#ingest-status", Static)
+        bar = self.query_one("#ingest-bar", ProgressBar)
+        tokens = [0]
+        start = time.perf_counter()
+
+        def on_event(e: dict) -> None:
+            if "scan" in e:
+                self.call_from_thread(bar.update, total=max(e["scan"]["changed"], 1), progress=0)
+            elif "file" in e:
+                tokens[0] += e["tokens"]
+                rate = tokens[0] / max(time.perf_counter() - start, 1e-9)
+                self.call_from_thread(bar.advance, 1)
+                self.call_from_thread(status.update, f"{e['file'][-30:]}\n{tokens[0]:,} tokens · {rate:,.0f} tok/s")
+
+        try:
+            r = self.agent.ingest(on_event)
+            note = (
+                f"ingest cancelled; kept {r.files} files"
+                if r.cancelled
+                else f"ingested {r.files} files ({r.tokens:,} tokens), {r.unchanged} unchanged"
+            )
+            self.last_save = time.time()
+        except Exception as e:
+            note = f"ingest failed: {e}"
+        self.call_from_thread(self._ingested, note)
+
+    def _ingested(self, note: str) -> None:
+        self.busy = False
+        self.query_one("#ingest-bar", ProgressBar).add_class("hidden")
+        self.query_one("#ingest-status", Static).update(note)
+        self._show_session()
+
+    # --- snapshots: rewind and fork ------------------------------------------------------------------------------
+    def _selected_turn(self) -> int | None:
+        table = self.query_one("#snapshots", DataTable)
+        if table.row_count == 0:
+            return None
+        return int(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    def on_key(self, event) -> None:
+        if self.focused is not self.query_one("#snapshots", DataTable) or event.key not in ("r", "f"):
+            return
+        turn = self._selected_turn()
+        if turn is None or self.busy:
+            return
+        event.stop()
+        if event.key == "r":
+            self.rewind(turn)
+        else:
+            self.fork(turn)
+
+    def rewind(self, turn: int) -> None:
+        def go(ok: bool) -> None:
+            if ok:
+                from agent import threads
+
+                threads.rewind(self.store, self.agent.session_id, turn)
+                self._open(self.agent.session_id)
+
+        self.push_screen(ConfirmScreen(f"Rewind to turn {turn}?", "Everything after it is dropped."), go)
+
+    def fork(self, turn: int | None = None, source: str | None = None) -> None:
+        from agent import threads
+
+        new = threads.fork(self.store, source or self.agent.session_id, at_turn=turn)
+        self.notify(f"forked into {self.store.session(new)['title']}")
+        self._open(new)
+
+    # --- sessions ------------------------------------------------------------------------------------------------
+    def action_sessions(self) -> None:
+        from ui.sessions import SessionsScreen
+
+        if self.store is not None and not self.busy:
+            project = self.store.project(self.repo)
+            self.push_screen(SessionsScreen(self.store, project, self.agent.session_id if self.agent else None))
+
+    def resume(self, sid: str) -> None:
+        self._open(sid)
+
+    def rename(self, sid: str) -> None:
+        def go(title: str | None) -> None:
+            if title:
+                self.store.rename(sid, title)
+                if self.agent and sid == self.agent.session_id:
+                    self.sub_title = f"{title} · {self.repo}"
+
+        self.push_screen(AskScreen("New title", self.store.session(sid)["title"]), go)
+
+    def on_resize(self, event) -> None:
+        self.query_one(MemoryPanel).display = event.size.width >= 90  # 80 columns: the chat gets the width
+
+    def action_toggle_memory(self) -> None:
+        panel = self.query_one(MemoryPanel)
+        panel.display = not panel.display
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Sessions", "Browse, resume, fork, rename, delete, export sessions", self.action_sessions)
+        yield SystemCommand("Ingest project", "Read new and changed files into memory", self.action_ingest)
+        yield SystemCommand("Fork session", "A new session from the latest snapshot", lambda: self.fork())
+        yield SystemCommand(
+            "Rename session",
+            "Give this session a new title",
+            lambda: self.rename(self.agent.session_id) if self.agent else None,
+        )
+        yield SystemCommand("Help", "Keys and what they do", self.action_help)
+
+    async def action_quit(self) -> None:
+        if self.agent is not None and self.busy:  # stop generating: the run commits its turn, then we leave
+            self.agent.session.cancel.set()
+            self.query_one("#status", Static).update("saving…")
+            await self.workers.wait_for_complete()
+        self.exit()
