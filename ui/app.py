@@ -140,9 +140,17 @@ class DeltamemApp(App):
                 )
         if files:
             chat.mount(Static(f"📄 {files} files read", classes="files"))
+        if not chat.children:
+            chat.mount(
+                Static(
+                    f"New session for {self.repo.name}. Press Ctrl+R to read the project's files into "
+                    "memory, then ask about them. F1 shows every key.",
+                    classes="files",
+                )
+            )
         chat.scroll_end(animate=False)
         title = self.store.session(self.agent.session_id)["title"]
-        self.sub_title = f"{title} · {self.repo}"
+        self.sub_title = f"{title} · {self.repo.name}"
         self.query_one("#status", Static).update("")
         self.refresh_memory()
 
@@ -341,7 +349,7 @@ class DeltamemApp(App):
             if title:
                 self.store.rename(sid, title)
                 if self.agent and sid == self.agent.session_id:
-                    self.sub_title = f"{title} · {self.repo}"
+                    self.sub_title = f"{title} · {self.repo.name}"
 
         self.push_screen(AskScreen("New title", self.store.session(sid)["title"]), go)
 

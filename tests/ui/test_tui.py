@@ -153,3 +153,45 @@ async def test_narrow_terminal_hides_the_memory_panel(repo, tmp_path):
         assert not app.query_one("#memory").display
         await pilot.press("f2")
         assert app.query_one("#memory").display
+
+
+class ScriptedBrain:
+    """Stands in for the model in the approval test only: the random default model never writes a tool call."""
+
+    def __init__(self, *texts):
+        self.texts = list(texts)
+
+    def respond(self, messages, on_piece):
+        text = self.texts.pop(0) if self.texts else "done"
+        on_piece(text)
+        return text
+
+    def feed_messages(self, messages, new_count, on_progress):
+        return 0
+
+
+@pytest.mark.parametrize("answer, written", [("y", True), ("n", False)])
+async def test_a_risky_tool_call_asks_and_follows_the_answer(repo, tmp_path, answer, written):
+    from agent.graph import build_graph
+    from agent.parse import format_tool_call
+
+    def factory(store, name):
+        agent = Agent(load_model("default", window=4096), store, name, repo, approve="ask")
+        brain = ScriptedBrain(format_tool_call("write_file", {"path": "notes.txt", "content": "hi"}), "ok")
+        agent.graph = build_graph(brain, agent.tools, agent.ctx, "ask", 4, agent.saver)
+        return agent
+
+    app = DeltamemApp(tmp_path / "m.db", repo, agent_factory=factory)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press(*"write it", "enter")
+        for _ in range(100):
+            await pilot.pause(0.05)
+            if isinstance(app.screen, ConfirmScreen):
+                break
+        assert isinstance(app.screen, ConfirmScreen) and "write_file" in str(app.screen.query_one("#question").render())
+        await pilot.press(answer)
+        await settle(app, pilot)
+        assert (repo / "notes.txt").exists() == written
+        panels = list(app.query(".tool"))
+        assert len(panels) == 1 and panels[0].title.startswith("✓" if written else "✗")
