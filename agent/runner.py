@@ -89,12 +89,22 @@ class Agent:
             self.session, self.tools, self.ctx, approve, max_steps, self.saver, should_stop=self.session.cancel.is_set
         )
         self.config = {"configurable": {"thread_id": self.session.sid}}
-        restored = self.session.restored_from
-        checkpoint = next((r["checkpoint_id"] for r in store.snapshots(self.session.sid) if r["id"] == restored), None)
-        if threads.reconcile(self.graph, self.session.sid, checkpoint):
+        if self._reconcile():
             log.warning(
                 "the conversation went past the last saved turn (an unfinished run?); resuming at the last saved turn"
             )
+
+    def _reconcile(self) -> bool:
+        """Bring the graph thread to the checkpoint of the snapshot the state was restored from."""
+        restored = self.session.restored_from
+        rows = self.store.snapshots(self.session.sid)
+        checkpoint = next((r["checkpoint_id"] for r in rows if r["id"] == restored), None)
+        return threads.reconcile(self.graph, self.session.sid, checkpoint)
+
+    def back_to_last_save(self) -> None:
+        """Drop everything since the last committed turn, state and conversation (a cancelled ingest, an error)."""
+        self.session.resume()
+        self._reconcile()
 
     @property
     def session_id(self) -> str:

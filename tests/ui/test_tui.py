@@ -195,3 +195,64 @@ async def test_a_risky_tool_call_asks_and_follows_the_answer(repo, tmp_path, ans
         assert (repo / "notes.txt").exists() == written
         panels = list(app.query(".tool"))
         assert len(panels) == 1 and panels[0].title.startswith("✓" if written else "✗")
+
+
+async def test_rename_export_history_and_multiline(repo, tmp_path):
+    app = DeltamemApp(tmp_path / "m.db", repo, max_new_tokens=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press(*"line one", "ctrl+j", *"line two", "enter")
+        await settle(app, pilot)
+        assert app.store.turns(app.agent.session_id)[1]["text"] == "line one\nline two"
+        await pilot.press("up")  # the input history brings the last message back
+        assert app.query_one("#prompt").text == "line one\nline two"
+        await pilot.press("ctrl+o", "ctrl+n")
+        await pilot.press(*["backspace"] * 10, *"renamed", "enter")
+        await pilot.pause(0.2)
+        assert app.store.session(app.agent.session_id)["title"] == "renamed"
+        await pilot.press("ctrl+e", *["backspace"] * 30, *str(tmp_path / "out.dmsession"), "enter")
+        await pilot.pause(0.5)
+        assert (tmp_path / "out.dmsession").stat().st_size > 0
+    with Store(tmp_path / "other.db") as other:  # the export is a valid session file
+        assert other.import_(tmp_path / "out.dmsession") == app.agent.session_id
+
+
+async def test_cancelled_ingest_keeps_the_ledger_consistent(repo, tmp_path):
+    for i in range(6):
+        (repo / f"doc{i}.md").write_text(f"document {i}\n" + "words " * 3000)
+    app = DeltamemApp(tmp_path / "m.db", repo)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        before = app.agent.session.engine.snapshot()
+        await pilot.press("ctrl+r")
+        for _ in range(600):  # stop once the first file has been fed
+            await pilot.pause(0.05)
+            if "tokens" in str(app.query_one("#ingest-status").render()):
+                break
+        await pilot.press("escape")
+        await settle(app, pilot)
+        assert "cancelled" in str(app.query_one("#ingest-status").render())
+        sid = app.agent.session_id
+        ledger = app.store.ingested(sid)
+        snaps = app.store.snapshots(sid)
+        # whatever was committed is complete: the ledger matches the state it was saved with, nothing more
+        if snaps:
+            assert app.agent.session.engine.snapshot() == app.store.load_snapshot(sid)
+        else:
+            assert ledger == {} and app.agent.session.engine.snapshot() == before
+        assert len(ledger) < 8
+
+
+async def test_quitting_mid_answer_saves_the_turn(repo, tmp_path):
+    app = DeltamemApp(tmp_path / "m.db", repo, max_new_tokens=400)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press(*"go on", "enter")
+        for _ in range(600):
+            await pilot.pause(0.05)
+            if app.query(AssistantMessage) and app.query(AssistantMessage).first().source:
+                break
+        await pilot.press("ctrl+q")
+    with Store(tmp_path / "m.db") as store:
+        turns = store.turns(app.agent.session_id)
+        assert [t["role"] for t in turns][-2:] == ["user", "assistant"] and turns[-2]["text"] == "go on"
