@@ -63,3 +63,8 @@ def test_corrupt_state_file_is_refused_and_kept(tmp_path):
 def test_unknown_option_exits_2():
     r = deltamem("generate", "--bogus", "x")
     assert r.returncode == 2 and "usage:" in r.stderr
+
+
+def test_plain_deltamem_without_a_terminal_prints_help():
+    r = deltamem()  # stdin/stdout are pipes here; in a terminal this opens the TUI
+    assert r.returncode == 2 and "usage: deltamem" in r.stderr and "tui" in r.stderr
