@@ -260,28 +260,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
-def _ago(iso: str) -> str:
-    """'2026-11-23T09:03:10.123+00:00' -> '5m ago' (a date once it is over a week old)."""
-    from datetime import UTC, datetime
-
-    then = datetime.fromisoformat(iso)
-    secs = (datetime.now(UTC) - then).total_seconds()
-    for limit, div, unit in ((60, 1, "s"), (3600, 60, "m"), (86400, 3600, "h"), (7 * 86400, 86400, "d")):
-        if secs < limit:
-            return f"{max(0, int(secs // div))}{unit} ago"
-    return then.date().isoformat()
-
-
 def _confirm(question: str, yes: bool) -> bool:
     if yes:
         return True
@@ -297,6 +275,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from memory.store import Store
+    from ui.format import ago, size
 
     out = Console(highlight=False)
 
@@ -325,8 +304,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                     r["project_name"] or "-",
                     str(r["turns"]),
                     f"{r['tokens_seen']:,}" if r["tokens_seen"] is not None else "-",
-                    _size(r["snapshot_bytes"]),
-                    _ago(r["updated"]),
+                    size(r["snapshot_bytes"]),
+                    ago(r["updated"]),
                 )
             out.print(table if rows else "no sessions yet")
             return 0
@@ -377,7 +356,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                     str(r["turn_seq"]),
                     r["name"] or "",
                     f"{r['tokens_seen']:,}",
-                    _size(r["bytes"]),
+                    size(r["bytes"]),
                     r["created"][:19].replace("T", " "),
                 )
             out.print(t)
@@ -407,7 +386,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
         if args.action == "export":
             info = store.export(sid, args.file)
-            return emit(info, f"exported {sid} to {args.file} ({_size(info['bytes'])})")
+            return emit(info, f"exported {sid} to {args.file} ({size(info['bytes'])})")
     raise AssertionError(args.action)
 
 

@@ -17,6 +17,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 
+from ui.format import size
 from ui.widgets import (
     AskScreen,
     AssistantMessage,
@@ -26,7 +27,6 @@ from ui.widgets import (
     MemoryPanel,
     Prompt,
     UserMessage,
-    size,
     tool_panel,
 )
 

@@ -11,7 +11,8 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label
 
-from ui.widgets import AskScreen, ConfirmScreen, size
+from ui.format import size
+from ui.widgets import AskScreen, ConfirmScreen
 
 
 class SessionsScreen(Screen):

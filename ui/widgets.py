@@ -12,16 +12,6 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Collapsible, DataTable, Input, Label, Markdown, ProgressBar, Static, TextArea
 
 
-def size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
 class Prompt(TextArea):
     """Multi-line input: Enter sends, Ctrl+J (or Alt+Enter) inserts a newline, Up/Down on the first/last line walk
     the input history."""
