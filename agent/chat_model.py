@@ -42,14 +42,13 @@ _LOCK = threading.Lock()
 
 def _engine(model: str, window: int | None, sink: int):
     from model import load_model
-    from model.engine import Engine
 
     with _LOCK:
         key = (model, window, sink)
         if key not in _MODELS:
             _MODELS[key] = load_model(model, window=window, sink=sink)
         base = _MODELS[key]
-    return Engine(base.model, base.tokenizer, window=window, sink=sink, fingerprint=base.fingerprint)
+    return base.sibling()
 
 
 class ChatDeltamem(BaseChatModel):

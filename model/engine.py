@@ -92,6 +92,11 @@ class Engine:
         self.reset()
 
     # --- state -----------------------------------------------------------------------------------------
+    def sibling(self) -> Engine:
+        """A new engine on the same loaded weights and settings, with an empty state of its own."""
+        return Engine(self.model, self.tokenizer, window=self.window, sink=self.sink,
+                      prefill_chunk=self.prefill_chunk, fingerprint=self.fingerprint)
+
     def reset(self) -> None:
         """Forget everything: back to the state before the first token."""
         self.states = self._empty_states()

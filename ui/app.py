@@ -98,13 +98,11 @@ class DeltamemApp(App):
         else:
             from agent.runner import Agent
             from model import load_model
-            from model.engine import Engine
 
             if self.engine is None:
                 self.engine = load_model(self.model_spec, window=self.window)
-            else:  # a new Engine on the loaded weights: a fresh state for the other session
-                e = self.engine
-                self.engine = Engine(e.model, e.tokenizer, window=e.window, sink=e.sink, fingerprint=e.fingerprint)
+            else:  # the loaded weights, a fresh state for the other session
+                self.engine = self.engine.sibling()
             agent = Agent(self.engine, store, name, self.repo, approve="ask", max_new_tokens=self.max_new_tokens)
         self.agent = agent
         self.call_from_thread(self._show_session)
