@@ -11,7 +11,9 @@ from agent.chat_model import ChatDeltamem
 from agent.parse import format_tool_call
 
 
-class TestChatDeltamemUnit(ChatModelUnitTests):
+class _Deltamem:
+    """What both standard suites need to know about ChatDeltamem."""
+
     @property
     def chat_model_class(self):
         return ChatDeltamem
@@ -25,22 +27,14 @@ class TestChatDeltamemUnit(ChatModelUnitTests):
         return False
 
 
-class TestChatDeltamemIntegration(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self):
-        return ChatDeltamem
+class TestChatDeltamemUnit(_Deltamem, ChatModelUnitTests):
+    pass
 
-    @property
-    def chat_model_params(self):
-        return {"model": "default"}
 
+class TestChatDeltamemIntegration(_Deltamem, ChatModelIntegrationTests):
     @property
     def has_tool_calling(self):
         return False  # random weights never choose a tool on purpose; parsing is tested below
-
-    @property
-    def has_structured_output(self):
-        return False
 
     @property
     def supports_json_mode(self):

@@ -9,17 +9,8 @@ import torch
 
 from memory.store import Store
 from model import load_model
-from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
+from tests.memory.conftest import VOCAB
 from tests.test_app import deltamem
-
-VOCAB = 320
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("olmo")
-    make_olmo_hybrid(d, vocab=VOCAB, **OLMO_SHAPES["olmo_gqa_rope"])
-    return d
 
 
 @pytest.fixture()

@@ -10,16 +10,7 @@ from memory.errors import CorruptSnapshot, NotFound, SchemaError, StoreError
 from memory.migrations import MIGRATIONS
 from memory.store import Store
 from model import load_model
-from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
-
-VOCAB = 320
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("olmo")
-    make_olmo_hybrid(d, vocab=VOCAB, **OLMO_SHAPES["olmo_gqa_rope"])
-    return d
+from tests.memory.conftest import VOCAB
 
 
 def ids(n, seed):

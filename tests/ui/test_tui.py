@@ -34,6 +34,15 @@ async def settle(app, pilot, timeout=120.0):
     raise AssertionError("the app stayed busy")
 
 
+async def first_tokens(app, pilot):
+    """Wait until the answer being generated has shown some text."""
+    for _ in range(600):
+        await pilot.pause(0.05)
+        if app.query(AssistantMessage) and app.query(AssistantMessage).first().source:
+            return
+    raise AssertionError("no answer text appeared")
+
+
 async def test_send_a_message_and_see_it_streamed_and_saved(repo, tmp_path):
     app = DeltamemApp(tmp_path / "m.db", repo, max_new_tokens=12)
     async with app.run_test(size=SIZE) as pilot:
@@ -70,10 +79,7 @@ async def test_escape_stops_generation_and_the_state_stays_consistent(repo, tmp_
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press(*"tell me a long story", "enter")
-        for _ in range(600):
-            await pilot.pause(0.05)
-            if app.query(AssistantMessage) and app.query(AssistantMessage).first().source:
-                break
+        await first_tokens(app, pilot)
         await pilot.press("escape")
         await settle(app, pilot)
         gen = len(app.agent.session.engine.generated)
@@ -248,10 +254,7 @@ async def test_quitting_mid_answer_saves_the_turn(repo, tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         await pilot.press(*"go on", "enter")
-        for _ in range(600):
-            await pilot.pause(0.05)
-            if app.query(AssistantMessage) and app.query(AssistantMessage).first().source:
-                break
+        await first_tokens(app, pilot)
         await pilot.press("ctrl+q")
     with Store(tmp_path / "m.db") as store:
         turns = store.turns(app.agent.session_id)
