@@ -38,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
             help="checkpoint directory (config.json + safetensors), a Llama .gguf file, or 'default' "
             "(the built-in model; env DELTAMEM_MODEL)",
         )
-        sp.add_argument("--window", type=int, default=4096, help="attention window in tokens (default 4096)")
+        sp.add_argument(
+            "--window", type=int, help="attention window in tokens (default: the model's own: 1024 for the "
+            "default model, which was trained with it; 4096 for others)"
+        )
         sp.add_argument("--full-attention", action="store_true", help="no window: exact, unbounded KV cache")
         sp.add_argument("--sink", type=int, default=4, help="first tokens always kept in attention (default 4)")
 
@@ -146,8 +149,8 @@ def _sessions_parser(sub) -> None:
 def _load(args: argparse.Namespace):
     from model import load_model
 
-    window = None if args.full_attention else args.window
-    if window is not None and window < 1:
+    window = None if args.full_attention else ("auto" if args.window is None else args.window)
+    if isinstance(window, int) and window < 1:
         raise ValueError("--window must be >= 1")
     if args.sink < 0:
         raise ValueError("--sink must be >= 0")
@@ -538,7 +541,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
-    window = None if args.full_attention else args.window
+    window = None if args.full_attention else ("auto" if args.window is None else args.window)
     DeltamemApp(args.db, args.repo, args.session, args.model, window, args.max_new_tokens).run()
     return 0
 

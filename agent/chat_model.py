@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
@@ -56,7 +56,7 @@ class ChatDeltamem(BaseChatModel):
 
     model: str = Field(default="default", alias="model_name")
     """Checkpoint directory, a Llama .gguf file, or "default"."""
-    window: int | None = 4096
+    window: int | None | Literal["auto"] = "auto"
     sink: int = 4
     temperature: float = 0.0
     top_p: float = 1.0

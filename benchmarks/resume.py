@@ -23,7 +23,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1024,4096,16384,65536")
     ap.add_argument("--window", type=int, default=4096)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="random")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 

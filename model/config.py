@@ -1,7 +1,8 @@
 """Model configuration, parsed from a Hugging Face `config.json` (OLMo Hybrid or Llama).
 
 One dataclass serves both architectures: a Llama is a hybrid whose layers are all attention, with pre-norm
-blocks, no q/k norms and rotary positions; OLMo Hybrid puts three Gated DeltaNet layers before each attention
+blocks, no q/k norms and rotary positions (its `layer_types` may also list Gated DeltaNet layers: deltamem's
+distilled default model is such a Llama); OLMo Hybrid puts three Gated DeltaNet layers before each attention
 layer, uses post-norm attention blocks with q/k RMSNorms, and its released checkpoints have no rotary at all.
 """
 
@@ -120,11 +121,10 @@ class ModelConfig:
             raise CheckpointError(f"config.json is missing or has a bad value for {e}") from e
         if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
             raise CheckpointError("only SiLU MLPs without bias are supported")
-        if arch == "llama":
-            return cls(**common)
-        # OLMo Hybrid defaults, as transformers' OlmoHybridConfig fills them in.
         types = hf.get("layer_types")
-        if not types:
+        if arch == "llama" and (not types or LINEAR not in types):
+            return cls(**common)  # a plain Llama; a Llama with Gated DeltaNet layers (ours, distilled) goes on
+        if not types:  # OLMo Hybrid defaults, as transformers' OlmoHybridConfig fills them in.
             types = [ATTENTION if i % 4 == 3 else LINEAR for i in range(layers)]
             if ATTENTION not in types:
                 types[-1] = ATTENTION

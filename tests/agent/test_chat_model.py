@@ -20,7 +20,7 @@ class _Deltamem:
 
     @property
     def chat_model_params(self):
-        return {"model": "default"}
+        return {"model": "random"}
 
     @property
     def has_structured_output(self):

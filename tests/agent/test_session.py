@@ -17,7 +17,7 @@ def state(engine):
 
 
 def test_prompt_that_rewrites_history_rolls_back_to_a_prefix_snapshot(tmp_path, caplog):
-    engine = load_model("default", window=256)
+    engine = load_model("random", window=256)
     with Store(tmp_path / "m.db") as store:
         s = AgentSession.open(engine, store, "s")
         base = [{"role": "system", "content": "sys"}, {"role": "user", "content": "first file contents"}]
@@ -32,7 +32,7 @@ def test_prompt_that_rewrites_history_rolls_back_to_a_prefix_snapshot(tmp_path, 
         assert s.restored_from == store.snapshots("s")[0]["id"]
 
         # the state equals a fresh engine fed the snapshot's ids and then the same new part
-        ref = load_model("default", window=256)
+        ref = load_model("random", window=256)
         ref.feed(store.load_tokens("s", s.restored_from), logits="none")
         rendered = s.template.render(edited, add_generation_prompt=False)
         new = ref.tokenizer.encode(rendered[len(at_snapshot) :])
@@ -52,7 +52,7 @@ def test_model_error_is_exit_code_4(tmp_path, capsys):
 
     (tmp_path / "p").mkdir()
     with Store(tmp_path / "m.db") as store:
-        agent = Agent(load_model("default", window=64), store, "s", tmp_path / "p", max_new_tokens=2)
+        agent = Agent(load_model("random", window=64), store, "s", tmp_path / "p", max_new_tokens=2)
         agent.session.template = ChatTemplate("{{ raise_exception('this template is broken') }}")
         assert _run_task(agent, "hello", False, None) == EXIT_MODEL
     assert "model error: this template is broken" in capsys.readouterr().err

@@ -125,6 +125,6 @@ def test_import_refuses_another_models_session(db, tmp_path):
     path, sid, _ = db
     out = tmp_path / "s.dmsession"
     assert sessions(path, "export", sid, str(out)).returncode == 0
-    r = sessions(tmp_path / "other.db", "import", str(out), "--model", "default")
+    r = sessions(tmp_path / "other.db", "import", str(out), "--model", "random")
     assert r.returncode == 1 and "was saved with model" in r.stderr
     assert rows(tmp_path / "other.db", "select count(*) from sessions")[0][0] == 0

