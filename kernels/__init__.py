@@ -1,5 +1,117 @@
-"""Gated DeltaNet ops: torch references (kernels/reference.py) now; Triton kernels beside them later."""
+"""Gated DeltaNet ops, dispatched to the Triton kernels (kernels/triton_gdn.py) or the torch reference.
 
-from kernels.reference import causal_conv1d, chunk_gated_delta_rule, l2_normalize, recurrent_gated_delta_rule
+DELTAMEM_KERNELS picks the backend, read at each call: `auto` (default) uses Triton for CUDA tensors when triton
+imports and the torch reference otherwise; `torch` always the reference; `triton` always Triton, which on CPU
+tensors works only under TRITON_INTERPRET=1 (set before triton is first imported). Triton is imported lazily, so
+CPU-only installs never load it.
+"""
 
-__all__ = ["causal_conv1d", "chunk_gated_delta_rule", "l2_normalize", "recurrent_gated_delta_rule"]
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from kernels import reference
+from kernels.reference import l2_normalize
+
+__all__ = [
+    "backend",
+    "causal_conv1d",
+    "chunk_gated_delta_rule",
+    "gated_rms_norm",
+    "l2_normalize",
+    "recurrent_gated_delta_rule",
+]
+
+_MODES = ("auto", "torch", "triton")
+_triton_module: ModuleType | None = None
+_triton_importable: bool | None = None
+
+
+def _load_triton() -> ModuleType:
+    global _triton_module
+    if _triton_module is None:
+        from kernels import triton_gdn
+
+        _triton_module = triton_gdn
+    return _triton_module
+
+
+def _has_triton() -> bool:
+    global _triton_importable
+    if _triton_importable is None:
+        _triton_importable = importlib.util.find_spec("triton") is not None
+        if _triton_importable:
+            try:
+                _load_triton()
+            except Exception:  # a broken triton install: fall back to torch
+                _triton_importable = False
+    return _triton_importable
+
+
+def backend(x: torch.Tensor) -> str:
+    """'triton' or 'torch': the backend that ops on tensors like x run on under DELTAMEM_KERNELS."""
+    mode = os.environ.get("DELTAMEM_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"DELTAMEM_KERNELS={mode!r}: expected one of {', '.join(_MODES)}")
+    if mode == "torch":
+        return "torch"
+    if mode == "auto":
+        return "triton" if x.is_cuda and _has_triton() else "torch"
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("DELTAMEM_KERNELS=triton but triton is not installed (pip install triton)")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "DELTAMEM_KERNELS=triton with CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "triton is imported, or use DELTAMEM_KERNELS=auto / torch"
+        )
+    return "triton"
+
+
+def _impl(x: torch.Tensor) -> ModuleType:
+    return _load_triton() if backend(x) == "triton" else reference
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated delta rule (prefill); see kernels.reference.chunk_gated_delta_rule."""
+    return _impl(q).chunk_gated_delta_rule(
+        q, k, v, g, beta, scale, initial_state, use_qk_l2norm, chunk_size, cu_seqlens=cu_seqlens
+    )
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-by-token gated delta rule (decode); see kernels.reference.recurrent_gated_delta_rule."""
+    return _impl(q).recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, use_qk_l2norm)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv + SiLU continuing from state; see kernels.reference.causal_conv1d."""
+    return _impl(x).causal_conv1d(x, weight, state)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """rmsnorm(x) over the last dim * weight * silu(gate), in x's dtype (Gated DeltaNet's output norm)."""
+    return _impl(x).gated_rms_norm(x, gate, weight, eps)

@@ -99,12 +99,20 @@ def chunk_gated_delta_rule(
     initial_state: torch.Tensor | None = None,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule: same contract as `recurrent_gated_delta_rule`, any T (not only multiples of C).
+
+    cu_seqlens (int [N+1], B == 1): N packed independent sequences; initial_state and the final state then have N
+    rows. Runs them one after another.
 
     Example:
         >>> o, s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s)  # q: [1, 500, 4, 64]
     """
+    if cu_seqlens is not None:
+        return _varlen(
+            chunk_gated_delta_rule, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, cu_seqlens, chunk_size
+        )
     out_dtype = v.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta, scale, use_qk_l2norm)
     b, hv, t, dk = k.shape
@@ -144,9 +152,35 @@ def chunk_gated_delta_rule(
     return out.to(out_dtype), state
 
 
-def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _varlen(op, q, k, v, g, beta, scale, initial_state, use_qk_l2norm, cu_seqlens, chunk_size):
+    """op over each packed sequence of a B == 1 batch; states stacked as [N, HV, K, V]."""
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if q.shape[0] != 1 or len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != q.shape[1]:
+        raise ValueError(f"cu_seqlens {bounds} must start at 0 and end at T={q.shape[1]}, with batch size 1")
+    n, hv, dk, dv = len(bounds) - 1, v.shape[2], q.shape[3], v.shape[3]
+    if initial_state is not None and initial_state.shape != (n, hv, dk, dv):
+        raise ValueError(f"initial_state{tuple(initial_state.shape)} must be {(n, hv, dk, dv)}")
+    outs, states = [], []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        s0 = None if initial_state is None else initial_state[i : i + 1]
+        if a == b:
+            outs.append(v[:, a:b])
+            states.append(_initial_state(s0, 1, hv, dk, dv, v.device))
+            continue
+        o, s = op(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], scale, s0, use_qk_l2norm, chunk_size)
+        outs.append(o)
+        states.append(s)
+    return torch.cat(outs, 1), torch.cat(states, 0)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """rmsnorm(x) over the last dim * weight * silu(gate), in x's dtype: model/layers.py GatedRMSNorm's formula."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal convolution with SiLU, continuing from `state`.
 
     Args:

@@ -31,19 +31,34 @@ class Rotary:
         self.inv_freq = (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)).double()
         self._key: tuple | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inv_on: dict[torch.device, torch.Tensor] = {}
+
+    def _cos_sin_of(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self._inv_on.get(pos.device)
+        if inv is None:  # one copy per device, made before any CUDA graph capture reads it
+            inv = self._inv_on[pos.device] = self.inv_freq.to(pos.device)
+        ang = pos.double()[:, None] * inv  # [T, D/2]
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        return torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
 
     def _table(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (int(pos[0]), int(pos[-1]), len(pos), dtype, pos.device)
         if key != self._key or self._cos_sin is None:
-            ang = pos.double()[:, None] * self.inv_freq.to(pos.device)  # [T, D/2]
-            cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
-            self._cos_sin = (torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None])
+            self._cos_sin = self._cos_sin_of(pos, dtype)
             self._key = key
         return self._cos_sin
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         # x: [T, heads, D]; pos: [T] int64, consecutive or clamped (the key identifies both)
-        cos, sin = self._table(pos, x.dtype)
+        return self._apply(x, *self._table(pos, x.dtype))
+
+    def at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The same rotation without the host-side cache key: no device-to-host read of `pos`, so it can run
+        inside a CUDA graph, where pos changes between replays."""
+        return self._apply(x, *self._cos_sin_of(pos, x.dtype))
+
+    @staticmethod
+    def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rot * sin
@@ -51,10 +66,21 @@ class Rotary:
 
 @dataclass
 class DeltaState:
-    """Gated DeltaNet layer state: conv [W-1, conv_dim] (model dtype), recurrent [1, HV, DK, DV] float32."""
+    """Gated DeltaNet layer state: conv [W-1, conv_dim] (model dtype), recurrent [1, HV, DK, DV] float32.
+
+    `inplace`: new values are copied into the existing tensors instead of replacing them, so a captured CUDA
+    graph (model/cuda_graph.py), which reads and writes fixed addresses, keeps seeing the live state."""
 
     conv: torch.Tensor
     recurrent: torch.Tensor
+    inplace: bool = False
+
+    def set(self, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+        if self.inplace:
+            self.conv.copy_(conv)
+            self.recurrent.copy_(recurrent)
+        else:
+            self.conv, self.recurrent = conv, recurrent
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.conv": self.conv, f"{prefix}.recurrent": self.recurrent}
@@ -63,6 +89,10 @@ class DeltaState:
         conv, rec = t[f"{prefix}.conv"], t[f"{prefix}.recurrent"]
         if conv.shape != self.conv.shape or rec.shape != self.recurrent.shape:
             raise ValueError(f"{prefix}: state shapes {tuple(conv.shape)}, {tuple(rec.shape)} do not fit this model")
+        if self.inplace:
+            self.conv.copy_(conv)
+            self.recurrent.copy_(rec)
+            return
         self.conv = conv.to(self.conv.device, self.conv.dtype).clone()
         self.recurrent = rec.to(self.recurrent.device, torch.float32).clone()
 
@@ -92,6 +122,9 @@ class KVWindow:
         self.v = torch.zeros(n_kv, cap, head_dim, dtype=dtype, device=device)
         self.pos = torch.full((cap,), -1, dtype=torch.long, device=device)
         self.seen = 0  # tokens written so far = absolute position of the next token
+        # Set (a [1] int64 tensor on the cache's device) only while model/cuda_graph.py runs a decode step:
+        # the position of the token being decoded, read on the device instead of from `seen`.
+        self.step_pos: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -136,6 +169,8 @@ class KVWindow:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write the new keys/values and return attention outputs. q: [T, H, D]; k, v: [T, Hkv, D] -> [T, H, D]."""
         t, h, d = q.shape
+        if self.step_pos is not None and t == 1:
+            return self._attend_step(q, k, v, self.step_pos)
         p = torch.arange(self.seen, self.seen + t, device=q.device)
         q_sink = None  # queries for the sink keys, once evictions have begun (see module docstring)
         if self.rotary is not None:
@@ -166,6 +201,15 @@ class KVWindow:
             )  # [1, H, 1, D]
             return out[0].transpose(0, 1)
 
+        if q.is_cuda and q_sink is None:  # prefill on a GPU: one fused attention kernel with an explicit mask
+            allowed = (kpos[None, :] <= p[:, None]) & (kpos[None, :] >= 0)
+            if self.window is not None:
+                allowed &= (kpos[None, :] > p[:, None] - self.window) | (kpos[None, :] < self.sink)
+            out = _sdpa(q, keys, vals, allowed, d**-0.5)
+            if not write_first:
+                self._write(k, v, p)
+            return out
+
         hkv, n_keys = keys.shape[0], keys.shape[1]
         g = h // hkv
         scale = d**-0.5
@@ -189,6 +233,36 @@ class KVWindow:
             self._write(k, v, p)
         return out
 
+    def _attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """One decode token at device-side position p ([1] int64): ring slot, mask and rotary angles are all
+        computed on the device, so this runs inside a CUDA graph with no host sync. Same keys and scores as
+        attend() with t == 1; `seen` is left to the caller. q: [1, H, D]; k, v: [1, Hkv, D] -> [1, H, D]."""
+        if self.window is None:
+            raise RuntimeError("device-side decode steps need a bounded window (window=None grows its buffer)")
+        h, d = q.shape[1], q.shape[2]
+        slot = torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.window)
+        q_sink = None
+        if self.rotary is not None:
+            q_sink = self.rotary.at(q, p.clamp(max=self.sink + self.window - 1))
+            q, k = self.rotary.at(q, p), self.rotary.at(k, p)
+        self.k.index_copy_(1, slot, k.transpose(0, 1))
+        self.v.index_copy_(1, slot, v.transpose(0, 1))
+        self.pos.index_copy_(0, slot, p)
+        kpos = self.pos
+        mask = (kpos >= 0) & ((kpos > p - self.window) | (kpos < self.sink))  # [cap]
+        if q_sink is None:
+            return _sdpa(q, self.k, self.v, mask[None], d**-0.5)
+        # Rotary: sink slots [0, sink) are scored with the query rotated at the clamped position.
+        hkv = self.k.shape[0]
+        g = h // hkv
+        scores = torch.bmm(q[0].view(hkv, g, d), self.k.transpose(1, 2))  # [Hkv, G, cap]
+        if self.sink:
+            sink_scores = torch.bmm(q_sink[0].view(hkv, g, d), self.k[:, : self.sink].transpose(1, 2))
+            scores = torch.cat([sink_scores, scores[..., self.sink :]], -1)
+        scores = (scores * d**-0.5).float().masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(-1).to(self.v.dtype)
+        return torch.bmm(probs, self.v).view(1, h, d)
+
     # --- snapshot support: fixed-size pages of slots, so unchanged pages hash the same between snapshots ---
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         used = self.capacity if self.window is not None else self.seen
@@ -199,11 +273,16 @@ class KVWindow:
         return out
 
     def load(self, prefix: str, t: dict[str, torch.Tensor], seen: int) -> None:
-        pages = sorted(n for n in t if n.startswith(prefix + ".kv."))
-        kv = torch.cat([t[n] for n in pages], dim=2) if pages else self.k.new_zeros(2, self.k.shape[0], 0, 1)
-        used = kv.shape[2]
-        if kv.shape[0] != 2 or kv.shape[1] != self.k.shape[0] or (used and kv.shape[3] != self.k.shape[2]):
-            raise ValueError(f"{prefix}: KV pages of shape {tuple(kv.shape)} do not fit this model")
+        pages = [t[n] for n in sorted(n for n in t if n.startswith(prefix + ".kv."))]
+        for page in pages:
+            if (
+                page.dim() != 4
+                or page.shape[0] != 2
+                or page.shape[1] != self.k.shape[0]
+                or (page.shape[2] and page.shape[3] != self.k.shape[2])
+            ):
+                raise ValueError(f"{prefix}: KV pages of shape {tuple(page.shape)} do not fit this model")
+        used = sum(page.shape[2] for page in pages)
         if self.window is None:
             if used != seen:
                 raise ValueError(f"{prefix}: full-attention KV holds {used} tokens, header says {seen}")
@@ -212,11 +291,32 @@ class KVWindow:
             raise ValueError(f"KV window holds {used} slots, this engine has {self.capacity}")
         self.k.zero_()
         self.v.zero_()
-        self.k[:, :used] = kv[0].to(self.k.dtype)
-        self.v[:, :used] = kv[1].to(self.v.dtype)
+        at = 0  # page by page straight into the cache (to the GPU too): no joined copy of the whole window
+        for page in pages:
+            n = page.shape[2]
+            self.k[:, at : at + n] = page[0]
+            self.v[:, at : at + n] = page[1]
+            at += n
         self.seen = seen
         self.pos.fill_(-1)
         p = torch.arange(seen, device=self.pos.device)
         if self.window is not None:
             p = p[(p < self.sink) | (p >= seen - self.window)]
         self.pos[self._slots(p)] = p
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fused attention. q: [T, H, D]; keys, vals: [Hkv, N, D]; mask: [T or 1, N] bool (True: attend) -> [T, H, D].
+    On CUDA, grouped keys are repeated rather than passed with enable_gqa, which would rule out the
+    memory-efficient kernel (the one that takes a mask)."""
+    h, hkv = q.shape[1], keys.shape[0]
+    gqa = h != hkv
+    if gqa and q.is_cuda:  # expand + copy: no repeat counts read back from the device (CUDA-graph safe)
+        n, d = keys.shape[1], keys.shape[2]
+        keys = keys[:, None].expand(hkv, h // hkv, n, d).reshape(h, n, d)
+        vals = vals[:, None].expand(hkv, h // hkv, n, d).reshape(h, n, d)
+        gqa = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask, scale=scale, enable_gqa=gqa
+    )  # [1, H, T, D]
+    return out[0].transpose(0, 1)

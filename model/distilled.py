@@ -75,8 +75,11 @@ def convert(teacher: dict[str, torch.Tensor], cfg, seed: int = 0) -> dict[str, t
 def changed(student: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     """The tensors the distillation trains: each converted layer's mixer and its two norms."""
     keep = tuple(f"model.layers.{i}." for i in converted_layers(cfg))
-    return {k: v for k, v in student.items() if k.startswith(keep)
-            and (".linear_attn." in k or k.endswith("layernorm.weight"))}
+    return {
+        k: v
+        for k, v in student.items()
+        if k.startswith(keep) and (".linear_attn." in k or k.endswith("layernorm.weight"))
+    }
 
 
 def save_delta(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

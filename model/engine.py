@@ -13,6 +13,7 @@ import torch
 from model import snapshot as snap
 from model.cache import DeltaState, KVWindow, Rotary
 from model.config import LINEAR, ModelConfig
+from model.cuda_graph import Burst, DecodeGraph
 from model.errors import SnapshotError
 from model.layers import HybridLM
 from model.packed import pack
@@ -20,6 +21,10 @@ from model.sampling import Sampler, TextStream
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 512  # load_model's default: bounds activation memory on a CPU
+GPU_PREFILL_CHUNK = 4096  # what that default becomes on a GPU, where larger chunks keep the matmuls busy
+GRAPH_CHUNK = 16  # tokens generate() decodes on the device between two reads of their ids on the host
 
 
 def model_fingerprint(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> str:
@@ -62,7 +67,14 @@ class Engine:
     """Runs a HybridLM over one stream of tokens, keeping per-layer state between calls.
 
     window/sink bound the attention caches (window=None: exact full attention). prefill_chunk is the number of
-    tokens run through the layers at once: it bounds activation memory, not results.
+    tokens run through the layers at once: it bounds activation memory, not results (on CUDA the default 512
+    becomes GPU_PREFILL_CHUNK).
+
+    fast_decode (default: on CUDA with a bounded window) makes generate()/decode() run decode steps through
+    model/cuda_graph.py: one step captured as a CUDA graph over this engine's state tensors, sampling on the
+    device, the sampled ids read back to the host every GRAPH_CHUNK tokens. Set on a CPU engine it runs the
+    same steps eagerly (tests). While a graph is bound, reset() and restore() copy into the live state
+    tensors instead of replacing them.
     """
 
     def __init__(
@@ -80,28 +92,56 @@ class Engine:
         if sink < 0 or (window is not None and window < 1):
             raise ValueError(f"need sink >= 0 and window >= 1 or None; got sink={sink}, window={window}")
         self.window, self.sink = window, sink
-        self.prefill_chunk = prefill_chunk
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if self.device.type == "cuda" and prefill_chunk == DEFAULT_PREFILL_CHUNK:
+            prefill_chunk = GPU_PREFILL_CHUNK
+        self.prefill_chunk = prefill_chunk
+        self.fast_decode = self.device.type == "cuda" and window is not None
+        self._graph: DecodeGraph | None = None
         # Fingerprint the checkpoint layout once, before packing (a second engine on the model reuses it).
-        self.fingerprint = fingerprint or getattr(model, "fingerprint", None) or model_fingerprint(
-            model.config, model.state_dict()
+        self.fingerprint = (
+            fingerprint or getattr(model, "fingerprint", None) or model_fingerprint(model.config, model.state_dict())
         )
         model.fingerprint = self.fingerprint
-        pack(model)  # inference layout for the CPU; after this the model's state_dict is not a checkpoint
+        pack(model)  # inference layout (CPU: blocked, the state_dict is no longer a checkpoint; GPU: fused views)
         self.reset()
 
     # --- state -----------------------------------------------------------------------------------------
     def sibling(self) -> Engine:
         """A new engine on the same loaded weights and settings, with an empty state of its own."""
-        return Engine(self.model, self.tokenizer, window=self.window, sink=self.sink,
-                      prefill_chunk=self.prefill_chunk, fingerprint=self.fingerprint)
+        return Engine(
+            self.model,
+            self.tokenizer,
+            window=self.window,
+            sink=self.sink,
+            prefill_chunk=self.prefill_chunk,
+            fingerprint=self.fingerprint,
+        )
 
     def reset(self) -> None:
         """Forget everything: back to the state before the first token."""
-        self.states = self._empty_states()
+        self._adopt(self._empty_states())
         self.tokens_seen = 0
         self.token_chain = snap.EMPTY_CHAIN
+
+    def _adopt(self, states: list[DeltaState | KVWindow]) -> None:
+        """Make `states` the current state: copied into the live tensors where a decode graph is bound to
+        them (its captured addresses stay valid), else taken as they are."""
+        g = self._graph
+        if g is None or not g.bound_to(self.states):
+            self.states = states
+            return
+        with torch.inference_mode():
+            for live, new in zip(self.states, states, strict=True):
+                if isinstance(live, DeltaState):
+                    live.conv.copy_(new.conv)
+                    live.recurrent.copy_(new.recurrent)
+                else:
+                    live.k.copy_(new.k)
+                    live.v.copy_(new.v)
+                    live.pos.copy_(new.pos)
+                    live.seen = new.seen
 
     def _empty_states(self) -> list[DeltaState | KVWindow]:
         return empty_states(self.config, self.window, self.sink, self.dtype, self.device)
@@ -117,13 +157,15 @@ class Engine:
     ) -> torch.Tensor | None:
         """Advance the state by `ids`; return their logits [len(ids), vocab] (float32), only the last row
         [1, vocab] with logits="last", or None with logits="none" (e.g. when ingesting)."""
-        ids_t = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
+        ids_t = torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()  # checks and the chain on the host
         n = ids_t.numel()
         if n == 0:
             raise ValueError("feed() needs at least one token id")
         vocab = self.config.vocab_size
         if int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}); got {int(ids_t.min())}..{int(ids_t.max())}")
+        host_ids = ids_t.tolist()
+        ids_t = ids_t.to(self.device)
         outs = []
         for start in range(0, n, self.prefill_chunk):
             h = self.model.hidden(ids_t[start : start + self.prefill_chunk], self.states)
@@ -132,7 +174,7 @@ class Engine:
             elif logits == "last" and start + self.prefill_chunk >= n:
                 outs.append(self.model.logits(h[-1:]).float())
         self.tokens_seen += n
-        self.token_chain = snap.chain(self.token_chain, ids_t.tolist())
+        self.token_chain = snap.chain(self.token_chain, host_ids)
         return torch.cat(outs) if outs else None
 
     # --- snapshots -------------------------------------------------------------------------------------
@@ -179,6 +221,7 @@ class Engine:
         if not isinstance(chain, str) or not re.fullmatch("[0-9a-f]{64}", chain):
             raise SnapshotError("snapshot header has no valid token_chain")
         # Load into fresh states and swap everything in at the end: a refused blob changes nothing.
+        # (With a decode graph bound, "swap in" is a copy into the live tensors: see _adopt.)
         states = self._empty_states()
         try:
             for i, st in enumerate(states):
@@ -189,7 +232,8 @@ class Engine:
                     st.load(prefix, tensors)
         except Exception as e:  # any mismatch between header and tensors is the blob's fault
             raise SnapshotError(f"snapshot state does not fit this model: {e!r}") from e
-        self.states, self.tokens_seen, self.token_chain = states, seen, chain
+        self._adopt(states)
+        self.tokens_seen, self.token_chain = seen, chain
 
     # --- generation ------------------------------------------------------------------------------------
     def _unknown_ids(self) -> torch.Tensor | None:
@@ -225,6 +269,9 @@ class Engine:
         if logits is None:
             raise ValueError("generate() needs at least one prompt token")
         unknown = self._unknown_ids()
+        if self.fast_decode:
+            yield from self._generate_on_device(logits, max_new_tokens, sampler, eos, stream, unknown)
+            return
         for _ in range(max_new_tokens):
             row = logits[-1] if unknown is None else logits[-1].index_fill(0, unknown, float("-inf"))
             tok = sampler(row)
@@ -240,3 +287,86 @@ class Engine:
         tail = stream.flush()
         if tail:
             yield tail
+
+    def _generate_on_device(
+        self,
+        logits: torch.Tensor,
+        max_new_tokens: int,
+        sampler: Sampler,
+        eos: set[int],
+        stream: TextStream,
+        unknown: torch.Tensor | None,
+    ) -> Iterator[str]:
+        """generate()'s loop on the decode graph: GRAPH_CHUNK tokens at a time, each chunk consumed whole (up to
+        its stop) before its text is yielded, so the state and `generated` agree at every yield."""
+        burst = self._burst(logits, max_new_tokens, sampler, unknown, GRAPH_CHUNK)
+        for chunk in burst:
+            keep, pieces, stopped = len(chunk), [], None
+            for j, tok in enumerate(chunk):
+                if tok in eos:
+                    keep, stopped = j + 1, "eos"
+                    break
+                piece = stream.push(tok)
+                if piece:
+                    pieces.append(piece)
+                if stream.stopped:
+                    keep, stopped = j + 1, "stop"
+                    break
+            if keep < len(chunk):
+                burst.keep(keep)
+            self._advance(chunk[:keep])
+            self.generated.extend(chunk[:keep])
+            yield from pieces
+            if stopped == "stop":
+                return
+            if stopped == "eos":
+                break
+        tail = stream.flush()
+        if tail:
+            yield tail
+
+    def decode(
+        self,
+        logits: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chunk: int = GRAPH_CHUNK,
+    ) -> list[int]:
+        """Sample and feed max_new_tokens ids after `logits` (the last row of the previous feed(), [1, vocab]),
+        with no stop condition and no text: generate()'s token loop alone (for benchmarks). On the fast path the
+        ids come back to the host every `chunk` tokens; otherwise one feed() per token."""
+        sampler = Sampler(temperature, top_p, top_k, seed)
+        if not self.fast_decode:
+            out = []
+            for _ in range(max_new_tokens):
+                out.append(sampler(logits[-1]))
+                logits = self.feed(out[-1:], logits="last")
+            return out
+        out = []
+        for ids in self._burst(logits, max_new_tokens, sampler, None, chunk):
+            self._advance(ids)
+            out += ids
+        return out
+
+    def _burst(self, logits: torch.Tensor, n: int, sampler: Sampler, unknown: torch.Tensor | None, chunk: int) -> Burst:
+        if self._graph is None or not self._graph.bound_to(self.states):
+            self._graph = None  # drop the old graph (and its memory pool) before capturing a new one
+            self._graph = DecodeGraph(self.model, self.states, capture=self.device.type == "cuda")
+
+        def sample(row: torch.Tensor) -> torch.Tensor:
+            if unknown is not None:
+                row = row.index_fill(0, unknown, float("-inf"))
+            return sampler.on_device(row)
+
+        return Burst(self._graph, logits.to(self.device), self.tokens_seen, n, sample, chunk)
+
+    def _advance(self, ids: list[int]) -> None:
+        """Host counters after decode steps ran on the device: tokens seen, each window's count, the chain."""
+        self.tokens_seen += len(ids)
+        for st in self.states:
+            if isinstance(st, KVWindow):
+                st.seen += len(ids)
+        self.token_chain = snap.chain(self.token_chain, ids)

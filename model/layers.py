@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 from model.cache import DeltaState, KVWindow
 from model.config import LINEAR, ModelConfig
@@ -23,7 +24,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; same formula as below
+        if x.dtype == torch.float32 or x.is_cuda:  # one fused op (float accumulation); same formula as below
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -39,6 +40,9 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        fused = getattr(kernels, "gated_rms_norm", None)  # a Triton kernel on CUDA, where kernels/ has one
+        if fused is not None and x.is_cuda and not torch.is_grad_enabled():
+            return fused(x, gate, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
@@ -46,7 +50,8 @@ class GatedRMSNorm(nn.Module):
 
 class Fusable(nn.Module):
     """A module whose input projections (the Linear children named in FUSE) all read the same input; once
-    packed (model/packed.py) they run as one matmul."""
+    packed (model/packed.py) they run as one matmul: on the CPU as a PackedLinear that replaces them, on a GPU
+    as one contiguous weight of which the Linear weights become views (names and training code unchanged)."""
 
     FUSE: tuple[str, ...] = ()
 
@@ -54,11 +59,30 @@ class Fusable(nn.Module):
         super().__init__()
         self.fused: PackedLinear | None = None
         self.sizes: list[int] = []
+        self.fused_w: torch.Tensor | None = None  # GPU layout: [sum(out), in], each FUSE weight a row slice
+        self.fused_b: torch.Tensor | None = None
 
     def project(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.fused is None:
-            return [getattr(self, n)(x) for n in self.FUSE]
-        return list(self.fused(x).split(self.sizes, dim=-1))
+        if self.fused is not None:
+            return list(self.fused(x).split(self.sizes, dim=-1))
+        if self.fused_w is not None and not torch.is_grad_enabled():
+            return list(F.linear(x, self.fused_w, self.fused_b).split(self.sizes, dim=-1))
+        return [getattr(self, n)(x) for n in self.FUSE]
+
+    def fuse_views(self) -> None:
+        """GPU layout: concatenate the FUSE weights once and make each Linear's weight (and bias) a view of
+        the result, so one matmul serves them all and no weight is held twice."""
+        lins = [getattr(self, n) for n in self.FUSE]
+        self.sizes = [lin.out_features for lin in lins]
+        self.fused_w = torch.cat([lin.weight.detach() for lin in lins])
+        has_bias = lins[0].bias is not None
+        self.fused_b = torch.cat([lin.bias.detach() for lin in lins]) if has_bias else None
+        at = 0
+        for lin, n in zip(lins, self.sizes, strict=True):
+            lin.weight = nn.Parameter(self.fused_w[at : at + n], requires_grad=lin.weight.requires_grad)
+            if has_bias:
+                lin.bias = nn.Parameter(self.fused_b[at : at + n], requires_grad=lin.bias.requires_grad)
+            at += n
 
     def pack(self, blocks: int) -> None:
         lins = [getattr(self, n) for n in self.FUSE]
@@ -142,12 +166,12 @@ class GatedDeltaNet(Fusable):
         # x: [T, hidden]; st.conv: [W-1, conv_dim]; st.recurrent: [1, HV, DK, DV] float32
         t = x.shape[0]
         q, k, v, a, b, gate = self.project(x)
-        qkv, st.conv = causal_conv1d(torch.cat([q, k, v], dim=-1), self.conv1d.weight[:, 0], st.conv)
+        qkv, conv = causal_conv1d(torch.cat([q, k, v], dim=-1), self.conv1d.weight[:, 0], st.conv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         beta = b.sigmoid() * self.beta_scale  # [T, HV]
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay <= 0
         op = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
-        o, st.recurrent = op(
+        o, recurrent = op(
             q.view(1, t, self.hk, self.dk),
             k.view(1, t, self.hk, self.dk),
             v.view(1, t, self.hv, self.dv),
@@ -155,6 +179,7 @@ class GatedDeltaNet(Fusable):
             beta[None],
             initial_state=st.recurrent,
         )
+        st.set(conv, recurrent)  # replaced, or copied in place where a CUDA graph holds the state's addresses
         o = self.o_norm(o[0], gate.view(t, self.hv, self.dv))
         return self.o_proj(o.reshape(t, self.value_dim))
 

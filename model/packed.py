@@ -54,9 +54,17 @@ def fuse_linears(linears: list[nn.Linear], blocks: int) -> PackedLinear:
 
 def pack(model: nn.Module, blocks: int | None = None) -> nn.Module:
     """Replace every nn.Linear of a CPU model (fused where a module lists FUSE groups) by PackedLinear.
-    No-op on other devices, where the vendor GEMV is already bandwidth-bound."""
-    if next(model.parameters()).device.type != "cpu" or getattr(model, "packed", False):
+    On other devices the vendor GEMV is already bandwidth-bound and the plain [out, in] layout stays: only the
+    FUSE groups are concatenated into one weight each (Fusable.fuse_views), parameter names unchanged."""
+    if getattr(model, "packed", False):
         return model
+    if next(model.parameters()).device.type != "cpu":
+        with torch.no_grad():
+            for mod in list(model.modules()):
+                if hasattr(mod, "fuse_views"):
+                    mod.fuse_views()
+        model.packed = True
+        return model.eval()
     blocks = blocks or torch.get_num_threads()
     with torch.no_grad():
         for mod in list(model.modules()):

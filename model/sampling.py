@@ -41,6 +41,33 @@ class Sampler:
             x[order[drop]] = float("-inf")
         return int(torch.multinomial(x.softmax(-1), 1, generator=self.gen))
 
+    def on_device(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sample without leaving the logits' device and without a host sync: logits [vocab] -> [1] int64.
+        Greedy is the same argmax as __call__; otherwise the same distribution (temperature, top-k, top-p),
+        drawn by Gumbel-max (argmax of logits / T plus Gumbel noise) from a generator of this sampler on that
+        device, seeded from this sampler's seed: reproducible, but not the same draws as __call__."""
+        if self.temperature == 0:
+            return logits.argmax().view(1)
+        x = logits.float() / self.temperature
+        if self.top_k:
+            kth = torch.topk(x, min(self.top_k, x.numel())).values[-1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_x, order = x.sort(descending=True)
+            probs = sorted_x.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= self.top_p  # as __call__: keep until the mass before reaches p
+            x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))  # a permutation: no index sync
+        u = torch.rand(x.shape, generator=self._generator_on(x.device), device=x.device)
+        return (x - torch.log(-torch.log(u))).argmax().view(1)  # u = 0 gives -inf noise: never drawn
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        gens = self.__dict__.setdefault("_device_gens", {})
+        if device not in gens:
+            g = torch.Generator(device=device)
+            g.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))  # from this sampler's seed
+            gens[device] = g
+        return gens[device]
+
 
 class TextStream:
     """Turns token ids into printable text pieces: holds back incomplete UTF-8 sequences and any tail that could

@@ -30,8 +30,11 @@ def delta_mixer(m: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
     g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias.float())
     with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 even under autocast
         o, _ = chunk_gated_delta_rule(
-            q.reshape(b, t, m.hk, m.dk).float(), k.reshape(b, t, m.hk, m.dk).float(),
-            v.reshape(b, t, m.hv, m.dv).float(), g, beta,
+            q.reshape(b, t, m.hk, m.dk).float(),
+            k.reshape(b, t, m.hk, m.dk).float(),
+            v.reshape(b, t, m.hv, m.dv).float(),
+            g,
+            beta,
         )
     o = m.o_norm(o.to(x.dtype), gate.view(b, t, m.hv, m.dv))
     return m.o_proj(o.reshape(b, t, m.value_dim))

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,8 +44,20 @@ from model.train import delta_mixer, hidden_states, logits  # noqa: E402
 
 SINK, WINDOW = 4, 1024  # the bounded attention the student trains and runs with
 EOT = 0  # <|endoftext|>: separates documents
-PERMISSIVE = ("mit", "bsd", "apache", "python software foundation", "psf", "isc", "mpl", "mozilla", "zlib",
-              "unlicense", "hpnd", "0bsd")
+PERMISSIVE = (
+    "mit",
+    "bsd",
+    "apache",
+    "python software foundation",
+    "psf",
+    "isc",
+    "mpl",
+    "mozilla",
+    "zlib",
+    "unlicense",
+    "hpnd",
+    "0bsd",
+)
 SUFFIXES = (".py", ".md", ".rst", ".txt")
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -56,22 +67,40 @@ def log(*a) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- models
-SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-           "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
-           "rope_theta": 100000.0, "vocab_size": 49152, "tie_word_embeddings": True, "bos_token_id": 1,
-           "eos_token_id": 2, "max_position_embeddings": 8192}
+SMOLLM2 = {
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "max_position_embeddings": 8192,
+}
 
 
 def load_teacher(args) -> tuple[dict, dict[str, torch.Tensor]]:
     if args.tiny or args.smoke:  # random weights: a small Llama for the CPU pipeline test, or SmolLM2's shapes
         hf = dict(SMOLLM2)
         if args.tiny:
-            hf.update(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16)
+            hf.update(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=8,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+            )
         torch.manual_seed(0)
         with torch.device("cpu"):
             m = HybridLM(ModelConfig.from_hf(hf))
-        for n, p in m.named_parameters():
+        for p in m.parameters():
             torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
         return hf, m.state_dict()
     from model.gguf_file import read_gguf
@@ -189,38 +218,107 @@ def build_corpus(args, work: Path) -> None:
                 counts[s] += len(arr)
     for s, arrs in split.items():
         np.concatenate(arrs).tofile(work / f"{s}.u16")
-    json.dump({"packages": names, "held_out": [n for n in names if held_out(n)], "tokens": counts},
-              open(work / "corpus.json", "w"), indent=1)
+    json.dump(
+        {"packages": names, "held_out": [n for n in names if held_out(n)], "tokens": counts},
+        open(work / "corpus.json", "w"),
+        indent=1,
+    )
     log(f"corpus tokens: {counts}")
 
 
 def chat_prompts() -> list[str]:
-    topics = ["photosynthesis", "black holes", "the French Revolution", "recursion", "hash tables", "vaccines",
-              "climate change", "the water cycle", "binary search", "Git branches", "SQL joins", "the Roman Empire",
-              "volcanoes", "neural networks", "prime numbers", "the stock market", "coffee", "the moon landing",
-              "compound interest", "HTTP", "unit testing", "Python decorators", "the immune system", "gravity",
-              "linked lists", "SQLite", "renewable energy", "the printing press", "DNA", "sorting algorithms",
-              "time zones", "regular expressions", "bees", "the Great Wall of China", "memory leaks", "caching"]
-    forms = ["Explain {t} in simple terms.", "What is {t}?", "Give me three facts about {t}.",
-             "Write a short paragraph about {t} for a ten-year-old.", "What are common misconceptions about {t}?",
-             "Summarize the history of {t} in a few sentences.", "Why does {t} matter?",
-             "Write a haiku about {t}."]
-    tasks = ["reverses a string", "checks whether a number is prime", "counts the words in a file",
-             "merges two sorted lists", "computes the nth Fibonacci number", "removes duplicates from a list",
-             "parses a CSV line", "flattens a nested list", "finds the most common element in a list",
-             "converts Celsius to Fahrenheit", "validates an email address", "reads a JSON file",
-             "computes the factorial of n", "checks if a string is a palindrome", "sums the digits of a number",
-             "groups words by their first letter", "returns the n largest items", "capitalizes each word",
-             "walks a directory and lists Python files", "retries a function three times on error"]
-    code_forms = ["Write a Python function that {t}.", "How do I write a function that {t} in Python?",
-                  "Show me a short Python example that {t}, with a docstring."]
-    misc = ["How do I make a good cup of tea?", "Give me tips for studying effectively.", "What should I pack "
-            "for a weekend hiking trip?", "Write a polite email asking for a meeting next week.",
-            "What is the difference between a list and a tuple in Python?", "How can I improve my sleep?",
-            "Tell me a short story about a robot who learns to paint.", "What is 17 times 23?",
-            "Translate 'good morning' into French, Spanish and German.", "Suggest names for a pet turtle.",
-            "How does a bill become a law in the United States?", "What is the capital of Australia?",
-            "Explain the rules of chess briefly.", "Write a limerick about a cat.", "How do I center a div?"]
+    topics = [
+        "photosynthesis",
+        "black holes",
+        "the French Revolution",
+        "recursion",
+        "hash tables",
+        "vaccines",
+        "climate change",
+        "the water cycle",
+        "binary search",
+        "Git branches",
+        "SQL joins",
+        "the Roman Empire",
+        "volcanoes",
+        "neural networks",
+        "prime numbers",
+        "the stock market",
+        "coffee",
+        "the moon landing",
+        "compound interest",
+        "HTTP",
+        "unit testing",
+        "Python decorators",
+        "the immune system",
+        "gravity",
+        "linked lists",
+        "SQLite",
+        "renewable energy",
+        "the printing press",
+        "DNA",
+        "sorting algorithms",
+        "time zones",
+        "regular expressions",
+        "bees",
+        "the Great Wall of China",
+        "memory leaks",
+        "caching",
+    ]
+    forms = [
+        "Explain {t} in simple terms.",
+        "What is {t}?",
+        "Give me three facts about {t}.",
+        "Write a short paragraph about {t} for a ten-year-old.",
+        "What are common misconceptions about {t}?",
+        "Summarize the history of {t} in a few sentences.",
+        "Why does {t} matter?",
+        "Write a haiku about {t}.",
+    ]
+    tasks = [
+        "reverses a string",
+        "checks whether a number is prime",
+        "counts the words in a file",
+        "merges two sorted lists",
+        "computes the nth Fibonacci number",
+        "removes duplicates from a list",
+        "parses a CSV line",
+        "flattens a nested list",
+        "finds the most common element in a list",
+        "converts Celsius to Fahrenheit",
+        "validates an email address",
+        "reads a JSON file",
+        "computes the factorial of n",
+        "checks if a string is a palindrome",
+        "sums the digits of a number",
+        "groups words by their first letter",
+        "returns the n largest items",
+        "capitalizes each word",
+        "walks a directory and lists Python files",
+        "retries a function three times on error",
+    ]
+    code_forms = [
+        "Write a Python function that {t}.",
+        "How do I write a function that {t} in Python?",
+        "Show me a short Python example that {t}, with a docstring.",
+    ]
+    misc = [
+        "How do I make a good cup of tea?",
+        "Give me tips for studying effectively.",
+        "What should I pack for a weekend hiking trip?",
+        "Write a polite email asking for a meeting next week.",
+        "What is the difference between a list and a tuple in Python?",
+        "How can I improve my sleep?",
+        "Tell me a short story about a robot who learns to paint.",
+        "What is 17 times 23?",
+        "Translate 'good morning' into French, Spanish and German.",
+        "Suggest names for a pet turtle.",
+        "How does a bill become a law in the United States?",
+        "What is the capital of Australia?",
+        "Explain the rules of chess briefly.",
+        "Write a limerick about a cat.",
+        "How do I center a div?",
+    ]
     out = [f.format(t=t) for t in topics for f in forms] + [f.format(t=t) for t in tasks for f in code_forms] + misc
     random.Random(1).shuffle(out)
     return out
@@ -250,9 +348,16 @@ def build_chats(args, teacher_hf: dict, teacher_sd: dict, device, work: Path) ->
         width = max(map(len, rows))
         ids = torch.tensor([[EOT] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        gen = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7, top_p=0.9,
-                          max_new_tokens=16 if args.tiny else args.chat_tokens, eos_token_id=eos,
-                          pad_token_id=EOT)
+        gen = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.9,
+            max_new_tokens=16 if args.tiny else args.chat_tokens,
+            eos_token_id=eos,
+            pad_token_id=EOT,
+        )
         for r, g in zip(rows, gen[:, width:].tolist(), strict=True):
             end = next((j for j, x in enumerate(g) if x in eos), len(g) - 1)
             out += r + g[: end + 1] + tok.encode("\n") + [EOT]
@@ -295,8 +400,10 @@ def kl_loss(student: HybridLM, teacher: HybridLM, hs: torch.Tensor, ht: torch.Te
         lt = logits(teacher, b).float().log_softmax(-1)
         return (lt.exp() * (lt - ls)).sum()
 
-    total = sum(checkpoint(part, hs[i : i + chunk], ht[i : i + chunk], use_reentrant=False)
-                for i in range(0, hs.shape[0], chunk))
+    total = sum(
+        checkpoint(part, hs[i : i + chunk], ht[i : i + chunk], use_reentrant=False)
+        for i in range(0, hs.shape[0], chunk)
+    )
     return total / hs.shape[0]
 
 
@@ -309,7 +416,8 @@ def lr_at(step: int, total: int, peak: float, warm: int = 20) -> float:
 def train(args, device, work: Path, out: Path) -> None:
     teacher, student, cfg, trainable = build_models(args, device)
     params = [p for n, p in student.named_parameters() if p.requires_grad]
-    log(f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M of {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M")
+    total = sum(p.numel() for p in student.parameters())
+    log(f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M of {total / 1e6:.1f}M")
     opt = torch.optim.AdamW(params, lr=args.lr1, betas=(0.9, 0.95), weight_decay=0.0)
     state = {"stage": 1, "step": 0, "log": []}
     ck = work / "ckpt.pt"
@@ -330,8 +438,14 @@ def train(args, device, work: Path, out: Path) -> None:
     amp = dict(device_type=device.type, dtype=args.dtype, enabled=device.type == "cuda")
 
     def save() -> None:
-        torch.save({"student": {n: p.detach() for n, p in student.named_parameters() if p.requires_grad},
-                    "opt": opt.state_dict(), "state": state}, work / "ckpt.tmp")
+        torch.save(
+            {
+                "student": {n: p.detach() for n, p in student.named_parameters() if p.requires_grad},
+                "opt": opt.state_dict(),
+                "state": state,
+            },
+            work / "ckpt.tmp",
+        )
         os.replace(work / "ckpt.tmp", ck)
 
     while time.time() - t0 < args.seconds:
@@ -371,9 +485,15 @@ def train(args, device, work: Path, out: Path) -> None:
         opt.step()
         state["step"] += 1
         if state["step"] % args.log_every == 0 or state["step"] == 1:
-            rec = {"stage": stage, "step": state["step"], "loss": round(loss.item(), 5), "gnorm": round(float(gn), 3),
-                   "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1),
-                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else 0}
+            rec = {
+                "stage": stage,
+                "step": state["step"],
+                "loss": round(loss.item(), 5),
+                "gnorm": round(float(gn), 3),
+                "lr": opt.param_groups[0]["lr"],
+                "elapsed_s": round(time.time() - t0, 1),
+                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else 0,
+            }
             state["log"].append(rec)
             log(json.dumps(rec))
         if state["step"] % args.save_every == 0:
@@ -384,8 +504,14 @@ def train(args, device, work: Path, out: Path) -> None:
 
 def export(args, student: HybridLM, cfg, path: Path, state: dict) -> None:
     tensors = distilled.changed({n: p for n, p in student.named_parameters()}, cfg)
-    meta = {"base": "SmolLM2-135M-Instruct.Q4_1.gguf", "window": str(args.window), "sink": str(SINK),
-            "stage": str(state["stage"]), "step": str(state["step"]), "made_by": "scripts/distill.py"}
+    meta = {
+        "base": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "window": str(args.window),
+        "sink": str(SINK),
+        "stage": str(state["stage"]),
+        "step": str(state["step"]),
+        "made_by": "scripts/distill.py",
+    }
     distilled.save_delta(tensors, path, meta)
     log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
@@ -402,8 +528,12 @@ def evaluate(args, device, work: Path, out: Path) -> dict:
     t = args.seq2
     n = min(args.eval_seqs, len(held) // t)
     starts = np.linspace(0, len(held) - t, n).astype(int)
-    runs = {"teacher_full": (teacher, None), f"teacher_window{args.window}": (teacher, args.window),
-            f"student_window{args.window}": (student, args.window), "student_no_eviction": (student, None)}
+    runs = {
+        "teacher_full": (teacher, None),
+        f"teacher_window{args.window}": (teacher, args.window),
+        f"student_window{args.window}": (student, args.window),
+        "student_no_eviction": (student, None),
+    }
     nll = {k: [0.0, 0.0] for k in runs}  # all positions, positions past the window
     agree = {k: 0 for k in runs}
     count, count_far = 0, 0
@@ -416,7 +546,7 @@ def evaluate(args, device, work: Path, out: Path) -> dict:
                 lp = logits(m, hidden_states(m, ids, window=w, sink=SINK))[0, :-1].float().log_softmax(-1)
             tok_nll = -lp.gather(-1, tgt[:, None])[:, 0]
             nll[name][0] += float(tok_nll.sum())
-            nll[name][1] += float(tok_nll[args.window:].sum())
+            nll[name][1] += float(tok_nll[args.window :].sum())
             top = lp.argmax(-1)
             ref_top = top if ref_top is None else ref_top
             agree[name] += int((top == ref_top).sum())
@@ -449,26 +579,34 @@ def recall(args, teacher, student, held, device, amp) -> dict:
     trials = 4 if args.tiny else args.recall_trials
     for mult in (2, 4, 8):
         dist = mult * args.window
-        scores = {"teacher_full": [0, 0], f"teacher_window{args.window}": [0, 0], f"student_window{args.window}": [0, 0]}
-        for trial in range(trials):
+        models = {
+            "teacher_full": (teacher, None),
+            f"teacher_window{args.window}": (teacher, args.window),
+            f"student_window{args.window}": (student, args.window),
+        }
+        scores = {k: [0, 0] for k in models}
+        for _ in range(trials):
             name = rng.choice(names)
             codes = [str(rng.randrange(10000, 99999)) for _ in range(10)]
             s = rng.randrange(0, max(1, len(held) - dist))
             filler = np.resize(held[s:], dist).tolist()
             head = tok.encode(f"The access code for the {name} vault is {codes[0]}.\n\n")
-            q = tok.encode(f"\n\nQuestion: what is the access code for the {name} vault?\n"
-                           f"Answer: The access code for the {name} vault is")
+            q = tok.encode(
+                f"\n\nQuestion: what is the access code for the {name} vault?\n"
+                f"Answer: The access code for the {name} vault is"
+            )
             answers = [tok.encode(" " + c) for c in codes]
             width = max(len(a) for a in answers)
             batch = torch.tensor([head + filler + q + a + [EOT] * (width - len(a)) for a in answers], device=device)
             ctx = len(head) + len(filler) + len(q)
-            for key, (m, w) in {"teacher_full": (teacher, None), f"teacher_window{args.window}": (teacher, args.window),
-                                f"student_window{args.window}": (student, args.window)}.items():
+            for key, (m, w) in models.items():
                 with torch.autocast(**amp):
                     lp = logits(m, hidden_states(m, batch, window=w, sink=SINK)[:, ctx - 1 : ctx - 1 + width])
                 lp = lp.float().log_softmax(-1)
-                ll = [float(lp[i, torch.arange(len(a)), torch.tensor(a, device=device)].sum())
-                      for i, a in enumerate(answers)]
+                ll = [
+                    float(lp[i, torch.arange(len(a)), torch.tensor(a, device=device)].sum())
+                    for i, a in enumerate(answers)
+                ]
                 scores[key][0] += int(max(range(10), key=ll.__getitem__) == 0)
                 greedy = lp[0, : len(answers[0])].argmax(-1).tolist() == answers[0]
                 scores[key][1] += int(greedy)
@@ -487,8 +625,11 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("distill-work"), help="corpus and checkpoints")
     ap.add_argument("--out", type=Path, default=Path("distill-out"), help="delta weights and evaluation")
     ap.add_argument("--tiny", action="store_true", help="small random teacher, tiny corpus: CPU pipeline check")
-    ap.add_argument("--smoke", action="store_true", help="random SmolLM2-shaped teacher on random tokens: "
-                    "time a few steps of each stage at the real sizes")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="random SmolLM2-shaped teacher on random tokens: time a few steps of each stage at the real sizes",
+    )
     ap.add_argument("--seconds", type=float, default=540, help="train for at most this long per invocation")
     ap.add_argument("--steps1", type=int, default=300)
     ap.add_argument("--steps2", type=int, default=1200)

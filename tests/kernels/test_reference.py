@@ -61,6 +61,7 @@ def test_state_passes_across_calls_and_chunk_boundaries():
 
 def test_chunk_matches_transformers_reference():
     import transformers.models.olmo_hybrid.modeling_olmo_hybrid as hf
+
     q, k, v, g, beta, s0 = inputs(2, 150, 2, 4, 16, 24, seed=2)
     want_o, want_s = hf.torch_chunk_gated_delta_rule(
         q, k, v, g, beta, initial_state=s0, output_final_state=True, use_qk_l2norm_in_kernel=True

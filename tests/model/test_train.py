@@ -13,13 +13,33 @@ from model.engine import Engine
 from model.layers import HybridLM
 from model.train import hidden_states, logits
 
-LLAMA = {"model_type": "llama", "vocab_size": 300, "hidden_size": 48, "intermediate_size": 96,
-         "num_hidden_layers": 8, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8,
-         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}
-OLMO = {"model_type": "olmo_hybrid", "vocab_size": 300, "hidden_size": 48, "intermediate_size": 96,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 16,
-        "rope_parameters": {"rope_type": "default", "rope_theta": None}}
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 300,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+OLMO = {
+    "model_type": "olmo_hybrid",
+    "vocab_size": 300,
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 16,
+    "rope_parameters": {"rope_type": "default", "rope_theta": None},
+}
 
 
 def _student(hf: dict, seed: int) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

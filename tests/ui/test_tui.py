@@ -62,7 +62,7 @@ async def test_send_a_message_and_see_it_streamed_and_saved(repo, tmp_path):
 
 async def test_resume_shows_the_conversation_and_the_state(repo, tmp_path):
     with Store(tmp_path / "m.db") as store:
-        agent = Agent(load_model("random", window=4096), store, "shop", repo, max_new_tokens=5)
+        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=5)
         agent.run("what costs 3?")
         seen = agent.session.engine.tokens_seen
     app = DeltamemApp(tmp_path / "m.db", repo, session="shop")
@@ -92,7 +92,7 @@ async def test_escape_stops_generation_and_the_state_stays_consistent(repo, tmp_
 
 async def test_rewind_and_fork_from_the_memory_panel(repo, tmp_path):
     with Store(tmp_path / "m.db") as store:
-        agent = Agent(load_model("random", window=4096), store, "shop", repo, max_new_tokens=3)
+        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=3)
         agent.run("first")
         agent.run("second")
         first_turn = store.snapshots("shop")[0]["turn_seq"]
@@ -118,7 +118,7 @@ async def test_rewind_and_fork_from_the_memory_panel(repo, tmp_path):
 async def test_session_browser_filter_resume_and_delete(repo, tmp_path):
     with Store(tmp_path / "m.db") as store:
         for title in ("alpha", "beta"):
-            Agent(load_model("random", window=4096), store, title, repo, max_new_tokens=2).run(f"hi {title}")
+            Agent(load_model("default"), store, title, repo, max_new_tokens=2).run(f"hi {title}")
     app = DeltamemApp(tmp_path / "m.db", repo, session="alpha")
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
@@ -182,7 +182,7 @@ async def test_a_risky_tool_call_asks_and_follows_the_answer(repo, tmp_path, ans
     from agent.parse import format_tool_call
 
     def factory(store, name):
-        agent = Agent(load_model("random", window=4096), store, name, repo, approve="ask")
+        agent = Agent(load_model("default"), store, name, repo, approve="ask")
         brain = ScriptedBrain(format_tool_call("write_file", {"path": "notes.txt", "content": "hi"}), "ok")
         agent.graph = build_graph(brain, agent.tools, agent.ctx, "ask", 4, agent.saver)
         return agent

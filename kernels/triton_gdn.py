@@ -1,0 +1,740 @@
+"""Triton kernels for the Gated DeltaNet layer: chunked prefill, fused recurrent decode, short conv, gated norm.
+
+Same contracts as kernels/reference.py (the ground truth). Layouts: q, k [B, T, H, K]; v [B, T, HV, V]; g, beta
+[B, T, HV]; state [N, HV, K, V] float32. With `cu_seqlens` (int [N+1], B == 1) the T axis holds N packed sequences.
+
+Chunked forward (chunk BT = 64), the WY / UT-transform method, in four launches:
+
+1. `_solve_kernel`, one program per (chunk, value head): chunk-local cumsum of g, l2norm of k, the strictly lower
+   A = beta_i k_i.k_j exp(gc_i - gc_j) in four 16-row sub-blocks, (I + A)^-1 by forward substitution on the diagonal
+   sub-blocks and 2x2 block merges (fp32, tf32 or tf32x3 dots); also the keys decayed to the chunk end.
+2. `_wu_kernel`, per (chunk, value head): w = (I + A)^-1 (beta k exp(gc)), u = (I + A)^-1 (beta v).
+3. `_state_kernel`, one program per (sequence, value head, V block), sequential over the chunks: stores the state
+   entering each chunk, v_new = u - w S, S = exp(gc_last) S + (k exp(gc_last - gc))^T v_new.
+4. `_output_kernel`, per (chunk, value head): o = (q exp(gc)) S + tril(q k^T exp(gc_i - gc_j)) v_new.
+
+Intermediates (w, u, v_new, per-chunk states) are kept in the input dtype for 16-bit inputs (tensor-core dots,
+fp32 accumulate) and in float32 for float32 inputs (tf32x3 dots). The carried state is always float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Stages of the chunked forward whose products take 16-bit operands for 16-bit inputs, as fla does (the others get
+# fp32 operands and tf32 dots): a comma list of state, output. The solve always runs in fp32 (tf32 dots).
+LOW_PRECISION = set(os.environ.get("DELTAMEM_GDN_LOW", "state,output").split(","))
+_INTERP = tl.constexpr(INTERPRET)
+CHUNK = 64
+_SUB = 16  # rows of the sub-blocks of the in-chunk solve
+
+
+def _configs(space: list[dict], warps: list[int], stages: list[int]) -> list[triton.Config]:
+    if INTERPRET:  # the interpreter would run every config; one is enough there
+        return [triton.Config(space[0], num_warps=warps[0], num_stages=stages[0])]
+    return [triton.Config(s, num_warps=w, num_stages=n) for s in space for w in warps for n in stages]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# chunked prefill
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_pos(cu_seqlens, chunk_indices, i_c, T, NT, IS_VARLEN: tl.constexpr):
+    """(sequence, chunk in sequence, first token, sequence length) of global chunk i_c."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_c).to(tl.int64)
+        i_t = tl.load(chunk_indices + 2 * i_c + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        i_n = (i_c // NT).to(tl.int64)
+        i_t = (i_c % NT).to(tl.int64)
+        bos = i_n * T
+        seq_len = (T + 0 * i_n).to(tl.int64)
+    return i_n, i_t, bos, seq_len
+
+
+@triton.jit
+def _load_keys(ptr, tok, m_t, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, L2: tl.constexpr):
+    """Rows tok of a [*, H, K] tensor for head i_h as float32 [len(tok), BK], l2-normalised if L2."""
+    o_k = tl.arange(0, BK)
+    x = tl.load(ptr + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+    x = x.to(tl.float32)
+    if L2:
+        x = x * tl.rsqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
+    return x
+
+
+@triton.jit
+def _decayed_kkt(ka, kb, ba, ga, gb, DIAG: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
+    """Sub-block of A: beta_i k_i.k_j exp(g_i - g_j), strictly lower on diagonal sub-blocks."""
+    a = _mm(ka, tl.trans(kb), PREC)
+    if DIAG:
+        o = tl.arange(0, BC)
+        dec = tl.where(o[:, None] > o[None, :], tl.exp(ga[:, None] - gb[None, :]), 0.0)
+    else:
+        dec = tl.exp(ga[:, None] - gb[None, :])
+    return a * dec * ba[:, None]
+
+
+@triton.jit
+def _unit_lower_inverse(a, BC: tl.constexpr):
+    """(I + a)^-1 for a strictly lower [BC, BC] block: forward substitution, one row at a time."""
+    o = tl.arange(0, BC)
+    y = -a  # y = inverse - I; rows 0 and 1 are already final
+    for i in range(2, BC):
+        row = tl.sum(tl.where(o[:, None] == i, -a, 0.0), 0)
+        row = row + tl.sum(row[:, None] * y, 0)  # rows j < i of y are final, entries j >= i of row are 0
+        y = tl.where(o[:, None] == i, row[None, :], y)
+    return y + tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """tl.dot with fp32 accumulate; the interpreter multiplies 16-bit operands wrongly, so it gets them as fp32."""
+    if _INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.autotune(configs=_configs([{}], [4, 2], [1]), key=["H", "HV", "K", "BK", "IS_VARLEN", "PREC"])
+@triton.jit(do_not_specialize=["T", "NT"])
+def _solve_kernel(
+    k,
+    g,
+    beta,
+    gc,
+    ai,
+    kd,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    NT,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    BC: tl.constexpr,
+    L2: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Chunk-local cumsum of g (to gc), (I + A)^-1 (to ai, [tokens, HV, 4 * BC], row t = token t) and the keys
+    decayed to the chunk end, k exp(gc_last - gc) (to kd, [tokens, HV, K]), which the state pass reads."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    _, i_t, bos, seq_len = _chunk_pos(cu_seqlens, chunk_indices, i_c, T, NT, IS_VARLEN)
+    DT = ai.dtype.element_ty
+    o_c = tl.arange(0, BC)
+    r0 = i_t * (4 * BC)
+    # four sub-blocks of BC rows: positions, masks, keys, beta, chunk-local cumsum of g
+    p0, p1, p2, p3 = r0 + o_c, r0 + BC + o_c, r0 + 2 * BC + o_c, r0 + 3 * BC + o_c
+    m0, m1, m2, m3 = p0 < seq_len, p1 < seq_len, p2 < seq_len, p3 < seq_len
+    t0, t1, t2, t3 = bos + p0, bos + p1, bos + p2, bos + p3
+    k0 = _load_keys(k, t0, m0, i_h, H, K, BK, L2)
+    k1 = _load_keys(k, t1, m1, i_h, H, K, BK, L2)
+    k2 = _load_keys(k, t2, m2, i_h, H, K, BK, L2)
+    k3 = _load_keys(k, t3, m3, i_h, H, K, BK, L2)
+    b0 = tl.load(beta + t0 * HV + i_hv, mask=m0, other=0.0).to(tl.float32)
+    b1 = tl.load(beta + t1 * HV + i_hv, mask=m1, other=0.0).to(tl.float32)
+    b2 = tl.load(beta + t2 * HV + i_hv, mask=m2, other=0.0).to(tl.float32)
+    b3 = tl.load(beta + t3 * HV + i_hv, mask=m3, other=0.0).to(tl.float32)
+    g0 = tl.load(g + t0 * HV + i_hv, mask=m0, other=0.0).to(tl.float32)
+    g1 = tl.load(g + t1 * HV + i_hv, mask=m1, other=0.0).to(tl.float32)
+    g2 = tl.load(g + t2 * HV + i_hv, mask=m2, other=0.0).to(tl.float32)
+    g3 = tl.load(g + t3 * HV + i_hv, mask=m3, other=0.0).to(tl.float32)
+    g0 = tl.cumsum(g0, 0)
+    g1 = tl.cumsum(g1, 0) + tl.sum(tl.where(o_c == BC - 1, g0, 0.0), 0)
+    g2 = tl.cumsum(g2, 0) + tl.sum(tl.where(o_c == BC - 1, g1, 0.0), 0)
+    g3 = tl.cumsum(g3, 0) + tl.sum(tl.where(o_c == BC - 1, g2, 0.0), 0)
+    tl.store(gc + t0 * HV + i_hv, g0, mask=m0)
+    tl.store(gc + t1 * HV + i_hv, g1, mask=m1)
+    tl.store(gc + t2 * HV + i_hv, g2, mask=m2)
+    tl.store(gc + t3 * HV + i_hv, g3, mask=m3)
+    g_last = tl.sum(tl.where(o_c == BC - 1, g3, 0.0), 0)  # padded rows add 0: this is gc at the last token
+    o_k = tl.arange(0, BK)
+    pk = kd + i_hv * K + o_k[None, :]
+    mk = (o_k < K)[None, :]
+    tl.store(pk + t0[:, None] * (HV * K), (k0 * tl.exp(g_last - g0)[:, None]).to(DT), mask=m0[:, None] & mk)
+    tl.store(pk + t1[:, None] * (HV * K), (k1 * tl.exp(g_last - g1)[:, None]).to(DT), mask=m1[:, None] & mk)
+    tl.store(pk + t2[:, None] * (HV * K), (k2 * tl.exp(g_last - g2)[:, None]).to(DT), mask=m2[:, None] & mk)
+    tl.store(pk + t3[:, None] * (HV * K), (k3 * tl.exp(g_last - g3)[:, None]).to(DT), mask=m3[:, None] & mk)
+    k0, k1, k2, k3 = k0.to(DT), k1.to(DT), k2.to(DT), k3.to(DT)  # A's products take the stage dtype
+
+    # diagonal sub-blocks of (I + A)^-1, then the off-diagonal ones by 2x2 block inversion (16 -> 32 -> 64 rows)
+    d0 = _unit_lower_inverse(_decayed_kkt(k0, k0, b0, g0, g0, True, BC, PREC), BC)
+    d1 = _unit_lower_inverse(_decayed_kkt(k1, k1, b1, g1, g1, True, BC, PREC), BC)
+    d2 = _unit_lower_inverse(_decayed_kkt(k2, k2, b2, g2, g2, True, BC, PREC), BC)
+    d3 = _unit_lower_inverse(_decayed_kkt(k3, k3, b3, g3, g3, True, BC, PREC), BC)
+    a10 = _decayed_kkt(k1, k0, b1, g1, g0, False, BC, PREC)
+    a20 = _decayed_kkt(k2, k0, b2, g2, g0, False, BC, PREC)
+    a21 = _decayed_kkt(k2, k1, b2, g2, g1, False, BC, PREC)
+    a30 = _decayed_kkt(k3, k0, b3, g3, g0, False, BC, PREC)
+    a31 = _decayed_kkt(k3, k1, b3, g3, g1, False, BC, PREC)
+    a32 = _decayed_kkt(k3, k2, b3, g3, g2, False, BC, PREC)
+    x10 = -_mm(_mm(d1, a10, PREC), d0, PREC)
+    x32 = -_mm(_mm(d3, a32, PREC), d2, PREC)
+    # lower-left 32x32 quarter: -inv(hi) [a20 a21; a30 a31] inv(lo)
+    n20 = _mm(a20, d0, PREC) + _mm(a21, x10, PREC)
+    n21 = _mm(a21, d1, PREC)
+    n30 = _mm(a30, d0, PREC) + _mm(a31, x10, PREC)
+    n31 = _mm(a31, d1, PREC)
+    x20 = -_mm(d2, n20, PREC)
+    x21 = -_mm(d2, n21, PREC)
+    x30 = -(_mm(x32, n20, PREC) + _mm(d3, n30, PREC))
+    x31 = -(_mm(x32, n21, PREC) + _mm(d3, n31, PREC))
+
+    z = tl.zeros([BC, BC], dtype=tl.float32)
+    pa = ai + i_hv * (4 * BC) + o_c[None, :]
+    _store_row_blocks(pa + t0[:, None] * (HV * 4 * BC), m0, d0, z, z, z, BC)
+    _store_row_blocks(pa + t1[:, None] * (HV * 4 * BC), m1, x10, d1, z, z, BC)
+    _store_row_blocks(pa + t2[:, None] * (HV * 4 * BC), m2, x20, x21, d2, z, BC)
+    _store_row_blocks(pa + t3[:, None] * (HV * 4 * BC), m3, x30, x31, x32, d3, BC)
+
+
+@triton.jit
+def _store_row_blocks(p, m, c0, c1, c2, c3, BC: tl.constexpr):
+    """One row block [c0 c1 c2 c3] of a [4 BC, 4 BC] matrix, rows masked by m."""
+    tl.store(p, c0.to(p.dtype.element_ty), mask=m[:, None])
+    tl.store(p + BC, c1.to(p.dtype.element_ty), mask=m[:, None])
+    tl.store(p + 2 * BC, c2.to(p.dtype.element_ty), mask=m[:, None])
+    tl.store(p + 3 * BC, c3.to(p.dtype.element_ty), mask=m[:, None])
+
+
+@triton.autotune(configs=_configs([{}], [4, 8], [2]), key=["H", "HV", "K", "V", "BK", "BV", "IS_VARLEN", "PREC"])
+@triton.jit(do_not_specialize=["T", "NT"])
+def _wu_kernel(
+    k,
+    v,
+    beta,
+    gc,
+    ai,
+    w,
+    u,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    NT,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    L2: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """w = (I + A)^-1 (beta k exp(gc)) and u = (I + A)^-1 (beta v) for one chunk and value head."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    _, i_t, bos, seq_len = _chunk_pos(cu_seqlens, chunk_indices, i_c, T, NT, IS_VARLEN)
+    DT = w.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    pos = i_t * BT + o_t
+    m_t = pos < seq_len
+    tok = bos + pos
+    b_a = tl.load(ai + (tok[:, None] * HV + i_hv) * BT + o_t[None, :], mask=m_t[:, None], other=0.0).to(DT)
+    b_b = tl.load(beta + tok * HV + i_hv, mask=m_t, other=0.0).to(tl.float32)
+    b_g = tl.load(gc + tok * HV + i_hv, mask=m_t, other=0.0)
+    b_k = _load_keys(k, tok, m_t, i_h, H, K, BK, L2) * (b_b * tl.exp(b_g))[:, None]
+    b_w = _mm(b_a, b_k.to(DT), PREC)
+    tl.store(w + (tok[:, None] * HV + i_hv) * K + o_k[None, :], b_w.to(DT), mask=m_t[:, None] & (o_k < K)[None, :])
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + (tok[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0) * b_b[:, None]
+        b_u = _mm(b_a, b_v.to(DT), PREC)
+        tl.store(u + (tok[:, None] * HV + i_hv) * V + o_v[None, :], b_u.to(DT), mask=m_tv)
+
+
+@triton.autotune(
+    configs=_configs([{"BV": 64}, {"BV": 32}], [4], [2, 3]),
+    key=["H", "HV", "K", "V", "BK", "IS_VARLEN", "PREC", "LOW"],
+)
+@triton.jit(do_not_specialize=["T", "NT"])
+def _state_kernel(
+    kd,
+    w,
+    u,
+    gc,
+    h,
+    v_new,
+    h0,
+    ht,
+    cu_seqlens,
+    chunk_offsets,
+    T,
+    NT,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    L2: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    LOW: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = (i_nh // HV).to(tl.int64), i_nh % HV
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n * T
+        seq_len = (T + 0 * i_n).to(tl.int64)
+        c0 = i_n * NT
+    n_chunks = tl.cdiv(seq_len, BT)
+    DT = w.dtype.element_ty
+    OT = DT if LOW else tl.float32  # operands of the state products
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    mkv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    s_off = o_k[:, None] * V + o_v[None, :]
+    if USE_H0:
+        b_h = tl.load(h0 + (i_n * HV + i_hv) * K * V + s_off, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(n_chunks):
+        tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + s_off, b_h.to(DT), mask=mkv)
+        pos = i_t * BT + o_t
+        m_t = pos < seq_len
+        tok = bos + pos
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_w = tl.load(
+            w + (tok[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0
+        )
+        b_u = tl.load(u + (tok[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_v = b_u - _mm(b_w.to(OT), b_h.to(OT), PREC)
+        tl.store(v_new + (tok[:, None] * HV + i_hv) * V + o_v[None, :], b_v.to(DT), mask=m_tv)
+        last = tl.minimum(i_t * BT + BT, seq_len) - 1
+        g_last = tl.load(gc + (bos + last) * HV + i_hv)
+        b_k = tl.load(
+            kd + (tok[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0
+        )
+        b_h = b_h * tl.exp(g_last) + _mm(tl.trans(b_k.to(OT)), b_v.to(OT), PREC)
+    if STORE_HT:
+        tl.store(ht + (i_n * HV + i_hv) * K * V + s_off, b_h, mask=mkv)
+
+
+@triton.autotune(
+    configs=_configs([{"BV": 64}], [4, 8], [2, 3]),
+    key=["H", "HV", "K", "V", "BK", "IS_VARLEN", "PREC", "LOW"],
+)
+@triton.jit(do_not_specialize=["T", "NT"])
+def _output_kernel(
+    q,
+    k,
+    gc,
+    h,
+    v_new,
+    o,
+    scale,
+    cu_seqlens,
+    chunk_indices,
+    T,
+    NT,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    L2: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    LOW: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    _, i_t, bos, seq_len = _chunk_pos(cu_seqlens, chunk_indices, i_c, T, NT, IS_VARLEN)
+    OT = h.dtype.element_ty if LOW else tl.float32  # operands of the products
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    pos = i_t * BT + o_t
+    m_t = pos < seq_len
+    tok = bos + pos
+    b_q = _load_keys(q, tok, m_t, i_h, H, K, BK, L2) * scale
+    b_k = _load_keys(k, tok, m_t, i_h, H, K, BK, L2)
+    b_g = tl.load(gc + tok * HV + i_hv, mask=m_t, other=0.0)
+    b_s = _mm(b_q.to(OT), tl.trans(b_k.to(OT)), PREC)
+    causal = (o_t[:, None] >= o_t[None, :]) & m_t[None, :]
+    b_s = tl.where(causal, b_s * tl.exp(b_g[:, None] - b_g[None, :]), 0.0)
+    b_q = b_q * tl.exp(b_g)[:, None]
+    b_s = b_s.to(OT)
+    b_q = b_q.to(OT)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_h = tl.load(
+            h + (i_c * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :],
+            mask=(o_k < K)[:, None] & (o_v < V)[None, :],
+            other=0.0,
+        )
+        b_v = tl.load(v_new + (tok[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_o = _mm(b_q, b_h.to(OT), PREC) + _mm(b_s, b_v.to(OT), PREC)
+        tl.store(o + (tok[:, None] * HV + i_hv) * V + o_v[None, :], b_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+def _check(q, k, v, g, beta) -> None:
+    if q.shape != k.shape or q.dim() != 4 or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"gated delta rule: bad shapes q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
+    hv, h = v.shape[2], q.shape[2]
+    if hv % h or g.shape != v.shape[:3] or beta.shape != v.shape[:3]:
+        raise ValueError(
+            f"gated delta rule: value heads {hv} must be a multiple of key heads {h}; "
+            f"g{tuple(g.shape)} and beta{tuple(beta.shape)} must be {tuple(v.shape[:3])}"
+        )
+
+
+def _stage_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """dtype of the intermediates: 16-bit when every input is 16-bit (bf16 wins a mix), else float32."""
+    if all(x.dtype in (torch.bfloat16, torch.float16) for x in xs):
+        return torch.float16 if all(x.dtype == torch.float16 for x in xs) else torch.bfloat16
+    return torch.float32
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def chunk_indices_for(cu_seqlens: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk_indices int32 [NC, 2] of (sequence, chunk in sequence), chunk_offsets int32 [N + 1])."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n_chunks = (lens + chunk - 1) // chunk
+    offsets = torch.zeros(lens.numel() + 1, dtype=torch.long, device=cu_seqlens.device)
+    offsets[1:] = n_chunks.cumsum(0)
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=cu_seqlens.device), n_chunks)
+    within = torch.arange(seq.numel(), device=cu_seqlens.device) - offsets[seq]
+    return torch.stack([seq, within], 1).to(torch.int32).contiguous(), offsets.to(torch.int32)
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = CHUNK,
+    cu_seqlens: torch.Tensor | None = None,
+    output_final_state: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule (prefill); the contract of kernels.reference.chunk_gated_delta_rule.
+
+    With cu_seqlens (int [N+1], B == 1) the sequences are independent and initial_state / the final state have N
+    rows. Returns (o [B, T, HV, V] in v's dtype, final state [N, HV, K, V] float32, or None if not asked for).
+    """
+    _check(q, k, v, g, beta)
+    if chunk_size != CHUNK:
+        raise ValueError(f"the Triton chunked kernel uses chunk_size {CHUNK}, got {chunk_size}")
+    b, t, h, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    if cu_seqlens is not None:
+        if b != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1, got {b}")
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != t:
+            raise ValueError(f"cu_seqlens must be 1-d and end at T={t}, got {cu_seqlens.tolist()}")
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+        n = cu_seqlens.numel() - 1
+    else:
+        n = b
+    if initial_state is not None and initial_state.shape != (n, hv, dk, dv):
+        raise ValueError(f"initial_state{tuple(initial_state.shape)} must be {(n, hv, dk, dv)}")
+    scale = dk**-0.5 if scale is None else float(scale)
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    ht = torch.empty(n, hv, dk, dv, dtype=torch.float32, device=q.device) if output_final_state else None
+    o = torch.empty_like(v)
+    if t == 0:
+        if ht is not None:
+            ht.copy_(h0 if h0 is not None else torch.zeros_like(ht))
+        return o, ht
+
+    if cu_seqlens is None:
+        nt = triton.cdiv(t, CHUNK)
+        n_total, chunk_indices, chunk_offsets = b * nt, None, None
+    else:
+        nt = 0
+        chunk_indices, chunk_offsets = chunk_indices_for(cu_seqlens)
+        n_total = chunk_indices.shape[0]
+    st = _stage_dtype(q, k, v)
+    low = st != torch.float32
+    # fp32 inputs: tf32x3 products (about fp32 accuracy on tensor cores; IEEE fp32 dots compile very slowly)
+    prec = "tf32" if low else "tf32x3"
+    bk = _block(dk)
+    common = dict(T=t, NT=nt, H=h, HV=hv, K=dk, BK=bk, L2=use_qk_l2norm, IS_VARLEN=cu_seqlens is not None)
+
+    gc = torch.empty(b, t, hv, dtype=torch.float32, device=q.device)
+    w = torch.empty(b, t, hv, dk, dtype=st, device=q.device)
+    u = torch.empty(b, t, hv, dv, dtype=st, device=q.device)
+    ai = torch.empty(b, t, hv, CHUNK, dtype=st, device=q.device)
+    kd = torch.empty(b, t, hv, dk, dtype=st, device=q.device)
+    _solve_kernel[(n_total, hv)](k, g, beta, gc, ai, kd, cu_seqlens, chunk_indices, BC=_SUB, PREC=prec, **common)
+    _wu_kernel[(n_total, hv)](
+        k, v, beta, gc, ai, w, u, cu_seqlens, chunk_indices, BT=CHUNK, V=dv, BV=min(64, _block(dv)), PREC=prec, **common
+    )
+    hs = torch.empty(n_total, hv, dk, dv, dtype=st, device=q.device)
+    v_new = torch.empty_like(u)
+    _state_kernel[lambda meta: (triton.cdiv(dv, meta["BV"]), n * hv)](
+        kd,
+        w,
+        u,
+        gc,
+        hs,
+        v_new,
+        h0,
+        ht,
+        cu_seqlens,
+        chunk_offsets,
+        BT=CHUNK,
+        USE_H0=h0 is not None,
+        STORE_HT=ht is not None,
+        PREC=prec,
+        LOW="state" in LOW_PRECISION and low,
+        V=dv,
+        **common,
+    )
+    _output_kernel[(n_total, hv)](
+        q,
+        k,
+        gc,
+        hs,
+        v_new,
+        o,
+        scale,
+        cu_seqlens,
+        chunk_indices,
+        BT=CHUNK,
+        PREC=prec,
+        LOW="output" in LOW_PRECISION and low,
+        V=dv,
+        **common,
+    )
+    return o, ht
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused recurrent step (decode)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T"])
+def _recurrent_kernel(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    o,
+    h0,
+    ht,
+    scale,
+    T,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    L2: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = (i_nh // HV).to(tl.int64), i_nh % HV
+    i_h = i_hv // (HV // H)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = o_k < K, o_v < V
+    s_off = (i_n * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
+    if USE_H0:
+        b_h = tl.load(h0 + s_off, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    else:
+        b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    for i_t in range(T):
+        tok = i_n * T + i_t
+        b_q = tl.load(q + (tok * H + i_h) * K + o_k, mask=mk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (tok * H + i_h) * K + o_k, mask=mk, other=0.0).to(tl.float32)
+        if L2:
+            b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + 1e-6)
+            b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + 1e-6)
+        b_v = tl.load(v + (tok * HV + i_hv) * V + o_v, mask=mv, other=0.0).to(tl.float32)
+        b_g = tl.load(g + tok * HV + i_hv).to(tl.float32)
+        b_b = tl.load(beta + tok * HV + i_hv).to(tl.float32)
+        b_h = b_h * tl.exp(b_g)
+        b_v = (b_v - tl.sum(b_h * b_k[:, None], 0)) * b_b
+        b_h = b_h + b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_h * (b_q * scale)[:, None], 0)
+        tl.store(o + (tok * HV + i_hv) * V + o_v, b_o.to(o.dtype.element_ty), mask=mv)
+    if STORE_HT:  # each program reads and writes only its own [K, BV] block: ht may be h0 (in place)
+        tl.store(ht + s_off, b_h, mask=mk[:, None] & mv[None, :])
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+    output_final_state: bool = True,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused recurrent gated delta rule (decode, small T): the contract of the reference op.
+
+    inplace=True updates initial_state (float32, contiguous) and returns it as the final state: no copy.
+    """
+    _check(q, k, v, g, beta)
+    b, t, h, dk = q.shape
+    hv, dv = v.shape[2], v.shape[3]
+    if initial_state is not None and initial_state.shape != (b, hv, dk, dv):
+        raise ValueError(f"initial_state{tuple(initial_state.shape)} must be {(b, hv, dk, dv)}")
+    if inplace:
+        if initial_state is None or initial_state.dtype != torch.float32 or not initial_state.is_contiguous():
+            raise ValueError("inplace=True needs a contiguous float32 initial_state")
+        ht = initial_state
+        h0 = initial_state
+    else:
+        h0 = None if initial_state is None else initial_state.float().contiguous()
+        ht = torch.empty(b, hv, dk, dv, dtype=torch.float32, device=q.device) if output_final_state else None
+    scale = dk**-0.5 if scale is None else float(scale)
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    o = torch.empty_like(v)
+    bv = min(32, _block(dv))
+    _recurrent_kernel[(triton.cdiv(dv, bv), b * hv)](
+        q,
+        k,
+        v,
+        g,
+        beta,
+        o,
+        h0,
+        ht,
+        scale,
+        t,
+        H=h,
+        HV=hv,
+        K=dk,
+        V=dv,
+        BK=_block(dk),
+        BV=bv,
+        L2=use_qk_l2norm,
+        USE_H0=h0 is not None,
+        STORE_HT=ht is not None,
+        num_warps=4 if _block(dk) >= 128 else 2,
+    )
+    return o, ht
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# causal depthwise conv1d + SiLU, and the gated RMSNorm
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_new_state(x_base, s_base, out, T, C, o_c, m_c, W: tl.constexpr, BW: tl.constexpr):
+    """The new conv state: the last W - 1 rows of cat(state, x)."""
+    o_r = tl.arange(0, BW)
+    src = T + o_r
+    in_x = (src >= W - 1)[:, None]
+    m = (o_r < W - 1)[:, None] & m_c[None, :]
+    xv = tl.load(x_base + (src - (W - 1))[:, None] * C + o_c[None, :], mask=m & in_x, other=0.0).to(tl.float32)
+    sv = tl.load(s_base + src[:, None] * C + o_c[None, :], mask=m & ~in_x, other=0.0).to(tl.float32)
+    tl.store(out + o_r[:, None] * C + o_c[None, :], (xv + sv).to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _conv_kernel(
+    x, weight, state, y, new_state, T, C, W: tl.constexpr, BW: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr
+):
+    i_c, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_c = i_c * BC + tl.arange(0, BC)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_c, m_t = o_c < C, o_t < T
+    x_base, s_base = x + i_b * T * C, state + i_b * (W - 1) * C
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for i in tl.static_range(W):
+        j = o_t + i  # index into cat(state, x), of length W - 1 + T
+        in_x = (j >= W - 1)[:, None]
+        m = m_t[:, None] & m_c[None, :]
+        xv = tl.load(x_base + (j - (W - 1))[:, None] * C + o_c[None, :], mask=m & in_x, other=0.0).to(tl.float32)
+        sv = tl.load(s_base + j[:, None] * C + o_c[None, :], mask=m & ~in_x, other=0.0).to(tl.float32)
+        wi = tl.load(weight + o_c * W + i, mask=m_c, other=0.0).to(tl.float32)
+        acc += (xv + sv) * wi[None, :]
+    out = acc * tl.sigmoid(acc)
+    tl.store(y + i_b * T * C + o_t[:, None] * C + o_c[None, :], out.to(y.dtype.element_ty), mask=m_t[:, None] & m_c)
+    if i_t == 0:
+        _conv_new_state(x_base, s_base, new_state + i_b * (W - 1) * C, T, C, o_c, m_c, W, BW)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv + SiLU continuing from state; x [T, C] or [B, T, C], state [W-1, C] or [B, W-1, C].
+
+    Returns (y like x, new state like state); the new state is a new tensor.
+    """
+    batched = x.dim() == 3
+    xb, sb = (x, state) if batched else (x[None], state[None])
+    b, t, c = xb.shape
+    w = weight.shape[1]
+    if weight.shape[0] != c or sb.shape != (b, w - 1, c):
+        raise ValueError(f"causal_conv1d: x{tuple(x.shape)} weight{tuple(weight.shape)} state{tuple(state.shape)}")
+    xb, sb, weight = xb.contiguous(), sb.contiguous(), weight.contiguous()
+    y = torch.empty_like(xb)
+    new_state = torch.empty_like(sb)
+    bt = min(64, _block(t))
+    bc = 256 if t > 1 else 1024
+    _conv_kernel[(triton.cdiv(c, bc), max(1, triton.cdiv(t, bt)), b)](
+        xb, weight, sb, y, new_state, t, c, W=w, BW=triton.next_power_of_2(max(w - 1, 1)), BT=bt, BC=bc
+    )
+    return (y, new_state) if batched else (y[0], new_state[0])
+
+
+@triton.jit
+def _gated_norm_kernel(x, gate, weight, y, N, D: tl.constexpr, eps, BR: tl.constexpr, BD: tl.constexpr):
+    o_r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    o_d = tl.arange(0, BD)
+    m = (o_r < N)[:, None] & (o_d < D)[None, :]
+    off = o_r[:, None] * D + o_d[None, :]
+    b_x = tl.load(x + off, mask=m, other=0.0).to(tl.float32)
+    b_g = tl.load(gate + off, mask=m, other=0.0).to(tl.float32)
+    b_w = tl.load(weight + o_d, mask=o_d < D, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(b_x * b_x, 1) / D + eps)
+    b_n = (b_x * rstd[:, None]).to(x.dtype.element_ty).to(tl.float32)  # rounded like the torch module
+    out = b_w[None, :] * b_n * (b_g * tl.sigmoid(b_g))
+    tl.store(y + off, out.to(y.dtype.element_ty), mask=m)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """rmsnorm(x) over the last dim * weight * silu(gate), in x's dtype; x and gate of one shape [..., D]."""
+    if gate.shape != x.shape or weight.shape != (x.shape[-1],):
+        raise ValueError(f"gated_rms_norm: x{tuple(x.shape)} gate{tuple(gate.shape)} weight{tuple(weight.shape)}")
+    d = x.shape[-1]
+    x2, g2 = x.reshape(-1, d).contiguous(), gate.reshape(-1, d).contiguous()
+    y = torch.empty_like(x2)
+    n = x2.shape[0]
+    bd = _block(d)
+    br = max(1, min(16, 4096 // bd))
+    _gated_norm_kernel[(triton.cdiv(n, br),)](x2, g2, weight.contiguous(), y, n, D=d, eps=eps, BR=br, BD=bd)
+    return y.view(x.shape)

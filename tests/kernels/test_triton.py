@@ -1,0 +1,282 @@
+"""Triton kernels (kernels/triton_gdn.py) run by the Triton interpreter on CPU, against the torch reference and a
+float64 per-token loop.
+
+Triton reads TRITON_INTERPRET when it is imported, when a kernel is decorated and while kernels run. This module
+imports triton with it set, loads its own copy of kernels/triton_gdn.py (kernels.triton_gdn itself is untouched),
+unsets it again, and sets it back only while its own tests run. If triton was already imported for compiling (the GPU
+tests ran first in this process), the module is skipped. Tolerances are relative error norms ||out - ref|| / ||ref||.
+"""
+
+import contextlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+import kernels  # noqa: E402
+from kernels import reference  # noqa: E402
+from tests.kernels.test_reference import inputs, naive  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def _interpret():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _interpreted_copy():
+    with _interpret():
+        import triton.language.standard as std
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(std.cdiv, InterpretedFunction):
+            pytest.skip(
+                "triton was imported without TRITON_INTERPRET=1 earlier in this process (the GPU tests?): "
+                "run tests/kernels/test_triton.py in a process of its own",
+                allow_module_level=True,
+            )
+        spec = importlib.util.spec_from_file_location("kernels._triton_gdn_interpreted", ROOT / "kernels/triton_gdn.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    assert mod.INTERPRET
+    return mod
+
+
+tg = _interpreted_copy()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_on():
+    with _interpret():
+        yield
+
+
+FP32 = 2e-5  # fp32 inputs: the interpreter multiplies in fp32 (numpy)
+# bf16 inputs: intermediates are stored in bf16, and the interpreter's fp32 -> bf16 cast truncates (a GPU rounds to
+# nearest), about doubling the error measured on a GPU (o 4e-3, state 3e-3 at 7B shapes, tests/kernels/test_gpu.py).
+BF16_O, BF16_STATE = 3e-2, 2e-2
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """torch.empty and torch.empty_like filled with NaN: an output element a kernel never writes stays NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("t", [1, 63, 64, 100, 130])
+def test_chunk_matches_naive_and_reference(t, poisoned):
+    q, k, v, g, beta, s0 = inputs(2, t, 2, 4, 24, 40, seed=t)  # batch 2, GVA (HV = 2H), K and V not powers of 2
+    want_o, want_s = naive(q, k, v, g, beta, s0)
+    o, s = tg.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert o.shape == v.shape and o.dtype == torch.float32 and s.dtype == torch.float32
+    assert rel(o, want_o) < FP32 and rel(s, want_s) < FP32
+    ro, rs = reference.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert rel(o, ro) < FP32 and rel(s, rs) < FP32
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_recurrent_matches_naive_and_reference(t, poisoned):
+    q, k, v, g, beta, s0 = inputs(2, t, 2, 4, 24, 40, seed=10 + t)
+    want_o, want_s = naive(q, k, v, g, beta, s0)
+    o, s = tg.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert rel(o, want_o) < FP32 and rel(s, want_s) < FP32
+    ro, rs = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert rel(o, ro) < FP32 and rel(s, rs) < FP32
+
+
+def test_recurrent_in_place_and_without_state(poisoned):
+    q, k, v, g, beta, s0 = inputs(1, 3, 2, 2, 16, 32, seed=20)
+    o, s = tg.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    state = s0.clone()
+    oi, si = tg.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state, inplace=True)
+    assert si is state
+    torch.testing.assert_close(oi, o, rtol=0, atol=0)
+    torch.testing.assert_close(state, s, rtol=0, atol=0)
+    assert not torch.equal(state, s0)
+    o0, s0_out = tg.recurrent_gated_delta_rule(q, k, v, g, beta)  # no initial state: zeros
+    ro, rs = reference.recurrent_gated_delta_rule(q, k, v, g, beta)
+    assert rel(o0, ro) < FP32 and rel(s0_out, rs) < FP32
+
+
+def test_state_carried_across_calls(poisoned):
+    q, k, v, g, beta, s0 = inputs(1, 150, 2, 2, 48, 32, seed=2)
+    whole_o, whole_s = tg.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    s, outs = s0, []
+    for a, b in [(0, 37), (37, 38), (38, 150)]:  # an odd split, a decode step, then a chunk crossing 64-boundaries
+        op = tg.recurrent_gated_delta_rule if b - a == 1 else tg.chunk_gated_delta_rule
+        o, s = op(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], initial_state=s)
+        outs.append(o)
+    assert rel(torch.cat(outs, 1), whole_o) < FP32 and rel(s, whole_s) < FP32
+
+
+def test_varlen_matches_separate_runs(poisoned):
+    lens = [37, 64, 90]
+    q, k, v, g, beta, _ = inputs(1, sum(lens), 2, 4, 24, 32, seed=3)
+    s0 = torch.randn(len(lens), 4, 24, 32) * 0.1
+    cu = torch.tensor([0, 37, 101, 191], dtype=torch.int32)
+    o, s = tg.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, cu_seqlens=cu)
+    assert o.shape == v.shape and s.shape == s0.shape
+    for i in range(len(lens)):
+        a, b = int(cu[i]), int(cu[i + 1])
+        args = (q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b])
+        want_o, want_s = naive(*args, s0[i : i + 1])
+        assert rel(o[:, a:b], want_o) < FP32 and rel(s[i : i + 1], want_s) < FP32
+        po, ps = tg.chunk_gated_delta_rule(*args, initial_state=s0[i : i + 1])
+        assert rel(o[:, a:b], po) < 1e-6 and rel(s[i : i + 1], ps) < 1e-6
+    ro, rs = reference.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0, cu_seqlens=cu)
+    assert rel(o, ro) < FP32 and rel(s, rs) < FP32
+
+
+def test_varlen_with_an_empty_sequence_and_no_initial_state():
+    q, k, v, g, beta, _ = inputs(1, 70, 1, 1, 16, 16, seed=4)
+    cu = torch.tensor([0, 70, 70], dtype=torch.int32)
+    o, s = tg.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)
+    ro, rs = reference.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)
+    assert rel(o, ro) < FP32 and rel(s, rs) < FP32
+    assert torch.equal(s[1], torch.zeros_like(s[1]))
+
+
+def test_bf16_inputs(poisoned):
+    q, k, v, g, beta, s0 = inputs(1, 100, 2, 2, 48, 32, seed=5)
+    q, k, v, beta = (x.bfloat16() for x in (q, k, v, beta))
+    o, s = tg.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
+    ro, rs = reference.chunk_gated_delta_rule(*(x.float() for x in (q, k, v, g, beta)), initial_state=s0)
+    assert rel(o, ro) < BF16_O and rel(s, rs) < BF16_STATE
+    o1, s1 = tg.recurrent_gated_delta_rule(q[:, :2], k[:, :2], v[:, :2], g[:, :2], beta[:, :2], initial_state=s0)
+    r1, rs1 = reference.recurrent_gated_delta_rule(*(x[:, :2].float() for x in (q, k, v, g, beta)), initial_state=s0)
+    assert rel(o1, r1) < 1e-2 and rel(s1, rs1) < FP32  # output rounded to bf16 (truncated here); state fp32
+
+
+def test_shapes_are_checked():
+    q, k, v, g, beta, _ = inputs(1, 5, 2, 3, 8, 8)
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        tg.chunk_gated_delta_rule(q, k, v, g, beta)
+    q, k, v, g, beta, _ = inputs(2, 5, 1, 1, 16, 16)
+    with pytest.raises(ValueError, match="batch size 1"):
+        tg.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_conv_matches_reference_and_continues(dtype, poisoned):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 70, 40, generator=gen).to(dtype)
+    w = torch.randn(40, 4, generator=gen).to(dtype)
+    s0 = torch.randn(2, 3, 40, generator=gen).to(dtype)
+    y, st = tg.causal_conv1d(x, w, s0)  # batched
+    for b in range(2):
+        ry, rst = reference.causal_conv1d(x[b].float(), w.float(), s0[b].float())
+        assert rel(y[b], ry) < (1e-6 if dtype == torch.float32 else 1e-2)
+        torch.testing.assert_close(st[b], rst.to(dtype), rtol=0, atol=0)
+    parts, s = [], s0[0]
+    for a, b in [(0, 1), (1, 2), (2, 69), (69, 70)]:  # decode steps and a prefill, state carried
+        yp, s = tg.causal_conv1d(x[0, a:b], w, s)
+        parts.append(yp)
+    torch.testing.assert_close(torch.cat(parts), y[0], rtol=0, atol=0)
+    torch.testing.assert_close(s, st[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d", [24, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rms_norm(d, dtype, poisoned):
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 7, d, generator=gen).to(dtype)
+    gate = torch.randn(3, 7, d, generator=gen).to(dtype)
+    w = torch.rand(d, generator=gen) + 0.5
+    y = tg.gated_rms_norm(x, gate, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert rel(y, reference.gated_rms_norm(x, gate, w, 1e-5)) < (1e-6 if dtype == torch.float32 else 1e-2)
+    xf = x.double()
+    want = (
+        w.double() * xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * torch.nn.functional.silu(gate.double())
+    )
+    assert rel(y, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+# ---- dispatcher ----
+
+
+def test_dispatcher_modes(monkeypatch):
+    x = torch.zeros(2)
+    monkeypatch.delenv("DELTAMEM_KERNELS", raising=False)
+    assert kernels.backend(x) == "torch"  # auto on CPU
+    monkeypatch.setenv("DELTAMEM_KERNELS", "torch")
+    assert kernels.backend(x) == "torch"
+    monkeypatch.setenv("DELTAMEM_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="DELTAMEM_KERNELS"):
+        kernels.backend(x)
+    monkeypatch.setenv("DELTAMEM_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.chunk_gated_delta_rule(*inputs(1, 3, 1, 1, 16, 16)[:5])
+
+
+def test_dispatcher_runs_triton_on_cpu_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("DELTAMEM_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "_triton_module", tg)
+    q, k, v, g, beta, s0 = inputs(1, 70, 2, 2, 16, 16, seed=7)
+    o, s = kernels.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    ro, rs = reference.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert rel(o, ro) < FP32 and rel(s, rs) < FP32
+    o1, s1 = kernels.recurrent_gated_delta_rule(q[:, :1], k[:, :1], v[:, :1], g[:, :1], beta[:, :1], None, s0)
+    ro1, rs1 = reference.recurrent_gated_delta_rule(q[:, :1], k[:, :1], v[:, :1], g[:, :1], beta[:, :1], None, s0)
+    assert rel(o1, ro1) < FP32 and rel(s1, rs1) < FP32
+    x, w, st = torch.randn(5, 8), torch.randn(8, 4), torch.randn(3, 8)
+    y, ns = kernels.causal_conv1d(x, w, st)
+    ry, rns = reference.causal_conv1d(x, w, st)
+    assert rel(y, ry) < 1e-6 and torch.equal(ns, rns)
+    gate, nw = torch.randn(5, 8), torch.rand(8)
+    assert rel(kernels.gated_rms_norm(x, gate, nw), reference.gated_rms_norm(x, gate, nw)) < 1e-6
+
+
+def test_reference_varlen_matches_separate_runs():
+    q, k, v, g, beta, _ = inputs(1, 50, 1, 2, 8, 8, seed=8)
+    s0 = torch.randn(2, 2, 8, 8)
+    o, s = kernels.chunk_gated_delta_rule(q, k, v, g, beta, None, s0, cu_seqlens=torch.tensor([0, 20, 50]))
+    for i, (a, b) in enumerate([(0, 20), (20, 50)]):
+        po, ps = reference.chunk_gated_delta_rule(
+            q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], initial_state=s0[i : i + 1]
+        )
+        torch.testing.assert_close(o[:, a:b], po)
+        torch.testing.assert_close(s[i : i + 1], ps)
+
+
+def test_import_does_not_load_triton_on_cpu():
+    code = (
+        "import sys, torch, kernels\n"
+        "x = torch.randn(1, 3, 1, 16)\n"
+        "kernels.chunk_gated_delta_rule(x, x, x, torch.zeros(1, 3, 1), torch.ones(1, 3, 1))\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DELTAMEM_KERNELS", "TRITON_INTERPRET")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
