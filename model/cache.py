@@ -26,6 +26,11 @@ class Rotary:
     """Rotate-half RoPE (Hugging Face Llama convention). One instance serves every attention layer, so the
     cos/sin of a step's positions are computed once per step, not once per layer."""
 
+    @classmethod
+    def of(cls, cfg) -> Rotary | None:
+        """The rotary of a model config (None for NoPE models)."""
+        return cls(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
+
     def __init__(self, head_dim: int, theta: float):
         # inv_freq as transformers computes it (float32), used in float64 for the angles.
         self.inv_freq = (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)).double()

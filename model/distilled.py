@@ -49,7 +49,7 @@ def convert(teacher: dict[str, torch.Tensor], cfg, seed: int = 0) -> dict[str, t
     conv = identity tap, beta = 1 (b = 0), decay rates spread as OLMo Hybrid does (A in [1, 16], dt in
     [1e-3, 0.1]), output gate random small, o_norm = 1."""
     gen = torch.Generator().manual_seed(seed)
-    sd = {k: v for k, v in teacher.items()}
+    sd = dict(teacher)
     h, heads, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     conv_dim = 3 * heads * hd
     for i in converted_layers(cfg):

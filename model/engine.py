@@ -44,7 +44,7 @@ def empty_states(
     cfg: ModelConfig, window: int | None, sink: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> list[DeltaState | KVWindow]:
     """The state of a model of this config before its first token: per layer, a DeltaState or a KVWindow."""
-    rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
+    rotary = Rotary.of(cfg)
     states: list[DeltaState | KVWindow] = []
     for layer_type in cfg.layer_types:
         if layer_type == LINEAR:

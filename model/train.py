@@ -94,11 +94,6 @@ def block_forward(
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
-def rotary_for(model: HybridLM) -> Rotary | None:
-    cfg = model.config
-    return Rotary(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
-
-
 def hidden_states(
     model: HybridLM,
     ids: torch.Tensor,
@@ -107,7 +102,7 @@ def hidden_states(
     traces: list[dict] | None = None,
 ) -> torch.Tensor:
     """ids [B, T] -> final normed hidden states [B, T, hidden]. `traces`, if given, gets one dict per layer."""
-    rotary = rotary_for(model)
+    rotary = Rotary.of(model.config)
     x = model.model.embed_tokens(ids)
     for layer in model.model.layers:
         trace = {} if traces is not None else None
