@@ -94,8 +94,8 @@ class AgentSession:
         if ids is None:
             log.warning("snapshot %s was saved without its token ids; skipping it", snapshot_id)
             return False
-        blob = self.store.load_snapshot(self.sid, snapshot_id)
-        header, _ = snap.read_header(blob)
+        blob = self.store.load_snapshot(self.sid, snapshot_id, joined=False)
+        header, _ = snap.read_header(blob[0])
         if header.get("tokens_seen") != len(ids) or header.get("token_chain") != snap.chain(snap.EMPTY_CHAIN, ids):
             log.warning("snapshot %s does not match its stored token ids; skipping it", snapshot_id)
             return False

@@ -310,7 +310,7 @@ def resume(eng: Engine, hf, n: int, folder: Path, quick: bool) -> dict:
         sync()
         t = time.perf_counter()
         with Store(db) as store:
-            blob = store.load_snapshot(sid)
+            blob = store.load_snapshot(sid, joined=False)
         eng.restore(blob)
         sync()
         return time.perf_counter() - t

@@ -313,15 +313,17 @@ class Store:
             )
         )
 
-    def load_snapshot(self, ref: str, snapshot_id: int | None = None) -> bytes:
-        """The session's latest snapshot (or a given one of its own), reassembled and verified by hash."""
+    def load_snapshot(self, ref: str, snapshot_id: int | None = None, joined: bool = True) -> bytes | list[bytes]:
+        """The session's latest snapshot (or a given one of its own), verified by hash: its bytes, or with
+        joined=False the same bytes in parts, [headers, tensor, tensor, ...] (Engine.restore takes either; a
+        large state then skips one copy of itself)."""
         with self._read():
             rows = self.snapshots(ref)
             if snapshot_id is not None:
                 rows = [r for r in rows if r["id"] == snapshot_id]
             if not rows:
                 raise NotFound(f"session {ref!r} has no snapshot" + (f" {snapshot_id}" if snapshot_id else ""))
-            return self._blob(rows[-1]["id"])
+            return self._blob(rows[-1]["id"], joined)
 
     def load_tokens(self, ref: str, snapshot_id: int) -> list[int] | None:
         """The token ids one of the session's snapshots has consumed (None if it was saved without them)."""
@@ -344,20 +346,21 @@ class Store:
             ids.byteswap()
         return ids.tolist()
 
-    def _blob(self, snapshot_id: int) -> bytes:
+    def _blob(self, snapshot_id: int, joined: bool = True) -> bytes | list[bytes]:
         row = self.db["snapshots"].get(snapshot_id)
         parts = _piece_rows(self.db, snapshot_id)
         missing = sum(d is None for _, d in parts)
         if missing:
             raise CorruptSnapshot(f"snapshot {snapshot_id} lacks {missing} of its stored pieces")
         try:
-            blob = pc.join(row["prefix"], parts)
+            pc.verify(parts)
         except pc.BlobError as e:
             raise CorruptSnapshot(f"snapshot {snapshot_id}: {e}") from e
-        # Each piece was checked against its hash by join(); the headers against theirs: together, every byte.
+        # Each piece was checked against its hash by verify(); the headers against theirs: together, every byte.
         if hashlib.sha256(row["prefix"]).hexdigest() != row["prefix_sha256"]:
             raise CorruptSnapshot(f"snapshot {snapshot_id}: its stored headers are corrupt (hash mismatch)")
-        return blob
+        datas = [row["prefix"], *(d for _, d in parts)]
+        return b"".join(datas) if joined else datas
 
     def name_snapshot(self, ref: str, snapshot_id: int, name: str | None) -> None:
         """Pin (or with None, unpin) one of the session's snapshots: named ones survive retention."""

@@ -199,9 +199,10 @@ class Engine:
         """The whole state as bytes (see model/snapshot.py); restore() continues from it exactly."""
         return snap.pack(self._header(), self._state_tensors())
 
-    def restore(self, blob: bytes) -> None:
-        """Replace the state by a snapshot's. Refuses, leaving the state as it was, a blob of another model,
-        another window/dtype, an unknown format version, or a truncated or corrupted blob."""
+    def restore(self, blob: bytes | Sequence[bytes]) -> None:
+        """Replace the state by a snapshot's (its bytes, or the parts Store.load_snapshot(joined=False) gives).
+        Refuses, leaving the state as it was, a blob of another model, another window/dtype, an unknown format
+        version, or a truncated or corrupted blob."""
         header, tensors = snap.unpack(blob)
         mine = self._header()
         if header.get("fingerprint") != mine["fingerprint"]:

@@ -4,8 +4,11 @@
 
 The header carries `format` (version), `fingerprint` (model), `dtype`, `window`, `sink`, `tokens_seen`,
 `token_chain` (chained sha256 of every token id consumed), `shapes` (tensor name -> shape), `payload_bytes`,
-and `sha256` over the rest of the header (canonical JSON) followed by the payload, so a flipped bit anywhere is
-caught. The payload is a plain safetensors file whose tensors are the per-layer states;
+and `sha256`, so a flipped bit anywhere is caught: from format 2 it is the sha256 of the rest of the header
+(canonical JSON) followed by the sha256 of the payload's index and of each tensor's bytes, so threads hash a large
+state in parallel and a store can hand the tensors over in its pieces, unjoined (format 1, still read, hashed
+header and payload as one stream). The payload is a plain safetensors file whose tensors are the per-layer states,
+decoded as views of the blob (no copy: restore copies them into place);
 attention windows come as fixed-size pages, each its own tensor, so a store can split a payload at tensor
 boundaries and deduplicate unchanged pages without knowing the model.
 """
@@ -14,82 +17,150 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import struct
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from model.errors import SnapshotError
 
 MAGIC = b"DMSNAP\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)
+# safetensors dtype names -> torch (the ones a state can hold)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
 
 
 def pack(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
-    payload = st_save({n: t.detach().contiguous().cpu() for n, t in tensors.items()})
+    payload = memoryview(st_save({n: t.detach().contiguous().cpu() for n, t in tensors.items()}))
     header = dict(header)
     header.update(
         format=FORMAT_VERSION,
         shapes={n: list(t.shape) for n, t in sorted(tensors.items())},
         payload_bytes=len(payload),
     )
-    header["sha256"] = _digest(header, payload)
+    _, st_head, datas = _layout(payload)
+    header["sha256"] = _digest(header, st_head, datas)
     hb = json.dumps(header, sort_keys=True).encode()
-    return MAGIC + struct.pack("<I", len(hb)) + hb + payload
+    return b"".join([MAGIC, struct.pack("<I", len(hb)), hb, payload])
 
 
 def read_header(blob: bytes) -> tuple[dict[str, Any], int]:
     """Parse and check the header; returns it and the payload offset. Does not hash the payload."""
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise SnapshotError(f"a snapshot is bytes, got {type(blob).__name__}")
-    blob = bytes(blob)
-    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
+    blob = memoryview(blob)
+    if blob[: len(MAGIC)] != MAGIC or len(blob) < len(MAGIC) + 4:
         raise SnapshotError("not a deltamem snapshot (bad magic bytes)")
     (n,) = struct.unpack_from("<I", blob, len(MAGIC))
     start = len(MAGIC) + 4
     if start + n > len(blob):
         raise SnapshotError("snapshot is truncated (header cut short)")
     try:
-        header = json.loads(blob[start : start + n])
+        header = json.loads(bytes(blob[start : start + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SnapshotError(f"snapshot header is corrupt: {e}") from e
     if not isinstance(header, dict) or "format" not in header:
         raise SnapshotError("snapshot header is corrupt: no format version")
-    if type(header["format"]) is not int or header["format"] != FORMAT_VERSION:
+    if type(header["format"]) is not int or header["format"] not in READS:
         raise SnapshotError(
             f"snapshot format version {header['format']!r} is not supported by this deltamem "
-            f"(it reads version {FORMAT_VERSION}); upgrade deltamem or re-create the session"
+            f"(it reads versions {', '.join(map(str, READS))}); upgrade deltamem or re-create the session"
         )
     return header, start + n
 
 
-def unpack(blob: bytes) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Check magic, version, length and sha256, then decode the tensors and check their shapes."""
-    header, off = read_header(blob)
-    payload = bytes(blob[off:])
-    if len(payload) != header.get("payload_bytes"):
+def unpack(blob: bytes | Sequence[bytes]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Check magic, version, length and sha256, then decode the tensors and check their shapes.
+
+    `blob` is the snapshot's bytes, or the same bytes in parts as memory/pieces.py splits them: [everything up to
+    the first tensor's bytes, then each tensor's bytes in payload order] (a store need not join a large state).
+    The tensors are read-only views of those bytes (no copy): copy them before writing into them."""
+    whole = isinstance(blob, bytes | bytearray | memoryview)
+    if not whole and not (isinstance(blob, Sequence) and blob and not isinstance(blob, str)):
+        raise SnapshotError(f"a snapshot is bytes, got {type(blob).__name__}")
+    parts = [memoryview(blob)] if whole else [memoryview(p) for p in blob]
+    header, off = read_header(parts[0])
+    size = sum(map(len, parts)) - off
+    if size != header.get("payload_bytes"):
         raise SnapshotError(
-            f"snapshot is truncated or padded: payload has {len(payload)} bytes, header says "
-            f"{header.get('payload_bytes')}"
+            f"snapshot is truncated or padded: payload has {size} bytes, header says {header.get('payload_bytes')}"
         )
-    if _digest(header, payload) != header.get("sha256"):
+    index, st_head, datas = _layout(parts[0][off:], None if whole else parts[1:])
+    if _digest(header, st_head, datas) != header.get("sha256"):
         raise SnapshotError("snapshot is corrupt: its sha256 does not match its header and payload")
-    try:
-        tensors = st_load(payload)
-    except Exception as e:  # safetensors raises its own error types
-        raise SnapshotError(f"snapshot payload is not a valid safetensors file: {e}") from e
+    tensors = {}
+    with warnings.catch_warnings():  # a bytes blob is read-only; these views are only read
+        warnings.simplefilter("ignore", UserWarning)
+        for (name, dtype, shape), data in zip(index, datas, strict=True):
+            flat = torch.frombuffer(data, dtype=dtype) if len(data) else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.view(shape)
     shapes = {n: list(t.shape) for n, t in tensors.items()}
     if shapes != header.get("shapes"):
         raise SnapshotError("snapshot payload tensors do not match the shapes in its header")
     return header, tensors
 
 
-def _digest(header: dict[str, Any], payload: bytes) -> str:
+def _layout(payload: memoryview, datas: list[memoryview] | None = None):
+    """A safetensors payload's index [(name, dtype, shape)] in byte order, its header bytes and each tensor's bytes.
+
+    With `datas` the payload is only its header and the tensors' bytes come separately, one buffer each.
+    (safetensors.torch.load copies every tensor twice, most of a large restore's time; the format is simple: an
+    8-byte length, a JSON index of dtype/shape/offsets, then the tensors laid end to end.)"""
+    try:
+        (n,) = struct.unpack_from("<Q", payload, 0)
+        spans = json.loads(bytes(payload[8 : 8 + n]))
+        st_head = payload[: 8 + n]
+        if len(st_head) != 8 + n:
+            raise ValueError("its header is cut short")
+        index, pos, offsets = [], 0, []
+        entries = sorted((v["data_offsets"], k, v) for k, v in spans.items() if k != "__metadata__")
+        for (a, b), name, spec in entries:
+            dtype, shape = _DTYPES[spec["dtype"]], [int(d) for d in spec["shape"]]
+            if a != pos or b - a != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} at bytes {a}..{b} does not follow the previous one or fit its shape")
+            index.append((name, dtype, shape))
+            offsets.append((a, b))
+            pos = b
+        if datas is None:
+            body = payload[8 + n :]
+            if len(body) != pos:
+                raise ValueError(f"{len(body)} bytes of tensors, the index describes {pos}")
+            datas = [body[a:b] for a, b in offsets]
+        elif len(payload) != 8 + n or [len(d) for d in datas] != [b - a for a, b in offsets]:
+            raise ValueError("its parts do not match the index")
+        return index, st_head, datas
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+        raise SnapshotError(f"snapshot is corrupt: its payload is not a valid safetensors file: {e}") from e
+
+
+def _digest(header: dict[str, Any], st_head: memoryview, datas: list[memoryview]) -> str:
+    """Format 1: sha256 of the canonical header JSON then the payload. Format 2: of the JSON, then the sha256 of
+    the payload's index and of each tensor's bytes (hashed by threads: hashlib lets go of the GIL)."""
     rest = {k: v for k, v in header.items() if k != "sha256"}
     h = hashlib.sha256(json.dumps(rest, sort_keys=True).encode())
-    h.update(payload)
+    parts = [st_head, *datas]
+    if header.get("format") == 1:
+        for p in parts:
+            h.update(p)
+        return h.hexdigest()
+    if sum(map(len, parts)) < 1 << 20:
+        leaves = [hashlib.sha256(p).digest() for p in parts]
+    else:
+        with ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1, 16)) as pool:
+            leaves = list(pool.map(lambda p: hashlib.sha256(p).digest(), parts))
+    for leaf in leaves:
+        h.update(leaf)
     return h.hexdigest()
 
 

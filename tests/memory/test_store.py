@@ -96,6 +96,11 @@ def test_unchanged_window_pages_are_stored_once(store, ckpt):
     kv = sum(t.numel() * t.element_size() for n, t in eng._state_tensors().items() if ".kv." in n)
     assert written < len(blob) - kv // 2  # most of the window was not rewritten
     assert store.load_snapshot(sid) == blob
+    parts = store.load_snapshot(sid, joined=False)  # unjoined: headers, then one part per tensor
+    assert b"".join(parts) == blob and len(parts) == 1 + len(eng._state_tensors())
+    fresh = load_model(ckpt, window=1024, sink=4)
+    fresh.restore(parts)
+    assert fresh.snapshot() == blob
 
 
 def test_corrupt_piece_is_detected_and_nothing_else_touched(store, ckpt):
@@ -115,8 +120,9 @@ def test_corrupt_piece_is_detected_and_nothing_else_touched(store, ckpt):
     data = bytearray(store.db["pieces"].get(victim)["data"])
     data[len(data) // 2] ^= 0x40
     store.db.execute("update pieces set data = ? where sha256 = ?", [bytes(data), victim])
-    with pytest.raises(CorruptSnapshot, match="corrupt"):
-        store.load_snapshot(b)
+    for joined in (True, False):
+        with pytest.raises(CorruptSnapshot, match="corrupt"):
+            store.load_snapshot(b, joined=joined)
     assert store.load_snapshot(a) == blob_a
     store.db.execute("update pieces set data = ? where sha256 = ?", [bytes(data[:10]), victim])
     with pytest.raises(CorruptSnapshot):

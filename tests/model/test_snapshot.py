@@ -143,3 +143,81 @@ def test_self_consistent_but_wrong_blobs(engine_and_blob, dirs):
 def test_negative_sink_is_refused(dirs):
     with pytest.raises(ValueError, match="sink >= 0"):
         load_model(dirs[0], window=4, sink=-1)
+
+
+def _split_payload(blob):
+    """Independent reading of the layout: header JSON, safetensors index bytes, tensors' bytes in offset order."""
+    (n,) = struct.unpack_from("<I", blob, len(MAGIC))
+    start = len(MAGIC) + 4
+    header, payload = json.loads(blob[start : start + n]), blob[start + n :]
+    (m,) = struct.unpack_from("<Q", payload, 0)
+    index = json.loads(payload[8 : 8 + m])
+    spans = sorted(v["data_offsets"] for k, v in index.items() if k != "__metadata__")
+    return header, payload, payload[: 8 + m], [payload[8 + m + a : 8 + m + b] for a, b in spans]
+
+
+def _sealed(header, payload, digest):
+    header = dict(header, sha256=digest)
+    hb = json.dumps(header).encode()
+    return MAGIC + struct.pack("<I", len(hb)) + hb + payload
+
+
+def test_digest_is_the_documented_tree_of_sha256s(engine_and_blob):
+    import hashlib
+
+    eng, blob = engine_and_blob
+    header, _, st_head, datas = _split_payload(blob)
+    rest = {k: v for k, v in header.items() if k != "sha256"}
+    h = hashlib.sha256(json.dumps(rest, sort_keys=True).encode())
+    for part in (st_head, *datas):
+        h.update(hashlib.sha256(part).digest())
+    assert header["format"] == 2 and header["sha256"] == h.hexdigest()
+
+
+def test_format_1_blobs_still_restore(engine_and_blob, dirs):
+    """A blob of the first format (one sha256 over header JSON and payload) from an older deltamem."""
+    import hashlib
+
+    eng, blob = engine_and_blob
+    header, payload, _, _ = _split_payload(blob)
+    header = {k: v for k, v in header.items() if k != "sha256"} | {"format": 1}
+    v1 = _sealed(header, payload, hashlib.sha256(json.dumps(header, sort_keys=True).encode() + payload).hexdigest())
+    other = load_model(dirs[0], window=16, sink=2)
+    other.restore(v1)
+    assert torch.equal(other.feed([5, 6]), eng.feed([5, 6]))
+    refuses(other, v1[:-1] + bytes([v1[-1] ^ 1]), "corrupt")
+
+
+def test_restore_from_parts_and_a_bad_part(engine_and_blob, dirs):
+    eng, blob = engine_and_blob
+    _, payload, st_head, datas = _split_payload(blob)
+    parts = [blob[: len(blob) - len(payload) + len(st_head)], *datas]
+    assert b"".join(parts) == blob
+    other = load_model(dirs[0], window=16, sink=2)
+    other.restore(parts)
+    assert torch.equal(other.feed([5, 6]), eng.feed([5, 6]))
+    bad = list(parts)
+    bad[2] = bytes([bad[2][0] ^ 4]) + bad[2][1:]
+    refuses(other, bad, "corrupt")
+    refuses(other, [parts[0], *parts[2:]], "truncated")
+    refuses(other, [parts[0], parts[2], parts[1], *parts[3:]], "corrupt|do not match")
+
+
+def test_index_with_overlapping_tensors_is_refused(engine_and_blob):
+    """Hashes valid, but the safetensors index points two tensors at the same bytes: refused, not misread."""
+    import hashlib
+
+    eng, blob = engine_and_blob
+    header, payload, st_head, datas = _split_payload(blob)
+    (m,) = struct.unpack_from("<Q", payload, 0)
+    index = json.loads(payload[8 : 8 + m])
+    names = sorted((v["data_offsets"], k) for k, v in index.items() if k != "__metadata__")
+    index[names[1][1]]["data_offsets"] = index[names[0][1]]["data_offsets"]
+    ib = json.dumps(index).encode()
+    new_payload = struct.pack("<Q", len(ib)) + ib + payload[8 + m :]
+    header = dict(header, payload_bytes=len(new_payload))
+    rest = {k: v for k, v in header.items() if k != "sha256"}
+    h = hashlib.sha256(json.dumps(rest, sort_keys=True).encode())
+    for part in (new_payload[: 8 + len(ib)], *datas):
+        h.update(hashlib.sha256(part).digest())
+    refuses(eng, _sealed(header, new_payload, h.hexdigest()), "does not follow|not a valid safetensors")
