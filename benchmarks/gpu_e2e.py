@@ -377,7 +377,7 @@ def main() -> None:
             versions[mod] = f"not importable: {type(e).__name__}"
     import kernels
 
-    versions["kernels"] = ", ".join(sorted(n for n in dir(kernels) if not n.startswith("_")))
+    versions["kernels"] = kernels.backend(torch.empty(0, device="cuda"))
     hf_cfg = olmo_hybrid_7b_config()
     doc: dict = {
         "device": device_name(),

@@ -18,12 +18,16 @@ from kernels import reference
 from kernels.reference import l2_normalize
 
 __all__ = [
+    "add_rms_norm",
     "backend",
     "causal_conv1d",
     "chunk_gated_delta_rule",
+    "delta_gates",
     "gated_rms_norm",
     "l2_normalize",
     "recurrent_gated_delta_rule",
+    "rms_norm",
+    "rms_norm_add",
 ]
 
 _MODES = ("auto", "torch", "triton")
@@ -115,3 +119,25 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """rmsnorm(x) over the last dim * weight * silu(gate), in x's dtype (Gated DeltaNet's output norm)."""
     return _impl(x).gated_rms_norm(x, gate, weight, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight over the last dim in float32, rounded once to x's dtype."""
+    return _impl(x).rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + y, rms_norm(x + y, weight)): residual add then the next pre-norm, in one pass on the GPU."""
+    return _impl(x).add_rms_norm(x, y, weight, eps)
+
+
+def rms_norm_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + rms_norm(y, weight): a post-norm and its residual add, in one pass on the GPU."""
+    return _impl(x).rms_norm_add(x, y, weight, eps)
+
+
+def delta_gates(
+    a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's (g, beta) from its a/b projections; see kernels.reference.delta_gates."""
+    return _impl(a).delta_gates(a, b, a_log, dt_bias, beta_scale)

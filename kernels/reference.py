@@ -143,12 +143,15 @@ def chunk_gated_delta_rule(
     q_dec = q * gcum.exp()[..., None]  # queries read the old state decayed to their position
     k_dec = k * (gcum[..., -1:] - gcum).exp()[..., None]  # keys decayed to the chunk end
     chunk_decay = gcum[..., -1].exp()[..., None, None]
-    out = torch.empty_like(v)
+    # Chunks as separate tensors (unbind) and outputs stacked once: under autograd, slicing chunk i out of a
+    # whole tensor (or assigning into one) costs a whole-size zero-fill and add per chunk in the backward.
+    u, wk, q_dec, attn, k_dec, chunk_decay = (x.unbind(2) for x in (u, wk, q_dec, attn, k_dec, chunk_decay))
+    outs = []
     for i in range(n):
-        v_new = u[:, :, i] - wk[:, :, i] @ state  # delta-rule correction against the state so far
-        out[:, :, i] = q_dec[:, :, i] @ state + attn[:, :, i] @ v_new
-        state = state * chunk_decay[:, :, i] + k_dec[:, :, i].transpose(-1, -2) @ v_new
-    out = out.view(b, hv, n * c, dv)[:, :, :t].transpose(1, 2)
+        v_new = u[i] - wk[i] @ state  # delta-rule correction against the state so far
+        outs.append(q_dec[i] @ state + attn[i] @ v_new)
+        state = state * chunk_decay[i] + k_dec[i].transpose(-1, -2) @ v_new
+    out = torch.stack(outs, 2).view(b, hv, n * c, dv)[:, :, :t].transpose(1, 2)
     return out.to(out_dtype), state
 
 
@@ -196,3 +199,27 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
     for i in range(1, w):
         y = y + xx[i : i + t] * weight[:, i]
     return F.silu(y), xx[xx.shape[0] - state.shape[0] :].to(state.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight over the last dim, computed in float32 and rounded once to x's dtype (F.rms_norm)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + y, rms_norm(x + y)): a pre-norm block's residual add and the next norm."""
+    s = x + y
+    return s, rms_norm(s, weight, eps)
+
+
+def rms_norm_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + rms_norm(y): a post-norm block's norm and residual add."""
+    return x + rms_norm(y, weight, eps)
+
+
+def delta_gates(
+    a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's log decay g = -exp(A_log) * softplus(a + dt_bias) (float32) and write strength
+    beta = sigmoid(b) * beta_scale (in b's dtype): model/layers.py GatedDeltaNet's formulas."""
+    return -a_log.float().exp() * F.softplus(a.float() + dt_bias), b.sigmoid() * beta_scale

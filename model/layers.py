@@ -24,11 +24,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _gpu_inference(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 or x.is_cuda:  # one fused op (float accumulation); same formula as below
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
+
+    def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + y, self(x + y)); one kernel on the GPU."""
+        if _gpu_inference(x):
+            return kernels.add_rms_norm(x, y, self.weight, self.eps)
+        s = x + y
+        return s, self(s)
+
+    def norm_add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x + self(y); one kernel on the GPU."""
+        if _gpu_inference(x):
+            return kernels.rms_norm_add(x, y, self.weight, self.eps)
+        return x + self(y)
+
+
+def _gpu_inference(x: torch.Tensor) -> bool:
+    """Fused Triton paths: CUDA tensors, no autograd (training runs the plain torch formulas)."""
+    return x.is_cuda and not torch.is_grad_enabled()
 
 
 class GatedRMSNorm(nn.Module):
@@ -40,9 +60,8 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        fused = getattr(kernels, "gated_rms_norm", None)  # a Triton kernel on CUDA, where kernels/ has one
-        if fused is not None and x.is_cuda and not torch.is_grad_enabled():
-            return fused(x, gate, self.weight, self.eps)
+        if _gpu_inference(x):
+            return kernels.gated_rms_norm(x, gate, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)
@@ -54,6 +73,7 @@ class Fusable(nn.Module):
     as one contiguous weight of which the Linear weights become views (names and training code unchanged)."""
 
     FUSE: tuple[str, ...] = ()
+    ROWS = 64  # the GPU layout's fused weight has a multiple of this many rows
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,7 +86,8 @@ class Fusable(nn.Module):
         if self.fused is not None:
             return list(self.fused(x).split(self.sizes, dim=-1))
         if self.fused_w is not None and not torch.is_grad_enabled():
-            return list(F.linear(x, self.fused_w, self.fused_b).split(self.sizes, dim=-1))
+            out = F.linear(x, self.fused_w, self.fused_b)  # rows padded to a multiple of ROWS: dropped here
+            return list(out.split([*self.sizes, out.shape[-1] - sum(self.sizes)], dim=-1))[: len(self.sizes)]
         return [getattr(self, n)(x) for n in self.FUSE]
 
     def fuse_views(self) -> None:
@@ -74,9 +95,13 @@ class Fusable(nn.Module):
         the result, so one matmul serves them all and no weight is held twice."""
         lins = [getattr(self, n) for n in self.FUSE]
         self.sizes = [lin.out_features for lin in lins]
-        self.fused_w = torch.cat([lin.weight.detach() for lin in lins])
+        # Zero rows up to a multiple of ROWS: with an odd row count (OLMo Hybrid's DeltaNet: 17,340) cuBLAS
+        # picks a GEMV for one-token decode that reads the weight at ~40% of HBM bandwidth (its tiled kernels: ~80%).
+        pad = -sum(self.sizes) % self.ROWS
+        w0 = lins[0].weight
+        self.fused_w = torch.cat([*(lin.weight.detach() for lin in lins), w0.new_zeros(pad, w0.shape[1])])
         has_bias = lins[0].bias is not None
-        self.fused_b = torch.cat([lin.bias.detach() for lin in lins]) if has_bias else None
+        self.fused_b = torch.cat([*(lin.bias.detach() for lin in lins), w0.new_zeros(pad)]) if has_bias else None
         at = 0
         for lin, n in zip(lins, self.sizes, strict=True):
             lin.weight = nn.Parameter(self.fused_w[at : at + n], requires_grad=lin.weight.requires_grad)
@@ -168,8 +193,7 @@ class GatedDeltaNet(Fusable):
         q, k, v, a, b, gate = self.project(x)
         qkv, conv = causal_conv1d(torch.cat([q, k, v], dim=-1), self.conv1d.weight[:, 0], st.conv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta = b.sigmoid() * self.beta_scale  # [T, HV]
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)  # log decay <= 0
+        g, beta = kernels.delta_gates(a, b, self.A_log, self.dt_bias, self.beta_scale)  # log decay <= 0; [T, HV]
         op = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
         o, recurrent = op(
             q.view(1, t, self.hk, self.dk),
@@ -208,10 +232,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, state: DeltaState | KVWindow) -> torch.Tensor:
         mixer = self.linear_attn if self.linear else self.self_attn
         if self.post_norm:
-            x = x + self.post_attention_layernorm(mixer(x, state))
-            return x + self.post_feedforward_layernorm(self.mlp(x))
-        x = x + mixer(self.input_layernorm(x), state)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            x = self.post_attention_layernorm.norm_add(x, mixer(x, state))
+            return self.post_feedforward_layernorm.norm_add(x, self.mlp(x))
+        x, h = self.post_attention_layernorm.add_norm(x, mixer(self.input_layernorm(x), state))
+        return x + self.mlp(h)
 
 
 class Decoder(nn.Module):

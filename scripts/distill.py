@@ -448,8 +448,19 @@ def train(args, device, work: Path, out: Path) -> None:
         )
         os.replace(work / "ckpt.tmp", ck)
 
+    prof = None
     while time.time() - t0 < args.seconds:
         stage, step = state["stage"], state["step"]
+        if args.profile and stage == 2 and step == 2 and prof is None:  # after warm-up: two steps profiled
+            kinds = torch.profiler.ProfilerActivity
+            prof = torch.profiler.profile(activities=[kinds.CPU] + ([kinds.CUDA] if device.type == "cuda" else []))
+            prof.__enter__()
+        if prof is not None and step == 4:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            prof.__exit__(None, None, None)
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=35), flush=True)
+            return
         if stage == 1 and step >= args.steps1:
             state.update(stage=2, step=0)
             opt.state.clear()  # fresh moments for the new objective
@@ -648,11 +659,13 @@ def main() -> None:
     ap.add_argument("--recall-trials", type=int, default=20)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--profile", action="store_true", help="profile two stage-2 steps, print the table, stop")
     ap.add_argument("--init-delta", help="start stage 2 from a delta file (e.g. after losing the checkpoint)")
     ap.add_argument("--delta", help="delta file to evaluate (default: --out's)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = True  # the float32 delta-rule matmuls on tensor cores
     if args.tiny:
         args.steps1, args.steps2 = min(args.steps1, 4), min(args.steps2, 4)
         args.window, args.batch1, args.batch2, args.seq1 = 64, 2, 2, 128

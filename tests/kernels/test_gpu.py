@@ -131,6 +131,27 @@ def test_gated_norm_7b():
     assert rel(y, reference.gated_rms_norm(x, gate, w, 1e-5)) < 5e-3
 
 
+@pytest.mark.parametrize("t", [1, 300])
+def test_fused_norms_and_gates_7b(t):
+    """Residual add + RMSNorm at hidden 3840 and the DeltaNet gates at 30 heads, bf16, against torch's own ops."""
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    x, y = (torch.randn(t, 3840, generator=gen, device="cuda").bfloat16() for _ in range(2))
+    w = (torch.rand(3840, generator=gen, device="cuda") + 0.5).bfloat16()
+
+    def ref_norm(z):
+        return torch.nn.functional.rms_norm(z, (3840,), w, 1e-6)
+
+    s, n = triton_gdn.add_rms_norm(x, y, w, 1e-6)
+    assert torch.equal(s, x + y)  # rounded to nearest exactly as torch's bf16 add
+    assert rel(n, ref_norm(x + y)) < 4e-3 and rel(triton_gdn.rms_norm(x, w, 1e-6), ref_norm(x)) < 4e-3
+    assert rel(triton_gdn.rms_norm_add(x, y, w, 1e-6), x + ref_norm(y)) < 4e-3
+    a, b = (torch.randn(t, 30, generator=gen, device="cuda").bfloat16() * 4 for _ in range(2))
+    a_log, dt_bias = torch.rand(30, device="cuda").log1p(), torch.randn(30, device="cuda")
+    g, beta = triton_gdn.delta_gates(a, b, a_log, dt_bias, 2.0)
+    rg, rbeta = reference.delta_gates(a, b, a_log, dt_bias, 2.0)
+    assert rel(g, rg) < 1e-5 and rel(beta, rbeta) < 4e-3
+
+
 def test_dispatcher_picks_triton_on_cuda(monkeypatch):
     import kernels
 

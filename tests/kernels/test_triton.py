@@ -220,6 +220,47 @@ def test_gated_rms_norm(d, dtype, poisoned):
     assert rel(y, want) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("d", [24, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_with_residual_adds(d, dtype, poisoned):
+    """The three fused forms against float64 formulas: norm(x), (x + y, norm(x + y)), x + norm(y)."""
+    gen = torch.Generator().manual_seed(d)
+    x, y = (torch.randn(5, 3, d, generator=gen).to(dtype) for _ in range(2))
+    w = torch.rand(d, generator=gen) + 0.5
+
+    def norm64(z):
+        z = z.double()
+        return z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    n = tg.rms_norm(x, w, 1e-5)
+    assert n.dtype == dtype and rel(n, norm64(x)) < tol
+    s, ns = tg.add_rms_norm(x, y, w, 1e-5)
+    assert rel(s, x + y) < (1e-7 if dtype == torch.float32 else 1e-2)  # interpreter: bf16 casts truncate
+    assert rel(ns, norm64(s)) < tol
+    out = tg.rms_norm_add(x, y, w, 1e-5)
+    assert rel(out, x.double() + norm64(y)) < tol
+    for got, want in [(n, reference.rms_norm(x, w, 1e-5)), (ns, reference.add_rms_norm(x, y, w, 1e-5)[1]),
+                      (out, reference.rms_norm_add(x, y, w, 1e-5))]:  # fmt: skip
+        assert rel(got, want) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delta_gates(dtype, poisoned):
+    gen = torch.Generator().manual_seed(3)
+    a = (torch.randn(9, 6, generator=gen) * 12).to(dtype)  # reaches softplus's linear branch (> 20)
+    b = torch.randn(9, 6, generator=gen).to(dtype)
+    a_log, dt_bias = torch.rand(6, generator=gen).log1p() * 2, torch.randn(6, generator=gen)
+    g, beta = tg.delta_gates(a, b, a_log, dt_bias, 2.0)
+    assert g.dtype == torch.float32 and beta.dtype == dtype
+    a64 = a.double() + dt_bias.double()
+    want_g = -a_log.double().exp() * torch.where(a64 > 20, a64, torch.log1p(a64.exp()))
+    assert rel(g, want_g) < 1e-6
+    assert rel(beta, b.double().sigmoid() * 2) < (1e-6 if dtype == torch.float32 else 1e-2)
+    rg, rbeta = reference.delta_gates(a, b, a_log, dt_bias, 2.0)
+    assert rel(g, rg) < 1e-6 and rel(beta, rbeta) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 # ---- dispatcher ----
 
 

@@ -204,6 +204,7 @@ def test_fused_views_keep_names_and_outputs(cls):
         torch.testing.assert_close(g, w)
     first = getattr(m, m.FUSE[0]).weight
     assert first.data_ptr() == m.fused_w.data_ptr()  # a view: the weight is held once
+    assert m.fused_w.shape[0] % m.ROWS == 0 and not m.fused_w[sum(m.sizes) :].any()  # zero rows up to a multiple
 
 
 # --- CUDA: the captured graph ------------------------------------------------------------------------------
