@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -365,26 +366,77 @@ def build_chats(args, teacher_hf: dict, teacher_sd: dict, device, work: Path) ->
     log(f"chat: {len(prompts)} prompts, {len(out)} tokens")
 
 
-class Batches:
-    """Random windows of the train tokens; a fraction of sequences are chat transcripts instead."""
+# Recall drills for stage 2 (never the evaluation's wording: its facts are vault access codes): facts that fall out
+# of the attention window, asked about at the end, so the DeltaNet state must carry them.
+DRILLS = [
+    ("The password for account {n} is {c}.", "Q: What is the password for account {n}?\nA: The password is"),
+    ("Note: the build number of project {n} is {c}.", "Q: What is the build number of project {n}?\nA: It is"),
+    ("{n}_PORT = {c}", "Q: Which value is {n}_PORT set to?\nA: {n}_PORT is set to"),
+    ("Remember this: locker {n} opens with the combination {c}.", "Q: What opens locker {n}?\nA: The combination"),
+    ("Order {n} was shipped with tracking number {c}.", "Q: Tracking number of order {n}?\nA: The tracking number is"),
+]
+SYLLABLES = "ka ro mi tes lun dor vi pa sel qua bri zo nem fa gol tri ven ost yul har".split()
 
-    def __init__(self, work: Path, seed: int, chat_frac: float):
+
+class Batches:
+    """Random windows of the train tokens; a fraction of sequences are chat transcripts, and with a tokenizer a
+    fraction are recall drills: 3 facts spliced into code, more than a window before questions about them at
+    the end. Returns (ids [B, T], answers [B, T] bool: tokens to be predicted from the facts, or None)."""
+
+    def __init__(self, work: Path, seed: int, chat_frac: float, tok=None, recall_frac: float = 0.0, window: int = 0):
         train = work / "train.u16"
         self.code = np.fromfile(train, dtype=np.uint16) if train.exists() else np.zeros(0, np.uint16)
         chat = work / "chat.u16"
         self.chat = np.fromfile(chat, dtype=np.uint16) if chat.exists() else np.zeros(0, np.uint16)
         self.rng = np.random.default_rng(seed)
         self.chat_frac = chat_frac
+        self.tok, self.recall_frac, self.window = tok, recall_frac if tok is not None else 0.0, window
 
-    def __call__(self, b: int, t: int, device) -> torch.Tensor:
+    def __call__(self, b: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not len(self.code):  # --smoke: random tokens
-            return torch.from_numpy(self.rng.integers(3, 49152, (b, t))).to(device)
-        rows = []
+            return torch.from_numpy(self.rng.integers(3, 49152, (b, t))).to(device), None
+        rows, masks = [], []
         for _ in range(b):
-            src = self.chat if len(self.chat) > t and self.rng.random() < self.chat_frac else self.code
-            s = int(self.rng.integers(0, len(src) - t))
-            rows.append(src[s : s + t].astype(np.int64))
-        return torch.from_numpy(np.stack(rows)).to(device)
+            r = self.rng.random()
+            if r < self.recall_frac and t > self.window + 128:
+                row, mask = self._drill(t)
+            else:
+                src = self.chat if len(self.chat) > t and r < self.recall_frac + self.chat_frac else self.code
+                s = int(self.rng.integers(0, len(src) - t))
+                row, mask = src[s : s + t].astype(np.int64), np.zeros(t, bool)
+            rows.append(row)
+            masks.append(mask)
+        mask = torch.from_numpy(np.stack(masks)).to(device) if self.recall_frac else None
+        return torch.from_numpy(np.stack(rows)).to(device), mask
+
+    def _drill(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        rng, enc = self.rng, self.tok.encode
+        facts = []
+        for i in rng.permutation(len(DRILLS))[:3]:
+            name = "".join(rng.choice(SYLLABLES, int(rng.integers(2, 4)))).capitalize()
+            code = str(int(rng.integers(10 ** int(rng.integers(3, 6)), 10**6)))
+            fact, question = DRILLS[i]
+            fact, question = enc("\n" + fact.format(n=name, c=code) + "\n"), enc("\n" + question.format(n=name))
+            facts.append((fact, question, enc(" " + code)))
+        tail, answer = [], []
+        for j in rng.permutation(len(facts)):
+            _, q, a = facts[j]
+            tail += q
+            answer += [False] * len(q)
+            nl = enc("\n")
+            tail += a + nl
+            answer += [True] * len(a) + [False] * len(nl)
+        body = t - len(tail) - sum(len(f) for f, _, _ in facts)
+        s = int(rng.integers(0, len(self.code) - body))
+        filler = self.code[s : s + body].astype(np.int64).tolist()
+        cuts = sorted(int(x) for x in rng.integers(0, max(1, body - self.window - 64), len(facts)))
+        row, at = [], 0
+        for cut, (f, _, _) in zip(cuts, facts, strict=True):
+            row += filler[at:cut] + f
+            at = cut
+        row += filler[at:] + tail
+        mask = [False] * (len(row) - len(answer)) + answer
+        return np.asarray(row[:t], dtype=np.int64), np.asarray(mask[:t], dtype=bool)
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -432,7 +484,14 @@ def train(args, device, work: Path, out: Path) -> None:
         student.load_state_dict({k: v.to(device) for k, v in delta.items()}, strict=False)
         state = {"stage": 2, "step": 0, "log": []}
         log(f"started from {args.init_delta}")
-    data = Batches(work, seed=1000 + state["step"] + 7919 * state["stage"], chat_frac=args.chat_frac)
+    data = Batches(
+        work,
+        seed=1000 + state["step"] + 7919 * state["stage"],
+        chat_frac=args.chat_frac,
+        tok=tokenizer(args) if args.recall_frac and not args.smoke else None,
+        recall_frac=args.recall_frac,
+        window=args.window,
+    )
     lin = distilled.converted_layers(cfg)
     t0 = time.time()
     amp = dict(device_type=device.type, dtype=args.dtype, enabled=device.type == "cuda")
@@ -471,7 +530,7 @@ def train(args, device, work: Path, out: Path) -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, peak)
         if stage == 1:
-            ids = data(args.batch1, args.seq1, device)
+            ids, _ = data(args.batch1, args.seq1, device)
             traces: list[dict] = []
             with torch.no_grad(), torch.autocast(**amp):
                 hidden_states(teacher, ids, traces=traces)
@@ -484,12 +543,16 @@ def train(args, device, work: Path, out: Path) -> None:
                     loss = loss + ((pred - tgt) ** 2).mean() / (tgt**2).mean().clamp(min=1e-6)
             loss = loss / len(lin)
         else:
-            ids = data(args.batch2, args.seq2, device)
+            ids, answers = data(args.batch2, args.seq2, device)
             with torch.no_grad(), torch.autocast(**amp):
                 ht = hidden_states(teacher, ids)
             with torch.autocast(**amp):
                 hs = hidden_states(student, ids, window=args.window, sink=SINK)
                 loss = kl_loss(student, teacher, hs, ht)
+                if answers is not None and answers.any():  # recall drills: the true answer, not only the teacher's
+                    at = answers[:, 1:]
+                    ce = F.cross_entropy(logits(student, hs[:, :-1][at]).float(), ids[:, 1:][at])
+                    loss = loss + args.recall_ce * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -652,6 +715,8 @@ def main() -> None:
     ap.add_argument("--lr1", type=float, default=1e-3)
     ap.add_argument("--lr2", type=float, default=3e-4)
     ap.add_argument("--chat-frac", type=float, default=0.15)
+    ap.add_argument("--recall-frac", type=float, default=0.25, help="stage-2 sequences that are recall drills")
+    ap.add_argument("--recall-ce", type=float, default=0.5, help="weight of the drills' answer cross-entropy")
     ap.add_argument("--chat-tokens", type=int, default=256, help="max tokens per teacher answer")
     ap.add_argument("--train-tokens", type=int, default=80_000_000)
     ap.add_argument("--heldout-tokens", type=int, default=2_000_000)
