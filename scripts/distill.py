@@ -515,7 +515,8 @@ def train(args, device, work: Path, out: Path) -> None:
             prof = torch.profiler.profile(activities=[kinds.CPU] + ([kinds.CUDA] if device.type == "cuda" else []))
             prof.__enter__()
         if prof is not None and step == 4:
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             prof.__exit__(None, None, None)
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=35), flush=True)
