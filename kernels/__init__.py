@@ -24,10 +24,12 @@ __all__ = [
     "chunk_gated_delta_rule",
     "delta_gates",
     "gated_rms_norm",
+    "kv_step",
     "l2_normalize",
     "recurrent_gated_delta_rule",
     "rms_norm",
     "rms_norm_add",
+    "silu_mul",
 ]
 
 _MODES = ("auto", "torch", "triton")
@@ -106,14 +108,27 @@ def recurrent_gated_delta_rule(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     use_qk_l2norm: bool = True,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-by-token gated delta rule (decode); see kernels.reference.recurrent_gated_delta_rule."""
-    return _impl(q).recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, use_qk_l2norm)
+    """Token-by-token gated delta rule (decode); see kernels.reference.recurrent_gated_delta_rule.
+    inplace=True: the final state is written into initial_state (float32, contiguous), which is returned."""
+    if backend(q) == "triton":
+        return _load_triton().recurrent_gated_delta_rule(
+            q, k, v, g, beta, scale, initial_state, use_qk_l2norm, inplace=inplace
+        )
+    o, state = reference.recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, use_qk_l2norm)
+    return (o, initial_state.copy_(state)) if inplace else (o, state)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv + SiLU continuing from state; see kernels.reference.causal_conv1d."""
-    return _impl(x).causal_conv1d(x, weight, state)
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, inplace: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Depthwise causal conv + SiLU continuing from state; see kernels.reference.causal_conv1d.
+    inplace=True: the new state is written into `state`, which is returned."""
+    if backend(x) == "triton":
+        return _load_triton().causal_conv1d(x, weight, state, inplace=inplace)
+    y, new = reference.causal_conv1d(x, weight, state)
+    return (y, state.copy_(new)) if inplace else (y, new)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -141,3 +156,22 @@ def delta_gates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gated DeltaNet's (g, beta) from its a/b projections; see kernels.reference.delta_gates."""
     return _impl(a).delta_gates(a, b, a_log, dt_bias, beta_scale)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (the gated MLP's activation) in one kernel on the GPU."""
+    return _impl(gate).silu_mul(gate, up)
+
+
+def kv_step(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    p: torch.Tensor,
+    sink: int,
+    window: int,
+) -> torch.Tensor:
+    """One decode token into a bounded KV ring and its additive attention mask; see kernels.reference.kv_step."""
+    return _impl(k_cache).kv_step(k_cache, v_cache, pos, k, v, p, sink, window)

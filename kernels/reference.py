@@ -223,3 +223,32 @@ def delta_gates(
     """Gated DeltaNet's log decay g = -exp(A_log) * softplus(a + dt_bias) (float32) and write strength
     beta = sigmoid(b) * beta_scale (in b's dtype): model/layers.py GatedDeltaNet's formulas."""
     return -a_log.float().exp() * F.softplus(a.float() + dt_bias), b.sigmoid() * beta_scale
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the gated MLP's activation."""
+    return F.silu(gate) * up
+
+
+def kv_step(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    p: torch.Tensor,
+    sink: int,
+    window: int,
+) -> torch.Tensor:
+    """Write one decode token into a bounded KV ring (model/cache.py KVWindow) and return its attention mask.
+
+    k_cache, v_cache: [Hkv, sink + window, D], written in place at the token's slot; pos: [sink + window] int64,
+    the position each slot holds (-1: empty); k, v: [Hkv, D]; p: [1] int64 on the device, the token's position.
+    Returns the additive mask [sink + window] in the cache's dtype: 0 where the token may attend (slots holding
+    a sink token or one of the last `window` positions), -inf elsewhere."""
+    slot = torch.where(p < sink, p, sink + (p - sink) % window)
+    k_cache.index_copy_(1, slot, k[:, None])
+    v_cache.index_copy_(1, slot, v[:, None])
+    pos.index_copy_(0, slot, p)
+    allowed = (pos >= 0) & ((pos > p - window) | (pos < sink))
+    return torch.zeros(pos.shape, dtype=k_cache.dtype, device=pos.device).masked_fill(~allowed, float("-inf"))

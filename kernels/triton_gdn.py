@@ -662,6 +662,8 @@ def _conv_new_state(x_base, s_base, out, T, C, o_c, m_c, W: tl.constexpr, BW: tl
     m = (o_r < W - 1)[:, None] & m_c[None, :]
     xv = tl.load(x_base + (src - (W - 1))[:, None] * C + o_c[None, :], mask=m & in_x, other=0.0).to(tl.float32)
     sv = tl.load(s_base + src[:, None] * C + o_c[None, :], mask=m & ~in_x, other=0.0).to(tl.float32)
+    # In place (out is the state): every thread of the program has read the old state before any writes it.
+    tl.debug_barrier()
     tl.store(out + o_r[:, None] * C + o_c[None, :], (xv + sv).to(out.dtype.element_ty), mask=m)
 
 
@@ -689,10 +691,13 @@ def _conv_kernel(
         _conv_new_state(x_base, s_base, new_state + i_b * (W - 1) * C, T, C, o_c, m_c, W, BW)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, inplace: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Depthwise causal conv + SiLU continuing from state; x [T, C] or [B, T, C], state [W-1, C] or [B, W-1, C].
 
-    Returns (y like x, new state like state); the new state is a new tensor.
+    Returns (y like x, new state like state); the new state is a new tensor, or `state` itself with inplace=True
+    (one program reads and writes a channel block's state, with a barrier between its reads and its writes).
     """
     batched = x.dim() == 3
     xb, sb = (x, state) if batched else (x[None], state[None])
@@ -700,14 +705,18 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
     w = weight.shape[1]
     if weight.shape[0] != c or sb.shape != (b, w - 1, c):
         raise ValueError(f"causal_conv1d: x{tuple(x.shape)} weight{tuple(weight.shape)} state{tuple(state.shape)}")
+    if inplace and not state.is_contiguous():
+        raise ValueError("causal_conv1d: inplace=True needs a contiguous state")
     xb, sb, weight = xb.contiguous(), sb.contiguous(), weight.contiguous()
     y = torch.empty_like(xb)
-    new_state = torch.empty_like(sb)
+    new_state = sb if inplace else torch.empty_like(sb)
     bt = min(64, _block(t))
     bc = 256 if t > 1 else 128  # decode: many small programs (1024 channels each left most SMs idle: 12 us)
     _conv_kernel[(triton.cdiv(c, bc), max(1, triton.cdiv(t, bt)), b)](
         xb, weight, sb, y, new_state, t, c, W=w, BW=triton.next_power_of_2(max(w - 1, 1)), BT=bt, BC=bc
     )
+    if inplace:
+        return (y if batched else y[0]), state
     return (y, new_state) if batched else (y[0], new_state[0])
 
 
@@ -837,3 +846,109 @@ def delta_gates(
         a2, b2, a_log.contiguous(), dt_bias.contiguous(), g, beta, n, HV=hv, beta_scale=float(beta_scale), BN=bn
     )
     return g, beta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decode helpers: the MLP's silu(gate) * up, and an attention layer's KV ring write with its mask
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _silu_mul_kernel(gate, up, out, N, s_g, s_u, BI: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # rows on axis 0: grid axis 1 is limited to 65535
+    o = tl.program_id(1) * BI + tl.arange(0, BI)
+    m = o < N
+    b_g = tl.load(gate + row * s_g + o, mask=m, other=0.0).to(tl.float32)
+    b_u = tl.load(up + row * s_u + o, mask=m, other=0.0).to(tl.float32)
+    silu = (b_g * tl.sigmoid(b_g)).to(out.dtype.element_ty).to(tl.float32)  # rounded as torch's F.silu output is
+    tl.store(out + row * N + o, (silu * b_u).to(out.dtype.element_ty), mask=m)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up in one kernel; gate and up may be row slices of one fused projection output."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"silu_mul: gate{tuple(gate.shape)} {gate.dtype}, up{tuple(up.shape)} {up.dtype}")
+    i = gate.shape[-1]
+    g2, u2 = gate.reshape(-1, i), up.reshape(-1, i)
+    g2, u2 = (x if x.stride(-1) == 1 else x.contiguous() for x in (g2, u2))
+    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    bi = min(512, _block(i))
+    if out.numel():
+        _silu_mul_kernel[(out.shape[0], triton.cdiv(i, bi))](g2, u2, out, i, g2.stride(0), u2.stride(0), BI=bi)
+    return out.view(gate.shape)
+
+
+@triton.jit
+def _kv_step_kernel(
+    k_new,
+    v_new,
+    p_ptr,
+    k_cache,
+    v_cache,
+    pos,
+    mask,
+    CAP,
+    sink,
+    window,
+    HKV,
+    D,
+    BH: tl.constexpr,
+    BD: tl.constexpr,
+    BC: tl.constexpr,
+):
+    i_c = tl.program_id(0)
+    p = tl.load(p_ptr)
+    slot = tl.where(p < sink, p, sink + (p - sink) % window)
+    if i_c == 0:  # one program writes the new key/value rows and the slot's position
+        o_h, o_d = tl.arange(0, BH), tl.arange(0, BD)
+        m = (o_h < HKV)[:, None] & (o_d < D)[None, :]
+        src = o_h[:, None] * D + o_d[None, :]
+        dst = o_h[:, None].to(tl.int64) * CAP * D + slot * D + o_d[None, :]
+        tl.store(k_cache + dst, tl.load(k_new + src, mask=m), mask=m)
+        tl.store(v_cache + dst, tl.load(v_new + src, mask=m), mask=m)
+        tl.store(pos + slot, p)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < CAP
+    kp = tl.load(pos + o_c, mask=m_c, other=-1)
+    # The slot being written is allowed whatever this program read there (old or new position).
+    ok = ((kp >= 0) & ((kp > p - window) | (kp < sink))) | (o_c == slot)
+    tl.store(mask + o_c, tl.where(ok, 0.0, float("-inf")).to(mask.dtype.element_ty), mask=m_c)
+
+
+def kv_step(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    p: torch.Tensor,
+    sink: int,
+    window: int,
+) -> torch.Tensor:
+    """One decode token into a bounded KV ring, in one kernel: see kernels.reference.kv_step for the contract."""
+    hkv, cap, d = k_cache.shape
+    if v_cache.shape != k_cache.shape or k.shape != (hkv, d) or v.shape != (hkv, d) or pos.shape != (cap,):
+        raise ValueError(f"kv_step: cache{tuple(k_cache.shape)} pos{tuple(pos.shape)} k{tuple(k.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and pos.is_contiguous()):
+        raise ValueError("kv_step: the cache tensors must be contiguous (they are written in place)")
+    # Padded so the mask's rows are 16-byte aligned: SDPA then uses it as it is, with no padded copy.
+    buf = torch.empty(-(-cap // 16) * 16, dtype=k_cache.dtype, device=k_cache.device)
+    bc = 1024
+    _kv_step_kernel[(triton.cdiv(cap, bc),)](
+        k.contiguous(),
+        v.contiguous(),
+        p,
+        k_cache,
+        v_cache,
+        pos,
+        buf,
+        cap,
+        sink,
+        window,
+        hkv,
+        d,
+        BH=_block(hkv),
+        BD=_block(d),
+        BC=bc,
+    )
+    return buf[:cap]

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import kernels
+
 PAGE = 256  # tokens per snapshot page: the unit the memory store deduplicates
 
 
@@ -81,9 +83,11 @@ class DeltaState:
     inplace: bool = False
 
     def set(self, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
-        if self.inplace:
-            self.conv.copy_(conv)
-            self.recurrent.copy_(recurrent)
+        if self.inplace:  # ops given inplace=True already wrote here
+            if conv is not self.conv:
+                self.conv.copy_(conv)
+            if recurrent is not self.recurrent:
+                self.recurrent.copy_(recurrent)
         else:
             self.conv, self.recurrent = conv, recurrent
 
@@ -245,16 +249,12 @@ class KVWindow:
         if self.window is None:
             raise RuntimeError("device-side decode steps need a bounded window (window=None grows its buffer)")
         h, d = q.shape[1], q.shape[2]
-        slot = torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.window)
         q_sink = None
         if self.rotary is not None:
             q_sink = self.rotary.at(q, p.clamp(max=self.sink + self.window - 1))
             q, k = self.rotary.at(q, p), self.rotary.at(k, p)
-        self.k.index_copy_(1, slot, k.transpose(0, 1))
-        self.v.index_copy_(1, slot, v.transpose(0, 1))
-        self.pos.index_copy_(0, slot, p)
-        kpos = self.pos
-        mask = (kpos >= 0) & ((kpos > p - self.window) | (kpos < self.sink))  # [cap]
+        # Ring write at p's slot and the additive mask [cap] (0: attend, -inf: not): one kernel on the GPU.
+        mask = kernels.kv_step(self.k, self.v, self.pos, k[0], v[0], p, self.sink, self.window)
         if q_sink is None:
             return _sdpa(q, self.k, self.v, mask[None], d**-0.5)
         # Rotary: sink slots [0, sink) are scored with the query rotated at the clamped position.
@@ -264,7 +264,7 @@ class KVWindow:
         if self.sink:
             sink_scores = torch.bmm(q_sink[0].view(hkv, g, d), self.k[:, : self.sink].transpose(1, 2))
             scores = torch.cat([sink_scores, scores[..., self.sink :]], -1)
-        scores = (scores * d**-0.5).float().masked_fill(~mask, float("-inf"))
+        scores = (scores * d**-0.5).float() + mask.float()
         probs = scores.softmax(-1).to(self.v.dtype)
         return torch.bmm(probs, self.v).view(1, h, d)
 

@@ -82,13 +82,17 @@ class Fusable(nn.Module):
         self.fused_w: torch.Tensor | None = None  # GPU layout: [sum(out), in], each FUSE weight a row slice
         self.fused_b: torch.Tensor | None = None
 
-    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def project(self, x: torch.Tensor, join: int = 1) -> list[torch.Tensor]:
+        """The FUSE projections of x, the first `join` of them as one tensor (a view of the fused output where
+        there is one, so no copy)."""
+        sizes = [sum(self.sizes[:join]), *self.sizes[join:]]
         if self.fused is not None:
-            return list(self.fused(x).split(self.sizes, dim=-1))
+            return list(self.fused(x).split(sizes, dim=-1))
         if self.fused_w is not None and not torch.is_grad_enabled():
             out = F.linear(x, self.fused_w, self.fused_b)  # rows padded to a multiple of ROWS: dropped here
-            return list(out.split([*self.sizes, out.shape[-1] - sum(self.sizes)], dim=-1))[: len(self.sizes)]
-        return [getattr(self, n)(x) for n in self.FUSE]
+            return list(out.split([*sizes, out.shape[-1] - sum(sizes)], dim=-1))[: len(sizes)]
+        parts = [getattr(self, n)(x) for n in self.FUSE]
+        return [torch.cat(parts[:join], dim=-1) if join > 1 else parts[0], *parts[join:]]
 
     def fuse_views(self) -> None:
         """GPU layout: concatenate the FUSE weights once and make each Linear's weight (and bias) a view of
@@ -126,9 +130,18 @@ class MLP(Fusable):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """down(silu(gate(x)) * up(x)), plus `residual` if given (added in the matmul's epilogue on the GPU)."""
         gate, up = self.project(x)
-        return self.down_proj(F.silu(gate) * up)
+        if _gpu_inference(x):
+            act = kernels.silu_mul(gate, up)
+            if residual is not None:
+                return torch.addmm(residual.reshape(-1, residual.shape[-1]), act, self.down_proj.weight.t()).view(
+                    residual.shape
+                )
+            return self.down_proj(act)
+        y = self.down_proj(F.silu(gate) * up)
+        return y if residual is None else residual + y
 
 
 class Attention(Fusable):
@@ -190,20 +203,18 @@ class GatedDeltaNet(Fusable):
     def forward(self, x: torch.Tensor, st: DeltaState) -> torch.Tensor:
         # x: [T, hidden]; st.conv: [W-1, conv_dim]; st.recurrent: [1, HV, DK, DV] float32
         t = x.shape[0]
-        q, k, v, a, b, gate = self.project(x)
-        qkv, conv = causal_conv1d(torch.cat([q, k, v], dim=-1), self.conv1d.weight[:, 0], st.conv)
+        qkv, a, b, gate = self.project(x, join=3)  # q, k, v side by side: the conv's input
+        qkv, conv = causal_conv1d(qkv, self.conv1d.weight[:, 0], st.conv, inplace=st.inplace)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         g, beta = kernels.delta_gates(a, b, self.A_log, self.dt_bias, self.beta_scale)  # log decay <= 0; [T, HV]
-        op = recurrent_gated_delta_rule if t == 1 else chunk_gated_delta_rule
-        o, recurrent = op(
-            q.view(1, t, self.hk, self.dk),
-            k.view(1, t, self.hk, self.dk),
-            v.view(1, t, self.hv, self.dv),
-            g[None],
-            beta[None],
-            initial_state=st.recurrent,
-        )
-        st.set(conv, recurrent)  # replaced, or copied in place where a CUDA graph holds the state's addresses
+        args = (q.view(1, t, self.hk, self.dk), k.view(1, t, self.hk, self.dk), v.view(1, t, self.hv, self.dv))
+        if t == 1:
+            o, recurrent = recurrent_gated_delta_rule(
+                *args, g[None], beta[None], initial_state=st.recurrent, inplace=st.inplace
+            )
+        else:
+            o, recurrent = chunk_gated_delta_rule(*args, g[None], beta[None], initial_state=st.recurrent)
+        st.set(conv, recurrent)  # replaced, or kept in place where a CUDA graph holds the state's addresses
         o = self.o_norm(o[0], gate.view(t, self.hv, self.dv))
         return self.o_proj(o.reshape(t, self.value_dim))
 
@@ -235,7 +246,7 @@ class Block(nn.Module):
             x = self.post_attention_layernorm.norm_add(x, mixer(x, state))
             return self.post_feedforward_layernorm.norm_add(x, self.mlp(x))
         x, h = self.post_attention_layernorm.add_norm(x, mixer(self.input_layernorm(x), state))
-        return x + self.mlp(h)
+        return self.mlp(h, residual=x)
 
 
 class Decoder(nn.Module):

@@ -152,6 +152,38 @@ def test_fused_norms_and_gates_7b(t):
     assert rel(g, rg) < 1e-5 and rel(beta, rbeta) < 4e-3
 
 
+@pytest.mark.parametrize("t", [1, 300, 70_000])  # 70k rows: more than a grid's second axis may hold
+def test_silu_mul_7b(t):
+    """The MLP activation on slices of the fused [gate | up] output (intermediate 11008), bf16, against torch."""
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    fused = torch.randn(t, 2 * 11008 + 64, generator=gen, device="cuda").bfloat16() * 3
+    gate, up = fused[:, :11008], fused[:, 11008:22016]
+    want = torch.nn.functional.silu(gate) * up
+    got = triton_gdn.silu_mul(gate, up)
+    assert rel(got, want) < 4e-3 and (got != want).float().mean() < 0.01  # nearly all bits equal
+
+
+def test_kv_step_7b():
+    """A decode token into a 4 + 4096 ring at 30 heads x 128, bf16: same cache and mask as the reference's."""
+    hkv, cap, d = 30, 4100, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    k0 = torch.randn(hkv, cap, d, generator=gen, device="cuda").bfloat16()
+    v0 = torch.randn(hkv, cap, d, generator=gen, device="cuda").bfloat16()
+    for p in (2, 3000, 4100, 9999):  # a sink slot, a ring slot before and after the ring is full
+        seen = torch.arange(p, device="cuda")
+        held = seen[(seen < 4) | (seen >= p - 4096)]
+        pos0 = torch.full((cap,), -1, device="cuda")
+        pos0[torch.where(held < 4, held, 4 + (held - 4) % 4096)] = held
+        k, v = (torch.randn(hkv, d, generator=gen, device="cuda").bfloat16() for _ in range(2))
+        out = []
+        for impl in (triton_gdn, reference):
+            kc, vc, pos = k0.clone(), v0.clone(), pos0.clone()
+            mask = impl.kv_step(kc, vc, pos, k, v, torch.tensor([p], device="cuda"), 4, 4096)
+            out.append((kc, vc, pos, mask))
+        for a, b in zip(*out, strict=True):
+            assert torch.equal(a, b)
+
+
 def test_dispatcher_picks_triton_on_cuda(monkeypatch):
     import kernels
 

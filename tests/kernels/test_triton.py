@@ -261,6 +261,67 @@ def test_delta_gates(dtype, poisoned):
     assert rel(g, rg) < 1e-6 and rel(beta, rbeta) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_on_slices_of_a_fused_output(dtype, poisoned):
+    gen = torch.Generator().manual_seed(4)
+    fused = (torch.randn(5, 2 * 40 + 8, generator=gen) * 3).to(dtype)  # [gate | up | padding] rows, as the GPU MLP
+    gate, up = fused[:, :40], fused[:, 40:80]
+    y = tg.silu_mul(gate, up)
+    assert y.shape == (5, 40) and y.dtype == dtype
+    want = torch.nn.functional.silu(gate.double()) * up.double()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel(y, want) < tol and rel(y, reference.silu_mul(gate, up)) < tol
+    with pytest.raises(ValueError, match="silu_mul"):
+        tg.silu_mul(gate, up[:, :39])
+
+
+def test_kv_step_against_a_list_model_of_the_ring(poisoned):
+    """Decode 30 tokens into a 2-sink + 8-slot ring: after each, the cache rows, the positions and the mask
+    equal what a plain Python list model of StreamingLLM's ring says, for the kernel and the reference."""
+    sink, window, hkv, d = 2, 8, 3, 5
+    gen = torch.Generator().manual_seed(8)
+    caches = {
+        impl: (torch.zeros(hkv, sink + window, d), torch.zeros(hkv, sink + window, d), torch.full((10,), -1))
+        for impl in (tg, reference)
+    }
+    held: dict[int, int] = {}  # slot -> position
+    for p in range(30):
+        k, v = torch.randn(hkv, d, generator=gen), torch.randn(hkv, d, generator=gen)
+        slot = p if p < sink else sink + (p - sink) % window
+        held[slot] = p
+        allowed = {s for s, q in held.items() if q < sink or q > p - window}
+        for impl, (kc, vc, pos) in caches.items():
+            mask = impl.kv_step(kc, vc, pos, k, v, torch.tensor([p]), sink, window)
+            assert mask.shape == (sink + window,) and mask.dtype == kc.dtype
+            assert {s for s in range(sink + window) if mask[s] == 0} == allowed
+            assert all(mask[s] == float("-inf") for s in range(sink + window) if s not in allowed)
+            assert torch.equal(kc[:, slot], k) and torch.equal(vc[:, slot], v)
+            assert pos.tolist() == [held.get(s, -1) for s in range(sink + window)]
+    assert torch.equal(caches[tg][0], caches[reference][0]) and torch.equal(caches[tg][1], caches[reference][1])
+
+
+def test_conv_and_recurrent_in_place(poisoned, monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+    x, w, s0 = torch.randn(3, 16, generator=gen), torch.randn(16, 4, generator=gen), torch.randn(3, 16, generator=gen)
+    want_y, want_s = reference.causal_conv1d(x, w, s0)
+    for t in (1, 3):  # a decode step, and more tokens than the state holds rows
+        s = s0.clone()
+        y, ns = tg.causal_conv1d(x[:t], w, s, inplace=True)
+        ry, rs = reference.causal_conv1d(x[:t], w, s0)
+        assert ns is s and torch.equal(s, rs) and rel(y, ry) < 1e-6
+    q, k, v, g, beta, h0 = inputs(1, 1, 2, 2, 16, 16, seed=10)
+    want_o, want_h = reference.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    for mode in ("torch", "triton"):  # the dispatcher: Triton in place, or the reference then a copy
+        monkeypatch.setenv("DELTAMEM_KERNELS", mode)
+        monkeypatch.setattr(kernels, "_triton_module", tg)
+        h = h0.clone()
+        o, out = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h, inplace=True)
+        assert out is h and rel(h, want_h) < FP32 and rel(o, want_o) < FP32
+        s = s0.clone()
+        y, ns = kernels.causal_conv1d(x, w, s, inplace=True)
+        assert ns is s and rel(s, want_s) < 1e-6 and rel(y, want_y) < 1e-6
+
+
 # ---- dispatcher ----
 
 
