@@ -1,0 +1,79 @@
+"""Where the chunked gated-delta-rule prefill's time goes, kernel by kernel: ours vs fla, at 7B shapes.
+
+Runs each op a few times under the profiler at each T and reports every kernel's time per call, so a long-T gap
+between the two shows which stage (solve, w/u, state pass, output) it is in.
+
+    python benchmarks/profile_chunk.py --out DIR [--t 8192,32768,65536]
+
+Writes DIR/profile_chunk.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the package `kernels`, not benchmarks/kernels.py
+
+from common import device_name  # noqa: E402
+
+from kernels import triton_gdn  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("kernels_bench", ROOT / "benchmarks" / "kernels.py")
+kernels_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernels_bench)
+
+
+def profile(fn, reps: int) -> list[dict]:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    by_name: dict[str, list[float]] = defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_name[e.name].append(e.device_time_total)
+    return sorted(
+        ({"kernel": n[:90], "per_call": len(v) / reps, "us_per_call": sum(v) / reps} for n, v in by_name.items()),
+        key=lambda r: -r["us_per_call"],
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--t", default="8192,32768,65536")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ops = {"ours": triton_gdn.chunk_gated_delta_rule}
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+        ops["fla"] = lambda **x: fla_chunk(**x, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    except ImportError:
+        pass
+    doc = {"device": device_name(), "torch": torch.__version__, "cases": []}
+    for t in (int(s) for s in args.t.split(",")):
+        x = kernels_bench.make_inputs(t, seed=t)
+        for name, op in ops.items():
+            rows = profile(lambda op=op, x=x: op(**x), args.reps)
+            total = sum(r["us_per_call"] for r in rows)
+            doc["cases"].append({"T": t, "op": name, "total_us": total, "kernels": rows})
+            print(f"T={t} {name}: {total:.0f} us")
+            for r in rows:
+                print(f"   {r['us_per_call']:9.1f} us {r['per_call']:4.1f}x  {r['kernel']}")
+    (args.out / "profile_chunk.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
