@@ -10,6 +10,8 @@ test_train.py checks it against the engine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -17,9 +19,12 @@ from kernels.reference import chunk_gated_delta_rule
 from model.cache import Rotary
 from model.layers import Attention, Block, GatedDeltaNet, HybridLM
 
+ChunkOp = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, g, beta) -> (o, final state)
 
-def delta_mixer(m: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
-    """Gated DeltaNet over a batch from a zero state. x: [B, T, hidden] -> [B, T, hidden]."""
+
+def delta_mixer(m: GatedDeltaNet, x: torch.Tensor, chunk_op: ChunkOp | None = None) -> torch.Tensor:
+    """Gated DeltaNet over a batch from a zero state. x: [B, T, hidden] -> [B, T, hidden]. `chunk_op`: a
+    differentiable chunked gated delta rule with the reference's contract (default: the torch reference)."""
     b, t, _ = x.shape
     q, k, v, a, beta_in, gate = (getattr(m, n)(x) for n in m.FUSE)
     qkv = torch.cat([q, k, v], dim=-1).transpose(1, 2)  # [B, C, T]
@@ -29,7 +34,7 @@ def delta_mixer(m: GatedDeltaNet, x: torch.Tensor) -> torch.Tensor:
     beta = beta_in.float().sigmoid() * m.beta_scale
     g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias.float())
     with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 even under autocast
-        o, _ = chunk_gated_delta_rule(
+        o, _ = (chunk_op or chunk_gated_delta_rule)(
             q.reshape(b, t, m.hk, m.dk).float(),
             k.reshape(b, t, m.hk, m.dk).float(),
             v.reshape(b, t, m.hv, m.dv).float(),
@@ -76,7 +81,13 @@ def attention_mixer(
 
 
 def block_forward(
-    layer: Block, x: torch.Tensor, rotary: Rotary | None, window: int | None, sink: int, trace: dict | None = None
+    layer: Block,
+    x: torch.Tensor,
+    rotary: Rotary | None,
+    window: int | None,
+    sink: int,
+    trace: dict | None = None,
+    chunk_op: ChunkOp | None = None,
 ) -> torch.Tensor:
     """One decoder layer; with `trace`, records the mixer's input and output (for layer-wise distillation)."""
     if layer.post_norm:
@@ -85,7 +96,7 @@ def block_forward(
         return x + layer.post_feedforward_layernorm(layer.mlp(x))
     h = layer.input_layernorm(x)
     if layer.linear:
-        mixed = delta_mixer(layer.linear_attn, h)
+        mixed = delta_mixer(layer.linear_attn, h, chunk_op)
     else:
         mixed = attention_mixer(layer.self_attn, h, rotary, window, sink)
     if trace is not None:
@@ -100,13 +111,14 @@ def hidden_states(
     window: int | None = None,
     sink: int = 4,
     traces: list[dict] | None = None,
+    chunk_op: ChunkOp | None = None,
 ) -> torch.Tensor:
     """ids [B, T] -> final normed hidden states [B, T, hidden]. `traces`, if given, gets one dict per layer."""
     rotary = Rotary.of(model.config)
     x = model.model.embed_tokens(ids)
     for layer in model.model.layers:
         trace = {} if traces is not None else None
-        x = block_forward(layer, x, rotary, window, sink, trace)
+        x = block_forward(layer, x, rotary, window, sink, trace, chunk_op)
         if traces is not None:
             traces.append(trace)
     return model.model.norm(x)

@@ -459,14 +459,54 @@ def kl_loss(student: HybridLM, teacher: HybridLM, hs: torch.Tensor, ht: torch.Te
     return total / hs.shape[0]
 
 
-def lr_at(step: int, total: int, peak: float, warm: int = 20) -> float:
+def chunk_op(args):
+    """The chunked gated delta rule the student's DeltaNet layers run through: the torch reference (default, any
+    device), fla's Triton kernels (forward and backward; needs fla-core and, on Hopper, Triton >= 3.7.1), or ours
+    (kernels/triton_gdn.py: forward only, for evaluation). A kernel is first checked against the reference."""
+    if args.chunk_op == "reference":
+        return None
+    if args.chunk_op == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+        def op(q, k, v, g, beta):
+            return fla_chunk(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    else:
+        from kernels.triton_gdn import chunk_gated_delta_rule as op
+    from kernels.reference import chunk_gated_delta_rule as ref
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, t, h, d = 2, 300, 9, 64
+    q, k, v = (torch.randn(b, t, h, d, generator=gen, device="cuda", requires_grad=True) for _ in range(3))
+    g = F.logsigmoid(torch.randn(b, t, h, generator=gen, device="cuda") + 3).requires_grad_()
+    beta = torch.rand(b, t, h, generator=gen, device="cuda").mul(2).requires_grad_()
+    w = torch.randn(b, t, h, d, generator=gen, device="cuda")
+    errs = {}
+    grad = args.chunk_op == "fla"
+    with torch.set_grad_enabled(grad):
+        outs = [f(q, k, v, g, beta)[0] for f in (op, ref)]
+    errs["o"] = float((outs[0] - outs[1]).norm() / outs[1].norm())
+    if grad:
+        grads = [torch.autograd.grad((o * w).sum(), (q, k, v, g, beta)) for o in outs]
+        for name, a, r in zip("qkvgb", *grads, strict=True):
+            errs["d" + name] = float((a - r).norm() / r.norm())
+    log(f"{args.chunk_op} chunk op vs the torch reference, relative errors: {json.dumps(errs)}")
+    if max(errs.values()) > 2e-2:
+        raise SystemExit(f"--chunk-op {args.chunk_op} disagrees with the reference: {errs}")
+    return op
+
+
+def lr_at(step: int, total: int, peak: float, warm: int = 20, time_frac: float = 0.0) -> float:
+    """Linear warm-up, then cosine to 10% of peak over the stage's steps or, if sooner, its time (time_frac: the
+    share of this invocation's --seconds spent), so a run cut by time still ends annealed."""
     if step < warm:
         return peak * (step + 1) / warm
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm)))))
+    frac = min(1.0, max((step - warm) / max(1, total - warm), time_frac))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def train(args, device, work: Path, out: Path) -> None:
     teacher, student, cfg, trainable = build_models(args, device)
+    op = chunk_op(args)
     params = [p for n, p in student.named_parameters() if p.requires_grad]
     total = sum(p.numel() for p in student.parameters())
     log(f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M of {total / 1e6:.1f}M")
@@ -529,7 +569,7 @@ def train(args, device, work: Path, out: Path) -> None:
             break
         total, peak = (args.steps1, args.lr1) if stage == 1 else (args.steps2, args.lr2)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, peak)
+            g["lr"] = lr_at(step, total, peak, time_frac=(time.time() - t0) / args.seconds if stage == 2 else 0.0)
         if stage == 1:
             ids, _ = data(args.batch1, args.seq1, device)
             traces: list[dict] = []
@@ -540,7 +580,7 @@ def train(args, device, work: Path, out: Path) -> None:
                 for i in lin:
                     m = student.model.layers[i].linear_attn
                     tgt = traces[i]["out"].float()
-                    pred = delta_mixer(m, traces[i]["in"].to(args.dtype)).float()
+                    pred = delta_mixer(m, traces[i]["in"].to(args.dtype), op).float()
                     loss = loss + ((pred - tgt) ** 2).mean() / (tgt**2).mean().clamp(min=1e-6)
             loss = loss / len(lin)
         else:
@@ -548,7 +588,7 @@ def train(args, device, work: Path, out: Path) -> None:
             with torch.no_grad(), torch.autocast(**amp):
                 ht = hidden_states(teacher, ids)
             with torch.autocast(**amp):
-                hs = hidden_states(student, ids, window=args.window, sink=SINK)
+                hs = hidden_states(student, ids, window=args.window, sink=SINK, chunk_op=op)
                 loss = kl_loss(student, teacher, hs, ht)
                 if answers is not None and answers.any():  # recall drills: the true answer, not only the teacher's
                     at = answers[:, 1:]
@@ -598,6 +638,7 @@ def evaluate(args, device, work: Path, out: Path) -> dict:
     delta, meta = distilled.load_delta(Path(args.delta or out / "smollm2_hybrid.safetensors"))
     student.load_state_dict({k: v.to(device) for k, v in delta.items()}, strict=False)
     student = student.to(args.dtype)
+    args.op = chunk_op(args)
     amp = dict(device_type=device.type, dtype=args.dtype, enabled=device.type == "cuda")
     held = np.fromfile(work / "heldout.u16", dtype=np.uint16).astype(np.int64)
     t = args.seq2
@@ -618,7 +659,8 @@ def evaluate(args, device, work: Path, out: Path) -> dict:
         ref_top = None
         for name, (m, w) in runs.items():
             with torch.autocast(**amp):
-                lp = logits(m, hidden_states(m, ids, window=w, sink=SINK))[0, :-1].float().log_softmax(-1)
+                hs = hidden_states(m, ids, window=w, sink=SINK, chunk_op=args.op)
+                lp = logits(m, hs)[0, :-1].float().log_softmax(-1)
             tok_nll = -lp.gather(-1, tgt[:, None])[:, 0]
             nll[name][0] += float(tok_nll.sum())
             nll[name][1] += float(tok_nll[args.window :].sum())
@@ -676,7 +718,8 @@ def recall(args, teacher, student, held, device, amp) -> dict:
             ctx = len(head) + len(filler) + len(q)
             for key, (m, w) in models.items():
                 with torch.autocast(**amp):
-                    lp = logits(m, hidden_states(m, batch, window=w, sink=SINK)[:, ctx - 1 : ctx - 1 + width])
+                    hs = hidden_states(m, batch, window=w, sink=SINK, chunk_op=args.op)
+                    lp = logits(m, hs[:, ctx - 1 : ctx - 1 + width])
                 lp = lp.float().log_softmax(-1)
                 ll = [
                     float(lp[i, torch.arange(len(a)), torch.tensor(a, device=device)].sum())
@@ -726,6 +769,12 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--profile", action="store_true", help="profile two stage-2 steps, print the table, stop")
+    ap.add_argument(
+        "--chunk-op",
+        choices=["reference", "fla", "triton"],
+        default="reference",
+        help="the DeltaNet layers' chunked op: torch reference, fla (trains), ours (evaluation only)",
+    )
     ap.add_argument("--init-delta", help="start stage 2 from a delta file (e.g. after losing the checkpoint)")
     ap.add_argument("--delta", help="delta file to evaluate (default: --out's)")
     args = ap.parse_args()
@@ -751,7 +800,8 @@ def main() -> None:
     if args.step in ("train", "all"):
         train(args, device, args.work, args.out)
     if args.step in ("eval", "all"):
-        evaluate(args, device, args.work, args.out)
+        with torch.no_grad():
+            evaluate(args, device, args.work, args.out)
 
 
 if __name__ == "__main__":

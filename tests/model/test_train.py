@@ -86,6 +86,32 @@ def test_training_forward_is_differentiable_in_the_new_parts():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_training_forward_takes_another_chunk_op():
+    """chunk_op swaps the DeltaNet op (scripts/distill.py --chunk-op): with the token-by-token recurrent form,
+    an independent formulation, the logits and the gradients match the default chunked reference's."""
+    from kernels import reference
+
+    cfg, sd = _student(LLAMA, seed=6)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(7))
+    calls = []
+
+    def recurrent(q, k, v, g, beta):
+        calls.append(q.shape)
+        return reference.recurrent_gated_delta_rule(q, k, v, g, beta)
+
+    outs, grads = [], []
+    for op in (None, recurrent):
+        model = HybridLM(cfg)
+        model.load_state_dict(sd)
+        out = logits(model, hidden_states(model, ids, window=8, sink=2, chunk_op=op))
+        out.square().mean().backward()
+        outs.append(out)
+        grads.append(model.model.layers[0].linear_attn.q_proj.weight.grad)
+    assert len(calls) == len(distilled.converted_layers(cfg))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
+
+
 def test_conversion_reuses_attention_weights_per_query_head():
     cfg = ModelConfig.from_hf(LLAMA)
     teacher = {k: torch.randn(v.shape) for k, v in HybridLM(cfg).state_dict().items()}
