@@ -669,7 +669,15 @@ def evaluate(args, device, work: Path, out: Path) -> dict:
             agree[name] += int((top == ref_top).sum())
         count += t - 1
         count_far += t - 1 - args.window
-    res = {"heldout_tokens": count, "seq_len": t, "window": args.window, "sink": SINK, "delta_meta": meta, "models": {}}
+    res = {
+        "heldout_tokens": count,
+        "seq_len": t,
+        "window": args.window,
+        "sink": SINK,
+        "chunk_op": args.chunk_op,
+        "delta_meta": meta,
+        "models": {},
+    }
     for name in runs:
         res["models"][name] = {
             "ppl": math.exp(nll[name][0] / count),
