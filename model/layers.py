@@ -131,7 +131,8 @@ class MLP(Fusable):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """down(silu(gate(x)) * up(x)), plus `residual` if given (added in the matmul's epilogue on the GPU)."""
+        """down(silu(gate(x)) * up(x)), plus `residual` if given (on the GPU the matmul accumulates onto a copy
+        of it: addmm with beta = 1, one copy kernel instead of an add)."""
         gate, up = self.project(x)
         if _gpu_inference(x):
             act = kernels.silu_mul(gate, up)
