@@ -465,6 +465,8 @@ def chunk_op(args):
     (kernels/triton_gdn.py: forward only, for evaluation). A kernel is first checked against the reference."""
     if args.chunk_op == "reference":
         return None
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--chunk-op {args.chunk_op} needs a CUDA GPU; use --chunk-op reference")
     if args.chunk_op == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
@@ -505,6 +507,8 @@ def lr_at(step: int, total: int, peak: float, warm: int = 20, time_frac: float =
 
 
 def train(args, device, work: Path, out: Path) -> None:
+    if args.chunk_op == "triton":
+        raise SystemExit("--chunk-op triton has no backward (evaluation only): train with reference or fla")
     teacher, student, cfg, trainable = build_models(args, device)
     op = chunk_op(args)
     params = [p for n, p in student.named_parameters() if p.requires_grad]
