@@ -705,7 +705,7 @@ def recall(args, teacher, student, held, device, amp) -> dict:
     rng = random.Random(5)
     names = ["amber", "cobalt", "falcon", "juniper", "meridian", "quartz", "saffron", "tundra", "violet", "zephyr"]
     out = {}
-    trials = 4 if args.tiny else args.recall_trials
+    trials = 2 if args.tiny else args.recall_trials
     for mult in (2, 4, 8):
         dist = mult * args.window
         models = {
