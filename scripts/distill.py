@@ -499,7 +499,8 @@ def chunk_op(args):
 
 def lr_at(step: int, total: int, peak: float, warm: int = 20, time_frac: float = 0.0) -> float:
     """Linear warm-up, then cosine to 10% of peak over the stage's steps or, if sooner, its time (time_frac: the
-    share of this invocation's --seconds spent), so a run cut by time still ends annealed."""
+    share of the stage's time budget spent, --anneal-seconds across invocations), so a run cut by time still ends
+    annealed."""
     if step < warm:
         return peak * (step + 1) / warm
     frac = min(1.0, max((step - warm) / max(1, total - warm), time_frac))
@@ -538,9 +539,16 @@ def train(args, device, work: Path, out: Path) -> None:
     )
     lin = distilled.converted_layers(cfg)
     t0 = time.time()
+    t_stage2 = 0.0  # seconds of this invocation spent before stage 2 began
+    s2_before = state.get("stage2_s", 0.0)  # stage-2 seconds of earlier invocations
+
+    def stage2_seconds() -> float:
+        return s2_before + time.time() - t0 - t_stage2 if state["stage"] == 2 else 0.0
+
     amp = dict(device_type=device.type, dtype=args.dtype, enabled=device.type == "cuda")
 
     def save() -> None:
+        state["stage2_s"] = stage2_seconds()  # for the learning-rate horizon of a resumed run
         torch.save(
             {
                 "student": {n: p.detach() for n, p in student.named_parameters() if p.requires_grad},
@@ -567,13 +575,14 @@ def train(args, device, work: Path, out: Path) -> None:
             return
         if stage == 1 and step >= args.steps1:
             state.update(stage=2, step=0)
+            t_stage2 = time.time() - t0
             opt.state.clear()  # fresh moments for the new objective
             continue
         if stage == 2 and step >= args.steps2:
             break
         total, peak = (args.steps1, args.lr1) if stage == 1 else (args.steps2, args.lr2)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, peak, time_frac=(time.time() - t0) / args.seconds if stage == 2 else 0.0)
+            g["lr"] = lr_at(step, total, peak, time_frac=stage2_seconds() / (args.anneal_seconds or args.seconds))
         if stage == 1:
             ids, _ = data(args.batch1, args.seq1, device)
             traces: list[dict] = []
@@ -761,6 +770,11 @@ def main() -> None:
         help="random SmolLM2-shaped teacher on random tokens: time a few steps of each stage at the real sizes",
     )
     ap.add_argument("--seconds", type=float, default=540, help="train for at most this long per invocation")
+    ap.add_argument(
+        "--anneal-seconds",
+        type=float,
+        help="stage-2 time over which the learning rate anneals, summed across resumed invocations (default --seconds)",
+    )
     ap.add_argument("--steps1", type=int, default=300)
     ap.add_argument("--steps2", type=int, default=1200)
     ap.add_argument("--batch1", type=int, default=16)
