@@ -73,6 +73,31 @@ def _load_keys(ptr, tok, m_t, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
+def _decayed_keys(
+    k,
+    kd,
+    tok,
+    m_t,
+    gc,
+    g_last,
+    i_h,
+    i_hv,
+    H: tl.constexpr,
+    HV: tl.constexpr,
+    K: tl.constexpr,
+    BK: tl.constexpr,
+    L2: tl.constexpr,
+):
+    """Keys at rows tok (l2-normalised if L2); stores k exp(g_last - gc) to kd and returns k in kd's dtype."""
+    x = _load_keys(k, tok, m_t, i_h, H, K, BK, L2)
+    o_k = tl.arange(0, BK)
+    dt = kd.dtype.element_ty
+    p = kd + tok[:, None] * (HV * K) + i_hv * K + o_k[None, :]
+    tl.store(p, (x * tl.exp(g_last - gc)[:, None]).to(dt), mask=m_t[:, None] & (o_k < K)[None, :])
+    return x.to(dt)
+
+
+@triton.jit
 def _decayed_kkt(ka, kb, ba, ga, gb, DIAG: tl.constexpr, BC: tl.constexpr, PREC: tl.constexpr):
     """Sub-block of A: beta_i k_i.k_j exp(g_i - g_j), strictly lower on diagonal sub-blocks."""
     a = _mm(ka, tl.trans(kb), PREC)
@@ -104,7 +129,7 @@ def _mm(a, b, PREC: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC)
 
 
-@triton.autotune(configs=_configs([{}], [4, 2], [1]), key=["H", "HV", "K", "BK", "IS_VARLEN", "PREC"])
+@triton.autotune(configs=_configs([{}], [4, 2, 1], [1]), key=["H", "HV", "K", "BK", "IS_VARLEN", "PREC"])
 @triton.jit(do_not_specialize=["T", "NT"])
 def _solve_kernel(
     k,
@@ -131,17 +156,12 @@ def _solve_kernel(
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     _, i_t, bos, seq_len = _chunk_pos(cu_seqlens, chunk_indices, i_c, T, NT, IS_VARLEN)
-    DT = ai.dtype.element_ty
     o_c = tl.arange(0, BC)
     r0 = i_t * (4 * BC)
     # four sub-blocks of BC rows: positions, masks, keys, beta, chunk-local cumsum of g
     p0, p1, p2, p3 = r0 + o_c, r0 + BC + o_c, r0 + 2 * BC + o_c, r0 + 3 * BC + o_c
     m0, m1, m2, m3 = p0 < seq_len, p1 < seq_len, p2 < seq_len, p3 < seq_len
     t0, t1, t2, t3 = bos + p0, bos + p1, bos + p2, bos + p3
-    k0 = _load_keys(k, t0, m0, i_h, H, K, BK, L2)
-    k1 = _load_keys(k, t1, m1, i_h, H, K, BK, L2)
-    k2 = _load_keys(k, t2, m2, i_h, H, K, BK, L2)
-    k3 = _load_keys(k, t3, m3, i_h, H, K, BK, L2)
     b0 = tl.load(beta + t0 * HV + i_hv, mask=m0, other=0.0).to(tl.float32)
     b1 = tl.load(beta + t1 * HV + i_hv, mask=m1, other=0.0).to(tl.float32)
     b2 = tl.load(beta + t2 * HV + i_hv, mask=m2, other=0.0).to(tl.float32)
@@ -159,14 +179,11 @@ def _solve_kernel(
     tl.store(gc + t2 * HV + i_hv, g2, mask=m2)
     tl.store(gc + t3 * HV + i_hv, g3, mask=m3)
     g_last = tl.sum(tl.where(o_c == BC - 1, g3, 0.0), 0)  # padded rows add 0: this is gc at the last token
-    o_k = tl.arange(0, BK)
-    pk = kd + i_hv * K + o_k[None, :]
-    mk = (o_k < K)[None, :]
-    tl.store(pk + t0[:, None] * (HV * K), (k0 * tl.exp(g_last - g0)[:, None]).to(DT), mask=m0[:, None] & mk)
-    tl.store(pk + t1[:, None] * (HV * K), (k1 * tl.exp(g_last - g1)[:, None]).to(DT), mask=m1[:, None] & mk)
-    tl.store(pk + t2[:, None] * (HV * K), (k2 * tl.exp(g_last - g2)[:, None]).to(DT), mask=m2[:, None] & mk)
-    tl.store(pk + t3[:, None] * (HV * K), (k3 * tl.exp(g_last - g3)[:, None]).to(DT), mask=m3[:, None] & mk)
-    k0, k1, k2, k3 = k0.to(DT), k1.to(DT), k2.to(DT), k3.to(DT)  # A's products take the stage dtype
+    # keys one sub-block at a time (one float32 tile live): normalised, stored decayed, narrowed to the stage dtype
+    k0 = _decayed_keys(k, kd, t0, m0, g0, g_last, i_h, i_hv, H, HV, K, BK, L2)
+    k1 = _decayed_keys(k, kd, t1, m1, g1, g_last, i_h, i_hv, H, HV, K, BK, L2)
+    k2 = _decayed_keys(k, kd, t2, m2, g2, g_last, i_h, i_hv, H, HV, K, BK, L2)
+    k3 = _decayed_keys(k, kd, t3, m3, g3, g_last, i_h, i_hv, H, HV, K, BK, L2)
 
     # diagonal sub-blocks of (I + A)^-1, then the off-diagonal ones by 2x2 block inversion (16 -> 32 -> 64 rows)
     d0 = _unit_lower_inverse(_decayed_kkt(k0, k0, b0, g0, g0, True, BC, PREC), BC)
@@ -258,7 +275,7 @@ def _wu_kernel(
 
 
 @triton.autotune(
-    configs=_configs([{"BV": 64}, {"BV": 32}], [4], [2, 3]),
+    configs=_configs([{"BV": 64}, {"BV": 32}, {"BV": 16}], [4, 2], [2, 3]),
     key=["H", "HV", "K", "V", "BK", "IS_VARLEN", "PREC", "LOW"],
 )
 @triton.jit(do_not_specialize=["T", "NT"])
@@ -281,6 +298,7 @@ def _state_kernel(
     V: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
+    BK2: tl.constexpr,
     BV: tl.constexpr,
     L2: tl.constexpr,
     USE_H0: tl.constexpr,
@@ -289,6 +307,8 @@ def _state_kernel(
     PREC: tl.constexpr,
     LOW: tl.constexpr,
 ):
+    """The sequential pass over one sequence's chunks for one value head and V block. The state's K rows are held as
+    two tiles, BK and BK2 rows (BK2 = 0: one tile), so a K of 96 is 64 + 32 rows rather than 128 padded."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = (i_nh // HV).to(tl.int64), i_nh % HV
     if IS_VARLEN:
@@ -302,35 +322,56 @@ def _state_kernel(
     n_chunks = tl.cdiv(seq_len, BT)
     DT = w.dtype.element_ty
     OT = DT if LOW else tl.float32  # operands of the state products
-    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
-    mkv = (o_k < K)[:, None] & (o_v < V)[None, :]
-    s_off = o_k[:, None] * V + o_v[None, :]
+    m_v = o_v < V
+    # offsets within a chunk; each chunk adds a scalar (chunk * BT tokens, or one state)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    tk = o_t[:, None] * (HV * K) + o_k[None, :]  # [BT, BK] rows of w / kd
+    sk = o_k[:, None] * V + o_v[None, :]  # [BK, BV] state
+    tv = o_t[:, None] * (HV * V) + o_v[None, :]  # [BT, BV] rows of u / v_new
+    o_k2 = BK + tl.arange(0, BK2 if BK2 > 0 else 16)
+    m_k2 = o_k2 < K
+    tk2 = o_t[:, None] * (HV * K) + o_k2[None, :]
+    sk2 = o_k2[:, None] * V + o_v[None, :]
+    base_tk = w + (bos * HV + i_hv) * K  # chunk 0's rows; kd uses the same offsets
+    base_tv = (bos * HV + i_hv) * V
+    base_s = (i_n * HV + i_hv) * K * V
     if USE_H0:
-        b_h = tl.load(h0 + (i_n * HV + i_hv) * K * V + s_off, mask=mkv, other=0.0).to(tl.float32)
+        b_h = tl.load(h0 + base_s + sk, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_h2 = tl.load(h0 + base_s + sk2, mask=m_k2[:, None] & m_v[None, :], other=0.0).to(tl.float32)
     else:
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
+        b_h2 = tl.zeros([BK2 if BK2 > 0 else 16, BV], dtype=tl.float32)
     for i_t in range(n_chunks):
-        tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + s_off, b_h.to(DT), mask=mkv)
-        pos = i_t * BT + o_t
-        m_t = pos < seq_len
-        tok = bos + pos
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_w = tl.load(
-            w + (tok[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0
-        )
-        b_u = tl.load(u + (tok[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        b_v = b_u - _mm(b_w.to(OT), b_h.to(OT), PREC)
-        tl.store(v_new + (tok[:, None] * HV + i_hv) * V + o_v[None, :], b_v.to(DT), mask=m_tv)
+        hs = h + ((c0 + i_t) * HV + i_hv) * K * V
+        tl.store(hs + sk, b_h.to(DT), mask=m_k[:, None] & m_v[None, :])
+        if BK2 > 0:
+            tl.store(hs + sk2, b_h2.to(DT), mask=m_k2[:, None] & m_v[None, :])
+        m_t = (i_t * BT + o_t) < seq_len
+        step_k = i_t * BT * HV * K
+        step_v = base_tv + i_t * BT * HV * V
+        b_w = tl.load(base_tk + step_k + tk, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_v = _mm(b_w.to(OT), b_h.to(OT), PREC)
+        if BK2 > 0:
+            b_w2 = tl.load(base_tk + step_k + tk2, mask=m_t[:, None] & m_k2[None, :], other=0.0)
+            b_v += _mm(b_w2.to(OT), b_h2.to(OT), PREC)
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_v = tl.load(u + step_v + tv, mask=m_tv, other=0.0).to(tl.float32) - b_v
+        tl.store(v_new + step_v + tv, b_v.to(DT), mask=m_tv)
         last = tl.minimum(i_t * BT + BT, seq_len) - 1
-        g_last = tl.load(gc + (bos + last) * HV + i_hv)
-        b_k = tl.load(
-            kd + (tok[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0
-        )
-        b_h = b_h * tl.exp(g_last) + _mm(tl.trans(b_k.to(OT)), b_v.to(OT), PREC)
+        e_last = tl.exp(tl.load(gc + (bos + last) * HV + i_hv))
+        kd_t = kd + (bos * HV + i_hv) * K + step_k
+        b_k = tl.load(kd_t + tk, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_h = b_h * e_last + _mm(tl.trans(b_k.to(OT)), b_v.to(OT), PREC)
+        if BK2 > 0:
+            b_k2 = tl.load(kd_t + tk2, mask=m_t[:, None] & m_k2[None, :], other=0.0)
+            b_h2 = b_h2 * e_last + _mm(tl.trans(b_k2.to(OT)), b_v.to(OT), PREC)
     if STORE_HT:
-        tl.store(ht + (i_n * HV + i_hv) * K * V + s_off, b_h, mask=mkv)
+        tl.store(ht + base_s + sk, b_h, mask=m_k[:, None] & m_v[None, :])
+        if BK2 > 0:
+            tl.store(ht + base_s + sk2, b_h2, mask=m_k2[:, None] & m_v[None, :])
 
 
 @triton.autotune(
@@ -495,6 +536,8 @@ def chunk_gated_delta_rule(
     )
     hs = torch.empty(n_total, hv, dk, dv, dtype=st, device=q.device)
     v_new = torch.empty_like(u)
+    # the state's K rows in two tiles when 64 < K <= 128 (K = 96: 64 + 32, not 128 padded)
+    split = dict(BK=64, BK2=_block(dk - 64)) if 64 < dk <= 128 else dict(BK=bk, BK2=0)
     _state_kernel[lambda meta: (triton.cdiv(dv, meta["BV"]), n * hv)](
         kd,
         w,
@@ -512,7 +555,7 @@ def chunk_gated_delta_rule(
         PREC=prec,
         LOW="state" in LOW_PRECISION and low,
         V=dv,
-        **common,
+        **{**common, **split},
     )
     _output_kernel[(n_total, hv)](
         q,

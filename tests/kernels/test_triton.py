@@ -136,6 +136,18 @@ def test_state_carried_across_calls(poisoned):
     assert rel(torch.cat(outs, 1), whole_o) < FP32 and rel(s, whole_s) < FP32
 
 
+@pytest.mark.parametrize("dk", [96, 128])
+def test_chunk_state_in_two_key_tiles(dk, poisoned):
+    """64 < K <= 128: the state pass holds K as 64 + the rest (96 -> 64 + 32, 128 -> 64 + 64)."""
+    q, k, v, g, beta, s0 = inputs(1, 130, 1, 2, dk, 24, seed=dk)
+    want_o, want_s = naive(q, k, v, g, beta, s0)
+    o, s = tg.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    assert rel(o, want_o) < FP32 and rel(s, want_s) < FP32
+    o, s = tg.chunk_gated_delta_rule(q, k, v, g, beta)  # no initial state
+    want_o, want_s = naive(q, k, v, g, beta, torch.zeros_like(s0))
+    assert rel(o, want_o) < FP32 and rel(s, want_s) < FP32
+
+
 def test_varlen_matches_separate_runs(poisoned):
     lens = [37, 64, 90]
     q, k, v, g, beta, _ = inputs(1, sum(lens), 2, 4, 24, 32, seed=3)
