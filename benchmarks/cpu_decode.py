@@ -15,8 +15,10 @@ from common import timed, versions, write_results
 from model import load_model
 from model.gguf_file import smollm2_gguf
 
-PROMPT = "<|im_start|>user\nExplain in detail how a hash map works, with an example in Python.<|im_end|>\n" \
-         "<|im_start|>assistant\n"
+PROMPT = (
+    "<|im_start|>user\nExplain in detail how a hash map works, with an example in Python.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 def main() -> None:
@@ -38,7 +40,7 @@ def main() -> None:
     def run_ref():
         with torch.inference_mode():
             out = ref.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     def run_ours():
         ours.reset()

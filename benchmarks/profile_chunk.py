@@ -3,7 +3,10 @@
 Runs each op a few times under the profiler at each T and reports every kernel's time per call, so a long-T gap
 between the two shows which stage (solve, w/u, state pass, output) it is in.
 
-    python benchmarks/profile_chunk.py --out DIR [--t 8192,32768,65536]
+    python benchmarks/profile_chunk.py --out DIR [--t 8192,32768,65536] [--baseline OLD_triton_gdn.py]
+
+--baseline profiles another copy of kernels/triton_gdn.py beside the current one (e.g. the last commit's, from
+`git show HEAD:kernels/triton_gdn.py > OLD.py`): a kernel change measured side by side in one run.
 
 Writes DIR/profile_chunk.json and prints the table.
 """
@@ -53,9 +56,15 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--t", default="8192,32768,65536")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--baseline", type=Path, help="another copy of kernels/triton_gdn.py to profile as 'baseline'")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ops = {"ours": triton_gdn.chunk_gated_delta_rule}
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("triton_gdn_baseline", args.baseline)
+        baseline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(baseline)
+        ops["baseline"] = baseline.chunk_gated_delta_rule
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
@@ -72,6 +81,11 @@ def main() -> None:
             print(f"T={t} {name}: {total:.0f} us")
             for r in rows:
                 print(f"   {r['us_per_call']:9.1f} us {r['per_call']:4.1f}x  {r['kernel']}")
+    doc["autotuned"] = {
+        name: str(getattr(getattr(triton_gdn, name), "best_config", None))
+        for name in ("_solve_kernel", "_wu_kernel", "_state_kernel", "_output_kernel")
+    }
+    print(doc["autotuned"])
     (args.out / "profile_chunk.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 

@@ -45,8 +45,10 @@ def main() -> None:
         if e.device_type == torch.autograd.DeviceType.CUDA:
             by_name[e.name].append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
     rows = sorted(
-        ({"kernel": n[:110], "per_step": len(v) / args.steps, "us_per_step": sum(v) / args.steps} for n, v in
-         by_name.items()),
+        (
+            {"kernel": n[:110], "per_step": len(v) / args.steps, "us_per_step": sum(v) / args.steps}
+            for n, v in by_name.items()
+        ),
         key=lambda r: -r["us_per_step"],
     )
     busy = sum(r["us_per_step"] for r in rows)
