@@ -275,7 +275,7 @@ def _wu_kernel(
 
 
 @triton.autotune(
-    configs=_configs([{"BV": 64}, {"BV": 32}, {"BV": 16}], [4, 2], [2, 3]),
+    configs=_configs([{"BV": 64}, {"BV": 32}], [4], [2, 3]),
     key=["H", "HV", "K", "V", "BK", "IS_VARLEN", "PREC", "LOW"],
 )
 @triton.jit(do_not_specialize=["T", "NT"])
@@ -298,7 +298,6 @@ def _state_kernel(
     V: tl.constexpr,
     BT: tl.constexpr,
     BK: tl.constexpr,
-    BK2: tl.constexpr,
     BV: tl.constexpr,
     L2: tl.constexpr,
     USE_H0: tl.constexpr,
@@ -307,8 +306,6 @@ def _state_kernel(
     PREC: tl.constexpr,
     LOW: tl.constexpr,
 ):
-    """The sequential pass over one sequence's chunks for one value head and V block. The state's K rows are held as
-    two tiles, BK and BK2 rows (BK2 = 0: one tile), so a K of 96 is 64 + 32 rows rather than 128 padded."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = (i_nh // HV).to(tl.int64), i_nh % HV
     if IS_VARLEN:
@@ -322,56 +319,35 @@ def _state_kernel(
     n_chunks = tl.cdiv(seq_len, BT)
     DT = w.dtype.element_ty
     OT = DT if LOW else tl.float32  # operands of the state products
+    o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
-    m_v = o_v < V
-    # offsets within a chunk; each chunk adds a scalar (chunk * BT tokens, or one state)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    tk = o_t[:, None] * (HV * K) + o_k[None, :]  # [BT, BK] rows of w / kd
-    sk = o_k[:, None] * V + o_v[None, :]  # [BK, BV] state
-    tv = o_t[:, None] * (HV * V) + o_v[None, :]  # [BT, BV] rows of u / v_new
-    o_k2 = BK + tl.arange(0, BK2 if BK2 > 0 else 16)
-    m_k2 = o_k2 < K
-    tk2 = o_t[:, None] * (HV * K) + o_k2[None, :]
-    sk2 = o_k2[:, None] * V + o_v[None, :]
-    base_tk = w + (bos * HV + i_hv) * K  # chunk 0's rows; kd uses the same offsets
-    base_tv = (bos * HV + i_hv) * V
-    base_s = (i_n * HV + i_hv) * K * V
+    mkv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    s_off = o_k[:, None] * V + o_v[None, :]
     if USE_H0:
-        b_h = tl.load(h0 + base_s + sk, mask=m_k[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        b_h2 = tl.load(h0 + base_s + sk2, mask=m_k2[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        b_h = tl.load(h0 + (i_n * HV + i_hv) * K * V + s_off, mask=mkv, other=0.0).to(tl.float32)
     else:
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
-        b_h2 = tl.zeros([BK2 if BK2 > 0 else 16, BV], dtype=tl.float32)
     for i_t in range(n_chunks):
-        hs = h + ((c0 + i_t) * HV + i_hv) * K * V
-        tl.store(hs + sk, b_h.to(DT), mask=m_k[:, None] & m_v[None, :])
-        if BK2 > 0:
-            tl.store(hs + sk2, b_h2.to(DT), mask=m_k2[:, None] & m_v[None, :])
-        m_t = (i_t * BT + o_t) < seq_len
-        step_k = i_t * BT * HV * K
-        step_v = base_tv + i_t * BT * HV * V
-        b_w = tl.load(base_tk + step_k + tk, mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_v = _mm(b_w.to(OT), b_h.to(OT), PREC)
-        if BK2 > 0:
-            b_w2 = tl.load(base_tk + step_k + tk2, mask=m_t[:, None] & m_k2[None, :], other=0.0)
-            b_v += _mm(b_w2.to(OT), b_h2.to(OT), PREC)
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_v = tl.load(u + step_v + tv, mask=m_tv, other=0.0).to(tl.float32) - b_v
-        tl.store(v_new + step_v + tv, b_v.to(DT), mask=m_tv)
+        tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + s_off, b_h.to(DT), mask=mkv)
+        pos = i_t * BT + o_t
+        m_t = pos < seq_len
+        tok = bos + pos
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        b_w = tl.load(
+            w + (tok[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0
+        )
+        b_u = tl.load(u + (tok[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        b_v = b_u - _mm(b_w.to(OT), b_h.to(OT), PREC)
+        tl.store(v_new + (tok[:, None] * HV + i_hv) * V + o_v[None, :], b_v.to(DT), mask=m_tv)
         last = tl.minimum(i_t * BT + BT, seq_len) - 1
-        e_last = tl.exp(tl.load(gc + (bos + last) * HV + i_hv))
-        kd_t = kd + (bos * HV + i_hv) * K + step_k
-        b_k = tl.load(kd_t + tk, mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_h = b_h * e_last + _mm(tl.trans(b_k.to(OT)), b_v.to(OT), PREC)
-        if BK2 > 0:
-            b_k2 = tl.load(kd_t + tk2, mask=m_t[:, None] & m_k2[None, :], other=0.0)
-            b_h2 = b_h2 * e_last + _mm(tl.trans(b_k2.to(OT)), b_v.to(OT), PREC)
+        g_last = tl.load(gc + (bos + last) * HV + i_hv)
+        b_k = tl.load(
+            kd + (tok[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0
+        )
+        b_h = b_h * tl.exp(g_last) + _mm(tl.trans(b_k.to(OT)), b_v.to(OT), PREC)
     if STORE_HT:
-        tl.store(ht + base_s + sk, b_h, mask=m_k[:, None] & m_v[None, :])
-        if BK2 > 0:
-            tl.store(ht + base_s + sk2, b_h2, mask=m_k2[:, None] & m_v[None, :])
+        tl.store(ht + (i_n * HV + i_hv) * K * V + s_off, b_h, mask=mkv)
 
 
 @triton.autotune(
@@ -536,8 +512,6 @@ def chunk_gated_delta_rule(
     )
     hs = torch.empty(n_total, hv, dk, dv, dtype=st, device=q.device)
     v_new = torch.empty_like(u)
-    # the state's K rows in two tiles when 64 < K <= 128 (K = 96: 64 + 32, not 128 padded)
-    split = dict(BK=64, BK2=_block(dk - 64)) if 64 < dk <= 128 else dict(BK=bk, BK2=0)
     _state_kernel[lambda meta: (triton.cdiv(dv, meta["BV"]), n * hv)](
         kd,
         w,
@@ -555,7 +529,7 @@ def chunk_gated_delta_rule(
         PREC=prec,
         LOW="state" in LOW_PRECISION and low,
         V=dv,
-        **{**common, **split},
+        **common,
     )
     _output_kernel[(n_total, hv)](
         q,

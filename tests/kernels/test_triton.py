@@ -137,8 +137,8 @@ def test_state_carried_across_calls(poisoned):
 
 
 @pytest.mark.parametrize("dk", [96, 128])
-def test_chunk_state_in_two_key_tiles(dk, poisoned):
-    """64 < K <= 128: the state pass holds K as 64 + the rest (96 -> 64 + 32, 128 -> 64 + 64)."""
+def test_chunk_at_the_7b_key_width(dk, poisoned):
+    """K = 96 (OLMo Hybrid 7B's, padded to 128 in the kernels' tiles) and 128, with and without an initial state."""
     q, k, v, g, beta, s0 = inputs(1, 130, 1, 2, dk, 24, seed=dk)
     want_o, want_s = naive(q, k, v, g, beta, s0)
     o, s = tg.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
