@@ -4,11 +4,15 @@ goes through the same code with real sizes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from model import distilled
 
@@ -46,5 +50,27 @@ def test_tiny_pipeline_writes_a_loadable_delta_and_an_evaluation(tmp_path):
     assert ev["models"]["teacher_full"]["top1_agreement_with_teacher_full"] == 1.0
     assert len(ev["recall"]) == 3
 
+    # a second invocation resumes from the checkpoint; stage-2 seconds add up across invocations (the LR horizon)
+    s2 = torch.load(work / "ckpt.pt", weights_only=False)["state"]["stage2_s"]
+    assert s2 > 0
+    r = distill("train", "--tiny", "--steps2", "6", "--work", str(work), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(work / "ckpt.pt", weights_only=False)["state"]
+    assert "resumed at stage 2 step 4" in r.stderr + r.stdout and state["step"] == 6 and state["stage2_s"] > s2
+
     r = distill("train", "--tiny", "--chunk-op", "triton", "--work", str(work), "--out", str(out))
     assert r.returncode != 0 and "no backward" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_learning_rate_schedule():
+    spec = importlib.util.spec_from_file_location("distill", ROOT / "scripts" / "distill.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    peak = 1e-3
+    assert mod.lr_at(0, 100, peak) == pytest.approx(peak / 20)  # linear warm-up over 20 steps
+    assert mod.lr_at(19, 100, peak) == pytest.approx(peak)
+    assert mod.lr_at(100, 100, peak) == pytest.approx(0.1 * peak)  # cosine down to 10% at the last step
+    assert mod.lr_at(60, 100, peak) == pytest.approx(0.55 * peak)  # half-way: 0.1 + 0.9 * 0.5
+    # time runs out first: the time fraction decides, so a run cut by time ends annealed
+    assert mod.lr_at(30, 1000, peak, time_frac=0.5) == pytest.approx(0.55 * peak)
+    assert mod.lr_at(30, 1000, peak, time_frac=1.0) == pytest.approx(0.1 * peak)
