@@ -230,6 +230,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def ring_slots(p: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """Slots of positions p in a bounded KV ring: the first `sink` positions keep their own slots, later ones
+    cycle through the `window` slots after them."""
+    return torch.where(p < sink, p, sink + (p - sink) % window)
+
+
 def kv_step(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -246,7 +252,7 @@ def kv_step(
     the position each slot holds (-1: empty); k, v: [Hkv, D]; p: [1] int64 on the device, the token's position.
     Returns the additive mask [sink + window] in the cache's dtype: 0 where the token may attend (slots holding
     a sink token or one of the last `window` positions), -inf elsewhere."""
-    slot = torch.where(p < sink, p, sink + (p - sink) % window)
+    slot = ring_slots(p, sink, window)
     k_cache.index_copy_(1, slot, k[:, None])
     v_cache.index_copy_(1, slot, v[:, None])
     pos.index_copy_(0, slot, p)

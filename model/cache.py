@@ -142,7 +142,7 @@ class KVWindow:
     def _slots(self, p: torch.Tensor) -> torch.Tensor:
         if self.window is None:
             return p
-        return torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.window)
+        return kernels.reference.ring_slots(p, self.sink, self.window)
 
     def _grow(self, need: int) -> None:
         cap = self.capacity
