@@ -3,10 +3,11 @@
 Runs each op a few times under the profiler at each T and reports every kernel's time per call, so a long-T gap
 between the two shows which stage (solve, w/u, state pass, output) it is in.
 
-    python benchmarks/profile_chunk.py --out DIR [--t 8192,32768,65536] [--baseline OLD_triton_gdn.py]
+    python benchmarks/profile_chunk.py --out DIR [--t 8192,32768,65536] [--baseline OLD_triton_gdn.py ...]
 
 --baseline profiles another copy of kernels/triton_gdn.py beside the current one (e.g. the last commit's, from
-`git show HEAD:kernels/triton_gdn.py > OLD.py`): a kernel change measured side by side in one run.
+`git show HEAD:kernels/triton_gdn.py > OLD.py`), named by its file's stem; repeat it for several: kernel changes
+measured side by side in one run.
 
 Writes DIR/profile_chunk.json and prints the table.
 """
@@ -56,15 +57,17 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--t", default="8192,32768,65536")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--baseline", type=Path, help="another copy of kernels/triton_gdn.py to profile as 'baseline'")
+    ap.add_argument("--baseline", type=Path, action="append", default=[], help="another copy of triton_gdn.py")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     ops = {"ours": triton_gdn.chunk_gated_delta_rule}
-    if args.baseline:
-        spec = importlib.util.spec_from_file_location("triton_gdn_baseline", args.baseline)
-        baseline = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(baseline)
-        ops["baseline"] = baseline.chunk_gated_delta_rule
+    modules = {"ours": triton_gdn}
+    for path in args.baseline:
+        spec = importlib.util.spec_from_file_location(f"triton_gdn_{path.stem}", path)
+        other = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(other)
+        ops[path.stem] = other.chunk_gated_delta_rule
+        modules[path.stem] = other
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
@@ -82,8 +85,11 @@ def main() -> None:
             for r in rows:
                 print(f"   {r['us_per_call']:9.1f} us {r['per_call']:4.1f}x  {r['kernel']}")
     doc["autotuned"] = {
-        name: str(getattr(getattr(triton_gdn, name), "best_config", None))
-        for name in ("_solve_kernel", "_wu_kernel", "_state_kernel", "_output_kernel")
+        op: {
+            name: str(getattr(getattr(module, name), "best_config", None))
+            for name in ("_solve_kernel", "_wu_kernel", "_state_kernel", "_output_kernel")
+        }
+        for op, module in modules.items()
     }
     print(doc["autotuned"])
     (args.out / "profile_chunk.json").write_text(json.dumps(doc, indent=2) + "\n")

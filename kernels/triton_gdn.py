@@ -122,11 +122,12 @@ def _unit_lower_inverse(a, BC: tl.constexpr):
 
 
 @triton.jit
-def _mm(a, b, PREC: tl.constexpr):
-    """tl.dot with fp32 accumulate; the interpreter multiplies 16-bit operands wrongly, so it gets them as fp32."""
+def _mm(a, b, PREC: tl.constexpr, acc=None):
+    """tl.dot with fp32 accumulate (into acc if given); the interpreter multiplies 16-bit operands wrongly, so it
+    gets them as fp32."""
     if _INTERP:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-    return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
+    return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.autotune(configs=_configs([{}], [4, 2, 1], [1]), key=["H", "HV", "K", "BK", "IS_VARLEN", "PREC"])
@@ -322,30 +323,40 @@ def _state_kernel(
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
-    mkv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    m_k = o_k < K
+    m_v = o_v < V
+    mkv = m_k[:, None] & m_v[None, :]
     s_off = o_k[:, None] * V + o_v[None, :]
     if USE_H0:
         b_h = tl.load(h0 + (i_n * HV + i_hv) * K * V + s_off, mask=mkv, other=0.0).to(tl.float32)
     else:
         b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    # this sequence's and head's bases; the loop steps them a chunk at a time over loop-invariant tile offsets
+    w += (bos * HV + i_hv) * K
+    kd += (bos * HV + i_hv) * K
+    u += (bos * HV + i_hv) * V
+    v_new += (bos * HV + i_hv) * V
+    gc += bos * HV + i_hv
+    h += (c0 * HV + i_hv) * K * V
+    p_w = o_t[:, None] * (HV * K) + o_k[None, :]  # [BT, BK] rows of w
+    p_k = o_k[:, None] + o_t[None, :] * (HV * K)  # [BK, BT]: kd read transposed
+    p_u = o_t[:, None] * (HV * V) + o_v[None, :]
+    # each chunk's decay is loaded one chunk ahead: a load the pipeliner leaves alone would otherwise stall the
+    # sequential chain right before the state update
+    g_next = tl.load(gc + (tl.minimum(BT, seq_len) - 1) * HV)
     for i_t in range(n_chunks):
-        tl.store(h + ((c0 + i_t) * HV + i_hv) * K * V + s_off, b_h.to(DT), mask=mkv)
-        pos = i_t * BT + o_t
-        m_t = pos < seq_len
-        tok = bos + pos
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        b_w = tl.load(
-            w + (tok[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0
-        )
-        b_u = tl.load(u + (tok[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        t0 = i_t * BT
+        g_last = g_next
+        g_next = tl.load(gc + (tl.minimum(t0 + 2 * BT, seq_len) - 1) * HV)
+        tl.store(h + i_t * (HV * K * V) + s_off, b_h.to(DT), mask=mkv)
+        m_t = t0 + o_t < seq_len
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_w = tl.load(w + t0 * (HV * K) + p_w, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_u = tl.load(u + t0 * (HV * V) + p_u, mask=m_tv, other=0.0).to(tl.float32)
         b_v = b_u - _mm(b_w.to(OT), b_h.to(OT), PREC)
-        tl.store(v_new + (tok[:, None] * HV + i_hv) * V + o_v[None, :], b_v.to(DT), mask=m_tv)
-        last = tl.minimum(i_t * BT + BT, seq_len) - 1
-        g_last = tl.load(gc + (bos + last) * HV + i_hv)
-        b_k = tl.load(
-            kd + (tok[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0
-        )
-        b_h = b_h * tl.exp(g_last) + _mm(tl.trans(b_k.to(OT)), b_v.to(OT), PREC)
+        tl.store(v_new + t0 * (HV * V) + p_u, b_v.to(DT), mask=m_tv)
+        b_k = tl.load(kd + t0 * (HV * K) + p_k, mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_h = _mm(b_k.to(OT), b_v.to(OT), PREC, b_h * tl.exp(g_last))  # the product accumulates into the state
     if STORE_HT:
         tl.store(ht + (i_n * HV + i_hv) * K * V + s_off, b_h, mask=mkv)
 
