@@ -20,6 +20,11 @@ the CPU in a minute with a small random teacher, as the test suite does. Steps, 
 Training split over several invocations (e.g. device calls of at most 10 minutes) resumes from --work's checkpoint;
 give each the same --anneal-seconds (the stage-2 time in all) so the learning rate anneals once, across them.
 `--chunk-op fla` trains through fla's kernels (2.5x faster a step on an H100 than the torch reference).
+
+On several GPUs of one host, train data-parallel (each rank draws its own --batch2 sequences; gradients are
+averaged across ranks, so a step sees world x --batch2 sequences at the same learning rate):
+
+    torchrun --nproc_per_node 4 scripts/distill.py train --work W --out O --chunk-op fla ...
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,8 +73,66 @@ SUFFIXES = (".py", ".md", ".rst", ".txt")
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
+RANK = 0  # this process's rank under torchrun; only rank 0 logs and writes
+
+
 def log(*a) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+    if RANK == 0:
+        print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- data parallel
+def init_ranks() -> tuple[int, int, torch.device]:
+    """(rank, world size, device): one process a GPU under torchrun (NCCL; gloo on the CPU), else (0, 1, ...)."""
+    global RANK
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    RANK = tdist.get_rank()
+    return RANK, world, device
+
+
+def average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Replace each parameter's gradient by its mean over the ranks (one all-reduce of the flattened gradients).
+    Parameters without a gradient (the same ones on every rank: one graph) are left without."""
+    if world == 1:
+        return
+    have = [p for p in params if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in have])
+    tdist.all_reduce(flat)
+    flat /= world
+    off = 0
+    for p in have:
+        p.grad.copy_(flat[off : off + p.numel()].view_as(p.grad))
+        off += p.numel()
+
+
+def from_rank0(values: list[float], device, world: int) -> list[float]:
+    """Rank 0's values on every rank: the clock that decides the stop and the learning rate must be one clock."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.broadcast(t, 0)
+    return t.tolist()
+
+
+def check_ranks_agree(params: list[torch.Tensor], device, world: int) -> None:
+    """Every rank must end with the same parameters (same start, same averaged gradients, same learning rate)."""
+    if world == 1:
+        return
+    mine = torch.stack([p.detach().double().sum() for p in params]).to(device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    tdist.all_gather(every, mine)
+    if any(not torch.equal(every[0], x) for x in every[1:]):
+        raise SystemExit("data-parallel training went out of step: the ranks' parameters differ")
+    log(f"{world} ranks hold identical parameters")
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -511,7 +575,7 @@ def lr_at(step: int, total: int, peak: float, warm: int = 20, time_frac: float =
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train(args, device, work: Path, out: Path) -> None:
+def train(args, device, work: Path, out: Path, world: int = 1) -> None:
     if args.chunk_op == "triton":
         raise SystemExit("--chunk-op triton has no backward (evaluation only): train with reference or fla")
     teacher, student, cfg, trainable = build_models(args, device)
@@ -533,9 +597,12 @@ def train(args, device, work: Path, out: Path) -> None:
         student.load_state_dict({k: v.to(device) for k, v in delta.items()}, strict=False)
         state = {"stage": 2, "step": 0, "log": []}
         log(f"started from {args.init_delta}")
+    for p in params:  # every rank starts from rank 0's weights
+        if world > 1:
+            tdist.broadcast(p.data, 0)
     data = Batches(
         work,
-        seed=1000 + state["step"] + 7919 * state["stage"],
+        seed=1000 + state["step"] + 7919 * state["stage"] + 104729 * RANK,
         chat_frac=args.chat_frac,
         tok=tokenizer(args) if args.recall_frac and not args.smoke else None,
         recall_frac=args.recall_frac,
@@ -552,6 +619,8 @@ def train(args, device, work: Path, out: Path) -> None:
     amp = dict(device_type=device.type, dtype=args.dtype, enabled=device.type == "cuda")
 
     def save() -> None:
+        if RANK:
+            return
         state["stage2_s"] = stage2_seconds()  # for the learning-rate horizon of a resumed run
         torch.save(
             {
@@ -564,7 +633,10 @@ def train(args, device, work: Path, out: Path) -> None:
         os.replace(work / "ckpt.tmp", ck)
 
     prof = None
-    while time.time() - t0 < args.seconds:
+    while True:
+        elapsed, s2_seconds = from_rank0([time.time() - t0, stage2_seconds()], device, world)
+        if elapsed >= args.seconds:
+            break
         stage, step = state["stage"], state["step"]
         if args.profile and stage == 2 and step == 2 and prof is None:  # after warm-up: two steps profiled
             kinds = torch.profiler.ProfilerActivity
@@ -586,7 +658,7 @@ def train(args, device, work: Path, out: Path) -> None:
             break
         total, peak = (args.steps1, args.lr1) if stage == 1 else (args.steps2, args.lr2)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, peak, time_frac=stage2_seconds() / (args.anneal_seconds or args.seconds))
+            g["lr"] = lr_at(step, total, peak, time_frac=s2_seconds / (args.anneal_seconds or args.seconds))
         if stage == 1:
             ids, _ = data(args.batch1, args.seq1, device)
             traces: list[dict] = []
@@ -613,6 +685,7 @@ def train(args, device, work: Path, out: Path) -> None:
                     loss = loss + args.recall_ce * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(params, world)
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         state["step"] += 1
@@ -630,8 +703,10 @@ def train(args, device, work: Path, out: Path) -> None:
             log(json.dumps(rec))
         if state["step"] % args.save_every == 0:
             save()
+    check_ranks_agree(params, device, world)
     save()
-    export(args, student, cfg, out / "smollm2_hybrid.safetensors", state)
+    if RANK == 0:
+        export(args, student, cfg, out / "smollm2_hybrid.safetensors", state)
 
 
 def export(args, student: HybridLM, cfg, path: Path, state: dict) -> None:
@@ -808,7 +883,9 @@ def main() -> None:
     ap.add_argument("--init-delta", help="start stage 2 from a delta file (e.g. after losing the checkpoint)")
     ap.add_argument("--delta", help="delta file to evaluate (default: --out's)")
     args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.step != "train" or args.profile):
+        raise SystemExit("under torchrun only `train` (without --profile) runs: build data and evaluate in one process")
+    _, world, device = init_ranks()
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 delta-rule matmuls on tensor cores
     if args.tiny:
@@ -829,7 +906,10 @@ def main() -> None:
         if not (args.work / "chat.u16").exists():
             build_chats(args, *load_teacher(args), device, args.work)
     if args.step in ("train", "all"):
-        train(args, device, args.work, args.out)
+        train(args, device, args.work, args.out, world)
+        if world > 1:
+            tdist.barrier()
+            tdist.destroy_process_group()
     if args.step in ("eval", "all"):
         with torch.no_grad():
             evaluate(args, device, args.work, args.out)

@@ -61,6 +61,68 @@ def test_tiny_pipeline_writes_a_loadable_delta_and_an_evaluation(tmp_path):
     r = distill("train", "--tiny", "--chunk-op", "triton", "--work", str(work), "--out", str(out))
     assert r.returncode != 0 and "no backward" in r.stderr and "Traceback" not in r.stderr
 
+    # data-parallel under torchrun (gloo on the CPU): two ranks resume the checkpoint and end in step
+    r = torchrun(
+        2, ROOT / "scripts" / "distill.py", "train", "--tiny", "--steps2", "8", "--work", str(work), "--out", str(out)
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 ranks hold identical parameters" in r.stdout
+    assert torch.load(work / "ckpt.pt", weights_only=False)["state"]["step"] == 8
+    distilled.load_delta(out / "smollm2_hybrid.safetensors")
+
+
+def torchrun(n: int, script: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(script), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+WORKER = """
+import sys, torch
+sys.path.insert(0, {scripts!r})
+import distill
+rank, world, device = distill.init_ranks()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+unused = torch.nn.Parameter(torch.ones(2))  # no gradient on any rank: stays without one
+x = torch.randn(4, 5, generator=torch.Generator().manual_seed(100 + rank))
+model(x).pow(2).mean().backward()
+params = list(model.parameters()) + [unused]
+distill.average_gradients(params, world)
+torch.save([None if p.grad is None else p.grad for p in params], {out!r} + f"/grads{{rank}}.pt")
+if rank == 1:
+    with torch.no_grad():
+        params[0].add_(1e-6)
+try:
+    distill.check_ranks_agree(params, device, world)
+except SystemExit as e:
+    print(f"rank {{rank}}: {{e}}")
+"""
+
+
+def test_data_parallel_gradients_are_the_mean_over_ranks(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(scripts=str(ROOT / "scripts"), out=str(tmp_path)))
+    r = torchrun(2, script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # reference: both ranks' gradients by plain autograd in this process, averaged
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    per_rank = []
+    for rank in range(2):
+        model.zero_grad()
+        x = torch.randn(4, 5, generator=torch.Generator().manual_seed(100 + rank))
+        model(x).pow(2).mean().backward()
+        per_rank.append([p.grad.clone() for p in model.parameters()])
+    want = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"grads{rank}.pt")
+        assert got[-1] is None
+        for g, w in zip(got[:-1], want, strict=True):
+            torch.testing.assert_close(g, w)
+    assert not torch.equal(per_rank[0][0], per_rank[1][0])  # the ranks' own gradients did differ
+    # a rank whose weights drifted is caught on every rank
+    assert r.stdout.count("went out of step") == 2
+
 
 def test_learning_rate_schedule():
     spec = importlib.util.spec_from_file_location("distill", ROOT / "scripts" / "distill.py")
