@@ -1,7 +1,8 @@
 """Distil SmolLM2-135M-Instruct into deltamem's default 3:1 Gated DeltaNet hybrid (model/distilled.py).
 
-Runs on one GPU (the shipped delta: about 32 minutes of H100 training in all); `--tiny` runs the whole pipeline on
-the CPU in a minute with a small random teacher, as the test suite does. Steps, each resumable from --work:
+Runs on one GPU or data-parallel on several (the shipped delta: about 37 minutes of H100 training in all);
+`--tiny` runs the whole pipeline on the CPU in a minute with a small random teacher, as the test suite does.
+Steps, each resumable from --work:
 
   data   corpus from the source and docs of the installed Python packages whose licence is permissive and the
          standard library, split by package into train and held-out (1 package in 10 held out), tokenized with
