@@ -343,7 +343,7 @@ def _state_kernel(
     p_u = o_t[:, None] * (HV * V) + o_v[None, :]
     # each chunk's decay is loaded one chunk ahead: a load the pipeliner leaves alone would otherwise stall the
     # sequential chain right before the state update
-    g_next = tl.load(gc + (tl.minimum(BT, seq_len) - 1) * HV)
+    g_next = tl.load(gc + (tl.minimum(BT, seq_len) - 1) * HV, mask=seq_len > 0, other=0.0)  # none if empty
     for i_t in range(n_chunks):
         t0 = i_t * BT
         g_last = g_next

@@ -168,11 +168,11 @@ def test_varlen_matches_separate_runs(poisoned):
 
 def test_varlen_with_an_empty_sequence_and_no_initial_state():
     q, k, v, g, beta, _ = inputs(1, 70, 1, 1, 16, 16, seed=4)
-    cu = torch.tensor([0, 70, 70], dtype=torch.int32)
+    cu = torch.tensor([0, 0, 70, 70], dtype=torch.int32)  # empty first (at token 0) and last
     o, s = tg.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)
     ro, rs = reference.chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu)
     assert rel(o, ro) < FP32 and rel(s, rs) < FP32
-    assert torch.equal(s[1], torch.zeros_like(s[1]))
+    assert torch.equal(s[0], torch.zeros_like(s[0])) and torch.equal(s[2], torch.zeros_like(s[2]))
 
 
 def test_bf16_inputs(poisoned):
