@@ -907,10 +907,11 @@ def main() -> None:
         if not (args.work / "chat.u16").exists():
             build_chats(args, *load_teacher(args), device, args.work)
     if args.step in ("train", "all"):
-        train(args, device, args.work, args.out, world)
-        if world > 1:
-            tdist.barrier()
-            tdist.destroy_process_group()
+        try:
+            train(args, device, args.work, args.out, world)
+        finally:  # a process group left for interpreter teardown can abort the process
+            if world > 1:
+                tdist.destroy_process_group()
     if args.step in ("eval", "all"):
         with torch.no_grad():
             evaluate(args, device, args.work, args.out)

@@ -72,7 +72,16 @@ def test_tiny_pipeline_writes_a_loadable_delta_and_an_evaluation(tmp_path):
 
 
 def torchrun(n: int, script: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(n),
+        str(script),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -96,6 +105,7 @@ try:
     distill.check_ranks_agree(params, device, world)
 except SystemExit as e:
     print(f"rank {{rank}}: {{e}}")
+torch.distributed.destroy_process_group()
 """
 
 
