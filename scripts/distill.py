@@ -598,8 +598,8 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
         student.load_state_dict({k: v.to(device) for k, v in delta.items()}, strict=False)
         state = {"stage": 2, "step": 0, "log": []}
         log(f"started from {args.init_delta}")
-    for p in params:  # every rank starts from rank 0's weights
-        if world > 1:
+    if world > 1:  # every rank starts from rank 0's weights
+        for p in params:
             tdist.broadcast(p.data, 0)
     data = Batches(
         work,
