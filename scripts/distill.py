@@ -188,7 +188,40 @@ def tokenizer(args):
     return Tokenizer.from_gguf(smollm2_gguf())
 
 
-def build_models(args, device):
+class LowRank(torch.nn.Module):
+    """A Linear weight's low-rank update as a parametrization: W + B A, with A [r, in] random (scaled to keep
+    A x near x's size) and B [out, r] zero, so training starts from W itself."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, gen: torch.Generator):
+        super().__init__()
+        out_f, in_f = weight.shape
+        self.a = torch.nn.Parameter(torch.randn(rank, in_f, generator=gen) / math.sqrt(in_f))
+        self.b = torch.nn.Parameter(torch.zeros(out_f, rank))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + (self.b @ self.a).to(w.dtype)
+
+
+LORA_PARAM = ".parametrizations.weight.0."  # a LowRank's factors: NAME + LORA_PARAM + "a" / "b"
+
+
+def add_lora(student: HybridLM, cfg, rank: int) -> None:
+    from torch.nn.utils import parametrize
+
+    gen = torch.Generator().manual_seed(1)
+    for name in distilled.lora_targets(cfg):
+        lin = student.get_submodule(name)
+        parametrize.register_parametrization(lin, "weight", LowRank(lin.weight, rank, gen))
+
+
+def delta_name(n: str) -> str:
+    """A student parameter's name in the delta file (LowRank factors become NAME.lora_a / NAME.lora_b)."""
+    return n.replace(LORA_PARAM, ".lora_") if LORA_PARAM in n else n
+
+
+def build_models(args, device, train: bool = True):
+    """(teacher, student, student config, trainable parameters by delta name). For training the student gets the
+    LowRank updates (--lora-rank) and only the distilled tensors require grad; for evaluation it is plain."""
     hf, teacher_sd = load_teacher(args)
     tcfg = ModelConfig.from_hf(hf)
     scfg = ModelConfig.from_hf(distilled.hybrid_config(hf))
@@ -196,14 +229,27 @@ def build_models(args, device):
     teacher.load_state_dict(teacher_sd)
     student = HybridLM(scfg)
     student.load_state_dict(distilled.convert(teacher_sd, scfg))
+    if train and args.lora_rank:
+        add_lora(student, scfg, args.lora_rank)
     teacher = teacher.to(device=device, dtype=args.dtype).eval().requires_grad_(False)
     student = student.to(device)
-    trainable = distilled.changed(dict(student.named_parameters()), scfg)
-    for n, p in student.named_parameters():
-        p.requires_grad_(n in trainable)
-        if n not in trainable:  # frozen weights in the compute dtype; trained ones stay float32 masters
+    named = dict(student.named_parameters())
+    dense = distilled.changed(named, scfg, attention=train and args.attn_lr_scale > 0)
+    trainable = {delta_name(n): p for n, p in named.items() if n in dense or (train and LORA_PARAM in n)}
+    for n, p in named.items():
+        p.requires_grad_(delta_name(n) in trainable)
+        if delta_name(n) not in trainable:  # frozen weights in the compute dtype; trained ones stay float32 masters
             p.data = p.data.to(args.dtype)
     return teacher, student, scfg, trainable
+
+
+def load_into(student: HybridLM, delta: dict[str, torch.Tensor], device) -> None:
+    """Put a delta's tensors into a training student (LowRank factors into its parametrizations)."""
+    names = {delta_name(n): n for n, _ in student.named_parameters()}
+    lost = [k for k in delta if k.endswith((".lora_a", ".lora_b")) and k not in names]
+    if lost:
+        raise SystemExit(f"the delta has low-rank updates ({lost[0]}, ...) this student lacks: give --lora-rank")
+    student.load_state_dict({names.get(k, k): v.to(device) for k, v in delta.items()}, strict=False)
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -539,8 +585,9 @@ def chunk_op(args):
     if args.chunk_op == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
-        def op(q, k, v, g, beta):
-            return fla_chunk(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+        def op(q, k, v, g, beta):  # q, k, v in bfloat16 (as fla's own layers feed it); g, beta and the state fp32
+            bf = torch.bfloat16
+            return fla_chunk(q.to(bf), k.to(bf), v.to(bf), g, beta, use_qk_l2norm_in_kernel=True)
     else:
         from kernels.triton_gdn import chunk_gated_delta_rule as op
     from kernels.reference import chunk_gated_delta_rule as ref
@@ -581,10 +628,13 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
         raise SystemExit("--chunk-op triton has no backward (evaluation only): train with reference or fla")
     teacher, student, cfg, trainable = build_models(args, device)
     op = chunk_op(args)
-    params = [p for n, p in student.named_parameters() if p.requires_grad]
-    total = sum(p.numel() for p in student.parameters())
-    log(f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M of {total / 1e6:.1f}M")
-    opt = torch.optim.AdamW(params, lr=args.lr1, betas=(0.9, 0.95), weight_decay=0.0)
+    params = list(trainable.values())
+    log(f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M (low-rank updates of rank {args.lora_rank})")
+    kept = tuple(f"model.layers.{i}." for i, t in enumerate(cfg.layer_types) if t != distilled.LINEAR)
+    attn = [p for n, p in trainable.items() if n.startswith(kept) and ".mlp." not in n]  # pretrained: lower LR
+    rest = [p for p in params if all(p is not q for q in attn)]
+    groups = [{"params": rest, "scale": 1.0}] + ([{"params": attn, "scale": args.attn_lr_scale}] if attn else [])
+    opt = torch.optim.AdamW(groups, lr=args.lr1, betas=(0.9, 0.95), weight_decay=0.0)
     state = {"stage": 1, "step": 0, "log": []}
     ck = work / "ckpt.pt"
     if ck.exists():
@@ -595,7 +645,7 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
         log(f"resumed at stage {state['stage']} step {state['step']}")
     elif args.init_delta and Path(args.init_delta).exists():
         delta, _ = distilled.load_delta(Path(args.init_delta))
-        student.load_state_dict({k: v.to(device) for k, v in delta.items()}, strict=False)
+        load_into(student, delta, device)
         state = {"stage": 2, "step": 0, "log": []}
         log(f"started from {args.init_delta}")
     if world > 1:  # every rank starts from rank 0's weights
@@ -639,7 +689,7 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
         if elapsed >= args.seconds:
             break
         stage, step = state["stage"], state["step"]
-        if args.profile and stage == 2 and step == 2 and prof is None:  # after warm-up: two steps profiled
+        if args.profile and RANK == 0 and stage == 2 and step == 2 and prof is None:  # two steps after warm-up
             kinds = torch.profiler.ProfilerActivity
             prof = torch.profiler.profile(activities=[kinds.CPU] + ([kinds.CUDA] if device.type == "cuda" else []))
             prof.__enter__()
@@ -648,8 +698,9 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
                 torch.cuda.synchronize()
             prof.__exit__(None, None, None)
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(prof.key_averages().table(sort_by=key, row_limit=35), flush=True)
-            return
+            print(prof.key_averages().table(sort_by=key, row_limit=40), flush=True)
+            prof = None
+            args.profile = False
         if stage == 1 and step >= args.steps1:
             state.update(stage=2, step=0)
             t_stage2 = time.time() - t0
@@ -659,7 +710,7 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
             break
         total, peak = (args.steps1, args.lr1) if stage == 1 else (args.steps2, args.lr2)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, peak, time_frac=s2_seconds / (args.anneal_seconds or args.seconds))
+            g["lr"] = g["scale"] * lr_at(step, total, peak, time_frac=s2_seconds / (args.anneal_seconds or args.seconds))
         if stage == 1:
             ids, _ = data(args.batch1, args.seq1, device)
             traces: list[dict] = []
@@ -707,17 +758,17 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
     check_ranks_agree(params, device, world)
     save()
     if RANK == 0:
-        export(args, student, cfg, out / "smollm2_hybrid.safetensors", state)
+        export(args, trainable, out / "smollm2_hybrid.safetensors", state)
 
 
-def export(args, student: HybridLM, cfg, path: Path, state: dict) -> None:
-    tensors = distilled.changed({n: p for n, p in student.named_parameters()}, cfg)
+def export(args, tensors: dict[str, torch.Tensor], path: Path, state: dict) -> None:
     meta = {
         "base": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "window": str(args.window),
         "sink": str(SINK),
         "stage": str(state["stage"]),
         "step": str(state["step"]),
+        "lora_rank": str(args.lora_rank),
         "made_by": "scripts/distill.py",
     }
     distilled.save_delta(tensors, path, meta)
@@ -727,9 +778,9 @@ def export(args, student: HybridLM, cfg, path: Path, state: dict) -> None:
 # ------------------------------------------------------------------------------------------------- eval
 @torch.no_grad()
 def evaluate(args, device, work: Path, out: Path) -> dict:
-    teacher, student, cfg, _ = build_models(args, device)
+    teacher, student, cfg, _ = build_models(args, device, train=False)
     delta, meta = distilled.load_delta(Path(args.delta or out / "smollm2_hybrid.safetensors"))
-    student.load_state_dict({k: v.to(device) for k, v in delta.items()}, strict=False)
+    student.load_state_dict(distilled.apply_delta(student.state_dict(), {k: v.to(device) for k, v in delta.items()}))
     student = student.to(args.dtype)
     args.op = chunk_op(args)
     amp = dict(device_type=device.type, dtype=args.dtype, enabled=device.type == "cuda")
@@ -864,6 +915,13 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=WINDOW, help="student attention window (plus 4 sink tokens)")
     ap.add_argument("--lr1", type=float, default=1e-3)
     ap.add_argument("--lr2", type=float, default=3e-4)
+    ap.add_argument("--lora-rank", type=int, default=64, help="rank of the MLPs' low-rank updates (0: MLPs frozen)")
+    ap.add_argument(
+        "--attn-lr-scale",
+        type=float,
+        default=0.1,
+        help="the kept attention layers train at this fraction of the learning rate (0: frozen)",
+    )
     ap.add_argument("--chat-frac", type=float, default=0.15)
     ap.add_argument("--recall-frac", type=float, default=0.25, help="stage-2 sequences that are recall drills")
     ap.add_argument("--recall-ce", type=float, default=0.5, help="weight of the drills' answer cross-entropy")
@@ -874,7 +932,7 @@ def main() -> None:
     ap.add_argument("--recall-trials", type=int, default=20)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--save-every", type=int, default=200)
-    ap.add_argument("--profile", action="store_true", help="profile two stage-2 steps, print the table, stop")
+    ap.add_argument("--profile", action="store_true", help="profile two stage-2 steps, print the table, go on")
     ap.add_argument(
         "--chunk-op",
         choices=["reference", "fla", "triton"],
@@ -884,8 +942,8 @@ def main() -> None:
     ap.add_argument("--init-delta", help="start stage 2 from a delta file (e.g. after losing the checkpoint)")
     ap.add_argument("--delta", help="delta file to evaluate (default: --out's)")
     args = ap.parse_args()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (args.step != "train" or args.profile):
-        raise SystemExit("under torchrun only `train` (without --profile) runs: build data and evaluate in one process")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.step != "train":
+        raise SystemExit("under torchrun only `train` runs: build data and evaluate in one process")
     _, world, device = init_ranks()
     args.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True  # the float32 delta-rule matmuls on tensor cores

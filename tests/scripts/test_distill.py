@@ -38,9 +38,12 @@ def test_tiny_pipeline_writes_a_loadable_delta_and_an_evaluation(tmp_path):
 
     delta, meta = distilled.load_delta(out / "smollm2_hybrid.safetensors")
     assert meta["made_by"] == "scripts/distill.py" and meta["stage"] == "2"
-    layers = {int(k.split(".")[2]) for k in delta}
-    assert layers and all(i % 4 != 3 for i in layers)  # only the converted (DeltaNet) layers ship
-    assert all(".linear_attn." in k or "layernorm" in k for k in delta)
+    mixers = {int(k.split(".")[2]) for k in delta if ".linear_attn." in k}
+    assert mixers == {i for i in range(8) if i % 4 != 3}  # DeltaNet in three layers of four
+    assert {int(k.split(".")[2]) for k in delta if ".self_attn." in k} == {3, 7}  # the kept attention, fine-tuned
+    lora = {k for k in delta if ".mlp." in k}
+    assert lora == {f"model.layers.{i}.mlp.{p}.lora_{f}" for i in range(8) for p in distilled.LORA for f in "ab"}
+    assert all(".linear_attn." in k or ".self_attn." in k or "layernorm" in k for k in set(delta) - lora)
 
     ev = json.loads((out / "eval.json").read_text())
     assert ev["chunk_op"] == "reference"
@@ -134,10 +137,15 @@ def test_data_parallel_gradients_are_the_mean_over_ranks(tmp_path):
     assert r.stdout.count("went out of step") == 2
 
 
-def test_learning_rate_schedule():
+def load_distill():
     spec = importlib.util.spec_from_file_location("distill", ROOT / "scripts" / "distill.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_learning_rate_schedule():
+    mod = load_distill()
     peak = 1e-3
     assert mod.lr_at(0, 100, peak) == pytest.approx(peak / 20)  # linear warm-up over 20 steps
     assert mod.lr_at(19, 100, peak) == pytest.approx(peak)
@@ -146,3 +154,49 @@ def test_learning_rate_schedule():
     # time runs out first: the time fraction decides, so a run cut by time ends annealed
     assert mod.lr_at(30, 1000, peak, time_frac=0.5) == pytest.approx(0.55 * peak)
     assert mod.lr_at(30, 1000, peak, time_frac=1.0) == pytest.approx(0.1 * peak)
+
+
+
+@pytest.mark.parametrize("part", ["lora", "self_attn"])
+def test_every_trained_part_reaches_the_served_model(tmp_path, part):
+    """What training changes (here the MLPs' low-rank updates, or the kept attention layers) goes through the delta
+    file into the model deltamem serves: the engine on default_model(delta) computes what the training student
+    computed, to within int8 rounding, and far from the student without that change."""
+    import argparse
+
+    from model.engine import Engine
+    from model.gguf_file import smollm2_gguf
+    from model.train import hidden_states, logits
+
+    mod = load_distill()
+    args = argparse.Namespace(
+        tiny=False,
+        smoke=False,
+        gguf=str(smollm2_gguf()),
+        dtype=torch.float32,
+        lora_rank=4,
+        attn_lr_scale=0.1,
+        window=1024,
+    )
+    _, student, cfg, trainable = mod.build_models(args, torch.device("cpu"))
+    mod.load_into(student, distilled.load_delta()[0], torch.device("cpu"))  # the shipped delta: a trained start
+    assert any(n.endswith(".lora_a") for n in trainable) and any(".self_attn." in n for n in trainable)
+    ids = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = logits(student, hidden_states(student, ids))[0]
+        gen = torch.Generator().manual_seed(1)
+        for name, p in trainable.items():
+            if name.endswith(".lora_b") and part == "lora":
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif ".self_attn." in name and part == "self_attn":
+                p.add_(torch.randn(p.shape, generator=gen) * p.abs().mean() * 0.3)
+        trained = logits(student, hidden_states(student, ids))[0]
+
+    path = tmp_path / "delta.safetensors"
+    mod.export(args, trainable, path, {"stage": 2, "step": 1})
+    model, _, _, meta = distilled.default_model(delta_path=path)
+    assert meta["lora_rank"] == "4"
+    served = Engine(model, window=1024, sink=4).feed(ids[0])
+    moved = (trained - before).norm()
+    assert moved > 0.05 * before.norm()  # the change matters
+    assert (served - trained).norm() < 0.1 * moved
