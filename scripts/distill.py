@@ -709,8 +709,9 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
         if stage == 2 and step >= args.steps2:
             break
         total, peak = (args.steps1, args.lr1) if stage == 1 else (args.steps2, args.lr2)
+        lr = lr_at(step, total, peak, time_frac=s2_seconds / (args.anneal_seconds or args.seconds))
         for g in opt.param_groups:
-            g["lr"] = g["scale"] * lr_at(step, total, peak, time_frac=s2_seconds / (args.anneal_seconds or args.seconds))
+            g["lr"] = g["scale"] * lr
         if stage == 1:
             ids, _ = data(args.batch1, args.seq1, device)
             traces: list[dict] = []

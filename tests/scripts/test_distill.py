@@ -156,7 +156,6 @@ def test_learning_rate_schedule():
     assert mod.lr_at(30, 1000, peak, time_frac=1.0) == pytest.approx(0.1 * peak)
 
 
-
 @pytest.mark.parametrize("part", ["lora", "self_attn"])
 def test_every_trained_part_reaches_the_served_model(tmp_path, part):
     """What training changes (here the MLPs' low-rank updates, or the kept attention layers) goes through the delta
