@@ -24,7 +24,8 @@ ChunkOp = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, g, beta)
 
 def delta_mixer(m: GatedDeltaNet, x: torch.Tensor, chunk_op: ChunkOp | None = None) -> torch.Tensor:
     """Gated DeltaNet over a batch from a zero state. x: [B, T, hidden] -> [B, T, hidden]. `chunk_op`: a
-    differentiable chunked gated delta rule with the reference's contract (default: the torch reference)."""
+    differentiable chunked gated delta rule with the reference's contract (default: the torch reference); q, k, v
+    reach it in its `dtype` attribute if it has one (fla's kernels take bfloat16), else in float32."""
     b, t, _ = x.shape
     q, k, v, a, beta_in, gate = (getattr(m, n)(x) for n in m.FUSE)
     qkv = torch.cat([q, k, v], dim=-1).transpose(1, 2)  # [B, C, T]
@@ -33,11 +34,12 @@ def delta_mixer(m: GatedDeltaNet, x: torch.Tensor, chunk_op: ChunkOp | None = No
     q, k, v = qkv.split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
     beta = beta_in.float().sigmoid() * m.beta_scale
     g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias.float())
+    dt = getattr(chunk_op, "dtype", torch.float32)
     with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 even under autocast
         o, _ = (chunk_op or chunk_gated_delta_rule)(
-            q.reshape(b, t, m.hk, m.dk).float(),
-            k.reshape(b, t, m.hk, m.dk).float(),
-            v.reshape(b, t, m.hv, m.dv).float(),
+            q.reshape(b, t, m.hk, m.dk).to(dt),
+            k.reshape(b, t, m.hk, m.dk).to(dt),
+            v.reshape(b, t, m.hv, m.dv).to(dt),
             g,
             beta,
         )

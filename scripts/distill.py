@@ -588,6 +588,8 @@ def chunk_op(args):
         def op(q, k, v, g, beta):  # q, k, v in bfloat16 (as fla's own layers feed it); g, beta and the state fp32
             bf = torch.bfloat16
             return fla_chunk(q.to(bf), k.to(bf), v.to(bf), g, beta, use_qk_l2norm_in_kernel=True)
+
+        op.dtype = torch.bfloat16  # delta_mixer casts once, to this
     else:
         from kernels.triton_gdn import chunk_gated_delta_rule as op
     from kernels.reference import chunk_gated_delta_rule as ref
