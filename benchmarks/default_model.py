@@ -49,18 +49,21 @@ def main() -> None:
     if ev:
         meta = ev.get("delta_meta", {})
         lines += [
-            "Made by `scripts/distill.py` on one H100 over five sessions (about 37 minutes of training in all): "
+            "Made by `scripts/distill.py` on one H100 over six sessions (about 58 minutes of training in all): "
             "stage 1, 220 steps of per-layer alignment (16 x 1024 tokens a step); stage 2, end-to-end KL with the "
             f"student's bounded window ({meta.get('sink', 4)} sink + {meta.get('window', 1024)}) on 4096-token "
-            "sequences, 8 x 4096 tokens a step: 215 steps, then four times resumed from the shipped delta "
-            "(`--init-delta`) for 265, 265, 828 and 430 more steps where 25% of sequences are recall drills (3 facts "
-            "spliced into code more than a window before questions on them; answer cross-entropy x 0.5 next to the "
-            "KL; wording unlike the recall test below). Corpus: permissively licensed packages' sources and docs + "
-            "the standard library, split by package; 15% of sequences are the teacher's own answers to 363 chat "
-            "prompts. The last 1,258 steps ran through fla's kernels (Triton 3.7.1) at 0.6 s a step, against 1.48 s "
-            "through the torch reference before. Held-out sample as in the second session (teacher 5.686), on which "
-            "the earlier deltas measured student 8.354 (1.469x), 7.990 (1.405x) and 7.434 (1.308x); the first "
-            "session's sample measured 5.09 / 8.16 = 1.60x.",
+            "sequences, 8 x 4096 tokens a step: 215 steps, then five times resumed from the shipped delta "
+            "(`--init-delta`) for 265, 265, 828, 430 and 1,953 more steps where 25% of sequences are recall drills "
+            "(3 facts spliced into code more than a window before questions on them; answer cross-entropy x 0.5 next "
+            "to the KL; wording unlike the recall test below). Corpus: permissively licensed packages' sources and "
+            "docs + the standard library, split by package; 15% of sequences are the teacher's own answers to 363 "
+            "chat prompts. Until the sixth session only the DeltaNet layers (mixers and their norms) trained; the "
+            f"last 1,953 steps also trained rank-{meta.get('lora_rank', 64)} low-rank updates of every MLP "
+            "projection and the kept attention layers (at a tenth of the learning rate). The last 3,211 steps ran "
+            "through fla's kernels (Triton 3.7.1) at 0.6 s a step, against 1.48 s through the torch reference "
+            "before. Held-out sample as in the second session (teacher 5.686), on which the earlier deltas "
+            "measured student 8.354 (1.469x), 7.990 (1.405x), 7.434 (1.308x) and 7.377 (1.297x, DeltaNet layers "
+            "only); the first session's sample measured 5.09 / 8.16 = 1.60x.",
             "",
         ]
         lines += _eval_table(ev)

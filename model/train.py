@@ -126,6 +126,10 @@ def hidden_states(
     return model.model.norm(x)
 
 
+def vocab_weight(model: HybridLM) -> torch.Tensor:
+    """The output projection's weight: the embeddings where they are tied."""
+    return model.model.embed_tokens.weight if model.config.tie_word_embeddings else model.lm_head.weight
+
+
 def logits(model: HybridLM, h: torch.Tensor) -> torch.Tensor:
-    w = model.model.embed_tokens.weight if model.config.tie_word_embeddings else model.lm_head.weight
-    return F.linear(h, w)
+    return F.linear(h, vocab_weight(model))

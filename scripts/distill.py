@@ -1,6 +1,6 @@
 """Distil SmolLM2-135M-Instruct into deltamem's default 3:1 Gated DeltaNet hybrid (model/distilled.py).
 
-Runs on one GPU or data-parallel on several (the shipped delta: about 37 minutes of H100 training in all);
+Runs on one GPU or data-parallel on several (the shipped delta: about 58 minutes of H100 training in all);
 `--tiny` runs the whole pipeline on the CPU in a minute with a small random teacher, as the test suite does.
 Steps, each resumable from --work:
 
@@ -11,8 +11,10 @@ Steps, each resumable from --work:
          the teacher's own layer input (MSE, all layers at once); stage 2: the whole student, with the bounded
          attention window it runs with (4 sink tokens + WINDOW), learns the teacher's next-token distribution
          (KL) on sequences several times longer than the window, while the teacher sees the whole sequence.
-         Only the converted layers (mixer and their two norms) train. Checkpoints to --work; writes the int8
-         delta (model/distilled.py save_delta) to --out.
+         What trains: the converted layers (mixer and their two norms), low-rank updates of every MLP
+         projection (--lora-rank) and the kept attention layers at a fraction of the LR (--attn-lr-scale);
+         embeddings and the MLPs' base weights stay the teacher's. Checkpoints to --work; writes the int8 delta
+         (model/distilled.py save_delta) to --out.
   eval   held-out perplexity and next-token agreement (teacher full, teacher windowed, student windowed), and
          long-context recall of a fact placed 2x/4x/8x the window back, from the shipped int8 delta.
 
@@ -52,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import distilled  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.layers import HybridLM  # noqa: E402
-from model.train import delta_mixer, hidden_states, logits  # noqa: E402
+from model.train import delta_mixer, hidden_states, logits, vocab_weight  # noqa: E402
 
 SINK, WINDOW = 4, 1024  # the bounded attention the student trains and runs with
 EOT = 0  # <|endoftext|>: separates documents
@@ -245,10 +247,15 @@ def build_models(args, device, train: bool = True):
 
 def load_into(student: HybridLM, delta: dict[str, torch.Tensor], device) -> None:
     """Put a delta's tensors into a training student (LowRank factors into its parametrizations)."""
-    names = {delta_name(n): n for n, _ in student.named_parameters()}
-    lost = [k for k in delta if k.endswith((".lora_a", ".lora_b")) and k not in names]
-    if lost:
-        raise SystemExit(f"the delta has low-rank updates ({lost[0]}, ...) this student lacks: give --lora-rank")
+    params = {delta_name(n): p for n, p in student.named_parameters()}
+    for k, v in delta.items():
+        if k.endswith(".lora_a") and (k not in params or params[k].shape != v.shape):
+            have = params[k].shape[0] if k in params else 0
+            raise SystemExit(
+                f"the delta's low-rank updates have rank {v.shape[0]}, this student's {have}: "
+                f"give --lora-rank {v.shape[0]}"
+            )
+    names = {delta_name(n): n for n in dict(student.named_parameters())}
     student.load_state_dict({names.get(k, k): v.to(device) for k, v in delta.items()}, strict=False)
 
 
@@ -555,23 +562,41 @@ class Batches:
 
 
 # ------------------------------------------------------------------------------------------------ train
+class ChunkedKL(torch.autograd.Function):
+    """Mean KL(teacher || student) per token from the final hidden states, the vocab projections done a chunk of
+    tokens at a time. The student's projection weight is frozen (the tied embeddings), so the gradient w.r.t. its
+    hidden states, (softmax(z) - p_teacher) W / N, is computed in the forward pass chunk by chunk: no [tokens,
+    vocab] tensor outlives its chunk and nothing is recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, chunk: int):
+        n = hs.shape[0]
+        acc = torch.promote_types(ws.dtype, torch.float32)  # softmax in float32 (or wider)
+        total = hs.new_zeros((), dtype=acc)
+        grad = torch.empty_like(hs)
+        with torch.autocast(hs.device.type, enabled=False):
+            for i in range(0, n, chunk):
+                ls = F.linear(hs[i : i + chunk].to(ws.dtype), ws).to(acc).log_softmax(-1)
+                lt = F.linear(ht[i : i + chunk].to(wt.dtype), wt).to(acc).log_softmax(-1)
+                pt = lt.exp()
+                total += (pt * (lt - ls)).sum()
+                grad[i : i + chunk] = ((ls.exp() - pt).to(ws.dtype) @ ws).to(hs.dtype)
+        ctx.save_for_backward(grad)
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * (g / ctx.n).to(grad.dtype), None, None, None, None
+
+
 def kl_loss(student: HybridLM, teacher: HybridLM, hs: torch.Tensor, ht: torch.Tensor, chunk: int = 4096):
-    """Mean KL(teacher || student) per token, the vocab projection done in chunks under checkpointing so the
-    [tokens, vocab] logits are never all alive at once."""
-    from torch.utils.checkpoint import checkpoint
-
-    hs, ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
-
-    def part(a, b):
-        ls = logits(student, a).float().log_softmax(-1)
-        lt = logits(teacher, b).float().log_softmax(-1)
-        return (lt.exp() * (lt - ls)).sum()
-
-    total = sum(
-        checkpoint(part, hs[i : i + chunk], ht[i : i + chunk], use_reentrant=False)
-        for i in range(0, hs.shape[0], chunk)
-    )
-    return total / hs.shape[0]
+    """Mean KL(teacher || student) per token (ChunkedKL); the student's output projection must be frozen."""
+    ws, wt = vocab_weight(student), vocab_weight(teacher)
+    if ws.requires_grad:
+        raise ValueError("kl_loss computes no gradient for the output projection: freeze it")
+    return ChunkedKL.apply(hs.reshape(-1, hs.shape[-1]), ws, ht.reshape(-1, ht.shape[-1]).detach(), wt, chunk)
 
 
 def chunk_op(args):

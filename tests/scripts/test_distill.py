@@ -177,8 +177,13 @@ def test_every_trained_part_reaches_the_served_model(tmp_path, part):
         attn_lr_scale=0.1,
         window=1024,
     )
+    shipped, meta = distilled.load_delta()  # a trained start
     _, student, cfg, trainable = mod.build_models(args, torch.device("cpu"))
-    mod.load_into(student, distilled.load_delta()[0], torch.device("cpu"))  # the shipped delta: a trained start
+    with pytest.raises(SystemExit, match=f"give --lora-rank {meta['lora_rank']}"):
+        mod.load_into(student, shipped, torch.device("cpu"))
+    args.lora_rank = int(meta["lora_rank"])
+    _, student, cfg, trainable = mod.build_models(args, torch.device("cpu"))
+    mod.load_into(student, shipped, torch.device("cpu"))
     assert any(n.endswith(".lora_a") for n in trainable) and any(".self_attn." in n for n in trainable)
     ids = torch.randint(100, 40000, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -194,8 +199,29 @@ def test_every_trained_part_reaches_the_served_model(tmp_path, part):
     path = tmp_path / "delta.safetensors"
     mod.export(args, trainable, path, {"stage": 2, "step": 1})
     model, _, _, meta = distilled.default_model(delta_path=path)
-    assert meta["lora_rank"] == "4"
+    assert meta["lora_rank"] == str(args.lora_rank)
     served = Engine(model, window=1024, sink=4).feed(ids[0])
     moved = (trained - before).norm()
     assert moved > 0.05 * before.norm()  # the change matters
     assert (served - trained).norm() < 0.1 * moved
+
+
+def test_chunked_kl_matches_autograd_of_the_plain_formula():
+    """ChunkedKL computes the gradient in its forward pass; plain autograd through log_softmax is the reference."""
+    mod = load_distill()
+    gen = torch.Generator().manual_seed(0)
+    n, d, v = 37, 16, 50  # 37 tokens in chunks of 8: the last chunk is short
+    hs = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, ht, wt = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((v, d), (n, d), (v, d)))
+    w_out = torch.randn((), generator=gen, dtype=torch.float64)  # an upstream gradient other than 1
+
+    got = mod.ChunkedKL.apply(hs, ws, ht, wt, 8)
+    (got * w_out).backward()
+    got_grad, hs.grad = hs.grad, None
+
+    lt, ls = (ht @ wt.T).log_softmax(-1), (hs @ ws.T).log_softmax(-1)
+    want = (lt.exp() * (lt - ls)).sum(-1).mean()
+    (want * w_out).backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, hs.grad)
+    assert want > 0
