@@ -27,7 +27,8 @@ class RMSNorm(nn.Module):
         if _gpu_inference(x):
             return kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 or x.is_cuda:  # one fused op (float accumulation); same formula as below
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            # (the weight in x's dtype: a float32 master weight in bfloat16 training would force the unfused path)
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf).to(x.dtype)
@@ -62,6 +63,8 @@ class GatedRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         if _gpu_inference(x):
             return kernels.gated_rms_norm(x, gate, self.weight, self.eps)
+        if x.is_cuda:  # training: the fused norm (float accumulation) in x's dtype, then the gate
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps) * F.silu(gate.to(x.dtype))
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight * xf.to(x.dtype) * F.silu(gate.float())).to(x.dtype)

@@ -22,15 +22,21 @@ from model.layers import Attention, Block, GatedDeltaNet, HybridLM
 ChunkOp = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, g, beta) -> (o, final state)
 
 
+def causal_conv_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu(causal depthwise conv) over time: x [B, T, C], w [C, W] -> [B, T, C] (the DeltaNet short conv)."""
+    xt = F.pad(x.transpose(1, 2), (w.shape[-1] - 1, 0))  # [B, C, T + W - 1]
+    return F.silu(F.conv1d(xt, w[:, None], groups=w.shape[0])).transpose(1, 2)
+
+
 def delta_mixer(m: GatedDeltaNet, x: torch.Tensor, chunk_op: ChunkOp | None = None) -> torch.Tensor:
     """Gated DeltaNet over a batch from a zero state. x: [B, T, hidden] -> [B, T, hidden]. `chunk_op`: a
     differentiable chunked gated delta rule with the reference's contract (default: the torch reference); q, k, v
-    reach it in its `dtype` attribute if it has one (fla's kernels take bfloat16), else in float32."""
+    reach it in its `dtype` attribute if it has one (fla's kernels take bfloat16), else in float32; its `conv`
+    attribute, if any, replaces causal_conv_silu."""
     b, t, _ = x.shape
     q, k, v, a, beta_in, gate = (getattr(m, n)(x) for n in m.FUSE)
-    qkv = torch.cat([q, k, v], dim=-1).transpose(1, 2)  # [B, C, T]
-    w = m.conv1d.weight  # [C, 1, W]
-    qkv = F.silu(F.conv1d(F.pad(qkv, (w.shape[-1] - 1, 0)), w, groups=w.shape[0])).transpose(1, 2)
+    conv = getattr(chunk_op, "conv", None) or causal_conv_silu  # a fused one (fla's) where the op brings it
+    qkv = conv(torch.cat([q, k, v], dim=-1), m.conv1d.weight[:, 0])
     q, k, v = qkv.split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
     beta = beta_in.float().sigmoid() * m.beta_scale
     g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias.float())

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import distilled  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.layers import HybridLM  # noqa: E402
-from model.train import delta_mixer, hidden_states, logits, vocab_weight  # noqa: E402
+from model.train import causal_conv_silu, delta_mixer, hidden_states, logits, vocab_weight  # noqa: E402
 
 SINK, WINDOW = 4, 1024  # the bounded attention the student trains and runs with
 EOT = 0  # <|endoftext|>: separates documents
@@ -624,20 +624,48 @@ def chunk_op(args):
     q, k, v = (torch.randn(b, t, h, d, generator=gen, device="cuda", requires_grad=True) for _ in range(3))
     g = F.logsigmoid(torch.randn(b, t, h, generator=gen, device="cuda") + 3).requires_grad_()
     beta = torch.rand(b, t, h, generator=gen, device="cuda").mul(2).requires_grad_()
-    w = torch.randn(b, t, h, d, generator=gen, device="cuda")
-    errs = {}
     grad = args.chunk_op == "fla"
-    with torch.set_grad_enabled(grad):
-        outs = [f(q, k, v, g, beta)[0] for f in (op, ref)]
-    errs["o"] = float((outs[0] - outs[1]).norm() / outs[1].norm())
-    if grad:
-        grads = [torch.autograd.grad((o * w).sum(), (q, k, v, g, beta)) for o in outs]
-        for name, a, r in zip("qkvgb", *grads, strict=True):
-            errs["d" + name] = float((a - r).norm() / r.norm())
+    errs = relative_errors(lambda *a: op(*a)[0], lambda *a: ref(*a)[0], [q, k, v, g, beta], "qkvgb", grad)
     log(f"{args.chunk_op} chunk op vs the torch reference, relative errors: {json.dumps(errs)}")
     if max(errs.values()) > 2e-2:
         raise SystemExit(f"--chunk-op {args.chunk_op} disagrees with the reference: {errs}")
+    if grad:
+        op.conv = fla_conv()
     return op
+
+
+def fla_conv():
+    """fla's fused causal conv + silu (time-major, no transposes), or None (the torch conv then) if it disagrees
+    with causal_conv_silu, forward or backward."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    def conv(x, w):
+        return causal_conv1d(x, w.to(x.dtype), activation="silu")[0]
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(2, 300, 96, generator=gen, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(96, 4, generator=gen, device="cuda") * 0.5).requires_grad_()
+    errs = relative_errors(conv, causal_conv_silu, [x, w], "xw", True)
+    log(f"fla causal conv vs torch, relative errors: {json.dumps(errs)}")
+    if max(errs.values()) > 2e-2:
+        log("fla's causal conv disagrees: training uses the torch conv")
+        return None
+    return conv
+
+
+def relative_errors(op, ref, inputs: list[torch.Tensor], names: str, grad: bool) -> dict[str, float]:
+    """op against ref on the same inputs: the output's relative error and, with `grad`, each input's gradient's
+    (under one random upstream gradient)."""
+    with torch.set_grad_enabled(grad):
+        outs = [f(*inputs).float() for f in (op, ref)]
+    errs = {"o": float((outs[0] - outs[1]).detach().norm() / outs[1].detach().norm())}
+    if grad:
+        gen = torch.Generator(device=outs[1].device).manual_seed(1)
+        up = torch.randn(outs[1].shape, generator=gen, device=outs[1].device)
+        grads = [torch.autograd.grad((o * up).sum(), inputs) for o in outs]
+        for name, a, r in zip(names, *grads, strict=True):
+            errs["d" + name] = float((a.float() - r.float()).norm() / r.float().norm())
+    return errs
 
 
 def lr_at(step: int, total: int, peak: float, warm: int = 20, time_frac: float = 0.0) -> float:

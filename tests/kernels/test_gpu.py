@@ -195,3 +195,24 @@ def test_dispatcher_picks_triton_on_cuda(monkeypatch):
     torch.testing.assert_close(o, to, rtol=0, atol=0)
     monkeypatch.setenv("DELTAMEM_KERNELS", "torch")
     assert kernels.backend(x["q"]) == "torch"
+
+
+def test_training_norms_in_bf16_with_float32_master_weights():
+    """The norms as training runs them on a GPU (autograd on, bf16 activations, float32 trained weights): the
+    fused rms_norm in bf16, against the plain float32 formula; gradients reach the float32 weight."""
+    from model.layers import GatedRMSNorm, RMSNorm
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 256, 576, generator=gen, device="cuda").bfloat16()
+    gate = torch.randn(4, 256, 576, generator=gen, device="cuda").bfloat16()
+    for norm, args in ((RMSNorm(576, 1e-5), (x,)), (GatedRMSNorm(576), (x, gate))):
+        norm = norm.cuda()
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(576, generator=gen, device="cuda") + 0.5)
+        out = norm(*args)
+        xf = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+        want = xf * torch.nn.functional.silu(gate.float()) if len(args) == 2 else xf
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=2e-2)
+        out.float().sum().backward()
+        assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32

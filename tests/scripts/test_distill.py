@@ -225,3 +225,23 @@ def test_chunked_kl_matches_autograd_of_the_plain_formula():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, hs.grad)
     assert want > 0
+
+
+def test_kernel_self_check_measures_output_and_gradient_errors():
+    """relative_errors (the start-of-training check of fla's kernels, here on the CPU): the DeltaNet short conv
+    against a plain sum over the taps agrees to rounding; a conv that reads one step ahead is flagged."""
+    from model.train import causal_conv_silu
+
+    mod = load_distill()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def taps(x, w, shift=0):  # y[t] = silu(sum_j w[:, j] x[t - 3 + j + shift])
+        xp = torch.nn.functional.pad(x, (0, 0, 3, shift))
+        return torch.nn.functional.silu(sum(xp[:, j + shift : j + shift + x.shape[1]] * w[:, j] for j in range(4)))
+
+    errs = mod.relative_errors(causal_conv_silu, taps, [x, w], "xw", True)
+    assert set(errs) == {"o", "dx", "dw"} and max(errs.values()) < 1e-12
+    errs = mod.relative_errors(causal_conv_silu, lambda x, w: taps(x, w, shift=1), [x, w], "xw", True)
+    assert min(errs.values()) > 0.1
