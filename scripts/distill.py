@@ -503,7 +503,8 @@ SYLLABLES = "ka ro mi tes lun dor vi pa sel qua bri zo nem fa gol tri ven ost yu
 class Batches:
     """Random windows of the train tokens; a fraction of sequences are chat transcripts, and with a tokenizer a
     fraction are recall drills: 3 facts spliced into code, more than a window before questions about them at
-    the end. Returns (ids [B, T], answers [B, T] bool: tokens to be predicted from the facts, or None)."""
+    the end. Returns (ids [B, T] on `device`, answers [B, T] bool on the host: tokens to be predicted from the
+    facts, or None), the mask left on the host so that using it never waits for the GPU."""
 
     def __init__(self, work: Path, seed: int, chat_frac: float, tok=None, recall_frac: float = 0.0, window: int = 0):
         train = work / "train.u16"
@@ -528,7 +529,7 @@ class Batches:
                 row, mask = src[s : s + t].astype(np.int64), np.zeros(t, bool)
             rows.append(row)
             masks.append(mask)
-        mask = torch.from_numpy(np.stack(masks)).to(device) if self.recall_frac else None
+        mask = torch.from_numpy(np.stack(masks)) if self.recall_frac else None
         return torch.from_numpy(np.stack(rows)).to(device), mask
 
     def _drill(self, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -788,8 +789,9 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
                 hs = hidden_states(student, ids, window=args.window, sink=SINK, chunk_op=op)
                 loss = kl_loss(student, teacher, hs, ht)
                 if answers is not None and answers.any():  # recall drills: the true answer, not only the teacher's
-                    at = answers[:, 1:]
-                    ce = F.cross_entropy(logits(student, hs[:, :-1][at]).float(), ids[:, 1:][at])
+                    at = answers[:, 1:].nonzero().T  # [2, n] on the host
+                    rows, cols = (at.pin_memory() if device.type == "cuda" else at).to(device, non_blocking=True)
+                    ce = F.cross_entropy(logits(student, hs[:, :-1][rows, cols]).float(), ids[:, 1:][rows, cols])
                     loss = loss + args.recall_ce * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
