@@ -67,25 +67,47 @@ def attention_mixer(
     rep = m.n_heads // m.n_kv
     d = m.head_dim
     if window is None or t <= sink + window:  # nothing evicted: plain causal attention
-        keys, vals, mask, causal = kr, v, None, True
-    else:
-        # Sink keys are scored against the clamped query, window keys against the true one: put both queries
-        # side by side ([q_true, q_sink], 2D wide) and each key in its half ([k, 0] or [0, k]), so one
-        # attention call computes both kinds of scores (values padded to the same width for the fused kernels).
-        qs = rotary(q, pos.clamp(max=sink + window - 1)) if rotary is not None else q
-        is_sink = (pos < sink)[None, :, None, None]
-        zero = torch.zeros_like(kr)
-        qr = torch.cat([qr, qs], -1)
-        keys = torch.cat([torch.where(is_sink, zero, kr), torch.where(is_sink, kr, zero)], -1)
-        vals = F.pad(v, (0, d))
-        j, p = pos[None, :], pos[:, None]
-        mask, causal = (j <= p) & ((j > p - window) | (j < sink)), False
-    qh = qr.transpose(1, 2)
-    kh = keys.transpose(1, 2).repeat_interleave(rep, dim=1)
-    vh = vals.transpose(1, 2).repeat_interleave(rep, dim=1)
-    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=causal, scale=d**-0.5)
-    o = o[..., :d].transpose(1, 2).reshape(b, t, m.n_heads * d)
-    return m.o_proj(o)
+        qh, kh, vh = (x.transpose(1, 2) for x in (qr, kr, v))
+        kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=d**-0.5)
+        return m.o_proj(o.transpose(1, 2).reshape(b, t, m.n_heads * d))
+    # Sink keys are scored against the clamped query, window keys against the true one: put both queries side by
+    # side ([q_true, q_sink], 2D wide) and each key in its half ([k, 0] or [0, k]), so one attention call computes
+    # both kinds of scores (values padded to the same width for the fused kernels).
+    qs = rotary(q, pos.clamp(max=sink + window - 1)) if rotary is not None else q
+    is_sink = (pos < sink)[None, :, None, None]
+    zero = torch.zeros_like(kr)
+    q2 = torch.cat([qr, qs], -1).transpose(1, 2)  # [B, H, T, 2D]
+    k2 = torch.cat([torch.where(is_sink, zero, kr), torch.where(is_sink, kr, zero)], -1).transpose(1, 2)
+    v2 = F.pad(v, (0, d)).transpose(1, 2)
+    k2, v2 = k2.repeat_interleave(rep, dim=1), v2.repeat_interleave(rep, dim=1)
+    o = _banded_attention(q2, k2, v2, sink, window, d**-0.5)[..., :d]
+    return m.o_proj(o.transpose(1, 2).reshape(b, t, m.n_heads * d))
+
+
+def _banded_attention(q, k, v, sink: int, window: int, scale: float) -> torch.Tensor:
+    """Attention where query p sees keys j <= p with j < sink or j > p - window, by blocks of `window` queries:
+    block i scores the sink keys and keys [(i-1) window, (i+1) window) only (a quarter of the scores a dense
+    [T, T] mask computes at T = 4 window). q, k, v: [B, H, T, E] -> [B, H, T, E]."""
+    b, h, t, e = q.shape
+    n = -(-t // window)  # query blocks
+    pad = n * window - t
+    qb = F.pad(q, (0, 0, 0, pad)).view(b, h, n, window, e)
+    kp, vp = (F.pad(x, (0, 0, window, pad)) for x in (k, v))  # a dummy block in front, masked
+    kb, vb = (x.unfold(2, 2 * window, window).transpose(-1, -2) for x in (kp, vp))  # [B, H, n, 2 window, E]
+    ks, vs = (x[:, :, None, :sink].expand(b, h, n, sink, e) for x in (k, v))
+    kb, vb = torch.cat([ks, kb], 3), torch.cat([vs, vb], 3)
+    dev = q.device
+    p = (torch.arange(n, device=dev)[:, None] * window + torch.arange(window, device=dev))[:, :, None]  # [n, w, 1]
+    j = (torch.arange(n, device=dev)[:, None] - 1) * window + torch.arange(2 * window, device=dev)  # [n, 2 window]
+    in_window = (j[:, None, :] <= p) & (j[:, None, :] > p - window) & (j[:, None, :] >= sink)
+    sinks = torch.arange(sink, device=dev)[None, None, :] <= p
+    mask = torch.cat([sinks.expand(n, window, sink), in_window], -1)  # [n, w, sink + 2 window]
+    flat = (b, h * n, -1, e)  # 4-D for the fused kernels: head-major blocks, so the mask repeats per head
+    o = F.scaled_dot_product_attention(
+        qb.reshape(flat), kb.reshape(flat), vb.reshape(flat), attn_mask=mask.repeat(h, 1, 1), scale=scale
+    )
+    return o.reshape(b, h, n * window, e)[:, :, :t]
 
 
 def block_forward(

@@ -142,3 +142,26 @@ def test_delta_round_trip_within_int8_rounding(tmp_path):
     bound = tensors["a.weight"].abs().amax(1, keepdim=True) / 254 + 1e-7  # half a step of absmax / 127
     assert ((back["a.weight"] - tensors["a.weight"]).abs() <= bound).all()
     assert path.stat().st_size < 300 * 400 * 1.1  # one byte a weight
+
+
+@pytest.mark.parametrize("t", [37, 48, 64])  # ragged, a whole number of windows, and more
+def test_banded_attention_matches_a_dense_mask(t):
+    """The block-wise sink + window attention against one attention call with the dense [T, T] mask: outputs
+    and the gradients of q, k and v."""
+    from model.train import _banded_attention
+
+    sink, window = 3, 16
+    gen = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(2, 3, t, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    up = torch.randn(2, 3, t, 8, generator=gen, dtype=torch.float64)
+    pos = torch.arange(t)
+    j, p = pos[None, :], pos[:, None]
+    dense = (j <= p) & ((j > p - window) | (j < sink))
+    outs = [
+        _banded_attention(q, k, v, sink, window, 0.3),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3),
+    ]
+    grads = [torch.autograd.grad((o * up).sum(), (q, k, v)) for o in outs]
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
