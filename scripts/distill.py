@@ -247,15 +247,15 @@ def build_models(args, device, train: bool = True):
 
 def load_into(student: HybridLM, delta: dict[str, torch.Tensor], device) -> None:
     """Put a delta's tensors into a training student (LowRank factors into its parametrizations)."""
-    params = {delta_name(n): p for n, p in student.named_parameters()}
+    names = {delta_name(n): n for n in dict(student.named_parameters())}
+    params = dict(student.named_parameters())
     for k, v in delta.items():
-        if k.endswith(".lora_a") and (k not in params or params[k].shape != v.shape):
-            have = params[k].shape[0] if k in params else 0
+        if k.endswith(".lora_a") and (k not in names or params[names[k]].shape != v.shape):
+            have = params[names[k]].shape[0] if k in names else 0
             raise SystemExit(
                 f"the delta's low-rank updates have rank {v.shape[0]}, this student's {have}: "
                 f"give --lora-rank {v.shape[0]}"
             )
-    names = {delta_name(n): n for n in dict(student.named_parameters())}
     student.load_state_dict({names.get(k, k): v.to(device) for k, v in delta.items()}, strict=False)
 
 
