@@ -98,6 +98,8 @@ def apply_delta(sd: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> 
     out = dict(sd)
     for k, v in delta.items():
         if k.endswith(".lora_b"):
+            if k[: -len(".lora_b")] + ".lora_a" not in delta:
+                raise CheckpointError(f"low-rank update {k} has no lora_a")
             continue
         if not k.endswith(".lora_a"):
             out[k] = v

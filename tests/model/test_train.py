@@ -165,3 +165,18 @@ def test_banded_attention_matches_a_dense_mask(t):
     torch.testing.assert_close(outs[0], outs[1])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_apply_delta_adds_low_rank_updates_and_refuses_broken_ones():
+    from model.errors import CheckpointError
+
+    gen = torch.Generator().manual_seed(0)
+    w, b, a = torch.randn(3, 4, generator=gen), torch.randn(3, 2, generator=gen), torch.randn(2, 4, generator=gen)
+    out = distilled.apply_delta(
+        {"x.weight": w, "y": torch.zeros(2)}, {"x.lora_a": a, "x.lora_b": b, "y": torch.ones(2)}
+    )
+    torch.testing.assert_close(out["x.weight"], w + b @ a)
+    assert torch.equal(out["y"], torch.ones(2)) and "x.lora_a" not in out
+    for broken in ({"x.lora_b": b}, {"x.lora_a": a}, {"x.lora_a": a, "x.lora_b": torch.randn(3, 3)}):
+        with pytest.raises(CheckpointError, match="low-rank update"):
+            distilled.apply_delta({"x.weight": w}, broken)
