@@ -23,9 +23,10 @@ ChunkOp = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, g, beta)
 
 
 def causal_conv_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """silu(causal depthwise conv) over time: x [B, T, C], w [C, W] -> [B, T, C] (the DeltaNet short conv)."""
+    """silu(causal depthwise conv) over time: x [B, T, C], w [C, W] (cast to x's dtype) -> [B, T, C] (the DeltaNet
+    short conv)."""
     xt = F.pad(x.transpose(1, 2), (w.shape[-1] - 1, 0))  # [B, C, T + W - 1]
-    return F.silu(F.conv1d(xt, w[:, None], groups=w.shape[0])).transpose(1, 2)
+    return F.silu(F.conv1d(xt, w.to(x.dtype)[:, None], groups=w.shape[0])).transpose(1, 2)
 
 
 def delta_mixer(m: GatedDeltaNet, x: torch.Tensor, chunk_op: ChunkOp | None = None) -> torch.Tensor:
