@@ -247,8 +247,8 @@ def build_models(args, device, train: bool = True):
 
 def load_into(student: HybridLM, delta: dict[str, torch.Tensor], device) -> None:
     """Put a delta's tensors into a training student (LowRank factors into its parametrizations)."""
-    names = {delta_name(n): n for n in dict(student.named_parameters())}
     params = dict(student.named_parameters())
+    names = {delta_name(n): n for n in params}
     for k, v in delta.items():
         if k.endswith(".lora_a") and (k not in names or params[names[k]].shape != v.shape):
             have = params[names[k]].shape[0] if k in names else 0
@@ -686,9 +686,10 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
     op = chunk_op(args)
     params = list(trainable.values())
     log(f"trainable {sum(p.numel() for p in params) / 1e6:.1f}M (low-rank updates of rank {args.lora_rank})")
-    kept = tuple(f"model.layers.{i}." for i, t in enumerate(cfg.layer_types) if t != distilled.LINEAR)
-    attn = [p for n, p in trainable.items() if n.startswith(kept) and ".mlp." not in n]  # pretrained: lower LR
-    rest = [p for p in params if all(p is not q for q in attn)]
+    converted = tuple(f"model.layers.{i}." for i in distilled.converted_layers(cfg))
+    kept_attn = {n for n in trainable if not n.startswith(converted) and ".mlp." not in n}  # pretrained: lower LR
+    attn = [p for n, p in trainable.items() if n in kept_attn]
+    rest = [p for n, p in trainable.items() if n not in kept_attn]
     groups = [{"params": rest, "scale": 1.0}] + ([{"params": attn, "scale": args.attn_lr_scale}] if attn else [])
     opt = torch.optim.AdamW(groups, lr=args.lr1, betas=(0.9, 0.95), weight_decay=0.0)
     state = {"stage": 1, "step": 0, "log": []}
