@@ -87,28 +87,39 @@ def attention_mixer(
 
 
 def _banded_attention(q, k, v, sink: int, window: int, scale: float) -> torch.Tensor:
-    """Attention where query p sees keys j <= p with j < sink or j > p - window, by blocks of `window` queries:
-    block i scores the sink keys and keys [(i-1) window, (i+1) window) only (a quarter of the scores a dense
-    [T, T] mask computes at T = 4 window). q, k, v: [B, H, T, E] -> [B, H, T, E]."""
+    """Attention where query p sees keys j <= p with j < sink or j > p - window. The first 2 window queries attend
+    in one call with their dense mask; after them, each block i of `window` queries scores only the sink keys and
+    keys [(i-1) window, (i+1) window), with one mask pattern for every block, broadcast over batch, heads and
+    blocks (a per-block mask rules out the fused flash kernels). q, k, v: [B, H, T, E] -> [B, H, T, E]."""
     b, h, t, e = q.shape
-    n = -(-t // window)  # query blocks
-    pad = n * window - t
-    qb = F.pad(q, (0, 0, 0, pad)).view(b, h, n, window, e)
-    kp, vp = (F.pad(x, (0, 0, window, pad)) for x in (k, v))  # a dummy block in front, masked
-    kb, vb = (x.unfold(2, 2 * window, window).transpose(-1, -2) for x in (kp, vp))  # [B, H, n, 2 window, E]
-    ks, vs = (x[:, :, None, :sink].expand(b, h, n, sink, e) for x in (k, v))
-    kb, vb = torch.cat([ks, kb], 3), torch.cat([vs, vb], 3)
     dev = q.device
-    p = (torch.arange(n, device=dev)[:, None] * window + torch.arange(window, device=dev))[:, :, None]  # [n, w, 1]
-    j = (torch.arange(n, device=dev)[:, None] - 1) * window + torch.arange(2 * window, device=dev)  # [n, 2 window]
-    in_window = (j[:, None, :] <= p) & (j[:, None, :] > p - window) & (j[:, None, :] >= sink)
-    sinks = torch.arange(sink, device=dev)[None, None, :] <= p
-    mask = torch.cat([sinks.expand(n, window, sink), in_window], -1)  # [n, w, sink + 2 window]
-    flat = (b, h * n, -1, e)  # 4-D for the fused kernels: head-major blocks, so the mask repeats per head
-    o = F.scaled_dot_product_attention(
-        qb.reshape(flat), kb.reshape(flat), vb.reshape(flat), attn_mask=mask.repeat(h, 1, 1), scale=scale
+    head = min(t, 2 * window)
+    pos = torch.arange(head, device=dev)
+    j, p = pos[None, :], pos[:, None]
+    mask = (j <= p) & ((j > p - window) | (j < sink))
+    first = F.scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head], attn_mask=mask, scale=scale)
+    if t <= 2 * window:
+        return first
+    n = -(-t // window) - 2  # blocks after the first two
+    pad = (n + 2) * window - t
+    qb = F.pad(q, (0, 0, 0, pad))[:, :, 2 * window :].reshape(b, h * n, window, e)
+    s8 = -(-sink // 8) * 8  # sink keys padded to a multiple of 8 (masked), for the fused kernels' alignment
+    kb, vb = (
+        torch.cat(
+            [
+                F.pad(x[:, :, None, :sink], (0, 0, 0, s8 - sink)).expand(b, h, n, s8, e),
+                F.pad(x, (0, 0, 0, pad))[:, :, window:].unfold(2, 2 * window, window).transpose(-1, -2),
+            ],
+            3,
+        ).reshape(b, h * n, s8 + 2 * window, e)
+        for x in (k, v)
     )
-    return o.reshape(b, h, n * window, e)[:, :, :t]
+    r = torch.arange(window, device=dev)[:, None]  # query p = i window + r, key j = (i-1) window + c
+    c = torch.arange(2 * window, device=dev)[None, :]
+    sinks = (torch.arange(s8, device=dev) < sink).expand(window, s8)
+    mask = torch.cat([sinks, (c > r) & (c <= r + window)], -1)  # [window, s8 + 2 window]
+    rest = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+    return torch.cat([first, rest.view(b, h, n * window, e)], 2)[:, :, :t]
 
 
 def block_forward(

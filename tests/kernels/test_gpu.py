@@ -216,3 +216,27 @@ def test_training_norms_in_bf16_with_float32_master_weights():
         torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=2e-2)
         out.float().sum().backward()
         assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
+
+
+def test_training_banded_attention_bf16_at_the_distillation_shape():
+    """The student's training attention (sink + window by blocks of `window` queries) as the distillation runs it:
+    bf16 on the GPU, SmolLM2's 9 heads of doubled width 128, T = 4 x window + a ragged tail; against the dense
+    [T, T] mask computed in float32 from the same inputs, outputs and gradients."""
+    from model.train import _banded_attention
+
+    t, sink, window = 4096 + 100, 4, 1024
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 9, t, 128, generator=gen, device="cuda").bfloat16().requires_grad_() for _ in range(3))
+    up = torch.randn(2, 9, t, 128, generator=gen, device="cuda")
+    pos = torch.arange(t, device="cuda")
+    j, p = pos[None, :], pos[:, None]
+    dense = (j <= p) & ((j > p - window) | (j < sink))
+    out = _banded_attention(q, k, v, sink, window, 128**-0.5)
+    grads = torch.autograd.grad((out.float() * up).sum(), (q, k, v))
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    want = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, attn_mask=dense, scale=128**-0.5)
+    wgrads = torch.autograd.grad((want * up).sum(), (qf, kf, vf))
+    assert out.dtype == torch.bfloat16
+    assert rel(out, want) < BF16_O
+    for g, w in zip(grads, wgrads, strict=True):
+        assert rel(g, w) < 2 * BF16_O
