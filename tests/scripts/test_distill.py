@@ -154,6 +154,11 @@ def test_learning_rate_schedule():
     # time runs out first: the time fraction decides, so a run cut by time ends annealed
     assert mod.lr_at(30, 1000, peak, time_frac=0.5) == pytest.approx(0.55 * peak)
     assert mod.lr_at(30, 1000, peak, time_frac=1.0) == pytest.approx(0.1 * peak)
+    # a run continued on another machine (--resume-seconds: time_frac > 0 from its first step) ramps up to where
+    # the anneal had reached, not back to the peak
+    resumed = [mod.lr_at(s, 10**6, peak, time_frac=0.5) for s in range(40)]
+    assert max(resumed) == pytest.approx(0.55 * peak)
+    assert resumed[9] == pytest.approx(0.55 * peak * 10 / 20)
 
 
 @pytest.mark.parametrize("part", ["lora", "self_attn"])
