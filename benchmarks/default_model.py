@@ -82,7 +82,7 @@ def main() -> None:
         if prev:
             lines += [
                 "Side by side on the same held-out sample, the previous delta (sessions 1-6, "
-                f"{prev['delta_meta'].get('step', '?')} steps in its last round) measured student "
+                f"{int(prev['delta_meta'].get('step', 0)):,} steps in its last round) measured student "
                 f"{prev['models']['student_window' + str(ev['window'])]['ppl']:.3f} "
                 f"(**{prev['ppl_ratio_student_vs_teacher_full']:.3f}x**); its rows are marked *previous* below. "
                 "(On the earlier sessions' sample, built from other package versions, it measured 6.897 against "
