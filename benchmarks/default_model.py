@@ -21,6 +21,7 @@ from common import RESULTS, timed, versions
 from model import load_model
 from model.gguf_file import smollm2_gguf
 
+TARGET = 1.10  # the issue's bound on student / teacher held-out perplexity
 PROMPTS = [
     "What is the capital of France?",
     "Write a Python function that returns the squares of a list of numbers.",
@@ -147,9 +148,19 @@ def second_sample(student, path: Path, n: int, ev: dict | None) -> list[str]:
     return [
         f"Second sample (CPU, float32, through `load_model` and `Engine.feed`): {len(starts)} sequences of {t} "
         f"tokens halfway between those above: teacher_full {te:.3f}, student_window{student.window} {st:.3f}, "
-        f"student / teacher **{st / te:.4f}x** (target 1.10x: {'met' if st / te <= 1.10 else 'not met'}).",
+        f"student / teacher {_verdict(st / te)}.",
         "",
     ]
+
+
+def _verdict(ratio: float) -> str:
+    return f"**{ratio:.4f}x** (target {TARGET:.2f}x: {'met' if ratio <= TARGET else 'not met'})"
+
+
+def _with_previous(rows: dict, previous: dict | None, students: list[str]) -> list[tuple[str, dict]]:
+    """(label, figures) for each model of this evaluation, then the earlier delta's students marked *previous*."""
+    earlier = [(f"{n} *previous*", previous[n]) for n in students if previous and n in previous]
+    return list(rows.items()) + earlier
 
 
 def _eval_table(ev: dict, prev: dict | None = None) -> list[str]:
@@ -161,7 +172,6 @@ def _eval_table(ev: dict, prev: dict | None = None) -> list[str]:
     ):
         raise SystemExit("--previous was evaluated on another held-out sample: its teacher's figures differ")
     students = [n for n in ev["models"] if n.startswith("student")]
-    ratio = ev["ppl_ratio_student_vs_teacher_full"]
     rows = [
         "## Held-out perplexity (GPU, bf16; packages never trained on)",
         "",
@@ -170,19 +180,13 @@ def _eval_table(ev: dict, prev: dict | None = None) -> list[str]:
         "| model | perplexity | ppl past the window | top-1 agreement with teacher |",
         "|---|---|---|---|",
     ]
-    for name, m in ev["models"].items():
+    for name, m in _with_previous(ev["models"], prev and prev["models"], students):
         rows.append(
             f"| {name} | {m['ppl']:.3f} | {m['ppl_past_window']:.3f} | {m['top1_agreement_with_teacher_full']:.3f} |"
         )
-    for name in students if prev else []:
-        m = prev["models"][name]
-        rows.append(
-            f"| {name} *previous* | {m['ppl']:.3f} | {m['ppl_past_window']:.3f} "
-            f"| {m['top1_agreement_with_teacher_full']:.3f} |"
-        )
     rows += [
         "",
-        f"student / teacher perplexity: **{ratio:.4f}x** (target 1.10x: {'met' if ratio <= 1.10 else 'not met'})",
+        f"student / teacher perplexity: {_verdict(ev['ppl_ratio_student_vs_teacher_full'])}",
         "",
         "## Long-context recall (a 5-digit code, 10 candidates; greedy = every answer token is argmax)",
         "",
@@ -190,12 +194,8 @@ def _eval_table(ev: dict, prev: dict | None = None) -> list[str]:
         "|---|---|---|---|",
     ]
     for dist, by_model in ev["recall"].items():
-        for name, r in by_model.items():
+        for name, r in _with_previous(by_model, prev and prev["recall"].get(dist), students):
             rows.append(f"| {dist} | {name} | {r['ranked_first_of_10']:.2f} | {r['greedy_exact']:.2f} |")
-        for name in students if prev else []:
-            if name in prev["recall"].get(dist, {}):
-                r = prev["recall"][dist][name]
-                rows.append(f"| {dist} | {name} *previous* | {r['ranked_first_of_10']:.2f} | {r['greedy_exact']:.2f} |")
     return rows + [""]
 
 
