@@ -146,25 +146,30 @@ def _sessions_parser(sub) -> None:
     ss.add_parser("gc", parents=[common], help="delete snapshots and pieces no session uses; reclaim space")
 
 
-def _load(args: argparse.Namespace):
-    from model import load_model
-
+def _window(args: argparse.Namespace) -> int | None | str:
+    """The attention window the model options ask for (checked with --sink)."""
     window = None if args.full_attention else ("auto" if args.window is None else args.window)
     if isinstance(window, int) and window < 1:
         raise ValueError("--window must be >= 1")
     if args.sink < 0:
         raise ValueError("--sink must be >= 0")
-    return load_model(args.model, window=window, sink=args.sink)
+    return window
+
+
+def _load(args: argparse.Namespace):
+    from model import load_model
+
+    return load_model(args.model, window=_window(args), sink=args.sink)
 
 
 def _chat_prompt(engine, text: str) -> str:
-    import jinja2
+    """The prompt in the model's own chat template, rendered in the agent's sandbox (templates come with
+    downloaded files: one that reaches for Python internals is refused, and nothing of it runs)."""
+    from agent.prompt import ChatTemplate
 
-    template = engine.tokenizer.chat_template
-    if not template:
+    if not engine.tokenizer.chat_template:
         raise ValueError("this model has no chat template; drop --chat")
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=[{"role": "user", "content": text}], add_generation_prompt=True)
+    return ChatTemplate.for_tokenizer(engine.tokenizer).render([{"role": "user", "content": text}])
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -541,8 +546,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
-    window = None if args.full_attention else ("auto" if args.window is None else args.window)
-    DeltamemApp(args.db, args.repo, args.session, args.model, window, args.max_new_tokens).run()
+    window = _window(args)
+    DeltamemApp(args.db, args.repo, args.session, args.model, window, args.max_new_tokens, args.sink).run()
     return 0
 
 
@@ -555,13 +560,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     )
     while True:
         try:
-            line = input("you> ")
+            line = input("" if args.json else "you> ")  # --json: stdout holds one JSON object per turn
         except EOFError:
             return 0
         if line.strip() in ("/quit", "/exit"):
             return 0
         if line.strip():
-            _run_task(agent, line, False, approver)
+            _run_task(agent, line, args.json, approver)
 
 
 def main(argv: list[str] | None = None) -> int:

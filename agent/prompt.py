@@ -12,14 +12,10 @@ import json
 from functools import cached_property
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from agent.parse import CLOSE, OPEN
-
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+from model.tokenizer import CHATML
 
 SYSTEM = """You are deltamem, an assistant that works inside the project "{project}". You have read the files the \
 user ingested; your memory of them persists between sessions. Answer concisely and cite file paths.
@@ -68,6 +64,11 @@ class ChatTemplate:
             return self._template.render(messages=plain, add_generation_prompt=add_generation_prompt, **self.extra)
         except TemplateError:
             raise
+        except SecurityError as e:  # a template reaching for Python internals: nothing of it ran
+            raise TemplateError(
+                f"the model's chat template tried an operation the sandbox forbids ({e}); not rendered. A chat "
+                "template only needs messages, loops and strings: this file may be malicious"
+            ) from None
         except jinja2.TemplateError as e:
             raise TemplateError(f"the model's chat template failed: {e}") from e
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.prompt import ChatTemplate
-from memory.errors import NotFound, StoreError
+from memory.errors import NotFound, StoreError, WrongProject
 from memory.store import Store
 from model import snapshot as snap
 
@@ -58,14 +58,22 @@ class AgentSession:
     def open(
         cls, engine, store: Store, name: str, project_root: str | Path | None = None, create: bool = True
     ) -> AgentSession:
-        """Resume the session `name` (id, prefix or title) from its newest good snapshot, or create it."""
+        """Resume the session `name` (id, or a title or id prefix of this project's) from its newest good snapshot,
+        or create it in this project. A session of another project is never resumed here: a title names a
+        session per project, and an id of another project's session is refused (WrongProject)."""
+        project = store.project(project_root) if project_root is not None else None
         try:
-            sess = store.session(name)
+            sess = store.session(name, project)
         except NotFound:
             if not create:
                 raise
-            project = store.project(project_root) if project_root is not None else None
             sess = store.session(store.create_session(name, engine.fingerprint, project))
+        if project is not None and sess["project_id"] not in (None, project):
+            other = store.db["projects"].get(sess["project_id"])["root"]
+            raise WrongProject(
+                f"session {sess['id']} ({sess['title']!r}) belongs to the project at {other}, not "
+                f"{Path(project_root).resolve()}; run it with --repo {other}, or fork it (`deltamem sessions fork`)"
+            )
         if sess["fingerprint"] != engine.fingerprint:
             raise StoreError(
                 f"session {sess['title']!r} was saved with model {sess['fingerprint'][:12]}; this model is "

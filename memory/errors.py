@@ -16,5 +16,17 @@ class NotFound(StoreError, KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
+class Ambiguous(StoreError):
+    """A session reference that matches several sessions; `candidates` lists them (id, title, project)."""
+
+    def __init__(self, message: str, candidates: list[dict]):
+        super().__init__(message)
+        self.candidates = candidates
+
+
+class WrongProject(StoreError):
+    """A session asked for by id from another project's folder."""
+
+
 class CorruptSnapshot(StoreError):
     """A stored snapshot whose bytes no longer match their hashes."""

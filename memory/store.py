@@ -30,7 +30,7 @@ from typing import Any
 import sqlite_utils
 
 from memory import pieces as pc
-from memory.errors import CorruptSnapshot, NotFound, StoreError
+from memory.errors import Ambiguous, CorruptSnapshot, NotFound, StoreError
 from memory.migrations import MIGRATIONS, migrate
 
 ENV_DB = "DELTAMEM_DB"
@@ -145,18 +145,22 @@ class Store:
             )
         return sid
 
-    def session(self, ref: str) -> dict[str, Any]:
-        """A session by id, title, or unique id prefix (4+ characters)."""
+    def session(self, ref: str, project_id: int | None = None) -> dict[str, Any]:
+        """A session by id, title, or unique id prefix (4+ characters). With `project_id`, titles and id prefixes
+        match only that project's sessions (an exact id matches anywhere): the same folder name in two places is two
+        sessions. Raises NotFound, or Ambiguous listing the candidates."""
         rows = list(self.db["sessions"].rows_where("id = ?", [ref]))
-        rows = rows or list(self.db["sessions"].rows_where("title = ?", [ref]))
+        scope, args = ("and project_id = ?", [project_id]) if project_id is not None else ("", [])
+        rows = rows or list(self.db["sessions"].rows_where(f"title = ? {scope}", [ref, *args]))
         if not rows and len(ref) >= 4:
-            rows = list(self.db["sessions"].rows_where("id like ? escape '\\'", [_like_prefix(ref)]))
-        if len(rows) != 1:
-            raise NotFound(
-                f"no session {ref!r} (see `deltamem sessions list`)"
-                if not rows
-                else f"{ref!r} matches {len(rows)} sessions; use the id"
-            )
+            rows = list(self.db["sessions"].rows_where(f"id like ? escape '\\' {scope}", [_like_prefix(ref), *args]))
+        if not rows:
+            raise NotFound(f"no session {ref!r} (see `deltamem sessions list`)")
+        if len(rows) > 1:
+            roots = {r["id"]: r["root"] for r in self.db.query("select id, root from projects")}
+            found = [{"id": r["id"], "title": r["title"], "project": roots.get(r["project_id"])} for r in rows]
+            listed = "; ".join(f"{c['id']} {c['title']!r} in {c['project'] or '(no project)'}" for c in found)
+            raise Ambiguous(f"{ref!r} matches {len(rows)} sessions: {listed}; use the id", found)
         return rows[0]
 
     def sessions(self, project_id: int | None = None) -> list[dict[str, Any]]:

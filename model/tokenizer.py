@@ -66,9 +66,10 @@ _GGUF_PRE = {name: pat for names, pat in (
 _OLMO_SPECIALS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
                   "<|fim_suffix|>": 100260, "<|im_start|>": 100264, "<|im_end|>": 100265,
                   "<|endofprompt|>": 100276, "<|pad|>": 100277}
-_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-           " + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-           "{% endif %}")
+# the ChatML template OLMo uses (and the agent's fallback for models without one)
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+          " + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+          "{% endif %}")
 
 
 # GPT-2's bytes_to_unicode, inverted: printable bytes stand for themselves, the other 68 for 256+n.
@@ -317,7 +318,7 @@ class Tokenizer:
                                 special_tokens=_OLMO_SPECIALS)
         id_to_bytes = {i: b for b, i in ranks.items()}
         id_to_bytes.update((i, s.encode()) for s, i in _OLMO_SPECIALS.items())
-        return cls(enc, id_to_bytes, name="cl100k_olmo", eos_id=100257, chat_template=_CHATML)
+        return cls(enc, id_to_bytes, name="cl100k_olmo", eos_id=100257, chat_template=CHATML)
 
 
 def _read_json(path: Path) -> dict:

@@ -51,12 +51,13 @@ class DeltamemApp(App):
         model: str = "default",
         window: int | None | str = "auto",
         max_new_tokens: int = 256,
+        sink: int = 4,
         agent_factory=None,
     ):
         super().__init__()
         self.db, self.repo, self.model_spec, self.window = db, Path(repo).resolve(), model, window
         self.session_name = session or self.repo.name
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.sink = max_new_tokens, sink
         self.agent_factory = agent_factory  # tests: (store, session name) -> Agent; default builds the real one
         self.agent = None
         self.store = None  # read by the UI thread
@@ -100,7 +101,7 @@ class DeltamemApp(App):
             from model import load_model
 
             if self.engine is None:
-                self.engine = load_model(self.model_spec, window=self.window)
+                self.engine = load_model(self.model_spec, window=self.window, sink=self.sink)
             else:  # the loaded weights, a fresh state for the other session
                 self.engine = self.engine.sibling()
             agent = Agent(self.engine, store, name, self.repo, approve="ask", max_new_tokens=self.max_new_tokens)
@@ -285,8 +286,9 @@ class DeltamemApp(App):
                 else f"ingested {r.files} files ({r.tokens:,} tokens), {r.unchanged} unchanged"
             )
             self.last_save = time.time()
-        except Exception as e:
-            note = f"ingest failed: {e}"
+        except Exception as e:  # as a failed chat does: the state and the conversation go back to the last save
+            self.agent.back_to_last_save()
+            note = f"ingest failed: {e}; back to the last save"
         self.call_from_thread(self._ingested, note)
 
     def _ingested(self, note: str) -> None:
@@ -340,6 +342,15 @@ class DeltamemApp(App):
             self.push_screen(SessionsScreen(self.store, project, self.agent.session_id if self.agent else None))
 
     def resume(self, sid: str) -> None:
+        """Open a session of the browser's; one of another project opens with that project's folder."""
+        sess = self.store.session(sid)
+        if sess["project_id"] is not None:
+            root = Path(self.store.db["projects"].get(sess["project_id"])["root"])
+            if root != self.repo:
+                if not root.is_dir():
+                    self.notify(f"its project folder {root} is gone; fork it from there", severity="error")
+                    return
+                self.repo = root
         self._open(sid)
 
     def rename(self, sid: str) -> None:
