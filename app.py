@@ -320,7 +320,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
         if args.action == "gc":
             removed = store.gc()
-            return emit(removed, f"removed {removed['snapshots']} snapshots and {removed['pieces']} pieces nobody used")
+            return emit(
+                removed,
+                f"removed {removed['snapshots']} snapshots, {removed['pieces']} pieces and {removed['checkpoints']} "
+                f"conversation checkpoints nobody used; {size(removed['bytes_before'])} -> "
+                f"{size(removed['bytes_after'])}",
+            )
 
         if args.action == "import":
             fingerprint = None

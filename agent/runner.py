@@ -102,7 +102,9 @@ class Agent:
         return threads.reconcile(self.graph, self.session.sid, checkpoint)
 
     def back_to_last_save(self) -> None:
-        """Drop everything since the last committed turn, state and conversation (a cancelled ingest, an error)."""
+        """Drop everything since the last committed turn, state, conversation and notes (a cancelled ingest, an
+        error)."""
+        self.ctx.pending_turns.clear()
         self.session.resume()
         self._reconcile()
 
@@ -139,8 +141,11 @@ class Agent:
         ]
         if rows:
             rows[0].update(turns_extra)
+        rows += self.ctx.pending_turns  # the run's notes, in the same transaction
         checkpoint = state.config["configurable"].get("checkpoint_id")
-        return self.session.save(rows, checkpoint_id=checkpoint, ingested=ingested)
+        snap_id = self.session.save(rows, checkpoint_id=checkpoint, ingested=ingested)
+        self.ctx.pending_turns.clear()
+        return snap_id
 
     # --- tasks ---------------------------------------------------------------------------------------------
     def run(
@@ -159,6 +164,7 @@ class Agent:
             on_event(event)
 
         inp = {"messages": self._with_system([{"role": "user", "content": task}]), "steps": 0, "mode": ""}
+        self.ctx.pending_turns.clear()
         self._drive(inp, track, approver)
         state = self.graph.get_state(self.config).values
         fed = self.session.fed - fed0
@@ -237,18 +243,27 @@ class Agent:
     def _ingest_batch(self, batch: list[_Change], on_event, result: IngestResult) -> None:
         fed0 = self.session.fed
         msgs = [file_message(ch.path, ch.text) for ch in batch]
+        tokens: dict[str, int] = {}
 
         def progress(event: Event) -> None:
             if "progress" in event:
                 p = event["progress"]
                 ch = batch[p["done"] - 1]
+                tokens[ch.path] = p["tokens"]
                 on_event({"file": ch.path, "tokens": p["tokens"], "removed": ch.text is None})
 
         inp = {"messages": self._with_system(msgs), "mode": "feed", "feed_count": len(msgs)}
         self._drive(inp, progress, None)
         fed = self.session.fed - fed0
         ledger = [
-            {"path": ch.path, "sha256": ch.sha256, "mtime": ch.mtime, "bytes": ch.size, "text": ch.text, "tokens": None}
+            {
+                "path": ch.path,
+                "sha256": ch.sha256,
+                "mtime": ch.mtime,
+                "bytes": ch.size,
+                "text": ch.text,
+                "tokens": tokens[ch.path],
+            }
             for ch in batch
         ]
         names = ", ".join(ch.path for ch in batch[:3]) + (f" and {len(batch) - 3} more" if len(batch) > 3 else "")

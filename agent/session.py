@@ -196,8 +196,10 @@ class AgentSession:
         return self.reply(messages, self.max_new_tokens, on_piece, **self.sampling).text
 
     def feed_messages(self, messages: list[dict], new_count: int, on_progress: Callable[[dict], None]) -> int:
-        """Feed the last `new_count` messages one at a time (a progress event after each)."""
-        total, start = 0, len(messages) - new_count
+        """Feed the last `new_count` messages one at a time (a progress event after each, with the tokens of that
+        message alone: what comes before them, a new session's system prompt, is fed first)."""
+        start = len(messages) - new_count
+        total = self.feed(messages[:start]) if start else 0
         for i in range(start + 1, len(messages) + 1):
             if self.cancel.is_set():
                 raise Cancelled("ingest cancelled")

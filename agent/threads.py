@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.graph import build_graph, sqlite_checkpointer
+from memory import checkpoints
 from memory.store import Store
 from tools import ToolContext
 
@@ -82,15 +83,9 @@ def fork(store: Store, ref: str, at_turn: int | None = None, title: str | None =
 
 def _copy_thread(store: Store, src: str, new: str) -> None:
     """Copy a thread's checkpoints and writes under a new thread id, in one transaction (langgraph's SQLite saver
-    has no copy_thread; its tables are keyed by thread_id first)."""
+    has no copy_thread)."""
     with store._write():
-        for table in ("checkpoints", "writes"):
-            cols = [c.name for c in store.db[table].columns]
-            picked = ", ".join("?" if c == "thread_id" else f'"{c}"' for c in cols)
-            names = ", ".join(f'"{c}"' for c in cols)
-            store.db.execute(
-                f"insert into {table} ({names}) select {picked} from {table} where thread_id = ?", [new, src]
-            )
+        checkpoints.copy(store.db, store.db, src, new)
 
 
 def delete(store: Store, ref: str) -> None:

@@ -16,6 +16,7 @@ import array
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -29,6 +30,7 @@ from typing import Any
 
 import sqlite_utils
 
+from memory import checkpoints
 from memory import pieces as pc
 from memory.errors import Ambiguous, CorruptSnapshot, NotFound, StoreError
 from memory.migrations import MIGRATIONS, migrate
@@ -36,6 +38,9 @@ from memory.migrations import MIGRATIONS, migrate
 ENV_DB = "DELTAMEM_DB"
 TOKEN_CHUNK = 4096  # token ids per stored chunk: a turn rewrites only the last chunk of a session's ids
 KEEP_LAST = 16  # snapshots kept per session (plus named ones) unless the session or the caller says otherwise
+EXPORT_FORMAT = 2  # 1: store rows only; 2: + the graph thread (the conversation) and an export_info table
+
+log = logging.getLogger("deltamem.memory")
 
 
 def default_db_path() -> Path:
@@ -459,6 +464,14 @@ class Store:
             self.db.execute("delete from session_snapshots where session_id = ? and snapshot_id = ?", [sid, snap_id])
         if drop:
             self._collect(drop)
+        self._prune_thread(sid)
+
+    def _prune_thread(self, sid: str) -> int:
+        """Drop the session's graph checkpoints that no kept snapshot points to (see memory/checkpoints.py)."""
+        if not checkpoints.present(self.db):
+            return 0
+        keep = {s["checkpoint_id"] for s in self.snapshots(sid) if s["checkpoint_id"]}
+        return checkpoints.prune(self.db, sid, keep)
 
     def _collect(self, candidates: list[int] | None = None) -> dict[str, int]:
         """Delete snapshots no session references (among `candidates`, or all) and pieces no snapshot uses."""
@@ -493,11 +506,24 @@ class Store:
         return {"snapshots": len(orphans), "pieces": n_pieces}
 
     def gc(self) -> dict[str, int]:
-        """Delete every snapshot no session references and every piece no snapshot uses; reclaim the space."""
+        """Delete every snapshot no session references, every piece no snapshot uses and every graph checkpoint no
+        kept snapshot points to (a deleted session's included); then give the space back to the file system
+        (VACUUM). Returns what was removed and the file's bytes before and after."""
+        before = self.file_bytes()
         with self._write():
             removed = self._collect()
+            removed["checkpoints"] = 0
+            if checkpoints.present(self.db):
+                sids = [r[0] for r in self.db.execute("select id from sessions").fetchall()]
+                removed["checkpoints"] = checkpoints.drop_orphans(self.db, sids)
+                removed["checkpoints"] += sum(self._prune_thread(sid) for sid in sids)
+        self.db.execute("VACUUM")
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return removed
+        return {**removed, "bytes_before": before, "bytes_after": self.file_bytes()}
+
+    def file_bytes(self) -> int:
+        """The database's size on disk: the file and its write-ahead log."""
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
 
     # --- ingest ledger and recall --------------------------------------------------------------------------
     def ingested(self, ref: str) -> dict[str, dict[str, Any]]:
@@ -558,13 +584,32 @@ class Store:
         try:
             with Store(tmp) as out, self._read():
                 _copy_session(self, out, sess["id"], new_id=sess["id"])
+                conversation = 0
+                if checkpoints.present(self.db):  # the graph thread up to the exported point: the latest snapshot's
+                    snaps = [r for r in self.snapshots(sess["id"]) if r["checkpoint_id"]]
+                    if snaps:
+                        checkpoints.create_like(self.db, out.db)
+                        with out._write():
+                            conversation = checkpoints.copy(
+                                self.db, out.db, sess["id"], sess["id"], upto=snaps[-1]["checkpoint_id"]
+                            )
+                out.db["export_info"].insert_all(
+                    [{"key": "format", "value": str(EXPORT_FORMAT)}, {"key": "session", "value": sess["id"]}],
+                    pk="key",
+                )
                 out.db.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
             os.replace(tmp, path)
         except BaseException:
             for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
                 Path(leftover).unlink(missing_ok=True)
             raise
-        return {"session": sess["id"], "path": str(path), "bytes": path.stat().st_size}
+        return {
+            "session": sess["id"],
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            "format": EXPORT_FORMAT,
+            "checkpoints": conversation,
+        }
 
     def import_(self, path: str | Path, fingerprint: str | None = None) -> str:
         """Import a session exported by `export`, after checking every snapshot against its hashes and the
@@ -586,6 +631,11 @@ class Store:
                     raise StoreError(f"{path} is not a valid deltamem export: {e}") from e
 
     def _import_from(self, src: Store, path: Path, fingerprint: str | None) -> str:
+        fmt = int(src.db["export_info"].get("format")["value"]) if "export_info" in src.db.table_names() else 1
+        if fmt > EXPORT_FORMAT:
+            raise StoreError(
+                f"{path} is export format {fmt}, newer than this deltamem knows ({EXPORT_FORMAT}); upgrade deltamem"
+            )
         rows = src.sessions()
         if len(rows) != 1:
             raise StoreError(f"{path} is not a deltamem export (it holds {len(rows)} sessions)")
@@ -607,6 +657,19 @@ class Store:
             if next(self.db["sessions"].rows_where("id = ?", [sess["id"]]), None):
                 raise StoreError(f"session {sess['id']} already exists here; delete it first to re-import")
             _copy_session(src, self, sess["id"], new_id=sess["id"])
+            if checkpoints.present(src.db):  # the conversation, in the same transaction
+                try:
+                    checkpoints.create_like(src.db, self.db)
+                except ValueError as e:
+                    raise StoreError(f"{path} is not a valid deltamem export: {e}") from None
+                checkpoints.copy(src.db, self.db, sess["id"], sess["id"])
+        if fmt < 2:
+            log.warning(
+                "%s was exported by an older deltamem (format %d) without its conversation: the session's next run "
+                "starts the model state afresh. Export it again with this version to keep both.",
+                path,
+                fmt,
+            )
         return sess["id"]
 
 

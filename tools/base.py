@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,8 @@ class ToolContext:
     allow_shell: bool = False  # shell is refused unless True
     shell_timeout: float = 30.0
     max_output: int = 16_000  # characters a tool result may return before truncation
+    # turns a tool adds to the memory (note), committed with the run's own turns and snapshot in one transaction
+    pending_turns: list[dict] = field(default_factory=list)
 
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}

@@ -1,7 +1,9 @@
-"""Memory tools: recall (full-text search of the session's turns and ingested files) and note (store a fact as
-a turn of role "note", so later recall finds it), both through the context's memory.store.Store."""
+"""Memory tools: recall (full-text search of the session's turns and ingested files, plus this run's notes) and
+note (a fact kept as a turn of role "note", saved with the run's turn, so later recall finds it)."""
 
 from __future__ import annotations
+
+import re
 
 from memory.errors import StoreError
 from tools.base import Tool, ToolContext, ToolError, kwargs_runner
@@ -25,9 +27,10 @@ def recall(ctx: ToolContext, query: str, limit: int = 5) -> str:
         hits = ctx.store.search(sid, query, limit)
     except StoreError as e:
         raise ToolError(str(e)) from None
-    if not hits:
+    words = [w.lower() for w in re.findall(r"\w+", query) if w.upper() not in ("AND", "OR", "NOT")]
+    lines = [f"this run's note: {t['text']}" for t in ctx.pending_turns if all(w in t["text"].lower() for w in words)]
+    if not hits and not lines:
         return f"nothing found for {query!r}"
-    lines = []
     for h in hits:
         snippet = " ".join(h["snippet"].split())  # one hit per line
         where = f"turn {h['seq']} ({h['role']})" if h["kind"] == "turn" else f"file {h['path']} (turn {h['seq']})"
@@ -36,13 +39,12 @@ def recall(ctx: ToolContext, query: str, limit: int = 5) -> str:
 
 
 def note(ctx: ToolContext, text: str) -> str:
-    sid = _session(ctx)
+    """The note is kept in the context until the run saves its turn: it is committed with the run (one
+    transaction), or dropped with it if the run fails."""
+    _session(ctx)
     if not text.strip():
         raise ToolError("text must not be empty")
-    try:
-        ctx.store.save_turn(sid, [{"role": "note", "text": text}])
-    except StoreError as e:
-        raise ToolError(str(e)) from None
+    ctx.pending_turns.append({"role": "note", "text": text})
     return "noted"
 
 
