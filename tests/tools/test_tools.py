@@ -381,6 +381,12 @@ def memory(tmp_path):
 
 def test_note_then_recall(memory):
     assert call(memory, "note", text="The deploy password is swordfish-42.") == (True, "noted")
+    assert memory.store.turns(memory.session_id) == []  # kept for the run's own transaction
+    assert ok(memory, "recall", query="deploy password") == "this run's note: The deploy password is swordfish-42."
+    assert ok(memory, "recall", query="deploy unicorn") == "nothing found for 'deploy unicorn'"
+    # what the agent does when the run saves its turn
+    memory.store.save_turn(memory.session_id, memory.pending_turns)
+    memory.pending_turns.clear()
     memory.store.save_turn(memory.session_id, [{"role": "user", "text": "we talked about\nswordfish too"}])
     turns = memory.store.turns(memory.session_id)
     assert [(t["role"], t["text"]) for t in turns][0] == ("note", "The deploy password is swordfish-42.")
