@@ -4,8 +4,9 @@
     deltamem info [--model PATH]
     deltamem sessions list | show ID | delete ID | fork ID | rewind ID --to N | export ID FILE | import FILE | gc
 
-Errors a user can cause print one line on stderr and exit non-zero: 1 for a model, state or runtime problem,
-2 for bad arguments (argparse's own code).
+Errors print one line on stderr, and the exit code says what failed (see `_failure`): 1 bad input (a file,
+a model, a state, the memory database, an option's value), 2 bad arguments (argparse's own code), 3 `run` stopped
+at its step limit, 4 the model failed (its chat template, generation), 5 not enough memory or a device error.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-EXIT_ERROR = 1
+EXIT_ERROR = 1  # bad input: a file, a model, a state, the memory database, an option's value
 EXIT_STEP_LIMIT = 3  # `deltamem run` stopped at --max-steps without an answer
-EXIT_MODEL = 4  # the model failed (template, generation)
+EXIT_MODEL = 4  # the model failed (its chat template, generation)
+EXIT_RESOURCE = 5  # not enough memory, or the device failed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,7 +96,9 @@ def _agent_parsers(sub, model_args) -> None:
     common(ing)
     ing.add_argument("--max-file-bytes", type=int, default=256_000, help="skip larger files (default 256000)")
     run = sub.add_parser(
-        "run", help="run the agent on a task in a project; exit 0 on an answer, 3 at the step limit, 4 model error"
+        "run",
+        help="run the agent on a task in a project; exit 0 on an answer, 1 bad input, 3 at the step limit, 4 model "
+        "error, 5 out of memory or device error",
     )
     common(run)
     agent_args(run)
@@ -506,16 +510,7 @@ def _run_task(agent, task: str, as_json: bool, approver) -> int:
             status = "ok" if e["ok"] else "failed"
             print(f"\n[{e['tool']} {json.dumps(e['arguments'], ensure_ascii=False)[:120]}: {status}]", file=sys.stderr)
 
-    from memory.errors import StoreError
-    from model.errors import DeltamemError
-
-    try:
-        result = agent.run(task, on_event, approver)
-    except (StoreError, OSError):
-        raise
-    except (DeltamemError, ValueError, RuntimeError) as e:
-        print(f"\ndeltamem: model error: {e}", file=sys.stderr)
-        return EXIT_MODEL
+    result = agent.run(task, on_event, approver)  # failures: main() names them and picks the exit code
     code = 0 if result.outcome == "answer" else EXIT_STEP_LIMIT
     if as_json:
         print(
@@ -571,7 +566,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line.strip() in ("/quit", "/exit"):
             return 0
         if line.strip():
-            _run_task(agent, line, args.json, approver)
+            try:
+                _run_task(agent, line, args.json, approver)
+            except Exception as e:  # said, and the chat goes on from the last saved turn
+                code, message = _failure(e)
+                if code is None:
+                    raise
+                print(f"\ndeltamem: {message}", file=sys.stderr)
+                agent.back_to_last_save()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,9 +588,6 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="deltamem: %(message)s")
-    from memory.errors import StoreError
-    from model.errors import DeltamemError
-
     try:
         commands = {
             "generate": cmd_generate,
@@ -600,19 +599,36 @@ def main(argv: list[str] | None = None) -> int:
             "tui": cmd_tui,
         }
         return commands[args.command](args)
-    except (DeltamemError, StoreError, ValueError, OSError, sqlite3.Error) as e:
-        print(f"deltamem: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("deltamem: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug: one line for the user, the traceback with DELTAMEM_DEBUG=1
-        if os.environ.get("DELTAMEM_DEBUG"):
-            raise
-        print(
-            f"deltamem: internal error: {type(e).__name__}: {e} (DELTAMEM_DEBUG=1 shows the traceback)", file=sys.stderr
-        )
-        return EXIT_ERROR
+    except Exception as e:
+        code, message = _failure(e)
+        if code is None:  # a bug: one line for the user, the traceback with DELTAMEM_DEBUG=1
+            if os.environ.get("DELTAMEM_DEBUG"):
+                raise
+            code = EXIT_ERROR
+            message = f"internal error: {type(e).__name__}: {e} (DELTAMEM_DEBUG=1 shows the traceback)"
+        print(f"deltamem: {message}", file=sys.stderr)
+        return code
+
+
+def _failure(e: Exception) -> tuple[int | None, str]:
+    """The exit code and message for a failure, by its cause; (None, ...) for one that is a bug."""
+    from agent.prompt import TemplateError
+    from memory.errors import StoreError
+    from model.errors import DeltamemError, DeviceError, OutOfMemory, resource_error
+
+    if isinstance(e, OutOfMemory | DeviceError):
+        return EXIT_RESOURCE, f"error: {e}"
+    err = resource_error(e, "")  # torch's own out-of-memory and device errors, wherever they came from
+    if err is not None:
+        return EXIT_RESOURCE, f"error: {err}"
+    if isinstance(e, TemplateError):
+        return EXIT_MODEL, f"model error: {e}"
+    if isinstance(e, DeltamemError | StoreError | ValueError | OSError | sqlite3.Error):
+        return EXIT_ERROR, f"error: {e}"
+    return None, ""
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ CPU-only installs never load it.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from types import ModuleType
 
@@ -35,6 +36,8 @@ __all__ = [
 _MODES = ("auto", "torch", "triton")
 _triton_module: ModuleType | None = None
 _triton_importable: bool | None = None
+fallback_reason: str | None = None  # why CUDA tensors run on the torch reference, once that was decided
+log = logging.getLogger("deltamem.kernels")
 
 
 def _load_triton() -> ModuleType:
@@ -47,14 +50,20 @@ def _load_triton() -> ModuleType:
 
 
 def _has_triton() -> bool:
-    global _triton_importable
+    """Whether the Triton kernels load; asked for CUDA tensors only. A fallback is logged once, with its reason."""
+    global _triton_importable, fallback_reason
     if _triton_importable is None:
-        _triton_importable = importlib.util.find_spec("triton") is not None
-        if _triton_importable:
+        _triton_importable = False
+        if importlib.util.find_spec("triton") is None:
+            fallback_reason = "triton is not installed"
+        else:
             try:
                 _load_triton()
-            except Exception:  # a broken triton install: fall back to torch
-                _triton_importable = False
+                _triton_importable = True
+            except Exception as e:  # a broken triton install (no driver, a mismatched build): fall back to torch
+                fallback_reason = f"triton failed to import ({type(e).__name__}: {e})"
+        if not _triton_importable:
+            log.warning("%s; the Gated DeltaNet ops run on the torch reference (slower on a GPU)", fallback_reason)
     return _triton_importable
 
 

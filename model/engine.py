@@ -14,7 +14,7 @@ from model import snapshot as snap
 from model.cache import DeltaState, KVWindow, Rotary
 from model.config import LINEAR, ModelConfig
 from model.cuda_graph import Burst, DecodeGraph
-from model.errors import SnapshotError
+from model.errors import SnapshotError, resource_error
 from model.layers import HybridLM
 from model.packed import pack
 from model.sampling import Sampler, TextStream
@@ -223,16 +223,22 @@ class Engine:
             raise SnapshotError("snapshot header has no valid token_chain")
         # Load into fresh states and swap everything in at the end: a refused blob changes nothing.
         # (With a decode graph bound, "swap in" is a copy into the live tensors: see _adopt.)
-        states = self._empty_states()
         try:
+            states = self._empty_states()
             for i, st in enumerate(states):
                 prefix = f"layers.{i:03d}"
                 if isinstance(st, KVWindow):
                     st.load(prefix, tensors, seen)
                 else:
                     st.load(prefix, tensors)
-        except Exception as e:  # any mismatch between header and tensors is the blob's fault
+        except (KeyError, ValueError) as e:  # a tensor missing or of the wrong shape: the blob's fault
             raise SnapshotError(f"snapshot state does not fit this model: {e!r}") from e
+        except Exception as e:  # the blob checked out (hash, shapes): memory or the device failed, not the blob
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            err = resource_error(e, f"to restore a snapshot of {size:,} bytes on {self.device}")
+            if err is None:
+                raise
+            raise err from e
         self._adopt(states)
         self.tokens_seen, self.token_chain = seen, chain
 

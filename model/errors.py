@@ -11,3 +11,29 @@ class CheckpointError(DeltamemError, ValueError):
 
 class SnapshotError(DeltamemError, ValueError):
     """A state snapshot that cannot be restored into this engine."""
+
+
+class OutOfMemory(DeltamemError, MemoryError):
+    """Not enough host or device memory for what was asked (a window too large, a state too big to restore)."""
+
+
+class DeviceError(DeltamemError):
+    """The device failed while working on sound input (a CUDA error), as opposed to a bad file or argument."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory errors: torch.OutOfMemoryError on a GPU; on the CPU a RuntimeError from the
+    allocator; Python's MemoryError."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(e)
+    ))
+
+
+def resource_error(e: BaseException, doing: str) -> DeltamemError | None:
+    """`e` as OutOfMemory or DeviceError if it is one (None if not), saying what was being done."""
+    doing = f" {doing}" if doing else ""
+    if is_out_of_memory(e):
+        return OutOfMemory(f"not enough memory{doing}: {e}")
+    if type(e).__name__ == "AcceleratorError" or (isinstance(e, RuntimeError) and "CUDA error" in str(e)):
+        return DeviceError(f"the device failed{doing}: {e}")
+    return None

@@ -68,3 +68,33 @@ def test_unknown_option_exits_2():
 def test_plain_deltamem_without_a_terminal_prints_help():
     r = deltamem()  # stdin/stdout are pipes here; in a terminal this opens the TUI
     assert r.returncode == 2 and "usage: deltamem" in r.stderr and "tui" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "run"])
+def test_out_of_memory_exits_5_and_says_so(command, tmp_path):
+    """A window whose cache cannot be allocated: a real allocation failure, named as such (not a bad input, a model
+    error or an internal error)."""
+    extra = ["--repo", str(tmp_path), "--db", str(tmp_path / "m.db")] if command == "run" else []
+    r = deltamem(command, "--model", "random", "--window", "1000000000", *extra, "hi")
+    assert r.returncode == 5, r.stderr
+    assert "not enough memory" in r.stderr and "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert not (tmp_path / "m.db").exists() or command == "run"
+
+
+
+def test_tui_checks_its_model_options_before_opening():
+    r = deltamem("tui", "--sink", "-1")
+    assert r.returncode == 1 and "--sink must be >= 0" in r.stderr
+
+
+def test_chat_json_prints_one_object_per_turn(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "chat", "--model", "random", "--repo", str(tmp_path), "--db",
+         str(tmp_path / "m.db"), "--max-new-tokens", "2", "--json"],
+        input="hello\nand again\n", capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    turns = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [t["outcome"] in ("answer", "step_limit") for t in turns] == [True, True]
+    assert turns[1]["tokens_seen"] == turns[0]["tokens_seen"] + turns[1]["tokens_fed"]

@@ -54,11 +54,12 @@ def test_tokenizer_config_template_is_sandboxed(hf_dir, tmp_path):
     set_template(hf_dir, crafted(marker))
     r = deltamem("generate", "--model", str(hf_dir), "--chat", "--max-new-tokens", "2", "hi")
     refused(r, marker)
-    assert r.returncode == 1
+    assert r.returncode == 4  # the model's template failed: a model error
 
     repo = git_repo(tmp_path / "repo", {"README.md": "# r\n"})
     r = deltamem("run", "--model", str(hf_dir), "--repo", str(repo), "--db", str(tmp_path / "m.db"), "hi")
     refused(r, marker)
+    assert r.returncode == 4
 
     # a plain template renders as before
     set_template(hf_dir, "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")

@@ -259,3 +259,50 @@ async def test_quitting_mid_answer_saves_the_turn(repo, tmp_path):
     with Store(tmp_path / "m.db") as store:
         turns = store.turns(app.agent.session_id)
         assert [t["role"] for t in turns][-2:] == ["user", "assistant"] and turns[-2]["text"] == "go on"
+
+
+async def test_failed_ingest_goes_back_to_the_last_save(repo, tmp_path):
+    """An ingest that fails half-way (here the engine raises after feeding a file) leaves the session as a failed
+    chat does: state, conversation and ledger at the last committed turn."""
+
+    def agent_factory(store, name):
+        agent = Agent(load_model("random", window=64), store, name, repo, max_new_tokens=2)
+        engine, real = agent.session.engine, agent.session.engine.feed
+
+        def feed(ids, **kw):
+            out = real(ids, **kw)
+            if armed:
+                armed.pop()
+                if not armed:  # one file fed, then the second file's tokens
+                    raise RuntimeError("the disk is on fire")
+            return out
+
+        engine.feed = feed
+        return agent
+
+    armed = []
+
+    app = DeltamemApp(tmp_path / "m.db", repo, agent_factory=agent_factory)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        await pilot.press(*"hello", "enter")  # one committed turn to go back to
+        await settle(app, pilot)
+        sid = app.agent.session_id
+        saved, messages = app.store.load_snapshot(sid), app.agent.messages()
+        armed.extend([1, 2])
+        await pilot.press("ctrl+r")
+        await settle(app, pilot)
+        assert "ingest failed: the disk is on fire; back to the last save" in str(
+            app.query_one("#ingest-status").render()
+        )
+        assert app.agent.session.engine.snapshot() == saved
+        assert app.agent.messages() == messages and app.store.ingested(sid) == {}
+
+
+async def test_sink_and_window_reach_the_engine(repo, tmp_path):
+    app = DeltamemApp(tmp_path / "m.db", repo, model="random", window=64, sink=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot)
+        engine = app.agent.session.engine
+        assert (engine.sink, engine.window) == (2, 64)
+        assert "2 sink + 64" in str(app.query_one("#mem-stats").render())
