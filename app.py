@@ -161,7 +161,7 @@ def _window(args: argparse.Namespace) -> int | None | str:
 
 
 def _load(args: argparse.Namespace):
-    from model import load_model
+    from deltamem.model import load_model
 
     return load_model(args.model, window=_window(args), sink=args.sink)
 
@@ -169,7 +169,7 @@ def _load(args: argparse.Namespace):
 def _chat_prompt(engine, text: str) -> str:
     """The prompt in the model's own chat template, rendered in the agent's sandbox (templates come with
     downloaded files: one that reaches for Python internals is refused, and nothing of it runs)."""
-    from agent.prompt import ChatTemplate
+    from deltamem.agent.prompt import ChatTemplate
 
     if not engine.tokenizer.chat_template:
         raise ValueError("this model has no chat template; drop --chat")
@@ -286,8 +286,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from memory.store import Store
-    from ui.format import ago, size
+    from deltamem.memory.store import Store
+    from deltamem.ui.format import ago, size
 
     out = Console(highlight=False)
 
@@ -334,13 +334,13 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         if args.action == "import":
             fingerprint = None
             if args.model:
-                from model import load_model
+                from deltamem.model import load_model
 
                 fingerprint = load_model(args.model).fingerprint
             sid = store.import_(args.file, fingerprint=fingerprint)
             return emit({"session": sid}, f"imported session {sid} from {args.file}")
 
-        from agent import threads
+        from deltamem.agent import threads
 
         sess = store.session(args.id)
         sid = sess["id"]
@@ -408,8 +408,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace):
-    from agent.runner import Agent
-    from memory.store import Store
+    from deltamem.agent.runner import Agent
+    from deltamem.memory.store import Store
 
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
@@ -542,7 +542,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    from ui.app import DeltamemApp
+    from deltamem.ui.app import DeltamemApp
 
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
@@ -615,9 +615,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _failure(e: Exception) -> tuple[int | None, str]:
     """The exit code and message for a failure, by its cause; (None, ...) for one that is a bug."""
-    from agent.prompt import TemplateError
-    from memory.errors import StoreError
-    from model.errors import DeltamemError, DeviceError, OutOfMemory, resource_error
+    from deltamem.agent.prompt import TemplateError
+    from deltamem.memory.errors import StoreError
+    from deltamem.model.errors import DeltamemError, DeviceError, OutOfMemory, resource_error
 
     if isinstance(e, OutOfMemory | DeviceError):
         return EXIT_RESOURCE, f"error: {e}"

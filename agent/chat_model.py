@@ -1,6 +1,6 @@
 """ChatDeltamem: the engine as a LangChain chat model (tool binding, streaming, usage metadata).
 
-    from agent.chat_model import ChatDeltamem
+    from deltamem.agent.chat_model import ChatDeltamem
     llm = ChatDeltamem(model="default", max_tokens=64).bind_tools([my_tool])
     llm.invoke("hi")
 
@@ -33,15 +33,15 @@ from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from agent.parse import CLOSE, OPEN, format_tool_call, parse_tool_calls
-from agent.session import AgentSession
+from deltamem.agent.parse import CLOSE, OPEN, format_tool_call, parse_tool_calls
+from deltamem.agent.session import AgentSession
 
 _MODELS: dict[tuple, Any] = {}  # (model, window, sink) -> a loaded Engine whose weights new engines share
 _LOCK = threading.Lock()
 
 
 def _engine(model: str, window: int | None, sink: int):
-    from model import load_model
+    from deltamem.model import load_model
 
     with _LOCK:
         key = (model, window, sink)

@@ -22,8 +22,8 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
 
-from agent.parse import parse_tool_calls
-from tools import ToolContext, run_tool
+from deltamem.agent.parse import parse_tool_calls
+from deltamem.tools import ToolContext, run_tool
 
 Approve = Literal["never", "ask", "always"]
 

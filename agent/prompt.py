@@ -14,8 +14,8 @@ from functools import cached_property
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from agent.parse import CLOSE, OPEN
-from model.tokenizer import CHATML
+from deltamem.agent.parse import CLOSE, OPEN
+from deltamem.model.tokenizer import CHATML
 
 SYSTEM = """You are deltamem, an assistant that works inside the project "{project}". You have read the files the \
 user ingested; your memory of them persists between sessions. Answer concisely and cite file paths.

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from langgraph.types import Command
 
-from agent import threads
-from agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
-from agent.prompt import file_message, system_prompt
-from agent.session import AgentSession, Cancelled, log
-from memory.store import Store
-from tools import ToolContext, default_tools
-from tools.files import project_files
+from deltamem.agent import threads
+from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
+from deltamem.agent.prompt import file_message, system_prompt
+from deltamem.agent.session import AgentSession, Cancelled, log
+from deltamem.memory.store import Store
+from deltamem.tools import ToolContext, default_tools
+from deltamem.tools.files import project_files
 
 MAX_FILE_BYTES = 256_000  # larger files are skipped by ingest (the tools can still read them in ranges)
 BATCH_BYTES = 128_000  # ingest commits a snapshot after about this much text (~32k tokens)

@@ -17,10 +17,10 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.prompt import ChatTemplate
-from memory.errors import NotFound, StoreError, WrongProject
-from memory.store import Store
-from model import snapshot as snap
+from deltamem.agent.prompt import ChatTemplate
+from deltamem.memory.errors import NotFound, StoreError, WrongProject
+from deltamem.memory.store import Store
+from deltamem.model import snapshot as snap
 
 log = logging.getLogger("deltamem.agent")
 

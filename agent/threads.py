@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.graph import build_graph, sqlite_checkpointer
-from memory import checkpoints
-from memory.store import Store
-from tools import ToolContext
+from deltamem.agent.graph import build_graph, sqlite_checkpointer
+from deltamem.memory import checkpoints
+from deltamem.memory.store import Store
+from deltamem.tools import ToolContext
 
 
 class _Idle:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from common import write_results
 
-from agent.runner import Agent
-from memory.store import Store
-from model import load_model
+from deltamem.agent.runner import Agent
+from deltamem.memory.store import Store
+from deltamem.model import load_model
 
 
 def build_repo(dest: Path, tokens: int, tok) -> int:

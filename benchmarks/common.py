@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import statistics
 import sys
 import sysconfig
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("deltamem") is None:  # a bare checkout (nothing installed): this tree is the package
+    sys.modules["deltamem"] = types.ModuleType("deltamem")
+    sys.modules["deltamem"].__path__ = [str(ROOT)]
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -12,8 +12,8 @@ import argparse
 import torch
 from common import timed, versions, write_results
 
-from model import load_model
-from model.gguf_file import smollm2_gguf
+from deltamem.model import load_model
+from deltamem.model.gguf_file import smollm2_gguf
 
 PROMPT = (
     "<|im_start|>user\nExplain in detail how a hash map works, with an example in Python.<|im_end|>\n"

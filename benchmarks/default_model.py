@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from common import RESULTS, timed, versions
 
-from model import load_model
-from model.gguf_file import smollm2_gguf
+from deltamem.model import load_model
+from deltamem.model.gguf_file import smollm2_gguf
 
 TARGET = 1.10  # the bound on student / teacher held-out perplexity
 PROMPTS = [
@@ -32,7 +32,7 @@ PROMPTS = [
 
 
 def chat(engine, prompt: str, n: int) -> tuple[str, float, int]:
-    from agent.prompt import ChatTemplate
+    from deltamem.agent.prompt import ChatTemplate
 
     engine.reset()
     ids = engine.tokenizer.encode(

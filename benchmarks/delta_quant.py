@@ -13,12 +13,12 @@ import math
 import torch
 from common import corpus_text, versions, write_results
 
-from model import distilled
-from model.config import ModelConfig
-from model.gguf_file import read_gguf, smollm2_gguf
-from model.layers import HybridLM
-from model.tokenizer import Tokenizer
-from model.train import hidden_states, logits
+from deltamem.model import distilled
+from deltamem.model.config import ModelConfig
+from deltamem.model.gguf_file import read_gguf, smollm2_gguf
+from deltamem.model.layers import HybridLM
+from deltamem.model.tokenizer import Tokenizer
+from deltamem.model.train import hidden_states, logits
 
 
 def perplexity(sd: dict, cfg: ModelConfig, ids: torch.Tensor, window: int | None) -> float:

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from common import device_name, olmo_hybrid_7b_config
 
-from model.cache import DeltaState
-from model.config import ModelConfig
-from model.engine import Engine
-from model.layers import HybridLM
+from deltamem.model.cache import DeltaState
+from deltamem.model.config import ModelConfig
+from deltamem.model.engine import Engine
+from deltamem.model.layers import HybridLM
 
 GIB = 1 << 30
 ANCHOR = {  # transformers 5.23 + fla 0.6 on an H100, measured before (DESIGN.md)
@@ -293,7 +293,7 @@ def disk_read_bandwidth(folder: Path, size: int = 2 * GIB) -> dict:
 
 
 def resume(eng: Engine, hf, n: int, folder: Path, quick: bool) -> dict:
-    from memory.store import Store
+    from deltamem.memory.store import Store
 
     out: dict = {"tokens": n, "state_built_directly": True}
     ours_state_at(eng, n, seed=1)
@@ -383,7 +383,7 @@ def main() -> None:
             versions[mod] = __import__(mod).__version__
         except Exception as e:
             versions[mod] = f"not importable: {type(e).__name__}"
-    import kernels
+    from deltamem import kernels
 
     versions["kernels"] = kernels.backend(torch.empty(0, device="cuda"))
     hf_cfg = olmo_hybrid_7b_config()

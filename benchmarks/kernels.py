@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (deltamem from this checkout when it is not installed)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import reference  # noqa: E402
+from deltamem.kernels import reference
 
 H, HV, DK, DV, CONV_W = 30, 30, 96, 192, 4
 ROTATE_BYTES = 256 << 20  # enough distinct input sets to stream past the L2 cache
@@ -94,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
-    from kernels import triton_gdn as ours
+    from deltamem.kernels import triton_gdn as ours
 
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from common import corpus_text, olmo_hybrid_7b_config, timed, write_results
 
-from memory.store import Store
-from model import load_model
-from model import snapshot as snap
-from model.cache import DeltaState
-from model.config import ModelConfig
-from model.engine import empty_states
+from deltamem.memory.store import Store
+from deltamem.model import load_model
+from deltamem.model import snapshot as snap
+from deltamem.model.cache import DeltaState
+from deltamem.model.config import ModelConfig
+from deltamem.model.engine import empty_states
 
 
 def _db_bytes(store: Store) -> int:

@@ -17,18 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from common import ROOT, device_name
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the package `kernels`, not benchmarks/kernels.py
-
-from common import device_name  # noqa: E402
-
-from kernels import triton_gdn  # noqa: E402
+from deltamem.kernels import triton_gdn
 
 _spec = importlib.util.spec_from_file_location("kernels_bench", ROOT / "benchmarks" / "kernels.py")
 kernels_bench = importlib.util.module_from_spec(_spec)

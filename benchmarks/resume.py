@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from common import corpus_text, timed, write_results
 
-from model import load_model
+from deltamem.model import load_model
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from common import versions, write_results
 
-from model.train import _banded_attention
+from deltamem.model.train import _banded_attention
 
 SINK = 4
 

@@ -15,8 +15,8 @@ from types import ModuleType
 
 import torch
 
-from kernels import reference
-from kernels.reference import l2_normalize
+from deltamem.kernels import reference
+from deltamem.kernels.reference import l2_normalize
 
 __all__ = [
     "add_rms_norm",
@@ -43,7 +43,7 @@ log = logging.getLogger("deltamem.kernels")
 def _load_triton() -> ModuleType:
     global _triton_module
     if _triton_module is None:
-        from kernels import triton_gdn
+        from deltamem.kernels import triton_gdn
 
         _triton_module = triton_gdn
     return _triton_module

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-from memory.errors import SchemaError
+from deltamem.memory.errors import SchemaError
 
 APPLICATION_ID = 0x444D454D  # "DMEM"
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import sqlite_utils
 
-from memory import checkpoints
-from memory import pieces as pc
-from memory.errors import Ambiguous, CorruptSnapshot, NotFound, StoreError
-from memory.migrations import MIGRATIONS, migrate
+from deltamem.memory import checkpoints
+from deltamem.memory import pieces as pc
+from deltamem.memory.errors import Ambiguous, CorruptSnapshot, NotFound, StoreError
+from deltamem.memory.migrations import MIGRATIONS, migrate
 
 ENV_DB = "DELTAMEM_DB"
 TOKEN_CHUNK = 4096  # token ids per stored chunk: a turn rewrites only the last chunk of a session's ids

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import kernels
+from deltamem import kernels
 
 PAGE = 256  # tokens per snapshot page: the unit the memory store deduplicates
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import CheckpointError
+from deltamem.model.errors import CheckpointError
 
 LINEAR = "linear_attention"
 ATTENTION = "full_attention"

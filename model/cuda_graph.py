@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from model.cache import DeltaState, KVWindow
+from deltamem.model.cache import DeltaState, KVWindow
 
 WARMUP = 2  # eager steps on a side stream before capture (lazy inits, Triton autotuning)
 

@@ -17,8 +17,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model.config import ATTENTION, LINEAR
-from model.errors import CheckpointError
+from deltamem.model.config import ATTENTION, LINEAR
+from deltamem.model.errors import CheckpointError
 
 DELTA = Path(__file__).parent / "data" / "smollm2_hybrid.safetensors"
 SCALE = ".qscale"  # suffix of the per-row scale of an int8 matrix
@@ -145,10 +145,10 @@ def load_delta(path: Path = DELTA) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu", delta_path: Path = DELTA):
     """SmolLM2-135M-Instruct's GGUF + the shipped delta -> (HybridLM, Tokenizer, fingerprint, metadata)."""
-    from model.config import ModelConfig
-    from model.gguf_file import read_gguf, smollm2_gguf
-    from model.loader import build
-    from model.tokenizer import Tokenizer
+    from deltamem.model.config import ModelConfig
+    from deltamem.model.gguf_file import read_gguf, smollm2_gguf
+    from deltamem.model.loader import build
+    from deltamem.model.tokenizer import Tokenizer
 
     path = smollm2_gguf()
     hf, teacher = read_gguf(path)
@@ -168,7 +168,7 @@ def _replaced(name: str, cfg) -> bool:
 
 def convert_shapes(cfg) -> dict[str, torch.Tensor]:
     """Names of a student state dict (on the meta device: no memory)."""
-    from model.layers import HybridLM
+    from deltamem.model.layers import HybridLM
 
     with torch.device("meta"):
         return HybridLM(cfg).state_dict()

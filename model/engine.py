@@ -10,17 +10,17 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from model import snapshot as snap
-from model.cache import DeltaState, KVWindow, Rotary
-from model.config import LINEAR, ModelConfig
-from model.cuda_graph import Burst, DecodeGraph
-from model.errors import SnapshotError, resource_error
-from model.layers import HybridLM
-from model.packed import pack
-from model.sampling import Sampler, TextStream
+from deltamem.model import snapshot as snap
+from deltamem.model.cache import DeltaState, KVWindow, Rotary
+from deltamem.model.config import LINEAR, ModelConfig
+from deltamem.model.cuda_graph import Burst, DecodeGraph
+from deltamem.model.errors import SnapshotError, resource_error
+from deltamem.model.layers import HybridLM
+from deltamem.model.packed import pack
+from deltamem.model.sampling import Sampler, TextStream
 
 if TYPE_CHECKING:
-    from model.tokenizer import Tokenizer
+    from deltamem.model.tokenizer import Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512  # load_model's default: bounds activation memory on a CPU
 GPU_PREFILL_CHUNK = 4096  # what that default becomes on a GPU, where larger chunks keep the matmuls busy

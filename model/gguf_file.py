@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.errors import CheckpointError
+from deltamem.model.errors import CheckpointError
 
 # GGUF tensor name (after "blk.{i}.") -> HF name (after "model.layers.{i}.").
 _LAYER_NAMES = {

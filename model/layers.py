@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from model.cache import DeltaState, KVWindow
-from model.config import LINEAR, ModelConfig
-from model.packed import PackedLinear, fuse_linears
+from deltamem import kernels
+from deltamem.kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from deltamem.model.cache import DeltaState, KVWindow
+from deltamem.model.config import LINEAR, ModelConfig
+from deltamem.model.packed import PackedLinear, fuse_linears
 
 
 class RMSNorm(nn.Module):

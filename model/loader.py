@@ -10,10 +10,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from model.config import ModelConfig
-from model.engine import Engine, model_fingerprint
-from model.errors import CheckpointError
-from model.layers import HybridLM
+from deltamem.model.config import ModelConfig
+from deltamem.model.engine import Engine, model_fingerprint
+from deltamem.model.errors import CheckpointError
+from deltamem.model.layers import HybridLM
 
 
 def canonical_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,12 +103,12 @@ def load_model(
     """
     trained_window = None
     if str(path) == "default":
-        from model.distilled import default_model
+        from deltamem.model.distilled import default_model
 
         model, tokenizer, fp, meta = default_model(dtype, device)
         trained_window = int(meta["window"]) if meta.get("window") else None
     elif str(path) == "random":
-        from model.random_hybrid import random_model
+        from deltamem.model.random_hybrid import random_model
 
         model, tokenizer, fp = random_model(dtype, device)
     else:
@@ -124,8 +124,8 @@ def _load_path(p: Path, dtype: torch.dtype, device: str):
     if p.is_file():
         if p.suffix != ".gguf":
             raise CheckpointError(f"{p} is not a .gguf file; for safetensors give the checkpoint directory")
-        from model.gguf_file import read_gguf
-        from model.tokenizer import Tokenizer
+        from deltamem.model.gguf_file import read_gguf
+        from deltamem.model.tokenizer import Tokenizer
 
         hf, sd = read_gguf(p)
         model, fp = build(ModelConfig.from_hf(hf), sd, dtype, device)
@@ -134,7 +134,7 @@ def _load_path(p: Path, dtype: torch.dtype, device: str):
     model, fp = build(cfg, _read_safetensors(p), dtype, device)
     tokenizer = None
     if (p / "tokenizer.json").exists():
-        from model.tokenizer import Tokenizer
+        from deltamem.model.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_tokenizer_json(p)
     return model, tokenizer, fp

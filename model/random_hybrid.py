@@ -9,10 +9,10 @@ import math
 
 import torch
 
-from model.config import ModelConfig
-from model.engine import model_fingerprint
-from model.layers import HybridLM
-from model.tokenizer import Tokenizer
+from deltamem.model.config import ModelConfig
+from deltamem.model.engine import model_fingerprint
+from deltamem.model.layers import HybridLM
+from deltamem.model.tokenizer import Tokenizer
 
 SEED = 20261123
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from model.tokenizer import Tokenizer
+    from deltamem.model.tokenizer import Tokenizer
 
 
 class Sampler:

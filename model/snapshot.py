@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from model.errors import SnapshotError
+from deltamem.model.errors import SnapshotError
 
 MAGIC = b"DMSNAP\n"
 FORMAT_VERSION = 2

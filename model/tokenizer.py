@@ -32,7 +32,7 @@ from pathlib import Path
 
 import tiktoken
 
-from model.errors import CheckpointError
+from deltamem.model.errors import CheckpointError
 
 
 class TokenizerError(CheckpointError):

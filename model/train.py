@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import chunk_gated_delta_rule
-from model.cache import Rotary
-from model.layers import Attention, Block, GatedDeltaNet, HybridLM
+from deltamem.kernels.reference import chunk_gated_delta_rule
+from deltamem.model.cache import Rotary
+from deltamem.model.layers import Attention, Block, GatedDeltaNet, HybridLM
 
 ChunkOp = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (q, k, v, g, beta) -> (o, final state)
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -51,6 +52,7 @@ import random
 import sys
 import sysconfig
 import time
+import types
 from importlib import metadata
 from pathlib import Path
 
@@ -59,12 +61,14 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if importlib.util.find_spec("deltamem") is None:  # a bare checkout (nothing installed): this tree is the package
+    sys.modules["deltamem"] = types.ModuleType("deltamem")
+    sys.modules["deltamem"].__path__ = [str(Path(__file__).resolve().parents[1])]
 
-from model import distilled  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.layers import HybridLM  # noqa: E402
-from model.train import causal_conv_silu, delta_mixer, hidden_states, logits, vocab_weight  # noqa: E402
+from deltamem.model import distilled  # noqa: E402
+from deltamem.model.config import ModelConfig  # noqa: E402
+from deltamem.model.layers import HybridLM  # noqa: E402
+from deltamem.model.train import causal_conv_silu, delta_mixer, hidden_states, logits, vocab_weight  # noqa: E402
 
 SINK, WINDOW = 4, 1024  # the bounded attention the student trains and runs with
 EOT = 0  # <|endoftext|>: separates documents
@@ -185,17 +189,17 @@ def load_teacher(args) -> tuple[dict, dict[str, torch.Tensor]]:
         for p in m.parameters():
             torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
         return hf, m.state_dict()
-    from model.gguf_file import read_gguf, smollm2_gguf
+    from deltamem.model.gguf_file import read_gguf, smollm2_gguf
 
     return read_gguf(args.gguf or smollm2_gguf())
 
 
 def tokenizer(args):
-    from model.tokenizer import Tokenizer
+    from deltamem.model.tokenizer import Tokenizer
 
     if args.gguf:
         return Tokenizer.from_gguf(args.gguf)
-    from model.gguf_file import smollm2_gguf
+    from deltamem.model.gguf_file import smollm2_gguf
 
     return Tokenizer.from_gguf(smollm2_gguf())
 
@@ -627,8 +631,8 @@ def chunk_op(args):
 
         op.dtype = torch.bfloat16  # delta_mixer casts once, to this
     else:
-        from kernels.triton_gdn import chunk_gated_delta_rule as op
-    from kernels.reference import chunk_gated_delta_rule as ref
+        from deltamem.kernels.triton_gdn import chunk_gated_delta_rule as op
+    from deltamem.kernels.reference import chunk_gated_delta_rule as ref
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     b, t, h, d = 2, 300, 9, 64

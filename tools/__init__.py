@@ -6,10 +6,10 @@ base (Tool, ToolContext, ToolError, run_tool), sandbox (resolve, read_text), fil
 memory_tools.
 """
 
-from tools import fs, memory_tools, shell
-from tools.base import Tool, ToolContext, ToolError, run_tool
-from tools.files import project_files
-from tools.sandbox import resolve
+from deltamem.tools import fs, memory_tools, shell
+from deltamem.tools.base import Tool, ToolContext, ToolError, run_tool
+from deltamem.tools.files import project_files
+from deltamem.tools.sandbox import resolve
 
 __all__ = ["Tool", "ToolContext", "ToolError", "default_tools", "project_files", "resolve", "run_tool"]
 

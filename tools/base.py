@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from memory.store import Store
+    from deltamem.memory.store import Store
 
 
 class ToolError(Exception):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pathspec
 
-from tools.base import ToolError
-from tools.sandbox import has_control_chars
+from deltamem.tools.base import ToolError
+from deltamem.tools.sandbox import has_control_chars
 
 GIT_TIMEOUT = 60.0  # seconds for git ls-files
 

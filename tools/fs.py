@@ -10,9 +10,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-from tools.base import Tool, ToolContext, ToolError, kwargs_runner
-from tools.files import project_files
-from tools.sandbox import MAX_READ, has_control_chars, read_text, resolve, split_lines
+from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from deltamem.tools.files import project_files
+from deltamem.tools.sandbox import MAX_READ, has_control_chars, read_text, resolve, split_lines
 
 MAX_ENTRIES = 500  # list_dir entries and glob files shown
 MAX_MATCHES = 200  # grep result lines shown

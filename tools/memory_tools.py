@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from memory.errors import StoreError
-from tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from deltamem.memory.errors import StoreError
+from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
 
 MAX_RECALL = 50  # hits one recall may ask for
 

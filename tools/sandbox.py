@@ -16,7 +16,7 @@ import stat
 import unicodedata
 from pathlib import Path
 
-from tools.base import ToolError
+from deltamem.tools.base import ToolError
 
 MAX_READ = 1024 * 1024  # bytes read from one file per call
 BINARY_PROBE = 8192  # a NUL byte in this many leading bytes marks a binary file

@@ -13,7 +13,7 @@ import subprocess
 import threading
 from typing import IO
 
-from tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
 
 READ_CHUNK = 65536
 DRAIN_TIMEOUT = 5.0  # seconds to wait for the output pipe to close once the process group is killed

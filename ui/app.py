@@ -17,8 +17,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 
-from ui.format import size
-from ui.widgets import (
+from deltamem.ui.format import size
+from deltamem.ui.widgets import (
     AskScreen,
     AssistantMessage,
     ChatLog,
@@ -79,7 +79,7 @@ class DeltamemApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        from memory.store import Store
+        from deltamem.memory.store import Store
 
         self.store = Store(self.db)
         self.query_one("#status", Static).update("loading the model…")
@@ -89,24 +89,32 @@ class DeltamemApp(App):
     # --- opening sessions ------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="agent")
     def _open(self, name: str) -> None:
-        from memory.store import Store
+        from deltamem.memory.store import Store
 
         if self.agent_store is None:  # the agent's own connection; the UI thread reads through self.store
             self.agent_store = Store(self.db)
         store = self.agent_store
-        if self.agent_factory is not None:
-            agent = self.agent_factory(store, name)
-        else:
-            from agent.runner import Agent
-            from model import load_model
+        try:
+            if self.agent_factory is not None:
+                agent = self.agent_factory(store, name)
+            else:
+                from deltamem.agent.runner import Agent
+                from deltamem.model import load_model
 
-            if self.engine is None:
-                self.engine = load_model(self.model_spec, window=self.window, sink=self.sink)
-            else:  # the loaded weights, a fresh state for the other session
-                self.engine = self.engine.sibling()
-            agent = Agent(self.engine, store, name, self.repo, approve="ask", max_new_tokens=self.max_new_tokens)
+                if self.engine is None:
+                    self.engine = load_model(self.model_spec, window=self.window, sink=self.sink)
+                else:  # the loaded weights, a fresh state for the other session
+                    self.engine = self.engine.sibling()
+                agent = Agent(self.engine, store, name, self.repo, approve="ask", max_new_tokens=self.max_new_tokens)
+        except Exception as e:  # an ambiguous title, another project's session, a model that does not load: shown
+            self.call_from_thread(self._open_failed, f"cannot open session {name!r}: {e}")
+            return
         self.agent = agent
         self.call_from_thread(self._show_session)
+
+    def _open_failed(self, message: str) -> None:
+        self.query_one("#status", Static).update(message)
+        self.notify(message, severity="error", timeout=30)
 
     def _show_session(self) -> None:
         chat = self.query_one(ChatLog)
@@ -319,7 +327,7 @@ class DeltamemApp(App):
     def rewind(self, turn: int) -> None:
         def go(ok: bool) -> None:
             if ok:
-                from agent import threads
+                from deltamem.agent import threads
 
                 threads.rewind(self.store, self.agent.session_id, turn)
                 self._open(self.agent.session_id)
@@ -327,7 +335,7 @@ class DeltamemApp(App):
         self.push_screen(ConfirmScreen(f"Rewind to turn {turn}?", "Everything after it is dropped."), go)
 
     def fork(self, turn: int | None = None, source: str | None = None) -> None:
-        from agent import threads
+        from deltamem.agent import threads
 
         new = threads.fork(self.store, source or self.agent.session_id, at_turn=turn)
         self.notify(f"forked into {self.store.session(new)['title']}")
@@ -335,7 +343,7 @@ class DeltamemApp(App):
 
     # --- sessions ------------------------------------------------------------------------------------------------
     def action_sessions(self) -> None:
-        from ui.sessions import SessionsScreen
+        from deltamem.ui.sessions import SessionsScreen
 
         if self.store is not None and not self.busy:
             project = self.store.project(self.repo)

@@ -11,8 +11,8 @@ from textual.containers import Vertical
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label
 
-from ui.format import size
-from ui.widgets import AskScreen, ConfirmScreen
+from deltamem.ui.format import size
+from deltamem.ui.widgets import AskScreen, ConfirmScreen
 
 
 class SessionsScreen(Screen):
@@ -115,7 +115,7 @@ class SessionsScreen(Screen):
 
         def go(ok: bool) -> None:
             if ok:
-                from agent import threads
+                from deltamem.agent import threads
 
                 threads.delete(self.store, sid)
                 self.app.notify(f"deleted {title}")
@@ -131,7 +131,7 @@ class SessionsScreen(Screen):
 
         def go(path: str | None) -> None:
             if path:
-                from memory.errors import StoreError
+                from deltamem.memory.errors import StoreError
 
                 try:
                     info = self.store.export(sid, Path(path).expanduser())

@@ -7,8 +7,8 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from agent.chat_model import ChatDeltamem
-from agent.parse import format_tool_call
+from deltamem.agent.chat_model import ChatDeltamem
+from deltamem.agent.parse import format_tool_call
 
 
 class _Deltamem:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.runner import Agent
-from memory.store import Store
-from model import load_model
+from deltamem.agent.runner import Agent
+from deltamem.memory.store import Store
+from deltamem.model import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,7 @@ database, its next run continues where the source's would, feeding the same toke
 import json
 import sqlite3
 
-from memory.store import Store
+from deltamem.memory.store import Store
 from tests.repos import git_repo
 from tests.test_app import deltamem
 

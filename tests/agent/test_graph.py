@@ -4,9 +4,9 @@ tool results, the step limit, malformed calls, approval interrupts, and checkpoi
 import pytest
 from langgraph.types import Command
 
-from agent.graph import build_graph, outcome, sqlite_checkpointer
-from agent.parse import format_tool_call
-from tools import ToolContext, default_tools
+from deltamem.agent.graph import build_graph, outcome, sqlite_checkpointer
+from deltamem.agent.parse import format_tool_call
+from deltamem.tools import ToolContext, default_tools
 
 
 class Scripted:

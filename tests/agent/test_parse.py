@@ -5,7 +5,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.parse import CLOSE, OPEN, format_tool_call, parse_tool_calls
+from deltamem.agent.parse import CLOSE, OPEN, format_tool_call, parse_tool_calls
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 json_values = st.recursive(

@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from agent.runner import Agent
-from memory.store import KEEP_LAST, Store
-from model import load_model
+from deltamem.agent.runner import Agent
+from deltamem.memory.store import KEEP_LAST, Store
+from deltamem.model import load_model
 from tests.repos import git_repo
 from tests.test_app import deltamem
 

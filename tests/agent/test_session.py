@@ -3,13 +3,14 @@ snapshot that is a prefix when the prompt no longer extends what the state consu
 
 import logging
 
+import pytest
 import torch
 
-from agent.prompt import ChatTemplate
-from agent.session import AgentSession
-from app import EXIT_MODEL, _run_task
-from memory.store import Store
-from model import load_model
+from deltamem.agent.prompt import ChatTemplate, TemplateError
+from deltamem.agent.session import AgentSession
+from deltamem.app import EXIT_MODEL, _failure, _run_task
+from deltamem.memory.store import Store
+from deltamem.model import load_model
 
 
 def state(engine):
@@ -47,12 +48,13 @@ def test_prompt_that_rewrites_history_rolls_back_to_a_prefix_snapshot(tmp_path, 
         assert fed2 == len(ref.tokenizer.encode(s.template.render(more, False)[len(rendered) :]))
 
 
-def test_model_error_is_exit_code_4(tmp_path, capsys):
-    from agent.runner import Agent
+def test_model_error_is_exit_code_4(tmp_path):
+    from deltamem.agent.runner import Agent
 
     (tmp_path / "p").mkdir()
     with Store(tmp_path / "m.db") as store:
         agent = Agent(load_model("random", window=64), store, "s", tmp_path / "p", max_new_tokens=2)
         agent.session.template = ChatTemplate("{{ raise_exception('this template is broken') }}")
-        assert _run_task(agent, "hello", False, None) == EXIT_MODEL
-    assert "model error: this template is broken" in capsys.readouterr().err
+        with pytest.raises(TemplateError) as failed:
+            _run_task(agent, "hello", False, None)
+    assert _failure(failed.value) == (EXIT_MODEL, "model error: this template is broken")

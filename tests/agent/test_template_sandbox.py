@@ -9,7 +9,7 @@ import sys
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model.gguf_file import smollm2_gguf
+from deltamem.model.gguf_file import smollm2_gguf
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
 from tests.repos import git_repo
 from tests.test_app import deltamem

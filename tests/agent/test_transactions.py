@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from agent.prompt import file_message
-from agent.runner import Agent
-from memory.store import Store
-from model import load_model
-from model.tokenizer import Tokenizer
+from deltamem.agent.prompt import file_message
+from deltamem.agent.runner import Agent
+from deltamem.memory.store import Store
+from deltamem.model import load_model
+from deltamem.model.tokenizer import Tokenizer
 from tests.repos import git_repo
 from tests.test_app import deltamem
 

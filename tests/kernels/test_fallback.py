@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import logging
 logging.basicConfig(format="deltamem: %(message)s")
-import kernels
+from deltamem import kernels
 print(kernels._has_triton(), kernels._has_triton())
 """
 

@@ -7,10 +7,12 @@ reference computed in fp32 from the same (bf16-rounded) inputs, so the error mea
 import pytest
 import torch
 
-from kernels import reference
+from deltamem.kernels import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-triton_gdn = pytest.importorskip("kernels.triton_gdn", reason="needs triton") if torch.cuda.is_available() else None
+triton_gdn = (
+    pytest.importorskip("deltamem.kernels.triton_gdn", reason="needs triton") if torch.cuda.is_available() else None
+)
 
 H, HV, DK, DV = 30, 30, 96, 192
 BF16_O, BF16_STATE = 1e-2, 5e-3  # bf16 inputs, bf16 intermediates, fp32 state
@@ -185,7 +187,7 @@ def test_kv_step_7b():
 
 
 def test_dispatcher_picks_triton_on_cuda(monkeypatch):
-    import kernels
+    from deltamem import kernels
 
     monkeypatch.setenv("DELTAMEM_KERNELS", "auto")
     x = inputs(100, seed=7)
@@ -200,7 +202,7 @@ def test_dispatcher_picks_triton_on_cuda(monkeypatch):
 def test_training_norms_in_bf16_with_float32_master_weights():
     """The norms as training runs them on a GPU (autograd on, bf16 activations, float32 trained weights): the
     fused rms_norm in bf16, against the plain float32 formula; gradients reach the float32 weight."""
-    from model.layers import GatedRMSNorm, RMSNorm
+    from deltamem.model.layers import GatedRMSNorm, RMSNorm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(4, 256, 576, generator=gen, device="cuda").bfloat16()
@@ -222,7 +224,7 @@ def test_training_banded_attention_bf16_at_the_distillation_shape():
     """The student's training attention (sink + window by blocks of `window` queries) as the distillation runs it:
     bf16 on the GPU, SmolLM2's 9 heads of doubled width 128, T = 4 x window + a ragged tail; against the dense
     [T, T] mask computed in float32 from the same inputs, outputs and gradients."""
-    from model.train import _banded_attention
+    from deltamem.model.train import _banded_attention
 
     t, sink, window = 4096 + 100, 4, 1024
     gen = torch.Generator(device="cuda").manual_seed(0)

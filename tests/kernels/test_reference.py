@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
+from deltamem.kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 
 def naive(q, k, v, g, beta, s):

@@ -20,8 +20,8 @@ import torch
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from deltamem import kernels  # noqa: E402
+from deltamem.kernels import reference  # noqa: E402
 from tests.kernels.test_reference import inputs, naive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -385,7 +385,7 @@ def test_reference_varlen_matches_separate_runs():
 
 def test_import_does_not_load_triton_on_cpu():
     code = (
-        "import sys, torch, kernels\n"
+        "import sys, torch\nfrom deltamem import kernels\n"
         "x = torch.randn(1, 3, 1, 16)\n"
         "kernels.chunk_gated_delta_rule(x, x, x, torch.zeros(1, 3, 1), torch.ones(1, 3, 1))\n"
         "assert 'triton' not in sys.modules, 'triton was imported'\n"

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memory.store import KEEP_LAST, Store
-from model import load_model
+from deltamem.memory.store import KEEP_LAST, Store
+from deltamem.model import load_model
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
 
 ROOT = Path(__file__).resolve().parents[2]

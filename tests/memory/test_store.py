@@ -6,10 +6,10 @@ import pytest
 import sqlite_utils
 import torch
 
-from memory.errors import CorruptSnapshot, NotFound, SchemaError, StoreError
-from memory.migrations import MIGRATIONS
-from memory.store import Store
-from model import load_model
+from deltamem.memory.errors import CorruptSnapshot, NotFound, SchemaError, StoreError
+from deltamem.memory.migrations import MIGRATIONS
+from deltamem.memory.store import Store
+from deltamem.model import load_model
 from tests.memory.conftest import VOCAB
 
 
@@ -186,7 +186,9 @@ def test_retention_and_gc(store, ckpt):
     store.retain(sid, keep_last=1)
     assert [s["turn_seq"] for s in store.snapshots(sid)] == [1, 4]  # the named one and the last
     assert store.db["snapshots"].count == 2 and store.db["pieces"].count < pieces  # deleted at once
-    assert store.gc() == {"snapshots": 0, "pieces": 0}
+    gc = store.gc()
+    assert {k: gc[k] for k in ("snapshots", "pieces", "checkpoints")} == {"snapshots": 0, "pieces": 0, "checkpoints": 0}
+    assert gc["bytes_after"] <= gc["bytes_before"] and gc["bytes_after"] == store.file_bytes()
     assert store.load_snapshot(sid) == last
     store.delete(sid)
     assert store.sessions() == [] and store.db["pieces"].count == 0
@@ -227,7 +229,7 @@ def test_retention_applies_on_every_save(tmp_path, ckpt):
 
 def _older_database(path):
     """A database as the first released schema left it (migration 1 only), with a session in it."""
-    from memory.migrations import migrate
+    from deltamem.memory.migrations import migrate
 
     db = sqlite_utils.Database(path)
     migrate(db, upto=1)
@@ -372,7 +374,7 @@ def test_bad_imports_are_refused_and_write_nothing(tmp_path, ckpt):
 
 
 def test_token_ids_are_kept_with_their_snapshot_in_shared_chunks(store, ckpt):
-    from memory.store import TOKEN_CHUNK
+    from deltamem.memory.store import TOKEN_CHUNK
 
     eng = load_model(ckpt, window=64, sink=4)
     sid = store.create_session("ids", eng.fingerprint)

@@ -8,7 +8,7 @@ the K files there; after each commit the child appends i to DB.SESSION.log.
 import sys
 from pathlib import Path
 
-from memory.store import Store
+from deltamem.memory.store import Store
 
 db, blob_dir, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 title = sys.argv[4] if len(sys.argv) > 4 else "crash"

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from model import load_model
-from model.sampling import Sampler, TextStream
-from model.tokenizer import Tokenizer
+from deltamem.model import load_model
+from deltamem.model.sampling import Sampler, TextStream
+from deltamem.model.tokenizer import Tokenizer
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
 
 

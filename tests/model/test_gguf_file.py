@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.errors import CheckpointError
-from model.gguf_file import read_gguf, smollm2_gguf
+from deltamem.model.errors import CheckpointError
+from deltamem.model.gguf_file import read_gguf, smollm2_gguf
 
 
 def _smol_path() -> Path:
@@ -242,7 +242,7 @@ def test_unusable_tensor_is_refused(tmp_path, extra, message):
 def test_engine_logits_and_greedy_output_match_transformers(smol):
     """The engine on SmolLM2's GGUF (our loader, tokenizer, cache, generate) vs transformers on the same file:
     logits within fp32 tolerance, and the same greedy continuation of chat prompts."""
-    from model import load_model
+    from deltamem.model import load_model
 
     path, _, _, ref = smol
     eng = load_model(path)

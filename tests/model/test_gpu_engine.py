@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-import model.engine as engine_mod
-from model.config import ModelConfig
-from model.cuda_graph import DecodeGraph
-from model.engine import Engine
-from model.layers import MLP, Attention, GatedDeltaNet, HybridLM
-from model.sampling import Sampler
-from model.tokenizer import Tokenizer
+import deltamem.model.engine as engine_mod
+from deltamem.model.config import ModelConfig
+from deltamem.model.cuda_graph import DecodeGraph
+from deltamem.model.engine import Engine
+from deltamem.model.layers import MLP, Attention, GatedDeltaNet, HybridLM
+from deltamem.model.sampling import Sampler
+from deltamem.model.tokenizer import Tokenizer
 
 VOCAB = 320
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import load_model
+from deltamem.model import load_model
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent(
     """
     import sqlite3, sys, torch
     torch.set_num_threads(2)
-    from model import load_model
+    from deltamem.model import load_model
     path, db, cont, out, window = sys.argv[1:6]
     eng = load_model(path, window=None if window == "None" else int(window), sink=4)
     blob = sqlite3.connect(db).execute("select blob from snaps order by rowid desc limit 1").fetchone()[0]

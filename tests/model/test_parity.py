@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model import load_model
+from deltamem.model import load_model
 from tests.model.hf_models import LLAMA_SHAPES, OLMO_SHAPES, make_llama, make_olmo_hybrid
 
 
@@ -76,7 +76,7 @@ def test_sharded_checkpoint_loads(tmp_path):
 
 
 def test_bad_checkpoints_are_refused(tmp_path):
-    from model import CheckpointError
+    from deltamem.model import CheckpointError
 
     make_llama(tmp_path, **LLAMA_SHAPES["llama_gqa"])
     with pytest.raises(CheckpointError, match="no model at"):

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent(
     """
     import resource, sys
-    from model import load_model
-    from model.errors import OutOfMemory, SnapshotError
+    from deltamem.model import load_model
+    from deltamem.model.errors import OutOfMemory, SnapshotError
 
     blob = open(sys.argv[1], "rb").read()
     engine = load_model("random", window=60_000)  # two attention layers: about 123 MB of KV window
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_out_of_memory_is_not_a_bad_snapshot(tmp_path):
-    from model import load_model
+    from deltamem.model import load_model
 
     engine = load_model("random", window=60_000)
     engine.feed(list(range(100, 400)))

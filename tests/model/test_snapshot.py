@@ -6,8 +6,8 @@ import struct
 import pytest
 import torch
 
-from model import SnapshotError, load_model
-from model.snapshot import MAGIC
+from deltamem.model import SnapshotError, load_model
+from deltamem.model.snapshot import MAGIC
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
 
 VOCAB = 320
@@ -107,7 +107,7 @@ def test_not_a_snapshot(engine_and_blob):
 
 
 def test_two_engines_on_one_model_share_identity(engine_and_blob):
-    from model import Engine
+    from deltamem.model import Engine
 
     eng, blob = engine_and_blob
     twin = Engine(eng.model, window=16, sink=2)  # the model is already packed: same fingerprint, no re-pack
@@ -118,7 +118,7 @@ def test_two_engines_on_one_model_share_identity(engine_and_blob):
 
 def resealed(blob, drop_tensor=None, **changes):
     """A blob whose hashes are valid but whose header disagrees with its tensors (a buggy or hostile writer)."""
-    from model.snapshot import pack, unpack
+    from deltamem.model.snapshot import pack, unpack
 
     header, tensors = unpack(blob)
     header = {k: v for k, v in header.items() if k not in ("format", "shapes", "payload_bytes", "sha256")}

@@ -15,7 +15,7 @@ import pytest
 import tiktoken
 import tokenizers
 
-from model.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from deltamem.model.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 CORPUS = [
     "",
@@ -196,7 +196,7 @@ def smol(tmp_path_factory):
     import gguf
     import transformers
 
-    from model.gguf_file import smollm2_gguf
+    from deltamem.model.gguf_file import smollm2_gguf
 
     src, name = str(smollm2_gguf().parent), smollm2_gguf().name
     ours = Tokenizer.from_gguf(gguf.GGUFReader(os.path.join(src, name)))

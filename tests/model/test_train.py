@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import distilled
-from model.config import ModelConfig
-from model.engine import Engine
-from model.layers import HybridLM
-from model.train import hidden_states, logits
+from deltamem.model import distilled
+from deltamem.model.config import ModelConfig
+from deltamem.model.engine import Engine
+from deltamem.model.layers import HybridLM
+from deltamem.model.train import hidden_states, logits
 
 LLAMA = {
     "model_type": "llama",
@@ -89,7 +89,7 @@ def test_training_forward_is_differentiable_in_the_new_parts():
 def test_training_forward_takes_another_chunk_op():
     """chunk_op swaps the DeltaNet op (scripts/distill.py --chunk-op): with the token-by-token recurrent form,
     an independent formulation, the logits and the gradients match the default chunked reference's."""
-    from kernels import reference
+    from deltamem.kernels import reference
 
     cfg, sd = _student(LLAMA, seed=6)
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(7))
@@ -148,7 +148,7 @@ def test_delta_round_trip_within_int8_rounding(tmp_path):
 def test_banded_attention_matches_a_dense_mask(t):
     """The block-wise sink + window attention against one attention call with the dense [T, T] mask: outputs
     and the gradients of q, k and v."""
-    from model.train import _banded_attention
+    from deltamem.model.train import _banded_attention
 
     sink, window = 3, 16
     gen = torch.Generator().manual_seed(t)
@@ -168,7 +168,7 @@ def test_banded_attention_matches_a_dense_mask(t):
 
 
 def test_apply_delta_adds_low_rank_updates_and_refuses_broken_ones():
-    from model.errors import CheckpointError
+    from deltamem.model.errors import CheckpointError
 
     gen = torch.Generator().manual_seed(0)
     w, b, a = torch.randn(3, 4, generator=gen), torch.randn(3, 2, generator=gen), torch.randn(2, 4, generator=gen)

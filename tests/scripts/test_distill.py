@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import distilled
+from deltamem.model import distilled
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,8 +168,8 @@ def test_every_trained_part_reaches_the_served_model(tmp_path, part):
     computed, to within int8 rounding, and far from the student without that change."""
     import argparse
 
-    from model.engine import Engine
-    from model.train import hidden_states, logits
+    from deltamem.model.engine import Engine
+    from deltamem.model.train import hidden_states, logits
 
     mod = load_distill()
     args = argparse.Namespace(
@@ -234,7 +234,7 @@ def test_chunked_kl_matches_autograd_of_the_plain_formula():
 def test_kernel_self_check_measures_output_and_gradient_errors():
     """relative_errors (the start-of-training check of fla's kernels, here on the CPU): the DeltaNet short conv
     against a plain sum over the taps agrees to rounding; a conv that reads one step ahead is flagged."""
-    from model.train import causal_conv_silu
+    from deltamem.model.train import causal_conv_silu
 
     mod = load_distill()
     gen = torch.Generator().manual_seed(0)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tools import ToolContext, ToolError, default_tools, resolve, run_tool
-from tools.sandbox import MAX_READ, read_text
+from deltamem.tools import ToolContext, ToolError, default_tools, resolve, run_tool
+from deltamem.tools.sandbox import MAX_READ, read_text
 
 SECRET = "top secret\n"
 OUTSIDE = "outside the project root"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from memory.store import Store
-from tools import Tool, ToolContext, default_tools, project_files, run_tool
-from tools.sandbox import MAX_READ
+from deltamem.memory.store import Store
+from deltamem.tools import Tool, ToolContext, default_tools, project_files, run_tool
+from deltamem.tools.sandbox import MAX_READ
 
 TOOLS = default_tools()
 

@@ -3,8 +3,8 @@ Regenerate after an intended change with `pytest tests/ui/test_snapshots.py --sn
 
 import pytest
 
-from ui.app import DeltamemApp
-from ui.widgets import ConfirmScreen, Prompt
+from deltamem.ui.app import DeltamemApp
+from deltamem.ui.widgets import ConfirmScreen, Prompt
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from memory.store import Store
+from deltamem.memory.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")

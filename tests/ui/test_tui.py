@@ -5,12 +5,12 @@ import subprocess
 
 import pytest
 
-from agent.runner import Agent
-from memory.store import Store
-from model import load_model
-from ui.app import DeltamemApp
-from ui.sessions import SessionsScreen
-from ui.widgets import AssistantMessage, ConfirmScreen, HelpScreen, UserMessage
+from deltamem.agent.runner import Agent
+from deltamem.memory.store import Store
+from deltamem.model import load_model
+from deltamem.ui.app import DeltamemApp
+from deltamem.ui.sessions import SessionsScreen
+from deltamem.ui.widgets import AssistantMessage, ConfirmScreen, HelpScreen, UserMessage
 
 SIZE = (120, 40)
 
@@ -178,8 +178,8 @@ class ScriptedBrain:
 
 @pytest.mark.parametrize("answer, written", [("y", True), ("n", False)])
 async def test_a_risky_tool_call_asks_and_follows_the_answer(repo, tmp_path, answer, written):
-    from agent.graph import build_graph
-    from agent.parse import format_tool_call
+    from deltamem.agent.graph import build_graph
+    from deltamem.agent.parse import format_tool_call
 
     def factory(store, name):
         agent = Agent(load_model("default"), store, name, repo, approve="ask")
@@ -306,3 +306,18 @@ async def test_sink_and_window_reach_the_engine(repo, tmp_path):
         engine = app.agent.session.engine
         assert (engine.sink, engine.window) == (2, 64)
         assert "2 sink + 64" in str(app.query_one("#mem-stats").render())
+
+
+async def test_an_ambiguous_session_is_shown_not_a_crash(repo, tmp_path):
+    with Store(tmp_path / "m.db") as store:
+        project = store.project(repo)
+        ids = [store.create_session("shop", "fp", project) for _ in range(2)]
+    app = DeltamemApp(tmp_path / "m.db", repo, model="random", window=64)
+    async with app.run_test(size=SIZE) as pilot:
+        for _ in range(600):
+            await pilot.pause(0.05)
+            status = str(app.query_one("#status").render())
+            if "cannot open" in status:
+                break
+        assert "'shop' matches 2 sessions" in status and all(i in status for i in ids)
+        assert app.agent is None and app.is_running

@@ -1,0 +1,72 @@
+"""Packaging: the repo's folders install under one `deltamem` namespace (no generic top-level names such as
+`kernels`, which Hugging Face's kernel-hub package also uses), and triton is a Linux-only dependency the CPU
+path never needs. Checked on a wheel built from this tree, on the installed metadata, and in subprocesses."""
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("agent", "memory", "model", "kernels", "tools", "ui")
+
+
+def test_wheel_holds_only_the_deltamem_namespace(tmp_path):
+    src = tmp_path / "src"  # a copy, so the build leaves nothing in the working tree
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "*.egg-info", "__pycache__",
+                                                             ".pytest_cache", ".ruff_cache"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "dist").glob("deltamem-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"deltamem", next(t for t in tops if t.endswith(".dist-info"))}
+    assert {n.split("/")[1] for n in names if n.startswith("deltamem/")} == {*FOLDERS, "app.py"}
+    assert "deltamem/model/data/smollm2_hybrid.safetensors" in names and "deltamem/ui/deltamem.tcss" in names
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "deltamem = deltamem.app:main" in entry
+
+
+def test_hf_kernels_and_ours_import_side_by_side(tmp_path):
+    code = (
+        "import importlib.util as u, json, kernels, deltamem.kernels as ours\n"
+        "print(json.dumps({'hf': kernels.__file__, 'hf_has_get_kernel': hasattr(kernels, 'get_kernel'),\n"
+        "  'ours': ours.__file__, 'generic': [n for n in ('model', 'agent', 'memory', 'tools', 'ui', 'app')\n"
+        "                                     if u.find_spec(n) is not None]}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["hf_has_get_kernel"] and "site-packages" in got["hf"]
+    assert got["ours"] == str(ROOT / "kernels" / "__init__.py") and got["generic"] == []
+
+
+def test_triton_is_required_on_linux_only():
+    (req,) = [r for r in map(Requirement, importlib.metadata.requires("deltamem")) if r.name == "triton"]
+    env = {"python_version": "3.11", "python_full_version": "3.11.7", "extra": ""}
+    assert req.marker.evaluate({**env, "sys_platform": "linux"})
+    assert not req.marker.evaluate({**env, "sys_platform": "darwin"})
+    assert not req.marker.evaluate({**env, "sys_platform": "win32"})
+
+
+def test_the_cpu_path_runs_without_triton(tmp_path):
+    """triton made unimportable (as on a machine without it): generate and an agent run work."""
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None  # `import triton` now fails, as when it is not installed\n"
+        "from deltamem.app import main\n"
+        "a = main(['generate', '--model', 'random', '--max-new-tokens', '3', 'hello'])\n"
+        f"b = main(['run', '--model', 'random', '--repo', {str(tmp_path)!r}, '--db', {str(tmp_path / 'm.db')!r},\n"
+        "          '--max-new-tokens', '3', '--json', 'hi'])\n"
+        "assert sys.modules['triton'] is None\n"
+        "sys.exit(a or b)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["outcome"] in ("answer", "step_limit")
