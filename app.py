@@ -26,6 +26,28 @@ EXIT_MODEL = 4  # the model failed (its chat template, generation)
 EXIT_RESOURCE = 5  # not enough memory, or the device failed
 
 
+def device_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--device",
+        default=os.environ.get("DELTAMEM_DEVICE", "auto"),
+        help="auto (default: the first CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N "
+        "(env DELTAMEM_DEVICE)",
+    )
+    sp.add_argument(
+        "--dtype",
+        default=os.environ.get("DELTAMEM_DTYPE", "auto"),
+        help="auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16 (env DELTAMEM_DTYPE)",
+    )
+
+
+def convert_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--convert-state",
+        action="store_true",
+        help="resume a state saved in another dtype by converting it (not exact; recorded), instead of refusing",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deltamem",
@@ -46,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--full-attention", action="store_true", help="no window: exact, unbounded KV cache")
         sp.add_argument("--sink", type=int, default=4, help="first tokens always kept in attention (default 4)")
+        device_args(sp)
 
     g = sub.add_parser("generate", help="continue a prompt, streaming tokens; optionally resume/save the state")
     model_args(g)
@@ -56,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         help="snapshot file: restored before the prompt if it exists, written (atomically) afterwards",
     )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    convert_arg(g)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -78,6 +102,7 @@ def _agent_parsers(sub, model_args) -> None:
         sp.add_argument("--session", help="session title or id (default: the project folder's name)")
         sp.add_argument("--db", type=Path, default=None, help="memory database (default $DELTAMEM_DB or the data dir)")
         sp.add_argument("--json", action="store_true", help="one JSON object on stdout instead of text")
+        convert_arg(sp)
 
     def agent_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--max-steps", type=int, default=8, help="model calls per task before giving up (default 8)")
@@ -112,6 +137,7 @@ def _agent_parsers(sub, model_args) -> None:
     tui.add_argument("--session", help="session title or id (default: the project folder's name)")
     tui.add_argument("--db", type=Path, default=None, help="memory database (default $DELTAMEM_DB or the data dir)")
     tui.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
+    convert_arg(tui)
 
 
 def _sessions_parser(sub) -> None:
@@ -147,6 +173,7 @@ def _sessions_parser(sub) -> None:
     imp = ss.add_parser("import", parents=[common], help="add a session from an exported file, validated")
     imp.add_argument("file", type=Path)
     imp.add_argument("--model", help="also check that the session was saved with this model (path or 'default')")
+    device_args(imp)
     ss.add_parser("gc", parents=[common], help="delete snapshots and pieces no session uses; reclaim space")
 
 
@@ -163,7 +190,7 @@ def _window(args: argparse.Namespace) -> int | None | str:
 def _load(args: argparse.Namespace):
     from deltamem.model import load_model
 
-    return load_model(args.model, window=_window(args), sink=args.sink)
+    return load_model(args.model, window=_window(args), sink=args.sink, device=args.device, dtype=args.dtype)
 
 
 def _chat_prompt(engine, text: str) -> str:
@@ -199,7 +226,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     resumed = False
     if args.state and args.state.exists():
-        engine.restore(args.state.read_bytes())
+        converted = engine.restore(args.state.read_bytes(), convert_dtype=args.convert_state)
+        if converted:
+            print(f"deltamem: the state in {args.state} was converted from {converted}", file=sys.stderr)
         resumed = True
     t_restore = time.perf_counter() - t0
     text = _chat_prompt(engine, prompt) if args.chat else prompt
@@ -251,14 +280,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from deltamem import kernels
+
     engine = _load(args)
     cfg = engine.config
     n_params = sum(p.numel() for p in engine.model.parameters())
+    backend = kernels.backend(torch.empty(0, device=engine.device))
     print(
         json.dumps(
             {
                 "arch": cfg.arch,
+                "device": str(engine.device),
+                "dtype": str(engine.dtype).removeprefix("torch."),
                 "parameters": n_params,
+                "weight_bytes": sum(p.numel() * p.element_size() for p in engine.model.parameters()),
+                "kernels": "triton" if backend == "triton" else "torch reference",
+                "kernels_note": kernels.fallback_reason if engine.device.type == "cuda" else None,
                 "layer_types": cfg.layer_types,
                 "window": engine.window,
                 "sink": engine.sink,
@@ -336,7 +375,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             if args.model:
                 from deltamem.model import load_model
 
-                fingerprint = load_model(args.model).fingerprint
+                fingerprint = load_model(args.model, device=args.device, dtype=args.dtype).fingerprint
             sid = store.import_(args.file, fingerprint=fingerprint)
             return emit({"session": sid}, f"imported session {sid} from {args.file}")
 
@@ -415,8 +454,8 @@ def _agent(args: argparse.Namespace):
         raise ValueError(f"--repo {args.repo}: not a directory")
     if getattr(args, "max_steps", 1) < 1:
         raise ValueError("--max-steps must be >= 1")
+    engine = _load(args)  # a model that cannot load writes nothing, the memory database included
     store = Store(args.db)
-    engine = _load(args)
     name = args.session or args.repo.resolve().name
     kw = {}
     if args.command != "ingest":
@@ -426,7 +465,7 @@ def _agent(args: argparse.Namespace):
             allow_shell=args.allow_shell,
             max_new_tokens=args.max_new_tokens,
         )
-    agent = Agent(engine, store, name, args.repo, **kw)
+    agent = Agent(engine, store, name, args.repo, convert_state=args.convert_state, **kw)
     if args.command != "ingest":
         agent.session.sampling = {"temperature": args.temperature, "seed": args.seed}
     return agent
@@ -547,7 +586,18 @@ def cmd_tui(args: argparse.Namespace) -> int:
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
     window = _window(args)
-    DeltamemApp(args.db, args.repo, args.session, args.model, window, args.max_new_tokens, args.sink).run()
+    DeltamemApp(
+        args.db,
+        args.repo,
+        args.session,
+        args.model,
+        window,
+        args.max_new_tokens,
+        args.sink,
+        args.device,
+        args.dtype,
+        convert_state=args.convert_state,
+    ).run()
     return 0
 
 

@@ -36,17 +36,17 @@ from pydantic import ConfigDict, Field, PrivateAttr
 from deltamem.agent.parse import CLOSE, OPEN, format_tool_call, parse_tool_calls
 from deltamem.agent.session import AgentSession
 
-_MODELS: dict[tuple, Any] = {}  # (model, window, sink) -> a loaded Engine whose weights new engines share
+_MODELS: dict[tuple, Any] = {}  # (model, window, sink, device, dtype) -> a loaded Engine whose weights are shared
 _LOCK = threading.Lock()
 
 
-def _engine(model: str, window: int | None, sink: int):
+def _engine(model: str, window: int | None, sink: int, device: str = "auto", dtype: str = "auto"):
     from deltamem.model import load_model
 
     with _LOCK:
-        key = (model, window, sink)
+        key = (model, window, sink, device, dtype)
         if key not in _MODELS:
-            _MODELS[key] = load_model(model, window=window, sink=sink)
+            _MODELS[key] = load_model(model, window=window, sink=sink, device=device, dtype=dtype)
         base = _MODELS[key]
     return base.sibling()
 
@@ -58,6 +58,10 @@ class ChatDeltamem(BaseChatModel):
     """Checkpoint directory, a Llama .gguf file, or "default"."""
     window: int | None | Literal["auto"] = "auto"
     sink: int = 4
+    device: str = "auto"
+    """"auto" (CUDA when present, else the CPU), "cpu", "cuda" or "cuda:N"."""
+    dtype: str = "auto"
+    """"auto" (bfloat16 on CUDA, float32 on the CPU), "float32", "bfloat16" or "float16"."""
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 16
@@ -73,7 +77,14 @@ class ChatDeltamem(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "window": self.window, "sink": self.sink, "temperature": self.temperature}
+        return {
+            "model": self.model,
+            "window": self.window,
+            "sink": self.sink,
+            "device": self.device,
+            "dtype": self.dtype,
+            "temperature": self.temperature,
+        }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -115,7 +126,7 @@ class ChatDeltamem(BaseChatModel):
 
     def _state(self) -> AgentSession:
         if self._session is None:
-            self._session = AgentSession(_engine(self.model, self.window, self.sink), None, "")
+            self._session = AgentSession(_engine(self.model, self.window, self.sink, self.device, self.dtype), None, "")
         return self._session
 
     # --- generation ----------------------------------------------------------------------------------------

@@ -75,12 +75,15 @@ class Agent:
         max_steps: int = 8,
         allow_shell: bool = False,
         max_new_tokens: int = 512,
+        convert_state: bool = False,
     ):
+        """convert_state: resume a session saved in another dtype by converting its state (not exact; the session
+        records it), instead of refusing."""
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ValueError(f"{root} is not a directory")
         self.store = store
-        self.session = AgentSession.open(engine, store, session, self.root)
+        self.session = AgentSession.open(engine, store, session, self.root, convert_state=convert_state)
         self.session.max_new_tokens = max_new_tokens
         self.tools = default_tools()
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
@@ -105,6 +108,7 @@ class Agent:
         """Drop everything since the last committed turn, state, conversation and notes (a cancelled ingest, an
         error)."""
         self.ctx.pending_turns.clear()
+        self.session.events.clear()
         self.session.resume()
         self._reconcile()
 
@@ -141,9 +145,14 @@ class Agent:
         ]
         if rows:
             rows[0].update(turns_extra)
-        rows += self.ctx.pending_turns  # the run's notes, in the same transaction
-        checkpoint = state.config["configurable"].get("checkpoint_id")
+        return self._commit(rows, state.config["configurable"].get("checkpoint_id"), ingested)
+
+    def _commit(self, rows: list[dict], checkpoint: str | None, ingested=()) -> int:
+        """Save turns, ledger rows and a snapshot in one transaction, with what is pending: the session's events (a
+        state converted on resume) and the run's notes."""
+        rows = [*self.session.events, *rows, *self.ctx.pending_turns]
         snap_id = self.session.save(rows, checkpoint_id=checkpoint, ingested=ingested)
+        self.session.events.clear()
         self.ctx.pending_turns.clear()
         return snap_id
 
@@ -164,7 +173,6 @@ class Agent:
             on_event(event)
 
         inp = {"messages": self._with_system([{"role": "user", "content": task}]), "steps": 0, "mode": ""}
-        self.ctx.pending_turns.clear()
         self._drive(inp, track, approver)
         state = self.graph.get_state(self.config).values
         fed = self.session.fed - fed0
@@ -269,10 +277,8 @@ class Agent:
         names = ", ".join(ch.path for ch in batch[:3]) + (f" and {len(batch) - 3} more" if len(batch) > 3 else "")
         # the file messages stay in the conversation; the turn log gets one short line per batch
         checkpoint = self.graph.get_state(self.config).config["configurable"].get("checkpoint_id")
-        result.snapshot_id = self.session.save(
-            [{"role": "ingest", "text": f"ingested {len(batch)} files: {names}", "tokens": fed}],
-            checkpoint_id=checkpoint,
-            ingested=ledger,
+        result.snapshot_id = self._commit(
+            [{"role": "ingest", "text": f"ingested {len(batch)} files: {names}", "tokens": fed}], checkpoint, ledger
         )
         result.files += sum(ch.text is not None for ch in batch)
         result.removed += sum(ch.text is None for ch in batch)

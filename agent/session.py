@@ -37,8 +37,9 @@ class Reply:
 
 
 class AgentSession:
-    def __init__(self, engine, store: Store | None, session_id: str):
-        """store None: no snapshots (a conversation that does not match the state is re-read from the start)."""
+    def __init__(self, engine, store: Store | None, session_id: str, convert_state: bool = False):
+        """store None: no snapshots (a conversation that does not match the state is re-read from the start).
+        convert_state: a snapshot of another dtype is converted on restore (recorded in `events`), not refused."""
         if engine.tokenizer is None:
             raise ValueError("the agent needs a model with a tokenizer")
         self.engine, self.store, self.sid = engine, store, session_id
@@ -52,11 +53,19 @@ class AgentSession:
         self.max_new_tokens = 512
         self.cancel = threading.Event()  # set from another thread: generation stops after its current token
         self.sampling: dict = {}  # temperature, top_p, top_k, seed for engine.generate
+        self.convert_state = convert_state
+        self.events: list[dict] = []  # turns to record with the next save (a state converted on resume)
 
     # --- opening ---------------------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, engine, store: Store, name: str, project_root: str | Path | None = None, create: bool = True
+        cls,
+        engine,
+        store: Store,
+        name: str,
+        project_root: str | Path | None = None,
+        create: bool = True,
+        convert_state: bool = False,
     ) -> AgentSession:
         """Resume the session `name` (id, or a title or id prefix of this project's) from its newest good snapshot,
         or create it in this project. A session of another project is never resumed here: a title names a
@@ -79,7 +88,7 @@ class AgentSession:
                 f"session {sess['title']!r} was saved with model {sess['fingerprint'][:12]}; this model is "
                 f"{engine.fingerprint[:12]} (pass the same --model)"
             )
-        s = cls(engine, store, sess["id"])
+        s = cls(engine, store, sess["id"], convert_state)
         s.resume()
         return s
 
@@ -107,7 +116,12 @@ class AgentSession:
         if header.get("tokens_seen") != len(ids) or header.get("token_chain") != snap.chain(snap.EMPTY_CHAIN, ids):
             log.warning("snapshot %s does not match its stored token ids; skipping it", snapshot_id)
             return False
-        self.engine.restore(blob)
+        converted = self.engine.restore(blob, convert_dtype=self.convert_state)
+        if converted:
+            dtype = str(self.engine.dtype).removeprefix("torch.")
+            text = f"the model state of snapshot {snapshot_id} was converted from {converted} to {dtype} on resume"
+            log.warning("%s (--convert-state): the continuation is not exact", text)
+            self.events.append({"role": "event", "text": text})
         self.ids, self.text, self.restored_from = list(ids), self.tok.decode(ids), snapshot_id
         return True
 

@@ -27,17 +27,31 @@ GPU_PREFILL_CHUNK = 4096  # what that default becomes on a GPU, where larger chu
 GRAPH_CHUNK = 16  # tokens generate() decodes on the device between two reads of their ids on the host
 
 
-def model_fingerprint(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> str:
-    """Identifies a model: its config plus a strided sample of every weight as stored in the checkpoint
-    (hashing all 15 GB of a 7B model on every load would cost more than it proves). Computed before any dtype
-    cast, so a checkpoint has one fingerprint whatever dtype it runs in."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    for name, p in sorted(state_dict.items()):
+class Fingerprint:
+    """Identifies a model: its config plus a strided sample of every weight as stored in the checkpoint (hashing
+    all 15 GB of a 7B model on every load would cost more than it proves), fed tensor by tensor in name order so a
+    streaming load needs no whole state dict. Computed before any dtype cast, so a checkpoint has one fingerprint
+    whatever dtype or device it runs on."""
+
+    def __init__(self, config: ModelConfig):
+        self._h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+
+    def add(self, name: str, p: torch.Tensor) -> None:
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
-        h.update(f"{name}:{list(p.shape)}".encode())
-        h.update(flat[::step].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
+        self._h.update(f"{name}:{list(p.shape)}".encode())
+        self._h.update(flat[::step].float().cpu().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:32]
+
+
+def model_fingerprint(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> str:
+    """The Fingerprint of a whole state dict."""
+    fp = Fingerprint(config)
+    for name, p in sorted(state_dict.items()):
+        fp.add(name, p)
+    return fp.hexdigest()
 
 
 def empty_states(
@@ -199,10 +213,12 @@ class Engine:
         """The whole state as bytes (see model/snapshot.py); restore() continues from it exactly."""
         return snap.pack(self._header(), self._state_tensors())
 
-    def restore(self, blob: bytes | Sequence[bytes]) -> None:
+    def restore(self, blob: bytes | Sequence[bytes], convert_dtype: bool = False) -> str | None:
         """Replace the state by a snapshot's (its bytes, or the parts Store.load_snapshot(joined=False) gives).
-        Refuses, leaving the state as it was, a blob of another model, another window/dtype, an unknown format
-        version, or a truncated or corrupted blob."""
+        Refuses, leaving the state as it was, a blob of another model, another window/sink, an unknown format
+        version, or a truncated or corrupted blob. A blob taken on another device restores exactly; one of another
+        dtype is refused unless `convert_dtype`, which casts it (not exact). Returns the blob's dtype if it was
+        converted, else None."""
         header, tensors = snap.unpack(blob)
         mine = self._header()
         if header.get("fingerprint") != mine["fingerprint"]:
@@ -210,12 +226,21 @@ class Engine:
                 f"snapshot was taken with another model (fingerprint {header.get('fingerprint')}, "
                 f"this model is {mine['fingerprint']}); load the model the session was created with"
             )
-        for key in ("window", "sink", "dtype"):
+        for key in ("window", "sink"):
             if header.get(key) != mine[key]:
                 raise SnapshotError(
                     f"snapshot has {key}={header.get(key)!r}, this engine runs {key}={mine[key]!r}; "
                     f"load the model with the same setting to resume it"
                 )
+        converted = None
+        if header.get("dtype") != mine["dtype"]:
+            if not convert_dtype or header.get("dtype") not in ("float32", "bfloat16", "float16"):
+                raise SnapshotError(
+                    f"snapshot state is {header.get('dtype')}, this engine runs {mine['dtype']}: load the model "
+                    f"with --dtype {header.get('dtype')} to resume it exactly, or pass --convert-state to convert it "
+                    "(the continuation is then not exact)"
+                )
+            converted = header["dtype"]
         seen, chain = header.get("tokens_seen"), header.get("token_chain")
         if type(seen) is not int or seen < 0:
             raise SnapshotError("snapshot header has no valid tokens_seen")
@@ -241,6 +266,7 @@ class Engine:
             raise err from e
         self._adopt(states)
         self.tokens_seen, self.token_chain = seen, chain
+        return converted
 
     # --- generation ------------------------------------------------------------------------------------
     def _unknown_ids(self) -> torch.Tensor | None:

@@ -37,3 +37,7 @@ def resource_error(e: BaseException, doing: str) -> DeltamemError | None:
     if type(e).__name__ == "AcceleratorError" or (isinstance(e, RuntimeError) and "CUDA error" in str(e)):
         return DeviceError(f"the device failed{doing}: {e}")
     return None
+
+
+class DeviceChoiceError(DeltamemError, ValueError):
+    """A --device/--dtype this machine cannot honour for this model (refused before loading)."""

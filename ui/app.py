@@ -52,12 +52,16 @@ class DeltamemApp(App):
         window: int | None | str = "auto",
         max_new_tokens: int = 256,
         sink: int = 4,
+        device: str = "auto",
+        dtype: str = "auto",
         agent_factory=None,
+        convert_state: bool = False,
     ):
         super().__init__()
         self.db, self.repo, self.model_spec, self.window = db, Path(repo).resolve(), model, window
         self.session_name = session or self.repo.name
-        self.max_new_tokens, self.sink = max_new_tokens, sink
+        self.max_new_tokens, self.sink, self.device, self.dtype = max_new_tokens, sink, device, dtype
+        self.convert_state = convert_state
         self.agent_factory = agent_factory  # tests: (store, session name) -> Agent; default builds the real one
         self.agent = None
         self.store = None  # read by the UI thread
@@ -102,10 +106,20 @@ class DeltamemApp(App):
                 from deltamem.model import load_model
 
                 if self.engine is None:
-                    self.engine = load_model(self.model_spec, window=self.window, sink=self.sink)
+                    self.engine = load_model(
+                        self.model_spec, window=self.window, sink=self.sink, device=self.device, dtype=self.dtype
+                    )
                 else:  # the loaded weights, a fresh state for the other session
                     self.engine = self.engine.sibling()
-                agent = Agent(self.engine, store, name, self.repo, approve="ask", max_new_tokens=self.max_new_tokens)
+                agent = Agent(
+                    self.engine,
+                    store,
+                    name,
+                    self.repo,
+                    approve="ask",
+                    max_new_tokens=self.max_new_tokens,
+                    convert_state=self.convert_state,
+                )
         except Exception as e:  # an ambiguous title, another project's session, a model that does not load: shown
             self.call_from_thread(self._open_failed, f"cannot open session {name!r}: {e}")
             return
