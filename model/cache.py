@@ -14,14 +14,22 @@ parity holds, and nothing is re-rotated per step.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltamem import kernels
 
 PAGE = 256  # tokens per snapshot page: the unit the memory store deduplicates
+# Keys an attention call sees are padded (with empty, masked slots) to a multiple of this, and on a GPU SDPA is held to
+# its memory-efficient or math kernel (`_backends`). Without both, restoring one state and feeding the same tokens
+# gave logits up to 0.06 apart from one run to the next at 7B shapes on an H200: a mask of unaligned length is padded
+# with uninitialised memory, and the kernel PyTorch otherwise picks for a one-token call over a full window is not
+# deterministic (benchmarks/results/gpu_determinism.md: exact with both; decode 164 tok/s against 204 unrestricted).
+KEY_ALIGN = 16
 
 
 class Rotary:
@@ -126,7 +134,7 @@ class KVWindow:
         self.sink = sink if window is not None else 0
         self.window = window
         self.rotary = rotary
-        cap = self.sink + window if window is not None else capacity
+        cap = _aligned(self.sink + window if window is not None else capacity)
         self.k = torch.zeros(n_kv, cap, head_dim, dtype=dtype, device=device)  # keys, rotated
         self.v = torch.zeros(n_kv, cap, head_dim, dtype=dtype, device=device)
         self.pos = torch.full((cap,), -1, dtype=torch.long, device=device)
@@ -137,7 +145,9 @@ class KVWindow:
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[1]
+        """Slots in use: sink + window (the buffers have up to KEY_ALIGN - 1 more, always empty), or the buffer
+        length of an unbounded cache."""
+        return self.k.shape[1] if self.window is None else self.sink + self.window
 
     def _slots(self, p: torch.Tensor) -> torch.Tensor:
         if self.window is None:
@@ -192,22 +202,28 @@ class KVWindow:
         if write_first:
             # Safe to write first: nothing a query here still needs gets overwritten.
             self._write(k, v, p)
-            n = self.seen + t if self.window is None else self.capacity
+            # all of an aligned buffer, or an aligned prefix of a growing one: slots past the tokens are empty
+            n = min(_aligned(self.seen + t), self.k.shape[1]) if self.window is None else self.k.shape[1]
             keys, vals, kpos = self.k[:, :n], self.v[:, :n], self.pos[:n]
         else:
             # A long chunk overwrites ring slots its own early queries still read: attend first, then write.
-            keys = torch.cat([self.k, k.transpose(0, 1)], 1)
-            vals = torch.cat([self.v, v.transpose(0, 1)], 1)
-            kpos = torch.cat([self.pos, p])
+            # Padded with empty keys to an aligned length (see KEY_ALIGN).
+            pad = _aligned(t) - t
+            keys = torch.cat([self.k, k.transpose(0, 1), self.k.new_zeros(self.k.shape[0], pad, d)], 1)
+            vals = torch.cat([self.v, v.transpose(0, 1), self.v.new_zeros(self.v.shape[0], pad, d)], 1)
+            kpos = torch.cat([self.pos, p, self.pos.new_full((pad,), -1)])
         self.seen += t
 
         if t == 1 and q_sink is None:  # decode: one fused kernel, no score matrix in Python
             mask = None
             if self.window is not None:
                 mask = ((kpos >= 0) & ((kpos > p - self.window) | (kpos < self.sink)))[None]
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask, scale=d**-0.5, enable_gqa=True
-            )  # [1, H, 1, D]
+            elif keys.shape[1] != self.seen:  # an unbounded cache's aligned prefix holds empty slots
+                mask = (kpos >= 0)[None]
+            with _backends(q):
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask, scale=d**-0.5, enable_gqa=True
+                )  # [1, H, 1, D]
             return out[0].transpose(0, 1)
 
         if q.is_cuda and q_sink is None:  # prefill on a GPU: one fused attention kernel with an explicit mask
@@ -310,6 +326,10 @@ class KVWindow:
         self.pos[self._slots(p)] = p
 
 
+def _aligned(n: int) -> int:
+    return -(-n // KEY_ALIGN) * KEY_ALIGN
+
+
 def _sdpa(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Fused attention. q: [T, H, D]; keys, vals: [Hkv, N, D]; mask: [T or 1, N] bool (True: attend) -> [T, H, D].
     On CUDA, grouped keys are repeated rather than passed with enable_gqa, which would rule out the
@@ -321,7 +341,16 @@ def _sdpa(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.T
         keys = keys[:, None].expand(hkv, h // hkv, n, d).reshape(h, n, d)
         vals = vals[:, None].expand(hkv, h // hkv, n, d).reshape(h, n, d)
         gqa = False
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask, scale=scale, enable_gqa=gqa
-    )  # [1, H, T, D]
+    with _backends(q):
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask, scale=scale, enable_gqa=gqa
+        )  # [1, H, T, D]
     return out[0].transpose(0, 1)
+
+
+def _backends(q: torch.Tensor):
+    """On a GPU, SDPA may only pick the memory-efficient kernel (or the math one): the one it otherwise picks for a
+    one-token call was not deterministic from one call to the next at 7B shapes (see KEY_ALIGN)."""
+    if not q.is_cuda:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
