@@ -61,3 +61,11 @@ def test_tool_calls_come_back_parsed_and_history_is_reused():
     parsed = llm._message("thinking " + format_tool_call("price", {"item": "pear"}), u, tools=[{}])
     assert parsed.tool_calls[0]["name"] == "price" and parsed.tool_calls[0]["args"] == {"item": "pear"}
     assert parsed.content == "thinking"
+
+
+def test_device_and_dtype_reach_the_engine():
+    model = ChatDeltamem(model="random", device="cpu", dtype="bfloat16", max_tokens=2)
+    assert isinstance(model.invoke("hi"), AIMessage)
+    engine = model._session.engine
+    assert (str(engine.device), str(engine.dtype)) == ("cpu", "torch.bfloat16")
+    assert model._identifying_params["dtype"] == "bfloat16"
