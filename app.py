@@ -549,7 +549,14 @@ def _run_task(agent, task: str, as_json: bool, approver) -> int:
             status = "ok" if e["ok"] else "failed"
             print(f"\n[{e['tool']} {json.dumps(e['arguments'], ensure_ascii=False)[:120]}: {status}]", file=sys.stderr)
 
-    result = agent.run(task, on_event, approver)  # failures: main() names them and picks the exit code
+    from deltamem.model.errors import GenerationError
+
+    try:
+        result = agent.run(task, on_event, approver)  # failures: main() names them and picks the exit code
+    except Exception as e:
+        if _failure(e)[0] is not None or os.environ.get("DELTAMEM_DEBUG"):
+            raise
+        raise GenerationError(f"{type(e).__name__}: {e}") from e  # no known cause: the run itself failed
     code = 0 if result.outcome == "answer" else EXIT_STEP_LIMIT
     if as_json:
         print(
@@ -667,14 +674,14 @@ def _failure(e: Exception) -> tuple[int | None, str]:
     """The exit code and message for a failure, by its cause; (None, ...) for one that is a bug."""
     from deltamem.agent.prompt import TemplateError
     from deltamem.memory.errors import StoreError
-    from deltamem.model.errors import DeltamemError, DeviceError, OutOfMemory, resource_error
+    from deltamem.model.errors import DeltamemError, DeviceError, GenerationError, OutOfMemory, resource_error
 
     if isinstance(e, OutOfMemory | DeviceError):
         return EXIT_RESOURCE, f"error: {e}"
     err = resource_error(e, "")  # torch's own out-of-memory and device errors, wherever they came from
     if err is not None:
         return EXIT_RESOURCE, f"error: {err}"
-    if isinstance(e, TemplateError):
+    if isinstance(e, TemplateError | GenerationError):
         return EXIT_MODEL, f"model error: {e}"
     if isinstance(e, DeltamemError | StoreError | ValueError | OSError | sqlite3.Error):
         return EXIT_ERROR, f"error: {e}"

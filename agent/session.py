@@ -74,11 +74,20 @@ class AgentSession:
         try:
             sess = store.session(name, project)
         except NotFound:
-            if not create:
+            # an imported session, or a moved repository: its folder is not here, so it is this folder's now
+            sess = store.adopt(name, project) if project is not None else None
+            if sess is not None:
+                log.warning("session %s (%r) now belongs to %s", sess["id"], name, Path(project_root).resolve())
+            elif not create:
                 raise
-            sess = store.session(store.create_session(name, engine.fingerprint, project))
+            else:
+                sess = store.session(store.create_session(name, engine.fingerprint, project))
         if project is not None and sess["project_id"] not in (None, project):
             other = store.db["projects"].get(sess["project_id"])["root"]
+            if not Path(other).is_dir():  # asked for by id; its folder is not on this machine: this one's now
+                sess = store.move(sess["id"], project)
+                log.warning("session %s (%r) now belongs to %s", sess["id"], sess["title"], project_root)
+        if project is not None and sess["project_id"] not in (None, project):
             raise WrongProject(
                 f"session {sess['id']} ({sess['title']!r}) belongs to the project at {other}, not "
                 f"{Path(project_root).resolve()}; run it with --repo {other}, or fork it (`deltamem sessions fork`)"

@@ -73,8 +73,7 @@ def prune(db: sqlite_utils.Database, thread: str, keep: set[str]) -> int:
     return counts[0]
 
 
-def drop_orphans(db: sqlite_utils.Database, threads: list[str]) -> int:
-    """Delete the rows of every thread not in `threads` (a deleted session's). Returns the checkpoints deleted."""
-    marks = ",".join("?" * len(threads))
-    counts = [db.execute(f"delete from {table} where thread_id not in ({marks})", threads).rowcount for table in TABLES]
+def drop_orphans(db: sqlite_utils.Database) -> int:
+    """Delete the rows of every thread that is no session's (a deleted session's). Returns the checkpoints deleted."""
+    counts = [db.execute(f"delete from {t} where thread_id not in (select id from sessions)").rowcount for t in TABLES]
     return counts[0]

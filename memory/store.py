@@ -168,6 +168,29 @@ class Store:
             raise Ambiguous(f"{ref!r} matches {len(rows)} sessions: {listed}; use the id", found)
         return rows[0]
 
+    def adopt(self, title: str, project_id: int) -> dict[str, Any] | None:
+        """The session titled `title` whose project folder is not on this machine (an imported session, or a moved
+        repository) or that has no project, now made this project's; None if there is none. Several: Ambiguous."""
+        rows = [
+            r
+            for r in self.db.query(
+                "select s.*, p.root from sessions s left join projects p on p.id = s.project_id where s.title = ?",
+                [title],
+            )
+            if r["project_id"] != project_id and (r["root"] is None or not Path(r["root"]).is_dir())
+        ]
+        if len(rows) > 1:
+            found = [{"id": r["id"], "title": r["title"], "project": r["root"]} for r in rows]
+            listed = "; ".join(f"{c['id']} in {c['project'] or '(no project)'}" for c in found)
+            raise Ambiguous(f"{title!r} matches {len(rows)} sessions of folders not on this machine: {listed}", found)
+        return self.move(rows[0]["id"], project_id) if rows else None
+
+    def move(self, sid: str, project_id: int) -> dict[str, Any]:
+        """Make a session another project's (its folder moved, or it came from another machine)."""
+        with self._write():
+            self.db["sessions"].update(sid, {"project_id": project_id, "updated": _now()})
+        return self.session(sid)
+
     def sessions(self, project_id: int | None = None) -> list[dict[str, Any]]:
         """Every session (or a project's) with turns, tokens seen and latest snapshot size, most recent first."""
         where = "where s.project_id = ?" if project_id is not None else ""
@@ -514,8 +537,8 @@ class Store:
             removed = self._collect()
             removed["checkpoints"] = 0
             if checkpoints.present(self.db):
+                removed["checkpoints"] = checkpoints.drop_orphans(self.db)
                 sids = [r[0] for r in self.db.execute("select id from sessions").fetchall()]
-                removed["checkpoints"] = checkpoints.drop_orphans(self.db, sids)
                 removed["checkpoints"] += sum(self._prune_thread(sid) for sid in sids)
         self.db.execute("VACUUM")
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -631,7 +654,12 @@ class Store:
                     raise StoreError(f"{path} is not a valid deltamem export: {e}") from e
 
     def _import_from(self, src: Store, path: Path, fingerprint: str | None) -> str:
-        fmt = int(src.db["export_info"].get("format")["value"]) if "export_info" in src.db.table_names() else 1
+        fmt = 1
+        if "export_info" in src.db.table_names():
+            row = next(src.db["export_info"].rows_where("key = 'format'"), None)
+            if row is None or not str(row["value"]).isdigit():
+                raise StoreError(f"{path} is not a valid deltamem export: its export_info has no format number")
+            fmt = int(row["value"])
         if fmt > EXPORT_FORMAT:
             raise StoreError(
                 f"{path} is export format {fmt}, newer than this deltamem knows ({EXPORT_FORMAT}); upgrade deltamem"
@@ -662,6 +690,8 @@ class Store:
                     checkpoints.create_like(src.db, self.db)
                 except ValueError as e:
                     raise StoreError(f"{path} is not a valid deltamem export: {e}") from None
+                for table in checkpoints.TABLES:  # a deleted session's thread left behind is not this session's
+                    self.db.execute(f"delete from {table} where thread_id = ?", [sess["id"]])
                 checkpoints.copy(src.db, self.db, sess["id"], sess["id"])
         if fmt < 2:
             log.warning(

@@ -41,3 +41,7 @@ def resource_error(e: BaseException, doing: str) -> DeltamemError | None:
 
 class DeviceChoiceError(DeltamemError, ValueError):
     """A --device/--dtype this machine cannot honour for this model (refused before loading)."""
+
+
+class GenerationError(DeltamemError):
+    """The model failed while generating (an error in the forward pass that is not memory, device or input)."""

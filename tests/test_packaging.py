@@ -65,8 +65,10 @@ def test_the_cpu_path_runs_without_triton(tmp_path):
         f"b = main(['run', '--model', 'random', '--repo', {str(tmp_path)!r}, '--db', {str(tmp_path / 'm.db')!r},\n"
         "          '--max-new-tokens', '3', '--json', 'hi'])\n"
         "assert sys.modules['triton'] is None\n"
-        "sys.exit(a or b)\n"
+        "print(a, b)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout.splitlines()[-1])["outcome"] in ("answer", "step_limit")
+    *_, run_json, codes = r.stdout.splitlines()
+    assert codes in ("0 0", "0 3")  # generate done; run answered or stopped at its step limit (random weights)
+    assert json.loads(run_json)["outcome"] in ("answer", "step_limit")

@@ -92,8 +92,11 @@ class DeltamemApp(App):
 
     # --- opening sessions ------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="agent")
-    def _open(self, name: str) -> None:
+    def _open(self, name: str, repo: Path | None = None) -> None:
+        """Open (or create) a session in `repo` (default: the current folder), which becomes current if it opens."""
         from deltamem.memory.store import Store
+
+        root = repo or self.repo
 
         if self.agent_store is None:  # the agent's own connection; the UI thread reads through self.store
             self.agent_store = Store(self.db)
@@ -115,7 +118,7 @@ class DeltamemApp(App):
                     self.engine,
                     store,
                     name,
-                    self.repo,
+                    root,
                     approve="ask",
                     max_new_tokens=self.max_new_tokens,
                     convert_state=self.convert_state,
@@ -123,7 +126,7 @@ class DeltamemApp(App):
         except Exception as e:  # an ambiguous title, another project's session, a model that does not load: shown
             self.call_from_thread(self._open_failed, f"cannot open session {name!r}: {e}")
             return
-        self.agent = agent
+        self.agent, self.repo = agent, root
         self.call_from_thread(self._show_session)
 
     def _open_failed(self, message: str) -> None:
@@ -309,8 +312,11 @@ class DeltamemApp(App):
             )
             self.last_save = time.time()
         except Exception as e:  # as a failed chat does: the state and the conversation go back to the last save
-            self.agent.back_to_last_save()
             note = f"ingest failed: {e}; back to the last save"
+            try:
+                self.agent.back_to_last_save()
+            except Exception as again:  # still leave the busy state: the note says what is wrong
+                note = f"ingest failed: {e}; going back to the last save failed too: {again}"
         self.call_from_thread(self._ingested, note)
 
     def _ingested(self, note: str) -> None:
@@ -364,16 +370,13 @@ class DeltamemApp(App):
             self.push_screen(SessionsScreen(self.store, project, self.agent.session_id if self.agent else None))
 
     def resume(self, sid: str) -> None:
-        """Open a session of the browser's; one of another project opens with that project's folder."""
+        """Open a session of the browser's: one of another project with that project's folder, or, where that
+        folder is not on this machine (an imported session), with this one."""
         sess = self.store.session(sid)
+        root = None
         if sess["project_id"] is not None:
             root = Path(self.store.db["projects"].get(sess["project_id"])["root"])
-            if root != self.repo:
-                if not root.is_dir():
-                    self.notify(f"its project folder {root} is gone; fork it from there", severity="error")
-                    return
-                self.repo = root
-        self._open(sid)
+        self._open(sid, root if root is not None and root.is_dir() else None)
 
     def rename(self, sid: str) -> None:
         def go(title: str | None) -> None:

@@ -63,3 +63,27 @@ def test_older_export_without_conversation_imports_with_a_warning(tmp_path):
         con.execute("update export_info set value = '99' where key = 'format'")
     r = deltamem("sessions", "import", str(bumped), "--db", str(tmp_path / "other.db"))
     assert r.returncode == 1 and "export format 99" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_import_into_the_repository_where_it_lives_on_this_machine(tmp_path):
+    """The exporter's folder is not on this machine (here: the repository moved): the session is found by the
+    folder's name in the new place and continues; asked for by id, it is adopted too."""
+    import shutil
+
+    repo = git_repo(tmp_path / "a" / "shop", {"README.md": "# Shop\n"})
+    src, dst = tmp_path / "src.db", tmp_path / "dst.db"
+    first, _ = run(repo, src, "hello")
+    sessions(src, "export", "shop", str(tmp_path / "shop.dmsession"))
+    moved = tmp_path / "b" / "shop"
+    moved.parent.mkdir()
+    shutil.move(repo, moved)
+    sessions(dst, "import", str(tmp_path / "shop.dmsession"))
+    again, err = run(moved, dst, "and again")
+    assert again["session"] == first["session"] and "now belongs to" in err
+    assert again["tokens_seen"] == first["tokens_seen"] + again["tokens_fed"] and ROLLBACK not in err
+    assert len(sessions(dst, "list")) == 1
+
+    with sqlite3.connect(tmp_path / "shop.dmsession") as con:  # a damaged export_info is a clear refusal
+        con.execute("delete from export_info where key = 'format'")
+    r = deltamem("sessions", "import", str(tmp_path / "shop.dmsession"), "--db", str(tmp_path / "other.db"))
+    assert r.returncode == 1 and "no format number" in r.stderr and "Traceback" not in r.stderr

@@ -58,3 +58,24 @@ def test_model_error_is_exit_code_4(tmp_path):
         with pytest.raises(TemplateError) as failed:
             _run_task(agent, "hello", False, None)
     assert _failure(failed.value) == (EXIT_MODEL, "model error: this template is broken")
+
+
+def test_a_failure_inside_the_run_is_a_model_error_and_chat_goes_on(tmp_path):
+    from deltamem.agent.runner import Agent
+    from deltamem.model.errors import GenerationError
+
+    (tmp_path / "p").mkdir()
+    with Store(tmp_path / "m.db") as store:
+        agent = Agent(load_model("random", window=64), store, "s", tmp_path / "p", max_new_tokens=2)
+        real = agent.session.engine.feed
+
+        def broken(*a, **kw):
+            raise RuntimeError("the forward pass broke")
+
+        agent.session.engine.feed = broken
+        with pytest.raises(GenerationError) as failed:
+            _run_task(agent, "hello", True, None)
+        assert _failure(failed.value) == (EXIT_MODEL, "model error: RuntimeError: the forward pass broke")
+        agent.back_to_last_save()
+        agent.session.engine.feed = real
+        assert _run_task(agent, "hello", True, None) in (0, 3) and store.turns("s")  # the next turn works
