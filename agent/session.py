@@ -76,22 +76,19 @@ class AgentSession:
         except NotFound:
             # an imported session, or a moved repository: its folder is not here, so it is this folder's now
             sess = store.adopt(name, project) if project is not None else None
-            if sess is not None:
-                log.warning("session %s (%r) now belongs to %s", sess["id"], name, Path(project_root).resolve())
-            elif not create:
-                raise
-            else:
+            if sess is None:
+                if not create:
+                    raise
                 sess = store.session(store.create_session(name, engine.fingerprint, project))
-        if project is not None and sess["project_id"] not in (None, project):
+        if project is not None and sess["project_id"] not in (None, project):  # asked for by id
             other = store.db["projects"].get(sess["project_id"])["root"]
-            if not Path(other).is_dir():  # asked for by id; its folder is not on this machine: this one's now
+            if not Path(other).is_dir():  # its folder is not on this machine: this one's now
                 sess = store.move(sess["id"], project)
-                log.warning("session %s (%r) now belongs to %s", sess["id"], sess["title"], project_root)
-        if project is not None and sess["project_id"] not in (None, project):
-            raise WrongProject(
-                f"session {sess['id']} ({sess['title']!r}) belongs to the project at {other}, not "
-                f"{Path(project_root).resolve()}; run it with --repo {other}, or fork it (`deltamem sessions fork`)"
-            )
+            else:
+                raise WrongProject(
+                    f"session {sess['id']} ({sess['title']!r}) belongs to the project at {other}, not "
+                    f"{Path(project_root).resolve()}; run it with --repo {other}, or fork it (`deltamem sessions fork`)"
+                )
         if sess["fingerprint"] != engine.fingerprint:
             raise StoreError(
                 f"session {sess['title']!r} was saved with model {sess['fingerprint'][:12]}; this model is "

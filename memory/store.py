@@ -163,9 +163,7 @@ class Store:
             raise NotFound(f"no session {ref!r} (see `deltamem sessions list`)")
         if len(rows) > 1:
             roots = {r["id"]: r["root"] for r in self.db.query("select id, root from projects")}
-            found = [{"id": r["id"], "title": r["title"], "project": roots.get(r["project_id"])} for r in rows]
-            listed = "; ".join(f"{c['id']} {c['title']!r} in {c['project'] or '(no project)'}" for c in found)
-            raise Ambiguous(f"{ref!r} matches {len(rows)} sessions: {listed}; use the id", found)
+            raise _ambiguous(ref, [{**r, "root": roots.get(r["project_id"])} for r in rows], "use the id")
         return rows[0]
 
     def adopt(self, title: str, project_id: int) -> dict[str, Any] | None:
@@ -180,16 +178,17 @@ class Store:
             if r["project_id"] != project_id and (r["root"] is None or not Path(r["root"]).is_dir())
         ]
         if len(rows) > 1:
-            found = [{"id": r["id"], "title": r["title"], "project": r["root"]} for r in rows]
-            listed = "; ".join(f"{c['id']} in {c['project'] or '(no project)'}" for c in found)
-            raise Ambiguous(f"{title!r} matches {len(rows)} sessions of folders not on this machine: {listed}", found)
+            raise _ambiguous(title, rows, "none of their folders is on this machine; use the id")
         return self.move(rows[0]["id"], project_id) if rows else None
 
     def move(self, sid: str, project_id: int) -> dict[str, Any]:
-        """Make a session another project's (its folder moved, or it came from another machine)."""
+        """Make a session another project's (its folder moved, or it came from another machine), and say so."""
         with self._write():
             self.db["sessions"].update(sid, {"project_id": project_id, "updated": _now()})
-        return self.session(sid)
+        sess = self.session(sid)
+        root = self.db["projects"].get(project_id)["root"]
+        log.warning("session %s (%r) now belongs to the project at %s", sid, sess["title"], root)
+        return sess
 
     def sessions(self, project_id: int | None = None) -> list[dict[str, Any]]:
         """Every session (or a project's) with turns, tokens seen and latest snapshot size, most recent first."""
@@ -759,6 +758,13 @@ def _token_chunks(ids: Sequence[int]) -> list[tuple[str, bytes]]:
     data = arr.tobytes()
     step = 4 * TOKEN_CHUNK
     return [(hashlib.sha256(c).hexdigest(), c) for c in (data[i : i + step] for i in range(0, len(data), step))]
+
+
+def _ambiguous(ref: str, rows: list[dict[str, Any]], hint: str) -> Ambiguous:
+    """The error for a reference that matches several sessions (rows: sessions with their project's `root`)."""
+    found = [{"id": r["id"], "title": r["title"], "project": r["root"]} for r in rows]
+    listed = "; ".join(f"{c['id']} {c['title']!r} in {c['project'] or '(no project)'}" for c in found)
+    return Ambiguous(f"{ref!r} matches {len(rows)} sessions: {listed}; {hint}", found)
 
 
 def _like_prefix(text: str) -> str:
