@@ -234,7 +234,7 @@ class AgentSession:
         return self.store.save_turn(
             self.sid,
             turns,
-            self.engine.snapshot(),
+            self.engine.snapshot_parts(),
             ingested=ingested,
             checkpoint_id=checkpoint_id,
             token_ids=self.ids,

@@ -31,19 +31,7 @@ class Split:
 
 
 def split(blob: bytes) -> Split:
-    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
-        raise BlobError("not a deltamem snapshot")
-    (n,) = struct.unpack_from("<I", blob, len(MAGIC))
-    start = len(MAGIC) + 4
-    try:
-        header = json.loads(blob[start : start + n])
-        (m,) = struct.unpack_from("<Q", blob, start + n)
-        st_start = start + n + 8
-        st_header = json.loads(blob[st_start : st_start + m])
-    except (ValueError, struct.error) as e:
-        raise BlobError(f"snapshot headers are corrupt: {e}") from e
-    data_start = st_start + m
-    spans = sorted((tuple(v["data_offsets"]) for k, v in st_header.items() if k != "__metadata__"), key=lambda s: s[0])
+    header, data_start, spans = _frame(blob)
     pos = 0
     datas = []
     for a, b in spans:
@@ -55,6 +43,38 @@ def split(blob: bytes) -> Split:
     if data_start + pos != len(blob):
         raise BlobError("snapshot has trailing bytes after its tensors")
     return Split(header, blob[:data_start], pieces)
+
+
+def from_parts(prefix: bytes, pieces: list[tuple[str, bytes]]) -> Split:
+    """A snapshot already in parts (model/snapshot.py's Parts: its prefix, and each tensor's bytes with the sha256
+    its maker computed once), checked against the framing: every piece has the length the payload's index gives.
+    The digests are taken as given (the blob's own sha256 covers them; load verifies each piece)."""
+    header, data_start, spans = _frame(prefix)
+    if data_start != len(prefix):
+        raise BlobError("a snapshot's prefix ends where its tensors begin")
+    if [b - a for a, b in spans] != [len(d) for _, d in pieces]:
+        raise BlobError("snapshot pieces do not match the lengths in its payload index")
+    for digest, _ in pieces:
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise BlobError(f"snapshot piece digest {digest!r} is not a sha256")
+    return Split(header, bytes(prefix), list(pieces))
+
+
+def _frame(blob: bytes) -> tuple[dict, int, list[tuple[int, int]]]:
+    """The snapshot header, where its tensor bytes start, and each tensor's (start, end) in payload order."""
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + 4:
+        raise BlobError("not a deltamem snapshot")
+    (n,) = struct.unpack_from("<I", blob, len(MAGIC))
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(blob[start : start + n])
+        (m,) = struct.unpack_from("<Q", blob, start + n)
+        st_start = start + n + 8
+        st_header = json.loads(blob[st_start : st_start + m])
+    except (ValueError, struct.error) as e:
+        raise BlobError(f"snapshot headers are corrupt: {e}") from e
+    spans = sorted((tuple(v["data_offsets"]) for k, v in st_header.items() if k != "__metadata__"), key=lambda s: s[0])
+    return header, st_start + m, spans
 
 
 def join(prefix: bytes, pieces: list[tuple[str, bytes]]) -> bytes:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 import sys
 import tempfile
 import uuid
@@ -59,6 +60,8 @@ class Store:
     def __init__(self, path: str | Path | None = None, busy_timeout_ms: int = 30_000, keep_last: int = KEEP_LAST):
         self.path = Path(path) if path is not None else default_db_path()
         self.keep_last = keep_last
+        # the last save_turn's snapshot: bytes in all, bytes new to the store (written), seconds to save and commit
+        self.last_save: dict[str, Any] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # check_same_thread off: a Store may be handed between threads (UI workers), never used by two at once
@@ -250,8 +253,14 @@ class Store:
         turns = list(turns)
         if snapshot is not None and not turns:
             raise StoreError("a snapshot is saved with the turn that produced it; got no turn")
+        t0 = time.perf_counter()
         try:
-            split = pc.split(snapshot) if snapshot is not None else None
+            if snapshot is None:
+                split = None
+            elif hasattr(snapshot, "prefix"):  # already in parts, hashed by its maker (Engine.snapshot_parts)
+                split = pc.from_parts(snapshot.prefix, snapshot.pieces)
+            else:
+                split = pc.split(snapshot)
         except pc.BlobError as e:
             raise CorruptSnapshot(f"refusing to store a bad snapshot: {e}") from e
         with self._write():
@@ -298,7 +307,7 @@ class Store:
                 row = {
                     "fingerprint": split.header.get("fingerprint"),
                     "tokens_seen": split.header.get("tokens_seen"),
-                    "bytes": len(snapshot),
+                    "bytes": len(split.prefix) + sum(len(d) for _, d in split.pieces),
                     "sha256": split.header.get("sha256"),  # the snapshot's own digest of its header + payload
                     "prefix_sha256": hashlib.sha256(split.prefix).hexdigest(),
                     "prefix": split.prefix,
@@ -317,16 +326,29 @@ class Store:
                 )
                 self._retain(sess["id"], sess["keep_last"] or self.keep_last)
             self.db["sessions"].update(sess["id"], {"updated": now})
+        if split is not None:
+            self.last_save["seconds"] = time.perf_counter() - t0  # committed (and synced) included
         return snap_id
 
     def _insert_snapshot(
         self, pieces: list[tuple[str, bytes]], row: dict[str, Any], tokens: list[tuple[str, bytes]]
     ) -> int:
-        """Store a snapshot row, its pieces and its token chunks (the pieces not stored yet)."""
-        for digest, data in [*pieces, *tokens]:
-            self.db.execute(
-                "insert or ignore into pieces (sha256, bytes, data) values (?, ?, ?)", [digest, len(data), data]
-            )
+        """Store a snapshot row, its pieces and its token chunks: only the pieces not stored yet are written
+        (`last_save` says how many bytes that was)."""
+        new_bytes = 0
+        parts = [*pieces, *tokens]
+        have = set()
+        for i in range(0, len(parts), 500):
+            batch = [d for d, _ in parts[i : i + 500]]
+            marks = ",".join("?" * len(batch))
+            have.update(r[0] for r in self.db.execute(f"select sha256 from pieces where sha256 in ({marks})", batch))
+        for digest, data in parts:
+            if digest in have:
+                continue
+            have.add(digest)
+            self.db.execute("insert into pieces (sha256, bytes, data) values (?, ?, ?)", [digest, len(data), data])
+            new_bytes += len(data)
+        self.last_save = {"bytes": row["bytes"], "new_bytes": new_bytes}
         snap_id = self.db["snapshots"].insert(row).last_pk
         for table, parts in (("snapshot_pieces", pieces), ("snapshot_tokens", tokens)):
             self.db[table].insert_all({"snapshot_id": snap_id, "idx": i, "sha256": d} for i, (d, _) in enumerate(parts))

@@ -285,13 +285,37 @@ class KVWindow:
         return torch.bmm(probs, self.v).view(1, h, d)
 
     # --- snapshot support: fixed-size pages of slots, so unchanged pages hash the same between snapshots ---
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+    def pages(self) -> int:
+        """Pages a snapshot holds: of the sink + window slots, or of the tokens seen in an unbounded cache."""
+        return -(-(self.capacity if self.window is not None else self.seen) // PAGE)
+
+    def page(self, j: int) -> torch.Tensor:
+        """Page j of the cache: keys and values of its slots, [2, Hkv, <=PAGE, D] (a new tensor)."""
         used = self.capacity if self.window is not None else self.seen
-        out = {}
-        for j, start in enumerate(range(0, used, PAGE)):
-            end = min(start + PAGE, used)
-            out[f"{prefix}.kv.{j:05d}"] = torch.stack([self.k[:, start:end], self.v[:, start:end]])
-        return out
+        start, end = j * PAGE, min((j + 1) * PAGE, used)
+        return torch.stack([self.k[:, start:end], self.v[:, start:end]])
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {page_name(prefix, j): self.page(j) for j in range(self.pages())}
+
+    def touched(self, start: int, end: int) -> set[int]:
+        """The pages the tokens at positions [start, end) were written to (their ring slots)."""
+        spans = []
+        if start < self.sink:
+            spans.append((start, min(end, self.sink)))
+            start = self.sink
+        if start < end:
+            if self.window is None:
+                spans.append((start, end))
+            elif end - start >= self.window:
+                spans.append((self.sink, self.sink + self.window))
+            else:
+                first = self.sink + (start - self.sink) % self.window
+                last = first + (end - start)
+                spans.append((first, min(last, self.sink + self.window)))
+                if last > self.sink + self.window:  # wrapped around to the ring's start
+                    spans.append((self.sink, last - self.window))
+        return {j for a, b in spans for j in range(a // PAGE, (b - 1) // PAGE + 1)}
 
     def load(self, prefix: str, t: dict[str, torch.Tensor], seen: int) -> None:
         pages = [t[n] for n in sorted(n for n in t if n.startswith(prefix + ".kv."))]
@@ -324,6 +348,10 @@ class KVWindow:
         if self.window is not None:
             p = p[(p < self.sink) | (p >= seen - self.window)]
         self.pos[self._slots(p)] = p
+
+
+def page_name(prefix: str, j: int) -> str:
+    return f"{prefix}.kv.{j:05d}"
 
 
 def _aligned(n: int) -> int:

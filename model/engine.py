@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -11,13 +12,14 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from deltamem.model import snapshot as snap
-from deltamem.model.cache import DeltaState, KVWindow, Rotary
+from deltamem.model.cache import DeltaState, KVWindow, Rotary, page_name
 from deltamem.model.config import LINEAR, ModelConfig
 from deltamem.model.cuda_graph import Burst, DecodeGraph
 from deltamem.model.errors import SnapshotError, resource_error
 from deltamem.model.layers import HybridLM
 from deltamem.model.packed import pack
 from deltamem.model.sampling import Sampler, TextStream
+from deltamem.model.snapcache import PieceCache
 
 if TYPE_CHECKING:
     from deltamem.model.tokenizer import Tokenizer
@@ -138,6 +140,7 @@ class Engine:
         self._adopt(self._empty_states())
         self.tokens_seen = 0
         self.token_chain = snap.EMPTY_CHAIN
+        self._pieces: PieceCache | None = None  # see snapshot_parts()
 
     def _adopt(self, states: list[DeltaState | KVWindow]) -> None:
         """Make `states` the current state: copied into the live tensors where a decode graph is bound to
@@ -181,15 +184,29 @@ class Engine:
         host_ids = ids_t.tolist()
         ids_t = ids_t.to(self.device)
         outs = []
-        for start in range(0, n, self.prefill_chunk):
-            h = self.model.hidden(ids_t[start : start + self.prefill_chunk], self.states)
-            if logits == "all":
-                outs.append(self.model.logits(h).float())
-            elif logits == "last" and start + self.prefill_chunk >= n:
-                outs.append(self.model.logits(h[-1:]).float())
+        with self._changing():
+            for start in range(0, n, self.prefill_chunk):
+                h = self.model.hidden(ids_t[start : start + self.prefill_chunk], self.states)
+                if logits == "all":
+                    outs.append(self.model.logits(h).float())
+                elif logits == "last" and start + self.prefill_chunk >= n:
+                    outs.append(self.model.logits(h[-1:]).float())
         self.tokens_seen += n
         self.token_chain = snap.chain(self.token_chain, host_ids)
         return torch.cat(outs) if outs else None
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around code that advances the state: if it fails part-way, the state is no longer what the host
+        counters say, and the next snapshot_parts() must start from scratch. (A generator closed at a yield is
+        not a failure: the state and the counters agree there.)"""
+        try:
+            yield
+        except GeneratorExit:
+            raise
+        except BaseException:
+            self._pieces = None
+            raise
 
     # --- snapshots -------------------------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -213,13 +230,50 @@ class Engine:
         """The whole state as bytes (see model/snapshot.py); restore() continues from it exactly."""
         return snap.pack(self._header(), self._state_tensors())
 
+    def snapshot_parts(self) -> snap.Parts:
+        """The same snapshot as snapshot(), as the parts a store keeps (bytes(parts) == snapshot()), made
+        incrementally: only the tensors changed since the last snapshot_parts() or restore() are copied to the
+        host and hashed (model/snapcache.py), the rest come from the previous parts."""
+        names, changed, where = [], set(), {}
+        cache = self._pieces
+        since = cache.tokens_seen if cache is not None else None
+        for i, st in enumerate(self.states):
+            prefix = f"layers.{i:03d}"
+            if isinstance(st, KVWindow):
+                touched = st.touched(since, self.tokens_seen) if since is not None else set()
+                for j in range(st.pages()):
+                    name = page_name(prefix, j)
+                    names.append(name)
+                    where[name] = (st, j)
+                    if j in touched:
+                        changed.add(name)
+            else:
+                for name, t in st.tensors(prefix).items():
+                    names.append(name)
+                    where[name] = t
+                    if since != self.tokens_seen:
+                        changed.add(name)
+
+        def tensor(name: str) -> torch.Tensor:
+            w = where[name]
+            return w[0].page(w[1]) if isinstance(w, tuple) else w
+
+        if cache is None:
+            cache = PieceCache(self.tokens_seen, {})
+        with torch.inference_mode():
+            parts = cache.parts(self._header(), names, changed, tensor)
+        cache.tokens_seen = self.tokens_seen
+        self._pieces = cache
+        return parts
+
     def restore(self, blob: bytes | Sequence[bytes], convert_dtype: bool = False) -> str | None:
         """Replace the state by a snapshot's (its bytes, or the parts Store.load_snapshot(joined=False) gives).
         Refuses, leaving the state as it was, a blob of another model, another window/sink, an unknown format
         version, or a truncated or corrupted blob. A blob taken on another device restores exactly; one of another
         dtype is refused unless `convert_dtype`, which casts it (not exact). Returns the blob's dtype if it was
         converted, else None."""
-        header, tensors = snap.unpack(blob)
+        digests: dict[str, str] = {}
+        header, tensors = snap.unpack(blob, digests)
         mine = self._header()
         if header.get("fingerprint") != mine["fingerprint"]:
             raise SnapshotError(
@@ -266,6 +320,8 @@ class Engine:
             raise err from e
         self._adopt(states)
         self.tokens_seen, self.token_chain = seen, chain
+        # the blob's pieces are the state's: the next snapshot_parts() copies and hashes only what changes after
+        self._pieces = PieceCache.of_restored(seen, tensors, digests) if converted is None and digests else None
         return converted
 
     # --- generation ------------------------------------------------------------------------------------
@@ -333,27 +389,28 @@ class Engine:
         """generate()'s loop on the decode graph: GRAPH_CHUNK tokens at a time, each chunk consumed whole (up to
         its stop) before its text is yielded, so the state and `generated` agree at every yield."""
         burst = self._burst(logits, max_new_tokens, sampler, unknown, GRAPH_CHUNK)
-        for chunk in burst:
-            keep, pieces, stopped = len(chunk), [], None
-            for j, tok in enumerate(chunk):
-                if tok in eos:
-                    keep, stopped = j + 1, "eos"
+        with self._changing():
+            for chunk in burst:
+                keep, pieces, stopped = len(chunk), [], None
+                for j, tok in enumerate(chunk):
+                    if tok in eos:
+                        keep, stopped = j + 1, "eos"
+                        break
+                    piece = stream.push(tok)
+                    if piece:
+                        pieces.append(piece)
+                    if stream.stopped:
+                        keep, stopped = j + 1, "stop"
+                        break
+                if keep < len(chunk):
+                    burst.keep(keep)
+                self._advance(chunk[:keep])
+                self.generated.extend(chunk[:keep])
+                yield from pieces
+                if stopped == "stop":
+                    return
+                if stopped == "eos":
                     break
-                piece = stream.push(tok)
-                if piece:
-                    pieces.append(piece)
-                if stream.stopped:
-                    keep, stopped = j + 1, "stop"
-                    break
-            if keep < len(chunk):
-                burst.keep(keep)
-            self._advance(chunk[:keep])
-            self.generated.extend(chunk[:keep])
-            yield from pieces
-            if stopped == "stop":
-                return
-            if stopped == "eos":
-                break
         tail = stream.flush()
         if tail:
             yield tail
@@ -379,9 +436,10 @@ class Engine:
                 logits = self.feed(out[-1:], logits="last")
             return out
         out = []
-        for ids in self._burst(logits, max_new_tokens, sampler, None, chunk):
-            self._advance(ids)
-            out += ids
+        with self._changing():
+            for ids in self._burst(logits, max_new_tokens, sampler, None, chunk):
+                self._advance(ids)
+                out += ids
         return out
 
     def _burst(self, logits: torch.Tensor, n: int, sampler: Sampler, unknown: torch.Tensor | None, chunk: int) -> Burst:

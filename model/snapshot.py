@@ -23,6 +23,7 @@ import struct
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,9 +51,42 @@ def pack(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> bytes:
         payload_bytes=len(payload),
     )
     _, st_head, datas = _layout(payload)
-    header["sha256"] = _digest(header, st_head, datas)
+    header["sha256"] = _digest(header, st_head, datas)[0]
     hb = json.dumps(header, sort_keys=True).encode()
     return b"".join([MAGIC, struct.pack("<I", len(hb)), hb, payload])
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A snapshot in the parts a store keeps: `prefix` (magic, header and the payload's safetensors header) and,
+    in payload order, each tensor's bytes with its sha256 (hex). `bytes(parts)` is the blob; the store writes
+    only the pieces it does not have yet (Engine.snapshot_parts hashes a piece once, when it changed)."""
+
+    prefix: bytes
+    pieces: list[tuple[str, memoryview]]
+
+    def __bytes__(self) -> bytes:
+        return b"".join([self.prefix, *(d for _, d in self.pieces)])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.prefix) + sum(len(d) for _, d in self.pieces)
+
+
+def pack_parts(header: dict[str, Any], st_head: bytes, pieces: list[tuple[str, memoryview]]) -> Parts:
+    """Parts of the blob pack() would make of the same tensors, from the payload's safetensors header and each
+    tensor's bytes and sha256 in payload order (hashed by the caller, who knows which changed)."""
+    index = _index(memoryview(st_head))
+    header = dict(header)
+    header.update(
+        format=FORMAT_VERSION,
+        shapes={name: shape for name, _, shape, _ in index},
+        payload_bytes=len(st_head) + sum(len(d) for _, d in pieces),
+    )
+    leaves = [hashlib.sha256(st_head).digest(), *(bytes.fromhex(h) for h, _ in pieces)]
+    header["sha256"] = _digest_of_leaves(header, leaves)
+    hb = json.dumps(header, sort_keys=True).encode()
+    return Parts(b"".join([MAGIC, struct.pack("<I", len(hb)), hb, st_head]), pieces)
 
 
 def read_header(blob: bytes) -> tuple[dict[str, Any], int]:
@@ -80,12 +114,13 @@ def read_header(blob: bytes) -> tuple[dict[str, Any], int]:
     return header, start + n
 
 
-def unpack(blob: bytes | Sequence[bytes]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def unpack(blob: bytes | Sequence[bytes], digests: dict[str, str] | None = None):
     """Check magic, version, length and sha256, then decode the tensors and check their shapes.
 
     `blob` is the snapshot's bytes, or the same bytes in parts as memory/pieces.py splits them: [everything up to
     the first tensor's bytes, then each tensor's bytes in payload order] (a store need not join a large state).
-    The tensors are read-only views of those bytes (no copy): copy them before writing into them."""
+    The tensors are read-only views of those bytes (no copy): copy them before writing into them. Returns
+    (header, {name: tensor}); a dict passed as `digests` receives each tensor's sha256 (hex) too (format 2)."""
     whole = isinstance(blob, bytes | bytearray | memoryview)
     if not whole and not (isinstance(blob, Sequence) and blob and not isinstance(blob, str)):
         raise SnapshotError(f"a snapshot is bytes, got {type(blob).__name__}")
@@ -97,8 +132,11 @@ def unpack(blob: bytes | Sequence[bytes]) -> tuple[dict[str, Any], dict[str, tor
             f"snapshot is truncated or padded: payload has {size} bytes, header says {header.get('payload_bytes')}"
         )
     index, st_head, datas = _layout(parts[0][off:], None if whole else parts[1:])
-    if _digest(header, st_head, datas) != header.get("sha256"):
+    digest, leaves = _digest(header, st_head, datas)
+    if digest != header.get("sha256"):
         raise SnapshotError("snapshot is corrupt: its sha256 does not match its header and payload")
+    if digests is not None and leaves:
+        digests.update({name: leaf.hex() for (name, _, _), leaf in zip(index, leaves[1:], strict=True)})
     tensors = {}
     with warnings.catch_warnings():  # a bytes blob is read-only; these views are only read
         warnings.simplefilter("ignore", UserWarning)
@@ -111,31 +149,39 @@ def unpack(blob: bytes | Sequence[bytes]) -> tuple[dict[str, Any], dict[str, tor
     return header, tensors
 
 
+def _index(st_head: memoryview) -> list[tuple[str, torch.dtype, list[int], tuple[int, int]]]:
+    """A safetensors header's tensors [(name, dtype, shape, (start, end))] in byte order, checked to lie end to end.
+    (The format is simple: an 8-byte length, a JSON index of dtype/shape/offsets, then the tensors' bytes.)"""
+    (n,) = struct.unpack_from("<Q", st_head, 0)
+    if len(st_head) < 8 + n:
+        raise ValueError("its header is cut short")
+    spans = json.loads(bytes(st_head[8 : 8 + n]))
+    index, pos = [], 0
+    for (a, b), name, spec in sorted((v["data_offsets"], k, v) for k, v in spans.items() if k != "__metadata__"):
+        dtype, shape = _DTYPES[spec["dtype"]], [int(d) for d in spec["shape"]]
+        if a != pos or b - a != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} at bytes {a}..{b} does not follow the previous one or fit its shape")
+        index.append((name, dtype, shape, (a, b)))
+        pos = b
+    return index
+
+
 def _layout(payload: memoryview, datas: list[memoryview] | None = None):
     """A safetensors payload's index [(name, dtype, shape)] in byte order, its header bytes and each tensor's bytes.
 
     With `datas` the payload is only its header and the tensors' bytes come separately, one buffer each.
-    (safetensors.torch.load copies every tensor twice, most of a large restore's time; the format is simple: an
-    8-byte length, a JSON index of dtype/shape/offsets, then the tensors laid end to end.)"""
+    (safetensors.torch.load copies every tensor twice, most of a large restore's time.)"""
     try:
+        full = _index(payload)
         (n,) = struct.unpack_from("<Q", payload, 0)
-        spans = json.loads(bytes(payload[8 : 8 + n]))
         st_head = payload[: 8 + n]
-        if len(st_head) != 8 + n:
-            raise ValueError("its header is cut short")
-        index, pos, offsets = [], 0, []
-        entries = sorted((v["data_offsets"], k, v) for k, v in spans.items() if k != "__metadata__")
-        for (a, b), name, spec in entries:
-            dtype, shape = _DTYPES[spec["dtype"]], [int(d) for d in spec["shape"]]
-            if a != pos or b - a != math.prod(shape) * dtype.itemsize:
-                raise ValueError(f"tensor {name!r} at bytes {a}..{b} does not follow the previous one or fit its shape")
-            index.append((name, dtype, shape))
-            offsets.append((a, b))
-            pos = b
+        index = [(name, dtype, shape) for name, dtype, shape, _ in full]
+        offsets = [span for *_, span in full]
+        end = offsets[-1][1] if offsets else 0
         if datas is None:
             body = payload[8 + n :]
-            if len(body) != pos:
-                raise ValueError(f"{len(body)} bytes of tensors, the index describes {pos}")
+            if len(body) != end:
+                raise ValueError(f"{len(body)} bytes of tensors, the index describes {end}")
             datas = [body[a:b] for a, b in offsets]
         elif len(payload) != 8 + n or [len(d) for d in datas] != [b - a for a, b in offsets]:
             raise ValueError("its parts do not match the index")
@@ -144,24 +190,33 @@ def _layout(payload: memoryview, datas: list[memoryview] | None = None):
         raise SnapshotError(f"snapshot is corrupt: its payload is not a valid safetensors file: {e}") from e
 
 
-def _digest(header: dict[str, Any], st_head: memoryview, datas: list[memoryview]) -> str:
+def _digest(header: dict[str, Any], st_head: memoryview, datas: list[memoryview]) -> tuple[str, list[bytes]]:
     """Format 1: sha256 of the canonical header JSON then the payload. Format 2: of the JSON, then the sha256 of
-    the payload's index and of each tensor's bytes (hashed by threads: hashlib lets go of the GIL)."""
-    rest = {k: v for k, v in header.items() if k != "sha256"}
-    h = hashlib.sha256(json.dumps(rest, sort_keys=True).encode())
+    the payload's index and of each tensor's bytes (hashed by threads: hashlib lets go of the GIL). Returns the
+    digest and those leaf digests (none for format 1)."""
     parts = [st_head, *datas]
     if header.get("format") == 1:
+        h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
         for p in parts:
             h.update(p)
-        return h.hexdigest()
-    if sum(map(len, parts)) < 1 << 20:
-        leaves = [hashlib.sha256(p).digest() for p in parts]
-    else:
-        with ThreadPoolExecutor(min(len(parts), os.cpu_count() or 1, 16)) as pool:
-            leaves = list(pool.map(lambda p: hashlib.sha256(p).digest(), parts))
+        return h.hexdigest(), []
+    leaves = sha256s(parts)
+    return _digest_of_leaves(header, leaves), leaves
+
+
+def _digest_of_leaves(header: dict[str, Any], leaves: list[bytes]) -> str:
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     for leaf in leaves:
         h.update(leaf)
     return h.hexdigest()
+
+
+def sha256s(datas: Sequence[memoryview | bytes]) -> list[bytes]:
+    """The sha256 digest of each buffer; threads share a large batch (hashlib lets go of the GIL)."""
+    if sum(map(len, datas)) < 1 << 20 or len(datas) < 2:
+        return [hashlib.sha256(p).digest() for p in datas]
+    with ThreadPoolExecutor(min(len(datas), os.cpu_count() or 1, 16)) as pool:
+        return list(pool.map(lambda p: hashlib.sha256(p).digest(), datas))
 
 
 def chain(prev: str, ids: list[int]) -> str:

@@ -1,0 +1,81 @@
+"""Incremental snapshots: host copies and sha256s of the state's tensors as of the last snapshot, so the next one
+copies and hashes only what changed since.
+
+Between two snapshots a turn changes every recurrent state (small beside the attention windows at 7B shapes) and
+only the KV pages its tokens were written to (`KVWindow.touched`); the rest of the blob is the same bytes as last
+time. `Engine.snapshot_parts()` asks a `PieceCache` for the parts of the current state: the changed tensors are
+copied to the host (through pinned memory on a GPU, all copies issued before one wait) and hashed by threads;
+the unchanged ones come from the cache, already hashed. The parts join to exactly the bytes `Engine.snapshot()`
+makes from scratch, and a store writes only the pieces it lacks.
+
+The cache is valid only while nothing but feeding tokens changed the state: the engine drops it on reset, on a
+failed feed or decode, and replaces it on restore (the restored blob's pieces are the cache, so the first save
+after a resume is cheap too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from safetensors.torch import save as st_save
+
+from deltamem.model import snapshot as snap
+
+
+class PieceCache:
+    def __init__(self, tokens_seen: int, pieces: dict[str, tuple[str, torch.Tensor]]):
+        self.tokens_seen = tokens_seen  # the state's tokens_seen when these pieces were its tensors
+        self.pieces = pieces  # name -> (sha256 hex, host tensor holding its bytes)
+        self._head: tuple[tuple, bytes] | None = None  # (layout, safetensors header) of the last parts made
+
+    def parts(
+        self, header: dict, names: list[str], changed: set[str], tensor: Callable[[str], torch.Tensor]
+    ) -> snap.Parts:
+        """The parts of a state of tensors `names`, of which those in `changed` (and any not cached) differ from the
+        cache; `tensor(name)` gives one of them (on any device)."""
+        fresh = [n for n in names if n in changed or n not in self.pieces]
+        hosts = _to_host([tensor(n) for n in fresh])
+        for name, host, digest in zip(fresh, hosts, snap.sha256s([_bytes(h) for h in hosts]), strict=True):
+            self.pieces[name] = (digest.hex(), host)
+        for name in set(self.pieces) - set(names):  # a layout that shrank (never expected): forget the rest
+            del self.pieces[name]
+        layout = tuple(sorted((n, str(t.dtype), tuple(t.shape)) for n, (_, t) in self.pieces.items()))
+        if self._head is None or self._head[0] != layout:
+            # The payload's safetensors header depends on names, dtypes and shapes only: made once per layout,
+            # by safetensors itself, so the parts join to what snapshot() writes
+            payload = st_save({n: t for n, (_, t) in self.pieces.items()})
+            (m,) = memoryview(payload)[:8].cast("Q")
+            self._head = (layout, payload[: 8 + m])
+        st_head = self._head[1]
+        order = [name for name, *_ in snap._index(memoryview(st_head))]
+        return snap.pack_parts(header, st_head, [(self.pieces[n][0], _bytes(self.pieces[n][1])) for n in order])
+
+    @classmethod
+    def of_restored(cls, tokens_seen: int, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> PieceCache:
+        """The cache of a state just restored from a blob: its tensors (views of the blob) and their sha256s."""
+        return cls(tokens_seen, {n: (digests[n], t) for n, t in tensors.items()})
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Host copies: from a GPU into pinned buffers, every copy queued before one wait; on the host, plain copies."""
+    out = []
+    cuda = [t for t in tensors if t.is_cuda]
+    for t in tensors:
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+        else:
+            host = t.detach().clone(memory_format=torch.contiguous_format)
+        out.append(host)
+    if cuda:
+        torch.cuda.synchronize(cuda[0].device)
+    return out
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    """A host tensor's bytes, without a copy (little-endian as stored: what safetensors writes)."""
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
