@@ -525,6 +525,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         "seconds": round(elapsed, 3),
         "snapshot": result.snapshot_id,
         "tokens_seen": agent.session.engine.tokens_seen,
+        "timing": result.timing,
     }
     if args.json:
         print(json.dumps(summary))
@@ -569,6 +570,7 @@ def _run_task(agent, task: str, as_json: bool, approver) -> int:
                     "session": result.session_id,
                     "snapshot": result.snapshot_id,
                     "tokens_seen": agent.session.engine.tokens_seen,
+                    "timing": result.timing,
                 }
             )
         )

@@ -41,6 +41,7 @@ class RunResult:
     tokens_fed: int = 0
     session_id: str = ""
     snapshot_id: int | None = None
+    timing: dict = field(default_factory=dict)  # AgentSession.timing over this run (and the resume before it)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class IngestResult:
     tokens: int = 0
     snapshot_id: int | None = None
     cancelled: bool = False
+    timing: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -185,7 +187,12 @@ class Agent:
             fed,
             self.session.sid,
             snap_id,
+            self._take_timing(),
         )
+
+    def _take_timing(self) -> dict:
+        timing, self.session.timing = self.session.timing, {}
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in timing.items()}
 
     # --- ingest ------------------------------------------------------------------------------------------
     def scan(self, max_bytes: int = MAX_FILE_BYTES) -> tuple[list[_Change], IngestResult]:
@@ -246,6 +253,7 @@ class Agent:
                     result.cancelled = True
                     break
                 batch, size = [], 0
+        result.timing = self._take_timing()
         return result
 
     def _ingest_batch(self, batch: list[_Change], on_event, result: IngestResult) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class AgentSession:
         self.sampling: dict = {}  # temperature, top_p, top_k, seed for engine.generate
         self.convert_state = convert_state
         self.events: list[dict] = []  # turns to record with the next save (a state converted on resume)
+        self.timing: dict[str, float] = {}  # seconds and counts since the caller last cleared it (see _time)
 
     # --- opening ---------------------------------------------------------------------------------------
     @classmethod
@@ -122,7 +124,9 @@ class AgentSession:
         if header.get("tokens_seen") != len(ids) or header.get("token_chain") != snap.chain(snap.EMPTY_CHAIN, ids):
             log.warning("snapshot %s does not match its stored token ids; skipping it", snapshot_id)
             return False
+        t0 = time.perf_counter()
         converted = self.engine.restore(blob, convert_dtype=self.convert_state)
+        self._time(restore_s=time.perf_counter() - t0, restored_tokens=len(ids))
         if converted:
             dtype = str(self.engine.dtype).removeprefix("torch.")
             text = f"the model state of snapshot {snapshot_id} was converted from {converted} to {dtype} on resume"
@@ -162,11 +166,13 @@ class AgentSession:
 
     def feed(self, messages: list[dict], add_generation_prompt: bool = False) -> int:
         """Make the state consume the rendered conversation (no generation); returns the tokens fed."""
+        t0 = time.perf_counter()
         rendered = self.template.render(messages, add_generation_prompt=add_generation_prompt)
         new = self._sync(rendered)
         if new:
             self.engine.feed(new, logits="none")
         self._consumed(new, rendered[len(self.text) :])
+        self._time(feed_tokens=len(new), feed_s=time.perf_counter() - t0)
         return len(new)
 
     def stream_reply(self, messages: list[dict], max_new_tokens: int = 512, **sampling) -> Generator[str, None, Reply]:
@@ -184,6 +190,11 @@ class AgentSession:
                 if self.cancel.is_set():  # each yielded token is fully fed: stopping here is clean
                     break
         finally:  # finished, closed or interrupted: keep ids/text in step with the state, or go back to a known one
+            g = getattr(self.engine, "last_generate", None) or {}
+            self._time(
+                prompt_tokens=g.get("prompt_tokens", 0), prompt_s=g.get("prompt_s", 0.0),
+                decode_tokens=g.get("new_tokens", 0), decode_s=g.get("decode_s", 0.0),
+            )  # fmt: skip
             gen = list(self.engine.generated)
             if self.engine.tokens_seen == len(self.ids) + len(new) + len(gen):
                 self._consumed(new, delta)
@@ -205,6 +216,12 @@ class AgentSession:
                 return done.value
             if on_piece is not None:
                 on_piece(piece)
+
+    def _time(self, **figures: float) -> None:
+        """Add to `timing`: restore_s/restored_tokens (resumes), prompt_*/decode_* (replies: tokens, seconds),
+        feed_* (files and messages fed without a reply), save_s/save_bytes/save_new_bytes (snapshots)."""
+        for k, v in figures.items():
+            self.timing[k] = self.timing.get(k, 0) + v
 
     def _consumed(self, ids: list[int], text: str) -> None:
         self.ids += ids
@@ -231,7 +248,8 @@ class AgentSession:
     # --- saving ------------------------------------------------------------------------------------------
     def save(self, turns: list[dict], checkpoint_id: str | None = None, ingested=(), name: str | None = None) -> int:
         """Store the turns, ledger entries and a snapshot of the state (with its ids), in one transaction."""
-        return self.store.save_turn(
+        t0 = time.perf_counter()
+        snap_id = self.store.save_turn(
             self.sid,
             turns,
             self.engine.snapshot_parts(),
@@ -240,3 +258,6 @@ class AgentSession:
             token_ids=self.ids,
             name=name,
         )
+        saved = self.store.last_save
+        self._time(save_s=time.perf_counter() - t0, save_bytes=saved["bytes"], save_new_bytes=saved["new_bytes"])
+        return snap_id

@@ -20,9 +20,9 @@ import logging
 import os
 import shutil
 import sqlite3
-import time
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime

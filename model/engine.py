@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -354,9 +355,23 @@ class Engine:
         eos = set(self.config.eos_ids if stop_ids is None else stop_ids)
         stream = TextStream(self.tokenizer, stop)
         self.generated: list[int] = []
+        t0 = time.perf_counter()
         logits = self.feed(list(ids), logits="last") if len(ids) else None
         if logits is None:
             raise ValueError("generate() needs at least one prompt token")
+        if self.device.type == "cuda":  # the prompt's time is its own (decode waits for it anyway)
+            torch.cuda.synchronize(self.device)
+        t1 = time.perf_counter()
+        # the last call's figures: prompt tokens and seconds to feed them, generated tokens and seconds
+        self.last_generate = {"prompt_tokens": len(ids), "prompt_s": t1 - t0, "new_tokens": 0, "decode_s": 0.0}
+        try:
+            yield from self._sample(logits, max_new_tokens, sampler, eos, stream)
+        finally:
+            self.last_generate.update(new_tokens=len(self.generated), decode_s=time.perf_counter() - t1)
+
+    def _sample(
+        self, logits: torch.Tensor, max_new_tokens: int, sampler: Sampler, eos: set[int], stream: TextStream
+    ) -> Iterator[str]:
         unknown = self._unknown_ids()
         if self.fast_decode:
             yield from self._generate_on_device(logits, max_new_tokens, sampler, eos, stream, unknown)

@@ -61,10 +61,19 @@ def test_ingest_run_kill_resume(repo, tmp_path):
     assert (second["files"], second["unchanged"]) == (1, 2)
     assert second["tokens_seen"] == a["tokens_seen"] + second["tokens"]  # appended, not re-read
 
+    stored = "select coalesce(sum(bytes), 0) from pieces"
+    pieces_before = sqlite3.connect(db).execute(stored).fetchone()[0]
     ran = deltamem("run", *common, "--json", "--max-new-tokens", "6", "What does an apple cost?")
     assert ran.returncode in (0, 3), ran.stderr
     r = json.loads(ran.stdout)
     assert r["tokens_seen"] == second["tokens_seen"] + r["tokens_fed"] and r["snapshot"]
+    # its timing: resumed from the ingest's state, fed and generated what it says, and saved only new pieces
+    t = r["timing"]
+    assert t["restored_tokens"] == second["tokens_seen"] and t["restore_s"] > 0
+    assert t["prompt_tokens"] + t["decode_tokens"] + t.get("feed_tokens", 0) == r["tokens_fed"]
+    assert 0 < t["decode_tokens"] <= 6 * (len(r["tool_calls"]) + 1)
+    assert t["save_new_bytes"] == sqlite3.connect(db).execute(stored).fetchone()[0] - pieces_before
+    assert 0 < t["save_new_bytes"] < t["save_bytes"]
 
     # a run killed while generating: nothing of it is committed, the session stays at its last snapshot
     killed = deltamem("run", *common, "--max-new-tokens", "2000", "Tell me everything.", wait=False)
