@@ -62,8 +62,11 @@ print(json.dumps({"method": method, "seconds": time.perf_counter() - t0, "baseli
 
 
 @torch.no_grad()
-def write_checkpoint(root: Path) -> int:
-    hf = olmo_hybrid_7b_config() | {"eos_token_id": 100257, "pad_token_id": 100277, "tie_word_embeddings": False}
+def write_checkpoint(root: Path, hf: dict | None = None) -> int:
+    """A sharded HF folder of random bf16 weights (normal, std 0.02) for the config `hf` (default: OLMo Hybrid 7B's
+    shapes); returns its bytes."""
+    if hf is None:
+        hf = olmo_hybrid_7b_config() | {"eos_token_id": 100257, "pad_token_id": 100277, "tie_word_embeddings": False}
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(hf))
     with torch.device("meta"):

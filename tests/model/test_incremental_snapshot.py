@@ -126,3 +126,18 @@ def test_the_store_writes_only_new_pieces(folder, tmp_path):
         other = load_model(folder, window=WINDOW, sink=SINK)
         other.restore(store.load_snapshot(sid, joined=False))
         assert torch.equal(other.feed(ids(5, 15)), eng.feed(ids(5, 15)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_through_pinned_copies_and_the_decode_graph(folder):
+    eng = load_model(folder, window=WINDOW, sink=SINK, device="cuda", dtype="bfloat16")
+    assert eng.fast_decode  # the captured CUDA graph
+    eng.feed(ids(500, 16))
+    check(eng)
+    logits = eng.feed(ids(3, 17), logits="last")
+    eng.decode(logits, 150, chunk=16)  # wraps the ring
+    parts = check(eng)
+    assert all(t.is_pinned() for t in buffers(eng).values())
+    cpu = load_model(folder, window=WINDOW, sink=SINK, dtype="bfloat16")
+    cpu.restore(bytes(parts))  # and on the CPU, exactly the same state
+    assert cpu.snapshot() == bytes(parts)
