@@ -12,6 +12,7 @@ snapshot of the model state (with the ids it consumed), linked to the graph chec
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,8 @@ from deltamem.tools import ToolContext, default_tools
 from deltamem.tools.files import project_files
 
 MAX_FILE_BYTES = 256_000  # larger files are skipped by ingest (the tools can still read them in ranges)
-BATCH_BYTES = 128_000  # ingest commits a snapshot after about this much text (~32k tokens)
+BATCH_BYTES = 128_000  # ingest feeds files in batches of about this much text (~32k tokens)
+COMMIT_EVERY_S = 30.0  # and commits (a snapshot with the ledger) once batches have run this long (see ingest)
 
 Event = dict
 Approver = Callable[[dict], bool]
@@ -234,29 +236,45 @@ class Agent:
         on_event: Callable[[Event], None] = lambda e: None,
         max_bytes: int = MAX_FILE_BYTES,
         batch_bytes: int = BATCH_BYTES,
+        commit_every_s: float = COMMIT_EVERY_S,
     ) -> IngestResult:
-        """Feed new and changed files (and notes of removed ones) through the model, in batches; each batch is
-        committed with its ledger entries and a snapshot, so an interrupted ingest keeps what it finished."""
+        """Feed new and changed files (and notes of removed ones) through the model, in batches of `batch_bytes`;
+        batches are committed with their ledger entries and a snapshot once `commit_every_s` (and ten times the
+        last save) has passed since the last commit, and at the end, so an interrupted ingest keeps what it
+        committed and loses at most that much work."""
         self.session.cancel.clear()
         changes, result = self.scan(max_bytes)
         on_event({"scan": {"changed": len(changes), "unchanged": result.unchanged, "skipped": len(result.skipped)}})
         batch: list[_Change] = []
         size = 0
+        done = _Uncommitted()
+        last_commit, save_s = time.perf_counter(), 0.0
         for i, ch in enumerate(changes):
             batch.append(ch)
             size += ch.size or 0
-            if size >= batch_bytes or i == len(changes) - 1:
+            last = i == len(changes) - 1
+            if size >= batch_bytes or last:
                 try:
-                    self._ingest_batch(batch, on_event, result)
-                except Cancelled:  # the unfinished batch is dropped: ledger, state and thread stay at the last save
+                    self._ingest_batch(batch, on_event, done)
+                except Cancelled:  # the uncommitted batches are dropped: ledger, state and thread stay at the last save
                     self.back_to_last_save()
                     result.cancelled = True
                     break
                 batch, size = [], 0
+                # Commit when the batches since the last commit took long enough that a save costs little beside
+                # them (at most a tenth), and not more often than every COMMIT_EVERY_S: on a CPU every batch
+                # (minutes), on a GPU every few hundred thousand tokens, where a save writes the whole state.
+                since = time.perf_counter() - last_commit
+                if last or since >= max(commit_every_s, 10 * save_s):
+                    t0 = time.perf_counter()
+                    done.commit(self, result)
+                    last_commit = time.perf_counter()
+                    save_s = last_commit - t0
         result.timing = self._take_timing()
         return result
 
-    def _ingest_batch(self, batch: list[_Change], on_event, result: IngestResult) -> None:
+    def _ingest_batch(self, batch: list[_Change], on_event, done: _Uncommitted) -> None:
+        """Feed one batch of files through the graph; what to commit goes to `done`."""
         fed0 = self.session.fed
         msgs = [file_message(ch.path, ch.text) for ch in batch]
         tokens: dict[str, int] = {}
@@ -271,7 +289,7 @@ class Agent:
         inp = {"messages": self._with_system(msgs), "mode": "feed", "feed_count": len(msgs)}
         self._drive(inp, progress, None)
         fed = self.session.fed - fed0
-        ledger = [
+        done.ledger += [
             {
                 "path": ch.path,
                 "sha256": ch.sha256,
@@ -284,10 +302,30 @@ class Agent:
         ]
         names = ", ".join(ch.path for ch in batch[:3]) + (f" and {len(batch) - 3} more" if len(batch) > 3 else "")
         # the file messages stay in the conversation; the turn log gets one short line per batch
-        checkpoint = self.graph.get_state(self.config).config["configurable"].get("checkpoint_id")
-        result.snapshot_id = self._commit(
-            [{"role": "ingest", "text": f"ingested {len(batch)} files: {names}", "tokens": fed}], checkpoint, ledger
-        )
-        result.files += sum(ch.text is not None for ch in batch)
-        result.removed += sum(ch.text is None for ch in batch)
-        result.tokens += fed
+        done.rows.append({"role": "ingest", "text": f"ingested {len(batch)} files: {names}", "tokens": fed})
+        done.files += sum(ch.text is not None for ch in batch)
+        done.removed += sum(ch.text is None for ch in batch)
+        done.tokens += fed
+
+
+@dataclass
+class _Uncommitted:
+    """Ingested batches not committed yet: their turn rows, ledger rows and counts."""
+
+    rows: list[dict] = field(default_factory=list)
+    ledger: list[dict] = field(default_factory=list)
+    files: int = 0
+    removed: int = 0
+    tokens: int = 0
+
+    def commit(self, agent: Agent, result: IngestResult) -> None:
+        """One transaction: the rows, the ledger and a snapshot, linked to the graph's checkpoint; counted in
+        `result`, then forgotten."""
+        if not self.rows:
+            return
+        checkpoint = agent.graph.get_state(agent.config).config["configurable"].get("checkpoint_id")
+        result.snapshot_id = agent._commit(self.rows, checkpoint, self.ledger)
+        result.files += self.files
+        result.removed += self.removed
+        result.tokens += self.tokens
+        self.__init__()

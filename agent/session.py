@@ -233,16 +233,39 @@ class AgentSession:
         return self.reply(messages, self.max_new_tokens, on_piece, **self.sampling).text
 
     def feed_messages(self, messages: list[dict], new_count: int, on_progress: Callable[[dict], None]) -> int:
-        """Feed the last `new_count` messages one at a time (a progress event after each, with the tokens of that
-        message alone: what comes before them, a new session's system prompt, is fed first)."""
+        """Feed the last `new_count` messages (what comes before them, a new session's system prompt, is fed first),
+        with a progress event after each (the tokens of that message alone). Their tokens go to the engine as one
+        stream in whole prefill chunks (a message's tail shares a chunk with the next one's head): on a GPU many
+        short files still run in large, uniform chunks."""
         start = len(messages) - new_count
-        total = self.feed(messages[:start]) if start else 0
-        for i in range(start + 1, len(messages) + 1):
-            if self.cancel.is_set():
-                raise Cancelled("ingest cancelled")
-            n = self.feed(messages[:i])
-            total += n
-            on_progress({"done": i - start, "count": new_count, "tokens": n})
+        first = total = self.feed(messages[:start]) if start else 0
+        chunk = self.engine.prefill_chunk
+        unfed: list[int] = []  # consumed by the text and ids here, not yet by the engine
+        t0 = time.perf_counter()
+        try:
+            for i in range(start + 1, len(messages) + 1):
+                if self.cancel.is_set():
+                    raise Cancelled("ingest cancelled")
+                rendered = self.template.render(messages[:i], add_generation_prompt=False)
+                if not rendered.startswith(self.text) and unfed:  # a roll-back comes: first feed what is pending
+                    self.engine.feed(unfed, logits="none")
+                    unfed = []
+                new = self._sync(rendered)
+                self._consumed(new, rendered[len(self.text) :])
+                unfed += new
+                whole = len(unfed) // chunk * chunk
+                if whole:
+                    self.engine.feed(unfed[:whole], logits="none")
+                    unfed = unfed[whole:]
+                total += len(new)
+                on_progress({"done": i - start, "count": new_count, "tokens": len(new)})
+            if unfed:
+                self.engine.feed(unfed, logits="none")
+                unfed = []
+        finally:
+            if unfed:  # stopped with tokens counted as consumed that the state never saw: back to a known state
+                self.resume()
+        self._time(feed_tokens=total - first, feed_s=time.perf_counter() - t0)
         return total
 
     # --- saving ------------------------------------------------------------------------------------------

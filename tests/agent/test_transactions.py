@@ -4,6 +4,7 @@ the run's transaction (and dropped with a run that fails), and the ingest ledger
 import json
 
 import pytest
+import torch
 
 from deltamem.agent.prompt import file_message
 from deltamem.agent.runner import Agent
@@ -74,3 +75,23 @@ def test_ledger_records_each_files_tokens(tmp_path):
     assert sum(tokens.values()) < ingest["tokens"]  # the rest is the session's system prompt, fed first
     text = deltamem("sessions", "show", "shop", "--db", str(db)).stdout
     assert f"2 ingested files, {sum(tokens.values()):,} tokens" in text
+
+
+def test_ingest_streams_files_in_whole_chunks_and_commits_by_time(tmp_path):
+    """Files are fed as one token stream in whole prefill chunks (not one short feed per file); batches are
+    committed once enough time has passed (commit_every_s=0: each batch), else together at the end. Either way the
+    committed state is the one its stored ids give when fed from scratch in one call."""
+    files = {f"doc{i}.md": f"# Document {i}\n" + f"line {i} of the case file\n" * (20 + 7 * i) for i in range(5)}
+    repo = git_repo(tmp_path / "case", files)
+    for name, every, snapshots in (("each", 0.0, 5), ("once", 3600.0, 1)):
+        with Store(tmp_path / f"{name}.db") as store:
+            engine = load_model("random", window=64, prefill_chunk=48)
+            result = Agent(engine, store, name, repo).ingest(batch_bytes=1, commit_every_s=every)
+            assert (result.files, len(store.snapshots(name))) == (5, snapshots)
+            assert set(store.ingested(name)) == set(files)
+            ids = store.load_tokens(name, store.snapshots(name)[-1]["id"])
+            assert len(ids) == engine.tokens_seen == result.tokens
+            reference = load_model("random", window=64, prefill_chunk=4096)
+            reference.feed(ids, logits="none")
+            probe = [5, 6, 7]
+            assert torch.allclose(engine.feed(probe), reference.feed(probe), atol=1e-4)
