@@ -194,6 +194,7 @@ class AgentSession:
             self._time(
                 prompt_tokens=g.get("prompt_tokens", 0), prompt_s=g.get("prompt_s", 0.0),
                 decode_tokens=g.get("new_tokens", 0), decode_s=g.get("decode_s", 0.0),
+                graph_capture_s=g.get("capture_s", 0.0),
             )  # fmt: skip
             gen = list(self.engine.generated)
             if self.engine.tokens_seen == len(self.ids) + len(new) + len(gen):
@@ -218,8 +219,9 @@ class AgentSession:
                 on_piece(piece)
 
     def _time(self, **figures: float) -> None:
-        """Add to `timing`: restore_s/restored_tokens (resumes), prompt_*/decode_* (replies: tokens, seconds),
-        feed_* (files and messages fed without a reply), save_s/save_bytes/save_new_bytes (snapshots)."""
+        """Add to `timing`: restore_s/restored_tokens (resumes), prompt_*/decode_* (replies: tokens, seconds;
+        graph_capture_s apart), feed_* (files and messages fed without a reply), save_s/save_bytes/save_new_bytes
+        (snapshots: the whole save, of which snapshot_s to take the state's changed pieces to the host)."""
         for k, v in figures.items():
             self.timing[k] = self.timing.get(k, 0) + v
 
@@ -272,10 +274,12 @@ class AgentSession:
     def save(self, turns: list[dict], checkpoint_id: str | None = None, ingested=(), name: str | None = None) -> int:
         """Store the turns, ledger entries and a snapshot of the state (with its ids), in one transaction."""
         t0 = time.perf_counter()
+        parts = self.engine.snapshot_parts()
+        self._time(snapshot_s=time.perf_counter() - t0)
         snap_id = self.store.save_turn(
             self.sid,
             turns,
-            self.engine.snapshot_parts(),
+            parts,
             ingested=ingested,
             checkpoint_id=checkpoint_id,
             token_ids=self.ids,

@@ -30,6 +30,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # fp32 operands and tf32 dots): a comma list of state, output. The solve always runs in fp32 (tf32 dots).
 LOW_PRECISION = set(os.environ.get("DELTAMEM_GDN_LOW", "state,output").split(","))
 _INTERP = tl.constexpr(INTERPRET)
+# Autotuning results kept in Triton's cache directory, so each new process (every `deltamem run`) does not time
+# the configs again (it cost about 2 s before the first token at 7B shapes)
+CACHE = not INTERPRET
 CHUNK = 64
 _SUB = 16  # rows of the sub-blocks of the in-chunk solve
 
@@ -130,7 +133,9 @@ def _mm(a, b, PREC: tl.constexpr, acc=None):
     return tl.dot(a, b, acc, input_precision=PREC)
 
 
-@triton.autotune(configs=_configs([{}], [4, 2, 1], [1]), key=["H", "HV", "K", "BK", "IS_VARLEN", "PREC"])
+@triton.autotune(
+    configs=_configs([{}], [4, 2, 1], [1]), key=["H", "HV", "K", "BK", "IS_VARLEN", "PREC"], cache_results=CACHE
+)
 @triton.jit(do_not_specialize=["T", "NT"])
 def _solve_kernel(
     k,
@@ -226,7 +231,11 @@ def _store_row_blocks(p, m, c0, c1, c2, c3, BC: tl.constexpr):
     tl.store(p + 3 * BC, c3.to(p.dtype.element_ty), mask=m[:, None])
 
 
-@triton.autotune(configs=_configs([{}], [4, 8], [2]), key=["H", "HV", "K", "V", "BK", "BV", "IS_VARLEN", "PREC"])
+@triton.autotune(
+    configs=_configs([{}], [4, 8], [2]),
+    key=["H", "HV", "K", "V", "BK", "BV", "IS_VARLEN", "PREC"],
+    cache_results=CACHE,
+)
 @triton.jit(do_not_specialize=["T", "NT"])
 def _wu_kernel(
     k,
@@ -278,6 +287,7 @@ def _wu_kernel(
 @triton.autotune(
     configs=_configs([{"BV": 64}, {"BV": 32}], [4], [2, 3]),
     key=["H", "HV", "K", "V", "BK", "IS_VARLEN", "PREC", "LOW"],
+    cache_results=CACHE,
 )
 @triton.jit(do_not_specialize=["T", "NT"])
 def _state_kernel(
@@ -364,6 +374,7 @@ def _state_kernel(
 @triton.autotune(
     configs=_configs([{"BV": 64}], [4, 8], [2, 3]),
     key=["H", "HV", "K", "V", "BK", "IS_VARLEN", "PREC", "LOW"],
+    cache_results=CACHE,
 )
 @triton.jit(do_not_specialize=["T", "NT"])
 def _output_kernel(

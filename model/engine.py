@@ -20,7 +20,7 @@ from deltamem.model.errors import SnapshotError, resource_error
 from deltamem.model.layers import HybridLM
 from deltamem.model.packed import pack
 from deltamem.model.sampling import Sampler, TextStream
-from deltamem.model.snapcache import PieceCache
+from deltamem.model.snapcache import PieceCache, warm_pinned
 
 if TYPE_CHECKING:
     from deltamem.model.tokenizer import Tokenizer
@@ -323,6 +323,12 @@ class Engine:
         self.tokens_seen, self.token_chain = seen, chain
         # the blob's pieces are the state's: the next snapshot_parts() copies and hashes only what changes after
         self._pieces = PieceCache.of_restored(seen, tensors, digests) if converted is None and digests else None
+        if self.device.type == "cuda":  # what a turn changes (every recurrent state, about two pages per window)
+            turn = [
+                (t.shape, t.dtype) for st in self.states if isinstance(st, DeltaState) for t in (st.conv, st.recurrent)
+            ]
+            turn += [(t.shape, t.dtype) for n, t in tensors.items() if n.endswith(".kv.00000") for _ in range(2)]
+            warm_pinned(turn)  # their pinned host buffers, made while the turn runs
         return converted
 
     # --- generation ------------------------------------------------------------------------------------
@@ -362,12 +368,18 @@ class Engine:
         if self.device.type == "cuda":  # the prompt's time is its own (decode waits for it anyway)
             torch.cuda.synchronize(self.device)
         t1 = time.perf_counter()
-        # the last call's figures: prompt tokens and seconds to feed them, generated tokens and seconds
+        # the last call's figures: prompt tokens and seconds to feed them, generated tokens and seconds to decode
+        # them, apart from the seconds spent capturing a decode graph (once per state, before the first token)
         self.last_generate = {"prompt_tokens": len(ids), "prompt_s": t1 - t0, "new_tokens": 0, "decode_s": 0.0}
+        self._capture_s = 0.0
         try:
             yield from self._sample(logits, max_new_tokens, sampler, eos, stream)
         finally:
-            self.last_generate.update(new_tokens=len(self.generated), decode_s=time.perf_counter() - t1)
+            self.last_generate.update(
+                new_tokens=len(self.generated),
+                decode_s=time.perf_counter() - t1 - self._capture_s,
+                capture_s=self._capture_s,
+            )
 
     def _sample(
         self, logits: torch.Tensor, max_new_tokens: int, sampler: Sampler, eos: set[int], stream: TextStream
@@ -459,8 +471,12 @@ class Engine:
 
     def _burst(self, logits: torch.Tensor, n: int, sampler: Sampler, unknown: torch.Tensor | None, chunk: int) -> Burst:
         if self._graph is None or not self._graph.bound_to(self.states):
+            t0 = time.perf_counter()
             self._graph = None  # drop the old graph (and its memory pool) before capturing a new one
             self._graph = DecodeGraph(self.model, self.states, capture=self.device.type == "cuda")
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._capture_s = time.perf_counter() - t0
 
         def sample(row: torch.Tensor) -> torch.Tensor:
             if unknown is not None:

@@ -15,6 +15,7 @@ after a resume is cheap too).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -55,6 +56,21 @@ class PieceCache:
     def of_restored(cls, tokens_seen: int, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> PieceCache:
         """The cache of a state just restored from a blob: its tensors (views of the blob) and their sha256s."""
         return cls(tokens_seen, {n: (digests[n], t) for n, t in tensors.items()})
+
+
+def warm_pinned(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> threading.Thread:
+    """Allocate and free pinned host buffers of these shapes and dtypes in a background thread, so that the
+    caching host allocator already holds them when the next snapshot copies a GPU state's pieces: a process's
+    first pinned allocations cost about 2 ms per MB (measured on an H200 host), which a resumed session's first
+    save would otherwise pay."""
+
+    def allocate() -> None:
+        buffers = [torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in specs]
+        del buffers  # back to the allocator's cache, not to the system
+
+    thread = threading.Thread(target=allocate, name="deltamem-pinned", daemon=True)
+    thread.start()
+    return thread
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -403,3 +403,31 @@ def test_token_ids_are_kept_with_their_snapshot_in_shared_chunks(store, ckpt):
         r[0] for r in store.db.execute("select sha256 from snapshot_pieces union select sha256 from snapshot_tokens")
     }
     assert left == used  # nothing orphaned, nothing missing
+
+
+def test_large_pages_and_the_log_copied_in_the_background(ckpt, tmp_path):
+    """A new database has 64 KiB pages; a save does not copy the write-ahead log into the database itself (the
+    checkpoint runs from another connection once the log is large), and closing leaves everything in the file."""
+    from deltamem.memory import store as store_module
+
+    path = tmp_path / "memory.db"
+    with Store(path) as s:
+        assert s.db.execute("pragma page_size").fetchone()[0] == 65536
+        eng = load_model(ckpt, window=None)  # an unbounded window: the state grows with every token
+        sid = s.create_session("big", eng.fingerprint)
+        eng.feed(ids(3000, 1), logits="none")
+        first = eng.snapshot_parts()
+        s.save_turn(sid, [{"role": "user", "text": "x"}], first)
+        assert s._checkpointer is None  # a log under WAL_CHECKPOINT_BYTES: nothing copied, not even by the commit
+        assert path.stat().st_size < first.nbytes < (tmp_path / "memory.db-wal").stat().st_size
+        eng.feed(ids(500, 2), logits="none")
+        second = eng.snapshot_parts()
+        store_module.WAL_CHECKPOINT_BYTES = 1 << 16  # small, so that this save starts the background checkpoint
+        try:
+            s.save_turn(sid, [{"role": "user", "text": "y"}], second)
+        finally:
+            store_module.WAL_CHECKPOINT_BYTES = 64 << 20
+        s._checkpointer.join()
+        assert path.stat().st_size > first.nbytes  # the thread copied the log into the database file
+    with Store(path) as s:
+        assert s.load_snapshot("big") == bytes(second)
