@@ -288,6 +288,7 @@ def markdown(doc: dict) -> str:
                   f"{e['raw_decode_tok_s']:.1f} tok/s; restore {e['restore_s'] * 1e3:.0f} ms from the database; "
                   f"re-prefilling all {e['context']:,} tokens instead: {e['reprefill_s']:.1f} s "
                   f"({e['reprefill_tok_s']:,.0f} tok/s)."]  # fmt: skip
+    lines += ["", "## Targets", ""] + [f"- {line}" for line in targets(doc)]
     if doc.get("default_model"):
         lines += [
             "",
@@ -302,6 +303,35 @@ def markdown(doc: dict) -> str:
                 f"{r['decode_tok_s']:,.1f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def targets(doc: dict) -> list[str]:
+    """The issue's targets against this run's figures."""
+    out = []
+    ingest = (doc.get("ingest") or {}).get("json")
+    if ingest:
+        rate = ingest["tokens"] / ingest["seconds"]
+        out.append(f"ingest >= 15k tok/s end to end: {rate:,.0f} tok/s ({'met' if rate >= 15_000 else 'NOT met'})")
+    runs = [r["json"]["timing"] for r in [*doc.get("runs", []), doc.get("resumed") or {}] if r.get("json")]
+    e, bw = doc.get("engine"), doc.get("disk_write_bytes_per_s")
+    if runs and e:
+        ratio = statistics.median(t["decode_tokens"] / t["decode_s"] for t in runs) / e["raw_decode_tok_s"]
+        out.append(f"decode inside `run` >= 90% of raw: {100 * ratio:.0f}% ({'met' if ratio >= 0.9 else 'NOT met'})")
+    if runs and bw:
+        x = statistics.median(t["save_s"] / (t["save_new_bytes"] / bw) for t in runs)
+        out.append(f"a turn's save within 2x of its floor: {x:.2f}x ({'met' if x <= 2 else 'NOT met'})")
+        share = statistics.median(
+            t["save_s"] / sum(t.get(k, 0) for k in ("restore_s", "prompt_s", "graph_capture_s", "decode_s", "save_s"))
+            for t in runs
+        )
+        out.append(f"a turn's save under 5% of the turn: {100 * share:.1f}% ({'met' if share < 0.05 else 'NOT met'})")
+    if e and runs:
+        ttft = statistics.median(t["restore_s"] + t["prompt_s"] + t.get("graph_capture_s", 0) for t in runs)
+        out.append(
+            f"first token after a resume: {ttft:.2f} s (restore + prompt + graph capture) against "
+            f"{e['reprefill_s']:.1f} s to re-prefill the {e['context']:,} tokens read"
+        )
+    return out
 
 
 def _figures(name: str, r: dict, bw: float | None) -> str:
