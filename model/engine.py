@@ -273,8 +273,8 @@ class Engine:
         version, or a truncated or corrupted blob. A blob taken on another device restores exactly; one of another
         dtype is refused unless `convert_dtype`, which casts it (not exact). Returns the blob's dtype if it was
         converted, else None."""
-        digests: dict[str, str] = {}
-        header, tensors = snap.unpack(blob, digests)
+        pieces: dict = {}
+        header, tensors = snap.unpack(blob, pieces)
         mine = self._header()
         if header.get("fingerprint") != mine["fingerprint"]:
             raise SnapshotError(
@@ -322,7 +322,7 @@ class Engine:
         self._adopt(states)
         self.tokens_seen, self.token_chain = seen, chain
         # the blob's pieces are the state's: the next snapshot_parts() copies and hashes only what changes after
-        self._pieces = PieceCache.of_restored(seen, tensors, digests) if converted is None and digests else None
+        self._pieces = PieceCache.of_restored(seen, tensors, pieces) if converted is None and pieces else None
         if self.device.type == "cuda":  # what a turn changes (every recurrent state, about two pages per window)
             turn = [
                 (t.shape, t.dtype) for st in self.states if isinstance(st, DeltaState) for t in (st.conv, st.recurrent)

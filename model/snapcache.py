@@ -41,10 +41,11 @@ class PieceCache:
             self.pieces[name] = (digest.hex(), host)
         for name in set(self.pieces) - set(names):  # a layout that shrank (never expected): forget the rest
             del self.pieces[name]
-        layout = tuple(sorted((n, str(t.dtype), tuple(t.shape)) for n, (_, t) in self.pieces.items()))
+        layout = self._layout()
         if self._head is None or self._head[0] != layout:
             # The payload's safetensors header depends on names, dtypes and shapes only: made once per layout,
-            # by safetensors itself, so the parts join to what snapshot() writes
+            # by safetensors itself, so the parts join to what snapshot() writes (after a restore: the restored
+            # blob's, written the same way)
             payload = st_save({n: t for n, (_, t) in self.pieces.items()})
             (m,) = memoryview(payload)[:8].cast("Q")
             self._head = (layout, payload[: 8 + m])
@@ -53,9 +54,15 @@ class PieceCache:
         return snap.pack_parts(header, st_head, [(self.pieces[n][0], _bytes(self.pieces[n][1])) for n in order])
 
     @classmethod
-    def of_restored(cls, tokens_seen: int, tensors: dict[str, torch.Tensor], digests: dict[str, str]) -> PieceCache:
-        """The cache of a state just restored from a blob: its tensors (views of the blob) and their sha256s."""
-        return cls(tokens_seen, {n: (digests[n], t) for n, t in tensors.items()})
+    def of_restored(cls, tokens_seen: int, tensors: dict[str, torch.Tensor], pieces: dict) -> PieceCache:
+        """The cache of a state just restored from a blob: its tensors (views of the blob), their sha256s and the
+        blob's safetensors header (snapshot.unpack's `pieces`), so the next parts need no header made anew."""
+        cache = cls(tokens_seen, {n: (pieces["digests"][n], t) for n, t in tensors.items()})
+        cache._head = (cache._layout(), pieces["st_head"])
+        return cache
+
+    def _layout(self) -> tuple:
+        return tuple(sorted((n, str(t.dtype), tuple(t.shape)) for n, (_, t) in self.pieces.items()))
 
 
 def warm_pinned(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> threading.Thread:

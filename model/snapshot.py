@@ -114,13 +114,14 @@ def read_header(blob: bytes) -> tuple[dict[str, Any], int]:
     return header, start + n
 
 
-def unpack(blob: bytes | Sequence[bytes], digests: dict[str, str] | None = None):
+def unpack(blob: bytes | Sequence[bytes], pieces: dict | None = None):
     """Check magic, version, length and sha256, then decode the tensors and check their shapes.
 
     `blob` is the snapshot's bytes, or the same bytes in parts as memory/pieces.py splits them: [everything up to
     the first tensor's bytes, then each tensor's bytes in payload order] (a store need not join a large state).
     The tensors are read-only views of those bytes (no copy): copy them before writing into them. Returns
-    (header, {name: tensor}); a dict passed as `digests` receives each tensor's sha256 (hex) too (format 2)."""
+    (header, {name: tensor}); a dict passed as `pieces` receives, for format 2, "digests" (each tensor's sha256,
+    hex) and "st_head" (the payload's safetensors header bytes): what an incremental snapshot starts from."""
     whole = isinstance(blob, bytes | bytearray | memoryview)
     if not whole and not (isinstance(blob, Sequence) and blob and not isinstance(blob, str)):
         raise SnapshotError(f"a snapshot is bytes, got {type(blob).__name__}")
@@ -135,8 +136,9 @@ def unpack(blob: bytes | Sequence[bytes], digests: dict[str, str] | None = None)
     digest, leaves = _digest(header, st_head, datas)
     if digest != header.get("sha256"):
         raise SnapshotError("snapshot is corrupt: its sha256 does not match its header and payload")
-    if digests is not None and leaves:
-        digests.update({name: leaf.hex() for (name, _, _), leaf in zip(index, leaves[1:], strict=True)})
+    if pieces is not None and leaves:
+        pieces["digests"] = {name: leaf.hex() for (name, _, _), leaf in zip(index, leaves[1:], strict=True)}
+        pieces["st_head"] = bytes(st_head)
     tensors = {}
     with warnings.catch_warnings():  # a bytes blob is read-only; these views are only read
         warnings.simplefilter("ignore", UserWarning)
