@@ -23,6 +23,11 @@ from safetensors.torch import save as st_save
 
 from deltamem.model import snapshot as snap
 
+# Pinned host memory is worth it for what a turn changes, copied again every turn into buffers the caching host
+# allocator reuses; a first pinned allocation costs about 2 ms per MB (H200 host), more than it saves on a one-off
+# bulk copy, which goes to ordinary memory instead
+PINNED_LIMIT = 256 << 20
+
 
 class PieceCache:
     def __init__(self, tokens_seen: int, pieces: dict[str, tuple[str, torch.Tensor]]):
@@ -81,12 +86,14 @@ def warm_pinned(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> threading.T
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Host copies: from a GPU into pinned buffers, every copy queued before one wait; on the host, plain copies."""
+    """Host copies: from a GPU into pinned buffers, every copy queued before one wait; on the host, plain copies.
+    A bulk copy (more than PINNED_LIMIT bytes: a session's first save, an ingest's) goes to ordinary memory."""
     out = []
     cuda = [t for t in tensors if t.is_cuda]
+    pin = sum(t.numel() * t.element_size() for t in cuda) <= PINNED_LIMIT
     for t in tensors:
         if t.is_cuda:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
             host.copy_(t, non_blocking=True)
         else:
             host = t.detach().clone(memory_format=torch.contiguous_format)
