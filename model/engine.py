@@ -20,7 +20,7 @@ from deltamem.model.errors import SnapshotError, resource_error
 from deltamem.model.layers import HybridLM
 from deltamem.model.packed import pack
 from deltamem.model.sampling import Sampler, TextStream
-from deltamem.model.snapcache import PieceCache, warm_pinned
+from deltamem.model.snapcache import PieceCache
 
 if TYPE_CHECKING:
     from deltamem.model.tokenizer import Tokenizer
@@ -323,12 +323,12 @@ class Engine:
         self.tokens_seen, self.token_chain = seen, chain
         # the blob's pieces are the state's: the next snapshot_parts() copies and hashes only what changes after
         self._pieces = PieceCache.of_restored(seen, tensors, pieces) if converted is None and pieces else None
-        if self.device.type == "cuda":  # what a turn changes (every recurrent state, about two pages per window)
-            turn = [
-                (t.shape, t.dtype) for st in self.states if isinstance(st, DeltaState) for t in (st.conv, st.recurrent)
-            ]
+        if self.device.type == "cuda" and self._pieces is not None:
+            # what a turn changes (every recurrent state, about two pages per window): pinned host buffers for them,
+            # made while the turn runs
+            turn = [(t.shape, t.dtype) for n, t in tensors.items() if n.endswith((".conv", ".recurrent"))]
             turn += [(t.shape, t.dtype) for n, t in tensors.items() if n.endswith(".kv.00000") for _ in range(2)]
-            warm_pinned(turn)  # their pinned host buffers, made while the turn runs
+            self._pieces.warm(turn)
         return converted
 
     # --- generation ------------------------------------------------------------------------------------

@@ -34,6 +34,26 @@ class PieceCache:
         self.tokens_seen = tokens_seen  # the state's tokens_seen when these pieces were its tensors
         self.pieces = pieces  # name -> (sha256 hex, host tensor holding its bytes)
         self._head: tuple[tuple, bytes] | None = None  # (layout, safetensors header) of the last parts made
+        self._spares: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype) -> pinned buffers made ahead
+        self._warming: threading.Thread | None = None
+
+    def warm(self, specs: list[tuple[tuple[int, ...], torch.dtype]], sets: int = 2) -> None:
+        """Make pinned host buffers of these shapes and dtypes in a background thread, `sets` of each, for the
+        next snapshots to copy into: a process's first pinned allocations cost about 2 ms per MB (measured on an
+        H200 host), which a resumed session's first saves would otherwise pay. (From the third save on, the
+        buffers the cache let go of are reused through torch's caching host allocator.)"""
+
+        def allocate() -> None:
+            spares: dict[tuple, list[torch.Tensor]] = {}
+            for _ in range(sets):
+                for shape, dtype in specs:
+                    spares.setdefault((tuple(shape), dtype), []).append(
+                        torch.empty(shape, dtype=dtype, pin_memory=True)
+                    )
+            self._spares = spares
+
+        self._warming = threading.Thread(target=allocate, name="deltamem-pinned", daemon=True)
+        self._warming.start()
 
     def parts(
         self, header: dict, names: list[str], changed: set[str], tensor: Callable[[str], torch.Tensor]
@@ -41,7 +61,10 @@ class PieceCache:
         """The parts of a state of tensors `names`, of which those in `changed` (and any not cached) differ from the
         cache; `tensor(name)` gives one of them (on any device)."""
         fresh = [n for n in names if n in changed or n not in self.pieces]
-        hosts = _to_host([tensor(n) for n in fresh])
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = None
+        hosts = _to_host([tensor(n) for n in fresh], self._spares)
         for name, host, digest in zip(fresh, hosts, snap.sha256s([_bytes(h) for h in hosts]), strict=True):
             self.pieces[name] = (digest.hex(), host)
         for name in set(self.pieces) - set(names):  # a layout that shrank (never expected): forget the rest
@@ -70,30 +93,17 @@ class PieceCache:
         return tuple(sorted((n, str(t.dtype), tuple(t.shape)) for n, (_, t) in self.pieces.items()))
 
 
-def warm_pinned(specs: list[tuple[tuple[int, ...], torch.dtype]]) -> threading.Thread:
-    """Allocate and free pinned host buffers of these shapes and dtypes in a background thread, so that the
-    caching host allocator already holds them when the next snapshot copies a GPU state's pieces: a process's
-    first pinned allocations cost about 2 ms per MB (measured on an H200 host), which a resumed session's first
-    save would otherwise pay."""
-
-    def allocate() -> None:
-        buffers = [torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in specs]
-        del buffers  # back to the allocator's cache, not to the system
-
-    thread = threading.Thread(target=allocate, name="deltamem-pinned", daemon=True)
-    thread.start()
-    return thread
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Host copies: from a GPU into pinned buffers, every copy queued before one wait; on the host, plain copies.
-    A bulk copy (more than PINNED_LIMIT bytes: a session's first save, an ingest's) goes to ordinary memory."""
+def _to_host(tensors: list[torch.Tensor], spares: dict[tuple, list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Host copies: from a GPU into pinned buffers (`spares` first), every copy queued before one wait; on the host,
+    plain copies. A bulk copy (more than PINNED_LIMIT bytes: a session's first save, an ingest's) goes to ordinary
+    memory."""
     out = []
     cuda = [t for t in tensors if t.is_cuda]
     pin = sum(t.numel() * t.element_size() for t in cuda) <= PINNED_LIMIT
     for t in tensors:
         if t.is_cuda:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            spare = spares.get((tuple(t.shape), t.dtype)) if pin else None
+            host = spare.pop() if spare else torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
             host.copy_(t, non_blocking=True)
         else:
             host = t.detach().clone(memory_format=torch.contiguous_format)
