@@ -188,9 +188,13 @@ def _window(args: argparse.Namespace) -> int | None | str:
 
 
 def _load(args: argparse.Namespace):
+    """The model the options ask for; the seconds it took are kept as args.load_s (reported with --json)."""
     from deltamem.model import load_model
 
-    return load_model(args.model, window=_window(args), sink=args.sink, device=args.device, dtype=args.dtype)
+    t0 = time.perf_counter()
+    engine = load_model(args.model, window=_window(args), sink=args.sink, device=args.device, dtype=args.dtype)
+    args.load_s = round(time.perf_counter() - t0, 3)
+    return engine
 
 
 def _chat_prompt(engine, text: str) -> str:
@@ -304,6 +308,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "state_bytes_empty": engine.state_bytes(),
                 "fingerprint": engine.fingerprint,
                 "tokenizer": getattr(engine.tokenizer, "name", None),
+                "load_s": args.load_s,
             },
             indent=2,
         )
@@ -466,6 +471,7 @@ def _agent(args: argparse.Namespace):
             max_new_tokens=args.max_new_tokens,
         )
     agent = Agent(engine, store, name, args.repo, convert_state=args.convert_state, **kw)
+    agent.load_s = args.load_s  # reported with --json
     if args.command != "ingest":
         agent.session.sampling = {"temperature": args.temperature, "seed": args.seed}
     return agent
@@ -526,6 +532,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         "snapshot": result.snapshot_id,
         "tokens_seen": agent.session.engine.tokens_seen,
         "timing": result.timing,
+        "load_s": getattr(agent, "load_s", None),
     }
     if args.json:
         print(json.dumps(summary))
@@ -571,6 +578,7 @@ def _run_task(agent, task: str, as_json: bool, approver) -> int:
                     "snapshot": result.snapshot_id,
                     "tokens_seen": agent.session.engine.tokens_seen,
                     "timing": result.timing,
+                    "load_s": getattr(agent, "load_s", None),
                 }
             )
         )

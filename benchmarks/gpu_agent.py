@@ -5,7 +5,7 @@
    standard-library sources of at least --tokens tokens.
 2. `deltamem ingest --json` of that repository; three `deltamem run --json` turns of --turn-tokens generated
    tokens (random weights never stop early); a fourth run killed with SIGKILL while it streams; a resumed run.
-   Each process: wall seconds, peak host RSS (wait4), and the figures its --json prints (`timing`: restore,
+   Each process: wall seconds, its peak host RSS (VmHWM), and the figures its --json prints (`timing`: restore,
    prompt, decode, save seconds and bytes).
 3. The floor of a save: the bytes it wrote that were new, over the disk's own write bandwidth (write + fsync of
    as many bytes in the database's folder, median of 3).
@@ -46,6 +46,7 @@ from deltamem.model.engine import Engine
 from deltamem.model.layers import HybridLM
 from deltamem.model.tokenizer import _CL100K, Tokenizer
 
+TURN = ("restore_s", "prompt_s", "graph_capture_s", "decode_s", "save_s")  # a run's turn, after loading the model
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TASKS = [
     "Which module of this repository parses command-line options, and what is its main class?",
@@ -107,12 +108,28 @@ def source_repo(root: Path, min_tokens: int, tok: Tokenizer) -> dict:
     return {"files": files, "tokens": tokens, "bytes": size}
 
 
+# Runs app.py and, at exit, writes the process's peak resident size (VmHWM: of this program alone; ru_maxrss from
+# wait4 would count the parent's pages, which a forked child holds until it execs) to the file $BENCH_RSS.
+LAUNCH = """
+import atexit, os, runpy, sys
+def peak():
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["BENCH_RSS"], "w") as f:
+        f.write(str(kib * 1024))
+atexit.register(peak)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def cli(*args: str, kill_after_output: float | None = None) -> dict:
-    """Run `deltamem ARGS` (this checkout's app.py); wall seconds, peak RSS (bytes), exit code, stdout/stderr.
-    kill_after_output: SIGKILL that many seconds after its first byte of output."""
+    """Run `deltamem ARGS` (this checkout's app.py); wall seconds, peak RSS (bytes; None if killed), exit code,
+    stdout/stderr. kill_after_output: SIGKILL that many seconds after its first byte of output."""
+    rss = Path(tempfile.mkstemp(prefix="rss-")[1])
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(ROOT / "app.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "BENCH_RSS": str(rss)})  # fmt: skip
     killed_at = None
     if kill_after_output is not None:
         first = proc.stdout.read(1)
@@ -122,10 +139,11 @@ def cli(*args: str, kill_after_output: float | None = None) -> dict:
         out, err = first + proc.stdout.read(), proc.stderr.read()
     else:
         out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
+    peak = int(rss.read_text()) if rss.read_text().strip() else None
+    rss.unlink()
     r = {"args": [a for a in args if not a.startswith("/")], "rc": proc.returncode,
-         "seconds": time.perf_counter() - t0, "peak_rss": usage.ru_maxrss * 1024, "killed_at": killed_at}  # fmt: skip
+         "seconds": time.perf_counter() - t0, "peak_rss": peak, "killed_at": killed_at}  # fmt: skip
     text = out.decode(errors="replace")
     r["json"] = None
     if proc.returncode == 0 and ("--json" in args or args[0] == "info"):  # info prints one indented object
@@ -137,7 +155,7 @@ def cli(*args: str, kill_after_output: float | None = None) -> dict:
                 continue
     if proc.returncode not in (0, 3) and killed_at is None:
         r["stderr"] = err.decode(errors="replace")[-3000:]
-    log(f"deltamem {' '.join(r['args'])[:80]}: rc {r['rc']}, {r['seconds']:.1f} s, RSS {r['peak_rss'] / 2**30:.2f} GiB")
+    log(f"deltamem {' '.join(r['args'])[:80]}: rc {r['rc']}, {r['seconds']:.1f} s, peak RSS {_gib(r['peak_rss'])} GiB")
     return r
 
 
@@ -268,7 +286,6 @@ def main() -> None:
 
 
 def markdown(doc: dict) -> str:
-    gib = 1 << 30
     lines = [
         "# The agent on a GPU: deltamem's CLI on an OLMo Hybrid 7B-shaped checkpoint",
         "",
@@ -291,9 +308,7 @@ def markdown(doc: dict) -> str:
     for name, r in procs:
         if r is None:
             continue
-        lines.append(
-            f"| {name} | {r['rc']} | {r['seconds']:.1f} | {r['peak_rss'] / gib:.2f} | {_figures(name, r, bw)} |"
-        )
+        lines.append(f"| {name} | {r['rc']} | {r['seconds']:.1f} | {_gib(r['peak_rss'])} | {_figures(name, r, bw)} |")
     if bw:
         lines += ["", f"Disk write bandwidth (write + fsync, median of 3): {bw / 1e9:.2f} GB/s."]
     e = doc.get("engine")
@@ -334,10 +349,7 @@ def targets(doc: dict) -> list[str]:
     if runs and bw:
         x = statistics.median(t["save_s"] / (t["save_new_bytes"] / bw) for t in runs)
         out.append(f"a turn's save within 2x of its floor: {x:.2f}x ({'met' if x <= 2 else 'NOT met'})")
-        share = statistics.median(
-            t["save_s"] / sum(t.get(k, 0) for k in ("restore_s", "prompt_s", "graph_capture_s", "decode_s", "save_s"))
-            for t in runs
-        )
+        share = statistics.median(t["save_s"] / sum(t.get(k, 0) for k in TURN) for t in runs)
         out.append(f"a turn's save under 5% of the turn: {100 * share:.1f}% ({'met' if share < 0.05 else 'NOT met'})")
     if e and runs:
         ttft = statistics.median(t["restore_s"] + t["prompt_s"] + t.get("graph_capture_s", 0) for t in runs)
@@ -348,23 +360,35 @@ def targets(doc: dict) -> list[str]:
     return out
 
 
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
 def _figures(name: str, r: dict, bw: float | None) -> str:
     j = r.get("json") or {}
     t = j.get("timing") or {}
     if name == "info" and j:
-        return f"weights {j['weight_bytes'] / 1e9:.1f} GB, {j['kernels']} kernels"
-    parts = []
+        load = f"load {j['load_s']:.1f} s; " if j.get("load_s") else ""
+        return f"{load}weights {j['weight_bytes'] / 1e9:.1f} GB, {j['kernels']} kernels"
+    parts = [f"load {j['load_s']:.1f} s"] if j.get("load_s") else []
     if name == "ingest" and j:
         parts.append(f"{j['tokens']:,} tokens in {j['seconds']:.1f} s = {j['tokens'] / j['seconds']:,.0f} tok/s")
     if t.get("restore_s"):
         parts.append(f"restore {t['restore_s'] * 1e3:.0f} ms")
     if t.get("decode_tokens"):
-        parts.append(f"prompt {t['prompt_tokens']} tok in {t['prompt_s'] * 1e3:.0f} ms; decode "
-                     f"{t['decode_tokens'] / t['decode_s']:.1f} tok/s")  # fmt: skip
+        parts.append(
+            f"prompt {t['prompt_tokens']} tok in {t['prompt_s'] * 1e3:.0f} ms; graph capture "
+            f"{t.get('graph_capture_s', 0) * 1e3:.0f} ms; decode {t['decode_tokens'] / t['decode_s']:.1f} tok/s"
+        )
     if t.get("save_s") is not None and t.get("save_bytes"):
         floor = f", floor {t['save_new_bytes'] / bw * 1e3:.0f} ms" if bw else ""
-        parts.append(f"saves {t['save_s'] * 1e3:.0f} ms, {t['save_new_bytes'] / 1e6:.0f} of "
-                     f"{t['save_bytes'] / 1e6:.0f} MB new{floor}")  # fmt: skip
+        parts.append(
+            f"saves {t['save_s'] * 1e3:.0f} ms (state to host {t.get('snapshot_s', 0) * 1e3:.0f} ms), "
+            f"{t['save_new_bytes'] / 1e6:.0f} of {t['save_bytes'] / 1e6:.0f} MB new{floor}"
+        )
+        if t.get("decode_tokens"):
+            turn = sum(t.get(k, 0) for k in TURN)
+            parts.append(f"save = {100 * t['save_s'] / turn:.1f}% of the turn ({turn:.2f} s after loading)")
     if r.get("killed_at"):
         parts.append(f"SIGKILL at {r['killed_at']:.1f} s")
     return "; ".join(parts)
