@@ -116,6 +116,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.fast_decode = self.device.type == "cuda" and window is not None
         self._graph: DecodeGraph | None = None
+        self._capture_s = 0.0  # seconds the last _burst() spent capturing a decode graph
         # Fingerprint the checkpoint layout once, before packing (a second engine on the model reuses it).
         self.fingerprint = (
             fingerprint or getattr(model, "fingerprint", None) or model_fingerprint(model.config, model.state_dict())

@@ -78,7 +78,7 @@ class PieceCache:
             (m,) = memoryview(payload)[:8].cast("Q")
             self._head = (layout, payload[: 8 + m])
         st_head = self._head[1]
-        order = [name for name, *_ in snap._index(memoryview(st_head))]
+        order = [name for name, *_ in snap.payload_index(memoryview(st_head))]
         return snap.pack_parts(header, st_head, [(self.pieces[n][0], _bytes(self.pieces[n][1])) for n in order])
 
     @classmethod

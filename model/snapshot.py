@@ -76,7 +76,7 @@ class Parts:
 def pack_parts(header: dict[str, Any], st_head: bytes, pieces: list[tuple[str, memoryview]]) -> Parts:
     """Parts of the blob pack() would make of the same tensors, from the payload's safetensors header and each
     tensor's bytes and sha256 in payload order (hashed by the caller, who knows which changed)."""
-    index = _index(memoryview(st_head))
+    index = payload_index(memoryview(st_head))
     header = dict(header)
     header.update(
         format=FORMAT_VERSION,
@@ -151,7 +151,7 @@ def unpack(blob: bytes | Sequence[bytes], pieces: dict | None = None):
     return header, tensors
 
 
-def _index(st_head: memoryview) -> list[tuple[str, torch.dtype, list[int], tuple[int, int]]]:
+def payload_index(st_head: memoryview) -> list[tuple[str, torch.dtype, list[int], tuple[int, int]]]:
     """A safetensors header's tensors [(name, dtype, shape, (start, end))] in byte order, checked to lie end to end.
     (The format is simple: an 8-byte length, a JSON index of dtype/shape/offsets, then the tensors' bytes.)"""
     (n,) = struct.unpack_from("<Q", st_head, 0)
@@ -174,7 +174,7 @@ def _layout(payload: memoryview, datas: list[memoryview] | None = None):
     With `datas` the payload is only its header and the tensors' bytes come separately, one buffer each.
     (safetensors.torch.load copies every tensor twice, most of a large restore's time.)"""
     try:
-        full = _index(payload)
+        full = payload_index(payload)
         (n,) = struct.unpack_from("<Q", payload, 0)
         st_head = payload[: 8 + n]
         index = [(name, dtype, shape) for name, dtype, shape, _ in full]
