@@ -120,6 +120,16 @@ def _agent_parsers(sub, model_args) -> None:
     ing = sub.add_parser("ingest", help="read a project's text files into a session's memory (changed files only)")
     common(ing)
     ing.add_argument("--max-file-bytes", type=int, default=256_000, help="skip larger files (default 256000)")
+    ing.add_argument(
+        "--include", action="append", default=[], metavar="GLOB",
+        help="feed files matching this gitignore-style pattern even if skipped by default (lock files, vendored, "
+        "minified, generated and data files); repeatable",
+    )  # fmt: skip
+    ing.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave these files out; repeatable")
+    ing.add_argument(
+        "--dry-run", action="store_true",
+        help="list what would be fed, in order, with token counts, and what is skipped and why; write nothing",
+    )  # fmt: skip
     run = sub.add_parser(
         "run",
         help="run the agent on a task in a project; exit 0 on an answer, 1 bad input, 3 at the step limit, 4 model "
@@ -492,6 +502,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from deltamem.agent.hygiene import Rules
+
+    rules = Rules(args.include, args.exclude)
+    if args.dry_run:
+        return _ingest_dry_run(args, rules)
     agent = _agent(args)
     start = time.perf_counter()
     progress = Progress(
@@ -519,7 +534,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             progress.update(task, advance=1, tokens=tokens, rate=rate, path=e["file"][-40:])
 
     with progress:
-        result = agent.ingest(on_event, max_bytes=args.max_file_bytes)
+        result = agent.ingest(on_event, max_bytes=args.max_file_bytes, rules=rules)
     elapsed = time.perf_counter() - start
     summary = {
         "session": agent.session_id,
@@ -543,6 +558,47 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             f"session {agent.session_id} has read {agent.session.engine.tokens_seen:,} tokens",
             file=sys.stderr,
         )
+    return 0
+
+
+def _ingest_dry_run(args: argparse.Namespace, rules) -> int:
+    """What `ingest` would feed (new, changed and removed files, in feed order, with their tokens) and skip, against
+    the session's ledger if it exists; nothing is written."""
+    from deltamem.agent.prompt import ChatTemplate, file_message
+    from deltamem.agent.runner import scan_project
+    from deltamem.memory.errors import NotFound
+    from deltamem.memory.store import Store, default_db_path
+
+    if not args.repo.is_dir():
+        raise ValueError(f"--repo {args.repo}: not a directory")
+    root = args.repo.resolve()
+    ledger: dict = {}
+    db = args.db or default_db_path()
+    if Path(db).exists():
+        with Store(db) as store:
+            row = store.db.execute("select id from projects where root = ?", [str(root)]).fetchone()
+            try:
+                ledger = store.ingested(store.session(args.session or root.name, row[0])["id"]) if row else {}
+            except NotFound:
+                pass
+    changes, result = scan_project(root, ledger, args.max_file_bytes, rules)
+    engine = _load(args)  # for its tokenizer and chat template: the counts are the tokens ingest would feed
+    template = ChatTemplate.for_tokenizer(engine.tokenizer)
+    files = []
+    for ch in changes:
+        text = template.render([file_message(ch.path, ch.text)], add_generation_prompt=False)
+        kind = "removed" if ch.text is None else "changed" if ch.path in ledger else "new"
+        files.append({"path": ch.path, "change": kind, "tokens": len(engine.tokenizer.encode(text))})
+    skipped = [{"path": p, "why": w} for p, w in result.skipped]
+    total = sum(f["tokens"] for f in files)
+    if args.json:
+        print(json.dumps({"files": files, "tokens": total, "unchanged": result.unchanged, "skipped": skipped}))
+        return 0
+    for f in files:
+        print(f"{f['tokens']:>9,}  {f['change']:<8} {f['path']}")
+    print(f"{total:>9,}  tokens in {len(files)} files, fed in this order; {result.unchanged} unchanged")
+    for s in skipped:
+        print(f"{'skipped':>9}  {s['path']}: {s['why']}")
     return 0
 
 

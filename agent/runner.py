@@ -21,6 +21,7 @@ from langgraph.types import Command
 
 from deltamem.agent import threads
 from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
+from deltamem.agent.hygiene import Rules, feed_order
 from deltamem.agent.prompt import file_message, system_prompt
 from deltamem.agent.session import AgentSession, Cancelled, log
 from deltamem.memory.store import Store
@@ -197,39 +198,9 @@ class Agent:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in timing.items()}
 
     # --- ingest ------------------------------------------------------------------------------------------
-    def scan(self, max_bytes: int = MAX_FILE_BYTES) -> tuple[list[_Change], IngestResult]:
-        """What an ingest would feed: new and changed text files, and removed ones, against the ledger."""
-        ledger = self.store.ingested(self.session.sid)
-        result = IngestResult()
-        changes = []
-        files = project_files(self.root)
-        for rel in files:
-            path = self.root / rel
-            key = rel.as_posix()
-            try:
-                st = path.stat()
-                if st.st_size > max_bytes:
-                    result.skipped.append((key, f"larger than {max_bytes:,} bytes"))
-                    continue
-                data = path.read_bytes()
-            except OSError as e:
-                result.skipped.append((key, f"unreadable: {e.strerror}"))
-                continue
-            try:
-                text = data.decode("utf-8")
-                if "\0" in text:
-                    raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
-            except UnicodeDecodeError:
-                result.skipped.append((key, "binary"))
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            if key in ledger and ledger[key]["sha256"] == digest:
-                result.unchanged += 1
-                continue
-            changes.append(_Change(key, text, digest, st.st_mtime, len(data)))
-        present = {rel.as_posix() for rel in files}
-        changes += [_Change(p, None) for p in sorted(set(ledger) - present)]
-        return changes, result
+    def scan(self, max_bytes: int = MAX_FILE_BYTES, rules: Rules | None = None) -> tuple[list[_Change], IngestResult]:
+        """What an ingest would feed, in order: see scan_project."""
+        return scan_project(self.root, self.store.ingested(self.session.sid), max_bytes, rules)
 
     def ingest(
         self,
@@ -237,13 +208,14 @@ class Agent:
         max_bytes: int = MAX_FILE_BYTES,
         batch_bytes: int = BATCH_BYTES,
         commit_every_s: float = COMMIT_EVERY_S,
+        rules: Rules | None = None,
     ) -> IngestResult:
         """Feed new and changed files (and notes of removed ones) through the model, in batches of `batch_bytes`;
         batches are committed with their ledger entries and a snapshot once `commit_every_s` (and ten times the
         last save) has passed since the last commit, and at the end, so an interrupted ingest keeps what it
         committed and loses at most that much work."""
         self.session.cancel.clear()
-        changes, result = self.scan(max_bytes)
+        changes, result = self.scan(max_bytes, rules)
         on_event({"scan": {"changed": len(changes), "unchanged": result.unchanged, "skipped": len(result.skipped)}})
         batch: list[_Change] = []
         size = 0
@@ -306,6 +278,54 @@ class Agent:
         done.files += sum(ch.text is not None for ch in batch)
         done.removed += sum(ch.text is None for ch in batch)
         done.tokens += fed
+
+
+def scan_project(
+    root: Path, ledger: dict[str, dict], max_bytes: int = MAX_FILE_BYTES, rules: Rules | None = None
+) -> tuple[list[_Change], IngestResult]:
+    """What an ingest would feed against the ledger: notes of removed files first, then new and changed text files
+    in feed order (agent/hygiene.py); the skipped ones (too large, unreadable, binary, or left out by `rules`: lock
+    files, vendored, minified, generated, data) with their reasons."""
+    rules = rules or Rules()
+    result = IngestResult()
+    changes = []
+    files = project_files(root)
+    for rel in files:
+        path = root / rel
+        key = rel.as_posix()
+        why = rules.skip_by_path(key)
+        if why:
+            result.skipped.append((key, why))
+            continue
+        try:
+            st = path.stat()
+            if st.st_size > max_bytes:
+                result.skipped.append((key, f"larger than {max_bytes:,} bytes"))
+                continue
+            data = path.read_bytes()
+        except OSError as e:
+            result.skipped.append((key, f"unreadable: {e.strerror}"))
+            continue
+        try:
+            text = data.decode("utf-8")
+            if "\0" in text:
+                raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
+        except UnicodeDecodeError:
+            result.skipped.append((key, "binary"))
+            continue
+        why = rules.skip_by_text(key, text)
+        if why:
+            result.skipped.append((key, why))
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if key in ledger and ledger[key]["sha256"] == digest:
+            result.unchanged += 1
+            continue
+        changes.append(_Change(key, text, digest, st.st_mtime, len(data)))
+    present = {rel.as_posix() for rel in files}
+    order = {p: i for i, p in enumerate(feed_order(ch.path for ch in changes))}
+    changes.sort(key=lambda ch: order[ch.path])
+    return [_Change(p, None) for p in sorted(set(ledger) - present)] + changes, result
 
 
 @dataclass
