@@ -48,6 +48,22 @@ def convert_arg(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def loop_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--loop-guard", type=int, default=64, metavar="N",
+        help="end a reply once its last N tokens (or more) repeat one pattern of up to 32 tokens at least 4 times, "
+        "a degenerate loop (default 64; 0: never)",
+    )  # fmt: skip
+
+
+def _loop_guard(args: argparse.Namespace):
+    from deltamem.model.sampling import LoopGuard
+
+    if args.loop_guard < 0 or args.loop_guard == 1:
+        raise ValueError("--loop-guard must be 0 (off) or >= 2")
+    return LoopGuard(args.loop_guard) if args.loop_guard else None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deltamem",
@@ -86,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    loop_arg(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     i = sub.add_parser("info", help="show a model's config, state size and fingerprint")
@@ -116,6 +133,7 @@ def _agent_parsers(sub, model_args) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
         sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         sp.add_argument("--seed", type=int, default=None)
+        loop_arg(sp)
 
     ing = sub.add_parser("ingest", help="read a project's text files into a session's memory (changed files only)")
     common(ing)
@@ -257,6 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         stop=args.stop,
+        loop_guard=_loop_guard(args),
     ):
         pieces.append(piece)
         if not args.json:
@@ -272,6 +291,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     "text": "".join(pieces),
                     "prompt_tokens": len(ids),
                     "new_tokens": len(engine.generated),
+                    "stopped_by": engine.stopped_by,
                     "tokens_seen": engine.tokens_seen,
                     "resumed": resumed,
                     "restore_s": round(t_restore, 4),
@@ -484,6 +504,7 @@ def _agent(args: argparse.Namespace):
     agent.load_s = args.load_s  # reported with --json
     if args.command != "ingest":
         agent.session.sampling = {"temperature": args.temperature, "seed": args.seed}
+        agent.session.loop_guard = _loop_guard(args)
     return agent
 
 

@@ -22,6 +22,7 @@ from deltamem.agent.prompt import ChatTemplate
 from deltamem.memory.errors import NotFound, StoreError, WrongProject
 from deltamem.memory.store import Store
 from deltamem.model import snapshot as snap
+from deltamem.model.sampling import LoopGuard
 
 log = logging.getLogger("deltamem.agent")
 
@@ -35,6 +36,9 @@ class Reply:
     text: str  # what the model wrote (end-of-turn token excluded)
     fed: int  # prompt tokens fed for this call
     generated: list[int] = field(default_factory=list)
+
+
+LOOP_MARKER = "\n[deltamem: stopped here, the reply was repeating itself]"
 
 
 class AgentSession:
@@ -57,6 +61,7 @@ class AgentSession:
         self.convert_state = convert_state
         self.events: list[dict] = []  # turns to record with the next save (a state converted on resume)
         self.timing: dict[str, float] = {}  # seconds and counts since the caller last cleared it (see _time)
+        self.loop_guard: LoopGuard | None = LoopGuard()  # ends a reply caught in a loop (see LOOP_MARKER)
 
     # --- opening ---------------------------------------------------------------------------------------
     @classmethod
@@ -185,7 +190,9 @@ class AgentSession:
             delta, new = "\n", self.tok.encode("\n")
         self.engine.generated = []
         try:
-            for piece in self.engine.generate(new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, **sampling):
+            for piece in self.engine.generate(
+                new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, loop_guard=self.loop_guard, **sampling
+            ):
                 yield piece
                 if self.cancel.is_set():  # each yielded token is fully fed: stopping here is clean
                     break
@@ -204,7 +211,15 @@ class AgentSession:
                 log.warning("generation was interrupted mid-step; going back to the last snapshot")
                 self.resume()
         body = gen[:-1] if gen and gen[-1] in self.stop_ids else gen
-        return Reply(self.tok.decode(body), len(new), gen)
+        text = self.tok.decode(body)
+        if getattr(self.engine, "stopped_by", None) == "loop" and self.engine.tokens_seen == len(self.ids):
+            # the reply went round in circles: say so in it (the state reads the note too, so it stays the text)
+            marker = self.tok.encode(LOOP_MARKER)
+            self.engine.feed(marker, logits="none")
+            self._consumed(marker, LOOP_MARKER)
+            text += LOOP_MARKER
+            yield LOOP_MARKER
+        return Reply(text, len(new), gen)
 
     def reply(
         self, messages: list[dict], max_new_tokens: int = 512, on_piece: Callable[[str], None] | None = None, **sampling

@@ -19,7 +19,7 @@ from deltamem.model.cuda_graph import Burst, DecodeGraph
 from deltamem.model.errors import SnapshotError, resource_error
 from deltamem.model.layers import HybridLM
 from deltamem.model.packed import pack
-from deltamem.model.sampling import Sampler, TextStream
+from deltamem.model.sampling import LoopGuard, Sampler, TextStream
 from deltamem.model.snapcache import PieceCache
 
 if TYPE_CHECKING:
@@ -351,17 +351,21 @@ class Engine:
         seed: int | None = None,
         stop: Sequence[str] = (),
         stop_ids: Sequence[int] | None = None,
+        loop_guard: LoopGuard | None = None,
     ) -> Iterator[str]:
         """Feed `ids` (the prompt's new tokens), then sample up to max_new_tokens, yielding text pieces as they
         become printable. Stops at an end-of-sequence id (default: the model's eos) or a stop string, which is
-        not yielded. Every sampled token is fed, so the state has consumed exactly prompt + generated ids;
-        `self.generated` holds the generated ids afterwards."""
+        not yielded, or when `loop_guard` finds the reply repeating itself. Every sampled token is fed, so the state
+        has consumed exactly prompt + generated ids; `self.generated` holds the generated ids afterwards and
+        `self.stopped_by` why it ended: "eos", "stop", "loop" or "length"."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; feed() token ids directly")
         sampler = Sampler(temperature, top_p, top_k, seed)
         eos = set(self.config.eos_ids if stop_ids is None else stop_ids)
         stream = TextStream(self.tokenizer, stop)
         self.generated: list[int] = []
+        self.stopped_by = "length"
+        self._loop_guard = loop_guard
         t0 = time.perf_counter()
         logits = self.feed(list(ids), logits="last") if len(ids) else None
         if logits is None:
@@ -395,12 +399,17 @@ class Engine:
             self.generated.append(tok)
             logits = self.feed([tok], logits="last")
             if tok in eos:
+                self.stopped_by = "eos"
                 break
             piece = stream.push(tok)
             if piece:
                 yield piece
             if stream.stopped:
+                self.stopped_by = "stop"
                 return
+            if self._loop_guard is not None and self._loop_guard(self.generated):
+                self.stopped_by = "loop"
+                break
         tail = stream.flush()
         if tail:
             yield tail
@@ -417,10 +426,12 @@ class Engine:
         """generate()'s loop on the decode graph: GRAPH_CHUNK tokens at a time, each chunk consumed whole (up to
         its stop) before its text is yielded, so the state and `generated` agree at every yield."""
         burst = self._burst(logits, max_new_tokens, sampler, unknown, GRAPH_CHUNK)
+        guard, seen = self._loop_guard, list(self.generated)
         with self._changing():
             for chunk in burst:
                 keep, pieces, stopped = len(chunk), [], None
                 for j, tok in enumerate(chunk):
+                    seen.append(tok)
                     if tok in eos:
                         keep, stopped = j + 1, "eos"
                         break
@@ -430,14 +441,19 @@ class Engine:
                     if stream.stopped:
                         keep, stopped = j + 1, "stop"
                         break
+                    if guard is not None and guard(seen):
+                        keep, stopped = j + 1, "loop"
+                        break
                 if keep < len(chunk):
                     burst.keep(keep)
                 self._advance(chunk[:keep])
                 self.generated.extend(chunk[:keep])
+                if stopped:
+                    self.stopped_by = stopped
                 yield from pieces
                 if stopped == "stop":
                     return
-                if stopped == "eos":
+                if stopped in ("eos", "loop"):
                     break
         tail = stream.flush()
         if tail:

@@ -69,6 +69,28 @@ class Sampler:
         return gens[device]
 
 
+class LoopGuard:
+    """Ends a reply that has fallen into a loop: its last tokens are one pattern of at most `max_period` tokens
+    repeated at least `min_repeats` times over at least `span` tokens (a small model's degenerate output: the same
+    fragment until the token limit). Checked after every token; a cheap test rejects a period whose last token does
+    not repeat, so it costs a few dozen comparisons per token."""
+
+    def __init__(self, span: int = 64, max_period: int = 32, min_repeats: int = 4):
+        if span < 2 or max_period < 1 or min_repeats < 2:
+            raise ValueError("need span >= 2, max_period >= 1, min_repeats >= 2")
+        self.span, self.max_period, self.min_repeats = span, max_period, min_repeats
+
+    def __call__(self, ids: Sequence[int]) -> bool:
+        n = len(ids)
+        for p in range(1, self.max_period + 1):
+            need = max(self.span, p * self.min_repeats)
+            if need > n or ids[n - 1] != ids[n - 1 - p]:
+                continue
+            if all(ids[i] == ids[i - p] for i in range(n - need + p, n)):
+                return True
+        return False
+
+
 class TextStream:
     """Turns token ids into printable text pieces: holds back incomplete UTF-8 sequences and any tail that could
     still become a stop string; `stopped` turns true once a stop string appears (it is never emitted)."""

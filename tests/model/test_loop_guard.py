@@ -1,0 +1,77 @@
+"""The degenerate-loop stop: LoopGuard against a brute-force check of periodicity, generation with it stopping at
+exactly the first token where the unguarded run's output became a loop (host loop and decode-graph path), and the
+agent's reply carrying the marker while its state stays the text it read."""
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deltamem.agent.session import LOOP_MARKER, AgentSession
+from deltamem.model import load_model
+from deltamem.model.sampling import LoopGuard
+from deltamem.model.tokenizer import Tokenizer
+from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
+
+
+def looping(ids, span, max_period, min_repeats):
+    """Brute force: is some suffix of at least max(span, p * min_repeats) tokens periodic with a period p?"""
+    for p in range(1, max_period + 1):
+        need = max(span, p * min_repeats)
+        if need <= len(ids):
+            tail = ids[-need:]
+            if tail == (tail[:p] * need)[:need]:
+                return True
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), max_size=60),
+    st.lists(st.integers(0, 3), min_size=1, max_size=6),
+    st.integers(0, 30),
+    st.integers(2, 24),
+    st.integers(1, 8),
+    st.integers(2, 5),
+)
+def test_guard_matches_brute_force(prefix, pattern, copies, span, max_period, min_repeats):
+    ids = prefix + pattern * copies
+    assert LoopGuard(span, max_period, min_repeats)(ids) == looping(ids, span, max_period, min_repeats)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("olmo")
+    make_olmo_hybrid(d, vocab=320, **OLMO_SHAPES["olmo_gqa_rope"])
+    return d
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_generation_stops_at_the_first_looping_token(tiny, graph):
+    free = load_model(tiny, window=64)
+    free.tokenizer = Tokenizer.cl100k_olmo()  # ids < 320 are its byte-level tokens
+    list(free.generate([5, 6, 7], max_new_tokens=300, stop_ids=[]))
+    want = next(n for n in range(1, 301) if looping(free.generated[:n], 16, 32, 4))  # this model loops, greedily
+
+    eng = load_model(tiny, window=64)
+    eng.tokenizer = free.tokenizer
+    eng.fast_decode = graph  # the decode-graph path, eagerly on the CPU: 16-token chunks, the tail rolled back
+    list(eng.generate([5, 6, 7], max_new_tokens=300, stop_ids=[], loop_guard=LoopGuard(16)))
+    assert eng.stopped_by == "loop" and eng.generated == free.generated[:want]
+    assert eng.tokens_seen == 3 + want
+    assert torch.allclose(eng.feed([9]), load_model(tiny, window=64).feed([5, 6, 7, *eng.generated, 9])[-1:], atol=1e-4)
+
+
+def test_agent_reply_carries_the_marker_and_the_state_stays_in_step(caplog):
+    session = AgentSession(load_model("random", window=64), None, "s")
+    session.loop_guard = LoopGuard(span=2, max_period=1, min_repeats=2)  # any token twice in a row
+    messages = [{"role": "user", "content": "hello"}]
+    reply = session.reply(messages, max_new_tokens=400)
+    assert session.engine.stopped_by == "loop" and reply.text.endswith(LOOP_MARKER)
+    assert session.engine.tokens_seen == len(session.ids) and session.text == session.tok.decode(session.ids)
+    with caplog.at_level(logging.WARNING):  # the next turn appends to that text: no roll-back, no re-read
+        session.reply([*messages, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "ok"}],
+                      max_new_tokens=4)  # fmt: skip
+    assert not caplog.records
