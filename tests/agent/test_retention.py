@@ -43,8 +43,8 @@ def test_file_stops_growing_over_200_turns(repo, tmp_path):
         assert len(kept) == KEEP_LAST and all(s["checkpoint_id"] for s in kept)
         assert count(store, "writes") <= 4 * (KEEP_LAST + 1)
     # the snapshots plateau once the window is full; what still grows is the turn log and the kept checkpoints'
-    # message lists, a few KB a turn: under 8 KB a turn over the last 100 (unpruned: about 56 KB a turn). (The file
-    # grows in whole 64 KiB pages: 8 of them over those 100 turns when this was written.)
+    # message lists, a few KB a turn: under 8 KB a turn over the last 100 (unpruned: about 40% of the file by turn
+    # 100). The file grows in whole 64 KiB pages: 8 of them over those 100 turns when this was written.
     assert sizes[200] - sizes[100] < 100 * 8192, sizes
     assert sizes[200] - sizes[100] < 2 * (sizes[100] - sizes[50]) + 50_000, sizes  # no acceleration
 
