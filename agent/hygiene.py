@@ -75,7 +75,8 @@ class Rules:
         if any(mark in head for mark in GENERATED_MARKS):
             return "generated"
         lines = text.count("\n") + 1
-        if len(text) > 2000 and len(text) / lines > 300:  # a few enormous lines: minified or a data dump
+        prose = PurePosixPath(path).suffix.lower() in DOCS or "." not in PurePosixPath(path).name
+        if not prose and len(text) > 5000 and len(text) / lines > 500:  # code in a few enormous lines: minified
             return "minified"
         return None
 

@@ -17,6 +17,7 @@ FILES = {
     "shop/__init__.py": "from shop.prices import price\n",
     "shop/prices.py": "def price(item):\n    return {'apple': 3}[item]\n",
     "docs/guide.md": "How to buy.\n",
+    "docs/notes.md": "A paragraph on one line. " * 400 + "\n",  # long lines in prose are not minified code
     "tests/test_prices.py": "from shop import price\n\ndef test_apple():\n    assert price('apple') == 3\n",
     "uv.lock": "version = 1\n" + "[[package]]\nname = 'x'\n" * 50,
     "web/package-lock.json": "{}\n",
@@ -50,6 +51,7 @@ def test_dry_run_lists_skips_and_order_and_writes_nothing(tmp_path):
     assert order == [
         "tests/test_prices.py",  # tests first
         "docs/guide.md",  # then docs
+        "docs/notes.md",
         "shop/prices.py",  # then source
         "shop/__init__.py",  # then entry points and manifests
         "pyproject.toml",
