@@ -188,7 +188,7 @@ class AgentSession:
         delta = rendered[len(self.text) :]
         if not new:  # the template added nothing (cannot happen with a generation prompt): nudge with a newline
             delta, new = "\n", self.tok.encode("\n")
-        self.engine.generated = []
+        self.engine.generated, self.engine.last_generate = [], {}
         try:
             for piece in self.engine.generate(
                 new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, loop_guard=self.loop_guard, **sampling
