@@ -140,7 +140,8 @@ def cli(*args: str, kill_after_output: float | None = None) -> dict:
     else:
         out, err = proc.stdout.read(), proc.stderr.read()
     proc.wait()
-    peak = int(rss.read_text()) if rss.read_text().strip() else None
+    written = rss.read_text().strip()  # empty: the process was killed before its exit hook
+    peak = int(written) if written else None
     rss.unlink()
     r = {"args": [a for a in args if not a.startswith("/")], "rc": proc.returncode,
          "seconds": time.perf_counter() - t0, "peak_rss": peak, "killed_at": killed_at}  # fmt: skip

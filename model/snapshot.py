@@ -84,7 +84,7 @@ def pack_parts(header: dict[str, Any], st_head: bytes, pieces: list[tuple[str, m
         payload_bytes=len(st_head) + sum(len(d) for _, d in pieces),
     )
     leaves = [hashlib.sha256(st_head).digest(), *(bytes.fromhex(h) for h, _ in pieces)]
-    header["sha256"] = _digest_of_leaves(header, leaves)
+    header["sha256"] = _digest_of(header, leaves)
     hb = json.dumps(header, sort_keys=True).encode()
     return Parts(b"".join([MAGIC, struct.pack("<I", len(hb)), hb, st_head]), pieces)
 
@@ -198,18 +198,16 @@ def _digest(header: dict[str, Any], st_head: memoryview, datas: list[memoryview]
     digest and those leaf digests (none for format 1)."""
     parts = [st_head, *datas]
     if header.get("format") == 1:
-        h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
-        for p in parts:
-            h.update(p)
-        return h.hexdigest(), []
+        return _digest_of(header, parts), []
     leaves = sha256s(parts)
-    return _digest_of_leaves(header, leaves), leaves
+    return _digest_of(header, leaves), leaves
 
 
-def _digest_of_leaves(header: dict[str, Any], leaves: list[bytes]) -> str:
+def _digest_of(header: dict[str, Any], chunks: Sequence[bytes | memoryview]) -> str:
+    """sha256 of the header's canonical JSON (its own sha256 left out), then of each chunk in turn."""
     h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
-    for leaf in leaves:
-        h.update(leaf)
+    for chunk in chunks:
+        h.update(chunk)
     return h.hexdigest()
 
 
