@@ -597,9 +597,10 @@ def _ingest_dry_run(args: argparse.Namespace, rules) -> int:
     db = args.db or default_db_path()
     if Path(db).exists():
         with Store(db) as store:
-            row = store.db.execute("select id from projects where root = ?", [str(root)]).fetchone()
+            project = store.project_id(root)
             try:
-                ledger = store.ingested(store.session(args.session or root.name, row[0])["id"]) if row else {}
+                if project is not None:
+                    ledger = store.ingested(store.session(args.session or root.name, project)["id"])
             except NotFound:
                 pass
     changes, result = scan_project(root, ledger, args.max_file_bytes, rules)

@@ -164,14 +164,20 @@ class Store:
 
     # --- projects and sessions -----------------------------------------------------------------------------
     def project(self, root: str | Path, name: str | None = None) -> int:
-        root = str(Path(root).resolve())
+        """The id of the project at `root`, made if it is new."""
         with self._write():
-            row = next(self.db["projects"].rows_where("root = ?", [root]), None)
-            if row:
-                return row["id"]
+            pid = self.project_id(root)
+            if pid is not None:
+                return pid
+            root = str(Path(root).resolve())
             return (
                 self.db["projects"].insert({"root": root, "name": name or Path(root).name, "created": _now()}).last_pk
             )
+
+    def project_id(self, root: str | Path) -> int | None:
+        """The id of the project at `root`, or None (nothing is written)."""
+        row = next(self.db["projects"].rows_where("root = ?", [str(Path(root).resolve())]), None)
+        return row["id"] if row else None
 
     def create_session(self, title: str, fingerprint: str, project_id: int | None = None) -> str:
         if not title.strip():
