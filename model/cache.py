@@ -33,17 +33,19 @@ KEY_ALIGN = 16
 
 
 class Rotary:
-    """Rotate-half RoPE (Hugging Face Llama convention). One instance serves every attention layer, so the
+    """Rotate-half RoPE (Hugging Face Llama convention) over the first `dim` dims of each head (partial rotary, as
+    Qwen3.5 rotates a quarter of them); the rest pass unchanged. One instance serves every attention layer, so the
     cos/sin of a step's positions are computed once per step, not once per layer."""
 
     @classmethod
     def of(cls, cfg) -> Rotary | None:
         """The rotary of a model config (None for NoPE models)."""
-        return cls(cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
+        return cls(cfg.rotary_dim or cfg.head_dim, cfg.rope_theta) if cfg.rope_theta else None
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, dim: int, theta: float):
         # inv_freq as transformers computes it (float32), used in float64 for the angles.
-        self.inv_freq = (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)).double()
+        self.dim = dim
+        self.inv_freq = (1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).double()
         self._key: tuple | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
         self._inv_on: dict[torch.device, torch.Tensor] = {}
@@ -72,8 +74,9 @@ class Rotary:
         inside a CUDA graph, where pos changes between replays."""
         return self._apply(x, *self._cos_sin_of(pos, x.dtype))
 
-    @staticmethod
-    def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.dim != x.shape[-1]:
+            return torch.cat([self._apply(x[..., : self.dim], cos, sin), x[..., self.dim :]], -1)
         half = x.shape[-1] // 2
         rot = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rot * sin

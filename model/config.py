@@ -1,9 +1,12 @@
-"""Model configuration, parsed from a Hugging Face `config.json` (OLMo Hybrid or Llama).
+"""Model configuration, parsed from a Hugging Face `config.json` (OLMo Hybrid, Llama, Qwen3.5, Qwen3-Next).
 
-One dataclass serves both architectures: a Llama is a hybrid whose layers are all attention, with pre-norm
+One dataclass serves every family: a Llama is a hybrid whose layers are all attention, with pre-norm
 blocks, no q/k norms and rotary positions (its `layer_types` may also list Gated DeltaNet layers: deltamem's
 distilled default model is such a Llama); OLMo Hybrid puts three Gated DeltaNet layers before each attention
 layer, uses post-norm attention blocks with q/k RMSNorms, and its released checkpoints have no rotary at all.
+The Qwen families (`qwen3_5`, `qwen3_5_moe`, `qwen3_next`) are pre-norm with zero-centred RMSNorms (x * (1 + w)),
+attention whose output is gated by a sigmoid of a second half of q_proj, per-head q/k norms, partial rotary, and
+(the MoE ones) a sparse top-k MLP with a gated shared expert.
 """
 
 from __future__ import annotations
@@ -18,7 +21,29 @@ from deltamem.model.errors import CheckpointError
 
 LINEAR = "linear_attention"
 ATTENTION = "full_attention"
-ARCHS = ("olmo_hybrid", "llama")
+QWEN = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
+ARCHS = ("olmo_hybrid", "llama", *QWEN)
+# model_type in config.json -> arch. The Qwen3.5 multimodal checkpoints hold the text model under text_config.
+MODEL_TYPES = {
+    "olmo_hybrid": "olmo_hybrid",
+    "llama": "llama",
+    "qwen3_5": "qwen3_5",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe": "qwen3_5_moe",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+    "qwen3_next": "qwen3_next",
+}
+# Fields added after sessions were first saved: left out of to_dict() (the model's identity) at their defaults, so
+# the fingerprints of the models that existed before them do not change.
+_LATER = {
+    "rotary_dim": 0,
+    "num_experts": 0,
+    "num_experts_per_tok": 0,
+    "moe_intermediate_size": 0,
+    "shared_expert_intermediate_size": 0,
+    "norm_topk_prob": True,
+    "moe_layers": [],
+}
 
 
 @dataclass
@@ -45,6 +70,13 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    rotary_dim: int = 0  # dims of each head that rotate (partial rotary); 0: all of them
+    num_experts: int = 0  # sparse MoE MLP (qwen3_5_moe, qwen3_next) in the layers of moe_layers
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -64,15 +96,34 @@ class ModelConfig:
             )
         if LINEAR in self.layer_types and self.linear_num_value_heads % max(self.linear_num_key_heads, 1):
             raise CheckpointError("linear_num_value_heads must be a multiple of linear_num_key_heads")
+        if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise CheckpointError(f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+        if self.moe_layers and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise CheckpointError(
+                f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts ({self.num_experts})"
+            )
+        if any(not 0 <= i < self.num_hidden_layers for i in self.moe_layers):
+            raise CheckpointError(f"moe_layers {self.moe_layers} name layers this model does not have")
 
     @property
     def post_norm_attention(self) -> bool:
-        """OLMo-style attention blocks normalise the sublayer outputs; Llama normalises their inputs."""
+        """OLMo-style attention blocks normalise the sublayer outputs; Llama and Qwen normalise their inputs."""
         return self.arch == "olmo_hybrid"
 
     @property
-    def qk_norm(self) -> bool:
-        return self.arch == "olmo_hybrid"
+    def qk_norm(self) -> str | None:
+        """"proj": one RMSNorm over the whole q/k projection (OLMo); "head": over each head (Qwen); None."""
+        return "proj" if self.arch == "olmo_hybrid" else "head" if self.qwen else None
+
+    @property
+    def qwen(self) -> bool:
+        """Zero-centred norms, output-gated attention, fused DeltaNet input projections (Qwen3.5 / Qwen3-Next)."""
+        return self.arch in QWEN
+
+    @property
+    def linear_norm_eps(self) -> float:
+        """The DeltaNet output norm's eps: fla's default 1e-5 for OLMo Hybrid, the config's for Qwen."""
+        return self.rms_norm_eps if self.qwen else 1e-5
 
     @property
     def eos_ids(self) -> list[int]:
@@ -80,7 +131,8 @@ class ModelConfig:
         return [] if e is None else [e] if isinstance(e, int) else list(e)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in _LATER or v != _LATER[k]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -88,12 +140,18 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Build from a transformers `config.json` dict (model_type olmo_hybrid or llama)."""
-        arch = hf.get("model_type")
-        if arch not in ARCHS:
+        """Build from a transformers `config.json` dict (see MODEL_TYPES for the model types it reads)."""
+        arch = MODEL_TYPES.get(hf.get("model_type"))
+        if arch is None:
             raise CheckpointError(
-                f"config.json has model_type {arch!r}; deltamem loads {', '.join(ARCHS)} checkpoints"
+                f"config.json has model_type {hf.get('model_type')!r}; deltamem loads "
+                f"{', '.join(sorted(MODEL_TYPES))} checkpoints"
             )
+        if arch in QWEN:
+            try:
+                return cls._from_qwen(hf, arch)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"config.json is missing or has a bad value for {e}") from e
         try:
             hidden = int(hf["hidden_size"])
             layers = int(hf["num_hidden_layers"])
@@ -139,6 +197,67 @@ class ModelConfig:
             linear_value_head_dim=int(hf.get("linear_value_head_dim") or 2 * kd),
             linear_conv_kernel_dim=int(hf.get("linear_conv_kernel_dim", 4)),
             linear_allow_neg_eigval=bool(hf.get("linear_allow_neg_eigval", True)),
+        )
+
+    @classmethod
+    def _from_qwen(cls, hf: dict[str, Any], arch: str) -> ModelConfig:
+        """Qwen3.5 (dense or MoE; the text part of a multimodal config) and Qwen3-Next, with transformers' defaults
+        for keys a config.json leaves out."""
+        text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else hf
+        tied = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))  # the wrapper's says
+        if text.get("hidden_act", "silu") != "silu":
+            raise CheckpointError("only SiLU MLPs are supported")
+        layers = int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        head_dim = int(text.get("head_dim") or 256)
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind != "default":  # text-only MRoPE (mrope_section) is plain rotary: all three position ids are equal
+            raise CheckpointError(f"rope_type {kind!r} is not supported (only default rotary)")
+        theta = rope.get("rope_theta", text.get("rope_theta", 10000.0))
+        partial = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
+        types = text.get("layer_types")
+        if not types:
+            every = int(text.get("full_attention_interval", 4))
+            types = [LINEAR if (i + 1) % every else ATTENTION for i in range(layers)]
+        moe: dict[str, Any] = {}
+        experts = int(text.get("num_experts", 0 if arch == "qwen3_5" else 256 if arch == "qwen3_5_moe" else 512))
+        if arch != "qwen3_5" and experts:
+            step = int(text.get("decoder_sparse_step", 1))
+            dense = set(text.get("mlp_only_layers") or [])
+            moe = dict(
+                num_experts=experts,
+                num_experts_per_tok=int(text.get("num_experts_per_tok", 8 if arch == "qwen3_5_moe" else 10)),
+                moe_intermediate_size=int(text.get("moe_intermediate_size", 512)),
+                shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size", 512)),
+                norm_topk_prob=True if arch == "qwen3_5_moe" else bool(text.get("norm_topk_prob", True)),
+                moe_layers=[i for i in range(layers) if i not in dense and (i + 1) % step == 0],
+            )
+        return cls(
+            arch=arch,
+            vocab_size=int(text["vocab_size"]),
+            hidden_size=int(text["hidden_size"]),
+            intermediate_size=int(text.get("intermediate_size") or 0),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(text.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+            rope_theta=None if theta is None else float(theta),
+            rotary_dim=int(head_dim * partial),
+            attention_bias=bool(text.get("attention_bias", False)),
+            layer_types=list(types),
+            linear_num_key_heads=int(text.get("linear_num_key_heads", 16)),
+            linear_num_value_heads=int(text.get("linear_num_value_heads", 32)),
+            linear_key_head_dim=int(text.get("linear_key_head_dim", 128)),
+            linear_value_head_dim=int(text.get("linear_value_head_dim", 128)),
+            linear_conv_kernel_dim=int(text.get("linear_conv_kernel_dim", 4)),
+            linear_allow_neg_eigval=False,  # beta = sigmoid(b), in (0, 1)
+            tie_word_embeddings=bool(tied),
+            max_position_embeddings=int(text.get("max_position_embeddings") or 32768),
+            bos_token_id=text.get("bos_token_id", hf.get("bos_token_id")),
+            eos_token_id=text.get("eos_token_id", hf.get("eos_token_id")),
+            **moe,
         )
 
     @classmethod

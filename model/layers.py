@@ -18,32 +18,39 @@ from deltamem.model.packed import PackedLinear, fuse_linears
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x * rsqrt(mean(x^2) + eps) * weight; zero-centred (Qwen): * (1 + weight), in float32, the weight kept as
+    stored (so checkpoints load as they are and a bfloat16 weight loses nothing to the + 1)."""
+
+    def __init__(self, dim: int, eps: float, zero_centred: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim))
         self.eps = eps
+        self.zero_centred = zero_centred
+
+    def scale(self) -> torch.Tensor:
+        return self.weight.float() + 1.0 if self.zero_centred else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _gpu_inference(x):
-            return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.rms_norm(x, self.scale(), self.eps)
         if x.dtype == torch.float32 or x.is_cuda:  # one fused op (float accumulation); same formula as below
             # (the weight in x's dtype: a float32 master weight in bfloat16 training would force the unfused path)
-            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+            return F.rms_norm(x, (x.shape[-1],), self.scale().to(x.dtype), self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf).to(x.dtype)
+        return (self.scale() * xf).to(x.dtype)
 
     def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + y, self(x + y)); one kernel on the GPU."""
         if _gpu_inference(x):
-            return kernels.add_rms_norm(x, y, self.weight, self.eps)
+            return kernels.add_rms_norm(x, y, self.scale(), self.eps)
         s = x + y
         return s, self(s)
 
     def norm_add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x + self(y); one kernel on the GPU."""
         if _gpu_inference(x):
-            return kernels.rms_norm_add(x, y, self.weight, self.eps)
+            return kernels.rms_norm_add(x, y, self.scale(), self.eps)
         return x + self(y)
 
 
@@ -127,11 +134,12 @@ class Fusable(nn.Module):
 class MLP(Fusable):
     FUSE = ("gate_proj", "up_proj")
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, size: int | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        size = size or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, size, bias=False)
+        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """down(silu(gate(x)) * up(x)), plus `residual` if given (on the GPU the matmul accumulates onto a copy
@@ -148,8 +156,65 @@ class MLP(Fusable):
         return y if residual is None else residual + y
 
 
+class Experts(nn.Module):
+    """The routed experts of a sparse MoE MLP, as transformers holds them in memory: gate_up_proj [E, 2I, H] (each
+    expert's gate rows, then its up rows) and down_proj [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, top: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; top, weights: [T, K] (expert ids and their routing weights) -> [T, H]."""
+        t, k = top.shape
+        if t == 1:  # decode: gather the K experts' weights on the device (no host sync: CUDA-graph safe)
+            gate, up = torch.matmul(self.gate_up_proj[top[0]], x[0]).chunk(2, dim=-1)  # [K, I] each
+            y = torch.matmul(self.down_proj[top[0]], (F.silu(gate) * up)[..., None])[..., 0]  # [K, H]
+            return (y * weights[0, :, None]).sum(0, keepdim=True)
+        out = torch.zeros_like(x)
+        order = top.reshape(-1).argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(top.reshape(-1), minlength=self.gate_up_proj.shape[0]).tolist()
+        at = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            pairs = order[at : at + n]
+            at += n
+            tok = pairs // k
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights.reshape(-1)[pairs, None].to(x.dtype)
+            out.index_add_(0, tok, y)
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Qwen3-Next / Qwen3.5-MoE MLP: a softmax router picks the top-k experts per token (weights renormalised to
+    sum to 1 if the config says), plus a shared expert scaled by sigmoid(shared_expert_gate(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.experts = Experts(cfg)
+        self.shared_expert = MLP(cfg, cfg.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
+        weights, top = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        y = self.experts(x, top, weights.to(x.dtype))
+        y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y if residual is None else residual + y
+
+
 class Attention(Fusable):
-    """Grouped-query attention over a bounded KVWindow, optional q/k RMSNorm (OLMo) and rotary (Llama)."""
+    """Grouped-query attention over a bounded KVWindow, optional q/k RMSNorm (OLMo: over the projection; Qwen: per
+    head, zero-centred), rotary (Llama, Qwen: partial) and a sigmoid output gate (Qwen: q_proj's rows hold each
+    head's query then its gate)."""
 
     FUSE = ("q_proj", "k_proj", "v_proj")
 
@@ -157,25 +222,36 @@ class Attention(Fusable):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.gated = cfg.qwen
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim * (2 if self.gated else 1), bias=bias)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
-        if cfg.qk_norm:  # over the whole projection, not per head (OLMo 2/3 style)
+        self.qk_norm = cfg.qk_norm
+        if self.qk_norm == "proj":  # over the whole projection, not per head (OLMo 2/3 style)
             self.q_norm = RMSNorm(self.n_heads * self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.n_kv * self.head_dim, cfg.rms_norm_eps)
-        self.qk_norm = cfg.qk_norm
+        elif self.qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, zero_centred=True)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, zero_centred=True)
 
     def forward(self, x: torch.Tensor, kv: KVWindow) -> torch.Tensor:
         # x: [T, hidden]
         t = x.shape[0]
         q, k, v = self.project(x)
-        if self.qk_norm:
+        gate = None
+        if self.gated:
+            q, gate = q.view(t, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(t, self.n_heads, self.head_dim)
+        q = q.reshape(t, self.n_heads, self.head_dim)
         k = k.view(t, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         v = v.view(t, self.n_kv, self.head_dim)
         o = kv.attend(q, k, v)  # [T, H, D]
+        if gate is not None:
+            o = o * torch.sigmoid(gate)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -186,11 +262,8 @@ class GatedDeltaNet(Fusable):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self._dims(cfg)
         h = cfg.hidden_size
-        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-        self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
-        self.beta_scale = 2.0 if cfg.linear_allow_neg_eigval else 1.0  # beta in [0, 2]: negative eigenvalues
         self.q_proj = nn.Linear(h, self.key_dim, bias=False)
         self.k_proj = nn.Linear(h, self.key_dim, bias=False)
         self.v_proj = nn.Linear(h, self.value_dim, bias=False)
@@ -198,16 +271,30 @@ class GatedDeltaNet(Fusable):
         self.b_proj = nn.Linear(h, self.hv, bias=False)
         self.g_proj = nn.Linear(h, self.value_dim, bias=False)
         self.o_proj = nn.Linear(self.value_dim, h, bias=False)
+        self.o_norm = GatedRMSNorm(self.dv, cfg.linear_norm_eps)
+
+    def _dims(self, cfg: ModelConfig) -> None:
+        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
+        self.beta_scale = 2.0 if cfg.linear_allow_neg_eigval else 1.0  # beta in [0, 2]: negative eigenvalues
         conv_dim = 2 * self.key_dim + self.value_dim
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, cfg.linear_conv_kernel_dim, groups=conv_dim, bias=False)
         self.A_log = nn.Parameter(torch.zeros(self.hv))
         self.dt_bias = nn.Parameter(torch.zeros(self.hv))
-        self.o_norm = GatedRMSNorm(self.dv)
+
+    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q, k, v side by side: the conv's input; a; b; the output gate)."""
+        return tuple(self.project(x, join=3))
+
+    def output(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """The gated norm and output projection. o, gate: [T, HV, DV]."""
+        return self.o_proj(self.o_norm(o, gate).reshape(o.shape[0], self.value_dim))
 
     def forward(self, x: torch.Tensor, st: DeltaState) -> torch.Tensor:
         # x: [T, hidden]; st.conv: [W-1, conv_dim]; st.recurrent: [1, HV, DK, DV] float32
         t = x.shape[0]
-        qkv, a, b, gate = self.project(x, join=3)  # q, k, v side by side: the conv's input
+        qkv, a, b, gate = self.inputs(x)
         qkv, conv = causal_conv1d(qkv, self.conv1d.weight[:, 0], st.conv, inplace=st.inplace)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         g, beta = kernels.delta_gates(a, b, self.A_log, self.dt_bias, self.beta_scale)  # log decay <= 0; [T, HV]
@@ -219,30 +306,56 @@ class GatedDeltaNet(Fusable):
         else:
             o, recurrent = chunk_gated_delta_rule(*args, g[None], beta[None], initial_state=st.recurrent)
         st.set(conv, recurrent)  # replaced, or kept in place where a CUDA graph holds the state's addresses
-        o = self.o_norm(o[0], gate.view(t, self.hv, self.dv))
-        return self.o_proj(o.reshape(t, self.value_dim))
+        return self.output(o[0], gate.view(t, self.hv, self.dv))
+
+
+class QwenGatedDeltaNet(GatedDeltaNet):
+    """Qwen3.5's Gated DeltaNet: the same mixer with Qwen's weights: in_proj_qkv (q, k, v rows side by side),
+    in_proj_z (the output gate), in_proj_b, in_proj_a, norm and out_proj. (Qwen3-Next's fused in_proj_qkvz /
+    in_proj_ba are split into these at load: model/loader.py.)"""
+
+    FUSE = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+
+    def __init__(self, cfg: ModelConfig):
+        nn.Module.__init__(self)
+        Fusable.__init__(self)
+        self._dims(cfg)
+        h = cfg.hidden_size
+        self.in_proj_qkv = nn.Linear(h, 2 * self.key_dim + self.value_dim, bias=False)
+        self.in_proj_z = nn.Linear(h, self.value_dim, bias=False)
+        self.in_proj_b = nn.Linear(h, self.hv, bias=False)
+        self.in_proj_a = nn.Linear(h, self.hv, bias=False)
+        self.norm = GatedRMSNorm(self.dv, cfg.linear_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, h, bias=False)
+
+    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        qkv, z, b, a = self.project(x)
+        return qkv, a, b, z
+
+    def output(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.norm(o, gate).reshape(o.shape[0], self.value_dim))
 
 
 class Block(nn.Module):
-    """One decoder layer. Norm placement by kind: pre-norm for Llama and for OLMo Hybrid's DeltaNet layers,
+    """One decoder layer. Norm placement by kind: pre-norm for Llama, Qwen and OLMo Hybrid's DeltaNet layers,
     post-norm (norm of the sublayer output, before the residual add) for OLMo Hybrid's attention layers."""
 
-    def __init__(self, cfg: ModelConfig, layer_type: str):
+    def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
-        eps = cfg.rms_norm_eps
-        self.linear = layer_type == LINEAR
+        eps, zc = cfg.rms_norm_eps, cfg.qwen
+        self.linear = cfg.layer_types[index] == LINEAR
         self.post_norm = not self.linear and cfg.post_norm_attention
         if self.linear:
-            self.linear_attn = GatedDeltaNet(cfg)
+            self.linear_attn = QwenGatedDeltaNet(cfg) if cfg.qwen else GatedDeltaNet(cfg)
         else:
             self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoE(cfg) if index in cfg.moe_layers else MLP(cfg)
         if self.post_norm:
             self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
         else:
-            self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
-            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+            self.input_layernorm = RMSNorm(cfg.hidden_size, eps, zc)
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, zc)
 
     def forward(self, x: torch.Tensor, state: DeltaState | KVWindow) -> torch.Tensor:
         mixer = self.linear_attn if self.linear else self.self_attn
@@ -257,8 +370,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.qwen)
 
 
 class HybridLM(nn.Module):

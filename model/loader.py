@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -17,29 +20,94 @@ from deltamem.model.engine import Engine, Fingerprint, empty_states
 from deltamem.model.errors import CheckpointError
 from deltamem.model.layers import HybridLM
 
+log = logging.getLogger(__name__)
 
-def canonical_sources(names: Iterable[str]) -> dict[str, list[str]]:
-    """Model name -> the checkpoint names that make it (concatenated along dim 0 when several). OLMo Hybrid
-    checkpoints as released (and as transformers saves them) name the DeltaNet pre-norms attention_layer_norm /
-    feedforward_layer_norm and keep q/k/v short convs apart; the module tree (ours and transformers' in memory)
-    has input_layernorm / post_attention_layernorm and one fused conv1d. Rotary inverse frequencies are dropped."""
-    names = set(names)
-    out: dict[str, list[str]] = {}
+
+@dataclass
+class Source:
+    """Where one model tensor comes from: checkpoint tensors `names`, joined by `combine` (default: the one tensor,
+    or several concatenated along dim 0)."""
+
+    names: list[str]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if self.combine is not None:
+            return self.combine(parts)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+_EXPERT = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+IGNORED = ("model.visual.", "mtp.")  # Qwen3.5's vision tower, Qwen's multi-token-prediction head
+
+
+def canonical_sources(names: Iterable[str], cfg: ModelConfig | None = None) -> dict[str, Source]:
+    """Model name -> the checkpoint tensors that make it. OLMo Hybrid checkpoints as released (and as transformers
+    saves them) name the DeltaNet pre-norms attention_layer_norm / feedforward_layer_norm and keep q/k/v short
+    convs apart; the module tree (ours and transformers' in memory) has input_layernorm / post_attention_layernorm and
+    one fused conv1d. Qwen3.5 multimodal checkpoints keep the text model under model.language_model; MoE checkpoints
+    store each expert apart (held here as transformers does: one [E, 2I, H] gate_up and one [E, H, I] down tensor);
+    Qwen3-Next fuses the DeltaNet input projections per key head (split into Qwen3.5's here). Rotary inverse
+    frequencies, the vision tower and multi-token-prediction weights (IGNORED) are dropped."""
+    names = {n for n in names if not n.startswith(IGNORED)}
+    out: dict[str, Source] = {}
+    experts: dict[str, dict[int, dict[str, str]]] = {}
     for k in sorted(names):
         if k.endswith(("rotary_emb.inv_freq", ".linear_attn.k_conv1d.weight", ".linear_attn.v_conv1d.weight")):
             continue
-        c = k.replace(".attention_layer_norm.", ".input_layernorm.")
+        c = k.replace("model.language_model.", "model.", 1) if k.startswith("model.language_model.") else k
+        c = c.replace(".attention_layer_norm.", ".input_layernorm.")
         c = c.replace(".feedforward_layer_norm.", ".post_attention_layernorm.")
-        if k.endswith(".linear_attn.q_conv1d.weight"):
+        if m := _EXPERT.fullmatch(c):
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = k
+        elif k.endswith(".linear_attn.q_conv1d.weight"):
             base = k.removesuffix("q_conv1d.weight")
             parts = [f"{base}{x}_conv1d.weight" for x in "qkv"]
             absent = [n for n in parts if n not in names]
             if absent:
                 raise CheckpointError(f"checkpoint has {k} but not {absent[0]}")
-            out[base + "conv1d.weight"] = parts
+            out[base + "conv1d.weight"] = Source(parts)
+        elif c.endswith((".linear_attn.in_proj_qkvz.weight", ".linear_attn.in_proj_ba.weight")):
+            if cfg is None:
+                raise CheckpointError(f"{k} needs the model config to be split")
+            base = c.rsplit(".in_proj_", 1)[0]
+            for name, split in _qwen3_next_split(c, cfg).items():
+                out[f"{base}.{name}.weight"] = Source([k], split)
         else:
-            out[c] = [k]
+            out[c] = Source([k])
+    for base, by_expert in experts.items():
+        n = max(by_expert) + 1
+        need = [(e, w) for e in range(n) for w in ("gate_proj", "up_proj", "down_proj")]
+        absent = [f"{base}.{e}.{w}.weight" for e, w in need if w not in by_expert.get(e, {})]
+        if absent:
+            raise CheckpointError(f"checkpoint lacks {absent[0]}")
+        gate_up = [by_expert[e][w] for e in range(n) for w in ("gate_proj", "up_proj")]
+        out[f"{base}.gate_up_proj"] = Source(gate_up, lambda ts: torch.stack([torch.cat(ts[i : i + 2]) for i in
+                                                                                range(0, len(ts), 2)]))
+        out[f"{base}.down_proj"] = Source([by_expert[e]["down_proj"] for e in range(n)], torch.stack)
     return out
+
+
+def _qwen3_next_split(name: str, cfg: ModelConfig) -> dict[str, Callable[[list[torch.Tensor]], torch.Tensor]]:
+    """Qwen3-Next's in_proj_qkvz rows hold, per key head, its q, k, then the v and z rows of the value heads it
+    serves; in_proj_ba per key head its b then a rows. -> Qwen3.5's in_proj_qkv / _z / _b / _a."""
+    hk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    r = cfg.linear_num_value_heads // max(hk, 1)
+
+    def part(sizes: list[int], pick: list[int]) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        def f(ts: list[torch.Tensor]) -> torch.Tensor:
+            w = ts[0]
+            if w.shape[0] != hk * sum(sizes):
+                raise CheckpointError(f"{name} has {w.shape[0]} rows, config implies {hk * sum(sizes)}")
+            heads = w.reshape(hk, sum(sizes), *w.shape[1:]).split(sizes, dim=1)
+            return torch.cat([heads[i].reshape(-1, *w.shape[1:]) for i in pick])
+
+        return f
+
+    if name.endswith("in_proj_qkvz.weight"):
+        sizes = [dk, dk, r * dv, r * dv]
+        return {"in_proj_qkv": part(sizes, [0, 1, 2]), "in_proj_z": part(sizes, [3])}
+    return {"in_proj_b": part([r, r], [0]), "in_proj_a": part([r, r], [1])}
 
 
 class Tensors(Protocol):
@@ -127,7 +195,10 @@ def build(
     with torch.device("meta"):
         model = HybridLM(cfg)
     expected = model.state_dict()
-    sources = canonical_sources(tensors.keys())
+    names = list(tensors.keys())
+    if any(n.startswith("model.visual.") for n in names):
+        log.warning("this checkpoint's vision tower is ignored: deltamem runs its text model")
+    sources = canonical_sources(names, cfg)
     if cfg.tie_word_embeddings:
         sources.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(sources))
@@ -141,8 +212,8 @@ def build(
     check_fits(device, weights + state_bytes, f"this model in {str(dtype).removeprefix('torch.')}")
     fp = Fingerprint(cfg)
     for k in sorted(expected):
-        parts = [tensors.get(n) for n in sources[k]]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        parts = [tensors.get(n) for n in sources[k].names]
+        t = sources[k].join(parts)
         if tuple(t.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"tensor {k} has shape {tuple(t.shape)}, config implies {tuple(expected[k].shape)}")
         fp.add(k, t)
