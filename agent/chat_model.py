@@ -99,8 +99,13 @@ class ChatDeltamem(BaseChatModel):
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
     # --- conversion ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _to_dicts(messages: list[BaseMessage], tools: list[dict] | None) -> list[dict]:
+    def _to_dicts(self, messages: list[BaseMessage], tools: list[dict] | None) -> list[dict]:
+        """LangChain messages -> chat-template dicts. Tools go to the template where it takes them (with calls in
+        its syntax), else into the system prompt."""
+        template = self._state().template
+        native = bool(tools) and template.uses_tools
+        template.tools = tools if native else None
+        syntax = template.call_syntax if native else "json"
         out = []
         for m in messages:
             content = m.content if isinstance(m.content, str) else _text_of(m.content)
@@ -109,13 +114,13 @@ class ChatDeltamem(BaseChatModel):
             elif isinstance(m, HumanMessage):
                 out.append({"role": "user", "content": content})
             elif isinstance(m, AIMessage):
-                calls = "".join(format_tool_call(c["name"], c["args"]) for c in m.tool_calls)
+                calls = "".join(format_tool_call(c["name"], c["args"], syntax) for c in m.tool_calls)
                 out.append({"role": "assistant", "content": content + calls})
             elif isinstance(m, ToolMessage):
                 out.append({"role": "tool", "content": content})
             else:
                 out.append({"role": m.type, "content": content})
-        if tools:
+        if tools and not native:
             listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
             note = f'You can call these tools by writing {OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE}:\n{listing}'
             if out and out[0]["role"] == "system":
@@ -158,7 +163,8 @@ class ChatDeltamem(BaseChatModel):
     def _message(self, text: str, usage: UsageMetadata, tools) -> AIMessage:
         if not tools:
             return AIMessage(content=text, usage_metadata=usage, response_metadata={"model_name": self.model})
-        parsed = parse_tool_calls(text)
+        specs = [t.get("function") or {} for t in tools]
+        parsed = parse_tool_calls(text, schemas={f.get("name"): f.get("parameters") or {} for f in specs})
         return AIMessage(
             content=parsed.content,
             tool_calls=[

@@ -55,6 +55,8 @@ def build_graph(
     if max_steps < 1:
         raise ValueError("max_steps must be >= 1")
 
+    schemas = {t.name: t.parameters for t in tools.values()}
+
     def feed(state: State) -> dict:
         writer = get_stream_writer()
         brain.feed_messages(state["messages"], state.get("feed_count", 0), lambda e: writer({"progress": e}))
@@ -64,7 +66,7 @@ def build_graph(
         writer = get_stream_writer()
         steps = state.get("steps", 0) + 1
         text = brain.respond(state["messages"], lambda piece: writer({"token": piece}))
-        parsed = parse_tool_calls(text, id_prefix=f"s{steps}")
+        parsed = parse_tool_calls(text, id_prefix=f"s{steps}", schemas=schemas)
         msg = {"role": "assistant", "content": text, "tool_calls": parsed.calls, "errors": parsed.errors}
         return {"messages": [msg], "steps": steps}
 

@@ -1,7 +1,12 @@
-"""Tool calls in model output: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes style).
+"""Tool calls in model output, in either of the two syntaxes models are trained on, inside `<tool_call>` blocks:
 
-`parse_tool_calls` never raises: whatever the model wrote, it returns the prose, the well-formed calls and one
-error message per malformed block, which the agent hands back to the model so it can try again.
+- JSON (Hermes, Qwen2.5/3, SmolLM2): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`;
+- XML (Qwen3.5, Qwen3-Coder): `<tool_call><function=NAME><parameter=ARG>value</parameter>...</function></tool_call>`,
+  where a value is written as is if it is a string, else as JSON (so a parameter's schema type decides).
+
+`parse_tool_calls` reads both and never raises: whatever the model wrote, it returns the prose (after any
+`</think>`), the well-formed calls and one error message per malformed block, which the agent hands back to the model
+so it can try again. `format_tool_call` writes a call in the syntax a model's chat template uses.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from dataclasses import dataclass, field
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|\Z)", re.S)
+_FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(</function>|\Z)", re.S)
+_PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.S)
+THINK_END = "</think>"
 
 
 @dataclass
@@ -21,11 +29,19 @@ class Parsed:
     errors: list[str] = field(default_factory=list)
 
 
-def format_tool_call(name: str, arguments: dict) -> str:
+def format_tool_call(name: str, arguments: dict, syntax: str = "json") -> str:
+    if syntax == "xml":
+        params = "".join(
+            f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}\n</parameter>\n"
+            for k, v in arguments.items()
+        )
+        return f"{OPEN}\n<function={name}>\n{params}</function>\n{CLOSE}"
     return f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CLOSE}"
 
 
-def parse_tool_calls(text: str, id_prefix: str = "call") -> Parsed:
+def parse_tool_calls(text: str, id_prefix: str = "call", schemas: dict[str, dict] | None = None) -> Parsed:
+    """schemas: tool name -> its JSON-schema `parameters`, which types the XML form's values (a string parameter
+    stays the text written; others are read as JSON)."""
     out = Parsed(content="")
     try:
         prose = []
@@ -36,17 +52,51 @@ def parse_tool_calls(text: str, id_prefix: str = "call") -> Parsed:
             if not m.group(0).endswith(CLOSE):
                 out.errors.append(f"a {OPEN} block was not closed with {CLOSE}")
                 continue
-            call, error = _one_call(m.group(1))
+            body = m.group(1)
+            call, error = _xml_call(body, schemas or {}) if body.lstrip().startswith("<function=") else _one_call(body)
             if error:
                 out.errors.append(error)
             else:
                 call["id"] = f"{id_prefix}_{len(out.calls)}"
                 out.calls.append(call)
         prose.append(text[pos:])
-        out.content = "".join(prose).strip()
+        content = "".join(prose)
+        out.content = content.rsplit(THINK_END, 1)[-1].strip()  # a thinking model's reasoning is not the answer
     except Exception as e:  # a parser must never take the agent loop down
         out.errors.append(f"could not parse the tool calls: {e}")
     return out
+
+
+def _xml_call(body: str, schemas: dict[str, dict]) -> tuple[dict, str | None]:
+    m = _FUNCTION.search(body)
+    if m is None or not m.group(3):
+        return {}, "a <function=NAME> block was not closed with </function>"
+    name = m.group(1).strip()
+    if not name:
+        return {}, "a tool call has an empty <function=> name"
+    if body[m.end() :].strip():
+        return {}, f"text after </function> in the call of {name!r}; write one <function=...> per {OPEN} block"
+    inner = m.group(2)
+    if "<parameter=" in _PARAMETER.sub("", inner):
+        return {}, f"a <parameter=NAME> block of {name!r} was not closed with </parameter>"
+    props = (schemas.get(name) or {}).get("properties") or {}
+    args: dict = {}
+    for pm in _PARAMETER.finditer(inner):
+        key, raw = pm.group(1).strip(), pm.group(2)
+        raw = raw[1:] if raw.startswith("\n") else raw  # the template writes "\n" + value + "\n"
+        raw = raw[:-1] if raw.endswith("\n") else raw
+        args[key] = _typed(raw, (props.get(key) or {}).get("type"))
+    return {"name": name, "arguments": args}, None
+
+
+def _typed(raw: str, kind) -> object:
+    """A parameter value as its schema types it: strings (and untyped parameters) as written, others as JSON."""
+    if kind in (None, "string") or (isinstance(kind, list) and "string" in kind):
+        return raw
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw  # the tool's own checks report a bad value
 
 
 def _one_call(body: str) -> tuple[dict, str | None]:

@@ -12,6 +12,7 @@ import json
 from functools import cached_property
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from deltamem.agent.parse import CLOSE, OPEN
@@ -33,9 +34,30 @@ class TemplateError(ValueError):
 
 
 class ChatTemplate:
+    """A model's chat template. Templates that read a `tools` variable (Qwen3.5, Qwen3, most tool-trained models)
+    get the tool list passed to them, as transformers' apply_chat_template(tools=...) does, and lay it out in the
+    words the model was trained on; `call_syntax` is the tool-call form the template writes ("xml" when it writes
+    <function=...> blocks, else "json"). Every render passes preserve_thinking=True so that thinking templates keep
+    earlier turns' reasoning and a conversation renders append-only."""
+
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
         self.source = source or CHATML
-        self.extra = {"bos_token": bos_token, "eos_token": eos_token}
+        self.extra = {"bos_token": bos_token, "eos_token": eos_token, "preserve_thinking": True}
+        self.tools: list[dict] | None = None  # OpenAI-style function specs, rendered where the template takes them
+
+    @cached_property
+    def uses_tools(self) -> bool:
+        """The template lays out a `tools` variable and its calls are <tool_call> blocks, which agent/parse.py reads
+        (a template with another call syntax, such as OLMo 3's <function_calls>, gets deltamem's own prompt)."""
+        try:
+            takes = "tools" in jinja2.meta.find_undeclared_variables(self._env.parse(self.source))
+        except jinja2.TemplateError:
+            return False  # rendering reports the error
+        return takes and OPEN in self.source
+
+    @property
+    def call_syntax(self) -> str:
+        return "xml" if "<function=" in self.source else "json"
 
     @classmethod
     def for_tokenizer(cls, tok) -> ChatTemplate:
@@ -45,7 +67,7 @@ class ChatTemplate:
         return cls(tok.chat_template, text(tok.bos_id), text(tok.eos_id))
 
     @cached_property
-    def _template(self) -> jinja2.Template:
+    def _env(self) -> ImmutableSandboxedEnvironment:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message):
@@ -53,15 +75,20 @@ class ChatTemplate:
 
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+        return env
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
         try:
-            return env.from_string(self.source)
+            return self._env.from_string(self.source)
         except jinja2.TemplateError as e:
             raise TemplateError(f"the model's chat template does not parse: {e}") from e
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        extra = dict(self.extra, tools=self.tools) if self.tools and self.uses_tools else self.extra
         try:
-            return self._template.render(messages=plain, add_generation_prompt=add_generation_prompt, **self.extra)
+            return self._template.render(messages=plain, add_generation_prompt=add_generation_prompt, **extra)
         except TemplateError:
             raise
         except SecurityError as e:  # a template reaching for Python internals: nothing of it ran
@@ -73,12 +100,21 @@ class ChatTemplate:
             raise TemplateError(f"the model's chat template failed: {e}") from e
 
 
-def system_prompt(project: str, tools: dict) -> str:
-    lines = [
-        json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters}, ensure_ascii=False)
+def system_prompt(project: str, tools: dict, native: bool = False) -> str:
+    """The agent's system prompt. native: the chat template lists the tools itself (ChatTemplate.uses_tools), in
+    the words and call syntax the model was trained on; only the project's part is written here."""
+    if native:
+        return SYSTEM.split("\n\n", 1)[0].format(project=project)
+    lines = [json.dumps(spec["function"], ensure_ascii=False) for spec in tool_specs(tools)]
+    return SYSTEM.format(project=project, open=OPEN, close=CLOSE, tools="\n".join(lines) or "(none)")
+
+
+def tool_specs(tools: dict) -> list[dict]:
+    """The tools as OpenAI function specs, the form chat templates' `tools` variable takes."""
+    return [
+        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
         for t in tools.values()
     ]
-    return SYSTEM.format(project=project, open=OPEN, close=CLOSE, tools="\n".join(lines) or "(none)")
 
 
 def file_message(path: str, text: str | None) -> dict:

@@ -22,7 +22,7 @@ from langgraph.types import Command
 from deltamem.agent import threads
 from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
 from deltamem.agent.hygiene import Rules, feed_order
-from deltamem.agent.prompt import file_message, system_prompt
+from deltamem.agent.prompt import file_message, system_prompt, tool_specs
 from deltamem.agent.session import AgentSession, Cancelled, log
 from deltamem.memory.store import Store
 from deltamem.tools import ToolContext, default_tools
@@ -91,6 +91,8 @@ class Agent:
         self.session = AgentSession.open(engine, store, session, self.root, convert_state=convert_state)
         self.session.max_new_tokens = max_new_tokens
         self.tools = default_tools()
+        if self.session.template.uses_tools:  # the model's template lists them, in its trained words and syntax
+            self.session.template.tools = tool_specs(self.tools)
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
         self.saver = sqlite_checkpointer(store.path)
         self.graph = build_graph(
@@ -127,7 +129,8 @@ class Agent:
     def _with_system(self, new: list[dict]) -> list[dict]:
         if self.messages():
             return new
-        return [{"role": "system", "content": system_prompt(self.root.name, self.tools)}, *new]
+        prompt = system_prompt(self.root.name, self.tools, native=self.session.template.uses_tools)
+        return [{"role": "system", "content": prompt}, *new]
 
     def _drive(self, inp, on_event: Callable[[Event], None], approver: Approver | None) -> None:
         """Stream the graph to its end, answering approval interrupts with `approver`."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deltamem.agent.prompt import ChatTemplate
+from deltamem.agent.prompt import ChatTemplate, TemplateError
 from deltamem.memory.errors import NotFound, StoreError, WrongProject
 from deltamem.memory.store import Store
 from deltamem.model import snapshot as snap
@@ -255,7 +255,10 @@ class AgentSession:
         stream in whole prefill chunks (a message's tail shares a chunk with the next one's head): on a GPU many
         short files still run in large, uniform chunks."""
         start = len(messages) - new_count
-        first = total = self.feed(messages[:start]) if start else 0
+        try:
+            first = total = self.feed(messages[:start]) if start else 0
+        except TemplateError:  # e.g. Qwen3.5's template refuses a conversation without a user message: the system
+            first = total = 0  # prompt is fed with the first of the new messages
         chunk = self.engine.prefill_chunk
         unfed: list[int] = []  # consumed by the text and ids here, not yet by the engine
         t0 = time.perf_counter()

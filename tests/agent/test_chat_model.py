@@ -52,7 +52,7 @@ def test_tool_calls_come_back_parsed_and_history_is_reused():
     assert first.usage_metadata["input_token_details"]["cache_read"] == 0
     # the next call extends the same conversation: only its new part is fed
     call = AIMessage(content="", tool_calls=[{"name": "price", "args": {"item": "apple"}, "id": "c0"}])
-    rendered = ChatDeltamem._to_dicts([*history, first, call], None)
+    rendered = llm._to_dicts([*history, first, call], None)
     assert rendered[-1]["content"] == format_tool_call("price", {"item": "apple"})
     second = llm.invoke([*history, first, HumanMessage("and pear?")])
     u = second.usage_metadata

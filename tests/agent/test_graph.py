@@ -137,3 +137,29 @@ def test_feed_mode_generates_nothing(project):
     events = drive(graph, {"messages": msgs, "mode": "feed", "feed_count": 2}, config)
     assert [e["progress"]["done"] for e in events] == [1, 2] and brain.seen == []
     assert graph.get_state(config).values["messages"] == msgs
+
+
+def test_tool_call_in_qwen35_native_syntax_round_trips(project, tmp_path):
+    """A Qwen3.5 model answers in its trained XML form (an integer parameter among them); the graph parses it with the
+    tools' schemas, the real tool runs, and the result goes back through Qwen3.5's real template as <tool_response>."""
+    from pathlib import Path
+
+    from deltamem.agent.prompt import ChatTemplate, tool_specs
+
+    template = ChatTemplate((Path(__file__).parent / "templates" / "qwen3_5.jinja").read_text())
+    template.tools = tool_specs(default_tools())
+    call = format_tool_call("read_file", {"path": "README.md", "start_line": 2}, template.call_syntax)
+    assert call.startswith("<tool_call>\n<function=read_file>\n<parameter=path>\nREADME.md\n</parameter>")
+    brain = Scripted("<think>\nthe README says\n</think>\n\n" + call, "It is 42.")
+    graph = build_graph(
+        brain, default_tools(), ToolContext(root=project), checkpointer=sqlite_checkpointer(tmp_path / "q.db")
+    )
+    config = {"configurable": {"thread_id": "q"}}
+    drive(graph, task("what is the answer?"), config)
+    state = graph.get_state(config).values
+    assert state["messages"][1]["tool_calls"][0]["arguments"] == {"path": "README.md", "start_line": 2}
+    assert state["messages"][2]["ok"] and "the answer is 42" in state["messages"][2]["content"]
+    assert "line one" not in state["messages"][2]["content"]  # start_line arrived as the integer 2
+    prompt = template.render(state["messages"][:3])
+    assert "<|im_start|>user\n<tool_response>\n[read_file]" in prompt and "the answer is 42" in prompt
+    assert prompt.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n")
