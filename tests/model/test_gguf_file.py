@@ -206,7 +206,7 @@ def test_synthetic_round_trip(tmp_path, tied, f16):
 
 
 def test_other_architecture_is_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="'qwen2'.*only 'llama'"):
+    with pytest.raises(CheckpointError, match="'qwen2'.*reads 'llama' and qwen35"):
         read_gguf(_write(tmp_path / "q.gguf", _hf_weights(True), arch="qwen2"))
 
 
