@@ -105,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     loop_arg(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
-    i = sub.add_parser("info", help="show a model's config, state size and fingerprint")
+    i = sub.add_parser(
+        "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes, nothing loaded)"
+    )
     model_args(i)
     _sessions_parser(sub)
     _agent_parsers(sub, model_args)
@@ -317,11 +319,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from deltamem import kernels
+    from deltamem.model.loader import DEFAULT_WINDOW
+    from deltamem.model.sizes import model_sizes
 
+    root = Path(str(args.model))
+    if root.is_dir() and (root / "config.json").is_file() and not any(
+        (root / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")
+    ):  # a config alone: what the model would cost, without weights to load
+        from deltamem.model.config import ModelConfig
+
+        cfg = ModelConfig.from_file(root / "config.json")
+        window = _window(args)
+        window = DEFAULT_WINDOW if window == "auto" else window
+        dtype = torch.float32 if args.dtype == "float32" else torch.float16 if args.dtype == "float16" else torch.bfloat16
+        sizes = model_sizes(cfg, window, args.sink, dtype)
+        print(json.dumps({"arch": cfg.arch, "weights": "absent (sizes from config.json)", "layer_types": cfg.layer_types,
+                          **sizes}, indent=2))
+        return 0
     engine = _load(args)
     cfg = engine.config
     n_params = sum(p.numel() for p in engine.model.parameters())
     backend = kernels.backend(torch.empty(0, device=engine.device))
+    sizes = model_sizes(cfg, engine.window, engine.sink, engine.dtype)
     print(
         json.dumps(
             {
@@ -339,6 +358,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "fingerprint": engine.fingerprint,
                 "tokenizer": getattr(engine.tokenizer, "name", None),
                 "load_s": args.load_s,
+                **{k: sizes[k] for k in ("active_parameters", "turn_bytes", "gpu_bytes")},
             },
             indent=2,
         )
