@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     i = sub.add_parser(
-        "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes, nothing loaded)"
+        "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes alone)"
     )
     model_args(i)
     _sessions_parser(sub)
@@ -331,10 +331,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         cfg = ModelConfig.from_file(root / "config.json")
         window = _window(args)
         window = DEFAULT_WINDOW if window == "auto" else window
-        dtype = torch.float32 if args.dtype == "float32" else torch.float16 if args.dtype == "float16" else torch.bfloat16
+        dtype = {"float32": torch.float32, "float16": torch.float16}.get(args.dtype, torch.bfloat16)  # auto: a GPU's
         sizes = model_sizes(cfg, window, args.sink, dtype)
-        print(json.dumps({"arch": cfg.arch, "weights": "absent (sizes from config.json)", "layer_types": cfg.layer_types,
-                          **sizes}, indent=2))
+        info = {"arch": cfg.arch, "weights": "absent (sizes from config.json)", "layer_types": cfg.layer_types}
+        print(json.dumps({**info, **sizes}, indent=2))
         return 0
     engine = _load(args)
     cfg = engine.config

@@ -51,8 +51,8 @@ def main() -> None:
     ]
     for name, s in rows.items():
         lines.append(
-            f"| {name} | {s['parameters'] / 1e9:.2f} B | {s['weight_bytes'] / gb:.1f} GiB | {s['state_bytes'] / mb:.0f} MB "
-            f"| {s['turn_bytes'] / mb:.0f} MB | {s['gpu_bytes'] / gb:.1f} GiB |"
+            f"| {name} | {s['parameters'] / 1e9:.2f} B | {s['weight_bytes'] / gb:.1f} GiB "
+            f"| {s['state_bytes'] / mb:.0f} MB | {s['turn_bytes'] / mb:.0f} MB | {s['gpu_bytes'] / gb:.1f} GiB |"
         )
     text = (
         "# Model sizes\n\n`python benchmarks/model_sizes.py` (text model only; window 4096 + 4 sink tokens; the GPU "
