@@ -1,10 +1,12 @@
 """GPU benchmark of the Gated DeltaNet kernels: ours (kernels/triton_gdn.py) vs fla vs the torch reference.
 
-Shapes are OLMo Hybrid 7B's DeltaNet layer (B=1, H=HV=30, K=96, V=192, bf16 inputs, fp32 state). Reports the chunked
+Shapes (--shape): OLMo Hybrid 7B's DeltaNet layer (B=1, H=HV=30, K=96, V=192) or Qwen3.5-9B's (H=16 key heads, HV=32
+value heads, K=V=128); bf16 inputs, fp32 state. Reports the chunked
 prefill at several T (ms, tokens/s per layer, ours/fla), the T=1 recurrent step (us), the short conv and gated norm,
-and relative errors of ours vs fla and vs an fp32 torch reference. Writes kernels_gpu.json and kernels_gpu.md.
+and relative errors of ours vs fla and vs an fp32 torch reference. Writes kernels_gpu.json/.md (OLMo) or
+kernels_gpu_qwen35_9b.json/.md.
 
-    python benchmarks/kernels.py --out benchmarks/results
+    python benchmarks/kernels.py --out benchmarks/results [--shape qwen35_9b]
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import torch
 
 from deltamem.kernels import reference
 
-H, HV, DK, DV, CONV_W = 30, 30, 96, 192, 4
+SHAPES = {"olmo7b": (30, 30, 96, 192), "qwen35_9b": (16, 32, 128, 128)}  # H, HV, K, V
+H, HV, DK, DV = SHAPES["olmo7b"]
+CONV_W = 4
 ROTATE_BYTES = 256 << 20  # enough distinct input sets to stream past the L2 cache
 
 
@@ -90,7 +94,10 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--lengths", default="2048,8192,32768,65536")
     ap.add_argument("--reference-max-t", type=int, default=32768, help="skip the torch reference above this T")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="olmo7b")
     args = ap.parse_args()
+    global H, HV, DK, DV
+    H, HV, DK, DV = SHAPES[args.shape]
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA GPU")
     from deltamem.kernels import triton_gdn as ours
@@ -206,8 +213,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels_gpu.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "kernels_gpu.md").write_text(markdown(result))
+    stem = "kernels_gpu" if args.shape == "olmo7b" else f"kernels_gpu_{args.shape}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
@@ -221,7 +229,7 @@ def markdown(r: dict) -> str:
         "# Gated DeltaNet kernels on GPU",
         "",
         f"{i['device']}; torch {i['torch']}, triton {i['triton']}, fla {i['fla'] or 'not installed'}. "
-        f"Shapes: B=1, H=HV={H}, K={DK}, V={DV}, bf16 inputs, fp32 state; per layer. "
+        f"Shapes: B=1, H={H}, HV={HV}, K={DK}, V={DV}, bf16 inputs, fp32 state; per layer. "
         f"Median of triton.testing.do_bench over rotating inputs. 16-bit product stages: "
         f"{', '.join(i['low_precision_stages']) or 'none'}.",
         "",

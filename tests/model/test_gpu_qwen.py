@@ -1,0 +1,61 @@
+"""The Qwen families on the device-side decode path (model/cuda_graph.py): output-gated attention with partial
+rotary (sink queries clamped), the MoE's gathered-expert step and Qwen's DeltaNet, against feed() on the CPU (the
+step run eagerly, float32) and, on CUDA (skipped without it), the captured graph against eager decode and against
+the CPU float32 engine, and restore into a bound graph."""
+
+import pytest
+import torch
+
+from deltamem.model import load_model
+from tests.model.hf_models import QWEN_SHAPES, make_qwen
+from tests.model.test_gpu_engine import decode_after_restore, ids_of, rel_err, teacher_forced
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+NAMES = ["qwen3_5_gqa", "qwen3_5_moe", "qwen3_next"]
+
+
+@pytest.fixture(params=NAMES)
+def checkpoint(request, tmp_path):
+    family, kw = QWEN_SHAPES[request.param]
+    make_qwen(tmp_path, family, **kw)
+    return tmp_path
+
+
+def test_step_matches_feed_across_the_window(checkpoint):
+    """Window 24 + 4 sinks, 60 decode steps: the ring wraps twice, the sink queries switch to clamped rotary."""
+    a, b = (load_model(checkpoint, window=24) for _ in range(2))
+    prompt, toks = ids_of(10, 1), ids_of(60, 2)
+    a.feed(prompt)
+    b.feed(prompt)
+    want = torch.cat([a.feed([t]) for t in toks])
+    got = teacher_forced(b, toks, capture=False)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for (n, x), (m, y) in zip(a._state_tensors().items(), b._state_tensors().items(), strict=True):
+        assert n == m
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@cuda
+def test_cuda_graph_matches_eager_and_the_cpu(checkpoint):
+    a = load_model(checkpoint, device="cuda", dtype="bfloat16", window=32)
+    a.fast_decode = False
+    b = load_model(checkpoint, device="cuda", dtype="bfloat16", window=32)
+    c = load_model(checkpoint, device="cpu", dtype="float32", window=32)
+    d = load_model(checkpoint, device="cpu", dtype="bfloat16", window=32)
+    prompt, toks = ids_of(20, 6), ids_of(100, 7)
+    for e in (a, b, c, d):
+        e.feed(prompt)
+    want = torch.cat([a.feed([t]) for t in toks])
+    cpu = torch.cat([c.feed([t]) for t in toks])
+    bf16_floor = rel_err(torch.cat([d.feed([t]) for t in toks]), cpu)
+    got = teacher_forced(b, toks, capture=True)
+    assert rel_err(got, want) < 0.02
+    assert rel_err(got, cpu) < 1.25 * bf16_floor + 0.01
+    assert rel_err(want, cpu) < 1.25 * bf16_floor + 0.01
+
+
+@cuda
+def test_cuda_restore_then_decode_equals_continuous_decode(checkpoint):
+    eng = load_model(checkpoint, device="cuda", dtype="bfloat16", window=32)
+    decode_after_restore(eng)
+    assert eng._graph.graph is not None
