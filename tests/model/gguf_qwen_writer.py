@@ -26,7 +26,17 @@ def k_quant_bytes(kind: str, rows: int, cols: int, rng: np.random.Generator) -> 
     return raw.reshape(rows, -1)
 
 
-def write_qwen_gguf(model: torch.nn.Module, path: Path, quant: dict[str, str] | None = None, seed: int = 0) -> None:
+def write_qwen_gguf(
+    model: torch.nn.Module,
+    path: Path,
+    quant: dict[str, str] | None = None,
+    seed: int = 0,
+    tokens: list[str] | None = None,
+    chat_template: str | None = None,
+    merges: list[str] | None = None,
+) -> None:
+    """tokens (byte-level strings in id order; ChatML specials marked as control tokens) and chat_template: the
+    tokenizer metadata llama.cpp writes for Qwen3.5 (gpt2 BPE, pre-tokenizer qwen35)."""
     import gguf
 
     quant = quant or {}
@@ -59,6 +69,15 @@ def write_qwen_gguf(model: torch.nn.Module, path: Path, quant: dict[str, str] | 
     w.add_ssm_inner_size(dv * nv)
     w.add_full_attention_interval(4)
     w.add_rope_dimension_count(int(cfg.head_dim * cfg.rope_parameters.get("partial_rotary_factor", 0.25)))
+    if tokens:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen35")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if t.startswith("<") and t.endswith(">") and len(t) > 1 else 1 for t in tokens])
+        w.add_token_merges(merges or [])
+        w.add_eos_token_id(tokens.index("<|im_end|>"))
+        if chat_template:
+            w.add_chat_template(chat_template)
 
     def tiled(t: torch.Tensor, head: int, dim: int = 0) -> torch.Tensor:  # the converter's grouped -> tiled order
         if arch == "qwen3next" or nk == nv:

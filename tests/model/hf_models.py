@@ -13,16 +13,33 @@ OLMO_SHAPES = {
     ),
     # odd hidden size, no rotary (as the released checkpoints), grouped values in the DeltaNet layers
     "olmo_odd_nope": dict(
-        hidden_size=72, num_hidden_layers=5, num_attention_heads=3, num_key_value_heads=1, intermediate_size=100,
-        linear_num_key_heads=3, linear_num_value_heads=6, linear_key_head_dim=16, linear_value_head_dim=20,
-        linear_allow_neg_eigval=False, rope=False,
+        hidden_size=72,
+        num_hidden_layers=5,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        intermediate_size=100,
+        linear_num_key_heads=3,
+        linear_num_value_heads=6,
+        linear_key_head_dim=16,
+        linear_value_head_dim=20,
+        linear_allow_neg_eigval=False,
+        rope=False,
     ),
 }
 LLAMA_SHAPES = {
-    "llama_gqa": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=96),
-    "llama_odd_bias_tied": dict(hidden_size=60, num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=5,
-                                intermediate_size=77, head_dim=16, attention_bias=True, tie_word_embeddings=True),
+    "llama_gqa": dict(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96
+    ),
+    "llama_odd_bias_tied": dict(
+        hidden_size=60,
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        num_key_value_heads=5,
+        intermediate_size=77,
+        head_dim=16,
+        attention_bias=True,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -50,27 +67,70 @@ def make_llama(out: Path, vocab: int = 320, dtype=torch.float32, seed: int = 0, 
     model.to(dtype).save_pretrained(out)
     return model.float()
 
-_QWEN_BASE = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96,
-                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=12)
+
+_QWEN_BASE = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=96,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=12,
+)
 QWEN_SHAPES = {
     # (family, config): GQA, more value heads than key heads, partial rotary (transformers' default 0.25)
     "qwen3_5_gqa": ("qwen3_5", dict(_QWEN_BASE, num_hidden_layers=4)),
     # tied head, full rotary, irregular layer pattern, equal key and value heads, MHA
-    "qwen3_5_tied_irregular": ("qwen3_5", dict(
-        _QWEN_BASE, num_hidden_layers=5, num_key_value_heads=4, tie_word_embeddings=True,
-        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention", "full_attention"],
-        linear_num_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 5000.0,
-                                                   "partial_rotary_factor": 1.0})),
+    "qwen3_5_tied_irregular": (
+        "qwen3_5",
+        dict(
+            _QWEN_BASE,
+            num_hidden_layers=5,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            layer_types=[
+                "linear_attention",
+                "full_attention",
+                "linear_attention",
+                "linear_attention",
+                "full_attention",
+            ],
+            linear_num_value_heads=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000.0, "partial_rotary_factor": 1.0},
+        ),
+    ),
     # the multimodal wrapper: text model under model.language_model, a vision tower to ignore
     "qwen3_5_multimodal": ("qwen3_5_vl", dict(_QWEN_BASE, num_hidden_layers=4)),
     # sparse MoE top-k with a gated shared expert in every layer
-    "qwen3_5_moe": ("qwen3_5_moe", dict(_QWEN_BASE, num_hidden_layers=4, num_experts=6, num_experts_per_tok=2,
-                                       moe_intermediate_size=24, shared_expert_intermediate_size=20)),
+    "qwen3_5_moe": (
+        "qwen3_5_moe",
+        dict(
+            _QWEN_BASE,
+            num_hidden_layers=4,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=20,
+        ),
+    ),
     # fused qkvz / ba projections, MoE on every other layer with one dense layer, un-normalised top-k
-    "qwen3_next": ("qwen3_next", dict(_QWEN_BASE, num_hidden_layers=4, num_experts=5, num_experts_per_tok=3,
-                                     moe_intermediate_size=24, shared_expert_intermediate_size=20,
-                                     decoder_sparse_step=2, mlp_only_layers=[3], norm_topk_prob=False,
-                                     linear_num_value_heads=6)),
+    "qwen3_next": (
+        "qwen3_next",
+        dict(
+            _QWEN_BASE,
+            num_hidden_layers=4,
+            num_experts=5,
+            num_experts_per_tok=3,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=20,
+            decoder_sparse_step=2,
+            mlp_only_layers=[3],
+            norm_topk_prob=False,
+            linear_num_value_heads=6,
+        ),
+    ),
 }
 
 
@@ -105,5 +165,71 @@ def _spread_norms(model: torch.nn.Module) -> None:
             if "router" in name or name.endswith("mlp.gate.weight"):  # random routers: experts actually differ
                 p.normal_(0, 1, generator=g)
             elif p.dim() == 1 and ("norm" in name or name.endswith("bias")) and "dt_bias" not in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if "norm" in name
-                        else 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(
+                    1.0 + 0.3 * torch.randn(p.shape, generator=g)
+                    if "norm" in name
+                    else 0.1 * torch.randn(p.shape, generator=g)
+                )
+
+
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]
+QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)  # Qwen3.5's tokenizer.json pre-tokenizer
+
+
+def save_qwen_tokenizer(out: Path, chat_template: str) -> tuple[list[str], list[str]]:
+    """A byte-level BPE tokenizer in Qwen3.5's layout (its Split regex + ByteLevel, ChatML specials, the chat template
+    in chat_template.jinja) small enough for the tiny models' 320-token vocabulary: the 256 byte tokens, a few merges
+    whose use depends on the split (a letter with a combining accent, two digits, a space before a letter), the
+    specials after them. Saved with the tokenizers library; returns the token strings in id order and the merges
+    (as GGUF stores them: "left right")."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    b2u = {b: c for b, c in zip(bytes(range(256)), _byte_chars(), strict=True)}
+    alphabet = [b2u[b] for b in range(256)]
+    pairs = [
+        (b2u[ord("e")], b2u[0xCC]),
+        (b2u[ord("e")] + b2u[0xCC], b2u[0x81]),
+        (b2u[ord("1")], b2u[ord("2")]),
+        (b2u[ord(" ")], b2u[ord("n")]),
+        (b2u[ord("a")], b2u[ord("i")]),
+    ]
+    alphabet += [a + b for a, b in pairs]
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=pairs))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN35_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(QWEN_SPECIALS)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>", "tokenizer_class": "Qwen2Tokenizer"}')
+    (out / "chat_template.jinja").write_text(chat_template)
+    return alphabet + QWEN_SPECIALS, [f"{a} {b}" for a, b in pairs]
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte -> printable character table (byte-level BPE), in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]

@@ -108,3 +108,26 @@ want = torch.load({str(tmp_path / 'want.pt')!r})
 assert torch.equal(got, want), (got - want).abs().max()
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_qwen35_tokenizer_splits_as_hf_tokenizers_does(tmp_path):
+    """A tokenizer in Qwen3.5's layout, read from tokenizer.json and from a GGUF (pre-tokenizer qwen35), encodes as
+    the tokenizers library does, combining marks included (Qwen3.5's split keeps them with their letters)."""
+    from tokenizers import Tokenizer as HF
+
+    from deltamem.model.tokenizer import Tokenizer
+    from tests.model.gguf_qwen_writer import write_qwen_gguf
+    from tests.model.hf_models import save_qwen_tokenizer
+
+    family, kw = QWEN_SHAPES["qwen3_5_gqa"]
+    ref = make_qwen(tmp_path, family, **kw)
+    tokens, merges = save_qwen_tokenizer(tmp_path, "{{ messages }}")
+    write_qwen_gguf(ref, tmp_path / "m.gguf", tokens=tokens, merges=merges)
+    hf = HF.from_file(str(tmp_path / "tokenizer.json"))
+    ours = [Tokenizer.from_tokenizer_json(tmp_path), Tokenizer.from_gguf(tmp_path / "m.gguf")]
+    texts = ["cafe\u0301 na\u0308ive 12345 it's", "<|im_start|>user\nx = f(1)!!\n\n  y<|im_end|>", "\u0301 ;\u0301"]
+    for text in texts:
+        want = hf.encode(text).ids
+        for tok in ours:
+            assert tok.encode(text) == want, (text, tok.name)
+            assert tok.decode(want) == text
