@@ -156,6 +156,8 @@ def hidden_states(
     chunk_op: ChunkOp | None = None,
 ) -> torch.Tensor:
     """ids [B, T] -> final normed hidden states [B, T, hidden]. `traces`, if given, gets one dict per layer."""
+    if model.config.qwen or model.config.moe_layers:
+        raise NotImplementedError("training runs OLMo Hybrid and Llama-family layers, not Qwen's (gated attention)")
     rotary = Rotary.of(model.config)
     x = model.model.embed_tokens(ids)
     for layer in model.model.layers:
