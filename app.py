@@ -54,6 +54,17 @@ def loop_arg(sp: argparse.ArgumentParser) -> None:
         help="end a reply once its last N tokens (or more) repeat one pattern of up to 32 tokens at least 4 times, "
         "a degenerate loop (default 64; 0: never)",
     )  # fmt: skip
+    sp.add_argument(
+        "--repetition-penalty", type=float, default=1.0, metavar="P",
+        help="divide the positive logits of tokens the reply already used by P (multiply negative ones), as "
+        "transformers' repetition_penalty does, over the reply only (default 1.0: off; 1.1-1.3 is usual)",
+    )  # fmt: skip
+
+
+def _penalty(args: argparse.Namespace) -> float:
+    if not args.repetition_penalty > 0:
+        raise ValueError("--repetition-penalty must be > 0 (1.0: off)")
+    return args.repetition_penalty
 
 
 def _loop_guard(args: argparse.Namespace):
@@ -278,6 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         loop_guard=_loop_guard(args),
+        repetition_penalty=_penalty(args),
     ):
         pieces.append(piece)
         if not args.json:
@@ -523,7 +535,9 @@ def _agent(args: argparse.Namespace):
     agent = Agent(engine, store, name, args.repo, convert_state=args.convert_state, **kw)
     agent.load_s = args.load_s  # reported with --json
     if args.command != "ingest":
-        agent.session.sampling = {"temperature": args.temperature, "seed": args.seed}
+        agent.session.sampling = {
+            "temperature": args.temperature, "seed": args.seed, "repetition_penalty": _penalty(args)
+        }
         agent.session.loop_guard = _loop_guard(args)
     return agent
 

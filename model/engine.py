@@ -352,15 +352,16 @@ class Engine:
         stop: Sequence[str] = (),
         stop_ids: Sequence[int] | None = None,
         loop_guard: LoopGuard | None = None,
+        repetition_penalty: float = 1.0,
     ) -> Iterator[str]:
         """Feed `ids` (the prompt's new tokens), then sample up to max_new_tokens, yielding text pieces as they
         become printable. Stops at an end-of-sequence id (default: the model's eos) or a stop string, which is
         not yielded, or when `loop_guard` finds the reply repeating itself. Every sampled token is fed, so the state
         has consumed exactly prompt + generated ids; `self.generated` holds the generated ids afterwards and
-        `self.stopped_by` why it ended: "eos", "stop", "loop" or "length"."""
+        `self.stopped_by` why it ended: "eos", "stop", "loop" or "length". repetition_penalty: see Sampler."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; feed() token ids directly")
-        sampler = Sampler(temperature, top_p, top_k, seed)
+        sampler = Sampler(temperature, top_p, top_k, seed, repetition_penalty)
         eos = set(self.config.eos_ids if stop_ids is None else stop_ids)
         stream = TextStream(self.tokenizer, stop)
         self.generated: list[int] = []

@@ -14,12 +14,26 @@ if TYPE_CHECKING:
 
 class Sampler:
     """temperature 0 is greedy (argmax); otherwise softmax(logits / T) restricted to the top_k tokens (0: all)
-    and to the smallest set whose probability reaches top_p, drawn with a seeded generator."""
+    and to the smallest set whose probability reaches top_p, drawn with a seeded generator.
 
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None):
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    repetition_penalty p (1: off) applies CTRL's penalty, as transformers' RepetitionPenaltyLogitsProcessor does, to
+    the tokens this sampler has drawn (the reply so far; the prompt, in an agent session a whole repository, is not
+    penalised): their logits are divided by p where positive, multiplied by p where negative, before sampling."""
+
+    def __init__(
+        self,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        repetition_penalty: float = 1.0,
+    ):
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.penalty = repetition_penalty
+        self.drawn: set[int] = set()  # host path
+        self._drawn_on: dict[torch.device, torch.Tensor] = {}  # device path: a [vocab] bool mask per device
         self.gen = torch.Generator()
         if seed is None:
             self.gen.seed()  # a fresh random seed for this generator only; the global RNG is left alone
@@ -28,6 +42,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         # logits: [vocab]
+        if self.penalty != 1.0 and self.drawn:
+            idx = torch.tensor(sorted(self.drawn), device=logits.device)
+            logits = logits.index_copy(0, idx, self._penalised(logits[idx]))
+        tok = self._draw(logits)
+        self.drawn.add(tok)
+        return tok
+
+    def _penalised(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, x / self.penalty, x * self.penalty)
+
+    def _draw(self, logits: torch.Tensor) -> int:
         if self.temperature == 0:
             return int(logits.argmax())
         x = logits.float().cpu() / self.temperature
@@ -45,7 +70,18 @@ class Sampler:
         """Sample without leaving the logits' device and without a host sync: logits [vocab] -> [1] int64.
         Greedy is the same argmax as __call__; otherwise the same distribution (temperature, top-k, top-p),
         drawn by Gumbel-max (argmax of logits / T plus Gumbel noise) from a generator of this sampler on that
-        device, seeded from this sampler's seed: reproducible, but not the same draws as __call__."""
+        device, seeded from this sampler's seed: reproducible, but not the same draws as __call__. The repetition
+        penalty keeps its drawn tokens in a mask on the device."""
+        if self.penalty != 1.0:
+            mask = self._drawn_on.get(logits.device)
+            if mask is None:
+                mask = self._drawn_on[logits.device] = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            tok = self._draw_on_device(torch.where(mask, self._penalised(logits), logits))
+            mask.index_fill_(0, tok, True)
+            return tok
+        return self._draw_on_device(logits)
+
+    def _draw_on_device(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature == 0:
             return logits.argmax().view(1)
         x = logits.float() / self.temperature

@@ -43,6 +43,7 @@ def test_stdin_prompt_and_text_output():
         (["generate", "--model", "no/such/dir", "x"], "no model at"),
         (["generate", "--window", "0", "x"], "--window must be >= 1"),
         (["generate", "--max-new-tokens", "3", "--top-p", "0", "x"], "top_p"),
+        (["generate", "--max-new-tokens", "3", "--repetition-penalty", "0", "x"], "--repetition-penalty must be > 0"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(args, message):

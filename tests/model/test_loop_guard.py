@@ -75,3 +75,27 @@ def test_agent_reply_carries_the_marker_and_the_state_stays_in_step(caplog):
         session.reply([*messages, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "ok"}],
                       max_new_tokens=4)  # fmt: skip
     assert not caplog.records
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_repetition_penalty_matches_transformers_processor(fast):
+    """Greedy generation with repetition_penalty, host sampler and device sampler (the decode-graph path run
+    eagerly), against a loop that applies transformers' RepetitionPenaltyLogitsProcessor to the reply so far."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from tests.model.test_gpu_engine import ids_of, tiny_engine
+
+    prompt = ids_of(12, 3)
+    ref = tiny_engine(seed=1)
+    proc = RepetitionPenaltyLogitsProcessor(1.8)
+    logits, want = ref.feed(prompt)[-1], []
+    for _ in range(40):
+        row = proc(torch.tensor([want], dtype=torch.long), logits[None].clone())[0] if want else logits
+        want.append(int(row.argmax()))
+        logits = ref.feed([want[-1]])[-1]
+    eng = tiny_engine(seed=1, fast=fast)
+    list(eng.generate(prompt, max_new_tokens=40, stop_ids=[], repetition_penalty=1.8))
+    assert eng.generated == want
+    plain = tiny_engine(seed=1, fast=fast)
+    list(plain.generate(prompt, max_new_tokens=40, stop_ids=[]))
+    assert plain.generated != want  # the penalty did change this reply: the check above is not vacuous
