@@ -158,6 +158,10 @@ def _agent_parsers(sub, model_args) -> None:
     )  # fmt: skip
     ing.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave these files out; repeatable")
     ing.add_argument(
+        "--map-tokens", type=int, default=1500, metavar="N",
+        help="budget of the repository map fed last (files and their top-level definitions; default 1500; 0: none)",
+    )  # fmt: skip
+    ing.add_argument(
         "--dry-run", action="store_true",
         help="list what would be fed, in order, with token counts, and what is skipped and why; write nothing",
     )  # fmt: skip
@@ -560,6 +564,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from deltamem.agent.hygiene import Rules
 
     rules = Rules(args.include, args.exclude)
+    if args.map_tokens < 0:
+        raise ValueError("--map-tokens must be >= 0 (0: no repository map)")
     if args.dry_run:
         return _ingest_dry_run(args, rules)
     agent = _agent(args)
@@ -589,7 +595,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             progress.update(task, advance=1, tokens=tokens, rate=rate, path=e["file"][-40:])
 
     with progress:
-        result = agent.ingest(on_event, max_bytes=args.max_file_bytes, rules=rules)
+        result = agent.ingest(on_event, max_bytes=args.max_file_bytes, rules=rules, map_tokens=args.map_tokens)
     elapsed = time.perf_counter() - start
     summary = {
         "session": agent.session_id,
@@ -637,7 +643,7 @@ def _ingest_dry_run(args: argparse.Namespace, rules) -> int:
                     ledger = store.ingested(store.session(args.session or root.name, project)["id"])
             except NotFound:
                 pass
-    changes, result = scan_project(root, ledger, args.max_file_bytes, rules)
+    changes, result = scan_project(root, ledger, args.max_file_bytes, rules, args.map_tokens)
     engine = _load(args)  # for its tokenizer and chat template: the counts are the tokens ingest would feed
     template = ChatTemplate.for_tokenizer(engine.tokenizer)
     files = []

@@ -117,8 +117,13 @@ def tool_specs(tools: dict) -> list[dict]:
     ]
 
 
+MAP_PATH = "<repository map>"  # the ingest ledger's entry for the map (no real file can have this path)
+
+
 def file_message(path: str, text: str | None) -> dict:
-    """The message that shows the model one ingested file (text None: the file was removed)."""
+    """The message that shows the model one ingested file (text None: the file was removed), or the repository map."""
+    if path == MAP_PATH:
+        return {"role": "user", "content": f"Repository map (files and their top-level definitions):\n```\n{text}\n```"}
     if text is None:
         return {"role": "user", "content": f"File {path} was removed from the project."}
     return {"role": "user", "content": f"File {path}:\n```\n{text}\n```"}

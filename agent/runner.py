@@ -22,15 +22,17 @@ from langgraph.types import Command
 from deltamem.agent import threads
 from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
 from deltamem.agent.hygiene import Rules, feed_order
-from deltamem.agent.prompt import file_message, system_prompt, tool_specs
+from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
 from deltamem.agent.session import AgentSession, Cancelled, log
 from deltamem.memory.store import Store
 from deltamem.tools import ToolContext, default_tools
 from deltamem.tools.files import project_files
+from deltamem.tools.repomap import repo_map
 
 MAX_FILE_BYTES = 256_000  # larger files are skipped by ingest (the tools can still read them in ranges)
 BATCH_BYTES = 128_000  # ingest feeds files in batches of about this much text (~32k tokens)
 COMMIT_EVERY_S = 30.0  # and commits (a snapshot with the ledger) once batches have run this long (see ingest)
+MAP_TOKENS = 1500  # the repository map's budget (tools/repomap.py)
 
 Event = dict
 Approver = Callable[[dict], bool]
@@ -201,9 +203,11 @@ class Agent:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in timing.items()}
 
     # --- ingest ------------------------------------------------------------------------------------------
-    def scan(self, max_bytes: int = MAX_FILE_BYTES, rules: Rules | None = None) -> tuple[list[_Change], IngestResult]:
+    def scan(
+        self, max_bytes: int = MAX_FILE_BYTES, rules: Rules | None = None, map_tokens: int = MAP_TOKENS
+    ) -> tuple[list[_Change], IngestResult]:
         """What an ingest would feed, in order: see scan_project."""
-        return scan_project(self.root, self.store.ingested(self.session.sid), max_bytes, rules)
+        return scan_project(self.root, self.store.ingested(self.session.sid), max_bytes, rules, map_tokens)
 
     def ingest(
         self,
@@ -212,13 +216,14 @@ class Agent:
         batch_bytes: int = BATCH_BYTES,
         commit_every_s: float = COMMIT_EVERY_S,
         rules: Rules | None = None,
+        map_tokens: int = MAP_TOKENS,
     ) -> IngestResult:
         """Feed new and changed files (and notes of removed ones) through the model, in batches of `batch_bytes`;
         batches are committed with their ledger entries and a snapshot once `commit_every_s` (and ten times the
         last save) has passed since the last commit, and at the end, so an interrupted ingest keeps what it
         committed and loses at most that much work."""
         self.session.cancel.clear()
-        changes, result = self.scan(max_bytes, rules)
+        changes, result = self.scan(max_bytes, rules, map_tokens)
         on_event({"scan": {"changed": len(changes), "unchanged": result.unchanged, "skipped": len(result.skipped)}})
         batch: list[_Change] = []
         size = 0
@@ -284,15 +289,21 @@ class Agent:
 
 
 def scan_project(
-    root: Path, ledger: dict[str, dict], max_bytes: int = MAX_FILE_BYTES, rules: Rules | None = None
+    root: Path,
+    ledger: dict[str, dict],
+    max_bytes: int = MAX_FILE_BYTES,
+    rules: Rules | None = None,
+    map_tokens: int = MAP_TOKENS,
 ) -> tuple[list[_Change], IngestResult]:
     """What an ingest would feed against the ledger: notes of removed files first, then new and changed text files
-    in feed order (agent/hygiene.py); the skipped ones (too large, unreadable, binary, or left out by `rules`: lock
-    files, vendored, minified, generated, data) with their reasons."""
+    in feed order (agent/hygiene.py), then the repository map (tools/repomap.py, within `map_tokens`; 0: none) if it
+    changed; the skipped files (too large, unreadable, binary, or left out by `rules`: lock files, vendored,
+    minified, generated, data) with their reasons."""
     rules = rules or Rules()
     result = IngestResult()
     changes = []
     files = project_files(root)
+    accepted: list[tuple[str, str]] = []  # every text file ingest covers, changed or not: the repository map's
     for rel in files:
         path = root / rel
         key = rel.as_posix()
@@ -320,14 +331,22 @@ def scan_project(
         if why:
             result.skipped.append((key, why))
             continue
+        accepted.append((key, text))
         digest = hashlib.sha256(data).hexdigest()
         if key in ledger and ledger[key]["sha256"] == digest:
             result.unchanged += 1
             continue
         changes.append(_Change(key, text, digest, st.st_mtime, len(data)))
-    present = {rel.as_posix() for rel in files}
+    present = {rel.as_posix() for rel in files} | {MAP_PATH}
     order = {p: i for i, p in enumerate(feed_order(ch.path for ch in changes))}
     changes.sort(key=lambda ch: order[ch.path])
+    texts = dict(accepted)
+    if map_tokens > 0 and accepted:  # fed last, nearest the window; again only when it changed
+        text = repo_map([(p, texts[p]) for p in reversed(feed_order(texts))], map_tokens)
+        data = text.encode()
+        digest = hashlib.sha256(data).hexdigest()
+        if ledger.get(MAP_PATH, {}).get("sha256") != digest:
+            changes.append(_Change(MAP_PATH, text, digest, None, len(data)))
     return [_Change(p, None) for p in sorted(set(ledger) - present)] + changes, result
 
 

@@ -12,11 +12,32 @@ from pathlib import Path
 
 from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
 from deltamem.tools.files import project_files
+from deltamem.tools.repomap import repo_map
 from deltamem.tools.sandbox import MAX_READ, has_control_chars, read_text, resolve, split_lines
 
 MAX_ENTRIES = 500  # list_dir entries and glob files shown
 MAX_MATCHES = 200  # grep result lines shown
 MAX_LINE = 300  # characters of a matching line grep shows
+
+
+def repo_map_tool(ctx: ToolContext, path: str = ".", max_tokens: int = 1500) -> str:
+    """The repository map (tools/repomap.py) of the project or of one directory of it."""
+    if not 100 <= max_tokens <= 20_000:
+        raise ToolError(f"max_tokens must be between 100 and 20000, got {max_tokens}")
+    root = ctx.root.resolve()
+    target = resolve(root, path)
+    if not target.is_dir():
+        raise ToolError(f"{path!r} is a file, not a directory (use read_file)")
+    under = target.relative_to(root)
+    files = []
+    for rel in project_files(root, max_bytes=MAX_READ):
+        if under == Path(".") or under in rel.parents:
+            try:
+                text, _ = read_text(root / rel, rel.as_posix())
+            except (ToolError, OSError):
+                text = ""  # listed, without definitions
+            files.append((rel.as_posix(), text))
+    return repo_map(files, max_tokens) or "(no files)"
 
 
 def _schema(required: list[str], **properties: dict) -> dict:
@@ -225,6 +246,18 @@ TOOLS = (
         ),
         False,
         kwargs_runner(grep),
+    ),
+    Tool(
+        "map",
+        "Map of the project (or of one directory): its files with their top-level definitions (classes, functions, "
+        "types and their signatures), to find where something is defined.",
+        _schema(
+            [],
+            path={**_PATH, "description": "directory to map", "default": "."},
+            max_tokens={"type": "integer", "description": "size budget, 100-20000", "default": 1500},
+        ),
+        False,
+        kwargs_runner(repo_map_tool),
     ),
     Tool(
         "glob",

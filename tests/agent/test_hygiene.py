@@ -5,6 +5,7 @@ tokens the real ingest then records) and writes nothing, and the README and entr
 import json
 
 from deltamem.agent.hygiene import feed_order
+from deltamem.agent.prompt import MAP_PATH
 from deltamem.agent.runner import Agent
 from deltamem.memory.store import Store
 from deltamem.model import load_model
@@ -56,6 +57,7 @@ def test_dry_run_lists_skips_and_order_and_writes_nothing(tmp_path):
         "shop/__init__.py",  # then entry points and manifests
         "pyproject.toml",
         "README.md",  # the README last, nearest the window
+        MAP_PATH,  # then the repository map
     ]
     assert not db.exists()  # nothing written
 
@@ -65,6 +67,7 @@ def test_dry_run_lists_skips_and_order_and_writes_nothing(tmp_path):
         result = agent.ingest()
         assert {p: w for p, w in result.skipped} == SKIPPED
         fed = [m["content"].split(":", 1)[0].removeprefix("File ") for m in agent.messages() if m["role"] == "user"]
+        fed = [MAP_PATH if f.startswith("Repository map") else f for f in fed]
         assert fed == order
         ledger = store.ingested("shop")
     assert {p: row["tokens"] for p, row in ledger.items()} == {f["path"]: f["tokens"] for f in plan["files"]}
