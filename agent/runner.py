@@ -26,6 +26,7 @@ from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_sp
 from deltamem.agent.session import AgentSession, Cancelled, log
 from deltamem.memory.store import Store
 from deltamem.tools import ToolContext, default_tools
+from deltamem.tools.documents import MAX_DOCUMENT_BYTES, DocumentError, convert, converter_for, is_document
 from deltamem.tools.files import project_files
 from deltamem.tools.repomap import repo_map
 
@@ -68,6 +69,7 @@ class _Change:
     sha256: str | None = None
     mtime: float | None = None
     size: int | None = None
+    converter: str | None = None  # a document's converter and its version (tools/documents.py)
 
 
 class Agent:
@@ -277,6 +279,7 @@ class Agent:
                 "bytes": ch.size,
                 "text": ch.text,
                 "tokens": tokens[ch.path],
+                "converter": ch.converter,
             }
             for ch in batch
         ]
@@ -311,14 +314,34 @@ def scan_project(
         if why:
             result.skipped.append((key, why))
             continue
+        doc = is_document(key)
         try:
             st = path.stat()
-            if st.st_size > max_bytes:
-                result.skipped.append((key, f"larger than {max_bytes:,} bytes"))
+            limit = MAX_DOCUMENT_BYTES if doc else max_bytes  # a document's limit is on its converted text
+            if st.st_size > limit:
+                result.skipped.append((key, f"larger than {limit:,} bytes"))
                 continue
             data = path.read_bytes()
         except OSError as e:
             result.skipped.append((key, f"unreadable: {e.strerror}"))
+            continue
+        if doc:  # converted (again) only when its bytes changed
+            digest = hashlib.sha256(data).hexdigest()
+            accepted.append((key, ""))  # listed in the map, without definitions
+            if key in ledger and ledger[key]["sha256"] == digest:
+                result.unchanged += 1
+                continue
+            try:
+                text = convert(path)
+            except (DocumentError, OSError) as e:
+                accepted.pop()
+                result.skipped.append((key, str(e)))
+                continue
+            if len(text.encode()) > max_bytes:
+                accepted.pop()
+                result.skipped.append((key, f"converted text larger than {max_bytes:,} bytes"))
+                continue
+            changes.append(_Change(key, text, digest, st.st_mtime, len(data), converter_for(key)))
             continue
         try:
             text = data.decode("utf-8")

@@ -128,6 +128,12 @@ def m003_snapshot_tokens(db: sqlite_utils.Database) -> None:
     db["snapshot_tokens"].create_index(["sha256"])
 
 
+@migration
+def m004_ingest_converter(db: sqlite_utils.Database) -> None:
+    # What converted an ingested document (PDF, DOCX, ... e-mail) to the text that was fed, with its version.
+    db["ingested"].add_column("converter", str)
+
+
 def migrate(db: sqlite_utils.Database, upto: int | None = None) -> None:
     """Apply the migrations this database lacks (up to `upto`, for tests); refuse one from a newer deltamem."""
     version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -344,6 +344,7 @@ class Store:
                         "bytes": f.get("bytes"),
                         "tokens": f.get("tokens"),
                         "text": f.get("text"),
+                        "converter": f.get("converter"),
                     }
                 )
             snap_id = None
@@ -622,10 +623,10 @@ class Store:
     # --- ingest ledger and recall --------------------------------------------------------------------------
     def ingested(self, ref: str) -> dict[str, dict[str, Any]]:
         """The ledger as the session's state knows it: path -> latest entry (path, sha256, mtime, bytes, tokens,
-        turn_seq), removed files left out."""
+        turn_seq, converter), removed files left out."""
         sid = self.session(ref)["id"]
         rows = self.db.query(
-            """select path, sha256, mtime, bytes, tokens, turn_seq from ingested i
+            """select path, sha256, mtime, bytes, tokens, turn_seq, converter from ingested i
                where session_id = ? and turn_seq = (
                  select max(turn_seq) from ingested j where j.session_id = i.session_id and j.path = i.path)
                order by path""",

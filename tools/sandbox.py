@@ -17,6 +17,7 @@ import unicodedata
 from pathlib import Path
 
 from deltamem.tools.base import ToolError
+from deltamem.tools.documents import BINARY
 
 MAX_READ = 1024 * 1024  # bytes read from one file per call
 BINARY_PROBE = 8192  # a NUL byte in this many leading bytes marks a binary file
@@ -60,10 +61,14 @@ def resolve(root: Path, path: str, *, must_exist: bool = True, allow_dir: bool =
     return target
 
 
+
 def read_text(path: Path, name: str, limit: int = MAX_READ) -> tuple[str, bool]:
     """The UTF-8 text of the regular file `path` (already resolved) and whether it was cut at `limit` bytes (then
     it ends at the last whole line read). Binary files (a NUL byte in the first 8 KB, or not UTF-8) are refused
-    with a ToolError naming the file as `name`."""
+    with a ToolError naming the file as `name`. PDF, DOCX, PPTX and XLSX files are read as their converted text
+    (tools/documents.py), with its page / slide / sheet anchors."""
+    if path.suffix.lower() in BINARY:
+        return _document_text(path, name, limit)
     # O_NONBLOCK: a FIFO swapped in since resolve() cannot block the open; O_NOFOLLOW: nor can a new symlink
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     with open(fd, "rb") as f:
@@ -81,6 +86,22 @@ def read_text(path: Path, name: str, limit: int = MAX_READ) -> tuple[str, bool]:
     if truncated and "\n" in text:
         text = text[: text.rindex("\n") + 1]
     return text, truncated
+
+
+def _document_text(path: Path, name: str, limit: int) -> tuple[str, bool]:
+    from deltamem.tools.documents import DocumentError, convert
+
+    if path.is_symlink() or not path.is_file():
+        raise ToolError(f"refused: {name!r} is not a regular file")
+    try:
+        text = convert(path)
+    except DocumentError as e:
+        raise ToolError(f"{name!r}: {e}") from None
+    data = text.encode()
+    if len(data) <= limit:
+        return text, False
+    text = data[:limit].decode("utf-8", "ignore")
+    return text[: text.rindex("\n") + 1] if "\n" in text else text, True
 
 
 def split_lines(text: str) -> list[str]:
