@@ -10,6 +10,7 @@ factors `lora_a` [r, in] and `lora_b` [out, r]). At load the base and the delta 
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from deltamem.model.config import ATTENTION, LINEAR
 from deltamem.model.errors import CheckpointError
 
 DELTA = Path(__file__).parent / "data" / "smollm2_hybrid.safetensors"
+log = logging.getLogger(__name__)
 SCALE = ".qscale"  # suffix of the per-row scale of an int8 matrix
 LORA = ("gate_proj", "up_proj", "down_proj")  # the MLP projections that get a low-rank update
 
@@ -145,12 +147,29 @@ def load_delta(path: Path = DELTA) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu", delta_path: Path = DELTA):
     """SmolLM2-135M-Instruct's GGUF + the shipped delta -> (HybridLM, Tokenizer, fingerprint, metadata)."""
+    from safetensors.torch import load_file
+
+    from deltamem.model import startup_cache
     from deltamem.model.config import ModelConfig
     from deltamem.model.gguf_file import open_gguf, read_gguf, smollm2_gguf
     from deltamem.model.loader import build
-    from deltamem.model.tokenizer import Tokenizer
+    from deltamem.model.tokenizer import Tokenizer, TokenizerError
 
     path = smollm2_gguf()
+    sources = [path, delta_path]
+    hit = startup_cache.load("default", sources)
+    if hit is not None:  # the merged weights and the tokenizer as the first load left them (model/startup_cache.py)
+        weights, entry = hit
+        try:
+            cfg = ModelConfig.from_dict(entry["config"])
+            model, fp = build(cfg, load_file(str(weights)), dtype, device)
+            if fp == entry["fingerprint"]:
+                return model, Tokenizer.from_json(entry["tokenizer"]), fp, entry["meta"]
+        except (CheckpointError, TokenizerError, SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+            log.warning("the start-up cache's entry is damaged (%s); converting again", e)
+        else:
+            log.warning("the start-up cache's weights do not match their fingerprint; converting again")
+        startup_cache.drop("default", sources)
     reader = open_gguf(path)  # parsed once, for the weights and the tokenizer
     hf, teacher = read_gguf(path, reader)
     cfg = ModelConfig.from_hf(hybrid_config(hf))
@@ -159,8 +178,14 @@ def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu", delta
     missing = set(changed(convert_shapes(cfg), cfg)) - set(delta)
     if missing:
         raise CheckpointError(f"{delta_path.name} lacks {sorted(missing)[:3]}: reinstall deltamem")
-    model, fp = build(cfg, apply_delta(sd, delta), dtype, device)
-    return model, Tokenizer.from_gguf(reader), fp, meta
+    merged = apply_delta(sd, delta)
+    model, fp = build(cfg, merged, dtype, device)
+    tokenizer = Tokenizer.from_gguf(reader)
+    startup_cache.store(
+        "default", sources, merged,
+        {"config": cfg.to_dict(), "fingerprint": fp, "tokenizer": tokenizer.to_json(), "meta": meta},
+    )  # fmt: skip
+    return model, tokenizer, fp, meta
 
 
 def _replaced(name: str, cfg) -> bool:
@@ -169,7 +194,6 @@ def _replaced(name: str, cfg) -> bool:
 
 def convert_shapes(cfg) -> dict[str, torch.Tensor]:
     """Names of a student state dict (on the meta device: no memory)."""
-    from deltamem.model.layers import HybridLM
+    from deltamem.model.layers import meta_model
 
-    with torch.device("meta"):
-        return HybridLM(cfg).state_dict()
+    return meta_model(cfg).state_dict()

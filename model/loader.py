@@ -18,7 +18,7 @@ from deltamem.model.config import ModelConfig
 from deltamem.model.device import check_fits, resolve
 from deltamem.model.engine import Engine, Fingerprint, empty_states
 from deltamem.model.errors import CheckpointError
-from deltamem.model.layers import HybridLM
+from deltamem.model.layers import HybridLM, meta_model
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,7 @@ def build(
     device = torch.device(device)
     if isinstance(tensors, dict):
         tensors = InMemory(tensors)
-    with torch.device("meta"):
-        model = HybridLM(cfg)
+    model = meta_model(cfg)
     expected = model.state_dict()
     names = list(tensors.keys())
     if any(n.startswith("model.visual.") for n in names):
@@ -211,6 +210,7 @@ def build(
     weights = sum(v.numel() for v in expected.values()) * dtype.itemsize
     check_fits(device, weights + state_bytes, f"this model in {str(dtype).removeprefix('torch.')}")
     fp = Fingerprint(cfg)
+    loaded: dict[str, torch.Tensor] = {}  # already on the device in the model's dtype: the parameters themselves
     for k in sorted(expected):
         parts = [tensors.get(n) for n in sources[k].names]
         t = sources[k].join(parts)
@@ -221,8 +221,9 @@ def build(
             t = t.to(device=device, dtype=dtype)
         else:  # from the file's pages into place: no intermediate copy in the file's dtype
             t = torch.empty(t.shape, dtype=dtype, device=device).copy_(t)
-        model.load_state_dict({k: t}, strict=False, assign=True)
+        loaded[k] = t
         del parts, t
+    model.load_state_dict(loaded, strict=True, assign=True)  # once: per tensor it walked the module tree each time
     return model.eval(), fp.hexdigest()
 
 

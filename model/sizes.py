@@ -12,7 +12,7 @@ from deltamem.model.cache import PAGE, DeltaState
 from deltamem.model.config import ModelConfig
 from deltamem.model.device import HEADROOM
 from deltamem.model.engine import empty_states
-from deltamem.model.layers import HybridLM
+from deltamem.model.layers import meta_model
 
 TURN_TOKENS = 200  # a typical agent turn: prompt + reply
 
@@ -24,8 +24,7 @@ def model_sizes(
     (float32) and every attention layer's sink + window KV cache (window None: per token seen, reported per 1k
     tokens). A turn rewrites all recurrent states and the KV pages its tokens land in (a 200-token turn: at most two
     pages of 256 slots per attention layer); the store keeps the unchanged pages once."""
-    with torch.device("meta"):
-        model = HybridLM(cfg)
+    model = meta_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     active = params - len(cfg.moe_layers) * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert

@@ -181,6 +181,35 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, fingerprint={self.fingerprint()})"
 
+    def to_json(self) -> dict:
+        """Everything this tokenizer was built into (ranks, specials, id table), for the start-up cache."""
+        enc = self.encoding
+        b64 = base64.b64encode
+        return {
+            "name": self.name, "pat_str": enc._pat_str, "special_tokens": enc._special_tokens,
+            "ranks": [[b64(t).decode(), r] for t, r in enc._mergeable_ranks.items()],
+            "id_to_bytes": [[i, b64(b).decode()] for i, b in self._id_to_bytes.items()],
+            "eos_id": self.eos_id, "bos_id": self.bos_id, "chat_template": self.chat_template,
+            "rank_to_id": self._rank_to_id, "remapped": self._remapped, "first_fixed": self._first_fixed,
+            "nfc": self._nfc, "fingerprint": self.fingerprint(),
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict) -> Tokenizer:
+        """A tokenizer from to_json's dict, checked against the fingerprint it recorded."""
+        try:
+            ranks = {base64.b64decode(t): r for t, r in d["ranks"]}
+            enc = tiktoken.Encoding(d["name"], pat_str=d["pat_str"], mergeable_ranks=ranks,
+                                    special_tokens=d["special_tokens"])
+            tok = cls(enc, {i: base64.b64decode(b) for i, b in d["id_to_bytes"]}, name=d["name"], eos_id=d["eos_id"],
+                      bos_id=d["bos_id"], chat_template=d["chat_template"], rank_to_id=d["rank_to_id"],
+                      remapped=d["remapped"], first_fixed=d["first_fixed"], nfc=d["nfc"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TokenizerError(f"a cached tokenizer is damaged: {e}") from None
+        if tok.fingerprint() != d.get("fingerprint"):
+            raise TokenizerError("a cached tokenizer does not match its fingerprint")
+        return tok
+
     # ---- constructors -------------------------------------------------------------------------------
 
     @classmethod

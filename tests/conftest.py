@@ -8,6 +8,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "DELTAMEM_CACHE" not in os.environ:  # the start-up cache of this test session, not the user's (subprocesses too)
+    import tempfile
+
+    os.environ["DELTAMEM_CACHE"] = tempfile.mkdtemp(prefix="deltamem-test-cache-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
