@@ -116,6 +116,19 @@ def _parser() -> argparse.ArgumentParser:
     loop_arg(g)
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
+    sv = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models, /health) whose prompt "
+        "states persist in the memory database, so re-sent conversations are not re-read",
+    )
+    model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--db", type=Path, default=None, help="memory database (default $DELTAMEM_DB or the data dir)")
+    sv.add_argument("--api-key", default=os.environ.get("DELTAMEM_API_KEY"),
+                    help="required as 'Authorization: Bearer KEY' (default $DELTAMEM_API_KEY); needed off loopback")
+    sv.add_argument("--cache-mb", type=int, default=512, help="host memory for hot prompt states (default 512)")
+    sv.add_argument("--max-prompt-tokens", type=int, default=131072)
     i = sub.add_parser(
         "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes alone)"
     )
@@ -379,6 +392,31 @@ def cmd_info(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    import uvicorn
+
+    from deltamem.memory.store import Store
+    from deltamem.server.app import create_app
+
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        raise ValueError(f"--host {args.host!r} is not an IP address or localhost") from None
+    if not loopback and not args.api_key:
+        raise ValueError(f"--host {args.host} is reachable from other machines: give --api-key (or $DELTAMEM_API_KEY)")
+    if not 0 < args.port < 65536 or args.cache_mb < 0 or args.max_prompt_tokens < 1:
+        raise ValueError("need 0 < --port < 65536, --cache-mb >= 0, --max-prompt-tokens >= 1")
+    engine = _load(args)
+    with Store(args.db) as store:
+        name = "default" if str(args.model) == "default" else Path(str(args.model)).name
+        app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens, args.cache_mb << 20)
+        print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -777,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {
             "generate": cmd_generate,
             "info": cmd_info,
+            "serve": cmd_serve,
             "sessions": cmd_sessions,
             "ingest": cmd_ingest,
             "run": cmd_run,

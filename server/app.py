@@ -1,0 +1,283 @@
+"""`deltamem serve`: an OpenAI-compatible HTTP API (FastAPI) over one engine, with the prefix state cache of
+server/prefix.py, so any agent tool that re-sends its growing conversation gets resumable memory.
+
+Endpoints: POST /v1/chat/completions (messages and tools rendered by the model's own chat template, tool calls parsed
+back in its syntax and returned to the client, which runs them; SSE streaming), POST /v1/completions, GET /v1/models,
+GET /health. Errors come in OpenAI's shape with their status codes. Requests are served one at a time, in arrival
+order (one engine, one state). Security: an API key (Authorization: Bearer) when one is set, a body size limit and a
+prompt token limit; requests never name files.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from deltamem.agent.parse import format_tool_call, parse_tool_calls
+from deltamem.agent.prompt import ChatTemplate, TemplateError
+from deltamem.server.prefix import PrefixCache
+
+MAX_BODY = 8 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param = status, kind, param
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status)
+
+
+class FifoLock:
+    """A lock granted in request order (a plain Lock lets a late thread overtake waiting ones)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
+def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
+               max_prompt_tokens: int = 131072, cache_bytes: int = 512 << 20, state_every: int = 4096) -> FastAPI:
+    """state_every: inside a long prompt, a state is also kept every this many tokens (a later prompt sharing only
+    the beginning still hits)."""
+    if engine.tokenizer is None:
+        raise ValueError("serving needs a model with a tokenizer")
+    app = FastAPI(title="deltamem", docs_url=None, redoc_url=None)
+    cache = PrefixCache(engine, store, cache_bytes)
+    engine.reset()
+    template = ChatTemplate.for_tokenizer(engine.tokenizer)
+    lock = FifoLock()
+    eos = sorted(set(engine.config.eos_ids) | {engine.tokenizer.special_tokens.get("<|im_end|>", -1)} - {-1})
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return ApiError(401, "invalid or missing API key", "authentication_error").response()
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            return ApiError(413, f"request body over {MAX_BODY} bytes").response()
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc):
+        return ApiError(404, f"no route {request.url.path}", "not_found_error").response()
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "deltamem"}]}
+
+    async def body_of(request: Request) -> dict:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, f"the body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        if body.get("model") not in (None, model_name):
+            raise ApiError(404, f"model {body.get('model')!r} is not served here; this server runs {model_name!r}",
+                           "not_found_error", "model")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "only n=1 is supported", param="n")
+        return body
+
+    def sampling(body: dict) -> dict:
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = 512 if max_tokens is None else max_tokens
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        try:
+            out = {"max_new_tokens": int(max_tokens), "temperature": float(body.get("temperature", 1.0) or 0.0),
+                   "top_p": float(body.get("top_p", 1.0)), "seed": body.get("seed"), "stop": [str(s) for s in stop]}
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, f"bad sampling parameter: {e}") from None
+        if out["max_new_tokens"] < 1 or out["temperature"] < 0 or not 0 < out["top_p"] <= 1:
+            raise ApiError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+        return out
+
+    def chat_prompt(body: dict) -> tuple[str, dict[str, dict]]:
+        messages, tools = body.get("messages"), body.get("tools") or []
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages must be a non-empty list", param="messages")
+        native = bool(tools) and template.uses_tools
+        syntax = template.call_syntax if native else "json"
+        out = []
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+                raise ApiError(400, "each message needs a role: system, user, assistant or tool", param="messages")
+            content = m.get("content") or ""
+            if isinstance(content, list):  # content parts: the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            for call in m.get("tool_calls") or []:
+                fn = (call or {}).get("function") or {}
+                try:
+                    args = json.loads(fn.get("arguments") or "{}")
+                except ValueError:
+                    args = {}
+                content += format_tool_call(str(fn.get("name")), args if isinstance(args, dict) else {}, syntax)
+            out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": str(content)})
+        if tools and not native:  # the template takes no tools: list them in the system prompt, as the agent does
+            listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+            how = '<tool_call>{"name": ..., "arguments": {...}}</tool_call>'
+            note = f"You can call these tools by writing {how}:\n{listing}"
+            if out[0]["role"] == "system":
+                out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + note}
+            else:
+                out.insert(0, {"role": "system", "content": note})
+        template.tools = tools if native else None
+        try:
+            text = template.render(out)
+        except TemplateError as e:
+            raise ApiError(400, f"the model's chat template refused these messages: {e}") from None
+        schemas = {t.get("function", {}).get("name"): t.get("function", {}).get("parameters") or {} for t in tools}
+        return text, schemas
+
+    def prepare(text: str, session: str) -> tuple[list[int], int]:
+        """Under the lock: tokenize, restore the longest cached prefix, feed the rest (keeping a state every
+        `state_every` tokens and at the prompt's end, not its last token: generate() feeds that one)."""
+        ids = engine.tokenizer.encode(text)
+        if not ids:
+            raise ApiError(400, "the prompt is empty")
+        if len(ids) > max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
+        hit = cache.restore_longest(ids, session)
+        at = hit.tokens
+        while len(ids) - 1 - at > state_every:
+            engine.feed(ids[at : at + state_every], logits="none")
+            at += state_every
+            cache.consumed(ids[:at])
+            cache.save(session)
+        if len(ids) - 1 > at:
+            engine.feed(ids[at:-1], logits="none")
+            cache.consumed(ids[:-1])
+            cache.save(session)
+        return ids, hit.tokens
+
+    def run(ids: list[int], sample: dict, session: str) -> Iterator[str]:
+        yield from engine.generate(ids[-1:], stop_ids=eos, **sample)
+        cache.consumed(ids + engine.generated)
+        cache.save(session)
+
+    def finish(stopped_by: str) -> str:
+        return "length" if stopped_by == "length" else "stop"
+
+    def usage(ids: list[int], cached: int) -> dict:
+        n = len(engine.generated)
+        return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def session_of(request: Request, body: dict) -> str:
+        name = request.headers.get("x-deltamem-session") or body.get("user") or "default"
+        return str(name)[:100]
+
+    def complete(text: str, body: dict, session: str, chat: bool, schemas: dict) -> Any:
+        sample = sampling(body)
+        created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if body.get("stream"):
+            return StreamingResponse(stream(text, sample, session, chat, schemas, created, rid),
+                                     media_type="text/event-stream")
+        with lock:
+            ids, cached = prepare(text, session)
+            reply = "".join(run(ids, sample, session))
+            stats = usage(ids, cached)
+            reason = finish(engine.stopped_by)
+        if not chat:
+            return {"id": rid, "object": "text_completion", "created": created, "model": model_name, "usage": stats,
+                    "choices": [{"index": 0, "text": reply, "finish_reason": reason, "logprobs": None}]}
+        message: dict[str, Any] = {"role": "assistant", "content": reply}
+        if schemas:  # tools were offered: calls go back to the client in OpenAI's form
+            parsed = parse_tool_calls(reply, schemas=schemas)
+            if parsed.calls:
+                message = {"role": "assistant", "content": parsed.content or None, "tool_calls": [
+                    {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                     "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                    for c in parsed.calls]}
+                reason = "tool_calls"
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name, "usage": stats,
+                "choices": [{"index": 0, "message": message, "finish_reason": reason}]}
+
+    def stream(text, sample, session, chat, schemas, created, rid) -> Iterator[str]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: dict | str, reason: str | None = None, extra: dict | None = None) -> str:
+            choice = ({"index": 0, "delta": delta, "finish_reason": reason} if chat
+                      else {"index": 0, "text": delta, "finish_reason": reason})
+            doc = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice]}
+            return f"data: {json.dumps({**doc, **(extra or {})}, ensure_ascii=False)}\n\n"
+
+        with lock:
+            try:
+                ids, cached = prepare(text, session)
+            except ApiError as e:
+                yield f"data: {json.dumps({'error': {'message': str(e), 'type': e.kind}})}\n\n"
+                return
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            pieces = []
+            for piece in run(ids, sample, session):
+                pieces.append(piece)
+                if not schemas:  # with tools the reply is parsed whole, as the non-streaming answer is
+                    yield chunk({"content": piece} if chat else piece)
+            reason = finish(engine.stopped_by)
+            if schemas:
+                parsed = parse_tool_calls("".join(pieces), schemas=schemas)
+                if parsed.calls:
+                    calls = [{"index": i, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+                             for i, c in enumerate(parsed.calls)]
+                    yield chunk({"content": parsed.content or None, "tool_calls": calls})
+                    reason = "tool_calls"
+                else:
+                    yield chunk({"content": "".join(pieces)})
+            yield chunk({} if chat else "", reason, {"usage": usage(ids, cached)})
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await body_of(request)
+        text, schemas = chat_prompt(body)
+        return await run_in_threadpool(complete, text, body, session_of(request, body), True, schemas)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+        return await run_in_threadpool(complete, prompt, body, session_of(request, body), False, {})
+
+    return app

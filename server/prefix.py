@@ -1,0 +1,121 @@
+"""The prefix state cache behind `deltamem serve`: model states keyed by the token ids they consumed, so a request whose
+prompt extends an earlier one restores that state and feeds only the rest (what OpenAI-style clients re-send every
+turn is never re-read).
+
+States live in host memory under a byte budget (least recently used dropped first) and in the SQLite store, as
+snapshots of one deltamem session per name (`X-Deltamem-Session`, default "serve") with their token ids, so a
+restarted server hits them again. The engine's own current state counts too: a prompt that extends what it has just
+consumed costs no restore at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from deltamem.memory.errors import NotFound
+from deltamem.memory.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hit:
+    tokens: int  # prompt tokens the restored (or current) state already holds
+    source: str  # "engine", "memory", "store" or "none"
+
+
+class PrefixCache:
+    def __init__(self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256):
+        self.engine, self.store, self.budget, self.keep = engine, store, byte_budget, keep
+        self.hot: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+        self.hot_bytes = 0
+        self.current: tuple[int, ...] = ()  # ids the engine's state has consumed (engine.reset() at start)
+        self.stored: dict[str, dict[tuple[int, ...], int]] = {}  # session -> ids -> snapshot id
+        self.sessions: dict[str, str] = {}  # name -> session id
+
+    # --- lookup -----------------------------------------------------------------------------------------
+    def restore_longest(self, ids: list[int], session: str) -> Hit:
+        """Bring the engine to the longest known state whose ids are a prefix of `ids` (leaving at least one token to
+        feed, which gives the next token's logits); returns how many tokens it holds."""
+        limit = len(ids) - 1
+        best: tuple[int, str, object] = (0, "none", None)
+        if 0 < len(self.current) <= limit and tuple(ids[: len(self.current)]) == self.current:
+            best = (len(self.current), "engine", None)
+        for key in self.hot:
+            if best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
+                best = (len(key), "memory", key)
+        for key, snap_id in self._stored(session).items():
+            if best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
+                best = (len(key), "store", (key, snap_id))
+        n, source, ref = best
+        if source == "memory":
+            self.hot.move_to_end(ref)
+            self._restore(self.hot[ref], ref)
+        elif source == "store":
+            key, snap_id = ref
+            try:
+                self._restore(self.store.load_snapshot(self.sessions[session], snap_id, joined=False), key)
+            except Exception as e:  # pruned or damaged since: fall back to reading the prompt
+                log.warning("stored prefix state %s could not be restored (%s); reading the prompt", snap_id, e)
+                n, source = 0, "none"
+        if source == "none":
+            self.engine.reset()
+            self.current = ()
+        return Hit(n, source)
+
+    def _restore(self, blob, key: tuple[int, ...]) -> None:
+        self.engine.restore(blob)
+        self.current = key
+
+    # --- saving -----------------------------------------------------------------------------------------
+    def consumed(self, ids: list[int]) -> None:
+        """The engine has now consumed exactly `ids` (after a feed or a reply)."""
+        self.current = tuple(ids)
+
+    def save(self, session: str) -> None:
+        """Keep the engine's current state: in memory (LRU under the budget) and in the store."""
+        key = self.current
+        if not key or key in self.hot:
+            return
+        blob = self.engine.snapshot()
+        self.hot[key] = blob
+        self.hot_bytes += len(blob)
+        while self.hot_bytes > self.budget and len(self.hot) > 1:
+            _, old = self.hot.popitem(last=False)
+            self.hot_bytes -= len(old)
+        if self.store is not None:
+            sid = self._session(session)
+            snap_id = self.store.save_turn(
+                sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], blob, token_ids=list(key)
+            )
+            self._stored(session)[key] = snap_id
+            live = {r["id"] for r in self.store.snapshots(sid)}  # retention may have dropped the oldest
+            self.stored[session] = {k: v for k, v in self.stored[session].items() if v in live}
+
+    # --- the store's sessions ---------------------------------------------------------------------------
+    def _session(self, name: str) -> str:
+        if name not in self.sessions:
+            try:
+                row = self.store.session(f"serve:{name}", None)
+                if row["fingerprint"] != self.engine.fingerprint:
+                    raise ValueError(f"session {name!r} belongs to another model; choose another session name")
+                self.sessions[name] = row["id"]
+            except NotFound:
+                self.sessions[name] = self.store.create_session(f"serve:{name}", self.engine.fingerprint)
+                self.store.set_keep_last(self.sessions[name], self.keep)
+        return self.sessions[name]
+
+    def _stored(self, name: str) -> dict[tuple[int, ...], int]:
+        if self.store is None:
+            return {}
+        if name not in self.stored:
+            sid = self._session(name)
+            index: dict[tuple[int, ...], int] = {}
+            for row in self.store.snapshots(sid):
+                ids = self.store.load_tokens(sid, row["id"])
+                if ids:
+                    index[tuple(ids)] = row["id"]
+            self.stored[name] = index
+        return self.stored[name]

@@ -1,0 +1,134 @@
+"""`deltamem serve` as a real process, driven by the official `openai` client: chat and text completions, streaming
+equal to the whole answer, the prefix cache (a conversation's next turn reuses the state of the last; a restarted
+server still hits it), tool rendering, and errors in OpenAI's shape; plus the loopback-only default."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deltamem.model import load_model
+from deltamem.server.app import create_app
+from tests.test_app import ROOT, deltamem
+
+openai = pytest.importorskip("openai")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, db: Path):
+        self.port = _free_port()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        args = ["serve", "--model", "random", "--window", "64", "--port", str(self.port), "--db", str(db)]
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app.py"), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(self.proc.stderr.read()) from None
+                time.sleep(0.5)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def test_openai_client_against_a_real_server(tmp_path):
+    server = Server(tmp_path / "m.db")
+    try:
+        c = server.client
+        assert [m.id for m in c.models.list().data] == ["random"]
+        convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a Gated DeltaNet?"}]
+        first = c.chat.completions.create(model="random", messages=convo, max_tokens=6, temperature=0)
+        assert first.choices[0].finish_reason in ("length", "stop") and first.usage.completion_tokens <= 6
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        convo += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And its state size?"},
+        ]
+        second = c.chat.completions.create(model="random", messages=convo, max_tokens=6, temperature=0)
+        assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1  # not re-read
+        pieces = [
+            ch.choices[0].delta.content or ""
+            for ch in c.chat.completions.create(
+                model="random", messages=convo, max_tokens=6, temperature=0, stream=True
+            )
+            if ch.choices
+        ]
+        assert "".join(pieces) == second.choices[0].message.content
+        text = c.completions.create(model="random", prompt="def add(a, b):", max_tokens=4, temperature=0)
+        assert text.choices[0].text and text.usage.prompt_tokens > 0
+        tools = [
+            {
+                "type": "function",
+                "function": {
+                    "name": "read_file",
+                    "description": "read a file",
+                    "parameters": {"type": "object", "properties": {"path": {"type": "string"}}},
+                },
+            }
+        ]
+        with_tools = c.chat.completions.create(model="random", messages=convo, tools=tools, max_tokens=4, temperature=0)
+        assert with_tools.choices[0].message.role == "assistant"
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="gpt-4", messages=convo, max_tokens=2)
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="random", messages=[], max_tokens=2)
+    finally:
+        server.stop()
+    again = Server(tmp_path / "m.db")  # restarted: the stored states still serve
+    try:
+        r = again.client.chat.completions.create(model="random", messages=convo, max_tokens=6, temperature=0)
+        assert r.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens - 1
+        assert r.choices[0].message.content == second.choices[0].message.content
+    finally:
+        again.stop()
+    listed = deltamem("sessions", "list", "--db", str(tmp_path / "m.db"), "--json")
+    assert "serve:default" in listed.stdout
+
+
+def test_errors_in_openai_shape():
+    app = create_app(load_model("random", window=64), None, "random", api_key="k1")
+    client = TestClient(app)
+    ok = {"Authorization": "Bearer k1"}
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = client.post("/v1/chat/completions", headers=ok, json={"messages": "hi"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = client.post("/v1/chat/completions", headers=ok, content=b"{not json")
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", headers={**ok, "Content-Length": str(64 << 20)}, content=b"{}")
+    assert r.status_code == 413
+    r = client.get("/v1/nothing", headers=ok)
+    assert r.status_code == 404 and "error" in r.json()
+    assert client.get("/health").json() == {"status": "ok"}  # no key needed to check liveness
+    r = client.post("/v1/completions", headers=ok, json={"prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400
+
+
+def test_serving_off_loopback_needs_a_key():
+    r = deltamem("serve", "--model", "random", "--host", "0.0.0.0", "--port", "1")
+    assert r.returncode == 1 and "--api-key" in r.stderr and "Traceback" not in r.stderr
