@@ -2,7 +2,6 @@
 equal to the whole answer, the prefix cache (a conversation's next turn reuses the state of the last; a restarted
 server still hits it), tool rendering, and errors in OpenAI's shape; plus the loopback-only default."""
 
-import json
 import os
 import socket
 import subprocess
