@@ -66,7 +66,7 @@ def test_multimodal_checkpoint_says_the_vision_tower_is_ignored(tmp_path, caplog
     assert sum("vision tower is ignored" in r.message for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("name", ["qwen3_5_gqa", "qwen3_next"])
+@pytest.mark.parametrize("name", ["qwen3_5_gqa", "qwen3_5_moe", "qwen3_next"])
 def test_qwen_chunking_and_window_invariants(tmp_path, name):
     """Invariant 2 (results do not depend on how the stream is cut into feeds or prefill chunks) and a bounded
     window's flat state, for the Qwen families; the windowed run equals full attention until the window fills."""
@@ -86,12 +86,13 @@ def test_qwen_chunking_and_window_invariants(tmp_path, name):
     assert len(eng.snapshot()) == size  # constant-size state
 
 
-def test_qwen_snapshot_restores_in_a_new_process(tmp_path):
-    """Invariant 3 for a Qwen model: a snapshot restored by another process continues exactly."""
+@pytest.mark.parametrize("name", ["qwen3_5_gqa", "qwen3_5_moe", "qwen3_next"])
+def test_qwen_snapshot_restores_in_a_new_process(tmp_path, name):
+    """Invariant 3 for each Qwen family: a snapshot restored by another process continues exactly."""
     import subprocess
     import sys
 
-    family, kw = QWEN_SHAPES["qwen3_next"]
+    family, kw = QWEN_SHAPES[name]
     make_qwen(tmp_path / "m", family, **kw)
     eng = load_model(tmp_path / "m", window=64)
     eng.feed(_ids(200, 9))
