@@ -525,7 +525,11 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                     r["created"][:19].replace("T", " "),
                 )
             out.print(t)
-            out.print(f"{len(ledger)} ingested files, {sum(r['tokens'] or 0 for r in ledger.values()):,} tokens")
+            from deltamem.agent.prompt import MAP_PATH
+
+            files = {p: r for p, r in ledger.items() if p != MAP_PATH}
+            extra = f" (+ the repository map, {ledger[MAP_PATH]['tokens'] or 0:,} tokens)" if MAP_PATH in ledger else ""
+            out.print(f"{len(files)} ingested files, {sum(r['tokens'] or 0 for r in files.values()):,} tokens{extra}")
             return 0
 
         if args.action == "delete":

@@ -286,7 +286,7 @@ class Agent:
         names = ", ".join(ch.path for ch in batch[:3]) + (f" and {len(batch) - 3} more" if len(batch) > 3 else "")
         # the file messages stay in the conversation; the turn log gets one short line per batch
         done.rows.append({"role": "ingest", "text": f"ingested {len(batch)} files: {names}", "tokens": fed})
-        done.files += sum(ch.text is not None for ch in batch)
+        done.files += sum(ch.text is not None and ch.path != MAP_PATH for ch in batch)  # the map is no file
         done.removed += sum(ch.text is None for ch in batch)
         done.tokens += fed
 

@@ -12,6 +12,7 @@ snapshot's own hash chain (`token_chain` in its header) before the state is trus
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -101,6 +102,8 @@ class AgentSession:
                 f"session {sess['title']!r} was saved with model {sess['fingerprint'][:12]}; this model is "
                 f"{engine.fingerprint[:12]} (pass the same --model)"
             )
+        # one writer per session: a second process waits, then is refused naming this one (memory/store.py lease)
+        store.lease(sess["id"], "deltamem " + " ".join(sys.argv[1:2]))
         s = cls(engine, store, sess["id"], convert_state)
         s.resume()
         return s

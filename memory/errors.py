@@ -30,3 +30,7 @@ class WrongProject(StoreError):
 
 class CorruptSnapshot(StoreError):
     """A stored snapshot whose bytes no longer match their hashes."""
+
+
+class SessionBusy(StoreError):
+    """A session another live process holds (its lease): the message names the holder."""

@@ -134,6 +134,16 @@ def m004_ingest_converter(db: sqlite_utils.Database) -> None:
     db["ingested"].add_column("converter", str)
 
 
+@migration
+def m005_leases(db: sqlite_utils.Database) -> None:
+    # One writer per session: the process that holds it (host, pid, its start time, command) and since when.
+    db["leases"].create(
+        {"session_id": str, "host": str, "pid": int, "pid_start": str, "command": str, "acquired": float},
+        pk="session_id",
+        foreign_keys=[("session_id", "sessions", "id")],
+    )
+
+
 def migrate(db: sqlite_utils.Database, upto: int | None = None) -> None:
     """Apply the migrations this database lacks (up to `upto`, for tests); refuse one from a newer deltamem."""
     version = db.execute("PRAGMA user_version").fetchone()[0]

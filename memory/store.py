@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -34,7 +35,7 @@ import sqlite_utils
 
 from deltamem.memory import checkpoints
 from deltamem.memory import pieces as pc
-from deltamem.memory.errors import Ambiguous, CorruptSnapshot, NotFound, StoreError
+from deltamem.memory.errors import Ambiguous, CorruptSnapshot, NotFound, SessionBusy, StoreError
 from deltamem.memory.migrations import MIGRATIONS, migrate
 
 ENV_DB = "DELTAMEM_DB"
@@ -48,6 +49,50 @@ WAL_CHECKPOINT_BYTES = 64 << 20
 EXPORT_FORMAT = 2  # 1: store rows only; 2: + the graph thread (the conversation) and an export_info table
 
 log = logging.getLogger("deltamem.memory")
+
+
+LEASE_WAIT_S = 10.0  # how long a second process waits for a session another one holds ($DELTAMEM_LEASE_WAIT)
+
+
+class Lease:
+    """A held session (Store.lease); release() or a `with` block gives it back."""
+
+    def __init__(self, store: Store, sid: str):
+        self.store, self.sid = store, sid
+
+    def release(self) -> None:
+        self.store.release(self.sid)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _process() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "pid_start": _start_time(pid)}
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (Linux: /proc/PID/stat field 22), so a reused pid is not taken for the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _alive(row: dict[str, Any]) -> bool:
+    if row["host"] != socket.gethostname():
+        return True  # another machine's process: it cannot be checked from here
+    try:
+        os.kill(row["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return not row["pid_start"] or _start_time(row["pid"]) == row["pid_start"]
 
 
 def default_db_path() -> Path:
@@ -68,6 +113,7 @@ class Store:
         self.keep_last = keep_last
         # the last save_turn's snapshot: bytes in all, bytes new to the store (written), seconds to save and commit
         self.last_save: dict[str, Any] = {}
+        self._leases: set[str] = set()  # sessions leased through this store, released at close()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # check_same_thread off: a Store may be handed between threads (UI workers), never used by two at once
@@ -101,6 +147,9 @@ class Store:
             raise
 
     def close(self) -> None:
+        for sid in list(self._leases):  # sessions this process held through this store
+            with contextlib.suppress(sqlite3.Error):
+                self.release(sid)
         if self._checkpointer is not None:
             self._checkpointer.join()
         self.db.close()  # the last connection to close copies what is left of the WAL into the database
@@ -541,7 +590,7 @@ class Store:
     def delete(self, ref: str) -> None:
         with self._write():
             sid = self.session(ref)["id"]
-            for table in ("session_snapshots", "turns", "ingested"):
+            for table in ("session_snapshots", "turns", "ingested", "leases"):
                 self.db.execute(f"delete from {table} where session_id = ?", [sid])
             self.db.execute("update sessions set parent_id = null where parent_id = ?", [sid])
             self.db.execute("delete from sessions where id = ?", [sid])
@@ -619,6 +668,46 @@ class Store:
     def file_bytes(self) -> int:
         """The database's size on disk: the file and its write-ahead log."""
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+    # --- leases: one writer per session ---------------------------------------------------------------------
+    def lease(self, ref: str, command: str = "", wait_s: float | None = None) -> Lease:
+        """Hold the session for this process until release() (or exit): a second process asking for it waits up to
+        `wait_s`, then gets SessionBusy naming the holder. A lease whose process is gone (same host: its pid no longer
+        runs, or runs another program) is taken over. The same process may ask again (one lease per process)."""
+        sid = self.session(ref)["id"]
+        me = _process()
+        if wait_s is None:
+            wait_s = float(os.environ.get("DELTAMEM_LEASE_WAIT", LEASE_WAIT_S))
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self._write():
+                row = self.db["leases"].get(sid) if self.db["leases"].count_where("session_id = ?", [sid]) else None
+                mine = row is not None and (row["host"], row["pid"], row["pid_start"]) == (me["host"], me["pid"],
+                                                                                           me["pid_start"])
+                if row is None or mine or not _alive(row):
+                    if row is not None and not mine:
+                        log.warning("taking over session %s from process %s on %s, which is gone", sid, row["pid"],
+                                    row["host"])
+                    self.db["leases"].upsert({"session_id": sid, **me, "command": command, "acquired": time.time()},
+                                             pk="session_id")
+                    self._leases.add(sid)
+                    return Lease(self, sid)
+            if time.monotonic() >= deadline:
+                since = datetime.fromtimestamp(row["acquired"]).strftime("%Y-%m-%d %H:%M:%S")
+                raise SessionBusy(
+                    f"session {ref!r} is in use by {row['command'] or 'another deltamem'} (pid {row['pid']} on "
+                    f"{row['host']}, since {since}); wait for it to finish, stop it, or fork the session"
+                )
+            time.sleep(0.2)
+
+    def release(self, sid: str) -> None:
+        self._leases.discard(sid)
+        me = _process()
+        with self._write():
+            self.db.execute(
+                "delete from leases where session_id = ? and host = ? and pid = ? and pid_start = ?",
+                [sid, me["host"], me["pid"], me["pid_start"]],
+            )
 
     # --- ingest ledger and recall --------------------------------------------------------------------------
     def ingested(self, ref: str) -> dict[str, dict[str, Any]]:

@@ -105,6 +105,7 @@ class PrefixCache:
             except NotFound:
                 self.sessions[name] = self.store.create_session(f"serve:{name}", self.engine.fingerprint)
                 self.store.set_keep_last(self.sessions[name], self.keep)
+            self.store.lease(self.sessions[name], "deltamem serve")  # this server writes it
         return self.sessions[name]
 
     def _stored(self, name: str) -> dict[tuple[int, ...], int]:

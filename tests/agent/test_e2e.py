@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from deltamem.agent.prompt import MAP_PATH
 from deltamem.agent.runner import Agent
 from deltamem.memory.store import Store
 from deltamem.model import load_model
@@ -54,7 +55,7 @@ def test_ingest_run_kill_resume(repo, tmp_path):
     assert (a["files"], a["unchanged"]) == (3, 0) and a["tokens"] > 0
     assert {s["path"]: s["why"] for s in a["skipped"]} == {"logo.png": "binary"}
     ledger = {p for (p,) in sqlite3.connect(db).execute("select path from ingested")}
-    assert ledger == {"README.md", "src/prices.py", ".gitignore"}  # secret.txt is git-ignored
+    assert ledger == {"README.md", "src/prices.py", ".gitignore", MAP_PATH}  # secret.txt is git-ignored
 
     (repo / "src" / "prices.py").write_text("PRICES = {'apple': 4}\n")
     second = json.loads(deltamem("ingest", *common, "--json").stdout)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from deltamem.agent.prompt import file_message
+from deltamem.agent.prompt import MAP_PATH, file_message
 from deltamem.agent.runner import Agent
 from deltamem.memory.store import Store
 from deltamem.model import load_model
@@ -66,13 +66,14 @@ def test_ledger_records_each_files_tokens(tmp_path):
     ingest = json.loads(r.stdout)
     shown = json.loads(deltamem("sessions", "show", "shop", "--db", str(db), "--json").stdout)
     tokens = {f["path"]: f["tokens"] for f in shown["ingested"]}
+    assert tokens.pop(MAP_PATH) > 0  # the repository map, fed after the files
     tok = Tokenizer.cl100k_olmo()  # the random model's tokenizer; each file is one ChatML user message
     expected = {
         path: len(tok.encode(f"<|im_start|>user\n{file_message(path, text)['content']}<|im_end|>\n"))
         for path, text in files.items()
     }
     assert tokens == expected
-    assert sum(tokens.values()) < ingest["tokens"]  # the rest is the session's system prompt, fed first
+    assert sum(tokens.values()) < ingest["tokens"]  # the rest is the session's system prompt and the map
     text = deltamem("sessions", "show", "shop", "--db", str(db)).stdout
     assert f"2 ingested files, {sum(tokens.values()):,} tokens" in text
 
@@ -86,7 +87,7 @@ def test_ingest_streams_files_in_whole_chunks_and_commits_by_time(tmp_path):
     for name, every, snapshots in (("each", 0.0, 5), ("once", 3600.0, 1)):
         with Store(tmp_path / f"{name}.db") as store:
             engine = load_model("random", window=64, prefill_chunk=48)
-            result = Agent(engine, store, name, repo).ingest(batch_bytes=1, commit_every_s=every)
+            result = Agent(engine, store, name, repo).ingest(batch_bytes=1, commit_every_s=every, map_tokens=0)
             assert (result.files, len(store.snapshots(name))) == (5, snapshots)
             assert set(store.ingested(name)) == set(files)
             ids = store.load_tokens(name, store.snapshots(name)[-1]["id"])
