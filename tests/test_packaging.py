@@ -13,7 +13,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("agent", "memory", "model", "kernels", "tools", "ui")
+FOLDERS = ("agent", "memory", "model", "kernels", "tools", "ui", "server")
 
 
 def test_wheel_holds_only_the_deltamem_namespace(tmp_path):

@@ -428,7 +428,11 @@ def test_memory_tools_without_a_store(tmp_path, name):
 @pytest.mark.parametrize(
     ("name", "args", "message"),
     [
-        ("nope", {}, "unknown tool 'nope'; the tools are: edit, glob, grep, list_dir, note, read_file, recall, shell"),
+        (
+            "nope",
+            {},
+            "unknown tool 'nope'; the tools are: edit, glob, grep, list_dir, map, note, read_file, recall, shell",
+        ),
         (None, {}, "unknown tool None"),
         (["read_file"], {}, "unknown tool ['read_file']"),
         ("read_file", {}, "read_file is missing required argument(s): path"),
@@ -462,7 +466,8 @@ def test_run_tool_turns_exceptions_into_errors(tmp_path):
 
 
 def test_default_tools_schemas_and_risk():
-    assert set(TOOLS) == {"list_dir", "read_file", "grep", "glob", "write_file", "edit", "shell", "recall", "note"}
+    names = {"list_dir", "read_file", "grep", "map", "glob", "write_file", "edit", "shell", "recall", "note"}
+    assert set(TOOLS) == names
     assert {n for n, t in TOOLS.items() if t.risky} == {"write_file", "edit", "shell"}
     for name, tool in TOOLS.items():
         assert tool.name == name and tool.description

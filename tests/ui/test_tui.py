@@ -144,7 +144,7 @@ async def test_ingest_with_progress_then_help(repo, tmp_path):
         await pilot.press("ctrl+r")
         await settle(app, pilot)
         assert "ingested 2 files" in str(app.query_one("#ingest-status").render())
-        assert set(app.store.ingested(app.agent.session_id)) == {"README.md", "prices.py"}
+        assert set(app.store.ingested(app.agent.session_id)) == {"README.md", "prices.py", "<repository map>"}
         assert "2 files read" in " ".join(str(w.render()) for w in app.query(".files"))
         await pilot.press("f1")
         assert isinstance(app.screen, HelpScreen)
