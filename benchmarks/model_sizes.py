@@ -56,10 +56,8 @@ def main() -> None:
         )
     text = (
         "# Model sizes\n\n`python benchmarks/model_sizes.py` (text model only; window 4096 + 4 sink tokens; the GPU "
-        "figure is weights + state + 1 GiB of headroom). A turn rewrites every recurrent state and the KV pages (64 "
-        "slots) its tokens land in, at most five per attention layer; the store keeps unchanged pages once.\n\n"
-        + "\n".join(lines)
-        + "\n"
+        "figure is weights + state + 1 GiB of headroom). A turn rewrites every recurrent state and at most two KV "
+        "pages per attention layer; the store keeps unchanged pages once.\n\n" + "\n".join(lines) + "\n"
     )
     (args.out / "model_sizes.md").write_text(text)
     print(text)

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltamem import kernels
 
-PAGE = 64  # tokens per snapshot page: the unit the memory store deduplicates (a turn rewrites the pages it wrote)
+PAGE = 256  # tokens per snapshot page: the unit the memory store deduplicates
 # Keys an attention call sees are padded (with empty, masked slots) to a multiple of this, and on a GPU SDPA is held to
 # its memory-efficient or math kernel (`_backends`). Without both, restoring one state and feeding the same tokens
 # gave logits up to 0.06 apart from one run to the next at 7B shapes on an H200: a mask of unaligned length is padded

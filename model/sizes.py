@@ -22,8 +22,8 @@ def model_sizes(
 ) -> dict:
     """Sizes in bytes for `dtype` weights and state. The state: every DeltaNet layer's conv + recurrent matrix
     (float32) and every attention layer's sink + window KV cache (window None: per token seen, reported per 1k
-    tokens). A turn rewrites all recurrent states and the KV pages its tokens land in (a 200-token turn: at most
-    five pages of 64 slots per attention layer); the store keeps the unchanged pages once."""
+    tokens). A turn rewrites all recurrent states and the KV pages its tokens land in (a 200-token turn: at most two
+    pages of 256 slots per attention layer); the store keeps the unchanged pages once."""
     model = meta_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
