@@ -763,7 +763,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
     window = _window(args)
-    DeltamemApp(
+    app = DeltamemApp(
         args.db,
         args.repo,
         args.session,
@@ -774,7 +774,12 @@ def cmd_tui(args: argparse.Namespace) -> int:
         args.device,
         args.dtype,
         convert_state=args.convert_state,
-    ).run()
+    )
+    app.run()
+    if app.loading_model:  # quit while the model was loading: nothing of it to keep, and no waiting for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

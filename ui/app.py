@@ -67,6 +67,7 @@ class DeltamemApp(App):
         self.store = None  # read by the UI thread
         self.agent_store = None  # used by the agent's worker threads, one at a time
         self.engine = None
+        self.loading_model = False
         self.busy = False
         self.last_save: float | None = None
         self._stream_target: AssistantMessage | None = None
@@ -91,6 +92,36 @@ class DeltamemApp(App):
         self._open(self.session_name)
 
     # --- opening sessions ------------------------------------------------------------------------------------
+    def _load_model(self, load_model):
+        """Load in a daemon thread this worker only watches, so that quitting meanwhile is not held up by it (Textual
+        waits for its workers; app.py cmd_tui leaves without waiting for this thread). None if the app quits first."""
+        import threading
+
+        from textual.worker import get_current_worker
+
+        box: dict = {}
+
+        def load() -> None:
+            try:
+                box["engine"] = load_model(
+                    self.model_spec, window=self.window, sink=self.sink, device=self.device, dtype=self.dtype
+                )
+            except BaseException as e:  # handed to the worker, which reports it
+                box["error"] = e
+
+        self.loading_model = True
+        thread = threading.Thread(target=load, name="deltamem-load", daemon=True)
+        thread.start()
+        worker = get_current_worker()
+        while thread.is_alive():
+            thread.join(0.05)
+            if worker.is_cancelled:
+                return None
+        self.loading_model = False
+        if "error" in box:
+            raise box["error"]
+        return box["engine"]
+
     @work(thread=True, exclusive=True, group="agent")
     def _open(self, name: str, repo: Path | None = None) -> None:
         """Open (or create) a session in `repo` (default: the current folder), which becomes current if it opens."""
@@ -109,9 +140,9 @@ class DeltamemApp(App):
                 from deltamem.model import load_model
 
                 if self.engine is None:
-                    self.engine = load_model(
-                        self.model_spec, window=self.window, sink=self.sink, device=self.device, dtype=self.dtype
-                    )
+                    self.engine = self._load_model(load_model)
+                    if self.engine is None:  # the app is quitting
+                        return
                 else:  # the loaded weights, a fresh state for the other session
                     self.engine = self.engine.sibling()
                 agent = Agent(

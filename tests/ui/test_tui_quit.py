@@ -1,0 +1,52 @@
+"""The TUI in a real terminal (a pty): it opens while the model loads, and quitting then leaves at once instead of
+waiting for the load (a cold start of the default model, the start-up cache off, takes seconds)."""
+
+import os
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.test_app import ROOT
+
+pty = pytest.importorskip("pty")
+
+
+def test_quitting_while_the_model_loads_is_immediate(tmp_path):
+    env = {
+        **os.environ,
+        "DELTAMEM_CACHE": "off",
+        "TERM": "xterm-256color",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    master, slave = pty.openpty()
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "tui", "--repo", str(tmp_path), "--db", str(tmp_path / "m.db")],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        close_fds=True,
+    )
+    os.close(slave)
+    seen, deadline = b"", time.monotonic() + 120
+    try:
+        while b"loading" not in seen and time.monotonic() < deadline:  # the screen is up, the model loading
+            if select.select([master], [], [], 0.2)[0]:
+                seen += os.read(master, 65536)
+        assert b"loading" in seen, seen[-500:]
+        os.write(master, b"\x11")  # ctrl+q
+        t0 = time.monotonic()
+        while p.poll() is None and time.monotonic() - t0 < 30:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    break
+        assert p.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        p.kill()
+        os.close(master)
