@@ -210,11 +210,13 @@ class KVWindow:
             keys, vals, kpos = self.k[:, :n], self.v[:, :n], self.pos[:n]
         else:
             # A long chunk overwrites ring slots its own early queries still read: attend first, then write.
-            # Padded with empty keys to an aligned length (see KEY_ALIGN).
-            pad = _aligned(t) - t
-            keys = torch.cat([self.k, k.transpose(0, 1), self.k.new_zeros(self.k.shape[0], pad, d)], 1)
-            vals = torch.cat([self.v, v.transpose(0, 1), self.v.new_zeros(self.v.shape[0], pad, d)], 1)
-            kpos = torch.cat([self.pos, p, self.pos.new_full((pad,), -1)])
+            # On a GPU, padded with empty keys to an aligned length (see KEY_ALIGN). On the CPU, before the ring has
+            # filled, only the slots written so far: the empty rest of a large window would cost most of the work.
+            filling = not q.is_cuda and self.seen < self.capacity
+            old, pad = (self.seen, 0) if filling else (self.k.shape[1], _aligned(t) - t)
+            keys = torch.cat([self.k[:, :old], k.transpose(0, 1), self.k.new_zeros(self.k.shape[0], pad, d)], 1)
+            vals = torch.cat([self.v[:, :old], v.transpose(0, 1), self.v.new_zeros(self.v.shape[0], pad, d)], 1)
+            kpos = torch.cat([self.pos[:old], p, self.pos.new_full((pad,), -1)])
         self.seen += t
 
         if t == 1 and q_sink is None:  # decode: one fused kernel, no score matrix in Python
