@@ -172,21 +172,34 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise ApiError(400, "the prompt is empty")
         if len(ids) > max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
-        hit = cache.restore_longest(ids, session)
-        at = hit.tokens
-        while len(ids) - 1 - at > state_every:
-            engine.feed(ids[at : at + state_every], logits="none")
-            at += state_every
-            cache.consumed(ids[:at])
-            cache.save(session)
-        if len(ids) - 1 > at:
-            engine.feed(ids[at:-1], logits="none")
-            cache.consumed(ids[:-1])
-            cache.save(session)
+        try:
+            hit = cache.restore_longest(ids, session)
+            at = hit.tokens
+            while len(ids) - 1 - at > state_every:
+                engine.feed(ids[at : at + state_every], logits="none")
+                at += state_every
+                cache.consumed(ids[:at])
+                cache.save(session)
+            if len(ids) - 1 > at:
+                engine.feed(ids[at:-1], logits="none")
+                cache.consumed(ids[:-1])
+                cache.save(session)
+        except BaseException:  # the state is no longer what the cache thinks: start the next request afresh
+            engine.reset()
+            cache.consumed([])
+            raise
         return ids, hit.tokens
 
     def run(ids: list[int], sample: dict, session: str) -> Iterator[str]:
-        yield from engine.generate(ids[-1:], stop_ids=eos, **sample)
+        try:
+            yield from engine.generate(ids[-1:], stop_ids=eos, **sample)
+        except GeneratorExit:  # a client that went away: generate() stopped with the state holding these ids
+            cache.consumed(ids + engine.generated)
+            raise
+        except BaseException:  # a failure mid-way: start the next request afresh
+            engine.reset()
+            cache.consumed([])
+            raise
         cache.consumed(ids + engine.generated)
         cache.save(session)
 
