@@ -33,7 +33,8 @@ from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from deltamem.agent.parse import CLOSE, OPEN, format_tool_call, parse_tool_calls
+from deltamem.agent.parse import format_tool_call, parse_tool_calls
+from deltamem.agent.prompt import list_tools_in_system, tool_schemas
 from deltamem.agent.session import AgentSession
 
 _MODELS: dict[tuple, Any] = {}  # (model, window, sink, device, dtype) -> a loaded Engine whose weights are shared
@@ -120,14 +121,7 @@ class ChatDeltamem(BaseChatModel):
                 out.append({"role": "tool", "content": content})
             else:
                 out.append({"role": m.type, "content": content})
-        if tools and not native:
-            listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-            note = f'You can call these tools by writing {OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE}:\n{listing}'
-            if out and out[0]["role"] == "system":
-                out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + note}
-            else:
-                out.insert(0, {"role": "system", "content": note})
-        return out
+        return list_tools_in_system(out, tools) if tools and not native else out
 
     def _state(self) -> AgentSession:
         if self._session is None:
@@ -163,8 +157,7 @@ class ChatDeltamem(BaseChatModel):
     def _message(self, text: str, usage: UsageMetadata, tools) -> AIMessage:
         if not tools:
             return AIMessage(content=text, usage_metadata=usage, response_metadata={"model_name": self.model})
-        specs = [t.get("function") or {} for t in tools]
-        parsed = parse_tool_calls(text, schemas={f.get("name"): f.get("parameters") or {} for f in specs})
+        parsed = parse_tool_calls(text, schemas=tool_schemas(tools))
         return AIMessage(
             content=parsed.content,
             tool_calls=[

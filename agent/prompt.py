@@ -109,6 +109,22 @@ def system_prompt(project: str, tools: dict, native: bool = False) -> str:
     return SYSTEM.format(project=project, open=OPEN, close=CLOSE, tools="\n".join(lines) or "(none)")
 
 
+def list_tools_in_system(messages: list[dict], specs: list[dict]) -> list[dict]:
+    """For a chat template that takes no tools: the OpenAI function specs listed, with the JSON call syntax the parser
+    reads, at the end of the system message (a new one first if there is none)."""
+    listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in specs)
+    note = f'You can call these tools by writing {OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE}:\n{listing}'
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + note}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+def tool_schemas(specs: list[dict]) -> dict[str, dict]:
+    """Tool name -> its parameters' JSON schema, from OpenAI function specs (what parse_tool_calls types values by)."""
+    functions = [t.get("function") or {} for t in specs]
+    return {f.get("name"): f.get("parameters") or {} for f in functions}
+
+
 def tool_specs(tools: dict) -> list[dict]:
     """The tools as OpenAI function specs, the form chat templates' `tools` variable takes."""
     return [

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from deltamem.agent.parse import format_tool_call, parse_tool_calls
-from deltamem.agent.prompt import ChatTemplate, TemplateError
+from deltamem.agent.prompt import ChatTemplate, TemplateError, list_tools_in_system, tool_schemas
 from deltamem.server.prefix import PrefixCache
 
 MAX_BODY = 8 << 20
@@ -55,6 +55,15 @@ class FifoLock:
         with self._cond:
             self._serving += 1
             self._cond.notify_all()
+
+
+def openai_calls(calls: list[dict]) -> list[dict]:
+    """Parsed tool calls (agent/parse.py) as OpenAI's tool_calls entries, arguments as a JSON string."""
+    return [
+        {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+        for c in calls
+    ]
 
 
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
@@ -149,20 +158,13 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 content += format_tool_call(str(fn.get("name")), args if isinstance(args, dict) else {}, syntax)
             out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": str(content)})
         if tools and not native:  # the template takes no tools: list them in the system prompt, as the agent does
-            listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
-            how = '<tool_call>{"name": ..., "arguments": {...}}</tool_call>'
-            note = f"You can call these tools by writing {how}:\n{listing}"
-            if out[0]["role"] == "system":
-                out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + note}
-            else:
-                out.insert(0, {"role": "system", "content": note})
+            out = list_tools_in_system(out, tools)
         template.tools = tools if native else None
         try:
             text = template.render(out)
         except TemplateError as e:
             raise ApiError(400, f"the model's chat template refused these messages: {e}") from None
-        schemas = {t.get("function", {}).get("name"): t.get("function", {}).get("parameters") or {} for t in tools}
-        return text, schemas
+        return text, tool_schemas(tools)
 
     def prepare(text: str, session: str) -> tuple[list[int], int]:
         """Under the lock: tokenize, restore the longest cached prefix, feed the rest (keeping a state every
@@ -233,10 +235,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         if schemas:  # tools were offered: calls go back to the client in OpenAI's form
             parsed = parse_tool_calls(reply, schemas=schemas)
             if parsed.calls:
-                message = {"role": "assistant", "content": parsed.content or None, "tool_calls": [
-                    {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-                     "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                    for c in parsed.calls]}
+                message = {"role": "assistant", "content": parsed.content or None,
+                           "tool_calls": openai_calls(parsed.calls)}
                 reason = "tool_calls"
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name, "usage": stats,
                 "choices": [{"index": 0, "message": message, "finish_reason": reason}]}
@@ -267,9 +267,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             if schemas:
                 parsed = parse_tool_calls("".join(pieces), schemas=schemas)
                 if parsed.calls:
-                    calls = [{"index": i, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-                              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
-                             for i, c in enumerate(parsed.calls)]
+                    calls = [{"index": i, **c} for i, c in enumerate(openai_calls(parsed.calls))]
                     yield chunk({"content": parsed.content or None, "tool_calls": calls})
                     reason = "tool_calls"
                 else:
