@@ -327,20 +327,19 @@ def scan_project(
             continue
         if doc:  # converted (again) only when its bytes changed
             digest = hashlib.sha256(data).hexdigest()
-            accepted.append((key, ""))  # listed in the map, without definitions
             if key in ledger and ledger[key]["sha256"] == digest:
+                accepted.append((key, ""))  # listed in the map, without definitions
                 result.unchanged += 1
                 continue
             try:
                 text = convert(path)
             except (DocumentError, OSError) as e:
-                accepted.pop()
                 result.skipped.append((key, str(e)))
                 continue
             if len(text.encode()) > max_bytes:
-                accepted.pop()
                 result.skipped.append((key, f"converted text larger than {max_bytes:,} bytes"))
                 continue
+            accepted.append((key, ""))
             changes.append(_Change(key, text, digest, st.st_mtime, len(data), converter_for(key)))
             continue
         try:

@@ -215,10 +215,16 @@ def test_cuda_graph_matches_eager_decode(rope):
     (different attention kernels, bf16 rounding); and against the CPU float32 engine no further than the CPU's
     own bf16 run is (bf16 weights alone move this random model's logits by ~18% of the largest over 100 steps,
     measured on the reference path), so the GPU path adds no error of its own beyond rounding."""
-    a = tiny_engine(rope, "cuda", torch.bfloat16, window=32, fast=False)
-    b = tiny_engine(rope, "cuda", torch.bfloat16, window=32)
-    c = tiny_engine(rope, "cpu", torch.float32, window=32)
-    d = tiny_engine(rope, "cpu", torch.bfloat16, window=32)
+    check_graph_against_eager_and_cpu(
+        tiny_engine(rope, "cuda", torch.bfloat16, window=32, fast=False),
+        tiny_engine(rope, "cuda", torch.bfloat16, window=32),
+        tiny_engine(rope, "cpu", torch.float32, window=32),
+        tiny_engine(rope, "cpu", torch.bfloat16, window=32),
+    )
+
+
+def check_graph_against_eager_and_cpu(a: Engine, b: Engine, c: Engine, d: Engine) -> None:
+    """a: CUDA bf16 eager; b: CUDA bf16 through the graph; c: CPU float32; d: CPU bf16 (the rounding floor)."""
     prompt, toks = ids_of(20, 6), ids_of(100, 7)
     for e in (a, b, c, d):
         e.feed(prompt)

@@ -8,7 +8,12 @@ import torch
 
 from deltamem.model import load_model
 from tests.model.hf_models import QWEN_SHAPES, make_qwen
-from tests.model.test_gpu_engine import decode_after_restore, ids_of, rel_err, teacher_forced
+from tests.model.test_gpu_engine import (
+    check_graph_against_eager_and_cpu,
+    decode_after_restore,
+    ids_of,
+    teacher_forced,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 NAMES = ["qwen3_5_gqa", "qwen3_5_moe", "qwen3_next"]
@@ -39,19 +44,12 @@ def test_step_matches_feed_across_the_window(checkpoint):
 def test_cuda_graph_matches_eager_and_the_cpu(checkpoint):
     a = load_model(checkpoint, device="cuda", dtype="bfloat16", window=32)
     a.fast_decode = False
-    b = load_model(checkpoint, device="cuda", dtype="bfloat16", window=32)
-    c = load_model(checkpoint, device="cpu", dtype="float32", window=32)
-    d = load_model(checkpoint, device="cpu", dtype="bfloat16", window=32)
-    prompt, toks = ids_of(20, 6), ids_of(100, 7)
-    for e in (a, b, c, d):
-        e.feed(prompt)
-    want = torch.cat([a.feed([t]) for t in toks])
-    cpu = torch.cat([c.feed([t]) for t in toks])
-    bf16_floor = rel_err(torch.cat([d.feed([t]) for t in toks]), cpu)
-    got = teacher_forced(b, toks, capture=True)
-    assert rel_err(got, want) < 0.02
-    assert rel_err(got, cpu) < 1.25 * bf16_floor + 0.01
-    assert rel_err(want, cpu) < 1.25 * bf16_floor + 0.01
+    check_graph_against_eager_and_cpu(
+        a,
+        load_model(checkpoint, device="cuda", dtype="bfloat16", window=32),
+        load_model(checkpoint, device="cpu", dtype="float32", window=32),
+        load_model(checkpoint, device="cpu", dtype="bfloat16", window=32),
+    )
 
 
 @cuda
