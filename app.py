@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="required as 'Authorization: Bearer KEY' (default $DELTAMEM_API_KEY); needed off loopback")
     sv.add_argument("--cache-mb", type=int, default=512, help="host memory for hot prompt states (default 512)")
     sv.add_argument("--max-prompt-tokens", type=int, default=131072)
+    sv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                    help="read every prompt whole, keep no states (a baseline for measurements)")
     i = sub.add_parser(
         "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes alone)"
     )
@@ -414,7 +416,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _load(args)
     with Store(args.db) as store:
         name = "default" if str(args.model) == "default" else Path(str(args.model)).name
-        app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens, args.cache_mb << 20)
+        app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens, args.cache_mb << 20,
+                         prefix_cache=args.prefix_cache)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -1,12 +1,19 @@
-"""`deltamem serve` measured as clients see it, with the official `openai` client against a real server process on
-this machine (the default model unless --model): time to the first streamed token of a conversation's first turn
-(its prompt read whole), of its next turn (the prefix state restored, only the new part fed), and of that next turn
-after a server restart (the state from the SQLite store); then aggregate decode tok/s with 1, 4 and 16 concurrent
-clients (requests are served one at a time: no batching yet).
+"""`deltamem serve` measured as clients see it: the official `openai` client against real server processes.
 
-    python benchmarks/serve.py [--model default] [--context-chars 6000]
+1. A multi-turn agent transcript is replayed (--turns turns; each turn the user asks about a standard-library file,
+   the assistant calls read_file and the tool result, the file's text, joins the conversation: 50k+ tokens over 25
+   turns by default). Every turn re-sends the whole conversation, as agent tools do, and the time to the first
+   streamed token is measured:
+   - with the prefix state cache (the server restarted once mid-transcript: the states come back from SQLite),
+   - with it turned off (`deltamem serve --no-prefix-cache`: each prompt read whole, what a Gated DeltaNet hybrid
+     gets from vLLM's prefix cache today), on every --baseline-every-th turn (every turn on a GPU).
+   The cache's hit rate is cached prompt tokens over prompt tokens.
+2. Aggregate decode tok/s with 1, 4 and 16 concurrent clients.
 
-Writes benchmarks/results/serve.{json,md}.
+    python benchmarks/serve.py [--model default] [--device auto] [--dtype auto] [--turns 25] [--out DIR]
+
+Writes serve_cpu.{json,md} or serve_gpu.{json,md} (by the device the server runs on) to --out (default
+benchmarks/results).
 """
 
 from __future__ import annotations
@@ -15,128 +22,195 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from common import RESULTS, ROOT, corpus_text, device_name, versions
+from common import RESULTS, ROOT, device_name, versions
 
 
-def start(model: str, db: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "serve", "--model", model, "--port", str(port), "--db", str(db)],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return p, f"http://127.0.0.1:{port}/v1"
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("the server did not start")
+class Server:
+    """`deltamem serve` in a subprocess on a free loopback port; its stderr goes to `log`."""
+
+    def __init__(self, args: argparse.Namespace, db: Path, log: Path, *extra: str):
+        import openai
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, str(ROOT / "app.py"), "serve", "--model", args.model, "--device", args.device,
+               "--dtype", args.dtype, "--port", str(port), "--db", str(db), *extra]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=log.open("a"))
+        t0 = time.perf_counter()
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.perf_counter() - t0 > 600:
+                    raise SystemExit(f"the server did not start; see {log}") from None
+                time.sleep(0.25)
+        self.start_s = time.perf_counter() - t0
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=3600)
+        self.model = self.client.models.list().data[0].id
+
+    def first_token(self, messages: list[dict], max_tokens: int = 8) -> dict:
+        """Seconds to the first streamed content, and the usage the server reports."""
+        t0 = time.perf_counter()
+        ttft, usage = None, None
+        for ch in self.client.chat.completions.create(
+            model=self.model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        ):  # fmt: skip
+            if ch.choices and ch.choices[0].delta.content and ttft is None:
+                ttft = time.perf_counter() - t0
+            if getattr(ch, "usage", None):
+                usage = ch.usage
+        return {
+            "ttft_s": ttft if ttft is not None else time.perf_counter() - t0,
+            "prompt_tokens": usage.prompt_tokens,
+            "cached_tokens": usage.prompt_tokens_details.cached_tokens,
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
 
 
-def first_token(client, messages: list[dict], max_tokens: int = 16) -> tuple[float, str, int]:
-    """Seconds to the first streamed content, the whole reply, and the cached prompt tokens."""
-    t0 = time.perf_counter()
-    ttft, text, cached = None, "", 0
-    for ch in client.chat.completions.create(
-        model=client.model,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    ):
-        if ch.choices and ch.choices[0].delta.content and ttft is None:
-            ttft = time.perf_counter() - t0
-        text += (ch.choices[0].delta.content or "") if ch.choices else ""
-        if getattr(ch, "usage", None) and ch.usage.prompt_tokens_details:
-            cached = ch.usage.prompt_tokens_details.cached_tokens
-    return ttft if ttft is not None else time.perf_counter() - t0, text, cached
+def transcript(turns: int, result_chars: int) -> list[tuple[list[dict], list[dict]]]:
+    """(user message, what follows the reply: the assistant's read_file call and its result) per turn."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [f for f in sorted(stdlib.glob("*.py")) if f.stat().st_size >= result_chars][:turns]
+    out = []
+    for i, f in enumerate(files):
+        call = {"id": f"call_{i}", "type": "function",
+                "function": {"name": "read_file", "arguments": json.dumps({"path": f.name})}}  # fmt: skip
+        out.append((
+            [{"role": "user", "content": f"What does {f.name} provide? Read it first."}],
+            [{"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": f"call_{i}", "content": f.read_text(errors="replace")[:result_chars]}],
+        ))  # fmt: skip
+    return out
+
+
+SYSTEM = {"role": "system", "content": "You are a coding agent. Call read_file to read a file; answer briefly."}
+
+
+def replay(args, db: Path, log: Path, turns, cached: bool) -> list[dict]:
+    """Each turn's time to first token; with the cache the server is restarted before turn --restart-at."""
+    server = Server(args, db, log, *([] if cached else ["--no-prefix-cache"]))
+    rows, history = [], [SYSTEM]
+    try:
+        for i, (ask, after) in enumerate(turns, 1):
+            if cached and i == args.restart_at:
+                server.stop()
+                server = Server(args, db, log)
+            if cached or i % args.baseline_every == 0 or i == len(turns):
+                r = server.first_token(history + ask)
+                r |= {"turn": i, "after_restart": cached and i == args.restart_at}
+                rows.append(r)
+                print(f"{'cached' if cached else 'uncached'} turn {i}: {r}", file=sys.stderr, flush=True)
+            history += ask + after
+    finally:
+        server.stop()
+    return rows
+
+
+def concurrency(args, db: Path, log: Path) -> dict:
+    server = Server(args, db, log)
+    out = {}
+    try:
+        for n in (1, 4, 16):
+            done: list[int] = []
+
+            def one(i: int, done: list[int] = done) -> None:
+                r = server.client.chat.completions.create(
+                    model=server.model, max_tokens=args.tokens, temperature=0,
+                    messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+                )  # fmt: skip
+                done.append(r.usage.completion_tokens)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall = time.perf_counter() - t0
+            out[n] = {"requests": n, "completion_tokens": sum(done), "wall_s": wall, "tok_s": sum(done) / wall}
+    finally:
+        server.stop()
+    return out
 
 
 def main() -> None:
-    import openai
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
-    ap.add_argument("--context-chars", type=int, default=6000)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--turns", type=int, default=25)
+    ap.add_argument("--result-chars", type=int, default=7000, help="characters of each tool result (a file's head)")
+    ap.add_argument("--restart-at", type=int, default=None, help="turn before which the server restarts")
+    ap.add_argument("--baseline-every", type=int, default=None, help="uncached turns (default 1 on a GPU, 5)")
     ap.add_argument("--tokens", type=int, default=32, help="max tokens per concurrent request")
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    db = Path(tempfile.mkdtemp()) / "serve.db"
-    proc, url = start(args.model, db)
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600)
-    client.model = client.models.list().data[0].id
-    context = corpus_text(args.context_chars)[: args.context_chars]
-    convo = [
-        {"role": "system", "content": "You answer questions about this code.\n\n" + context},
-        {"role": "user", "content": "What does the first function do?"},
-    ]
-    rows: dict = {}
-    t, reply, cached = first_token(client, convo)
-    rows["turn 1 (prompt read whole)"] = {"ttft_s": t, "cached_tokens": cached}
-    convo += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And the second one?"}]
-    t, _, cached = first_token(client, convo)
-    rows["turn 2 (prefix restored)"] = {"ttft_s": t, "cached_tokens": cached}
-    proc.terminate()
-    proc.wait()
-    proc, url = start(args.model, db)
-    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600)
-    client.model = client.models.list().data[0].id
-    t, _, cached = first_token(client, convo)
-    rows["turn 2 after a restart (state from SQLite)"] = {"ttft_s": t, "cached_tokens": cached}
-    conc = {}
-    for n in (1, 4, 16):
-        done: list[int] = []
+    import torch
 
-        def one(i: int, done: list[int] = done) -> None:
-            r = client.chat.completions.create(
-                model=client.model,
-                max_tokens=args.tokens,
-                temperature=0,
-                messages=[{"role": "user", "content": f"Count to {i + 3}."}],
-            )
-            done.append(r.usage.completion_tokens)
-
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t0
-        conc[n] = {"requests": n, "completion_tokens": sum(done), "wall_s": wall, "tok_s": sum(done) / wall}
-    proc.terminate()
-    proc.wait()
-    doc = {"device": device_name(), "versions": versions(), "model": args.model, "turns": rows, "concurrency": conc}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(doc, indent=2) + "\n")
+    gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    args.restart_at = args.restart_at or args.turns // 2 + 1
+    args.baseline_every = args.baseline_every or (1 if gpu else 5)
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    log = work / "server.log"
+    turns = transcript(args.turns, args.result_chars)
+    cached = replay(args, work / "cached.db", log, turns, cached=True)
+    uncached = replay(args, work / "uncached.db", log, turns, cached=False)
+    conc = concurrency(args, work / "conc.db", log)
+    base = {r["turn"]: r for r in uncached}
+    hit = sum(r["cached_tokens"] for r in cached) / sum(r["prompt_tokens"] for r in cached)
+    later = [r["ttft_s"] for r in cached if r["turn"] > 1 and not r["after_restart"]]
+    doc = {"device": device_name(), "versions": versions(),
+           "model": args.model, "turns": len(turns), "prompt_tokens_last": cached[-1]["prompt_tokens"],
+           "hit_rate": hit, "cached": cached, "uncached": uncached, "concurrency": conc,
+           "ttft_cached_median_s": statistics.median(later)}  # fmt: skip
+    name = "serve_gpu" if gpu else "serve_cpu"
     lines = [
-        "# `deltamem serve` as clients see it",
+        "# `deltamem serve` as clients see it: a replayed agent transcript",
         "",
-        f"{doc['device']}; model {args.model}; `python benchmarks/serve.py` (the `openai` client, streaming).",
+        f"{doc['device']}; model {args.model}; `python benchmarks/serve.py` (the `openai` client, streaming, "
+        f"{len(turns)} turns, each a read_file call whose result is a file's first {args.result_chars:,} characters; "
+        f"the last prompt is {doc['prompt_tokens_last']:,} tokens). The server restarted before turn "
+        f"{args.restart_at}.",
         "",
-        "| request | time to first token s | cached prompt tokens |",
-        "|---|---:|---:|",
-        *(f"| {k} | {v['ttft_s']:.2f} | {v['cached_tokens']:,} |" for k, v in rows.items()),
+        f"Prefix cache hit rate: {100 * hit:.1f}% of prompt tokens. Median time to first token, turns 2+ with the "
+        f"cache: {doc['ttft_cached_median_s']:.2f} s.",
+        "",
+        "| turn | prompt tokens | cached tokens | TTFT with cache s | TTFT without (re-prefill) s |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in cached:
+        b = base.get(r["turn"])
+        mark = " (after restart)" if r["after_restart"] else ""
+        lines.append(f"| {r['turn']}{mark} | {r['prompt_tokens']:,} | {r['cached_tokens']:,} | {r['ttft_s']:.2f} | "
+                     f"{format(b['ttft_s'], '.2f') if b else '-'} |")  # fmt: skip
+    lines += [
         "",
         "| concurrent clients | completion tokens | wall s | aggregate tok/s |",
         "|---:|---:|---:|---:|",
         *(f"| {n} | {v['completion_tokens']} | {v['wall_s']:.1f} | {v['tok_s']:.1f} |" for n, v in conc.items()),
         "",
-        "Requests are served one at a time in arrival order: the aggregate rate is one stream's.",
+        "Requests are served one at a time in arrival order (no batched decode yet): the aggregate rate is one "
+        "stream's.",
     ]
-    (RESULTS / "serve.md").write_text("\n".join(lines) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

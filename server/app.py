@@ -10,6 +10,7 @@ prompt token limit; requests never name files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -67,16 +68,24 @@ def openai_calls(calls: list[dict]) -> list[dict]:
 
 
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
-               max_prompt_tokens: int = 131072, cache_bytes: int = 512 << 20, state_every: int = 4096) -> FastAPI:
+               max_prompt_tokens: int = 131072, cache_bytes: int = 512 << 20, state_every: int = 4096,
+               prefix_cache: bool = True) -> FastAPI:
     """state_every: inside a long prompt, a state is also kept every this many tokens (a later prompt sharing only
     the beginning still hits)."""
     if engine.tokenizer is None:
         raise ValueError("serving needs a model with a tokenizer")
-    app = FastAPI(title="deltamem", docs_url=None, redoc_url=None)
-    cache = PrefixCache(engine, store, cache_bytes)
+    cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache)
+    lock = FifoLock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        with lock:  # states kept by the last request but not yet written
+            cache.flush()
+
+    app = FastAPI(title="deltamem", docs_url=None, redoc_url=None, lifespan=lifespan)
     engine.reset()
     template = ChatTemplate.for_tokenizer(engine.tokenizer)
-    lock = FifoLock()
     eos = sorted(set(engine.config.eos_ids) | {engine.tokenizer.special_tokens.get("<|im_end|>", -1)} - {-1})
 
     @app.middleware("http")
@@ -174,6 +183,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise ApiError(400, "the prompt is empty")
         if len(ids) > max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
+        cache.flush()  # a previous request's states whose client left before they were written
         try:
             hit = cache.restore_longest(ids, session)
             at = hit.tokens
@@ -228,6 +238,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             reply = "".join(run(ids, sample, session))
             stats = usage(ids, cached)
             reason = finish(engine.stopped_by)
+            cache.flush()
         if not chat:
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name, "usage": stats,
                     "choices": [{"index": 0, "text": reply, "finish_reason": reason, "logprobs": None}]}
@@ -273,6 +284,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 else:
                     yield chunk({"content": "".join(pieces)})
             yield chunk({} if chat else "", reason, {"usage": usage(ids, cached)})
+            cache.flush()  # after the last chunk: writing the states does not delay the answer
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from deltamem.memory.errors import NotFound
 from deltamem.memory.store import Store
+from deltamem.model.snapshot import Parts
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +28,24 @@ class Hit:
 
 
 class PrefixCache:
-    def __init__(self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256):
-        self.engine, self.store, self.budget, self.keep = engine, store, byte_budget, keep
-        self.hot: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+    def __init__(
+        self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256, enabled: bool = True
+    ):
+        """enabled=False: every prompt is read whole from an empty state (what a GDN hybrid gets from a server
+        without prefix states; benchmarks/serve.py's baseline); nothing is kept."""
+        self.engine, self.store, self.budget, self.keep, self.enabled = engine, store, byte_budget, keep, enabled
+        self.hot: OrderedDict[tuple[int, ...], Parts] = OrderedDict()
         self.hot_bytes = 0
         self.current: tuple[int, ...] = ()  # ids the engine's state has consumed (engine.reset() at start)
         self.stored: dict[str, dict[tuple[int, ...], int]] = {}  # session -> ids -> snapshot id
         self.sessions: dict[str, str] = {}  # name -> session id
+        self.pending: list[tuple[str, tuple[int, ...], object]] = []  # states save() kept, for flush() to store
 
     # --- lookup -----------------------------------------------------------------------------------------
     def restore_longest(self, ids: list[int], session: str) -> Hit:
         """Bring the engine to the longest known state whose ids are a prefix of `ids` (leaving at least one token to
         feed, which gives the next token's logits); returns how many tokens it holds."""
-        limit = len(ids) - 1
+        limit = len(ids) - 1 if self.enabled else 0
         best: tuple[int, str, object] = (0, "none", None)
         if 0 < len(self.current) <= limit and tuple(ids[: len(self.current)]) == self.current:
             best = (len(self.current), "engine", None)
@@ -52,7 +58,8 @@ class PrefixCache:
         n, source, ref = best
         if source == "memory":
             self.hot.move_to_end(ref)
-            self._restore(self.hot[ref], ref)
+            parts = self.hot[ref]
+            self._restore([parts.prefix, *(d for _, d in parts.pieces)], ref)
         elif source == "store":
             key, snap_id = ref
             try:
@@ -75,20 +82,29 @@ class PrefixCache:
         self.current = tuple(ids)
 
     def save(self, session: str) -> None:
-        """Keep the engine's current state: in memory (LRU under the budget) and in the store."""
+        """Keep the engine's current state in memory (LRU under the budget) and queue it for the store (flush()).
+        Incremental (Engine.snapshot_parts): only what changed since the last state kept is copied and hashed, so a
+        prompt's state is kept before its reply starts without delaying the first token by a whole save."""
         key = self.current
-        if not key or key in self.hot:
+        if not self.enabled or not key or key in self.hot:
             return
-        blob = self.engine.snapshot()
-        self.hot[key] = blob
-        self.hot_bytes += len(blob)
+        parts = self.engine.snapshot_parts()
+        self.hot[key] = parts
+        self.hot_bytes += parts.nbytes
         while self.hot_bytes > self.budget and len(self.hot) > 1:
             _, old = self.hot.popitem(last=False)
-            self.hot_bytes -= len(old)
+            self.hot_bytes -= old.nbytes
         if self.store is not None:
+            self.pending.append((session, key, parts))
+
+    def flush(self) -> None:
+        """Write the states save() queued to the store, each in its own transaction (after the reply: a crash
+        before loses those states, never half of one)."""
+        while self.pending:
+            session, key, parts = self.pending.pop(0)
             sid = self._session(session)
             snap_id = self.store.save_turn(
-                sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], blob, token_ids=list(key)
+                sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
             )
             self._stored(session)[key] = snap_id
             live = {r["id"] for r in self.store.snapshots(sid)}  # retention may have dropped the oldest

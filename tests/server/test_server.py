@@ -131,3 +131,31 @@ def test_errors_in_openai_shape():
 def test_serving_off_loopback_needs_a_key():
     r = deltamem("serve", "--model", "random", "--host", "0.0.0.0", "--port", "1")
     assert r.returncode == 1 and "--api-key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prefix_states_from_memory_match_reading_the_prompt_whole(tmp_path):
+    """A conversation's next turn, its prefix state restored from host memory after another conversation ran in
+    between, answers as a server without prefix states (--no-prefix-cache) that reads the prompt whole; the kept
+    states reach the SQLite store."""
+    from deltamem.memory.store import Store
+
+    with Store(tmp_path / "m.db") as store:
+        cached = TestClient(create_app(load_model("random", window=64), store, "random"))
+        plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
+
+        def ask(client, messages):
+            r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        a = [{"role": "user", "content": "Where is the tokenizer defined? " * 8}]
+        first = ask(cached, a)
+        ask(cached, [{"role": "user", "content": "Something else entirely."}])  # the engine now holds another state
+        a += [first["choices"][0]["message"], {"role": "user", "content": "And where is it tested?"}]
+        second = ask(cached, a)
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+        whole = ask(plain, a)
+        assert whole["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert second["choices"][0]["message"]["content"] == whole["choices"][0]["message"]["content"]
+        (row,) = [s for s in store.sessions() if s["title"] == "serve:default"]
+        assert len(store.snapshots(row["id"])) >= 4  # prompt and reply states of three requests
