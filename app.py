@@ -127,7 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--db", type=Path, default=None, help="memory database (default $DELTAMEM_DB or the data dir)")
     sv.add_argument("--api-key", default=os.environ.get("DELTAMEM_API_KEY"),
                     help="required as 'Authorization: Bearer KEY' (default $DELTAMEM_API_KEY); needed off loopback")
-    sv.add_argument("--cache-mb", type=int, default=512, help="host memory for hot prompt states (default 512)")
+    sv.add_argument(
+        "--cache-mb", type=int, default=None,
+        help="memory for hot prompt states, kept on the model's device (default: 8 states' worth, at least 512; "
+        "on a GPU at most half of its free memory); every state is also in the memory database",
+    )  # fmt: skip
     sv.add_argument("--max-prompt-tokens", type=int, default=131072)
     sv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                     help="read every prompt whole, keep no states (a baseline for measurements)")
@@ -411,12 +415,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--host {args.host!r} is not an IP address or localhost") from None
     if not loopback and not args.api_key:
         raise ValueError(f"--host {args.host} is reachable from other machines: give --api-key (or $DELTAMEM_API_KEY)")
-    if not 0 < args.port < 65536 or args.cache_mb < 0 or args.max_prompt_tokens < 1:
+    if not 0 < args.port < 65536 or (args.cache_mb or 0) < 0 or args.max_prompt_tokens < 1:
         raise ValueError("need 0 < --port < 65536, --cache-mb >= 0, --max-prompt-tokens >= 1")
     engine = _load(args)
     with Store(args.db) as store:
         name = "default" if str(args.model) == "default" else Path(str(args.model)).name
-        app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens, args.cache_mb << 20,
+        app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,
+                         None if args.cache_mb is None else args.cache_mb << 20,
                          prefix_cache=args.prefix_cache)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

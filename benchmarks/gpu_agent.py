@@ -289,7 +289,8 @@ def main() -> None:
         # random weights fall into repeating loops, which the loop guard would end early: off, for full turns
         turn = ["--max-new-tokens", str(args.turn_tokens), "--loop-guard", "0", "--json"]
         doc["runs"] = [cli("run", *common, *turn, task) for task in TASKS[:3]]
-        doc["killed"] = cli("run", *common, "--max-new-tokens", "4000", "--loop-guard", "0", TASKS[3], kill_after_output=2.0)
+        long_turn = ["--max-new-tokens", "4000", "--loop-guard", "0"]
+        doc["killed"] = cli("run", *common, *long_turn, TASKS[3], kill_after_output=2.0)
         doc["resumed"] = cli("run", *common, *turn, TASKS[3])
         new = [r["json"]["timing"]["save_new_bytes"] for r in doc["runs"] if r.get("json")]
         doc["disk_write_bytes_per_s"] = write_bandwidth(work, int(statistics.median(new)) if new else 200 << 20)

@@ -105,6 +105,10 @@ class DeltaState:
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.conv": self.conv, f"{prefix}.recurrent": self.recurrent}
 
+    def copy(self) -> DeltaState:
+        """An independent copy on the same device."""
+        return DeltaState(self.conv.clone(), self.recurrent.clone())
+
     def load(self, prefix: str, t: dict[str, torch.Tensor]) -> None:
         conv, rec = t[f"{prefix}.conv"], t[f"{prefix}.recurrent"]
         if conv.shape != self.conv.shape or rec.shape != self.recurrent.shape:
@@ -302,6 +306,13 @@ class KVWindow:
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {page_name(prefix, j): self.page(j) for j in range(self.pages())}
+
+    def copy(self) -> KVWindow:
+        """An independent copy on the same device (no decode graph bound to it)."""
+        new = object.__new__(KVWindow)
+        new.__dict__.update(self.__dict__)
+        new.k, new.v, new.pos, new.step_pos = self.k.clone(), self.v.clone(), self.pos.clone(), None
+        return new
 
     def touched(self, start: int, end: int) -> set[int]:
         """The pages the tokens at positions [start, end) were written to (their ring slots)."""

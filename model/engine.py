@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -78,6 +79,17 @@ def empty_states(
         else:
             states.append(KVWindow(cfg.num_key_value_heads, cfg.head_dim, sink, window, rotary, dtype, device))
     return states
+
+
+@dataclass
+class Kept:
+    """A state copied where it lives (Engine.keep)."""
+
+    states: list[DeltaState | KVWindow]
+    tokens_seen: int
+    token_chain: str
+    pieces: PieceCache | None  # the incremental snapshot cache as of this state (None: the next one is whole)
+    nbytes: int
 
 
 class Engine:
@@ -267,6 +279,21 @@ class Engine:
         cache.tokens_seen = self.tokens_seen
         self._pieces = cache
         return parts
+
+    def keep(self) -> Kept:
+        """A copy of the current state where it lives (on a GPU, in device memory), for restore_kept(): one
+        device-side copy back, no host round trip, no hashing. What `deltamem serve` keeps of hot prompt states."""
+        with torch.inference_mode():
+            states = [st.copy() for st in self.states]
+        pieces = self._pieces.copy() if self._pieces is not None else None
+        return Kept(states, self.tokens_seen, self.token_chain, pieces, self.state_bytes())
+
+    def restore_kept(self, kept: Kept) -> None:
+        """Back to a state keep() copied (the copy stays as it was, to be restored again)."""
+        with torch.inference_mode():
+            self._adopt([st.copy() for st in kept.states])
+        self.tokens_seen, self.token_chain = kept.tokens_seen, kept.token_chain
+        self._pieces = kept.pieces.copy() if kept.pieces is not None else None
 
     def restore(self, blob: bytes | Sequence[bytes], convert_dtype: bool = False) -> str | None:
         """Replace the state by a snapshot's (its bytes, or the parts Store.load_snapshot(joined=False) gives).

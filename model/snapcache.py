@@ -81,6 +81,13 @@ class PieceCache:
         order = [name for name, *_ in snap.payload_index(memoryview(st_head))]
         return snap.pack_parts(header, st_head, [(self.pieces[n][0], _bytes(self.pieces[n][1])) for n in order])
 
+    def copy(self) -> PieceCache:
+        """The same pieces (host tensors are replaced, never written, so they can be shared), for a kept copy of
+        the state they belong to (Engine.keep)."""
+        new = PieceCache(self.tokens_seen, dict(self.pieces))
+        new._head = self._head
+        return new
+
     @classmethod
     def of_restored(cls, tokens_seen: int, tensors: dict[str, torch.Tensor], pieces: dict) -> PieceCache:
         """The cache of a state just restored from a blob: its tensors (views of the blob), their sha256s and the

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -68,12 +69,17 @@ def openai_calls(calls: list[dict]) -> list[dict]:
 
 
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
-               max_prompt_tokens: int = 131072, cache_bytes: int = 512 << 20, state_every: int = 4096,
+               max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
                prefix_cache: bool = True) -> FastAPI:
     """state_every: inside a long prompt, a state is also kept every this many tokens (a later prompt sharing only
-    the beginning still hits)."""
+    the beginning still hits). cache_bytes: the hot states' budget on the model's device (default: 8 states, at
+    least 512 MiB; on a GPU at most half of its free memory)."""
     if engine.tokenizer is None:
         raise ValueError("serving needs a model with a tokenizer")
+    if cache_bytes is None:
+        cache_bytes = max(512 << 20, 8 * engine.state_bytes())
+        if engine.device.type == "cuda":
+            cache_bytes = min(cache_bytes, torch.cuda.mem_get_info(engine.device)[0] // 2)
     cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache)
     lock = FifoLock()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from deltamem.memory.errors import NotFound
 from deltamem.memory.store import Store
-from deltamem.model.snapshot import Parts
+from deltamem.model.engine import Kept
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class PrefixCache:
         """enabled=False: every prompt is read whole from an empty state (what a GDN hybrid gets from a server
         without prefix states; benchmarks/serve.py's baseline); nothing is kept."""
         self.engine, self.store, self.budget, self.keep, self.enabled = engine, store, byte_budget, keep, enabled
-        self.hot: OrderedDict[tuple[int, ...], Parts] = OrderedDict()
+        self.hot: OrderedDict[tuple[int, ...], Kept] = OrderedDict()  # copies on the engine's device
         self.hot_bytes = 0
         self.current: tuple[int, ...] = ()  # ids the engine's state has consumed (engine.reset() at start)
         self.stored: dict[str, dict[tuple[int, ...], int]] = {}  # session -> ids -> snapshot id
@@ -58,8 +58,8 @@ class PrefixCache:
         n, source, ref = best
         if source == "memory":
             self.hot.move_to_end(ref)
-            parts = self.hot[ref]
-            self._restore([parts.prefix, *(d for _, d in parts.pieces)], ref)
+            self.engine.restore_kept(self.hot[ref])
+            self.current = ref
         elif source == "store":
             key, snap_id = ref
             try:
@@ -82,20 +82,21 @@ class PrefixCache:
         self.current = tuple(ids)
 
     def save(self, session: str) -> None:
-        """Keep the engine's current state in memory (LRU under the budget) and queue it for the store (flush()).
-        Incremental (Engine.snapshot_parts): only what changed since the last state kept is copied and hashed, so a
-        prompt's state is kept before its reply starts without delaying the first token by a whole save."""
+        """Keep the engine's current state: a copy on its device (Engine.keep; LRU under the byte budget), and its
+        snapshot queued for the store (flush()). The snapshot is incremental (Engine.snapshot_parts: only what
+        changed since the last one is copied to the host and hashed), so a prompt's state is kept before its reply
+        starts without delaying the first token by a whole save."""
         key = self.current
         if not self.enabled or not key or key in self.hot:
             return
-        parts = self.engine.snapshot_parts()
-        self.hot[key] = parts
-        self.hot_bytes += parts.nbytes
+        if self.store is not None:  # first: the kept copy then carries the piece cache as of this state
+            self.pending.append((session, key, self.engine.snapshot_parts()))
+        kept = self.engine.keep()
+        self.hot[key] = kept
+        self.hot_bytes += kept.nbytes
         while self.hot_bytes > self.budget and len(self.hot) > 1:
             _, old = self.hot.popitem(last=False)
             self.hot_bytes -= old.nbytes
-        if self.store is not None:
-            self.pending.append((session, key, parts))
 
     def flush(self) -> None:
         """Write the states save() queued to the store, each in its own transaction (after the reply: a crash

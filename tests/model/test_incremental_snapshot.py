@@ -141,3 +141,27 @@ def test_on_the_gpu_through_pinned_copies_and_the_decode_graph(folder):
     cpu = load_model(folder, window=WINDOW, sink=SINK, dtype="bfloat16")
     cpu.restore(bytes(parts))  # and on the CPU, exactly the same state
     assert cpu.snapshot() == bytes(parts)
+
+
+def test_a_kept_state_restores_exactly_and_stays_as_kept(folder):
+    """Engine.keep / restore_kept (the server's hot prompt states): after restoring a kept state, feeding gives the
+    logits a fresh engine gets from the same tokens, the kept copy is not changed by what is fed afterwards (restored
+    twice, same logits), and incremental snapshots stay exact across it."""
+    eng = load_model(folder, window=WINDOW, sink=SINK, prefill_chunk=64)
+    prompt, a, b = ids(300, 20), ids(90, 21), ids(70, 22)
+    eng.feed(prompt)
+    check(eng)
+    kept = eng.keep()
+    eng.feed(a)  # moves on; the ring pages the kept copy shares with it are written to
+    check(eng)
+    eng.restore_kept(kept)
+    assert bytes(eng.snapshot_parts()) == eng.snapshot()
+    first = eng.feed(b)
+    check(eng)
+    eng.restore_kept(kept)
+    again = eng.feed(b)
+    fresh = load_model(folder, window=WINDOW, sink=SINK, prefill_chunk=64)
+    fresh.feed(prompt)
+    want = fresh.feed(b)
+    assert torch.equal(first, want) and torch.equal(again, want)
+    assert eng.snapshot() == fresh.snapshot()
