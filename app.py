@@ -24,6 +24,7 @@ EXIT_ERROR = 1  # bad input: a file, a model, a state, the memory database, an o
 EXIT_STEP_LIMIT = 3  # `deltamem run` stopped at --max-steps without an answer
 EXIT_MODEL = 4  # the model failed (its chat template, generation)
 EXIT_RESOURCE = 5  # not enough memory, or the device failed
+QUANTS = ("none", "int8", "int4")  # model/packed.py's (not imported here: it imports torch, which start-up defers)
 
 
 def device_args(sp: argparse.ArgumentParser) -> None:
@@ -38,6 +39,11 @@ def device_args(sp: argparse.ArgumentParser) -> None:
         default=os.environ.get("DELTAMEM_DTYPE", "auto"),
         help="auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16 (env DELTAMEM_DTYPE)",
     )
+    sp.add_argument(
+        "--quant", choices=QUANTS, default=os.environ.get("DELTAMEM_QUANT", "none"),
+        help="CPU only: weight-only quantization of the layers' weights, int8 per channel or int4 per group of 32 "
+        "(default none: float32; benchmarks/results/cpu.md has each one's speed and perplexity; env DELTAMEM_QUANT)",
+    )  # fmt: skip
 
 
 def convert_arg(sp: argparse.ArgumentParser) -> None:
@@ -256,7 +262,9 @@ def _load(args: argparse.Namespace):
     from deltamem.model import load_model
 
     t0 = time.perf_counter()
-    engine = load_model(args.model, window=_window(args), sink=args.sink, device=args.device, dtype=args.dtype)
+    engine = load_model(
+        args.model, window=_window(args), sink=args.sink, device=args.device, dtype=args.dtype, quant=args.quant
+    )
     args.load_s = round(time.perf_counter() - t0, 3)
     return engine
 
@@ -782,6 +790,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         args.device,
         args.dtype,
         convert_state=args.convert_state,
+        quant=args.quant,
     )
     app.run()
     if app.loading_model:  # quit while the model was loading: nothing of it to keep, and no waiting for it

@@ -46,7 +46,8 @@ class Server:
             port = s.getsockname()[1]
         cmd = [sys.executable, str(ROOT / "app.py"), "serve", "--model", args.model, "--device", args.device,
                "--dtype", args.dtype, "--port", str(port), "--db", str(db), *extra]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, stderr=log.open("a"))
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path}, stderr=log.open("a"))
         t0 = time.perf_counter()
         while True:
             try:

@@ -114,6 +114,7 @@ class Engine:
         sink: int = 4,
         prefill_chunk: int = 512,
         fingerprint: str | None = None,
+        quant: str = "none",
     ):
         self.model = model.eval()
         self.config = model.config
@@ -134,7 +135,11 @@ class Engine:
             fingerprint or getattr(model, "fingerprint", None) or model_fingerprint(model.config, model.state_dict())
         )
         model.fingerprint = self.fingerprint
-        pack(model)  # inference layout (CPU: blocked, the state_dict is no longer a checkpoint; GPU: fused views)
+        # inference layout (CPU: blocked, optionally quantized, the state_dict is no longer a checkpoint; GPU: fused
+        # views); a model packed before keeps its layout
+        pack(model, quant=quant)
+        self.quant = getattr(model, "quant", quant)
+        model.quant = self.quant
         self.reset()
 
     # --- state -----------------------------------------------------------------------------------------

@@ -125,10 +125,10 @@ class Fusable(nn.Module):
                 lin.bias = nn.Parameter(self.fused_b[at : at + n], requires_grad=lin.bias.requires_grad)
             at += n
 
-    def pack(self, blocks: int) -> None:
+    def pack(self, blocks: int, quant: str = "none") -> None:
         lins = [getattr(self, n) for n in self.FUSE]
         self.sizes = [lin.out_features for lin in lins]
-        self.fused = fuse_linears(lins, blocks)
+        self.fused = fuse_linears(lins, blocks, quant)
         for n in self.FUSE:
             delattr(self, n)
 
@@ -387,8 +387,9 @@ class HybridLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head: PackedLinear | None = None  # set by pack()
 
-    def pack(self, blocks: int) -> None:
-        """One packed head; a tied head also serves the embedding lookup, so the matrix is held once."""
+    def pack(self, blocks: int, quant: str = "none") -> None:
+        """One packed head (float32 whatever `quant`); a tied head also serves the embedding lookup, so the matrix
+        is held once."""
         tied = self.config.tie_word_embeddings
         self.head = PackedLinear(self.model.embed_tokens.weight if tied else self.lm_head.weight, None, blocks)
         if tied:

@@ -19,6 +19,7 @@ from deltamem.model.device import check_fits, resolve
 from deltamem.model.engine import Engine, Fingerprint, empty_states
 from deltamem.model.errors import CheckpointError
 from deltamem.model.layers import HybridLM, meta_model
+from deltamem.model.packed import QUANTS
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ def load_model(
     window: int | None | Literal["auto"] = "auto",
     sink: int = 4,
     prefill_chunk: int = 512,
+    quant: str = "none",
 ) -> Engine:
     """Load a model and return an Engine with an empty state.
 
@@ -248,8 +250,14 @@ def load_model(
     cannot run it).
     window/sink: bound each attention layer's cache to `sink` first + `window` last tokens (None: unbounded;
     "auto": the window the model was trained with, if it says, else 4096).
+    quant: "none", or on the CPU "int8" / "int4" weight-only quantization of the layers' linear weights
+    (model/packed.py).
     """
     device, dtype = resolve(device, dtype)
+    if quant not in QUANTS:
+        raise ValueError(f"--quant must be one of {', '.join(QUANTS)}; got {quant!r}")
+    if quant != "none" and device.type != "cpu":
+        raise ValueError(f"--quant {quant} is a CPU path; on {device} use --dtype bfloat16 (or --quant none)")
     trained_window = None
     if str(path) == "default":
         from deltamem.model.distilled import default_model
@@ -267,7 +275,9 @@ def load_model(
         window = trained_window or DEFAULT_WINDOW
     if str(path) in ("default", "random"):  # small weights, already loaded; the state's window may not fit
         check_fits(device, _state_bytes(model.config, window, sink, dtype), f"a state of window {window}")
-    return Engine(model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp)
+    return Engine(
+        model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp, quant=quant
+    )
 
 
 def _state_bytes(cfg: ModelConfig, window: int | None, sink: int, dtype: torch.dtype) -> int:

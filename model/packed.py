@@ -7,6 +7,11 @@ block: 20-28 GB/s on the same shapes (benchmarks/results/cpu_decode.md). Input p
 input are fused into one PackedLinear first (q/k/v, gate/up, the six DeltaNet projections), and a tied LM head
 also serves the embedding lookup, so no weight is held twice.
 
+Weight-only quantization (`quant`, CPU only) goes through torch's own CPU kernels: "int8" per output channel
+(torch._weight_int8pack_mm), "int4" in groups of INT4_GROUP along the input (torch._weight_int4pack_mm_for_cpu,
+asymmetric, bfloat16 activations). The LM head and the embedding stay in float32. benchmarks/cpu.py measures each
+option's speed and perplexity; "none" is the default.
+
 Packing is for inference only: a packed model's state_dict no longer has the checkpoint's names; the engine
 fingerprints the model before packing it.
 """
@@ -16,29 +21,63 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+QUANTS = ("none", "int8", "int4")
+INT4_GROUP = 32
+
 
 class PackedLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocks: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocks: int, quant: str = "none"):
         super().__init__()
         out, inp = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        self.out_features = out
+        # int4 needs whole groups along the input and output rows in multiples of 16 (its kernel's tiles)
+        self.quant = quant if quant != "int4" or (inp % INT4_GROUP == 0 and out % 16 == 0) else "int8"
+        if self.quant != "none":
+            self._quantize(weight.detach().float())
+            return
         nb = blocks if out % blocks == 0 else 1
         # w[j, i, c] = weight[j * m + c, i]: block j holds output rows j*m .. (j+1)*m - 1, transposed.
         self.w = nn.Parameter(weight.detach().reshape(nb, out // nb, inp).transpose(1, 2).contiguous(), False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
-        self.out_features = out
+
+    def _quantize(self, w: torch.Tensor) -> None:
+        out, inp = w.shape
+        if self.quant == "int8":  # symmetric, one scale per output row
+            scale = w.abs().amax(1).clamp(min=1e-12) / 127
+            self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scale", scale)
+            return
+        # int4: per group of INT4_GROUP inputs, w ~ q * scale + low with q in 0..15; torch's kernel takes
+        # w = (q - 8) * scale + zero, so zero = low + 8 * scale
+        g = w.reshape(out, inp // INT4_GROUP, INT4_GROUP)
+        low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-12)
+        q = ((g - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
+        self.register_buffer("q", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        sz = torch.stack([scale[..., 0].t(), (low + 8 * scale)[..., 0].t()], -1)  # [inp / group, out, 2]
+        self.register_buffer("scale", sz.to(torch.bfloat16).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
+        if self.quant == "int8":
+            y = torch._weight_int8pack_mm(x2, self.q, self.scale)
+        elif self.quant == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.q, INT4_GROUP, self.scale).to(x.dtype)
+        else:
+            y = self._dense(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def _dense(self, x2: torch.Tensor) -> torch.Tensor:
         nb, _, m = self.w.shape
         if nb == 1:
             y = x2 @ self.w[0]
         else:
             y = torch.bmm(x2.expand(nb, -1, -1), self.w).transpose(0, 1).reshape(-1, nb * m)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*lead, self.out_features)
+        return y
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the [out, in] weight: the embedding lookup of a tied LM head. ids: [T] -> [T, in]."""
@@ -46,19 +85,24 @@ class PackedLinear(nn.Module):
         return self.w[ids // m, :, ids % m]
 
 
-def fuse_linears(linears: list[nn.Linear], blocks: int) -> PackedLinear:
+def fuse_linears(linears: list[nn.Linear], blocks: int, quant: str = "none") -> PackedLinear:
     w = torch.cat([lin.weight for lin in linears])
     b = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
-    return PackedLinear(w, b, blocks)
+    return PackedLinear(w, b, blocks, quant)
 
 
-def pack(model: nn.Module, blocks: int | None = None) -> nn.Module:
-    """Replace every nn.Linear of a CPU model (fused where a module lists FUSE groups) by PackedLinear.
+def pack(model: nn.Module, blocks: int | None = None, quant: str = "none") -> nn.Module:
+    """Replace every nn.Linear of a CPU model (fused where a module lists FUSE groups) by PackedLinear, with its
+    weight quantized as `quant` says (the LM head stays float32).
     On other devices the vendor GEMV is already bandwidth-bound and the plain [out, in] layout stays: only the
     FUSE groups are concatenated into one weight each (Fusable.fuse_views), parameter names unchanged."""
     if getattr(model, "packed", False):
         return model
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {', '.join(QUANTS)}; got {quant!r}")
     if next(model.parameters()).device.type != "cpu":
+        if quant != "none":
+            raise ValueError("quantized weights (--quant) are a CPU path; on a GPU use --dtype bfloat16")
         with torch.no_grad():
             for mod in list(model.modules()):
                 if hasattr(mod, "fuse_views"):
@@ -69,10 +113,10 @@ def pack(model: nn.Module, blocks: int | None = None) -> nn.Module:
     with torch.no_grad():
         for mod in list(model.modules()):
             if hasattr(mod, "pack"):
-                mod.pack(blocks)
+                mod.pack(blocks, quant)
         for mod in list(model.modules()):
             for name, child in list(mod.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(mod, name, PackedLinear(child.weight, child.bias, blocks))
+                    setattr(mod, name, PackedLinear(child.weight, child.bias, blocks, quant))
     model.packed = True
     return model.eval()

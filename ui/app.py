@@ -56,12 +56,13 @@ class DeltamemApp(App):
         dtype: str = "auto",
         agent_factory=None,
         convert_state: bool = False,
+        quant: str = "none",
     ):
         super().__init__()
         self.db, self.repo, self.model_spec, self.window = db, Path(repo).resolve(), model, window
         self.session_name = session or self.repo.name
         self.max_new_tokens, self.sink, self.device, self.dtype = max_new_tokens, sink, device, dtype
-        self.convert_state = convert_state
+        self.convert_state, self.quant = convert_state, quant
         self.agent_factory = agent_factory  # tests: (store, session name) -> Agent; default builds the real one
         self.agent = None
         self.store = None  # read by the UI thread
@@ -104,7 +105,8 @@ class DeltamemApp(App):
         def load() -> None:
             try:
                 box["engine"] = load_model(
-                    self.model_spec, window=self.window, sink=self.sink, device=self.device, dtype=self.dtype
+                    self.model_spec, window=self.window, sink=self.sink, device=self.device, dtype=self.dtype,
+                    quant=self.quant,
                 )
             except BaseException as e:  # handed to the worker, which reports it
                 box["error"] = e

@@ -1,0 +1,49 @@
+"""Weight-only quantization on the CPU (--quant int8 / int4, model/packed.py): each quantized linear stays within the
+error its quantization step allows of the float32 product (and is not exact: the weights really are quantized),
+the engine's logits stay close to float32's, and a GPU or an unknown option is refused."""
+
+import pytest
+import torch
+
+from deltamem.model import load_model
+from deltamem.model.packed import INT4_GROUP, PackedLinear
+from tests.test_app import deltamem
+
+
+@pytest.mark.parametrize("out,inp", [(96, 64), (48, 128)])
+def test_quantized_linears_within_their_step(out, inp):
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(out, inp, generator=g), torch.randn(out, generator=g), torch.randn(5, inp, generator=g)
+    exact = x @ w.T + b
+    # int8: one symmetric step per row, max|w| / 127; rounding moves each weight by at most half a step
+    step8 = w.abs().amax(1) / 127
+    bound8 = (x.abs() @ (step8[:, None] / 2).expand(out, inp).T) + 1e-4
+    err8 = (PackedLinear(w, b, 2, "int8")(x) - exact).abs()
+    assert (err8 <= bound8).all() and err8.max() > 0
+    # int4: per group of INT4_GROUP inputs, 16 levels between the group's min and max; the activations are rounded
+    # to bfloat16 (relative 2^-8) and the kernel sums in bfloat16-scaled steps: allow that on top
+    grp = w.reshape(out, inp // INT4_GROUP, INT4_GROUP)
+    step4 = ((grp.amax(-1) - grp.amin(-1)) / 15).repeat_interleave(INT4_GROUP, 1)  # [out, inp]
+    bound4 = x.abs() @ (step4 / 2 + w.abs() * 2**-7).T + exact.abs() * 2**-7 + 1e-3
+    err4 = (PackedLinear(w, b, 2, "int4")(x) - exact).abs()
+    assert (err4 <= bound4).all() and err4.max() > 0
+    assert err4.mean() > err8.mean()  # 16 levels lose more than 255
+
+
+def test_engine_logits_stay_close_to_float32():
+    ids = torch.randint(3, 200, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    full = load_model("random", window=64).feed(ids)
+    for quant, kl_max in (("int8", 1e-3), ("int4", 5e-2)):
+        eng = load_model("random", window=64, quant=quant)
+        assert eng.quant == quant
+        got = eng.feed(ids)
+        logp, ref = got.log_softmax(-1), full.log_softmax(-1)
+        kl = torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="batchmean")
+        assert 0 < kl < kl_max, (quant, kl)
+
+
+def test_quant_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="one of"):
+        load_model("random", window=64, quant="int3")
+    r = deltamem("generate", "--model", "random", "--quant", "int3", "x")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
