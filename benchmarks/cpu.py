@@ -1,0 +1,295 @@
+"""CPU speed side by side, in one run on this machine: deltamem's default model with each --quant, our engine on
+SmolLM2-135M-Instruct's GGUF (all attention), transformers on that GGUF, llama.cpp (llama-cpp-python, built from its
+sdist) on that GGUF, and "today's engine": the engine as it was when the CPU issue was filed (git commit
+BASELINE, run from `git archive` in a subprocess), all at the same thread count.
+
+- prefill: tokens/s reading --prefill tokens of Python source (the standard library) from an empty state;
+- decode: tokens/s of --decode greedy tokens after a short chat prompt (end-of-sequence ignored);
+- perplexity of each --quant on held-out text (this repository's own sources, which no training saw): a quantization
+  that costs more than 2% is not the default;
+- the machine's floors: memory read bandwidth (a 1 GiB float32 sum) over the weight bytes a decoded token streams,
+  and float32 GEMM throughput over a prefill's 2 x parameters x tokens.
+
+    pip install llama-cpp-python   # from its sdist: CMake and a C++ compiler build it for this CPU
+    python benchmarks/cpu.py [--threads 2] [--prefill 2048] [--decode 128]
+
+Writes benchmarks/results/cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import RESULTS, ROOT, corpus_text, versions
+
+from deltamem.model import load_model
+from deltamem.model.gguf_file import smollm2_gguf
+
+BASELINE = "3e3c6e0"  # main when the CPU issue was filed
+CHAT = (
+    "<|im_start|>user\nExplain in detail how a hash map works, with an example in Python.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+QUANTS = ("none", "int8", "int4")
+
+# Run in a subprocess on an older checkout: prefill tok/s of the default model and of the GGUF.
+OLD = """
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+from deltamem.model import load_model
+ids = json.loads(sys.argv[2])
+out = {}
+for name, spec in (("default", "default"), ("gguf", sys.argv[3])):
+    eng = load_model(spec)
+    eng.feed(ids[:64]); eng.reset()
+    t = time.perf_counter(); eng.feed(ids, logits="last"); out[name] = len(ids) / (time.perf_counter() - t)
+print(json.dumps(out))
+"""
+
+
+def cpu_info() -> dict:
+    info = {"machine": platform.machine(), "model": platform.processor() or "unknown", "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        if key.strip() == "model name":
+            info["model"] = val.strip()
+        if key.strip() == "flags":
+            have = set(val.split())
+            wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+            info["flags"] = [f for f in wanted if f in have]
+            break
+    return info
+
+
+def floors(threads: int) -> dict:
+    """Measured: memory read bandwidth (bytes/s) and float32 GEMM throughput (FLOP/s) with these threads."""
+    x = torch.ones(256 << 20)  # 1 GiB
+    x.sum()
+    t = time.perf_counter()
+    for _ in range(3):
+        x.sum()
+    bw = 3 * x.numel() * 4 / (time.perf_counter() - t)
+    del x
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    flops = 5 * 2 * 2048**3 / (time.perf_counter() - t)
+    return {"read_bytes_per_s": bw, "fp32_flop_per_s": flops, "threads": threads}
+
+
+def engine_rates(eng, prefill_ids: list[int], chat_ids: list[int], decode: int) -> dict:
+    eng.reset()
+    eng.feed(prefill_ids[:64])  # warm-up
+    eng.reset()
+    t = time.perf_counter()
+    eng.feed(prefill_ids, logits="last")
+    prefill = len(prefill_ids) / (time.perf_counter() - t)
+    eng.reset()
+    for _ in eng.generate(chat_ids, max_new_tokens=4, stop_ids=[]):  # warm-up
+        pass
+    eng.reset()
+    eng.feed(chat_ids)
+    t = time.perf_counter()
+    for _ in eng.generate(chat_ids[-1:], max_new_tokens=decode, stop_ids=[]):
+        pass
+    return {"prefill_tok_s": prefill, "decode_tok_s": len(eng.generated) / (time.perf_counter() - t)}
+
+
+def perplexity(eng, ids: list[int]) -> float:
+    eng.reset()
+    logits = eng.feed(ids[:-1])
+    nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(ids[1:]))
+    return math.exp(nll.item())
+
+
+def weight_bytes(eng) -> int:
+    """Bytes a decoded token reads: every parameter and buffer of the packed model (the embedding rows are shared
+    with the head when tied)."""
+    tensors = {id(t): t for t in [*eng.model.parameters(), *eng.model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def transformers_rates(path: Path, prefill_ids: list[int], chat_ids: list[int], decode: int) -> dict:
+    import transformers
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    with torch.inference_mode():
+        ref(torch.tensor([prefill_ids[:64]]))
+        t = time.perf_counter()
+        ref(torch.tensor([prefill_ids]))
+        prefill = len(prefill_ids) / (time.perf_counter() - t)
+        ref.generate(torch.tensor([chat_ids]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        t0 = time.perf_counter()
+        ref.generate(torch.tensor([chat_ids]), max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        first = time.perf_counter() - t0
+        t = time.perf_counter()
+        ref.generate(torch.tensor([chat_ids]), max_new_tokens=decode, min_new_tokens=decode, do_sample=False)
+        spent = time.perf_counter() - t - first  # the prompt's share, measured alone above
+    return {"prefill_tok_s": prefill, "decode_tok_s": (decode - 1) / spent, "version": transformers.__version__}
+
+
+def llama_cpp_rates(path: Path, prefill_text: str, chat: str, decode: int, threads: int, n_prefill: int) -> dict:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_prefill + 256, n_threads=threads, n_threads_batch=threads,
+                          n_batch=512, verbose=False)  # fmt: skip
+    ids = llm.tokenize(prefill_text.encode(), add_bos=False)[:n_prefill]
+    llm.eval(ids[:64])
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    prefill = len(ids) / (time.perf_counter() - t)
+    llm.reset()
+    prompt = llm.tokenize(chat.encode(), add_bos=False, special=True)
+    n, t = 0, None
+    for _ in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        if t is None:
+            t = time.perf_counter()  # the first token came with the prompt's evaluation
+        n += 1
+        if n == decode:
+            break
+    return {"prefill_tok_s": prefill, "decode_tok_s": (n - 1) / (time.perf_counter() - t),
+            "version": llama_cpp.__version__}  # fmt: skip
+
+
+def old_engine(prefill_ids: list[int], gguf: Path, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        pkg = Path(d) / "deltamem"
+        pkg.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(pkg)], input=archive.stdout, check=True)
+        env = {**os.environ, "PYTHONPATH": d, "DELTAMEM_CACHE": "off"}
+        out = subprocess.run([sys.executable, "-c", OLD, str(threads), json.dumps(prefill_ids), str(gguf)],
+                             capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gguf = smollm2_gguf()
+    text = corpus_text(args.prefill * 6)
+    heldout = "".join(p.read_text() for p in sorted((ROOT / "model").glob("*.py")))
+    rows, doc = [], {"cpu": cpu_info(), "versions": versions(), "threads": args.threads}
+    doc["floors"] = fl = floors(args.threads)
+    print(f"cpu {doc['cpu']}; floors {fl}", flush=True)
+
+    base = load_model("default")
+    ids = base.tokenizer.encode(text)[: args.prefill]
+    chat = base.tokenizer.encode(CHAT)
+    ppl_ids = base.tokenizer.encode(heldout)[: args.ppl_tokens]
+    del base
+    for q in QUANTS:
+        eng = load_model("default", quant=q)
+        r = {"engine": f"deltamem default model, --quant {q}", **engine_rates(eng, ids, chat, args.decode)}
+        r["perplexity"] = perplexity(eng, ppl_ids)
+        r["weight_bytes"] = weight_bytes(eng)
+        rows.append(r)
+        print(r, flush=True)
+        del eng
+    eng = load_model(gguf)
+    g_ids, g_chat = eng.tokenizer.encode(text)[: args.prefill], eng.tokenizer.encode(CHAT)
+    rows.append({"engine": "deltamem engine, SmolLM2 GGUF", **engine_rates(eng, g_ids, g_chat, args.decode),
+                 "weight_bytes": weight_bytes(eng)})  # fmt: skip
+    print(rows[-1], flush=True)
+    del eng
+    rows.append({"engine": "transformers, SmolLM2 GGUF", **transformers_rates(gguf, g_ids, g_chat, args.decode)})
+    print(rows[-1], flush=True)
+    try:
+        rows.append({"engine": "llama.cpp, SmolLM2 GGUF",
+                     **llama_cpp_rates(gguf, text, CHAT, args.decode, args.threads, args.prefill)})  # fmt: skip
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp row", flush=True)
+    print(rows[-1], flush=True)
+    old = old_engine(ids, gguf, args.threads)
+    rows.append({"engine": f"today's engine ({BASELINE}), default model", "prefill_tok_s": old["default"]})
+    rows.append({"engine": f"today's engine ({BASELINE}), SmolLM2 GGUF", "prefill_tok_s": old["gguf"]})
+    print(rows[-2:], flush=True)
+    doc["rows"] = rows
+    doc["targets"] = targets(rows, fl, args.prefill)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cpu.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / "cpu.md").write_text(markdown(doc, args))
+    print(markdown(doc, args))
+
+
+def targets(rows: list[dict], fl: dict, n_prefill: int) -> list[str]:
+    by = {r["engine"]: r for r in rows}
+    ours = [r for r in rows if r["engine"].startswith("deltamem default model")]
+    none = by["deltamem default model, --quant none"]
+    best_dec = max(ours, key=lambda r: r["decode_tok_s"])
+    tf, lc = by.get("transformers, SmolLM2 GGUF"), by.get("llama.cpp, SmolLM2 GGUF")
+    today = by[f"today's engine ({BASELINE}), default model"]
+    out = []
+
+    def line(what: str, ratio: float, need: float) -> None:
+        out.append(f"{what}: {ratio:.2f}x (target {need}x: {'met' if ratio >= need else 'NOT met'})")
+
+    name = best_dec["engine"].split(", ")[1]
+    line(f"decode, default model ({name}) vs transformers", best_dec["decode_tok_s"] / tf["decode_tok_s"], 3)
+    if lc:
+        line(f"decode, default model ({name}) vs llama.cpp", best_dec["decode_tok_s"] / lc["decode_tok_s"], 0.8)
+    line("prefill, default model vs today's engine", none["prefill_tok_s"] / today["prefill_tok_s"], 2.5)
+    if lc:
+        line("prefill, default model vs llama.cpp", none["prefill_tok_s"] / lc["prefill_tok_s"], 0.8)
+    for r in ours:
+        floor = fl["read_bytes_per_s"] / r["weight_bytes"]
+        out.append(f"{r['engine']}: decode {r['decode_tok_s']:.1f} tok/s is {100 * r['decode_tok_s'] / floor:.0f}% of "
+                   f"its bandwidth bound ({r['weight_bytes'] / 1e6:.0f} MB a token at "
+                   f"{fl['read_bytes_per_s'] / 1e9:.1f} GB/s = {floor:.0f} tok/s)")  # fmt: skip
+    params = none["weight_bytes"] / 4
+    flop_bound = fl["fp32_flop_per_s"] / (2 * params)
+    share = 100 * none["prefill_tok_s"] / flop_bound
+    out.append(f"prefill, default model: {none['prefill_tok_s']:.0f} tok/s is {share:.0f}% "
+               f"of its float32 GEMM bound ({fl['fp32_flop_per_s'] / 1e9:.0f} GFLOP/s over 2 x {params / 1e6:.0f}M "
+               f"parameters = {flop_bound:.0f} tok/s; attention and the recurrence come on top)")  # fmt: skip
+    return out
+
+
+def markdown(doc: dict, args) -> str:
+    c = doc["cpu"]
+    lines = [
+        "# CPU speed side by side",
+        "",
+        f"{c['model']} ({c['machine']}; {', '.join(c['flags']) or 'no AVX2'}), {doc['threads']} threads, one run: "
+        f"`python benchmarks/cpu.py`. Prefill: {args.prefill:,} tokens of Python source from an empty state; decode: "
+        f"{args.decode} greedy tokens after a chat prompt. Perplexity: {args.ppl_tokens:,} tokens of this repository's "
+        "sources (never trained on).",
+        "",
+        "| engine | prefill tok/s | decode tok/s | perplexity | weight MB read per token |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in doc["rows"]:
+        ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
+        wb = f"{r['weight_bytes'] / 1e6:.0f}" if "weight_bytes" in r else "-"
+        dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
+        lines.append(f"| {r['engine']} | {r['prefill_tok_s']:,.0f} | {dec} | {ppl} | {wb} |")
+    lines += ["", "## Targets and floors", "", *(f"- {t}" for t in doc["targets"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
