@@ -41,7 +41,7 @@ def device_args(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--quant", choices=QUANTS, default=os.environ.get("DELTAMEM_QUANT", "none"),
-        help="CPU only: weight-only quantization of the layers' weights, int8 per channel or int4 per group of 32 "
+        help="CPU only: weight-only quantization of the weights, int8 per channel or int4 per group of 32 "
         "(default none: float32; benchmarks/results/cpu.md has each one's speed and perplexity; env DELTAMEM_QUANT)",
     )  # fmt: skip
 

@@ -388,10 +388,10 @@ class HybridLM(nn.Module):
         self.head: PackedLinear | None = None  # set by pack()
 
     def pack(self, blocks: int, quant: str = "none") -> None:
-        """One packed head (float32 whatever `quant`); a tied head also serves the embedding lookup, so the matrix
+        """One packed head (quantized as the layers); a tied head also serves the embedding lookup, so the matrix
         is held once."""
         tied = self.config.tie_word_embeddings
-        self.head = PackedLinear(self.model.embed_tokens.weight if tied else self.lm_head.weight, None, blocks)
+        self.head = PackedLinear(self.model.embed_tokens.weight if tied else self.lm_head.weight, None, blocks, quant)
         if tied:
             del self.model.embed_tokens
         else:

@@ -9,8 +9,8 @@ also serves the embedding lookup, so no weight is held twice.
 
 Weight-only quantization (`quant`, CPU only) goes through torch's own CPU kernels: "int8" per output channel
 (torch._weight_int8pack_mm), "int4" in groups of INT4_GROUP along the input (torch._weight_int4pack_mm_for_cpu,
-asymmetric, bfloat16 activations). The LM head and the embedding stay in float32. benchmarks/cpu.py measures each
-option's speed and perplexity; "none" is the default.
+asymmetric, bfloat16 activations), the LM head included (a tied embedding's rows are dequantized from it).
+benchmarks/cpu.py measures each option's speed and perplexity; "none" is the default.
 
 Packing is for inference only: a packed model's state_dict no longer has the checkpoint's names; the engine
 fingerprints the model before packing it.
@@ -23,6 +23,7 @@ from torch import nn
 
 QUANTS = ("none", "int8", "int4")
 INT4_GROUP = 32
+WIDE = 8  # inputs of more rows than this (prefill) run as a dequantized float32 GEMM
 
 
 class PackedLinear(nn.Module):
@@ -31,8 +32,8 @@ class PackedLinear(nn.Module):
         out, inp = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
         self.out_features = out
-        # int4 needs whole groups along the input and output rows in multiples of 16 (its kernel's tiles)
-        self.quant = quant if quant != "int4" or (inp % INT4_GROUP == 0 and out % 16 == 0) else "int8"
+        # int4 needs whole groups along the input (its output rows are padded to its tiles of 16)
+        self.quant = quant if quant != "int4" or inp % INT4_GROUP == 0 else "int8"
         if self.quant != "none":
             self._quantize(weight.detach().float())
             return
@@ -41,30 +42,48 @@ class PackedLinear(nn.Module):
         self.w = nn.Parameter(weight.detach().reshape(nb, out // nb, inp).transpose(1, 2).contiguous(), False)
 
     def _quantize(self, w: torch.Tensor) -> None:
+        """The kernels' layouts for one-token steps, plus the codes and scales unpacked (one byte a weight) for
+        matrices of many rows (prefill), which are cheaper as a dequantized float32 GEMM than through these
+        kernels."""
         out, inp = w.shape
         if self.quant == "int8":  # symmetric, one scale per output row
             scale = w.abs().amax(1).clamp(min=1e-12) / 127
             self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
             self.register_buffer("scale", scale)
             return
-        # int4: per group of INT4_GROUP inputs, w ~ q * scale + low with q in 0..15; torch's kernel takes
-        # w = (q - 8) * scale + zero, so zero = low + 8 * scale
-        g = w.reshape(out, inp // INT4_GROUP, INT4_GROUP)
+        # int4: per group of INT4_GROUP inputs, w ~ code * scale + low with code in 0..15; torch's kernel takes
+        # w = (code - 8) * scale + zero, so zero = low + 8 * scale
+        pad = -out % 16
+        w = torch.cat([w, w.new_zeros(pad, inp)]) if pad else w
+        g = w.reshape(out + pad, inp // INT4_GROUP, INT4_GROUP)
         low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         scale = ((high - low) / 15).clamp(min=1e-12)
-        q = ((g - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(out, inp)
-        self.register_buffer("q", torch._convert_weight_to_int4pack_for_cpu(q, 1))
+        codes = ((g - low) / scale).round().clamp(0, 15)
+        self.register_buffer("q", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).flatten(1), 1))
         sz = torch.stack([scale[..., 0].t(), (low + 8 * scale)[..., 0].t()], -1)  # [inp / group, out, 2]
         self.register_buffer("scale", sz.to(torch.bfloat16).contiguous())
+        # the same weights for wide inputs: codes [out, groups, group] uint8, the kernel's bf16 scale and zero
+        self.register_buffer("codes", codes[:out].to(torch.uint8))
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight [out, in] float32 as the kernels see it."""
+        if self.quant == "int8":
+            return self.q.float() * self.scale[:, None]
+        out = self.out_features
+        scale, zero = self.scale[..., 0].t()[:out, :, None].float(), self.scale[..., 1].t()[:out, :, None].float()
+        return ((self.codes.float() - 8) * scale + zero).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.quant == "int8":
+        if self.quant != "none" and x2.shape[0] > WIDE:
+            y = x2 @ self.dequantized().to(x2.dtype).T
+        elif self.quant == "int8":
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
         elif self.quant == "int4":
-            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.q, INT4_GROUP, self.scale).to(x.dtype)
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.q, INT4_GROUP, self.scale)
+            y = y[:, : self.out_features].to(x.dtype)
         else:
             y = self._dense(x2)
         if self.bias is not None:
@@ -81,6 +100,11 @@ class PackedLinear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the [out, in] weight: the embedding lookup of a tied LM head. ids: [T] -> [T, in]."""
+        if self.quant == "int8":
+            return self.q[ids].float() * self.scale[ids, None]
+        if self.quant == "int4":
+            scale, zero = (self.scale[..., i].t()[ids, :, None].float() for i in (0, 1))
+            return ((self.codes[ids].float() - 8) * scale + zero).flatten(1)
         m = self.w.shape[2]
         return self.w[ids // m, :, ids % m]
 
@@ -93,7 +117,7 @@ def fuse_linears(linears: list[nn.Linear], blocks: int, quant: str = "none") -> 
 
 def pack(model: nn.Module, blocks: int | None = None, quant: str = "none") -> nn.Module:
     """Replace every nn.Linear of a CPU model (fused where a module lists FUSE groups) by PackedLinear, with its
-    weight quantized as `quant` says (the LM head stays float32).
+    weight quantized as `quant` says.
     On other devices the vendor GEMV is already bandwidth-bound and the plain [out, in] layout stays: only the
     FUSE groups are concatenated into one weight each (Fusable.fuse_views), parameter names unchanged."""
     if getattr(model, "packed", False):

@@ -10,10 +10,11 @@ from deltamem.model.packed import INT4_GROUP, PackedLinear
 from tests.test_app import deltamem
 
 
-@pytest.mark.parametrize("out,inp", [(96, 64), (48, 128)])
-def test_quantized_linears_within_their_step(out, inp):
+@pytest.mark.parametrize("rows", [5, 40])  # a decode step's few rows (the kernels), a prefill's many (dequantized)
+@pytest.mark.parametrize("out,inp", [(96, 64), (58, 128)])  # 58 output rows: int4's tiles of 16 padded
+def test_quantized_linears_within_their_step(out, inp, rows):
     g = torch.Generator().manual_seed(0)
-    w, b, x = torch.randn(out, inp, generator=g), torch.randn(out, generator=g), torch.randn(5, inp, generator=g)
+    w, b, x = torch.randn(out, inp, generator=g), torch.randn(out, generator=g), torch.randn(rows, inp, generator=g)
     exact = x @ w.T + b
     # int8: one symmetric step per row, max|w| / 127; rounding moves each weight by at most half a step
     step8 = w.abs().amax(1) / 127
