@@ -4,7 +4,8 @@ sdist) on that GGUF, and "today's engine": the engine as it was when the CPU iss
 BASELINE, run from `git archive` in a subprocess), all at the same thread count.
 
 - prefill: tokens/s reading --prefill tokens of Python source (the standard library) from an empty state;
-- decode: tokens/s of --decode greedy tokens after a short chat prompt (end-of-sequence ignored);
+- decode: tokens/s of --decode greedy tokens after a short chat prompt (end-of-sequence ignored), with the decode
+  step compiled (--compile) too; the first decode call's seconds (compiling, from torch's cache if warm) apart;
 - perplexity of each --quant on held-out text (this repository's own sources, which no training saw): a quantization
   that costs more than 2% is not the default;
 - the machine's floors: memory read bandwidth (a 1 GiB float32 sum) over the weight bytes a decoded token streams,
@@ -101,14 +102,17 @@ def engine_rates(eng, prefill_ids: list[int], chat_ids: list[int], decode: int) 
     eng.feed(prefill_ids, logits="last")
     prefill = len(prefill_ids) / (time.perf_counter() - t)
     eng.reset()
-    for _ in eng.generate(chat_ids, max_new_tokens=4, stop_ids=[]):  # warm-up
+    t = time.perf_counter()
+    for _ in eng.generate(chat_ids, max_new_tokens=4, stop_ids=[]):  # warm-up (and compiling, with --compile)
         pass
+    warm = time.perf_counter() - t
     eng.reset()
     eng.feed(chat_ids)
     t = time.perf_counter()
     for _ in eng.generate(chat_ids[-1:], max_new_tokens=decode, stop_ids=[]):
         pass
-    return {"prefill_tok_s": prefill, "decode_tok_s": len(eng.generated) / (time.perf_counter() - t)}
+    return {"prefill_tok_s": prefill, "decode_tok_s": len(eng.generated) / (time.perf_counter() - t),
+            "first_decode_s": warm}  # fmt: skip
 
 
 def perplexity(eng, ids: list[int]) -> float:
@@ -210,9 +214,10 @@ def main() -> None:
     chat = base.tokenizer.encode(CHAT)
     ppl_ids = base.tokenizer.encode(heldout)[: args.ppl_tokens]
     del base
-    for q in QUANTS:
-        eng = load_model("default", quant=q)
-        r = {"engine": f"deltamem default model, --quant {q}", **engine_rates(eng, ids, chat, args.decode)}
+    for q, comp in [(q, False) for q in QUANTS] + [("none", True), ("int4", True)]:
+        eng = load_model("default", quant=q, compile_decode=comp)
+        name = f"deltamem default model, --quant {q}" + (" --compile" if comp else "")
+        r = {"engine": name, **engine_rates(eng, ids, chat, args.decode)}
         r["perplexity"] = perplexity(eng, ppl_ids)
         r["weight_bytes"] = weight_bytes(eng)
         rows.append(r)
@@ -248,6 +253,7 @@ def targets(rows: list[dict], fl: dict, n_prefill: int) -> list[str]:
     by = {r["engine"]: r for r in rows}
     ours = [r for r in rows if r["engine"].startswith("deltamem default model")]
     none = by["deltamem default model, --quant none"]
+    ok = [r for r in ours if r.get("perplexity", 0) <= 1.02 * none["perplexity"]]  # what could be the default
     best_dec = max(ours, key=lambda r: r["decode_tok_s"])
     tf, lc = by.get("transformers, SmolLM2 GGUF"), by.get("llama.cpp, SmolLM2 GGUF")
     today = by[f"today's engine ({BASELINE}), default model"]
@@ -256,10 +262,13 @@ def targets(rows: list[dict], fl: dict, n_prefill: int) -> list[str]:
     def line(what: str, ratio: float, need: float) -> None:
         out.append(f"{what}: {ratio:.2f}x (target {need}x: {'met' if ratio >= need else 'NOT met'})")
 
-    name = best_dec["engine"].split(", ")[1]
-    line(f"decode, default model ({name}) vs transformers", best_dec["decode_tok_s"] / tf["decode_tok_s"], 3)
-    if lc:
-        line(f"decode, default model ({name}) vs llama.cpp", best_dec["decode_tok_s"] / lc["decode_tok_s"], 0.8)
+    best_ok = max(ok, key=lambda r: r["decode_tok_s"])
+    for r in dict.fromkeys([id(best_dec), id(best_ok)]):
+        r = best_dec if r == id(best_dec) else best_ok
+        name = r["engine"].split(", ")[1] + ("" if r in ok else ", costs over 2% perplexity")
+        line(f"decode, default model ({name}) vs transformers", r["decode_tok_s"] / tf["decode_tok_s"], 3)
+        if lc:
+            line(f"decode, default model ({name}) vs llama.cpp", r["decode_tok_s"] / lc["decode_tok_s"], 0.8)
     line("prefill, default model vs today's engine", none["prefill_tok_s"] / today["prefill_tok_s"], 2.5)
     old_gguf = by[f"today's engine ({BASELINE}), SmolLM2 GGUF"]
     new_gguf = by["deltamem engine, SmolLM2 GGUF"]
@@ -294,14 +303,15 @@ def markdown(doc: dict, args) -> str:
         f"{args.decode} greedy tokens after a chat prompt. Perplexity: {args.ppl_tokens:,} tokens of this repository's "
         "sources (never trained on).",
         "",
-        "| engine | prefill tok/s | decode tok/s | perplexity | weight MB read per token |",
-        "|---|---:|---:|---:|---:|",
+        "| engine | prefill tok/s | decode tok/s | first decode call s | perplexity | weight MB read per token |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in doc["rows"]:
         ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
         wb = f"{r['weight_bytes'] / 1e6:.0f}" if "weight_bytes" in r else "-"
         dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
-        lines.append(f"| {r['engine']} | {r['prefill_tok_s']:,.0f} | {dec} | {ppl} | {wb} |")
+        first = f"{r['first_decode_s']:.1f}" if "first_decode_s" in r else "-"
+        lines.append(f"| {r['engine']} | {r['prefill_tok_s']:,.0f} | {dec} | {first} | {ppl} | {wb} |")
     lines += ["", "## Targets and floors", "", *(f"- {t}" for t in doc["targets"])]
     return "\n".join(lines) + "\n"
 

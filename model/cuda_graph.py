@@ -16,12 +16,14 @@ state has consumed exactly the tokens kept.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from deltamem.model.cache import DeltaState, KVWindow
 
+log = logging.getLogger(__name__)
 WARMUP = 2  # eager steps on a side stream before capture (lazy inits, Triton autotuning)
 
 
@@ -32,7 +34,9 @@ class DecodeGraph:
     logits [1, vocab] float32. The DeltaStates are switched to in-place updates, so every tensor the graph
     reads stays where it was captured; `bound_to(states)` tells whether that still holds."""
 
-    def __init__(self, model: torch.nn.Module, states: list, capture: bool):
+    def __init__(self, model: torch.nn.Module, states: list, capture: bool, compile: bool = False):
+        """capture: record a CUDA graph (GPU). compile: on the CPU, run the step through torch.compile, which
+        fuses its small ops and drops their per-op dispatch (the CPU's counterpart of capture)."""
         self.model = model
         self.states = list(states)
         self.device = next(model.parameters()).device
@@ -45,6 +49,7 @@ class DecodeGraph:
         self.ids = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.held = self._tensors()
+        self._run = self._eager_run
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self._saved: list[torch.Tensor] | None = None
@@ -52,6 +57,9 @@ class DecodeGraph:
         self._start = 0
         if capture:
             self._capture()
+        elif compile:
+            self._compiled = torch.compile(self._eager_run, dynamic=False)
+            self._run = self._compiled_run
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [t for d in self.deltas for t in (d.conv, d.recurrent)]
@@ -65,7 +73,16 @@ class DecodeGraph:
             and all(a is b for a, b in zip(self._tensors(), self.held, strict=True))
         )
 
-    def _run(self) -> torch.Tensor:
+    def _compiled_run(self) -> torch.Tensor:
+        try:
+            return self._compiled()
+        except Exception as e:  # a model torch.compile cannot take (it fails while compiling, before running)
+            log.warning("torch.compile could not compile the decode step (%s: %s); decoding eagerly",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")  # fmt: skip
+            self._run = self._eager_run
+            return self._eager_run()
+
+    def _eager_run(self) -> torch.Tensor:
         for kv in self.kvs:
             kv.step_pos = self.pos
         try:

@@ -115,6 +115,7 @@ class Engine:
         prefill_chunk: int = 512,
         fingerprint: str | None = None,
         quant: str = "none",
+        compile_decode: bool = False,
     ):
         self.model = model.eval()
         self.config = model.config
@@ -127,7 +128,9 @@ class Engine:
         if self.device.type == "cuda" and prefill_chunk == DEFAULT_PREFILL_CHUNK:
             prefill_chunk = GPU_PREFILL_CHUNK
         self.prefill_chunk = prefill_chunk
-        self.fast_decode = self.device.type == "cuda" and window is not None
+        # on the CPU, compile_decode runs decode steps through the same device-side loop, compiled (cuda_graph.py)
+        self.compile_decode = compile_decode and self.device.type == "cpu"
+        self.fast_decode = (self.device.type == "cuda" or self.compile_decode) and window is not None
         self._graph: DecodeGraph | None = None
         self._capture_s = 0.0  # seconds the last _burst() spent capturing a decode graph
         # Fingerprint the checkpoint layout once, before packing (a second engine on the model reuses it).
@@ -523,7 +526,8 @@ class Engine:
         if self._graph is None or not self._graph.bound_to(self.states):
             t0 = time.perf_counter()
             self._graph = None  # drop the old graph (and its memory pool) before capturing a new one
-            self._graph = DecodeGraph(self.model, self.states, capture=self.device.type == "cuda")
+            cuda = self.device.type == "cuda"
+            self._graph = DecodeGraph(self.model, self.states, capture=cuda, compile=self.compile_decode)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._capture_s = time.perf_counter() - t0

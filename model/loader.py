@@ -239,6 +239,7 @@ def load_model(
     sink: int = 4,
     prefill_chunk: int = 512,
     quant: str = "none",
+    compile_decode: bool = False,
 ) -> Engine:
     """Load a model and return an Engine with an empty state.
 
@@ -251,7 +252,7 @@ def load_model(
     window/sink: bound each attention layer's cache to `sink` first + `window` last tokens (None: unbounded;
     "auto": the window the model was trained with, if it says, else 4096).
     quant: "none", or on the CPU "int8" / "int4" weight-only quantization of the layers' linear weights
-    (model/packed.py).
+    (model/packed.py). compile_decode: on the CPU, decode steps through torch.compile (model/cuda_graph.py).
     """
     device, dtype = resolve(device, dtype)
     if quant not in QUANTS:
@@ -276,7 +277,8 @@ def load_model(
     if str(path) in ("default", "random"):  # small weights, already loaded; the state's window may not fit
         check_fits(device, _state_bytes(model.config, window, sink, dtype), f"a state of window {window}")
     return Engine(
-        model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp, quant=quant
+        model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp, quant=quant,
+        compile_decode=compile_decode,
     )
 
 

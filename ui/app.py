@@ -57,12 +57,13 @@ class DeltamemApp(App):
         agent_factory=None,
         convert_state: bool = False,
         quant: str = "none",
+        compile_decode: bool = False,
     ):
         super().__init__()
         self.db, self.repo, self.model_spec, self.window = db, Path(repo).resolve(), model, window
         self.session_name = session or self.repo.name
         self.max_new_tokens, self.sink, self.device, self.dtype = max_new_tokens, sink, device, dtype
-        self.convert_state, self.quant = convert_state, quant
+        self.convert_state, self.quant, self.compile_decode = convert_state, quant, compile_decode
         self.agent_factory = agent_factory  # tests: (store, session name) -> Agent; default builds the real one
         self.agent = None
         self.store = None  # read by the UI thread
@@ -106,7 +107,7 @@ class DeltamemApp(App):
             try:
                 box["engine"] = load_model(
                     self.model_spec, window=self.window, sink=self.sink, device=self.device, dtype=self.dtype,
-                    quant=self.quant,
+                    quant=self.quant, compile_decode=self.compile_decode,
                 )
             except BaseException as e:  # handed to the worker, which reports it
                 box["error"] = e

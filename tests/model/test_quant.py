@@ -2,6 +2,8 @@
 error its quantization step allows of the float32 product (and is not exact: the weights really are quantized),
 the engine's logits stay close to float32's, and a GPU or an unknown option is refused."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -48,3 +50,20 @@ def test_quant_refused_where_it_cannot_run():
         load_model("random", window=64, quant="int3")
     r = deltamem("generate", "--model", "random", "--quant", "int3", "x")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compile needs a C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.parametrize("spec", ["default", "random"])  # random: a shape torch.compile refuses, decoded eagerly
+def test_compiled_cpu_decode_matches_eager(spec):
+    """--compile: decode steps through torch.compile on the CPU give the eager engine's greedy tokens, and leave
+    the state where eager decoding leaves it."""
+    ids = torch.randint(3, 200, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    plain, compiled = load_model(spec), load_model(spec, compile_decode=True)
+    assert compiled.fast_decode and not plain.fast_decode
+    want = "".join(plain.generate(ids, max_new_tokens=12, stop_ids=[]))
+    got = "".join(compiled.generate(ids, max_new_tokens=12, stop_ids=[]))
+    assert compiled.generated == plain.generated and got == want
+    assert torch.allclose(compiled.feed([5], logits="last"), plain.feed([5], logits="last"), atol=1e-4)
