@@ -68,6 +68,34 @@ def openai_calls(calls: list[dict]) -> list[dict]:
     ]
 
 
+def offered_tools(tools: Any, choice: Any) -> list[dict]:
+    """The tools a request offers the model, checked: OpenAI function specs (a name, optional description and JSON
+    schema parameters). tool_choice "none" offers none; a named function offers only that one ("required" and
+    "auto" offer all: the server does not constrain decoding)."""
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise ApiError(400, "tools must be a list of function specs", param="tools")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param="tools")
+        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise ApiError(400, f"tools[{i}].function.name must be a non-empty string", param="tools")
+        params, about = fn.get("parameters"), fn.get("description")
+        if not isinstance(params, dict | None) or not isinstance(about, str | None):
+            raise ApiError(400, f"tools[{i}].function: parameters must be an object, description text", param="tools")
+    if choice in (None, "auto", "required"):
+        return tools
+    if choice == "none":
+        return []
+    name = ((choice.get("function") or {}).get("name")) if isinstance(choice, dict) else None
+    named = [t for t in tools if t["function"]["name"] == name]
+    if not named:
+        raise ApiError(400, "tool_choice must be none, auto, required or a function among tools", param="tool_choice")
+    return named
+
+
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
                prefix_cache: bool = True) -> FastAPI:
@@ -152,7 +180,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         return out
 
     def chat_prompt(body: dict) -> tuple[str, dict[str, dict]]:
-        messages, tools = body.get("messages"), body.get("tools") or []
+        messages, tools = body.get("messages"), offered_tools(body.get("tools"), body.get("tool_choice"))
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         native = bool(tools) and template.uses_tools

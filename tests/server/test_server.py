@@ -159,3 +159,114 @@ def test_prefix_states_from_memory_match_reading_the_prompt_whole(tmp_path):
         assert second["choices"][0]["message"]["content"] == whole["choices"][0]["message"]["content"]
         (row,) = [s for s in store.sessions() if s["title"] == "serve:default"]
         assert len(store.snapshots(row["id"])) >= 4  # prompt and reply states of three requests
+
+
+BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 400}]}, 400, None),  # over the limit
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": "read_file"}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": 5}}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"function": {"name": "f", "parameters": []}}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [],
+                              "tool_choice": {"type": "function", "function": {"name": "absent"}}}, 400, "tool_choice"),
+    ("/v1/completions", {"prompt": 7}, 400, "prompt"),
+]  # fmt: skip
+
+
+def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving():
+    client = TestClient(create_app(load_model("random", window=64), None, "random", max_prompt_tokens=300))
+    ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    for path, body, status, param in BAD_REQUESTS:
+        r = client.post(path, content=body) if isinstance(body, bytes) else client.post(path, json=body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"] and err["param"] == param, (body, err)
+        assert client.post("/v1/chat/completions", json=ok).status_code == 200  # still serving
+    tool = {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}
+    r = client.post("/v1/chat/completions", json={**ok, "tools": [tool], "tool_choice": "none"})
+    assert r.status_code == 200
+    r = client.post("/v1/chat/completions", json={**ok, "tools": [tool], "tool_choice": {"type": "function",
+                                                  "function": {"name": "read_file"}}})  # fmt: skip
+    assert r.status_code == 200
+
+
+def test_langchain_chatopenai_and_concurrent_clients(tmp_path):
+    """LangChain's ChatOpenAI talks to the server unchanged (invoke, stream, bound tools), and clients sending at
+    once each get the answer they get alone (requests are served one at a time, in order)."""
+    lco = pytest.importorskip("langchain_openai")
+    import threading
+
+    server = Server(tmp_path / "m.db")
+    try:
+        url = f"http://127.0.0.1:{server.port}/v1"
+        llm = lco.ChatOpenAI(base_url=url, api_key="unused", model="random", temperature=0, max_tokens=6, max_retries=0)
+        convo = [("system", "Be brief."), ("user", "What is a Gated DeltaNet?")]
+        msg = llm.invoke(convo)
+        messages = [{"role": role, "content": text} for role, text in convo]
+        direct = server.client.chat.completions.create(model="random", max_tokens=6, temperature=0, messages=messages)
+        assert msg.content == direct.choices[0].message.content and msg.content
+        assert "".join(c.content for c in llm.stream(convo)) == msg.content
+        tool = {"type": "function", "function": {"name": "read_file", "description": "read a file",
+                "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}  # fmt: skip
+        assert llm.bind_tools([tool]).invoke(convo).type == "ai"
+
+        asks = [[{"role": "user", "content": f"Count to {i}."}] for i in range(6)]
+
+        def ask(m):
+            r = server.client.chat.completions.create(model="random", messages=m, max_tokens=5, temperature=0)
+            return r.choices[0].message.content
+
+        alone = [ask(m) for m in asks]
+        together: dict[int, str] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(asks[i]))) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [together[i] for i in range(6)] == alone
+    finally:
+        server.stop()
+
+
+def test_killed_mid_stream_then_restarted(tmp_path):
+    """SIGKILL while a reply streams: the database stays whole, the restarted server serves the last committed
+    prefix state, and its answer is the one a server without prefix states gives."""
+    import sqlite3
+
+    db = tmp_path / "m.db"
+    server = Server(db)
+    convo = [{"role": "user", "content": "Describe the memory store. " * 6}]
+    try:
+        first = server.client.chat.completions.create(model="random", messages=convo, max_tokens=4, temperature=0)
+        reply = first.choices[0].message
+        convo += [{"role": "assistant", "content": reply.content}, {"role": "user", "content": "More."}]
+        stream = server.client.chat.completions.create(
+            model="random", messages=convo, max_tokens=4000, temperature=0, stream=True
+        )
+        for n, _ in enumerate(stream):
+            if n == 3:
+                break
+        server.proc.kill()  # SIGKILL, mid-reply
+        server.proc.wait(timeout=30)
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+    with sqlite3.connect(db) as con:
+        assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+    again = Server(db)
+    try:
+        r = again.client.chat.completions.create(model="random", messages=convo, max_tokens=5, temperature=0)
+    finally:
+        again.stop()
+    assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
+    whole = plain.post("/v1/chat/completions", json={"messages": convo, "max_tokens": 5, "temperature": 0}).json()
+    assert r.choices[0].message.content == whole["choices"][0]["message"]["content"]
