@@ -177,14 +177,14 @@ def main() -> None:
     hit = sum(r["cached_tokens"] for r in cached) / sum(r["prompt_tokens"] for r in cached)
     later = [r["ttft_s"] for r in cached if r["turn"] > 1 and not r["after_restart"]]
     doc = {"device": device_name(), "versions": versions(),
-           "model": args.model, "turns": len(turns), "prompt_tokens_last": cached[-1]["prompt_tokens"],
+           "model": Path(args.model).name, "turns": len(turns), "prompt_tokens_last": cached[-1]["prompt_tokens"],
            "hit_rate": hit, "cached": cached, "uncached": uncached, "concurrency": conc,
            "ttft_cached_median_s": statistics.median(later)}  # fmt: skip
     name = "serve_gpu" if gpu else "serve_cpu"
     lines = [
         "# `deltamem serve` as clients see it: a replayed agent transcript",
         "",
-        f"{doc['device']}; model {args.model}; `python benchmarks/serve.py` (the `openai` client, streaming, "
+        f"{doc['device']}; model {doc['model']}; `python benchmarks/serve.py` (the `openai` client, streaming, "
         f"{len(turns)} turns, each a read_file call whose result is a file's first {args.result_chars:,} characters; "
         f"the last prompt is {doc['prompt_tokens_last']:,} tokens). The server restarted before turn "
         f"{args.restart_at}.",
