@@ -263,8 +263,7 @@ def targets(rows: list[dict], fl: dict, n_prefill: int) -> list[str]:
         out.append(f"{what}: {ratio:.2f}x (target {need}x: {'met' if ratio >= need else 'NOT met'})")
 
     best_ok = max(ok, key=lambda r: r["decode_tok_s"])
-    for r in dict.fromkeys([id(best_dec), id(best_ok)]):
-        r = best_dec if r == id(best_dec) else best_ok
+    for r in [best_dec] if best_dec is best_ok else [best_dec, best_ok]:
         name = r["engine"].split(", ")[1] + ("" if r in ok else ", costs over 2% perplexity")
         line(f"decode, default model ({name}) vs transformers", r["decode_tok_s"] / tf["decode_tok_s"], 3)
         if lc:
