@@ -65,13 +65,12 @@ class PackedLinear(nn.Module):
         # the same weights for wide inputs: codes [out, groups, group] uint8, the kernel's bf16 scale and zero
         self.register_buffer("codes", codes[:out].to(torch.uint8))
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight [out, in] float32 as the kernels see it."""
+    def dequantized(self, ids: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """The weight [out, in] float32 as the kernels see it (only rows `ids`, [len(ids), in], if given)."""
         if self.quant == "int8":
-            return self.q.float() * self.scale[:, None]
-        out = self.out_features
-        scale, zero = self.scale[..., 0].t()[:out, :, None].float(), self.scale[..., 1].t()[:out, :, None].float()
-        return ((self.codes.float() - 8) * scale + zero).flatten(1)
+            return self.q[ids].float() * self.scale[ids, None]
+        kept = self.scale[..., : self.out_features, :].transpose(0, 1)[ids].float()  # [rows, groups, 2]
+        return ((self.codes[ids].float() - 8) * kept[..., 0:1] + kept[..., 1:2]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
@@ -100,11 +99,8 @@ class PackedLinear(nn.Module):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the [out, in] weight: the embedding lookup of a tied LM head. ids: [T] -> [T, in]."""
-        if self.quant == "int8":
-            return self.q[ids].float() * self.scale[ids, None]
-        if self.quant == "int4":
-            scale, zero = (self.scale[..., i].t()[ids, :, None].float() for i in (0, 1))
-            return ((self.codes[ids].float() - 8) * scale + zero).flatten(1)
+        if self.quant != "none":
+            return self.dequantized(ids)
         m = self.w.shape[2]
         return self.w[ids // m, :, ids % m]
 
