@@ -93,10 +93,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 # --- CPU: the device-side step run eagerly ----------------------------------------------------------------
-@pytest.mark.parametrize("rope", [False, True])
-def test_step_matches_feed_across_the_window(rope):
-    """Window 24 + 4 sinks, 60 decode steps: the ring wraps twice, rotary sinks switch to clamped queries."""
-    a, b = tiny_engine(rope), tiny_engine(rope)
+def step_matches_feed(a, b) -> None:
+    """60 device-side decode steps on `b`, run eagerly, against feed() on `a` (both fresh engines, window 24 + 4
+    sinks): logits, host counters, every state tensor, and feed() carrying on from there."""
     prompt, toks = ids_of(10, 1), ids_of(60, 2)
     a.feed(prompt)
     b.feed(prompt)
@@ -108,6 +107,12 @@ def test_step_matches_feed_across_the_window(rope):
         assert n == m
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.feed(toks[:7]), a.feed(toks[:7]), rtol=1e-5, atol=1e-5)  # feed() carries on
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_step_matches_feed_across_the_window(rope):
+    """Window 24 + 4 sinks, 60 decode steps: the ring wraps twice, rotary sinks switch to clamped queries."""
+    step_matches_feed(tiny_engine(rope), tiny_engine(rope))
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16])

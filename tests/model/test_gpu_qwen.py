@@ -11,8 +11,7 @@ from tests.model.hf_models import QWEN_SHAPES, make_qwen
 from tests.model.test_gpu_engine import (
     check_graph_against_eager_and_cpu,
     decode_after_restore,
-    ids_of,
-    teacher_forced,
+    step_matches_feed,
 )
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -28,16 +27,7 @@ def checkpoint(request, tmp_path):
 
 def test_step_matches_feed_across_the_window(checkpoint):
     """Window 24 + 4 sinks, 60 decode steps: the ring wraps twice, the sink queries switch to clamped rotary."""
-    a, b = (load_model(checkpoint, window=24) for _ in range(2))
-    prompt, toks = ids_of(10, 1), ids_of(60, 2)
-    a.feed(prompt)
-    b.feed(prompt)
-    want = torch.cat([a.feed([t]) for t in toks])
-    got = teacher_forced(b, toks, capture=False)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for (n, x), (m, y) in zip(a._state_tensors().items(), b._state_tensors().items(), strict=True):
-        assert n == m
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    step_matches_feed(load_model(checkpoint, window=24), load_model(checkpoint, window=24))
 
 
 @cuda
