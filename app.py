@@ -12,6 +12,7 @@ at its step limit, 4 the model failed (its chat template, generation), 5 not eno
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import sqlite3
@@ -592,6 +593,7 @@ def _agent(args: argparse.Namespace):
         raise ValueError("--max-steps must be >= 1")
     engine = _load(args)  # a model that cannot load writes nothing, the memory database included
     store = Store(args.db)
+    atexit.register(store.close)  # gives back the session's lease: the next command finds it free, not abandoned
     name = args.session or args.repo.resolve().name
     kw = {}
     if args.command != "ingest":

@@ -89,6 +89,7 @@ def test_run_on_a_held_session_says_who_holds_it(tmp_path):
     assert r.returncode == 0, r.stderr
     with Store(db) as store:
         sid = store.sessions()[0]["id"]
+        assert store.db["leases"].count == 0  # the ingest gave its lease back when it exited
     holder = _holder(db, sid, -1)
     try:
         os.environ["DELTAMEM_LEASE_WAIT"] = "0.5"
@@ -113,3 +114,7 @@ def test_run_on_a_held_session_says_who_holds_it(tmp_path):
         "hi",
     )
     assert r.returncode in (0, 3), r.stderr  # the killed holder's lease is taken over
+    assert "taking over" in r.stderr
+    r = deltamem("run", "--model", "random", "--window", "64", "--repo", str(repo), "--db", str(db), "--max-new-tokens",
+                 "2", "hi")
+    assert r.returncode in (0, 3) and "taking over" not in r.stderr, r.stderr  # the run before gave it back
