@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from deltamem.tools.documents import BINARY
 from deltamem.tools.files import project_files
 from deltamem.tools.repomap import repo_map
 from deltamem.tools.sandbox import MAX_READ, has_control_chars, read_text, resolve, split_lines
@@ -107,6 +108,9 @@ def glob_files(ctx: ToolContext, pattern: str) -> str:
     return "\n".join(p.as_posix() for p in found[:MAX_ENTRIES]) + _more(MAX_ENTRIES, len(found), "files")
 
 
+_ANCHOR = re.compile(r"\[(page|slide) \d+\]$|#{1,6} \S")  # tools/documents.py's anchors: pages, slides, headings
+
+
 def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = None) -> str:
     try:
         rx = re.compile(pattern)
@@ -142,10 +146,18 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
                 raise ToolError(f"{path!r} is over {MAX_READ:,} bytes, the most grep reads from one file")
             skipped += 1
             continue
+        document = rel.suffix.lower() in BINARY  # read converted: each match names its page, slide or section
+        page = section = ""
         for n, line in enumerate(split_lines(text), 1):
+            if document and _ANCHOR.match(line):
+                if line.startswith("["):
+                    page, section = line.strip()[1:-1], ""
+                else:
+                    section = line.lstrip("#").strip()
             if rx.search(line):
                 shown = line if len(line) <= MAX_LINE else line[:MAX_LINE] + " [...]"
-                out.append(f"{rel.as_posix()}:{n}: {shown}")
+                anchor = ", ".join(filter(None, (page, section)))
+                out.append(f"{rel.as_posix()}:{n}: {f'[{anchor}] ' if anchor else ''}{shown}")
                 if len(out) > MAX_MATCHES:
                     break
         if len(out) > MAX_MATCHES:

@@ -113,8 +113,12 @@ def test_read_file_and_grep_see_the_converted_text(case):
     assert ok and "[page 2]" in out and "day 20" in out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "day 30"})
     assert ok and out.startswith("report.pdf:") and "Finding 3" in out
-    ok, out = run_tool(ctx, tools, "grep", {"pattern": "Termination", "path": "contract.docx"})
-    assert ok and "contract.docx:" in out
+    # each match names the page (slide, section) it is on, so that an answer can cite it
+    assert out.split(": ", 1)[1].startswith("[page 3] Finding 3"), out
+    ok, out = run_tool(ctx, tools, "grep", {"pattern": "notice", "path": "contract.docx"})
+    assert ok and out.startswith("contract.docx:") and "[Termination] Three months' notice" in out, out
+    ok, out = run_tool(ctx, tools, "grep", {"pattern": "engineers"})
+    assert ok and "board.pptx:" in out and "[slide 2, Q4 plan] Hire two engineers" in out, out
 
 
 def test_ingest_feeds_documents_and_skips_what_cannot_be_converted(case, tmp_path):
