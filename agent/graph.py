@@ -26,6 +26,7 @@ from deltamem.agent.parse import parse_tool_calls
 from deltamem.tools import ToolContext, run_tool
 
 Approve = Literal["never", "ask", "always"]
+INVALID_CALL = "(invalid call)"  # the stream's tool name for a call block that could not be parsed
 
 
 class State(TypedDict, total=False):
@@ -90,7 +91,10 @@ def build_graph(
                     approved[call["id"]] = bool(interrupt({"tool": call["name"], "arguments": call["arguments"]}))
                 else:
                     approved[call["id"]] = approve == "always"
-        out = [{"role": "tool", "content": f"error: {e}", "ok": False} for e in last["errors"]]
+        out = []
+        for e in last["errors"]:  # a malformed call block: its error goes back to the model, and to the stream
+            writer({"tool": INVALID_CALL, "arguments": {}, "ok": False, "result": f"error: {e}"})
+            out.append({"role": "tool", "content": f"error: {e}", "ok": False})
         for call in last["tool_calls"]:
             if approved.get(call["id"], True):
                 ok, result = run_tool(ctx, tools, call["name"], call["arguments"])

@@ -4,7 +4,7 @@ tool results, the step limit, malformed calls, approval interrupts, and checkpoi
 import pytest
 from langgraph.types import Command
 
-from deltamem.agent.graph import build_graph, outcome, sqlite_checkpointer
+from deltamem.agent.graph import INVALID_CALL, build_graph, outcome, sqlite_checkpointer
 from deltamem.agent.parse import format_tool_call
 from deltamem.tools import ToolContext, default_tools
 
@@ -90,10 +90,12 @@ def test_step_limit_and_malformed_calls(project):
         checkpointer=sqlite_checkpointer(project.parent / "c.db"),
     )
     config = {"configurable": {"thread_id": "t2"}}
-    drive(graph, task("loop"), config)
+    events = drive(graph, task("loop"), config)
     state = graph.get_state(config).values
     assert state["steps"] == 3 and outcome(state) == "step_limit"
     assert state["messages"][2]["content"].startswith("error: a tool call is not valid JSON")  # told, not crashed
+    calls = [e for e in events if "tool" in e]  # the stream shows the malformed call too, as a failed one
+    assert [(e["tool"], e["ok"]) for e in calls] == [(INVALID_CALL, False), ("list_dir", True)]
     assert "README.md" in state["messages"][4]["content"]
 
 
