@@ -353,6 +353,8 @@ def build_corpus(args, work: Path) -> None:
             if counts[s] < caps[s]:
                 split[s].append(arr)
                 counts[s] += len(arr)
+            if all(counts[k] >= caps[k] for k in caps):  # enough of both: the rest need not be tokenized
+                break
     for s, arrs in split.items():
         np.concatenate(arrs).tofile(work / f"{s}.u16")
     json.dump(
@@ -520,7 +522,18 @@ class Batches:
     the end. Returns (ids [B, T] on `device`, answers [B, T] bool on the host: tokens to be predicted from the
     facts, or None), the mask left on the host so that using it never waits for the GPU."""
 
-    def __init__(self, work: Path, seed: int, chat_frac: float, tok=None, recall_frac: float = 0.0, window: int = 0):
+    def __init__(
+        self,
+        work: Path,
+        seed: int,
+        chat_frac: float,
+        tok=None,
+        recall_frac: float = 0.0,
+        window: int = 0,
+        traces: Path | None = None,
+        trace_frac: float = 0.0,
+        ce_weights: tuple[float, float] = (1.0, 1.0),
+    ):
         train = work / "train.u16"
         self.code = np.fromfile(train, dtype=np.uint16) if train.exists() else np.zeros(0, np.uint16)
         chat = work / "chat.u16"
@@ -528,23 +541,43 @@ class Batches:
         self.rng = np.random.default_rng(seed)
         self.chat_frac = chat_frac
         self.tok, self.recall_frac, self.window = tok, recall_frac if tok is not None else 0.0, window
+        self.traces = load_traces(traces, tok) if traces and trace_frac and tok is not None else []
+        self.trace_frac = trace_frac if self.traces else 0.0
+        self.recall_w, self.trace_w = ce_weights
 
     def __call__(self, b: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids [B, T] on `device`, and the cross-entropy weight of each target token [B, T] on the host (None when
+        neither drills nor traces are drawn)."""
         if not len(self.code):  # --smoke: random tokens
             return torch.from_numpy(self.rng.integers(3, 49152, (b, t))).to(device), None
         rows, masks = [], []
         for _ in range(b):
             r = self.rng.random()
-            if r < self.recall_frac and t > self.window + 128:
+            if r < self.trace_frac:
+                row, mask = self._trace(t)
+            elif r - self.trace_frac < self.recall_frac and t > self.window + 128:
                 row, mask = self._drill(t)
+                mask = mask * self.recall_w
             else:
-                src = self.chat if len(self.chat) > t and r < self.recall_frac + self.chat_frac else self.code
+                chat = r - self.trace_frac < self.recall_frac + self.chat_frac
+                src = self.chat if len(self.chat) > t and chat else self.code
                 s = int(self.rng.integers(0, len(src) - t))
-                row, mask = src[s : s + t].astype(np.int64), np.zeros(t, bool)
+                row, mask = src[s : s + t].astype(np.int64), np.zeros(t, np.float32)
             rows.append(row)
             masks.append(mask)
-        mask = torch.from_numpy(np.stack(masks)) if self.recall_frac else None
+        mask = torch.from_numpy(np.stack(masks).astype(np.float32)) if self.recall_frac or self.trace_frac else None
         return torch.from_numpy(np.stack(rows)).to(device), mask
+
+    def _trace(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """An agent trace (scripts/agent_traces.py): its last t tokens, or all of it after code and an end of text;
+        its assistant tokens weighted for the cross-entropy."""
+        ids, trained = self.traces[int(self.rng.integers(0, len(self.traces)))]
+        if len(ids) >= t:
+            return ids[-t:].astype(np.int64), trained[-t:] * self.trace_w
+        pad = t - len(ids)
+        s = int(self.rng.integers(0, len(self.code) - pad))
+        head = np.concatenate([self.code[s : s + pad - 1], [EOT]]).astype(np.int64)
+        return np.concatenate([head, ids]), np.concatenate([np.zeros(pad, np.float32), trained * self.trace_w])
 
     def _drill(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         rng, enc = self.rng, self.tok.encode
@@ -574,6 +607,24 @@ class Batches:
         row += filler[at:] + tail
         mask = [False] * (len(row) - len(answer)) + answer
         return np.asarray(row[:t], dtype=np.int64), np.asarray(mask[:t], dtype=bool)
+
+
+def load_traces(path: Path, tok) -> list[tuple[np.ndarray, np.ndarray]]:
+    """scripts/agent_traces.py's traces as (ids, cross-entropy mask): each segment tokenized on its own, as the agent
+    feeds a prompt and then generates from its end."""
+    import lzma
+
+    out = []
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            ids, mask = [], []
+            for text, trained in json.loads(line)["segments"]:
+                piece = tok.encode(text)
+                ids += piece
+                mask += [float(trained)] * len(piece)
+            out.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.float32)))
+    log(f"traces: {len(out)} from {path}, {sum(int(m.sum()) for _, m in out):,} trained tokens")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -724,8 +775,11 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
         work,
         seed=1000 + state["step"] + 7919 * state["stage"] + 104729 * RANK,
         chat_frac=args.chat_frac,
-        tok=tokenizer(args) if args.recall_frac and not args.smoke else None,
+        tok=tokenizer(args) if (args.recall_frac or args.trace_frac) and not args.smoke else None,
         recall_frac=args.recall_frac,
+        traces=args.traces,
+        trace_frac=args.trace_frac,
+        ce_weights=(args.recall_ce, args.trace_ce),
         window=args.window,
     )
     lin = distilled.converted_layers(cfg)
@@ -801,11 +855,15 @@ def train(args, device, work: Path, out: Path, world: int = 1) -> None:
             with torch.autocast(**amp):
                 hs = hidden_states(student, ids, window=args.window, sink=SINK, chunk_op=op)
                 loss = kl_loss(student, teacher, hs, ht)
-                if answers is not None and answers.any():  # recall drills: the true answer, not only the teacher's
+                if answers is not None and answers.any():  # drills' answers, traces' replies: the true tokens
                     at = answers[:, 1:].nonzero().T  # [2, n] on the host
-                    rows, cols = (at.pin_memory() if device.type == "cuda" else at).to(device, non_blocking=True)
-                    ce = F.cross_entropy(logits(student, hs[:, :-1][rows, cols]).float(), ids[:, 1:][rows, cols])
-                    loss = loss + args.recall_ce * ce
+                    w = answers[:, 1:][at[0], at[1]]
+                    rows, cols, w = ((x.pin_memory() if device.type == "cuda" else x).to(device, non_blocking=True)
+                                     for x in (at[0], at[1], w))
+                    ce = F.cross_entropy(
+                        logits(student, hs[:, :-1][rows, cols]).float(), ids[:, 1:][rows, cols], reduction="none"
+                    )
+                    loss = loss + (ce * w).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(params, world)
@@ -997,6 +1055,9 @@ def main() -> None:
     ap.add_argument("--chat-frac", type=float, default=0.15)
     ap.add_argument("--recall-frac", type=float, default=0.25, help="stage-2 sequences that are recall drills")
     ap.add_argument("--recall-ce", type=float, default=0.5, help="weight of the drills' answer cross-entropy")
+    ap.add_argument("--traces", type=Path, help="agent traces (scripts/agent_traces.py) for stage 2")
+    ap.add_argument("--trace-frac", type=float, default=0.0, help="stage-2 sequences that are agent traces")
+    ap.add_argument("--trace-ce", type=float, default=1.0, help="weight of the traces' replies' cross-entropy")
     ap.add_argument("--chat-tokens", type=int, default=256, help="max tokens per teacher answer")
     ap.add_argument("--train-tokens", type=int, default=80_000_000)
     ap.add_argument("--heldout-tokens", type=int, default=2_000_000)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import lzma
 import math
 import subprocess
 import sys
@@ -56,10 +57,17 @@ def test_tiny_pipeline_writes_a_loadable_delta_and_an_evaluation(tmp_path):
     # a second invocation resumes from the checkpoint; stage-2 seconds add up across invocations (the LR horizon)
     s2 = torch.load(work / "ckpt.pt", weights_only=False)["state"]["stage2_s"]
     assert s2 > 0
-    r = distill("train", "--tiny", "--steps2", "6", "--work", str(work), "--out", str(out))
+    # ... with agent traces mixed in (scripts/agent_traces.py's format): their replies' cross-entropy trains too
+    traces = tmp_path / "traces.jsonl.xz"
+    with lzma.open(traces, "wt") as f:
+        reply = ['<tool_call>\n{"name": "grep", "arguments": {"pattern": "x"}}\n</tool_call><|im_end|>', True]
+        f.write(json.dumps({"tree": "t", "segments": [["<|im_start|>user\nwhere?<|im_end|>\n", False], reply]}) + "\n")
+    r = distill("train", "--tiny", "--steps2", "6", "--work", str(work), "--out", str(out), "--traces", str(traces),
+                "--trace-frac", "0.5")
     assert r.returncode == 0, r.stderr[-3000:]
     state = torch.load(work / "ckpt.pt", weights_only=False)["state"]
     assert "resumed at stage 2 step 4" in r.stderr + r.stdout and state["step"] == 6 and state["stage2_s"] > s2
+    assert "traces: 1 from" in r.stdout and all(math.isfinite(x["loss"]) for x in state["log"])
 
     r = distill("train", "--tiny", "--chunk-op", "triton", "--work", str(work), "--out", str(out))
     assert r.returncode != 0 and "no backward" in r.stderr and "Traceback" not in r.stderr

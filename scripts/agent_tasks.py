@@ -1,0 +1,320 @@
+"""Agent tasks with checkable answers, built from a real source tree or a case-file folder: the questions of
+scripts/agent_traces.py (training traces) and benchmarks/agent_eval.py (the evaluation), which draw them from
+disjoint trees (distill.py's package split: the evaluation only from held-out packages).
+
+Kinds, each answered by one real tool call whose result holds the answer:
+  where     "Where is X defined?"            grep (class|def) X -> the one file that defines it
+  returns   "What does f return?"            grep def f -> the signature's return annotation
+  uses      "Which files use X?"             grep \\bX\\b -> every file (2 to 4) that names it
+  value     "What is NAME set to?"           grep ^NAME = -> the constant's value and file
+  document  "Which document and page say .." grep "<phrase>" -> file and [page N] / [section] anchor
+
+A task's `expect` is a list of groups of strings: the answer is exact when each group has a member that appears in
+it (compared without case, spaces and backticks).
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deltamem.tools import ToolContext, default_tools, project_files, run_tool
+
+KINDS = ("where", "returns", "uses", "value", "document")
+
+
+@dataclass
+class Task:
+    kind: str
+    question: str
+    calls: list[tuple[str, dict]]  # the tool calls that answer it, in order
+    expect: list[list[str]]
+    facts: dict = field(default_factory=dict)  # what the ideal answer is written from
+
+    def answer(self) -> str:
+        """The ideal final answer (training traces), citing the path."""
+        f = self.facts
+        if self.kind == "where":
+            return f"`{f['name']}` is defined in `{f['path']}` (line {f['line']})."
+        if self.kind == "returns":
+            return f"`{f['name']}` returns `{f['type']}` (defined in `{f['path']}`, line {f['line']})."
+        if self.kind == "uses":
+            paths = [f"`{p}`" for p in f["paths"]]
+            listed = ", ".join(paths[:-1]) + " and " + paths[-1]
+            return f"`{f['name']}` is used in {len(paths)} files: {listed}."
+        if self.kind == "value":
+            return f"`{f['name']}` is set to `{f['value']}` in `{f['path']}` (line {f['line']})."
+        return f"`{f['path']}`, {f['anchor']}: {f['sentence']}"
+
+
+def _norm(s: str) -> str:
+    """Lower case, quotes and backticks as spaces, no spaces inside brackets or after commas, single spaces."""
+    s = re.sub(r"[`'\"]", " ", s.lower())
+    s = re.sub(r"\s*([,\[\]()])\s*", r"\1", s)
+    return re.sub(r"\s+", " ", s).strip()
+
+
+def exact(task: Task | list[list[str]], answer: str) -> bool:
+    """Each group of the task's expect has a member in the answer, as a whole token: `str` is not found in
+    `string`, nor `1` in `10` (compared without case, spaces, quotes and backticks)."""
+    a = _norm(answer)
+    expect = task.expect if isinstance(task, Task) else task
+    return all(any(_whole(_norm(x), a) for x in group) for group in expect)
+
+
+def _whole(x: str, a: str) -> bool:
+    return re.search(rf"(?<![a-z0-9_]){re.escape(x)}(?![a-z0-9_])", a) is not None
+
+
+WHERE_Q = [
+    "Where is {what} `{name}` defined?",
+    "Which file defines {what} `{name}`?",
+    "In which file is {what} {name} defined?",
+    "Where can I find the definition of `{name}`?",
+]
+RETURNS_Q = [
+    "What does `{name}` return?",
+    "What type does the function {name} return?",
+    "What is the return type of `{name}`?",
+]
+USES_Q = ["Which files use `{name}`?", "In which files is {name} used?", "Which modules refer to `{name}`?"]
+VALUE_Q = ["What is `{name}` set to?", "What is the value of {name}?", "Which value does the constant `{name}` have?"]
+
+
+def _python_index(root: Path) -> tuple[dict[str, list], list[tuple[str, str]]]:
+    """name -> [(kind, path, line, node, def line)] for top-level definitions and constants; and every file's
+    (path, text)."""
+    defs: dict[str, list] = {}
+    files = []
+    for rel in project_files(root):
+        if rel.suffix != ".py":
+            continue
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        path = rel.as_posix()
+        files.append((path, text))
+        lines = text.splitlines()
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                kind = "class" if isinstance(node, ast.ClassDef) else "function"
+                defs.setdefault(node.name, []).append((kind, path, node.lineno, node, lines[node.lineno - 1]))
+            elif (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+                and re.fullmatch(r"[A-Z][A-Z0-9_]{3,}", node.targets[0].id)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, int | float | str)
+                and not isinstance(node.value.value, bool)
+                and node.lineno == node.end_lineno
+            ):
+                seg = ast.get_source_segment(text, node.value) or ""
+                if 0 < len(seg) <= 40:
+                    defs.setdefault(node.targets[0].id, []).append(
+                        ("value", path, node.lineno, seg, lines[node.lineno - 1])
+                    )
+    return defs, files
+
+
+def _grep_count(files: list[tuple[str, str]], pattern: str) -> tuple[int, Counter]:
+    rx = re.compile(pattern)
+    per = Counter()
+    for path, text in files:
+        for line in text.splitlines():
+            if rx.search(line):
+                per[path] += 1
+    return sum(per.values()), per
+
+
+def python_tasks(root: Path, rng: random.Random, per_kind: int) -> list[Task]:
+    """Up to per_kind tasks of each code kind from the Python files under root, each checked against the real
+    tool's output (the tool result must contain what the answer states)."""
+    defs, files = _python_index(root)
+    names = sorted(n for n, d in defs.items() if len(d) == 1 and len(n) >= 4 and not n.startswith("_"))
+    rng.shuffle(names)
+    out: dict[str, list[Task]] = {k: [] for k in ("where", "returns", "uses", "value")}
+    for name in names:
+        kind, path, line, node, src = defs[name][0]
+        for k in rng.sample(list(out), len(out)):  # each name asked about once, of a kind drawn at random
+            if len(out[k]) < per_kind:
+                task = _code_task(k, name, kind, path, line, node, src, files, rng)
+                if task is not None:
+                    out[k].append(task)
+                    break
+    tasks = [t for k in out for t in out[k]]
+    return [t for t in tasks if _consistent(root, t)]
+
+
+def _code_task(k: str, name: str, kind: str, path: str, line: int, node, src: str, files, rng) -> Task | None:
+    """A task of kind k about `name` (a definition of `kind` at path:line), or None if the name does not suit it."""
+    if k == "where" and kind in ("class", "function"):
+        pattern = f"(class|def) {name}\\b"
+        if _grep_count(files, pattern)[0] == 1:
+            what = "the class" if kind == "class" else "the function"
+            q = rng.choice(WHERE_Q).format(what=what, name=name)
+            return Task(
+                "where", q, [("grep", {"pattern": pattern})], [[path]], {"name": name, "path": path, "line": line}
+            )
+    if k == "returns" and kind == "function" and node.returns is not None:
+        ann = ast.unparse(node.returns)
+        pattern = f"def {name}\\b"
+        if ann != "None" and f"-> {ann}" in src and _grep_count(files, pattern)[0] == 1:
+            q = rng.choice(RETURNS_Q).format(name=name)
+            facts = {"name": name, "path": path, "line": line, "type": ann}
+            return Task("returns", q, [("grep", {"pattern": pattern})], [[ann]], facts)
+    if k == "value" and kind == "value":
+        pattern = f"^{name} ="
+        if _grep_count(files, pattern)[0] == 1:
+            q = rng.choice(VALUE_Q).format(name=name)
+            facts = {"name": name, "path": path, "line": line, "value": node}
+            return Task("value", q, [("grep", {"pattern": pattern})], [[node], [path]], facts)
+    if k == "uses" and kind in ("class", "function"):
+        pattern = f"\\b{name}\\b"
+        total, per = _grep_count(files, pattern)
+        if 2 <= len(per) <= 4 and total <= 16:
+            paths = sorted(per)
+            q = rng.choice(USES_Q).format(name=name)
+            return Task(
+                "uses", q, [("grep", {"pattern": pattern})], [[p] for p in paths], {"name": name, "paths": paths}
+            )
+    return None
+
+
+def _consistent(root: Path, task: Task) -> bool:
+    """The real tool, run on the real tree, shows everything the answer states."""
+    result = run_calls(root, task)[-1][1]
+    return all(any(x in result for x in group) for group in task.expect) and "truncated" not in result
+
+
+def run_calls(root: Path, task: Task) -> list[tuple[bool, str]]:
+    ctx, tools = ToolContext(root=root), default_tools()
+    return [run_tool(ctx, tools, name, args) for name, args in task.calls]
+
+
+# ---------------------------------------------------------------------------------------------- case files
+# Fact templates ("the ATTRIBUTE for ENTITY is VALUE"). Training folders and the evaluation's use disjoint ones.
+THEMES = {
+    "train": [
+        ("monthly rent", "unit {c}{n}", "{m},{k}00 EUR"),
+        ("deposit", "unit {c}{n}", "{m},{k}50 EUR"),
+        ("notice period", "tenant file T-{nn}", "{n} months"),
+        ("inspection date", "site {w}-{n}", "{d} {mon} 2026"),
+        ("service charge", "building {w}", "{k}{n} EUR a quarter"),
+        ("parking fee", "bay {nn}", "{k}{n} EUR a month"),
+        ("contract number", "supplier {w}", "K-{nnn}"),
+        ("delivery window", "store {w}", "{n} to {m} days"),
+        ("start date", "employee {w} {c}.", "{d} {mon} 2027"),
+        ("annual budget", "department {w}", "{m}{k}0,000 EUR"),
+    ],
+    "eval": [
+        ("deductible", "claim C-{nnn}", "{m}{k}0 EUR"),
+        ("warranty period", "product line {w}", "{n} years"),
+        ("unit price", "order PO-{nnn}", "{m}.{k}{n} EUR"),
+        ("penalty rate", "project {w}", "{n}.{k}% a week"),
+        ("approval date", "permit P-{nn}", "{d} {mon} 2026"),
+        ("insured value", "vessel {w}", "{m}.{n} million EUR"),
+        ("response deadline", "tender {w}-{n}", "{d} {mon} 2027"),
+    ],
+}
+WORDS = (
+    "Alder Birch Cedar Delta Ember Fjord Granite Harbor Iris Juniper Kestrel Larch Meadow Nimbus Onyx Pebble "
+    "Quarry Raven Summit Tundra Umber Vale Willow Yarrow Zephyr".split()
+)
+MONTHS = "January February March April May June July August September October November December".split()
+FILLER = [
+    "The parties met to review the open items listed in the schedule.",
+    "All amounts are stated without value added tax unless noted otherwise.",
+    "This section summarises the correspondence received during the period.",
+    "Copies of the signed pages are kept in the archive of the office.",
+    "Questions about this document go to the administration desk.",
+    "The figures below were checked against the ledger at the end of the month.",
+    "Any change to these terms must be agreed in writing by both sides.",
+    "The committee noted the report and asked for an update next quarter.",
+]
+DOC_Q = [
+    "Which document states the {attr} for {entity}, and on which page?",
+    "Where in the case files is the {attr} for {entity} given? Cite the file and page.",
+    "Which file and page give the {attr} for {entity}?",
+]
+DOCX_Q = [
+    "Which document states the {attr} for {entity}, and in which section?",
+    "Where in the case files is the {attr} for {entity} given? Cite the file and section.",
+]
+
+
+def _fill(template: str, rng: random.Random) -> str:
+    return template.format(
+        c=rng.choice("ABCDEFGH"),
+        n=rng.randint(2, 9),
+        m=rng.randint(1, 9),
+        k=rng.randint(1, 9),
+        nn=rng.randint(10, 99),
+        nnn=rng.randint(1000, 9999),
+        w=rng.choice(WORDS),
+        d=rng.randint(1, 28),
+        mon=rng.choice(MONTHS),
+    )
+
+
+def case_folder(root: Path, rng: random.Random, split: str, n_docs: int = 6, facts_per_doc: int = 4) -> list[Task]:
+    """Write a folder of PDF (pages) and DOCX (sections) documents with facts in them (fpdf2, python-docx), and
+    one question per fact."""
+    import docx
+    from fpdf import FPDF
+
+    root.mkdir(parents=True, exist_ok=True)
+    themes = THEMES[split]
+    tasks, seen = [], set()
+    for i in range(n_docs):
+        facts = []
+        while len(facts) < facts_per_doc:
+            attr, ent, val = rng.choice(themes)
+            entity, value = _fill(ent, rng), _fill(val, rng)
+            if (attr, entity) not in seen:
+                seen.add((attr, entity))
+                facts.append((attr, entity, value))
+        kind = rng.choice(["report", "memo", "schedule", "minutes", "review", "letter"])
+        stem = f"{kind}_{rng.choice(WORDS).lower()}_{i + 1}"
+        pdf = i % 2 == 0
+        name = stem + (".pdf" if pdf else ".docx")
+        sections = [[rng.choice(FILLER) for _ in range(rng.randint(2, 4))] for _ in range(rng.randint(3, 5))]
+        headings = [
+            f"{rng.choice(['Terms', 'Schedule', 'Findings', 'Costs', 'Notes', 'Dates'])} {j + 1}"
+            for j in range(len(sections))
+        ]
+        placed = []
+        for attr, entity, value in facts:
+            j = rng.randrange(len(sections))
+            sentence = f"The {attr} for {entity} is {value}."
+            sections[j].insert(rng.randint(0, len(sections[j])), sentence)
+            placed.append((attr, entity, sentence, j))
+        if pdf:
+            doc = FPDF()
+            for lines in sections:
+                doc.add_page()
+                doc.set_font("helvetica", size=11)
+                for line in lines:
+                    doc.multi_cell(0, 7, line, new_x="LMARGIN", new_y="NEXT")
+            doc.output(str(root / name))
+        else:
+            d = docx.Document()
+            d.add_heading(stem.replace("_", " ").title(), 1)
+            for h, lines in zip(headings, sections, strict=True):
+                d.add_heading(h, 2)
+                for line in lines:
+                    d.add_paragraph(line)
+            d.save(root / name)
+        for attr, entity, sentence, j in placed:
+            anchor = f"page {j + 1}" if pdf else f"section {headings[j]}"
+            q = rng.choice(DOC_Q if pdf else DOCX_Q).format(attr=attr, entity=entity)
+            expect = [[name], [f"page {j + 1}", f"p. {j + 1}", f"p.{j + 1}"] if pdf else [headings[j]]]
+            facts = {"path": name, "anchor": anchor, "sentence": sentence}
+            tasks.append(Task("document", q, [("grep", {"pattern": f"{attr} for {entity}"})], expect, facts))
+    return [t for t in tasks if _consistent(root, t)]

@@ -1,0 +1,171 @@
+"""The agent's training traces and evaluation questions (scripts/agent_tasks.py, scripts/agent_traces.py), checked
+against what the tests themselves wrote: a real git repository whose definitions sit in known files, case files
+written with fpdf2 and python-docx whose facts sit on known pages and sections, the chat template's own rendering of
+a conversation, and the tokenizer's own encoding of the replies that distill.py trains on."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.repos import git_repo
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+agent_tasks = pytest.importorskip("agent_tasks")
+
+CORE = '''"""Core."""
+TIMEOUT_SECONDS = 30
+RETRY_LABEL = "again"
+
+
+class Engine:
+    def start(self) -> None:
+        pass
+
+
+def build_index(rows: list) -> dict[str, int]:
+    return {}
+
+
+def shared_name():
+    return Engine()
+'''
+UTIL = """from pkg.core import Engine
+
+
+def helper_function(e: Engine) -> str:
+    return "x"
+
+
+def shared_name():
+    return 1
+"""
+APP = """from pkg.core import Engine
+engine = Engine()
+"""
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    return git_repo(
+        tmp_path / "proj", {"pkg/core.py": CORE, "pkg/util.py": UTIL, "pkg/app.py": APP, "README.md": "# proj\n"}
+    )
+
+
+def _by(tasks, kind, name):
+    return [t for t in tasks if t.kind == kind and t.facts.get("name") == name]
+
+
+def test_code_tasks_point_where_the_repository_has_them(repo):
+    tasks = [t for seed in range(12) for t in agent_tasks.python_tasks(repo, random.Random(seed), per_kind=20)]
+    seen = {(t.kind, t.facts["name"]) for t in tasks}
+    assert {("where", "Engine"), ("uses", "Engine"), ("returns", "build_index"), ("value", "TIMEOUT_SECONDS")} <= seen
+    for t in tasks:
+        if t.kind == "where":
+            assert t.expect == [
+                [{"Engine": "pkg/core.py", "build_index": "pkg/core.py"}.get(t.facts["name"], "pkg/util.py")]
+            ]
+        if t.kind == "uses" and t.facts["name"] == "Engine":  # the three files the name appears in
+            assert t.expect == [["pkg/app.py"], ["pkg/core.py"], ["pkg/util.py"]]
+        if t.kind == "returns":
+            assert t.expect == [{"build_index": ["dict[str, int]"], "helper_function": ["str"]}[t.facts["name"]]]
+        if t.kind == "value":
+            assert t.expect == [
+                {"TIMEOUT_SECONDS": ["30"], "RETRY_LABEL": ['"again"']}[t.facts["name"]],
+                ["pkg/core.py"],
+            ]
+        assert agent_tasks.exact(t, t.answer()), t.answer()
+        ok, result = agent_tasks.run_calls(repo, t)[0]
+        assert ok and t.calls[0][0] == "grep"
+    assert "shared_name" not in {t.facts["name"] for t in tasks}  # defined twice: no single answer
+    t = next(t for t in tasks if t.kind == "where" and t.facts["name"] == "Engine")
+    assert not agent_tasks.exact(t, t.answer().replace("pkg/core.py", "pkg/util.py"))
+    assert agent_tasks.exact(t, t.answer().replace("`", ""))  # backticks and spacing do not matter
+    assert agent_tasks.exact([["str"]], "It returns `str`.") and not agent_tasks.exact([["str"]], "a string")
+    assert not agent_tasks.exact([["30"], ["pkg/core.py"]], "300 in pkg/core.py")  # whole values only
+    assert not agent_tasks.exact([["pkg/core.py"]], "mypkg/core.py")
+    assert agent_tasks.exact([["dict[str, int]"]], "It returns `dict[str,int]`.")
+
+
+def test_case_folder_facts_sit_on_the_pages_and_sections_the_tasks_name(tmp_path):
+    from deltamem.tools.documents import convert
+
+    tasks = agent_tasks.case_folder(tmp_path / "case", random.Random(3), "eval", n_docs=4, facts_per_doc=3)
+    assert len(tasks) == 12 and {t.kind for t in tasks} == {"document"}
+    for t in tasks:
+        text = convert(tmp_path / "case" / t.facts["path"])
+        anchor = t.facts["anchor"]
+        if anchor.startswith("page "):
+            n = int(anchor.split()[1])
+            page = text.split(f"[page {n}]\n", 1)[1].split("[page ", 1)[0]
+            assert t.facts["sentence"] in page
+        else:
+            heading = anchor.removeprefix("section ")
+            section = text.split(f"## {heading}\n", 1)[1].split("\n#", 1)[0]
+            assert t.facts["sentence"] in section
+        assert agent_tasks.exact(t, t.answer())
+    train = {a for a, _, _ in agent_tasks.THEMES["train"]}
+    assert not train & {a for a, _, _ in agent_tasks.THEMES["eval"]}  # the evaluation's facts are never trained
+
+
+def test_trace_segments_are_the_rendered_conversation(repo):
+    agent_traces = pytest.importorskip("agent_traces")
+    from deltamem.agent.prompt import ChatTemplate
+    from deltamem.model.gguf_file import smollm2_gguf
+    from deltamem.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(smollm2_gguf())
+    template = ChatTemplate.for_tokenizer(tok)
+    tasks = agent_tasks.python_tasks(repo, random.Random(0), per_kind=20)
+    task = next(t for t in tasks if t.kind == "where")
+    msgs = [{"role": "system", "content": "S"}, *agent_traces.episode(repo, task)]
+    tool = msgs[3]
+    assert tool["role"] == "tool" and tool["content"].startswith("[grep] pkg/")  # the real tool's real output
+    segs = agent_traces.segments(template, msgs)
+    assert "".join(s for s, _ in segs) == template.render(msgs, add_generation_prompt=False)
+    assert [s for s, y in segs if y] == [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
+
+    seqs = agent_traces.sessions(repo, "proj", "proj", tasks[:3], tok, template, 4096, random.Random(1))
+    for s in seqs:
+        text = "".join(x for x, _ in s["segments"])
+        assert text.startswith("<|im_start|>system\nYou are deltamem") and len(tok.encode(text)) <= 4096
+
+
+def test_distill_batches_train_on_the_replies_alone(repo, tmp_path):
+    import torch
+
+    agent_traces = pytest.importorskip("agent_traces")
+    import distill
+
+    from deltamem.agent.prompt import ChatTemplate
+    from deltamem.model.gguf_file import smollm2_gguf
+    from deltamem.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(smollm2_gguf())
+    template = ChatTemplate.for_tokenizer(tok)
+    task = agent_tasks.python_tasks(repo, random.Random(0), per_kind=20)[0]
+    segs = agent_traces.segments(template, [{"role": "system", "content": "S"}, *agent_traces.episode(repo, task)])
+    with lzma.open(tmp_path / "traces.jsonl.xz", "wt") as f:
+        f.write(json.dumps({"tree": "proj", "segments": segs}) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    np.random.default_rng(0).integers(3, 49152, 5000).astype(np.uint16).tofile(work / "train.u16")
+    data = distill.Batches(
+        work, seed=0, chat_frac=0.0, tok=tok, traces=tmp_path / "traces.jsonl.xz", trace_frac=1.0, ce_weights=(0.5, 2.0)
+    )
+    ids, weights = data(2, 512, torch.device("cpu"))
+    expect = [t for s, _ in segs for t in tok.encode(s)]
+    replies = [tok.encode(s) for s, y in segs if y]
+    for row, w in zip(ids.tolist(), weights.numpy(), strict=True):
+        assert row[-len(expect) :] == expect and row[-len(expect) - 1] == distill.EOT  # after code and an end of text
+        assert set(np.unique(w)) == {0.0, 2.0}
+        trained = [t for t, x in zip(row, w, strict=True) if x]
+        assert trained == [t for r in replies for t in r]
