@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -263,7 +264,10 @@ def load_model(
     if str(path) == "default":
         from deltamem.model.distilled import default_model
 
-        model, tokenizer, fp, meta = default_model(dtype, device)
+        delta = os.environ.get("DELTAMEM_DELTA")  # another delta for the default model (A/B evaluations)
+        if delta and not Path(delta).is_file():
+            raise CheckpointError(f"DELTAMEM_DELTA={delta}: no such file")
+        model, tokenizer, fp, meta = default_model(dtype, device, *([Path(delta)] if delta else []))
         trained_window = int(meta["window"]) if meta.get("window") else None
     elif str(path) == "random":
         from deltamem.model.random_hybrid import random_model

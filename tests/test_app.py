@@ -99,3 +99,24 @@ def test_chat_json_prints_one_object_per_turn(tmp_path):
     turns = [json.loads(line) for line in r.stdout.splitlines()]
     assert [t["outcome"] in ("answer", "step_limit") for t in turns] == [True, True]
     assert turns[1]["tokens_seen"] == turns[0]["tokens_seen"] + turns[1]["tokens_fed"]
+
+
+def test_deltamem_delta_picks_another_delta_for_the_default_model(tmp_path, monkeypatch):
+    """DELTAMEM_DELTA (A/B evaluations, benchmarks/agent_eval.py): the default model built from another delta file
+    is another model (its own fingerprint); a missing file is one clear line."""
+    from safetensors.torch import load_file, save_file
+
+    from deltamem.model.distilled import DELTA
+
+    monkeypatch.setenv("DELTAMEM_DELTA", str(tmp_path / "missing.safetensors"))
+    r = deltamem("info", "--model", "default")
+    assert r.returncode == 1 and "DELTAMEM_DELTA" in r.stderr and "Traceback" not in r.stderr
+    tensors = load_file(str(DELTA))
+    name = next(k for k in sorted(tensors) if k.endswith("norm.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata={"window": "1024", "sink": "4"})
+    monkeypatch.setenv("DELTAMEM_DELTA", str(tmp_path / "other.safetensors"))
+    other = json.loads(deltamem("info", "--model", "default").stdout)
+    monkeypatch.delenv("DELTAMEM_DELTA")
+    shipped = json.loads(deltamem("info", "--model", "default").stdout)
+    assert other["fingerprint"] != shipped["fingerprint"] and other["layer_types"] == shipped["layer_types"]

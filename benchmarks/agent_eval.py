@@ -1,0 +1,343 @@
+"""The default model as an agent, evaluated as a user meets it: real `deltamem ingest` of held-out repositories and
+case-file folders, then each question through the real `deltamem run --json` on its own fork of the ingested
+session (`deltamem sessions fork`), so that every question starts from the same memory.
+
+Repositories: installed packages that scripts/distill.py holds out (its package split; the agent traces train only
+on the others), each copied into a git repository. Case-file folders: PDF and DOCX files written with fpdf2 and
+python-docx, with facts from templates the traces never use. Questions and their checks: scripts/agent_tasks.py.
+
+Scores per delta: exact answers (the path, name, type or value, and for documents the page or section), tool calls
+that were valid (parsed and ran without error), model calls used, degenerate replies (ended by the loop guard),
+runs that hit the step limit, wall time. Results: benchmarks/results/agent_eval.{json,md}.
+
+    python benchmarks/agent_eval.py --delta previous=OLD.safetensors --delta new=model/data/smollm2_hybrid.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import RESULTS, ROOT, device_name, versions
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import agent_tasks  # noqa: E402
+from distill import held_out  # noqa: E402
+
+from deltamem.agent.graph import INVALID_CALL  # noqa: E402
+from deltamem.agent.session import LOOP_MARKER  # noqa: E402
+
+# (distribution name as distill.py splits packages, the importable top-level package); all held out
+REPOS = [
+    ("tenacity", "tenacity"),
+    ("tabulate", "tabulate"),
+    ("click", "click"),
+    ("markdown-it-py", "markdown_it"),
+    ("stdlib:email", "email"),
+    ("pycparser", "pycparser"),
+    ("pdfplumber", "pdfplumber"),
+]
+CASE_FOLDERS = 2
+
+
+def package_dir(module: str) -> Path:
+    if module == "email":
+        return Path(sysconfig.get_paths()["stdlib"]) / "email"
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{module} is not installed here: pip install it (it is one of the held-out repositories)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def git_repo(src: Path, dest: Path) -> Path:
+    """src's Python and text files as a git repository dest/<src.name>/..."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    for p in src.rglob("*"):
+        if p.is_file() and p.suffix in (".py", ".md", ".rst", ".txt", ".typed") and "__pycache__" not in p.parts:
+            q = dest / src.name / p.relative_to(src)
+            q.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, q)
+    git = ["git", "-C", str(dest), "-c", "user.name=eval", "-c", "user.email=eval@example.org"]
+    subprocess.run(["git", "init", "-q", str(dest)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "import"], check=True)
+    return dest
+
+
+def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int) -> list[dict]:
+    """The evaluation set: [{name, root, tasks}]; at least 5 repositories and CASE_FOLDERS folders."""
+    rng = random.Random(seed)
+    sets, code = [], 0
+    want_code = questions - CASE_FOLDERS * per_folder
+    for dist, module in REPOS:
+        assert held_out(dist), f"{dist} is not held out of training"
+        if len(sets) >= 5 and code >= want_code:
+            break
+        root = git_repo(package_dir(module), work / "repos" / module)
+        tasks = agent_tasks.python_tasks(root, rng, per_kind=per_repo // 4 + 2)
+        by_kind: dict[str, list] = {}
+        for t in tasks:
+            by_kind.setdefault(t.kind, []).append(t)
+        picked = []
+        while len(picked) < per_repo and any(by_kind.values()):  # round robin over the kinds
+            for k in list(by_kind):
+                if by_kind[k] and len(picked) < per_repo:
+                    picked.append(by_kind[k].pop(0))
+        sets.append({"name": module, "root": root, "tasks": picked})
+        code += len(picked)
+    for i in range(CASE_FOLDERS):
+        root = work / "cases" / f"case_files_{i + 1}"
+        if root.exists():
+            shutil.rmtree(root)
+        tasks = agent_tasks.case_folder(root, rng, "eval", n_docs=6, facts_per_doc=3)
+        sets.append({"name": root.name, "root": root, "tasks": tasks[:per_folder]})
+    return sets
+
+
+def cli(*args: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), *args], capture_output=True, text=True, env=env, timeout=1800
+    )
+    return r, time.perf_counter() - t0
+
+
+def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args) -> dict:
+    db = work / label / "memory.db"
+    if db.parent.exists():
+        shutil.rmtree(db.parent)
+    db.parent.mkdir(parents=True)
+    env = {
+        **os.environ,
+        "DELTAMEM_DELTA": str(delta.resolve()),
+        "DELTAMEM_DB": str(db),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    common = ["--device", args.device]
+    records, ingests = [], []
+    for s in sets:
+        r, wall = cli("ingest", "--repo", str(s["root"]), "--json", *common, env=env)
+        if r.returncode != 0:
+            raise SystemExit(f"ingest of {s['name']} failed: {r.stderr[-2000:]}")
+        ing = json.loads(r.stdout)
+        ingests.append({"set": s["name"], "tokens": ing["tokens"], "files": ing["files"], "wall_s": round(wall, 1)})
+        print(f"[{label}] ingested {s['name']}: {ing['tokens']:,} tokens in {wall:.0f} s", flush=True)
+
+        def ask(i_task: tuple[int, agent_tasks.Task], s: dict = s, ing: dict = ing) -> dict:
+            i, task = i_task
+            f, _ = cli("sessions", "fork", ing["session"], "--json", "--title", f"{s['name']}-q{i}", env=env)
+            if f.returncode != 0:
+                raise SystemExit(f"fork failed: {f.stderr[-1000:]}")
+            fork = json.loads(f.stdout)["session"]
+            r, wall = cli(
+                "run",
+                "--repo",
+                str(s["root"]),
+                "--session",
+                fork,
+                "--json",
+                "--max-steps",
+                str(args.max_steps),
+                *common,
+                task.question,
+                env=env,
+            )
+            out = json.loads(r.stdout) if r.stdout.strip() else {}
+            calls = out.get("tool_calls", [])
+            answer = out.get("answer", "")
+            return {
+                "set": s["name"],
+                "kind": task.kind,
+                "question": task.question,
+                "expect": task.expect,
+                "exit": r.returncode,
+                "outcome": out.get("outcome"),
+                "answer": answer,
+                "exact": r.returncode == 0 and agent_tasks.exact(task, answer),
+                "calls": len(calls),
+                "valid_calls": sum(1 for c in calls if c["ok"] and c["tool"] != INVALID_CALL),
+                "tools": [c["tool"] for c in calls],
+                "model_calls": model_calls(out.get("outcome"), len(calls), args.max_steps),
+                "degenerate": LOOP_MARKER.strip() in answer,
+                "wall_s": round(wall, 2),
+                "error": r.stderr[-500:] if r.returncode not in (0, 3) else "",
+            }
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for rec in pool.map(ask, enumerate(s["tasks"])):
+                records.append(rec)
+                mark = "ok " if rec["exact"] else "-- "
+                print(f"[{label}] {mark}{rec['set']} {rec['kind']}: {rec['answer'][:100]!r}", flush=True)
+    return {"label": label, "delta": delta.name, "summary": summary(records), "ingest": ingests, "records": records}
+
+
+def model_calls(outcome: str | None, calls: int, max_steps: int) -> int:
+    """Replies the model wrote: one per tool call and the answer's; a run stopped at the step limit wrote max_steps
+    (the last one's calls were not run)."""
+    return calls + 1 if outcome == "answer" else max_steps if outcome == "step_limit" else calls
+
+
+def summary(records: list[dict]) -> dict:
+    n = len(records)
+    calls = sum(r["calls"] for r in records)
+    kinds = Counter(r["kind"] for r in records)
+    return {
+        "questions": n,
+        "exact": round(sum(r["exact"] for r in records) / n, 3),
+        "exact_by_kind": {
+            k: round(sum(r["exact"] for r in records if r["kind"] == k) / c, 3) for k, c in kinds.items()
+        },
+        "questions_by_kind": dict(kinds),
+        "used_a_tool": round(sum(r["calls"] > 0 for r in records) / n, 3),
+        "tool_calls": calls,
+        "valid_tool_calls": round(sum(r["valid_calls"] for r in records) / calls, 3) if calls else None,
+        "model_calls_mean": round(sum(r["model_calls"] for r in records) / n, 2),
+        "degenerate": sum(r["degenerate"] for r in records),
+        "step_limit": sum(r["outcome"] == "step_limit" for r in records),
+        "errors": sum(r["exit"] not in (0, 3) for r in records),
+        "wall_s_mean": round(sum(r["wall_s"] for r in records) / n, 2),
+    }
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    labels = [r["label"] for r in results]
+    rows = [
+        ("questions", "questions"),
+        ("exact answers (target >= 60%)", "exact"),
+        ("answers that used a tool", "used_a_tool"),
+        ("tool calls", "tool_calls"),
+        ("valid tool calls (target >= 95%)", "valid_tool_calls"),
+        ("model calls per question", "model_calls_mean"),
+        ("degenerate replies (target 0)", "degenerate"),
+        ("runs at the step limit", "step_limit"),
+        ("runs that failed", "errors"),
+        ("wall time per question, s", "wall_s_mean"),
+    ]
+    pct = {"exact", "used_a_tool", "valid_tool_calls"}
+    lines = [
+        "# The default model as an agent (benchmarks/agent_eval.py)",
+        "",
+        f"{meta['device']}; {meta['questions']} questions over {meta['repositories']} held-out repositories and "
+        f"{meta['folders']} case-file folders; each through `deltamem run --json` on a fork of the ingested session, "
+        f"--max-steps {meta['max_steps']}, greedy.",
+        "",
+        "| | " + " | ".join(labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for name, key in rows:
+        vals = [r["summary"][key] for r in results]
+        lines.append(
+            f"| {name} | "
+            + " | ".join("-" if v is None else f"{100 * v:.1f}%" if key in pct else f"{v:,}" for v in vals)
+            + " |"
+        )
+    for k in agent_tasks.KINDS:
+        vals = [r["summary"]["exact_by_kind"].get(k) for r in results]
+        n = results[0]["summary"]["questions_by_kind"].get(k, 0)
+        lines.append(
+            f"| exact, {k} ({n}) | " + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in vals) + " |"
+        )
+    lines += [
+        "",
+        "Ingest per set (tokens, wall seconds): "
+        + "; ".join(f"{i['set']} {i['tokens']:,} tok" for i in results[0]["ingest"])
+        + ".",
+        "",
+    ]
+    for r in results:
+        lines.append(
+            f"- {r['label']}: {r['delta']}; ingest wall "
+            + ", ".join(f"{i['set']} {i['wall_s']:.0f} s" for i in r["ingest"])
+            + "."
+        )
+    lines += ["", "Sample answers (first question of each kind, each delta):", ""]
+    for r in results:
+        seen = set()
+        for rec in r["records"]:
+            if rec["kind"] not in seen:
+                seen.add(rec["kind"])
+                mark = "exact" if rec["exact"] else "wrong"
+                lines.append(f"- {r['label']} / {rec['set']} / {rec['question']} -> {rec['answer'][:160]!r} ({mark})")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="score these runs' results again, side by side")
+    ap.add_argument(
+        "--delta",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="a delta of the default model to evaluate (repeat to compare, side by side)",
+    )
+    ap.add_argument("--questions", type=int, default=150)
+    ap.add_argument("--per-repo", type=int, default=24)
+    ap.add_argument("--per-folder", type=int, default=15)
+    ap.add_argument("--max-steps", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="questions run at once")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--only", action="append", help="evaluate only this set (repeat; a quick check, not the table)")
+    ap.add_argument("--limit", type=int, default=3, help="with --only: questions per set")
+    ap.add_argument("--work", type=Path, default=Path("agent-eval-work"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "agent_eval")
+    args = ap.parse_args()
+    if args.merge:  # results of separate runs on the same questions, scored again and tabled side by side
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        results = [r for run in runs for r in run["results"]]
+        for r in results:
+            for rec in r["records"]:
+                rec["exact"] = rec["exit"] == 0 and agent_tasks.exact(rec["expect"], rec["answer"])
+                rec["model_calls"] = model_calls(rec["outcome"], rec["calls"], runs[0]["meta"]["max_steps"])
+            r["summary"] = summary(r["records"])
+        write(args.out, results, runs[0]["meta"])
+        return
+    if not args.delta:
+        raise SystemExit("give at least one --delta LABEL=PATH (or --merge)")
+    deltas = []
+    for d in args.delta:
+        label, sep, path = d.partition("=")
+        if not sep or not Path(path).is_file():
+            raise SystemExit(f"--delta {d!r}: give LABEL=PATH of an existing delta file")
+        deltas.append((label, Path(path)))
+    args.work.mkdir(parents=True, exist_ok=True)
+    sets = build(args.work, args.seed, args.questions, args.per_repo, args.per_folder)
+    if args.only:  # a quick look at some sets, a few questions each
+        sets = [dict(s, tasks=s["tasks"][: args.limit]) for s in sets if s["name"] in args.only]
+    n = sum(len(s["tasks"]) for s in sets)
+    print(f"{n} questions: " + ", ".join(f"{s['name']} {len(s['tasks'])}" for s in sets), flush=True)
+    results = [evaluate(label, path, sets, args.work, args) for label, path in deltas]
+    meta = {
+        "device": device_name() if args.device != "cpu" else f"CPU, {os.cpu_count()} cores",
+        "questions": n,
+        "repositories": sum(not s["name"].startswith("case_files") for s in sets),
+        "max_steps": args.max_steps,
+        "folders": sum(s["name"].startswith("case_files") for s in sets),
+        **versions(),
+    }
+    write(args.out, results, meta)
+
+
+def write(out: Path, results: list[dict], meta: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    Path(f"{out}.md").write_text(markdown(results, meta))
+    print(markdown(results, meta))
+
+
+if __name__ == "__main__":
+    main()
