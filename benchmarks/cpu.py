@@ -7,7 +7,8 @@ BASELINE, run from `git archive` in a subprocess), all at the same thread count.
 - decode: tokens/s of --decode greedy tokens after a short chat prompt (end-of-sequence ignored), with the decode
   step compiled (--compile) too; the first decode call's seconds (compiling, from torch's cache if warm) apart;
 - perplexity of each --quant on held-out text (this repository's own sources, which no training saw): a quantization
-  that costs more than 2% is not the default;
+  that costs more than 2% is not the default; and recall of a fact 2x/4x/8x the window back (scripts/distill.py's
+  test, through the engine); `--quality` measures only these two again (after a new delta) into cpu.json;
 - the machine's floors: memory read bandwidth (a 1 GiB float32 sum) over the weight bytes a decoded token streams,
   and float32 GEMM throughput over a prefill's 2 x parameters x tokens.
 
@@ -122,6 +123,39 @@ def perplexity(eng, ids: list[int]) -> float:
     return math.exp(nll.item())
 
 
+def recall(eng, filler: list[int], trials: int) -> dict[str, float]:
+    """scripts/distill.py's recall test through the engine: 'The access code for the NAME vault is CODE.', then
+    2x/4x/8x the window of held-out code, then the question; the fraction of trials in which the true 5-digit code
+    out-scores 9 random ones (log-likelihood of the answer's tokens)."""
+    import random
+
+    tok, rng = eng.tokenizer, random.Random(5)
+    names = ["amber", "cobalt", "falcon", "juniper", "meridian", "quartz", "saffron", "tundra", "violet", "zephyr"]
+    out = {}
+    for mult in (2, 4, 8):
+        dist, first = mult * eng.window, 0
+        for _ in range(trials):
+            name = rng.choice(names)
+            codes = [str(rng.randrange(10000, 99999)) for _ in range(10)]
+            s = rng.randrange(0, max(1, len(filler) - dist))
+            head = tok.encode(f"The access code for the {name} vault is {codes[0]}.\n\n")
+            q = tok.encode(f"\n\nQuestion: what is the access code for the {name} vault?\n"
+                           f"Answer: The access code for the {name} vault is")  # fmt: skip
+            eng.reset()
+            last = eng.feed(head + (filler[s:] * 2)[:dist] + q, logits="last")[0].log_softmax(-1)
+            kept = eng.keep()
+            scores = []
+            for c in codes:
+                a = tok.encode(" " + c)
+                eng.restore_kept(kept)
+                rest = eng.feed(a[:-1], logits="all").log_softmax(-1) if len(a) > 1 else None
+                tail = sum(float(rest[i, t]) for i, t in enumerate(a[1:])) if rest is not None else 0.0
+                scores.append(float(last[a[0]]) + tail)
+            first += max(range(10), key=scores.__getitem__) == 0
+        out[f"{mult}x"] = first / trials
+    return out
+
+
 def weight_bytes(eng) -> int:
     """Bytes a decoded token reads: every parameter and buffer of the packed model (the embedding rows are shared
     with the head when tied), but the unpacked int4 codes only prefill reads."""
@@ -187,6 +221,13 @@ def old_engine(prefill_ids: list[int], gguf: Path, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def quality(eng, args) -> tuple[float, dict]:
+    """Perplexity on --ppl-tokens of this repository's model/ sources (never trained on), and recall with code from
+    the same sources as filler."""
+    ids = eng.tokenizer.encode("".join(p.read_text() for p in sorted((ROOT / "model").glob("*.py"))))
+    return perplexity(eng, ids[: args.ppl_tokens]), recall(eng, ids[args.ppl_tokens :], args.recall_trials)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -194,7 +235,25 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite cpu.md from cpu.json (no measuring)")
+    ap.add_argument("--recall-trials", type=int, default=4, help="trials per distance of the recall test")
+    ap.add_argument("--quality", action="store_true",
+                    help="measure again only each --quant's perplexity and recall (after a new delta), into cpu.json")
     args = ap.parse_args()
+    if args.quality:
+        torch.set_num_threads(args.threads)
+        doc = json.loads((RESULTS / "cpu.json").read_text())
+        for r in doc["rows"]:
+            if r["engine"].startswith("deltamem default model") and "--compile" not in r["engine"]:
+                eng = load_model("default", quant=r["engine"].rsplit(" ", 1)[1])
+                r["perplexity"], r["recall"] = quality(eng, args)
+                print(r["engine"], r["perplexity"], r["recall"], flush=True)
+        for r in doc["rows"]:  # compiling changes the speed, not the numbers: the same model
+            if r["engine"].endswith(" --compile"):
+                plain = next(x for x in doc["rows"] if x["engine"] == r["engine"].removesuffix(" --compile"))
+                r["perplexity"], r["recall"] = plain["perplexity"], plain["recall"]
+        args.markdown_only = True
+        doc["recall_trials"] = args.recall_trials
+        (RESULTS / "cpu.json").write_text(json.dumps(doc, indent=2) + "\n")
     if args.markdown_only:
         doc = json.loads((RESULTS / "cpu.json").read_text())
         doc["targets"] = targets(doc["rows"], doc["floors"], args.prefill)
@@ -204,21 +263,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gguf = smollm2_gguf()
     text = corpus_text(args.prefill * 6)
-    heldout = "".join(p.read_text() for p in sorted((ROOT / "model").glob("*.py")))
-    rows, doc = [], {"cpu": cpu_info(), "versions": versions(), "threads": args.threads}
+    rows, doc = [], {"cpu": cpu_info(), "versions": versions(), "threads": args.threads,
+                     "recall_trials": args.recall_trials}
     doc["floors"] = fl = floors(args.threads)
     print(f"cpu {doc['cpu']}; floors {fl}", flush=True)
 
     base = load_model("default")
     ids = base.tokenizer.encode(text)[: args.prefill]
     chat = base.tokenizer.encode(CHAT)
-    ppl_ids = base.tokenizer.encode(heldout)[: args.ppl_tokens]
     del base
     for q, comp in [(q, False) for q in QUANTS] + [("none", True), ("int4", True)]:
         eng = load_model("default", quant=q, compile_decode=comp)
         name = f"deltamem default model, --quant {q}" + (" --compile" if comp else "")
         r = {"engine": name, **engine_rates(eng, ids, chat, args.decode)}
-        r["perplexity"] = perplexity(eng, ppl_ids)
+        if comp:  # the same model, only decoded through torch.compile
+            plain = next(x for x in rows if x["engine"] == name.removesuffix(" --compile"))
+            r["perplexity"], r["recall"] = plain["perplexity"], plain["recall"]
+        else:
+            r["perplexity"], r["recall"] = quality(eng, args)
         r["weight_bytes"] = weight_bytes(eng)
         rows.append(r)
         print(r, flush=True)
@@ -300,17 +362,21 @@ def markdown(doc: dict, args) -> str:
         f"{c['model']} ({c['machine']}; {', '.join(c['flags']) or 'no AVX2'}), {doc['threads']} threads, one run: "
         f"`python benchmarks/cpu.py`. Prefill: {args.prefill:,} tokens of Python source from an empty state; decode: "
         f"{args.decode} greedy tokens after a chat prompt. Perplexity: {args.ppl_tokens:,} tokens of this repository's "
-        "sources (never trained on).",
+        "sources (never trained on). Recall: scripts/distill.py's test through the engine (a 5-digit code 2x/4x/8x the "
+        f"window back, code of the same sources between; the fraction of {doc.get('recall_trials', 4)} trials a "
+        "distance in which the true code out-scores 9 others).",
         "",
-        "| engine | prefill tok/s | decode tok/s | first decode call s | perplexity | weight MB read per token |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| engine | prefill tok/s | decode tok/s | first decode call s | perplexity | recall 2x / 4x / 8x window "
+        "| weight MB read per token |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["rows"]:
         ppl = f"{r['perplexity']:.3f}" if "perplexity" in r else "-"
         wb = f"{r['weight_bytes'] / 1e6:.0f}" if "weight_bytes" in r else "-"
         dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
         first = f"{r['first_decode_s']:.1f}" if "first_decode_s" in r else "-"
-        lines.append(f"| {r['engine']} | {r['prefill_tok_s']:,.0f} | {dec} | {first} | {ppl} | {wb} |")
+        rec = " / ".join(f"{v:.2f}" for v in r["recall"].values()) if r.get("recall") else "-"
+        lines.append(f"| {r['engine']} | {r['prefill_tok_s']:,.0f} | {dec} | {first} | {ppl} | {rec} | {wb} |")
     lines += ["", "## Targets and floors", "", *(f"- {t}" for t in doc["targets"])]
     return "\n".join(lines) + "\n"
 

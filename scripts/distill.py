@@ -27,7 +27,16 @@ Where the checkpoint cannot travel (another machine), continue from the exported
 --resume-seconds S, S being D's stage2_seconds metadata. (From an annealed delta, a short new round re-warmed to
 the full --lr2 loses ground: 980 steps at 3e-4 from a delta took held-out perplexity 6.897 -> 6.947; 3,848 steps
 of 4 x 8 sequences on four GPUs, warmed to 2e-4, took the same delta from 1.186x the teacher's to 1.099x.)
-`--chunk-op fla` trains through fla's kernels (2.5x faster a step on an H100 than the torch reference).
+`--chunk-op fla` trains through fla's kernels (2.5x faster a step on an H100 than the torch reference; fla 0.6 refuses
+Hopper GPUs under Triton < 3.7.1, so there carry a newer Triton or train with the reference).
+
+The agent's protocol (tool calls, answers citing paths) is taught by mixing scripts/agent_traces.py's sessions into
+stage 2, a cross-entropy on their replies beside the KL, from the shipped delta at a low learning rate:
+
+    python scripts/agent_traces.py --out traces.jsonl.xz
+    python scripts/distill.py train --work W --out O --init-delta model/data/smollm2_hybrid.safetensors \
+        --resume-seconds 0 --seconds 300 --anneal-seconds 300 --steps2 1000000 --lr2 1e-4 \
+        --traces traces.jsonl.xz --trace-frac 0.3 --recall-frac 0.2
 
 On several GPUs of one host, train data-parallel (each rank draws its own --batch2 sequences; gradients are
 averaged across ranks, so a step sees world x --batch2 sequences at the same learning rate):
