@@ -4,9 +4,11 @@
 - XML (Qwen3.5, Qwen3-Coder): `<tool_call><function=NAME><parameter=ARG>value</parameter>...</function></tool_call>`,
   where a value is written as is if it is a string, else as JSON (so a parameter's schema type decides).
 
-`parse_tool_calls` reads both and never raises: whatever the model wrote, it returns the prose (after any
-`</think>`), the well-formed calls and one error message per malformed block, which the agent hands back to the model
-so it can try again. `format_tool_call` writes a call in the syntax a model's chat template uses.
+A reply's last block may lack its CLOSE (the model ended the reply, or closed a code fence, where CLOSE was due): it
+is read if it holds a whole call. `parse_tool_calls` reads both syntaxes and never raises: whatever the model wrote,
+it returns the prose (after any `</think>`), the well-formed calls and one error message per malformed block, which
+the agent hands back to the model so it can try again. `format_tool_call` writes a call in the syntax a model's chat
+template uses.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|\Z)", 
 _FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(</function>|\Z)", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.S)
 THINK_END = "</think>"
+_FENCE_END = re.compile(r"\s*```\s*\Z")
 
 
 @dataclass
@@ -49,11 +52,13 @@ def parse_tool_calls(text: str, id_prefix: str = "call", schemas: dict[str, dict
         for m in _BLOCK.finditer(text):
             prose.append(text[pos : m.start()])
             pos = m.end()
-            if not m.group(0).endswith(CLOSE):
-                out.errors.append(f"a {OPEN} block was not closed with {CLOSE}")
-                continue
-            body = m.group(1)
+            closed = m.group(0).endswith(CLOSE)
+            # An unclosed block can only be the reply's last: read it if what it holds is a whole call (the reply
+            # ended, or a code fence closed it, where CLOSE was due), as vLLM's Hermes parser does
+            body = m.group(1) if closed else _FENCE_END.sub("", m.group(1))
             call, error = _xml_call(body, schemas or {}) if body.lstrip().startswith("<function=") else _one_call(body)
+            if error and not closed:
+                error = f"a {OPEN} block was not closed with {CLOSE}"
             if error:
                 out.errors.append(error)
             else:

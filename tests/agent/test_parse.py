@@ -78,3 +78,19 @@ def test_malformed_calls_become_messages():
     # double-encoded arguments, as some models write them, are accepted
     parsed = parse_tool_calls(f'{OPEN}{{"name": "grep", "arguments": "{{\\"pattern\\": \\"x\\"}}"}}{CLOSE}')
     assert parsed.calls[0]["arguments"] == {"pattern": "x"}
+
+
+def test_an_unclosed_last_block_holding_a_whole_call_is_read():
+    """A reply that ends (or closes a code fence) where </tool_call> was due still makes its call, as vLLM's Hermes
+    parser reads it; an unclosed block that is not a whole call stays an error."""
+    call = '{"name": "grep", "arguments": {"pattern": "def x"}}'
+    for text in (f"{OPEN}\n{call}", f"{OPEN}\n{call}\n", f"{OPEN}\n{call}\n```", f"Looking. {OPEN}{call}"):
+        parsed = parse_tool_calls(text)
+        assert parsed.errors == [] and [(c["name"], c["arguments"]) for c in parsed.calls] == [
+            ("grep", {"pattern": "def x"})
+        ], text
+    for text in (f'{OPEN}{{"name": "grep", "argu', f"{OPEN}\n```python\nprint(1)\n```"):
+        parsed = parse_tool_calls(text)
+        assert parsed.calls == [] and parsed.errors == [f"a {OPEN} block was not closed with {CLOSE}"]
+    parsed = parse_tool_calls(f"{OPEN}{call}{CLOSE} {OPEN}{call}")  # a closed call, then an unclosed one
+    assert len(parsed.calls) == 2 and parsed.errors == []
