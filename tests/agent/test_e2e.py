@@ -88,7 +88,7 @@ def test_ingest_run_kill_resume(repo, tmp_path):
 
     with Store(db) as store:
         saved = store.load_snapshot("shop")
-        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=6)
+        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=6, max_steps=1)  # one reply
         assert agent.session.engine.snapshot() == saved  # resumed by name: the state is the saved one, bit for bit
         seen = agent.session.engine.tokens_seen
         prev_text = agent.session.text
