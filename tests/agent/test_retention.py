@@ -4,6 +4,7 @@ database holds. A real database file, `run` after `run` on the random-weight mod
 
 import json
 import sqlite3
+import time
 
 import pytest
 
@@ -17,7 +18,11 @@ ROLLBACK = "differs from what the model state consumed"
 
 
 def size_on_disk(store: Store) -> int:
-    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the log's pages into the file: the file is the size
+    for _ in range(200):  # the log's pages into the file: the file is the size (busy while the store's own
+        busy, _, _ = store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()  # checkpointer works: again)
+        if not busy:
+            break
+        time.sleep(0.05)
     return store.file_bytes()
 
 
