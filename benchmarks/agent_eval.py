@@ -65,11 +65,7 @@ def git_repo(src: Path, dest: Path) -> Path:
     """src's Python and text files as a git repository dest/<src.name>/..."""
     if dest.exists():
         shutil.rmtree(dest)
-    for p in src.rglob("*"):
-        if p.is_file() and p.suffix in (".py", ".md", ".rst", ".txt", ".typed") and "__pycache__" not in p.parts:
-            q = dest / src.name / p.relative_to(src)
-            q.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, q)
+    agent_tasks.copy_package(src, dest, (".py", ".md", ".rst", ".txt", ".typed"))
     git = ["git", "-C", str(dest), "-c", "user.name=eval", "-c", "user.email=eval@example.org"]
     subprocess.run(["git", "init", "-q", str(dest)], check=True)
     subprocess.run([*git, "add", "-A"], check=True)

@@ -228,6 +228,12 @@ def quality(eng, args) -> tuple[float, dict]:
     return perplexity(eng, ids[: args.ppl_tokens]), recall(eng, ids[args.ppl_tokens :], args.recall_trials)
 
 
+def uncompiled_quality(rows: list[dict], name: str) -> tuple[float, dict]:
+    """A --compile row's perplexity and recall: its uncompiled row's (compiling changes the speed, not the model)."""
+    plain = next(x for x in rows if x["engine"] == name.removesuffix(" --compile"))
+    return plain["perplexity"], plain["recall"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -247,10 +253,9 @@ def main() -> None:
                 eng = load_model("default", quant=r["engine"].rsplit(" ", 1)[1])
                 r["perplexity"], r["recall"] = quality(eng, args)
                 print(r["engine"], r["perplexity"], r["recall"], flush=True)
-        for r in doc["rows"]:  # compiling changes the speed, not the numbers: the same model
+        for r in doc["rows"]:
             if r["engine"].endswith(" --compile"):
-                plain = next(x for x in doc["rows"] if x["engine"] == r["engine"].removesuffix(" --compile"))
-                r["perplexity"], r["recall"] = plain["perplexity"], plain["recall"]
+                r["perplexity"], r["recall"] = uncompiled_quality(doc["rows"], r["engine"])
         args.markdown_only = True
         doc["recall_trials"], doc["quality_again"] = args.recall_trials, True
         (RESULTS / "cpu.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -276,9 +281,8 @@ def main() -> None:
         eng = load_model("default", quant=q, compile_decode=comp)
         name = f"deltamem default model, --quant {q}" + (" --compile" if comp else "")
         r = {"engine": name, **engine_rates(eng, ids, chat, args.decode)}
-        if comp:  # the same model, only decoded through torch.compile
-            plain = next(x for x in rows if x["engine"] == name.removesuffix(" --compile"))
-            r["perplexity"], r["recall"] = plain["perplexity"], plain["recall"]
+        if comp:
+            r["perplexity"], r["recall"] = uncompiled_quality(rows, name)
         else:
             r["perplexity"], r["recall"] = quality(eng, args)
         r["weight_bytes"] = weight_bytes(eng)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import random
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class Task:
     calls: list[tuple[str, dict]]  # the tool calls that answer it, in order
     expect: list[list[str]]
     facts: dict = field(default_factory=dict)  # what the ideal answer is written from
+    results: list[tuple[bool, str]] = field(default_factory=list)  # the calls' real results, once checked
 
     def answer(self) -> str:
         """The ideal final answer (training traces), citing the path."""
@@ -188,14 +190,25 @@ def _code_task(k: str, name: str, kind: str, path: str, line: int, node, src: st
 
 
 def _consistent(root: Path, task: Task) -> bool:
-    """The real tool, run on the real tree, shows everything the answer states."""
-    result = run_calls(root, task)[-1][1]
+    """The real tool, run on the real tree, shows everything the answer states (its results kept on the task)."""
+    task.results = run_calls(root, task)
+    result = task.results[-1][1]
     return all(any(x in result for x in group) for group in task.expect) and "truncated" not in result
 
 
 def run_calls(root: Path, task: Task) -> list[tuple[bool, str]]:
     ctx, tools = ToolContext(root=root), default_tools()
     return [run_tool(ctx, tools, name, args) for name, args in task.calls]
+
+
+def copy_package(src: Path, dest_root: Path, suffixes: tuple[str, ...]) -> Path:
+    """A repository-like copy of a source tree: dest_root/<src's name>/... with the files of these suffixes."""
+    for p in src.rglob("*"):
+        if p.is_file() and p.suffix in suffixes and "__pycache__" not in p.parts:
+            q = dest_root / src.name / p.relative_to(src)
+            q.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, q)
+    return dest_root
 
 
 # ---------------------------------------------------------------------------------------------- case files

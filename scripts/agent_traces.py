@@ -19,7 +19,6 @@ import argparse
 import json
 import lzma
 import random
-import shutil
 import sys
 import sysconfig
 import tempfile
@@ -83,17 +82,6 @@ def candidate_trees() -> list[tuple[str, Path]]:
     return out
 
 
-def copy_tree(src: Path, dest_root: Path) -> Path:
-    """A repository-like copy: dest_root/<dir name>/... with the Python, Markdown and text files."""
-    dst = dest_root / src.name
-    for p in src.rglob("*"):
-        if p.is_file() and p.suffix in (".py", ".md", ".rst", ".txt", ".toml", ".cfg") and "__pycache__" not in p.parts:
-            q = dst / p.relative_to(src)
-            q.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, q)
-    return dest_root
-
-
 def segments(template: ChatTemplate, messages: list[dict]) -> list[list]:
     """The rendered conversation cut at message boundaries; the assistant's words (content + <|im_end|>) trained."""
     out, before = [], ""
@@ -113,7 +101,8 @@ def segments(template: ChatTemplate, messages: list[dict]) -> list[list]:
 
 def episode(root: Path, task: agent_tasks.Task) -> list[dict]:
     msgs = [{"role": "user", "content": task.question}]
-    for (name, args), (_, result) in zip(task.calls, agent_tasks.run_calls(root, task), strict=True):
+    results = task.results or agent_tasks.run_calls(root, task)
+    for (name, args), (_, result) in zip(task.calls, results, strict=True):
         msgs.append({"role": "assistant", "content": format_tool_call(name, args)})
         msgs.append({"role": "tool", "content": f"[{name}] {result}"})
     msgs.append({"role": "assistant", "content": task.answer()})
@@ -190,7 +179,7 @@ def main() -> None:
                 break
             if per_dist[name] >= args.per_package:
                 continue
-            root = copy_tree(d, Path(tmp) / f"t{i}")
+            root = agent_tasks.copy_package(d, Path(tmp) / f"t{i}", (".py", ".md", ".rst", ".txt", ".toml", ".cfg"))
             tasks = agent_tasks.python_tasks(root, rng, args.per_kind)
             if len(tasks) < 2:
                 continue
