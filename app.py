@@ -148,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-prompt-tokens", type=int, default=131072)
     sv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                     help="read every prompt whole, keep no states (a baseline for measurements)")
+    sv.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=None,
+                    help="decode concurrent replies together, one step for all (default: on a GPU)")
     i = sub.add_parser(
         "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes alone)"
     )
@@ -438,7 +440,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = "default" if str(args.model) == "default" else Path(str(args.model)).name
         app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,
                          None if args.cache_mb is None else args.cache_mb << 20,
-                         prefix_cache=args.prefix_cache)
+                         prefix_cache=args.prefix_cache, batch_decode=args.batch_decode)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

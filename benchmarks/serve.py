@@ -1,16 +1,17 @@
 """`deltamem serve` measured as clients see it: the official `openai` client against real server processes.
 
 1. A multi-turn agent transcript is replayed (--turns turns; each turn the user asks about a standard-library file,
-   the assistant calls read_file and the tool result, the file's text, joins the conversation: 50k+ tokens over 25
+   the assistant calls read_file and the tool result, the file's text, joins the conversation: 50k+ tokens over 32
    turns by default). Every turn re-sends the whole conversation, as agent tools do, and the time to the first
    streamed token is measured:
    - with the prefix state cache (the server restarted once mid-transcript: the states come back from SQLite),
    - with it turned off (`deltamem serve --no-prefix-cache`: each prompt read whole, what a Gated DeltaNet hybrid
      gets from vLLM's prefix cache today), on every --baseline-every-th turn (every turn on a GPU).
    The cache's hit rate is cached prompt tokens over prompt tokens.
-2. Aggregate decode tok/s with 1, 4 and 16 concurrent clients.
+2. Aggregate decode tok/s with 1, 4 and 16 concurrent clients, with the replies decoded together in one batch
+   (`--batch-decode`) and one after the other (`--no-batch-decode`), side by side on the same server build.
 
-    python benchmarks/serve.py [--model default] [--device auto] [--dtype auto] [--turns 25] [--out DIR]
+    python benchmarks/serve.py [--model default] [--device auto] [--dtype auto] [--turns 32] [--out DIR]
 
 Writes serve_cpu.{json,md} or serve_gpu.{json,md} (by the device the server runs on) to --out (default
 benchmarks/results).
@@ -123,8 +124,8 @@ def replay(args, db: Path, log: Path, turns, cached: bool) -> list[dict]:
     return rows
 
 
-def concurrency(args, db: Path, log: Path) -> dict:
-    server = Server(args, db, log)
+def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
+    server = Server(args, db, log, "--batch-decode" if batched else "--no-batch-decode")
     out = {}
     try:
         for n in (1, 4, 16):
@@ -155,11 +156,12 @@ def main() -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--turns", type=int, default=25)
+    ap.add_argument("--turns", type=int, default=32)
     ap.add_argument("--result-chars", type=int, default=7000, help="characters of each tool result (a file's head)")
     ap.add_argument("--restart-at", type=int, default=None, help="turn before which the server restarts")
     ap.add_argument("--baseline-every", type=int, default=None, help="uncached turns (default 1 on a GPU, 5)")
-    ap.add_argument("--tokens", type=int, default=32, help="max tokens per concurrent request")
+    ap.add_argument("--tokens", type=int, default=64, help="max tokens per concurrent request")
+    ap.add_argument("--only-concurrency", action="store_true", help="skip the transcript (keep its earlier figures)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     import torch
@@ -170,22 +172,26 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     log = work / "server.log"
     turns = transcript(args.turns, args.result_chars)
-    cached = replay(args, work / "cached.db", log, turns, cached=True)
-    uncached = replay(args, work / "uncached.db", log, turns, cached=False)
-    conc = concurrency(args, work / "conc.db", log)
+    name = "serve_gpu" if gpu else "serve_cpu"
+    if args.only_concurrency:
+        old = json.loads((args.out / f"{name}.json").read_text())
+        cached, uncached = old["cached"], old["uncached"]
+    else:
+        cached = replay(args, work / "cached.db", log, turns, cached=True)
+        uncached = replay(args, work / "uncached.db", log, turns, cached=False)
+    conc = {mode: concurrency(args, work / f"conc-{mode}.db", log, mode == "batched") for mode in ("serial", "batched")}
     base = {r["turn"]: r for r in uncached}
     hit = sum(r["cached_tokens"] for r in cached) / sum(r["prompt_tokens"] for r in cached)
     later = [r["ttft_s"] for r in cached if r["turn"] > 1 and not r["after_restart"]]
     doc = {"device": device_name(), "versions": versions(),
-           "model": Path(args.model).name, "turns": len(turns), "prompt_tokens_last": cached[-1]["prompt_tokens"],
+           "model": Path(args.model).name, "turns": len(cached), "prompt_tokens_last": cached[-1]["prompt_tokens"],
            "hit_rate": hit, "cached": cached, "uncached": uncached, "concurrency": conc,
            "ttft_cached_median_s": statistics.median(later)}  # fmt: skip
-    name = "serve_gpu" if gpu else "serve_cpu"
     lines = [
         "# `deltamem serve` as clients see it: a replayed agent transcript",
         "",
         f"{doc['device']}; model {doc['model']}; `python benchmarks/serve.py` (the `openai` client, streaming, "
-        f"{len(turns)} turns, each a read_file call whose result is a file's first {args.result_chars:,} characters; "
+        f"{doc['turns']} turns, each a read_file call whose result is a file's first {args.result_chars:,} characters; "
         f"the last prompt is {doc['prompt_tokens_last']:,} tokens). The server restarted before turn "
         f"{args.restart_at}.",
         "",
@@ -202,12 +208,15 @@ def main() -> None:
                      f"{format(b['ttft_s'], '.2f') if b else '-'} |")  # fmt: skip
     lines += [
         "",
-        "| concurrent clients | completion tokens | wall s | aggregate tok/s |",
-        "|---:|---:|---:|---:|",
-        *(f"| {n} | {v['completion_tokens']} | {v['wall_s']:.1f} | {v['tok_s']:.1f} |" for n, v in conc.items()),
+        f"Concurrent clients, each asking for up to {args.tokens} tokens (greedy: both modes give the same replies); "
+        "wall time from the first request to the last reply, prompts included:",
         "",
-        "Requests are served one at a time in arrival order (no batched decode yet): the aggregate rate is one "
-        "stream's.",
+        "| concurrent clients | completion tokens | one after the other: wall s | tok/s | batched decode: wall s | "
+        "tok/s | batched / one after the other |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {n} | {b['completion_tokens']} | {s['wall_s']:.1f} | {s['tok_s']:.1f} | {b['wall_s']:.1f} | "
+          f"{b['tok_s']:.1f} | {b['tok_s'] / s['tok_s']:.2f}x |"
+          for (n, s), b in zip(conc["serial"].items(), conc["batched"].values(), strict=True)),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -22,6 +22,7 @@ __all__ = [
     "add_rms_norm",
     "backend",
     "causal_conv1d",
+    "causal_conv1d_rows",
     "chunk_gated_delta_rule",
     "delta_gates",
     "gated_rms_norm",
@@ -138,6 +139,12 @@ def causal_conv1d(
         return _load_triton().causal_conv1d(x, weight, state, inplace=inplace)
     y, new = reference.causal_conv1d(x, weight, state)
     return (y, state.copy_(new)) if inplace else (y, new)
+
+
+def causal_conv1d_rows(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv1d for one input of each of B streams (batched decode); see kernels.reference.causal_conv1d_rows.
+    A few elementwise ops on [B, C]: the torch reference on every device."""
+    return reference.causal_conv1d_rows(x, weight, state)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

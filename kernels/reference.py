@@ -201,6 +201,22 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) ->
     return F.silu(y), xx[xx.shape[0] - state.shape[0] :].to(state.dtype)
 
 
+def causal_conv1d_rows(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv1d for one new input of each of B independent streams.
+
+    Args:
+        x: [B, C], row b the next input of stream b; weight: [C, W]; state: [B, W-1, C].
+    Returns:
+        y: [B, C], each row what causal_conv1d(x[b:b+1], weight, state[b]) gives; new state: [B, W-1, C].
+    """
+    xx = torch.cat([state.to(x.dtype), x[:, None]], dim=1)  # [B, W, C]
+    weight = weight.to(x.dtype)
+    y = xx[:, 0] * weight[:, 0]  # the same multiply-adds in the same order as causal_conv1d
+    for i in range(1, weight.shape[1]):
+        y = y + xx[:, i] * weight[:, i]
+    return F.silu(y), xx[:, 1:].to(state.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """rmsnorm(x) * weight over the last dim, computed in float32 and rounded once to x's dtype (F.rms_norm)."""
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)

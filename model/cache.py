@@ -46,8 +46,7 @@ class Rotary:
         # inv_freq as transformers computes it (float32), used in float64 for the angles.
         self.dim = dim
         self.inv_freq = (1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).double()
-        self._key: tuple | None = None
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cached: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._inv_on: dict[torch.device, torch.Tensor] = {}
 
     def _cos_sin_of(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,11 +58,13 @@ class Rotary:
         return torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
 
     def _table(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # one (key, table) pair, read and replaced whole: a prefill and a batched decode step may run at once in
+        # two threads (deltamem serve), and neither may get the other's table
         key = (int(pos[0]), int(pos[-1]), len(pos), dtype, pos.device)
-        if key != self._key or self._cos_sin is None:
-            self._cos_sin = self._cos_sin_of(pos, dtype)
-            self._key = key
-        return self._cos_sin
+        cached = self._cached
+        if cached is None or cached[0] != key:
+            cached = self._cached = (key, self._cos_sin_of(pos, dtype))
+        return cached[1]
 
     def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         # x: [T, heads, D]; pos: [T] int64, consecutive or clamped (the key identifies both)
@@ -119,6 +120,80 @@ class DeltaState:
             return
         self.conv = conv.to(self.conv.device, self.conv.dtype).clone()
         self.recurrent = rec.to(self.recurrent.device, torch.float32).clone()
+
+
+@dataclass
+class DeltaStack:
+    """The DeltaStates of one Gated DeltaNet layer for several independent streams, stacked (model/batch.py):
+    conv [B, W-1, conv_dim], recurrent [B, HV, DK, DV] float32. A step feeds one token to each stream."""
+
+    conv: torch.Tensor
+    recurrent: torch.Tensor
+
+    def set(self, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+        self.conv, self.recurrent = conv, recurrent
+
+
+class KVStack:
+    """The bounded KVWindows of one attention layer for several independent streams, stacked (model/batch.py):
+    k, v [B, Hkv, cap, D], pos [B, cap]. A step's queries, one row per stream, attend each on its own window at its
+    own position `p` ([B] int64 on the device, set per step): the ring write, the masks and the scores of all
+    streams in a few batched kernels, no position read back from the device. Same keys and scores as
+    KVWindow._attend_step for each row. unstack() gives each window its rows back."""
+
+    def __init__(self, windows: list[KVWindow]):
+        w0 = windows[0]
+        if w0.window is None:
+            raise ValueError("only bounded windows stack (KVGroup serves growing caches)")
+        self.windows, self.sink, self.window, self.rotary = windows, w0.sink, w0.window, w0.rotary
+        self.k = torch.stack([w.k for w in windows])
+        self.v = torch.stack([w.v for w in windows])
+        self.pos = torch.stack([w.pos for w in windows])
+        self.p: torch.Tensor | None = None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [B, H, D]; k, v: [B, Hkv, D], row i for stream i -> [B, H, D]."""
+        b, h, d = q.shape
+        p, sink, window = self.p, self.sink, self.window
+        q_sink = None
+        if self.rotary is not None:  # the rotary's rows are positions: here, each stream's own
+            q_sink = self.rotary.at(q, p.clamp(max=sink + window - 1))
+            q, k = self.rotary.at(q, p), self.rotary.at(k, p)
+        slot = torch.where(p < sink, p, sink + (p - sink) % window)
+        rows = torch.arange(b, device=p.device)
+        self.k[rows, :, slot] = k
+        self.v[rows, :, slot] = v
+        self.pos[rows, slot] = p
+        allowed = (self.pos >= 0) & ((self.pos > p[:, None] - window) | (self.pos < sink))  # [B, cap]
+        hkv = self.k.shape[1]
+        g = h // hkv
+        scores = torch.matmul(q.view(b, hkv, g, d), self.k.transpose(2, 3))  # [B, Hkv, G, cap]
+        if q_sink is not None and sink:  # sink slots scored with the query rotated at the clamped position
+            sink_scores = torch.matmul(q_sink.view(b, hkv, g, d), self.k[:, :, :sink].transpose(2, 3))
+            scores = torch.cat([sink_scores, scores[..., sink:]], -1)
+        scores = (scores * d**-0.5).float().masked_fill(~allowed[:, None, None, :], float("-inf"))
+        out = torch.matmul(scores.softmax(-1).to(self.v.dtype), self.v)  # [B, Hkv, G, D]
+        for w in self.windows:
+            w.seen += 1
+        return out.reshape(b, h, d)
+
+    def unstack(self) -> None:
+        for i, w in enumerate(self.windows):
+            w.k, w.v, w.pos = self.k[i].clone(), self.v[i].clone(), self.pos[i].clone()
+
+
+class KVGroup:
+    """Growing KVWindows (window=None) of one attention layer for several streams: they cannot stack, so each
+    stream's row attends on its own window in turn (model/batch.py)."""
+
+    def __init__(self, windows: list[KVWindow]):
+        self.windows = windows
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([w.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i, w in enumerate(self.windows)])
+
+    def unstack(self) -> None:
+        pass
 
 
 class KVWindow:

@@ -91,6 +91,10 @@ class Kept:
     pieces: PieceCache | None  # the incremental snapshot cache as of this state (None: the next one is whole)
     nbytes: int
 
+    def advanced(self, states: list[DeltaState | KVWindow], ids: list[int]) -> Kept:
+        """This state continued by `ids`, given the states they left (a stream of model/batch.py's batch)."""
+        return Kept(states, self.tokens_seen + len(ids), snap.chain(self.token_chain, ids), self.pieces, self.nbytes)
+
 
 class Engine:
     """Runs a HybridLM over one stream of tokens, keeping per-layer state between calls.

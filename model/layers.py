@@ -14,7 +14,7 @@ from torch import nn
 
 from deltamem import kernels
 from deltamem.kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_gated_delta_rule
-from deltamem.model.cache import DeltaState, KVWindow
+from deltamem.model.cache import DeltaStack, DeltaState, KVWindow
 from deltamem.model.config import LINEAR, ModelConfig
 from deltamem.model.packed import PackedLinear, fuse_linears
 
@@ -293,22 +293,29 @@ class GatedDeltaNet(Fusable):
         """The gated norm and output projection. o, gate: [T, HV, DV]."""
         return self.o_proj(self.o_norm(o, gate).reshape(o.shape[0], self.value_dim))
 
-    def forward(self, x: torch.Tensor, st: DeltaState) -> torch.Tensor:
-        # x: [T, hidden]; st.conv: [W-1, conv_dim]; st.recurrent: [1, HV, DK, DV] float32
+    def forward(self, x: torch.Tensor, st: DeltaState | DeltaStack) -> torch.Tensor:
+        # x: [T, hidden]; st.conv: [W-1, conv_dim]; st.recurrent: [1, HV, DK, DV] float32. Or, with a DeltaStack
+        # (model/batch.py), row i of x is the next token of stream i: conv [T, W-1, conv_dim], recurrent [T, ...].
         t = x.shape[0]
+        rows = isinstance(st, DeltaStack)
         qkv, a, b, gate = self.inputs(x)
-        qkv, conv = causal_conv1d(qkv, self.conv1d.weight[:, 0], st.conv, inplace=st.inplace)
+        if rows:
+            qkv, conv = kernels.causal_conv1d_rows(qkv, self.conv1d.weight[:, 0], st.conv)
+        else:
+            qkv, conv = causal_conv1d(qkv, self.conv1d.weight[:, 0], st.conv, inplace=st.inplace)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         g, beta = kernels.delta_gates(a, b, self.A_log, self.dt_bias, self.beta_scale)  # log decay <= 0; [T, HV]
-        args = (q.view(1, t, self.hk, self.dk), k.view(1, t, self.hk, self.dk), v.view(1, t, self.hv, self.dv))
-        if t == 1:
+        bt = (t, 1) if rows else (1, t)  # [batch, time]
+        args = (q.view(*bt, self.hk, self.dk), k.view(*bt, self.hk, self.dk), v.view(*bt, self.hv, self.dv))
+        g, beta = g.view(*bt, self.hv), beta.view(*bt, self.hv)
+        if rows or t == 1:
             o, recurrent = recurrent_gated_delta_rule(
-                *args, g[None], beta[None], initial_state=st.recurrent, inplace=st.inplace
+                *args, g, beta, initial_state=st.recurrent, inplace=rows or st.inplace
             )
         else:
-            o, recurrent = chunk_gated_delta_rule(*args, g[None], beta[None], initial_state=st.recurrent)
+            o, recurrent = chunk_gated_delta_rule(*args, g, beta, initial_state=st.recurrent)
         st.set(conv, recurrent)  # replaced, or kept in place where a CUDA graph holds the state's addresses
-        return self.output(o[0], gate.view(t, self.hv, self.dv))
+        return self.output(o.view(t, self.hv, self.dv), gate.view(t, self.hv, self.dv))
 
 
 class QwenGatedDeltaNet(GatedDeltaNet):

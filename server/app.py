@@ -3,8 +3,9 @@ server/prefix.py, so any agent tool that re-sends its growing conversation gets 
 
 Endpoints: POST /v1/chat/completions (messages and tools rendered by the model's own chat template, tool calls parsed
 back in its syntax and returned to the client, which runs them; SSE streaming), POST /v1/completions, GET /v1/models,
-GET /health. Errors come in OpenAI's shape with their status codes. Requests are served one at a time, in arrival
-order (one engine, one state). Security: an API key (Authorization: Bearer) when one is set, a body size limit and a
+GET /health. Errors come in OpenAI's shape with their status codes. Prompts are read one at a time, in arrival
+order (one engine); replies are decoded together (server/batching.py: one step for every active reply; by default
+on a GPU) or, without batching, one after the other. Security: an API key (Authorization: Bearer) when one is set, a body size limit and a
 prompt token limit; requests never name files.
 """
 
@@ -25,6 +26,8 @@ from starlette.concurrency import run_in_threadpool
 
 from deltamem.agent.parse import format_tool_call, parse_tool_calls
 from deltamem.agent.prompt import ChatTemplate, TemplateError, list_tools_in_system, tool_schemas
+from deltamem.model.sampling import Sampler, TextStream
+from deltamem.server.batching import Batcher, Reply
 from deltamem.server.prefix import PrefixCache
 
 MAX_BODY = 8 << 20
@@ -98,10 +101,11 @@ def offered_tools(tools: Any, choice: Any) -> list[dict]:
 
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
-               prefix_cache: bool = True) -> FastAPI:
+               prefix_cache: bool = True, batch_decode: bool | None = None) -> FastAPI:
     """state_every: inside a long prompt, a state is also kept every this many tokens (a later prompt sharing only
     the beginning still hits). cache_bytes: the hot states' budget on the model's device (default: 8 states, at
-    least 512 MiB; on a GPU at most half of its free memory)."""
+    least 512 MiB; on a GPU at most half of its free memory). batch_decode: decode concurrent replies in one batch
+    (default: on a GPU, where a step costs about the same for one reply or many)."""
     if engine.tokenizer is None:
         raise ValueError("serving needs a model with a tokenizer")
     if cache_bytes is None:
@@ -110,6 +114,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             cache_bytes = min(cache_bytes, torch.cuda.mem_get_info(engine.device)[0] // 2)
     cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache)
     lock = FifoLock()
+    batcher = Batcher(engine) if (engine.device.type == "cuda" if batch_decode is None else batch_decode) else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -118,6 +123,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             cache.flush()
 
     app = FastAPI(title="deltamem", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.batcher = batcher
     engine.reset()
     template = ChatTemplate.for_tokenizer(engine.tokenizer)
     eos = sorted(set(engine.config.eos_ids) | {engine.tokenizer.special_tokens.get("<|im_end|>", -1)} - {-1})
@@ -236,26 +242,59 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise
         return ids, hit.tokens
 
-    def run(ids: list[int], sample: dict, session: str) -> Iterator[str]:
-        try:
-            yield from engine.generate(ids[-1:], stop_ids=eos, **sample)
-        except GeneratorExit:  # a client that went away: generate() stopped with the state holding these ids
-            cache.consumed(ids + engine.generated)
-            raise
-        except BaseException:  # a failure mid-way: start the next request afresh
-            engine.reset()
-            cache.consumed([])
-            raise
-        cache.consumed(ids + engine.generated)
-        cache.save(session)
+    def answer(text: str, sample: dict, session: str, done: dict) -> Iterator[str | None]:
+        """Read the prompt (restoring the longest cached prefix), yield None once it is read, then the reply's
+        text pieces; `done` gets ids, cached, n (tokens generated) and stopped_by. The states kept wait in the
+        cache for a flush() (the caller's, after its answer is out)."""
+        if batcher is None:  # the reply decoded on the engine, which it holds meanwhile
+            with lock:
+                ids, cached = prepare(text, session)
+                done.update(ids=ids, cached=cached)
+                yield None
+                try:
+                    yield from engine.generate(ids[-1:], stop_ids=eos, **sample)
+                except GeneratorExit:  # a client that went away: generate() stopped with the state holding these ids
+                    cache.consumed(ids + engine.generated)
+                    raise
+                except BaseException:  # a failure mid-way: start the next request afresh
+                    engine.reset()
+                    cache.consumed([])
+                    raise
+                cache.consumed(ids + engine.generated)
+                cache.save(session)
+                done.update(n=len(engine.generated), stopped_by=engine.stopped_by)
+            return
+        with lock:  # the reply joins the decode batch with a copy of the prompt's state; the engine is free again
+            ids, cached = prepare(text, session)
+            try:
+                logits = engine.feed(ids[-1:], logits="last")[-1]
+            except BaseException:
+                engine.reset()
+                cache.consumed([])
+                raise
+            cache.consumed(ids)
+            reply = Reply(engine.keep(), logits, Sampler(sample["temperature"], sample["top_p"], 0, sample["seed"]),
+                          TextStream(engine.tokenizer, sample["stop"]), set(eos), sample["max_new_tokens"])
+        done.update(ids=ids, cached=cached)
+        yield None
+        yield from batcher.submit(reply)
+        with lock:  # the state after the reply: into the engine (the next turn's prompt extends it) and the cache
+            engine.restore_kept(reply.final)
+            cache.consumed(ids + reply.generated)
+            cache.save(session)
+        done.update(n=len(reply.generated), stopped_by=reply.stopped_by)
 
     def finish(stopped_by: str) -> str:
         return "length" if stopped_by == "length" else "stop"
 
-    def usage(ids: list[int], cached: int) -> dict:
-        n = len(engine.generated)
+    def usage(done: dict) -> dict:
+        ids, n = done["ids"], done["n"]
         return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+                "prompt_tokens_details": {"cached_tokens": done["cached"]}}
+
+    def flush() -> None:
+        with lock:
+            cache.flush()
 
     def session_of(request: Request, body: dict) -> str:
         name = request.headers.get("x-deltamem-session") or body.get("user") or "default"
@@ -267,12 +306,10 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         if body.get("stream"):
             return StreamingResponse(stream(text, sample, session, chat, schemas, created, rid),
                                      media_type="text/event-stream")
-        with lock:
-            ids, cached = prepare(text, session)
-            reply = "".join(run(ids, sample, session))
-            stats = usage(ids, cached)
-            reason = finish(engine.stopped_by)
-            cache.flush()
+        done: dict = {}
+        reply = "".join(p for p in answer(text, sample, session, done) if p is not None)
+        flush()
+        stats, reason = usage(done), finish(done["stopped_by"])
         if not chat:
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name, "usage": stats,
                     "choices": [{"index": 0, "text": reply, "finish_reason": reason, "logprobs": None}]}
@@ -295,30 +332,31 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             doc = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice]}
             return f"data: {json.dumps({**doc, **(extra or {})}, ensure_ascii=False)}\n\n"
 
-        with lock:
-            try:
-                ids, cached = prepare(text, session)
-            except ApiError as e:
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': e.kind}})}\n\n"
-                return
-            if chat:
-                yield chunk({"role": "assistant", "content": ""})
-            pieces = []
-            for piece in run(ids, sample, session):
-                pieces.append(piece)
-                if not schemas:  # with tools the reply is parsed whole, as the non-streaming answer is
-                    yield chunk({"content": piece} if chat else piece)
-            reason = finish(engine.stopped_by)
-            if schemas:
-                parsed = parse_tool_calls("".join(pieces), schemas=schemas)
-                if parsed.calls:
-                    calls = [{"index": i, **c} for i, c in enumerate(openai_calls(parsed.calls))]
-                    yield chunk({"content": parsed.content or None, "tool_calls": calls})
-                    reason = "tool_calls"
-                else:
-                    yield chunk({"content": "".join(pieces)})
-            yield chunk({} if chat else "", reason, {"usage": usage(ids, cached)})
-            cache.flush()  # after the last chunk: writing the states does not delay the answer
+        done: dict = {}
+        pieces_of = answer(text, sample, session, done)
+        try:
+            next(pieces_of)  # the prompt is read
+        except ApiError as e:
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': e.kind}})}\n\n"
+            return
+        if chat:
+            yield chunk({"role": "assistant", "content": ""})
+        pieces = []
+        for piece in pieces_of:
+            pieces.append(piece)
+            if not schemas:  # with tools the reply is parsed whole, as the non-streaming answer is
+                yield chunk({"content": piece} if chat else piece)
+        reason = finish(done["stopped_by"])
+        if schemas:
+            parsed = parse_tool_calls("".join(pieces), schemas=schemas)
+            if parsed.calls:
+                calls = [{"index": i, **c} for i, c in enumerate(openai_calls(parsed.calls))]
+                yield chunk({"content": parsed.content or None, "tool_calls": calls})
+                reason = "tool_calls"
+            else:
+                yield chunk({"content": "".join(pieces)})
+        yield chunk({} if chat else "", reason, {"usage": usage(done)})
+        flush()  # after the last chunk: writing the states does not delay the answer
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")

@@ -270,3 +270,42 @@ def test_killed_mid_stream_then_restarted(tmp_path):
     plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
     whole = plain.post("/v1/chat/completions", json={"messages": convo, "max_tokens": 5, "temperature": 0}).json()
     assert r.choices[0].message.content == whole["choices"][0]["message"]["content"]
+
+
+def test_batched_decode_gives_each_client_its_answer_alone(tmp_path):
+    """With --batch-decode, concurrent replies are decoded together (fewer steps than tokens), ending at different
+    lengths and at stop strings, and each is the answer a server decoding one reply at a time gives alone."""
+    import threading
+
+    batched_app = create_app(load_model("random", window=64), None, "random", batch_decode=True)
+    batched = TestClient(batched_app)
+    serial = TestClient(create_app(load_model("random", window=64), None, "random", batch_decode=False))
+    asks = [{"messages": [{"role": "user", "content": f"Count to {i}." * (1 + i % 3)}], "max_tokens": 4 + 3 * i,
+             "temperature": 0} for i in range(6)]  # fmt: skip
+    asks[2]["stop"] = ["e"]
+    asks[5] |= {"temperature": 0.8, "seed": 7}
+
+    def ask(client, body):
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"], r.json()["usage"]["completion_tokens"], r.json()["usage"]
+
+    alone = [ask(serial, b) for b in asks]
+    together: dict[int, tuple] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(batched, asks[i]))) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[i][:2] for i in range(6)] == [a[:2] for a in alone]
+    assert len({a[1] for a in alone}) > 2  # replies of different lengths left the batch at different steps
+    assert batched_app.state.batcher.steps < sum(a[1] for a in alone)  # some steps decoded several replies
+    # next turns resume the states the batched replies left, as the serial server's do
+    reply_states = 0
+    for i, (text, _, first) in together.items():
+        turn = asks[i]["messages"] + [{"role": "assistant", "content": text}, {"role": "user", "content": "Go"}]
+        body = {"messages": turn, "max_tokens": 6, "temperature": 0}
+        nxt = ask(batched, body)
+        assert nxt == ask(serial, body)
+        reply_states += nxt[2]["prompt_tokens_details"]["cached_tokens"] == first["total_tokens"]
+    assert reply_states >= 3  # (the others' text tokenizes back to other ids than the reply's: a shorter hit)
