@@ -5,8 +5,8 @@ Endpoints: POST /v1/chat/completions (messages and tools rendered by the model's
 back in its syntax and returned to the client, which runs them; SSE streaming), POST /v1/completions, GET /v1/models,
 GET /health. Errors come in OpenAI's shape with their status codes. Prompts are read one at a time, in arrival
 order (one engine); replies are decoded together (server/batching.py: one step for every active reply; by default
-on a GPU) or, without batching, one after the other. Security: an API key (Authorization: Bearer) when one is set, a body size limit and a
-prompt token limit; requests never name files.
+on a GPU) or, without batching, one after the other. Security: an API key (Authorization: Bearer) when one is
+set, a body size limit and a prompt token limit; requests never name files.
 """
 
 from __future__ import annotations
