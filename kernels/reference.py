@@ -210,11 +210,12 @@ def causal_conv1d_rows(x: torch.Tensor, weight: torch.Tensor, state: torch.Tenso
         y: [B, C], each row what causal_conv1d(x[b:b+1], weight, state[b]) gives; new state: [B, W-1, C].
     """
     xx = torch.cat([state.to(x.dtype), x[:, None]], dim=1)  # [B, W, C]
-    weight = weight.to(x.dtype)
-    y = xx[:, 0] * weight[:, 0]  # the same multiply-adds in the same order as causal_conv1d
+    # the same multiply-adds in the same order as causal_conv1d, accumulated in float32 as the Triton kernel does
+    acc, weight = xx.float(), weight.float()
+    y = acc[:, 0] * weight[:, 0]
     for i in range(1, weight.shape[1]):
-        y = y + xx[:, i] * weight[:, i]
-    return F.silu(y), xx[:, 1:].to(state.dtype)
+        y = y + acc[:, i] * weight[:, i]
+    return F.silu(y).to(x.dtype), xx[:, 1:].to(state.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

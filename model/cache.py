@@ -131,15 +131,20 @@ class DeltaStack:
     recurrent: torch.Tensor
 
     def set(self, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
-        self.conv, self.recurrent = conv, recurrent
+        """In place (a captured step keeps reading and writing the same tensors)."""
+        if conv is not self.conv:
+            self.conv.copy_(conv)
+        if recurrent is not self.recurrent:
+            self.recurrent.copy_(recurrent)
 
 
 class KVStack:
     """The bounded KVWindows of one attention layer for several independent streams, stacked (model/batch.py):
     k, v [B, Hkv, cap, D], pos [B, cap]. A step's queries, one row per stream, attend each on its own window at its
-    own position `p` ([B] int64 on the device, set per step): the ring write, the masks and the scores of all
-    streams in a few batched kernels, no position read back from the device. Same keys and scores as
-    KVWindow._attend_step for each row. unstack() gives each window its rows back."""
+    own position `p` ([B] int64 on the device): the ring write, the masks and the scores of all streams in a few
+    batched kernels, no position read back from the device, so a step can be captured as a CUDA graph. Same keys
+    and scores as KVWindow._attend_step for each row. The windows' host counters (`seen`) are the caller's to
+    advance; unstack() gives each window its rows back."""
 
     def __init__(self, windows: list[KVWindow]):
         w0 = windows[0]
@@ -173,8 +178,6 @@ class KVStack:
             scores = torch.cat([sink_scores, scores[..., sink:]], -1)
         scores = (scores * d**-0.5).float().masked_fill(~allowed[:, None, None, :], float("-inf"))
         out = torch.matmul(scores.softmax(-1).to(self.v.dtype), self.v)  # [B, Hkv, G, D]
-        for w in self.windows:
-            w.seen += 1
         return out.reshape(b, h, d)
 
     def unstack(self) -> None:

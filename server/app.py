@@ -57,6 +57,17 @@ class FifoLock:
             self._cond.wait_for(lambda: self._serving == ticket)
 
     def __exit__(self, *exc):
+        self.release()
+
+    def try_acquire(self) -> bool:
+        """Take the lock only if nobody holds it or waits for it."""
+        with self._cond:
+            if self._serving != self._next:
+                return False
+            self._next += 1
+            return True
+
+    def release(self) -> None:
         with self._cond:
             self._serving += 1
             self._cond.notify_all()
@@ -114,7 +125,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             cache_bytes = min(cache_bytes, torch.cuda.mem_get_info(engine.device)[0] // 2)
     cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache)
     lock = FifoLock()
-    batcher = Batcher(engine) if (engine.device.type == "cuda" if batch_decode is None else batch_decode) else None
+    batched = engine.device.type == "cuda" if batch_decode is None else batch_decode
+    batcher = Batcher(engine, capture_lock=lock) if batched else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -49,8 +49,9 @@ class Reply:
 class Batcher:
     """The decode thread and its batch. submit() a Reply and iterate its text; replies run concurrently."""
 
-    def __init__(self, engine, max_batch: int = MAX_BATCH):
-        self.batch = DecodeBatch(engine.model)
+    def __init__(self, engine, max_batch: int = MAX_BATCH, capture_lock=None):
+        """capture_lock: the lock the engine's users hold (see DecodeBatch)."""
+        self.batch = DecodeBatch(engine.model, capture_lock=capture_lock)
         self.unknown = engine._unknown_ids()
         self.on_device = engine.device.type == "cuda"
         self.max_batch = max_batch
@@ -92,7 +93,7 @@ class Batcher:
                 for r in self.active + [r for r in joining if r not in self.active]:
                     r.out.put(e)
                 self.active = []
-                self.batch = DecodeBatch(self.batch.model)
+                self.batch = DecodeBatch(self.batch.model, capture_lock=self.batch.capture_lock)
 
     def _step(self, joining: list[Reply]) -> None:
         for r in joining:
