@@ -180,6 +180,8 @@ def _agent_parsers(sub, model_args) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
         sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--free-tool-names", dest="guided_names", action="store_false",
+                        help="let the model write any name in a tool call (default: only the tools offered)")
         loop_arg(sp)
 
     ing = sub.add_parser("ingest", help="read a project's text files into a session's memory (changed files only)")
@@ -604,6 +606,7 @@ def _agent(args: argparse.Namespace):
             max_steps=args.max_steps,
             allow_shell=args.allow_shell,
             max_new_tokens=args.max_new_tokens,
+            guided_names=args.guided_names,
         )
     agent = Agent(engine, store, name, args.repo, convert_state=args.convert_state, **kw)
     agent.load_s = args.load_s  # reported with --json

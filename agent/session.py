@@ -63,6 +63,7 @@ class AgentSession:
         self.events: list[dict] = []  # turns to record with the next save (a state converted on resume)
         self.timing: dict[str, float] = {}  # seconds and counts since the caller last cleared it (see _time)
         self.loop_guard: LoopGuard | None = LoopGuard()  # ends a reply caught in a loop (see LOOP_MARKER)
+        self.guide = None  # constrains what a reply may write where (agent/guide.py: tool names), or None
 
     # --- opening ---------------------------------------------------------------------------------------
     @classmethod
@@ -194,7 +195,12 @@ class AgentSession:
         self.engine.generated, self.engine.last_generate = [], {}
         try:
             for piece in self.engine.generate(
-                new, max_new_tokens=max_new_tokens, stop_ids=self.stop_ids, loop_guard=self.loop_guard, **sampling
+                new,
+                max_new_tokens=max_new_tokens,
+                stop_ids=self.stop_ids,
+                loop_guard=self.loop_guard,
+                guide=self.guide,
+                **sampling,
             ):
                 yield piece
                 if self.cancel.is_set():  # each yielded token is fully fed: stopping here is clean

@@ -147,6 +147,7 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args) -> dic
                 "--json",
                 "--max-steps",
                 str(args.max_steps),
+                *args.run_arg,
                 *common,
                 task.question,
                 env=env,
@@ -177,7 +178,14 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args) -> dic
                 records.append(rec)
                 mark = "ok " if rec["exact"] else "-- "
                 print(f"[{label}] {mark}{rec['set']} {rec['kind']}: {rec['answer'][:100]!r}", flush=True)
-    return {"label": label, "delta": delta.name, "summary": summary(records), "ingest": ingests, "records": records}
+    return {
+        "label": label,
+        "delta": delta.name,
+        "run_args": list(args.run_arg),
+        "summary": summary(records),
+        "ingest": ingests,
+        "records": records,
+    }
 
 
 def model_calls(outcome: str | None, calls: int, max_steps: int) -> int:
@@ -255,7 +263,9 @@ def markdown(results: list[dict], meta: dict) -> str:
     ]
     for r in results:
         lines.append(
-            f"- {r['label']}: {r['delta']}; ingest wall "
+            f"- {r['label']}: {r['delta']}"
+            + (f", `deltamem run {' '.join(r['run_args'])}`" if r.get("run_args") else "")
+            + "; ingest wall "
             + ", ".join(f"{i['set']} {i['wall_s']:.0f} s" for i in r["ingest"])
             + "."
         )
@@ -289,12 +299,30 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--only", action="append", help="evaluate only this set (repeat; a quick check, not the table)")
     ap.add_argument("--limit", type=int, default=3, help="with --only: questions per set")
+    ap.add_argument(
+        "--run-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass this to every `deltamem run` (repeat; e.g. --run-arg=--free-tool-names)",
+    )
+    ap.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="with --merge: show the run labelled OLD as NEW (two runs of one delta side by side)",
+    )
     ap.add_argument("--work", type=Path, default=Path("agent-eval-work"))
     ap.add_argument("--out", type=Path, default=RESULTS / "agent_eval")
     args = ap.parse_args()
     if args.merge:  # results of separate runs on the same questions, scored again and tabled side by side
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
         results = [r for run in runs for r in run["results"]]
+        renames = dict(x.split("=", 1) for x in args.label)
+        for r in results:  # OLD=NEW renames the first run so labelled, in --merge's order
+            if r["label"] in renames:
+                r["label"] = renames.pop(r["label"])
         for r in results:
             for rec in r["records"]:
                 rec["exact"] = rec["exit"] == 0 and agent_tasks.exact(rec["expect"], rec["answer"])

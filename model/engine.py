@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -392,12 +392,15 @@ class Engine:
         stop_ids: Sequence[int] | None = None,
         loop_guard: LoopGuard | None = None,
         repetition_penalty: float = 1.0,
+        guide: Callable[..., torch.Tensor | None] | None = None,
     ) -> Iterator[str]:
         """Feed `ids` (the prompt's new tokens), then sample up to max_new_tokens, yielding text pieces as they
         become printable. Stops at an end-of-sequence id (default: the model's eos) or a stop string, which is
         not yielded, or when `loop_guard` finds the reply repeating itself. Every sampled token is fed, so the state
         has consumed exactly prompt + generated ids; `self.generated` holds the generated ids afterwards and
-        `self.stopped_by` why it ended: "eos", "stop", "loop" or "length". repetition_penalty: see Sampler."""
+        `self.stopped_by` why it ended: "eos", "stop", "loop" or "length". repetition_penalty: see Sampler.
+        guide(generated_ids, device): a [vocab] bool mask of the ids allowed next, or None where sampling is free
+        (agent/guide.py); guided tokens are sampled on the host and fed one at a time, the rest as usual."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; feed() token ids directly")
         sampler = Sampler(temperature, top_p, top_k, seed, repetition_penalty)
@@ -405,7 +408,7 @@ class Engine:
         stream = TextStream(self.tokenizer, stop)
         self.generated: list[int] = []
         self.stopped_by = "length"
-        self._loop_guard = loop_guard
+        self._loop_guard, self._guide = loop_guard, guide
         t0 = time.perf_counter()
         logits = self.feed(list(ids), logits="last") if len(ids) else None
         if logits is None:
@@ -434,7 +437,7 @@ class Engine:
             yield from self._generate_on_device(logits, max_new_tokens, sampler, eos, stream, unknown)
             return
         for _ in range(max_new_tokens):
-            row = logits[-1] if unknown is None else logits[-1].index_fill(0, unknown, float("-inf"))
+            row = self._allowed(logits[-1], unknown)
             tok = sampler(row)
             self.generated.append(tok)
             logits = self.feed([tok], logits="last")
@@ -454,6 +457,28 @@ class Engine:
         if tail:
             yield tail
 
+    def _allowed(self, row: torch.Tensor, unknown: torch.Tensor | None) -> torch.Tensor:
+        """The next token's logits with what may not be sampled at -inf: ids the tokenizer cannot decode, and
+        what the guide (if any) forbids here."""
+        if unknown is not None:
+            row = row.index_fill(0, unknown, float("-inf"))
+        mask = self._guide(self.generated, row.device) if getattr(self, "_guide", None) is not None else None
+        return row if mask is None else row.masked_fill(~mask, float("-inf"))
+
+    def _account(self, tok: int, eos: set[int], stream: TextStream, seen: list[int], pieces: list[str]) -> str | None:
+        """A sampled token's text into `pieces`; why the reply ends with it ("eos", "stop", "loop"), or None."""
+        seen.append(tok)
+        if tok in eos:
+            return "eos"
+        piece = stream.push(tok)
+        if piece:
+            pieces.append(piece)
+        if stream.stopped:
+            return "stop"
+        if self._loop_guard is not None and self._loop_guard(seen):
+            return "loop"
+        return None
+
     def _generate_on_device(
         self,
         logits: torch.Tensor,
@@ -464,40 +489,50 @@ class Engine:
         unknown: torch.Tensor | None,
     ) -> Iterator[str]:
         """generate()'s loop on the decode graph: GRAPH_CHUNK tokens at a time, each chunk consumed whole (up to
-        its stop) before its text is yielded, so the state and `generated` agree at every yield."""
-        burst = self._burst(logits, max_new_tokens, sampler, unknown, GRAPH_CHUNK)
-        guard, seen = self._loop_guard, list(self.generated)
+        its stop) before its text is yielded, so the state and `generated` agree at every yield. Where the guide
+        constrains the next token, the burst ends there and the guided tokens are sampled on the host, then a new
+        burst starts."""
+        guide, left, seen, stopped = self._guide, max_new_tokens, list(self.generated), None
         with self._changing():
-            for chunk in burst:
-                keep, pieces, stopped = len(chunk), [], None
-                for j, tok in enumerate(chunk):
-                    seen.append(tok)
-                    if tok in eos:
-                        keep, stopped = j + 1, "eos"
-                        break
-                    piece = stream.push(tok)
-                    if piece:
-                        pieces.append(piece)
-                    if stream.stopped:
-                        keep, stopped = j + 1, "stop"
-                        break
-                    if guard is not None and guard(seen):
-                        keep, stopped = j + 1, "loop"
-                        break
-                if keep < len(chunk):
-                    burst.keep(keep)
-                self._advance(chunk[:keep])
-                self.generated.extend(chunk[:keep])
-                if stopped:
-                    self.stopped_by = stopped
-                yield from pieces
-                if stopped == "stop":
-                    return
-                if stopped in ("eos", "loop"):
+            while left > 0 and stopped is None:
+                while left > 0 and stopped is None and guide is not None and guide(seen) is not None:
+                    pieces: list[str] = []
+                    tok = int(sampler.on_device(self._allowed(logits[-1], unknown)))
+                    stopped = self._account(tok, eos, stream, seen, pieces)
+                    logits = self.feed([tok], logits="last")
+                    self.generated.append(tok)
+                    left -= 1
+                    yield from pieces
+                if left <= 0 or stopped is not None:
                     break
-        tail = stream.flush()
-        if tail:
-            yield tail
+                burst = self._burst(logits, left, sampler, unknown, GRAPH_CHUNK)
+                for chunk in burst:
+                    keep, pieces = len(chunk), []
+                    for j, tok in enumerate(chunk):
+                        stopped = self._account(tok, eos, stream, seen, pieces)
+                        if stopped is None and guide is not None and guide(seen) is not None:
+                            stopped = "guide"  # the next token is constrained: the burst ends here
+                        if stopped is not None:
+                            keep = j + 1
+                            break
+                    if keep < len(chunk):
+                        burst.keep(keep)
+                    self._advance(chunk[:keep])
+                    self.generated.extend(chunk[:keep])
+                    left -= keep
+                    yield from pieces
+                    if stopped is not None:
+                        break
+                if stopped == "guide":
+                    stopped, logits = None, self._graph.logits  # after the last token kept
+                elif stopped is None:
+                    break  # the burst ran to max_new_tokens
+        if stopped is not None:
+            self.stopped_by = stopped
+        if stopped != "stop":
+            tail = stream.flush()
+            if tail:
+                yield tail
 
     def decode(
         self,
