@@ -164,7 +164,7 @@ class KVStack:
         if self.rotary is not None:  # the rotary's rows are positions: here, each stream's own
             q_sink = self.rotary.at(q, p.clamp(max=sink + window - 1))
             q, k = self.rotary.at(q, p), self.rotary.at(k, p)
-        slot = torch.where(p < sink, p, sink + (p - sink) % window)
+        slot = kernels.reference.ring_slots(p, sink, window)
         rows = torch.arange(b, device=p.device)
         self.k[rows, :, slot] = k
         self.v[rows, :, slot] = v

@@ -20,7 +20,7 @@ from deltamem.model.cuda_graph import Burst, DecodeGraph
 from deltamem.model.errors import SnapshotError, resource_error
 from deltamem.model.layers import HybridLM
 from deltamem.model.packed import pack
-from deltamem.model.sampling import LoopGuard, Sampler, TextStream
+from deltamem.model.sampling import LoopGuard, Sampler, TextStream, account
 from deltamem.model.snapcache import PieceCache
 
 if TYPE_CHECKING:
@@ -437,21 +437,15 @@ class Engine:
             yield from self._generate_on_device(logits, max_new_tokens, sampler, eos, stream, unknown)
             return
         for _ in range(max_new_tokens):
-            row = self._allowed(logits[-1], unknown)
-            tok = sampler(row)
-            self.generated.append(tok)
+            pieces: list[str] = []
+            tok = sampler(self._allowed(logits[-1], unknown))
+            stopped = account(tok, eos, stream, self.generated, pieces, self._loop_guard)
             logits = self.feed([tok], logits="last")
-            if tok in eos:
-                self.stopped_by = "eos"
-                break
-            piece = stream.push(tok)
-            if piece:
-                yield piece
-            if stream.stopped:
-                self.stopped_by = "stop"
-                return
-            if self._loop_guard is not None and self._loop_guard(self.generated):
-                self.stopped_by = "loop"
+            yield from pieces
+            if stopped is not None:
+                self.stopped_by = stopped
+                if stopped == "stop":
+                    return
                 break
         tail = stream.flush()
         if tail:
@@ -462,22 +456,8 @@ class Engine:
         what the guide (if any) forbids here."""
         if unknown is not None:
             row = row.index_fill(0, unknown, float("-inf"))
-        mask = self._guide(self.generated, row.device) if getattr(self, "_guide", None) is not None else None
+        mask = self._guide(self.generated, row.device) if self._guide is not None else None
         return row if mask is None else row.masked_fill(~mask, float("-inf"))
-
-    def _account(self, tok: int, eos: set[int], stream: TextStream, seen: list[int], pieces: list[str]) -> str | None:
-        """A sampled token's text into `pieces`; why the reply ends with it ("eos", "stop", "loop"), or None."""
-        seen.append(tok)
-        if tok in eos:
-            return "eos"
-        piece = stream.push(tok)
-        if piece:
-            pieces.append(piece)
-        if stream.stopped:
-            return "stop"
-        if self._loop_guard is not None and self._loop_guard(seen):
-            return "loop"
-        return None
 
     def _generate_on_device(
         self,
@@ -498,7 +478,7 @@ class Engine:
                 while left > 0 and stopped is None and guide is not None and guide(seen) is not None:
                     pieces: list[str] = []
                     tok = int(sampler.on_device(self._allowed(logits[-1], unknown)))
-                    stopped = self._account(tok, eos, stream, seen, pieces)
+                    stopped = account(tok, eos, stream, seen, pieces, self._loop_guard)
                     logits = self.feed([tok], logits="last")
                     self.generated.append(tok)
                     left -= 1
@@ -509,7 +489,7 @@ class Engine:
                 for chunk in burst:
                     keep, pieces = len(chunk), []
                     for j, tok in enumerate(chunk):
-                        stopped = self._account(tok, eos, stream, seen, pieces)
+                        stopped = account(tok, eos, stream, seen, pieces, self._loop_guard)
                         if stopped is None and guide is not None and guide(seen) is not None:
                             stopped = "guide"  # the next token is constrained: the burst ends here
                         if stopped is not None:

@@ -127,6 +127,24 @@ class LoopGuard:
         return False
 
 
+def account(
+    tok: int, eos: set[int], stream: TextStream, seen: list[int], pieces: list[str], loop_guard: LoopGuard | None = None
+) -> str | None:
+    """One sampled token of a reply: appended to `seen`, its text (if any) to `pieces`; returns why the reply ends
+    with it ("eos", "stop", "loop"), or None. Engine.generate and deltamem serve's batched decode both count by it."""
+    seen.append(tok)
+    if tok in eos:
+        return "eos"
+    piece = stream.push(tok)
+    if piece:
+        pieces.append(piece)
+    if stream.stopped:
+        return "stop"
+    if loop_guard is not None and loop_guard(seen):
+        return "loop"
+    return None
+
+
 class TextStream:
     """Turns token ids into printable text pieces: holds back incomplete UTF-8 sequences and any tail that could
     still become a stop string; `stopped` turns true once a stop string appears (it is never emitted)."""

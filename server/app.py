@@ -227,6 +227,11 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise ApiError(400, f"the model's chat template refused these messages: {e}") from None
         return text, tool_schemas(tools)
 
+    def afresh() -> None:
+        """After a failure mid-way the state is no longer what the cache thinks: the next request starts afresh."""
+        engine.reset()
+        cache.consumed([])
+
     def prepare(text: str, session: str) -> tuple[list[int], int]:
         """Under the lock: tokenize, restore the longest cached prefix, feed the rest (keeping a state every
         `state_every` tokens and at the prompt's end, not its last token: generate() feeds that one)."""
@@ -248,9 +253,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 engine.feed(ids[at:-1], logits="none")
                 cache.consumed(ids[:-1])
                 cache.save(session)
-        except BaseException:  # the state is no longer what the cache thinks: start the next request afresh
-            engine.reset()
-            cache.consumed([])
+        except BaseException:
+            afresh()
             raise
         return ids, hit.tokens
 
@@ -268,9 +272,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 except GeneratorExit:  # a client that went away: generate() stopped with the state holding these ids
                     cache.consumed(ids + engine.generated)
                     raise
-                except BaseException:  # a failure mid-way: start the next request afresh
-                    engine.reset()
-                    cache.consumed([])
+                except BaseException:
+                    afresh()
                     raise
                 cache.consumed(ids + engine.generated)
                 cache.save(session)
@@ -281,8 +284,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             try:
                 logits = engine.feed(ids[-1:], logits="last")[-1]
             except BaseException:
-                engine.reset()
-                cache.consumed([])
+                afresh()
                 raise
             cache.consumed(ids)
             reply = Reply(engine.keep(), logits, Sampler(sample["temperature"], sample["top_p"], 0, sample["seed"]),

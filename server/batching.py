@@ -25,7 +25,7 @@ import torch
 
 from deltamem.model.batch import DecodeBatch
 from deltamem.model.engine import Kept
-from deltamem.model.sampling import Sampler, TextStream
+from deltamem.model.sampling import Sampler, TextStream, account
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 32  # replies decoded in one step; more wait for a place
@@ -132,14 +132,11 @@ class Batcher:
     @staticmethod
     def _advance(r: Reply, tok: int) -> bool:
         """Account a token sampled for the reply (as Engine.generate does); True when it is the reply's last."""
-        r.generated.append(tok)
-        if tok in r.eos:
-            r.stopped_by = "eos"
-            return True
-        piece = r.stream.push(tok)
-        if piece:
+        pieces: list[str] = []
+        stopped = account(tok, r.eos, r.stream, r.generated, pieces)
+        for piece in pieces:
             r.out.put(piece)
-        if r.stream.stopped:
-            r.stopped_by = "stop"
+        if stopped is not None:
+            r.stopped_by = stopped
             return True
         return len(r.generated) >= r.max_new_tokens
