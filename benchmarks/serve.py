@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -178,13 +179,18 @@ def main() -> None:
     log = work / "server.log"
     turns = transcript(args.turns, args.result_chars)
     name = "serve_gpu" if gpu else "serve_cpu"
-    if args.only_concurrency:
-        old = json.loads((args.out / f"{name}.json").read_text())
-        cached, uncached = old["cached"], old["uncached"]
-    else:
-        cached = replay(args, work / "cached.db", log, turns, cached=True)
-        uncached = replay(args, work / "uncached.db", log, turns, cached=False)
-    conc = {mode: concurrency(args, work / f"conc-{mode}.db", log, mode == "batched") for mode in ("serial", "batched")}
+    try:
+        if args.only_concurrency:
+            old = json.loads((args.out / f"{name}.json").read_text())
+            cached, uncached = old["cached"], old["uncached"]
+        else:
+            cached = replay(args, work / "cached.db", log, turns, cached=True)
+            uncached = replay(args, work / "uncached.db", log, turns, cached=False)
+        conc = {m: concurrency(args, work / f"conc-{m}.db", log, m == "batched") for m in ("serial", "batched")}
+    except BaseException:
+        print(f"the servers' log is kept in {log}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)  # the stores hold GBs of states
     base = {r["turn"]: r for r in uncached}
     hit = sum(r["cached_tokens"] for r in cached) / sum(r["prompt_tokens"] for r in cached)
     later = [r["ttft_s"] for r in cached if r["turn"] > 1 and not r["after_restart"]]

@@ -104,6 +104,25 @@ def store(name: str, sources: list[Path], tensors: dict[str, torch.Tensor], meta
         os.replace(tmp, base.with_suffix(".json"))
     except OSError as e:
         log.warning("could not write the start-up cache in %s (%s); the next load converts again", root, e)
+        return
+    _prune(root, name)
+
+
+def _prune(root: Path, name: str) -> None:
+    """Remove `name`'s entries whose source files are gone (an upgraded package, a deleted delta): each is a whole
+    float32 copy of a model, and nothing would ever load it again."""
+    for meta_path in root.glob(f"{name}-*.json"):
+        try:
+            sources = [Path(rec["path"]) for rec in json.loads(meta_path.read_text())["sources"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # damaged, or being written: load() rebuilds it
+        if all(p.exists() for p in sources):
+            continue
+        for p in (meta_path.with_suffix(".safetensors"), meta_path):
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def drop(name: str, sources: list[Path]) -> None:

@@ -9,9 +9,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "DELTAMEM_CACHE" not in os.environ:  # the start-up cache of this test session, not the user's (subprocesses too)
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["DELTAMEM_CACHE"] = tempfile.mkdtemp(prefix="deltamem-test-cache-")
+    # removed when the session ends: each entry is a float32 copy of the default model (~0.6 GB)
+    atexit.register(shutil.rmtree, os.environ["DELTAMEM_CACHE"], True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

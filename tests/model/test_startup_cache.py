@@ -75,6 +75,23 @@ def test_entries_follow_their_sources(tmp_path, monkeypatch):
     assert startup_cache.load("m", [src]) is None
 
 
+def test_entries_of_removed_sources_are_pruned(tmp_path, monkeypatch):
+    root = tmp_path / "c"
+    monkeypatch.setenv("DELTAMEM_CACHE", str(root))
+    old, new, other = (tmp_path / f"{n}.bin" for n in ("old", "new", "other"))
+    for p in (old, new, other):
+        p.write_bytes(p.name.encode())
+    t = {"w": torch.ones(4)}
+    startup_cache.store("m", [old], t, {})
+    startup_cache.store("n", [other], t, {})
+    old.unlink()  # e.g. the package that held it was upgraded
+    other.unlink()
+    startup_cache.store("m", [new], t, {})
+    names = sorted(p.name for p in root.iterdir())
+    assert len(names) == 4 and sum(n.startswith("m-") for n in names) == 2  # m's orphan gone, n's left to n
+    assert startup_cache.load("m", [new]) is not None
+
+
 def test_an_unwritable_cache_only_costs_the_conversion(tmp_path, monkeypatch, caplog):
     blocked = tmp_path / "file"
     blocked.write_text("a file where the cache folder would go")
