@@ -206,7 +206,7 @@ def llama_cpp_rates(path: Path, prefill_text: str, chat: str, decode: int, threa
         if n == decode:
             break
     return {"prefill_tok_s": prefill, "decode_tok_s": (n - 1) / (time.perf_counter() - t),
-            "version": llama_cpp.__version__}  # fmt: skip
+            "version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode()}
 
 
 def old_engine(prefill_ids: list[int], gguf: Path, threads: int) -> dict:
@@ -244,10 +244,25 @@ def main() -> None:
     ap.add_argument("--recall-trials", type=int, default=4, help="trials per distance of the recall test")
     ap.add_argument("--quality", action="store_true",
                     help="measure again only each --quant's perplexity and recall (after a new delta), into cpu.json")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: cap torch (ATen, oneDNN, MKL, inductor's C++) to AVX2 code, as on a CPU without "
+                         "AVX-512; results in cpu_avx2.{json,md} (give --llama-cpp an AVX2-only build)")
+    ap.add_argument("--llama-cpp", type=Path, default=None,
+                    help="a folder holding the llama_cpp package to measure (e.g. pip install --target DIR, built "
+                         "with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=OFF' for --isa avx2)")
     args = ap.parse_args()
+    if args.isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        # these are read once, when each library starts: run again in an environment that sets them
+        caps = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                "TORCHINDUCTOR_CPP_MARCH": "haswell",
+                "TORCHINDUCTOR_CACHE_DIR": str(Path(tempfile.gettempdir()) / "deltamem-inductor-avx2")}
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
+    if args.llama_cpp:
+        sys.path.insert(0, str(args.llama_cpp))
+    stem = "cpu" if args.isa == "native" else f"cpu_{args.isa}"
     if args.quality:
         torch.set_num_threads(args.threads)
-        doc = json.loads((RESULTS / "cpu.json").read_text())
+        doc = json.loads((RESULTS / f"{stem}.json").read_text())
         for r in doc["rows"]:
             if r["engine"].startswith("deltamem default model") and "--compile" not in r["engine"]:
                 eng = load_model("default", quant=r["engine"].rsplit(" ", 1)[1])
@@ -258,18 +273,18 @@ def main() -> None:
                 r["perplexity"], r["recall"] = uncompiled_quality(doc["rows"], r["engine"])
         args.markdown_only = True
         doc["recall_trials"], doc["quality_again"] = args.recall_trials, True
-        (RESULTS / "cpu.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
     if args.markdown_only:
-        doc = json.loads((RESULTS / "cpu.json").read_text())
+        doc = json.loads((RESULTS / f"{stem}.json").read_text())
         doc["targets"] = targets(doc["rows"], doc["floors"], args.prefill)
-        (RESULTS / "cpu.json").write_text(json.dumps(doc, indent=2) + "\n")
-        (RESULTS / "cpu.md").write_text(markdown(doc, args))
+        (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (RESULTS / f"{stem}.md").write_text(markdown(doc, args))
         return
     torch.set_num_threads(args.threads)
     gguf = smollm2_gguf()
     text = corpus_text(args.prefill * 6)
     rows, doc = [], {"cpu": cpu_info(), "versions": versions(), "threads": args.threads,
-                     "recall_trials": args.recall_trials}
+                     "recall_trials": args.recall_trials, "isa": args.isa}
     doc["floors"] = fl = floors(args.threads)
     print(f"cpu {doc['cpu']}; floors {fl}", flush=True)
 
@@ -277,7 +292,7 @@ def main() -> None:
     ids = base.tokenizer.encode(text)[: args.prefill]
     chat = base.tokenizer.encode(CHAT)
     del base
-    for q, comp in [(q, False) for q in QUANTS] + [("none", True), ("int4", True)]:
+    for q, comp in [(q, False) for q in QUANTS] + [(q, True) for q in QUANTS]:
         eng = load_model("default", quant=q, compile_decode=comp)
         name = f"deltamem default model, --quant {q}" + (" --compile" if comp else "")
         r = {"engine": name, **engine_rates(eng, ids, chat, args.decode)}
@@ -310,8 +325,8 @@ def main() -> None:
     doc["rows"] = rows
     doc["targets"] = targets(rows, fl, args.prefill)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cpu.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (RESULTS / "cpu.md").write_text(markdown(doc, args))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(doc, args))
     print(markdown(doc, args))
 
 
@@ -364,7 +379,13 @@ def markdown(doc: dict, args) -> str:
         "# CPU speed side by side",
         "",
         f"{c['model']} ({c['machine']}; {', '.join(c['flags']) or 'no AVX2'}), {doc['threads']} threads, one run: "
-        f"`python benchmarks/cpu.py`. Prefill: {args.prefill:,} tokens of Python source from an empty state; decode: "
+        f"`python benchmarks/cpu.py{' --isa avx2 --llama-cpp DIR' if doc.get('isa') == 'avx2' else ''}`. "
+        + ("Capped to AVX2 code, as a stand-in for a CPU without AVX-512 (same cores and memory): torch through "
+           "ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2 and inductor's C++ with "
+           "-march=haswell; llama.cpp built with GGML_NATIVE=OFF, GGML_AVX512=OFF (its system info: "
+           f"{next((r.get('system_info', '?') for r in doc['rows'] if r['engine'].startswith('llama.cpp')), '?')}). "
+           if doc.get("isa") == "avx2" else "")
+        + f"Prefill: {args.prefill:,} tokens of Python source from an empty state; decode: "
         f"{args.decode} greedy tokens after a chat prompt. Perplexity: {args.ppl_tokens:,} tokens of this repository's "
         "sources (never trained on). Recall: scripts/distill.py's test through the engine (a 5-digit code 2x/4x/8x the "
         f"window back, code of the same sources between; the fraction of {doc.get('recall_trials', 4)} trials a "

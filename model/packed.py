@@ -8,8 +8,9 @@ input are fused into one PackedLinear first (q/k/v, gate/up, the six DeltaNet pr
 also serves the embedding lookup, so no weight is held twice.
 
 Weight-only quantization (`quant`, CPU only) goes through torch's own CPU kernels: "int8" per output channel
-(torch._weight_int8pack_mm), "int4" in groups of INT4_GROUP along the input (torch._weight_int4pack_mm_for_cpu,
-asymmetric, bfloat16 activations), the LM head included (a tied embedding's rows are dequantized from it).
+(torch._weight_int8pack_mm eagerly; under --compile a multiply-reduce that inductor fuses, much faster), "int4" in
+groups of INT4_GROUP along the input (torch._weight_int4pack_mm_for_cpu, asymmetric, bfloat16 activations), the LM
+head included (a tied embedding's rows are dequantized from it).
 benchmarks/cpu.py measures each option's speed and perplexity; "none" is the default.
 
 Packing is for inference only: a packed model's state_dict no longer has the checkpoint's names; the engine
@@ -78,6 +79,10 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if self.quant != "none" and x2.shape[0] > WIDE:
             y = x2 @ self.dequantized().to(x2.dtype).T
+        elif self.quant == "int8" and torch.compiler.is_compiling():
+            # under torch.compile (--compile) inductor fuses this into one loop that reads each int8 weight once:
+            # 4x less to stream than float32, and on 2 cores 5-10x faster than torch._weight_int8pack_mm
+            y = (x2[:, None, :] * self.q).sum(-1) * self.scale
         elif self.quant == "int8":
             y = torch._weight_int8pack_mm(x2, self.q, self.scale)
         elif self.quant == "int4":

@@ -67,3 +67,30 @@ def test_compiled_cpu_decode_matches_eager(spec):
     got = "".join(compiled.generate(ids, max_new_tokens=12, stop_ids=[]))
     assert compiled.generated == plain.generated and got == want
     assert torch.allclose(compiled.feed([5], logits="last"), plain.feed([5], logits="last"), atol=1e-4)
+
+
+@needs_cxx
+def test_compiled_int8_linear_is_the_weight_only_product():
+    """Under torch.compile an int8 linear's few-row product is the fused multiply-reduce over the int8 weight: the
+    same weight-only product as the eager kernel (x times the dequantized weight), not an approximation of it."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    lin = PackedLinear(w, b, 2, "int8")
+    step = torch.compile(lin, dynamic=False)
+    for rows in (1, 3):
+        x = torch.randn(rows, 96, generator=g)
+        with torch.no_grad():
+            got = step(x)
+        want = x.double() @ lin.dequantized().double().T + b.double()
+        assert torch.allclose(got.double(), want, atol=1e-4)
+        assert torch.allclose(lin(x).double(), want, atol=1e-4)  # torch._weight_int8pack_mm, eagerly
+
+
+@needs_cxx
+def test_compiled_int8_decode_matches_eager_int8():
+    ids = torch.randint(3, 200, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    plain, compiled = load_model("default", quant="int8"), load_model("default", quant="int8", compile_decode=True)
+    want = "".join(plain.generate(ids, max_new_tokens=12, stop_ids=[]))
+    got = "".join(compiled.generate(ids, max_new_tokens=12, stop_ids=[]))
+    assert compiled.generated == plain.generated and got == want
+    assert torch.allclose(compiled.feed([5], logits="last"), plain.feed([5], logits="last"), atol=1e-3)
