@@ -260,11 +260,6 @@ def load_model(
         raise ValueError(f"--quant must be one of {', '.join(QUANTS)}; got {quant!r}")
     if quant != "none" and device.type != "cpu":
         raise ValueError(f"--quant {quant} is a CPU path; on {device} use --dtype bfloat16 (or --quant none)")
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    if quant == "int8" and compile_decode and device.type == "cpu" and not avx512:
-        # inductor's AVX2 code loads 8 int8 weights at a time through a scalar copy (benchmarks/results/cpu_avx2.md)
-        log.warning("--quant int8 --compile is slow on a CPU without AVX-512 (about 4x slower than float32 on 2 "
-                    "AVX2 cores); --quant int4 --compile or --quant none decode faster here")  # fmt: skip
     trained_window = None
     if str(path) == "default":
         from deltamem.model.distilled import default_model

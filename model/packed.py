@@ -27,12 +27,18 @@ INT4_GROUP = 32
 WIDE = 8  # inputs of more rows than this (prefill) run as a dequantized float32 GEMM
 
 
+def avx512() -> bool:
+    """Whether torch runs its AVX-512 code here (ATEN_CPU_CAPABILITY can hold it lower); inductor follows it."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, blocks: int, quant: str = "none"):
         super().__init__()
         out, inp = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
         self.out_features = out
+        self.words = False  # int8 codes packed four to an int32 (see _quantize)
         # int4 needs whole groups along the input (its output rows are padded to its tiles of 16)
         self.quant = quant if quant != "int4" or inp % INT4_GROUP == 0 else "int8"
         if self.quant != "none":
@@ -49,7 +55,14 @@ class PackedLinear(nn.Module):
         out, inp = w.shape
         if self.quant == "int8":  # symmetric, one scale per output row
             scale = w.abs().amax(1).clamp(min=1e-12) / 127
-            self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            # Without AVX-512, inductor's vector code reads int8 a few bytes at a time through a scalar copy
+            # (benchmarks/results/cpu_avx2.md); four codes in one int32 word load as whole vectors instead: with
+            # n = in / 4, byte k of word j of a row holds its code k * n + j, so each byte meets a contiguous slice
+            self.words = not avx512() and inp % 4 == 0
+            if self.words:
+                q = q.view(out, 4, inp // 4).transpose(1, 2).contiguous().view(torch.int32).view(out, inp // 4)
+            self.register_buffer("q", q)
             self.register_buffer("scale", scale)
             return
         # int4: per group of INT4_GROUP inputs, w ~ code * scale + low with code in 0..15; torch's kernel takes
@@ -69,9 +82,17 @@ class PackedLinear(nn.Module):
     def dequantized(self, ids: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The weight [out, in] float32 as the kernels see it (only rows `ids`, [len(ids), in], if given)."""
         if self.quant == "int8":
-            return self.q[ids].float() * self.scale[ids, None]
+            return self.codes8(ids).float() * self.scale[ids, None]
         kept = self.scale[..., : self.out_features, :].transpose(0, 1)[ids].float()  # [rows, groups, 2]
         return ((self.codes[ids].float() - 8) * kept[..., 0:1] + kept[..., 1:2]).flatten(1)
+
+    def codes8(self, ids: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+        """int8's codes [rows, in] (of rows `ids`), whichever layout holds them."""
+        q = self.q[ids]
+        if not self.words:
+            return q
+        n = q.shape[-1]
+        return q.view(torch.int8).view(-1, n, 4).transpose(1, 2).reshape(-1, 4 * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., in] -> [..., out]
@@ -82,9 +103,14 @@ class PackedLinear(nn.Module):
         elif self.quant == "int8" and torch.compiler.is_compiling():
             # under torch.compile (--compile) inductor fuses this into one loop that reads each int8 weight once:
             # 4x less to stream than float32, and on 2 cores 5-10x faster than torch._weight_int8pack_mm
-            y = (x2[:, None, :] * self.q).sum(-1) * self.scale
+            if self.words:  # byte k of each word, sign-extended by the arithmetic shift, meets x's k-th quarter
+                n = self.q.shape[1]
+                y = sum((x2[:, None, k * n : (k + 1) * n] * ((self.q << (24 - 8 * k)) >> 24)).sum(-1) for k in range(4))
+                y = y * self.scale
+            else:
+                y = (x2[:, None, :] * self.q).sum(-1) * self.scale
         elif self.quant == "int8":
-            y = torch._weight_int8pack_mm(x2, self.q, self.scale)
+            y = torch._weight_int8pack_mm(x2, self.codes8(), self.scale)
         elif self.quant == "int4":
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.q, INT4_GROUP, self.scale)
             y = y[:, : self.out_features].to(x.dtype)
