@@ -25,7 +25,7 @@ EXIT_ERROR = 1  # bad input: a file, a model, a state, the memory database, an o
 EXIT_STEP_LIMIT = 3  # `deltamem run` stopped at --max-steps without an answer
 EXIT_MODEL = 4  # the model failed (its chat template, generation)
 EXIT_RESOURCE = 5  # not enough memory, or the device failed
-QUANTS = ("none", "int8", "int4")  # model/packed.py's (not imported here: it imports torch, which start-up defers)
+QUANTS = ("auto", "none", "int8", "int4")  # model/packed.py's and auto (not imported: start-up defers torch)
 
 
 def device_args(sp: argparse.ArgumentParser) -> None:
@@ -41,15 +41,17 @@ def device_args(sp: argparse.ArgumentParser) -> None:
         help="auto (default: bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16 (env DELTAMEM_DTYPE)",
     )
     sp.add_argument(
-        "--quant", choices=QUANTS, default=os.environ.get("DELTAMEM_QUANT", "none"),
-        help="CPU only: weight-only quantization of the weights, int8 per channel or int4 per group of 32 "
-        "(default none: float32; benchmarks/results/cpu.md has each one's speed and perplexity; env DELTAMEM_QUANT)",
+        "--quant", choices=QUANTS, default=os.environ.get("DELTAMEM_QUANT", "auto"),
+        help="CPU only: weight-only quantization of the weights, int8 per channel or int4 per group of 32; auto "
+        "(default): int8 with --compile, else none (float32); benchmarks/results/cpu.md has each one's speed and "
+        "perplexity (env DELTAMEM_QUANT)",
     )  # fmt: skip
     sp.add_argument(
         "--compile", action="store_true", default=os.environ.get("DELTAMEM_COMPILE") == "1",
         help="CPU only: run decode steps through torch.compile (needs a C++ compiler; the first time about 40 s, "
-        "later about 7 s from the compiler's cache); with --quant int8 decode runs about 3.7x as fast as float32 "
-        "eagerly at +0.5%% perplexity, worth it for long replies, the TUI and serve (env DELTAMEM_COMPILE=1)",
+        "later about 7 s from the compiler's cache); with it --quant auto takes int8, which decodes about 3.7x as "
+        "fast as float32 eagerly at +0.5%% perplexity on an AVX-512 CPU: worth it for long replies, the TUI and "
+        "serve (env DELTAMEM_COMPILE=1)",
     )  # fmt: skip
 
 

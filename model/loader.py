@@ -253,11 +253,15 @@ def load_model(
     window/sink: bound each attention layer's cache to `sink` first + `window` last tokens (None: unbounded;
     "auto": the window the model was trained with, if it says, else 4096).
     quant: "none", or on the CPU "int8" / "int4" weight-only quantization of the layers' linear weights
-    (model/packed.py). compile_decode: on the CPU, decode steps through torch.compile (model/cuda_graph.py).
+    (model/packed.py); "auto": int8 where decode is compiled on the CPU (there the fastest at +0.5% perplexity),
+    else none (int8's eager kernel is slower than float32). compile_decode: on the CPU, decode steps through
+    torch.compile (model/cuda_graph.py).
     """
     device, dtype = resolve(device, dtype)
+    if quant == "auto":  # the fastest within 2% perplexity in benchmarks/results/cpu.md and cpu_avx2.md
+        quant = "int8" if compile_decode and device.type == "cpu" else "none"
     if quant not in QUANTS:
-        raise ValueError(f"--quant must be one of {', '.join(QUANTS)}; got {quant!r}")
+        raise ValueError(f"--quant must be one of auto, {', '.join(QUANTS)}; got {quant!r}")
     if quant != "none" and device.type != "cpu":
         raise ValueError(f"--quant {quant} is a CPU path; on {device} use --dtype bfloat16 (or --quant none)")
     trained_window = None

@@ -11,7 +11,7 @@ Weight-only quantization (`quant`, CPU only) goes through torch's own CPU kernel
 (torch._weight_int8pack_mm eagerly; under --compile a multiply-reduce that inductor fuses, much faster), "int4" in
 groups of INT4_GROUP along the input (torch._weight_int4pack_mm_for_cpu, asymmetric, bfloat16 activations), the LM
 head included (a tied embedding's rows are dequantized from it).
-benchmarks/cpu.py measures each option's speed and perplexity; "none" is the default.
+benchmarks/cpu.py measures each option's speed and perplexity; load_model's "auto" picks int8 where decode is compiled.
 
 Packing is for inference only: a packed model's state_dict no longer has the checkpoint's names; the engine
 fingerprints the model before packing it.
