@@ -116,13 +116,8 @@ def _prune(root: Path, name: str) -> None:
             sources = [Path(rec["path"]) for rec in json.loads(meta_path.read_text())["sources"]]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # damaged, or being written: load() rebuilds it
-        if all(p.exists() for p in sources):
-            continue
-        for p in (meta_path.with_suffix(".safetensors"), meta_path):
-            try:
-                p.unlink()
-            except OSError:
-                pass
+        if not all(p.exists() for p in sources):
+            _remove(meta_path.with_suffix(""))
 
 
 def drop(name: str, sources: list[Path]) -> None:
@@ -130,7 +125,11 @@ def drop(name: str, sources: list[Path]) -> None:
     root = cache_root()
     if root is None:
         return
-    base = root / _entry_name(name, sources)
+    _remove(root / _entry_name(name, sources))
+
+
+def _remove(base: Path) -> None:
+    """Delete an entry's two files (its JSON first: without it the weights are never read)."""
     for p in (base.with_suffix(".json"), base.with_suffix(".safetensors")):
         try:
             p.unlink()
