@@ -63,6 +63,12 @@ def convert_arg(sp: argparse.ArgumentParser) -> None:
     )
 
 
+def guide_arg(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--free-tool-calls", dest="guided_calls", action="store_false",
+                    help="let the model write anything in a tool call (default: only well-formed calls of the tools "
+                    "offered, with arguments their schemas accept)")  # fmt: skip
+
+
 def loop_arg(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--loop-guard", type=int, default=64, metavar="N",
@@ -148,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         "on a GPU at most half of its free memory); every state is also in the memory database",
     )  # fmt: skip
     sv.add_argument("--max-prompt-tokens", type=int, default=131072)
+    guide_arg(sv)
     sv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                     help="read every prompt whole, keep no states (a baseline for measurements)")
     sv.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=None,
@@ -182,8 +189,7 @@ def _agent_parsers(sub, model_args) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
         sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         sp.add_argument("--seed", type=int, default=None)
-        sp.add_argument("--free-tool-names", dest="guided_names", action="store_false",
-                        help="let the model write any name in a tool call (default: only the tools offered)")
+        guide_arg(sp)
         loop_arg(sp)
 
     ing = sub.add_parser("ingest", help="read a project's text files into a session's memory (changed files only)")
@@ -444,7 +450,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = "default" if str(args.model) == "default" else Path(str(args.model)).name
         app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,
                          None if args.cache_mb is None else args.cache_mb << 20,
-                         prefix_cache=args.prefix_cache, batch_decode=args.batch_decode)
+                         prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -608,7 +614,7 @@ def _agent(args: argparse.Namespace):
             max_steps=args.max_steps,
             allow_shell=args.allow_shell,
             max_new_tokens=args.max_new_tokens,
-            guided_names=args.guided_names,
+            guided_calls=args.guided_calls,
         )
     agent = Agent(engine, store, name, args.repo, convert_state=args.convert_state, **kw)
     agent.load_s = args.load_s  # reported with --json

@@ -33,6 +33,7 @@ from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from deltamem.agent.guide import ToolCallGuide
 from deltamem.agent.parse import format_tool_call, parse_tool_calls
 from deltamem.agent.prompt import list_tools_in_system, tool_schemas
 from deltamem.agent.session import AgentSession
@@ -97,7 +98,26 @@ class ChatDeltamem(BaseChatModel):
     def bind_tools(
         self, tools: Sequence[Any], *, tool_choice: str | None = None, **kwargs: Any
     ) -> Runnable[LanguageModelInput, AIMessage]:
+        """tool_choice: "auto" (default), "none", "any"/"required" (a call, always) or a tool's name (that tool);
+        a call, once opened, is held to a well-formed call of an offered tool (agent/guide.py)."""
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    def _offered(self, kwargs: dict) -> tuple[list[dict] | None, bool]:
+        """The tools a call offers the model, and whether it must call one (bind_tools' tool_choice)."""
+        tools, choice = kwargs.get("tools"), kwargs.get("tool_choice")
+        if not tools or choice in (None, "auto"):
+            return tools, False
+        if choice == "none":
+            return None, False
+        if choice in ("any", "required"):
+            return tools, True
+        name = choice if isinstance(choice, str) else ((choice or {}).get("function") or {}).get("name")
+        named = [t for t in tools if t["function"]["name"] == name]
+        if not named:
+            raise ValueError(f"tool_choice {choice!r} names no bound tool")
+        return named, True
 
     # --- conversion ----------------------------------------------------------------------------------------
     def _to_dicts(self, messages: list[BaseMessage], tools: list[dict] | None) -> list[dict]:
@@ -149,8 +169,12 @@ class ChatDeltamem(BaseChatModel):
             input_token_details={"cache_read": prompt - reply.fed},
         )
 
-    def _run(self, messages, stop, tools, on_piece):
+    def _run(self, messages, stop, tools, on_piece, required=False):
         s = self._state()
+        s.guide = None
+        if tools:
+            syntax = s.template.call_syntax if s.template.uses_tools else "json"
+            s.guide = ToolCallGuide(s.tok, tools, s.engine.config.vocab_size, s.stop_ids, syntax, required=required)
         reply = s.reply(self._to_dicts(messages, tools), self.max_tokens, on_piece, **self._sampling(stop))
         return reply, self._usage(s, reply)
 
@@ -177,9 +201,9 @@ class ChatDeltamem(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        tools = kwargs.get("tools")
+        tools, required = self._offered(kwargs)
         on_piece = (lambda p: run_manager.on_llm_new_token(p)) if run_manager else None
-        reply, usage = self._run(messages, stop, tools, on_piece)
+        reply, usage = self._run(messages, stop, tools, on_piece, required)
         return ChatResult(generations=[ChatGeneration(message=self._message(reply.text, usage, tools))])
 
     def _stream(
@@ -189,7 +213,7 @@ class ChatDeltamem(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        tools = kwargs.get("tools")
+        tools, _ = self._offered(kwargs)
         if tools:  # tool calls are parsed from the whole reply: one chunk
             result = self._generate(messages, stop, run_manager, **kwargs)
             msg = result.generations[0].message
@@ -206,6 +230,7 @@ class ChatDeltamem(BaseChatModel):
             )
             return
         s = self._state()
+        s.guide = None
         it = s.stream_reply(self._to_dicts(messages, None), self.max_tokens, **self._sampling(stop))
         while True:
             try:

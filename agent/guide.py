@@ -1,87 +1,179 @@
-"""Guided tool names: inside a tool call, the model may only write the name of a tool it was offered.
+"""Guided tool calls: once the model opens a `<tool_call>`, it can only write a whole, well-formed call of an offered
+tool with arguments that fit the tool's JSON schema; everywhere else sampling is free.
 
-The small default model opens a call well but often names the function the question mentions instead of a tool
-(`{"name": "is_coroutine_callable", ...}`: benchmarks/results/agent_eval.md), which the agent can only refuse.
-Constrained decoding fixes that at the source, as vLLM's guided decoding and llama.cpp's grammars do for a whole
-call; this guide constrains only the name, the one place where the model goes wrong and a wrong token costs a step.
+The small default model opens calls well but then often names the question's function instead of a tool, writes a
+code fence instead of JSON, or loops on `<tool_call>` (benchmarks/results/agent_eval.md), and each such call costs
+a step. Constrained decoding fixes that at the source, as vLLM's guided decoding and llama.cpp's grammars do. The
+grammar is compiled by llguidance (the library llama.cpp, vLLM and SGLang use), from the tools' own schemas:
 
-Once the reply so far ends inside an open call's name (JSON: `<tool_call>` then `{"name": "` and part of a name;
-XML: `<tool_call>` then `<function=` and part of a name), the tokens that may come next are those whose text keeps
-the name a prefix of an offered name followed by its end (`"` or `>`), or completes one and goes on. Everywhere
-else the guide returns None and sampling is free. A name the model has already taken off every offered one (it can
-only begin outside the guide, e.g. with a space) is left alone; the parser then reports the call as invalid.
+- JSON syntax: `<tool_call>\\n{"name": "NAME", "arguments": ARGS}\\n</tool_call>`, ARGS an object the tool's schema
+  accepts (its properties only, its required ones present, values of their types);
+- XML syntax (Qwen3.5): `<tool_call>\\n<function=NAME>\\n` then `<parameter=KEY>\\nVALUE\\n</parameter>\\n` for the
+  tool's own keys, then `</function>\\n</tool_call>`.
+
+Outside a call the grammar allows any text, and the guide says so (None), so the engine samples as usual (and on a
+GPU keeps decoding in device-side bursts). The guide follows the reply token by token; a token the grammar refuses
+(sampled where the guide was free, e.g. a special token) ends guiding for that reply, and the parser then reports
+whatever follows as usual.
 """
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
+import copy
+import json
 from collections.abc import Sequence
 
+import llguidance
+import llguidance.torch as llt
 import torch
 
-_OPEN = {
-    "json": re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([^"\n]*)\Z'),
-    "xml": re.compile(r"<tool_call>\s*<function=([^>\n]*)\Z"),
-}
-_END = {"json": '"', "xml": ">"}
-TAIL = 48  # generated tokens decoded to find an open call: `<tool_call>{"name": "` and a name fit in far fewer
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+NL = "\n"
+END_PARAMETER = NL + "</parameter>" + NL
 
 
-class ToolNameGuide:
-    def __init__(self, tokenizer, names: Sequence[str], vocab_size: int, syntax: str = "json"):
-        """vocab_size: the model's (its logits' width, which may pad the tokenizer's)."""
-        if syntax not in _OPEN:
-            raise ValueError(f"syntax must be one of {sorted(_OPEN)}")
-        if not names:
-            raise ValueError("a guide needs at least one tool name")
-        self.tok, self.syntax = tokenizer, syntax
-        self.targets = [n + _END[syntax] for n in names]
+def _lit(s: str) -> str:
+    return json.dumps(s)
+
+
+def _json_args(schema: dict | None) -> str:
+    """The schema an arguments object must meet: the tool's, with no keys beyond its properties, written as
+    json.dumps writes it (the form the agent's prompts and traces show; no room for runs of whitespace)."""
+    schema = copy.deepcopy(schema) if schema else {"type": "object", "properties": {}}
+    schema.setdefault("type", "object")
+    schema.setdefault("additionalProperties", False)
+    schema["x-guidance"] = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+    return json.dumps(schema)
+
+
+def _xml_value(schema: dict) -> str:
+    """A parameter's value in the XML syntax, as chat templates write it: a string as it is (up to its closing
+    tag), anything else as JSON."""
+    end = _lit(END_PARAMETER)
+    if "enum" in schema:
+        return f"({' | '.join(_lit(v if isinstance(v, str) else json.dumps(v)) for v in schema['enum'])}) {end}"
+    kind = schema.get("type")
+    if kind in (None, "string") or (isinstance(kind, list) and "string" in kind):
+        return "value"
+    return f"%json {json.dumps({**schema, 'x-guidance': {'whitespace_flexible': False}})} {end}"
+
+
+def call_grammar(tools: Sequence[dict], syntax: str = "json", required: bool = False,
+                 special_tags: bool = False) -> str:  # fmt: skip
+    """A Lark grammar (llguidance's dialect) of a reply: free text with any number of well-formed calls of `tools`
+    (OpenAI function specs), or with `required`, exactly one call and nothing else. special_tags: `<tool_call>` and
+    `</tool_call>` are single special tokens of the tokenizer (Qwen's), not text."""
+    if syntax not in ("json", "xml"):
+        raise ValueError("syntax must be json or xml")
+    functions = [t.get("function", t) for t in tools]
+    if not functions:
+        raise ValueError("a guide needs at least one tool")
+    rules = []
+    for i, f in enumerate(functions):
+        name = f["name"]
+        if syntax == "json":
+            head = _lit('{"name": "' + name + '", "arguments": ')
+            rules.append(f"tool_{i}: {head} %json {_json_args(f.get('parameters'))} \"}}\"")
+        else:  # the required parameters, then the others, each in the schema's order
+            params = f.get("parameters") or {}
+            props = params.get("properties") or {}
+            need = [k for k in params.get("required") or [] if k in props]
+            for j, (k, sub) in enumerate(props.items()):
+                rules.append(f"p_{i}_{j}: {_lit('<parameter=' + k + '>' + NL)} {_xml_value(sub)}")
+            body = [f"p_{i}_{list(props).index(k)}" for k in need]
+            body += [f"p_{i}_{j}?" for j, k in enumerate(props) if k not in need]  # each once at most
+            opening = _lit("<function=" + name + ">" + NL)
+            rules.append(f"tool_{i}: {opening} {' '.join(body)} {_lit('</function>')}")
+    if syntax == "xml":  # a string value: any text up to the first END_PARAMETER
+        rules += [f"value[lazy]: VALUE {_lit(END_PARAMETER)}", "VALUE: /(.|\\n)*/"]
+    choice = " | ".join(f"tool_{i}" for i in range(len(functions)))
+    opening, closing = (OPEN, CLOSE) if special_tags else (_lit(OPEN), _lit(CLOSE))  # a token's name, or text
+    call = f"{_lit(NL)} ({choice}) {_lit(NL)} {closing}"
+    if required:
+        top = [f"start: {opening} {call}"]
+    elif special_tags:  # free text (which cannot hold the special token), then the token opens a call
+        top = ["start: (call)* tail", "tail: TEXT", "TEXT: /(.|\\n)*/", f"call: TEXT {opening} {call}"]
+    else:  # free text; the text `<tool_call>` ends it (lazily: at its first occurrence) and opens a call
+        top = ["start: (call)* tail", "tail: TEXT", "TEXT: /(.|\\n)*/", f"open[lazy]: TEXT {opening}",
+               f"call: open {call}"]  # fmt: skip
+    return "\n".join(["%llguidance {}", *top, *rules]) + "\n"
+
+
+_TOKENIZERS: dict[tuple[str, int, tuple[int, ...]], llguidance.LLTokenizer] = {}
+
+
+def ll_tokenizer(tok, vocab_size: int, eos_ids: Sequence[int]) -> llguidance.LLTokenizer:
+    """llguidance's view of a deltamem Tokenizer: each id's bytes (special tokens marked with byte 0xFF, as
+    llguidance expects; ids the tokenizer lacks, a padded vocabulary's, as never-allowed specials)."""
+    key = (tok.fingerprint(), vocab_size, tuple(eos_ids))
+    if key not in _TOKENIZERS:
+        specials = set(tok.special_tokens.values())
+        tokens = []
+        for i in range(vocab_size):
+            try:
+                raw = tok.decode_bytes([i])
+            except ValueError:
+                raw = None
+            tokens.append(b"\xff[unused %d]" % i if raw is None else b"\xff" + raw if i in specials else raw)
+
+        class Wrapped:  # the attributes llguidance.TokenizerWrapper reads
+            eos_token_id = eos_ids[0]
+            bos_token_id = None
+            special_token_ids = sorted(specials)
+
+            def __init__(self):
+                self.tokens = tokens
+
+            def __call__(self, text):
+                return tok.encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+        _TOKENIZERS[key] = llguidance.LLTokenizer(llguidance.TokenizerWrapper(Wrapped()), eos_token=list(eos_ids))
+    return _TOKENIZERS[key]
+
+
+class ToolCallGuide:
+    """guide(reply_ids, device) -> a [vocab] bool mask of the ids allowed next, or None where sampling is free."""
+
+    def __init__(self, tokenizer, tools: Sequence[dict], vocab_size: int, eos_ids: Sequence[int],
+                 syntax: str = "json", required: bool = False):  # fmt: skip
+        """tools: OpenAI function specs (agent/prompt.py tool_specs). vocab_size: the model's (its logits' width,
+        which may pad the tokenizer's). eos_ids: the ids that end a reply (allowed wherever the grammar may end)."""
         self.vocab_size = vocab_size
-        self._by_first: dict[str, list[tuple[int, str]]] | None = None  # first character -> (id, text)
-        self._masks: dict[tuple[str, torch.device], torch.Tensor] = {}
+        special = {OPEN, CLOSE} <= set(tokenizer.special_tokens)
+        self.grammar = call_grammar(tools, syntax, required, special)
+        self._matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size, eos_ids), self.grammar)
+        if self._matcher.is_error():
+            raise ValueError(f"the tools' grammar does not compile: {self._matcher.get_error()}")
+        self._bits = llt.allocate_token_bitmask(1, vocab_size)
+        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._free = None if required else self._fill().clone()  # the mask of free text (the reply's start)
+        self._fed: list[int] = []
+        self._off = False  # the reply left the grammar: free from here on
+        self._last: tuple[int, torch.Tensor | None] | None = None  # (len of the reply, its answer)
 
-    def _index(self) -> dict[str, list[tuple[int, str]]]:
-        if self._by_first is None:
-            by_first: dict[str, list[tuple[int, str]]] = defaultdict(list)
-            for i in range(self.vocab_size):
-                try:
-                    raw = self.tok.decode_bytes([i])
-                except (KeyError, ValueError):  # an id the tokenizer has no bytes for (vocab padding)
-                    continue
-                text = raw.decode("utf-8", errors="ignore") if raw else ""
-                if text:
-                    by_first[text[0]].append((i, text))
-            self._by_first = dict(by_first)
-        return self._by_first
+    def _fill(self) -> torch.Tensor:
+        llt.fill_next_token_bitmask(self._matcher, self._bits)
+        return self._bits[0]
 
-    def partial(self, ids: Sequence[int]) -> str | None:
-        """The name written so far, if the reply `ids` ends inside an open call's name; else None."""
-        if not ids:
-            return None
-        text = self.tok.decode(list(ids[-TAIL:]))
-        m = _OPEN[self.syntax].search(text)
-        return None if m is None else m.group(1)
+    def _follow(self, ids: Sequence[int]) -> None:
+        n = len(self._fed)
+        if len(ids) < n or list(ids[:n]) != self._fed:  # another reply (or a rewind): start again
+            self._matcher.reset()
+            self._fed, self._off, self._last, n = [], False, None, 0
+        for t in ids[n:]:
+            t = int(t)
+            self._fed.append(t)
+            if not self._off and not self._matcher.consume_token(t):
+                self._off = True
 
     def __call__(self, ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """A [vocab] bool mask of the ids allowed next after the reply `ids`, or None where sampling is free."""
-        written = self.partial(ids)
-        if written is None:
-            return None
-        targets = [t for t in self.targets if t.startswith(written)]
-        if not targets:
-            return None
-        key = (written, torch.device(device))
-        mask = self._masks.get(key)
-        if mask is None:
-            rests = [t[len(written) :] for t in targets]
-            allowed = [
-                i
-                for c in {r[0] for r in rests}
-                for i, text in self._index().get(c, ())
-                if any(r.startswith(text) or text.startswith(r) for r in rests)
-            ]
-            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-            mask[allowed] = True
-            mask = self._masks[key] = mask.to(device)
-        return mask
+        self._follow(ids)
+        if self._last is None or self._last[0] != len(self._fed):
+            mask = None
+            if not self._off:
+                bits = self._fill()
+                if self._free is None or not torch.equal(bits, self._free):
+                    mask = ((bits[:, None] >> self._shifts) & 1).flatten()[: self.vocab_size].bool()
+            self._last = (len(self._fed), mask)
+        mask = self._last[1]
+        return None if mask is None else mask.to(device)

@@ -21,7 +21,7 @@ from langgraph.types import Command
 
 from deltamem.agent import threads
 from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
-from deltamem.agent.guide import ToolNameGuide
+from deltamem.agent.guide import ToolCallGuide
 from deltamem.agent.hygiene import Rules, feed_order
 from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
 from deltamem.agent.session import AgentSession, Cancelled, log
@@ -86,11 +86,11 @@ class Agent:
         allow_shell: bool = False,
         max_new_tokens: int = 512,
         convert_state: bool = False,
-        guided_names: bool = True,
+        guided_calls: bool = True,
     ):
         """convert_state: resume a session saved in another dtype by converting its state (not exact; the session
-        records it), instead of refusing. guided_names: inside a tool call the model can only name an offered
-        tool (agent/guide.py)."""
+        records it), instead of refusing. guided_calls: a tool call the model opens can only be a well-formed call of
+        an offered tool (agent/guide.py)."""
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ValueError(f"{root} is not a directory")
@@ -100,9 +100,9 @@ class Agent:
         self.tools = default_tools()
         if self.session.template.uses_tools:  # the model's template lists them, in its trained words and syntax
             self.session.template.tools = tool_specs(self.tools)
-        if guided_names:
-            self.session.guide = ToolNameGuide(self.session.tok, list(self.tools),
-                                               engine.config.vocab_size, self.session.template.call_syntax)  # fmt: skip
+        if guided_calls:
+            self.session.guide = ToolCallGuide(self.session.tok, tool_specs(self.tools), engine.config.vocab_size,
+                                               self.session.stop_ids, self.session.template.call_syntax)  # fmt: skip
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
         self.saver = sqlite_checkpointer(store.path)
         self.graph = build_graph(

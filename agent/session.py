@@ -63,7 +63,7 @@ class AgentSession:
         self.events: list[dict] = []  # turns to record with the next save (a state converted on resume)
         self.timing: dict[str, float] = {}  # seconds and counts since the caller last cleared it (see _time)
         self.loop_guard: LoopGuard | None = LoopGuard()  # ends a reply caught in a loop (see LOOP_MARKER)
-        self.guide = None  # constrains what a reply may write where (agent/guide.py: tool names), or None
+        self.guide = None  # constrains what a reply may write where (agent/guide.py: tool calls), or None
 
     # --- opening ---------------------------------------------------------------------------------------
     @classmethod

@@ -167,6 +167,9 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args) -> dic
                 "calls": len(calls),
                 "valid_calls": sum(1 for c in calls if c["ok"] and c["tool"] != INVALID_CALL),
                 "tools": [c["tool"] for c in calls],
+                # what each call asked and the start of what it got back: why an answer went wrong
+                "call_log": [{"tool": c["tool"], "arguments": c.get("arguments"), "ok": c["ok"],
+                              "result": str(c.get("result", ""))[:300]} for c in calls],  # fmt: skip
                 "model_calls": model_calls(out.get("outcome"), len(calls), args.max_steps),
                 "degenerate": LOOP_MARKER.strip() in answer,
                 "wall_s": round(wall, 2),
@@ -304,7 +307,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="ARG",
-        help="pass this to every `deltamem run` (repeat; e.g. --run-arg=--free-tool-names)",
+        help="pass this to every `deltamem run` (repeat; e.g. --run-arg=--free-tool-calls)",
     )
     ap.add_argument(
         "--label",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 import uuid
@@ -24,11 +25,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from deltamem.agent.guide import ToolCallGuide
 from deltamem.agent.parse import format_tool_call, parse_tool_calls
 from deltamem.agent.prompt import ChatTemplate, TemplateError, list_tools_in_system, tool_schemas
 from deltamem.model.sampling import Sampler, TextStream
 from deltamem.server.batching import Batcher, Reply
 from deltamem.server.prefix import PrefixCache
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 8 << 20
 
@@ -85,7 +89,7 @@ def openai_calls(calls: list[dict]) -> list[dict]:
 def offered_tools(tools: Any, choice: Any) -> list[dict]:
     """The tools a request offers the model, checked: OpenAI function specs (a name, optional description and JSON
     schema parameters). tool_choice "none" offers none; a named function offers only that one ("required" and
-    "auto" offer all: the server does not constrain decoding)."""
+    "auto" offer all; the guide then holds "required" and a named function to a call)."""
     if tools is None:
         tools = []
     if not isinstance(tools, list):
@@ -112,11 +116,12 @@ def offered_tools(tools: Any, choice: Any) -> list[dict]:
 
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
-               prefix_cache: bool = True, batch_decode: bool | None = None) -> FastAPI:
+               prefix_cache: bool = True, batch_decode: bool | None = None, guided_calls: bool = True) -> FastAPI:
     """state_every: inside a long prompt, a state is also kept every this many tokens (a later prompt sharing only
     the beginning still hits). cache_bytes: the hot states' budget on the model's device (default: 8 states, at
     least 512 MiB; on a GPU at most half of its free memory). batch_decode: decode concurrent replies in one batch
-    (default: on a GPU, where a step costs about the same for one reply or many)."""
+    (default: on a GPU, where a step costs about the same for one reply or many). guided_calls: where tools are
+    offered, a tool call the model opens can only be a well-formed call of one of them (agent/guide.py)."""
     if engine.tokenizer is None:
         raise ValueError("serving needs a model with a tokenizer")
     if cache_bytes is None:
@@ -225,7 +230,15 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             text = template.render(out)
         except TemplateError as e:
             raise ApiError(400, f"the model's chat template refused these messages: {e}") from None
-        return text, tool_schemas(tools)
+        guide = None
+        if tools and guided_calls:  # a call, once opened, is well formed with arguments its schema accepts
+            choice = body.get("tool_choice")
+            try:
+                guide = ToolCallGuide(engine.tokenizer, tools, engine.config.vocab_size, eos, syntax,
+                                      required=choice == "required" or isinstance(choice, dict))  # fmt: skip
+            except ValueError as e:  # a schema the grammar compiler does not take: calls go unguided
+                log.warning("tool calls unguided for this request: %s", e)
+        return text, tool_schemas(tools), guide
 
     def afresh() -> None:
         """After a failure mid-way the state is no longer what the cache thinks: the next request starts afresh."""
@@ -288,7 +301,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 raise
             cache.consumed(ids)
             reply = Reply(engine.keep(), logits, Sampler(sample["temperature"], sample["top_p"], 0, sample["seed"]),
-                          TextStream(engine.tokenizer, sample["stop"]), set(eos), sample["max_new_tokens"])
+                          TextStream(engine.tokenizer, sample["stop"]), set(eos), sample["max_new_tokens"],
+                          guide=sample["guide"])
         done.update(ids=ids, cached=cached)
         yield None
         yield from batcher.submit(reply)
@@ -314,8 +328,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         name = request.headers.get("x-deltamem-session") or body.get("user") or "default"
         return str(name)[:100]
 
-    def complete(text: str, body: dict, session: str, chat: bool, schemas: dict) -> Any:
-        sample = sampling(body)
+    def complete(text: str, body: dict, session: str, chat: bool, schemas: dict, guide=None) -> Any:
+        sample = {**sampling(body), "guide": guide}
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.get("stream"):
             return StreamingResponse(stream(text, sample, session, chat, schemas, created, rid),
@@ -376,8 +390,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request)
-        text, schemas = chat_prompt(body)
-        return await run_in_threadpool(complete, text, body, session_of(request, body), True, schemas)
+        text, schemas, guide = chat_prompt(body)
+        return await run_in_threadpool(complete, text, body, session_of(request, body), True, schemas, guide)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +39,7 @@ class Reply:
     stream: TextStream
     eos: set[int]
     max_new_tokens: int
+    guide: Callable[..., torch.Tensor | None] | None = None  # as Engine.generate's (agent/guide.py)
     generated: list[int] = field(default_factory=list)
     stopped_by: str = "length"
     final: Kept | None = None  # the state after the last generated token, once the reply has ended
@@ -121,10 +122,11 @@ class Batcher:
                 r.out.put(None)
 
     def _sample(self) -> list[int]:
-        rows = [
-            r.logits if self.unknown is None else r.logits.index_fill(0, self.unknown, float("-inf"))
-            for r in self.active
-        ]
+        rows = []
+        for r in self.active:
+            row = r.logits if self.unknown is None else r.logits.index_fill(0, self.unknown, float("-inf"))
+            mask = r.guide(r.generated, row.device) if r.guide is not None else None
+            rows.append(row if mask is None else row.masked_fill(~mask, float("-inf")))
         if self.on_device:  # one read-back for the whole batch
             return torch.cat([r.sampler.on_device(x) for r, x in zip(self.active, rows, strict=True)]).tolist()
         return [r.sampler(x) for r, x in zip(self.active, rows, strict=True)]

@@ -3,6 +3,7 @@ random-weight model can pass (invoke, stream, batch, conversation, stop sequence
 that need a model that follows instructions (tool calling, structured output) are switched off by the suite's
 own capability flags."""
 
+import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
@@ -69,3 +70,23 @@ def test_device_and_dtype_reach_the_engine():
     engine = model._session.engine
     assert (str(engine.device), str(engine.dtype)) == ("cpu", "torch.bfloat16")
     assert model._identifying_params["dtype"] == "bfloat16"
+
+
+def test_tool_choice_any_or_named_gives_a_call_the_schema_accepts():
+    """A random-weight model never writes a tool call on its own; bound with tool_choice "any" or a tool's name,
+    the guide holds it to one, whose arguments jsonschema (an independent validator) accepts."""
+    jsonschema = pytest.importorskip("jsonschema")
+    paint = {"type": "function", "function": {"name": "paint", "description": "paint", "parameters": {
+        "type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"]}}}  # fmt: skip
+    wait = {"type": "function", "function": {"name": "wait", "description": "wait", "parameters": {
+        "type": "object", "properties": {"long": {"type": "boolean"}}}}}  # fmt: skip
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (paint, wait)}
+    free = ChatDeltamem(model="random", max_tokens=40, temperature=0).bind_tools([paint, wait]).invoke("Paint it.")
+    assert not free.tool_calls
+    for choice, names in [("any", {"paint", "wait"}), ("wait", {"wait"})]:
+        for seed in range(2):
+            llm = ChatDeltamem(model="random", max_tokens=40, temperature=1.0, seed=seed)
+            msg = llm.bind_tools([paint, wait], tool_choice=choice).invoke("Paint it.")
+            (call,) = msg.tool_calls
+            assert call["name"] in names
+            jsonschema.validate(call["args"], schemas[call["name"]])

@@ -1,14 +1,33 @@
-"""Guided tool names (agent/guide.py): the allowed set against a brute-force scan of the whole vocabulary, and
-generation through the engine (host loop and device-side bursts) writing only offered names where a name is due."""
+"""Guided tool calls (agent/guide.py): what the guide allows where a tool's name is due against a brute-force scan of
+the vocabulary; free text left free; and generation through the engine (host loop and device-side bursts) by a
+random-weight model, which left alone writes noise, always giving calls that the agent's parser reads and whose
+arguments jsonschema (an independent validator) accepts under the tool's schema."""
 
+import jsonschema
 import pytest
 
-from deltamem.agent.guide import ToolNameGuide
+from deltamem.agent.guide import ToolCallGuide
+from deltamem.agent.parse import parse_tool_calls
 from deltamem.model import load_model
 from deltamem.model.tokenizer import Tokenizer
 
-NAMES = ["grep", "read_file", "map", "list_dir"]
 VOCAB = 100352  # the random model's (OLMo's padded vocabulary)
+
+
+def spec(name, properties=None, required=()):
+    params = {"type": "object", "properties": properties or {}, "required": list(required)}
+    return {"type": "function", "function": {"name": name, "description": name, "parameters": params}}
+
+
+NAMED = [spec("grep", {"pattern": {"type": "string"}}, ["pattern"]), spec("read_file", {"path": {"type": "string"}}),
+         spec("map"), spec("list_dir")]  # fmt: skip
+# Arguments a random model can finish: a choice, a bounded integer, a boolean (a free string could run on forever)
+SHORT = [
+    spec("paint", {"color": {"enum": ["red", "green", "blue"]}, "coats": {"type": "integer", "minimum": 1,
+                   "maximum": 3}}, ["color"]),  # fmt: skip
+    spec("wait", {"long": {"type": "boolean"}}),
+    spec("stop"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -16,55 +35,98 @@ def tok():
     return Tokenizer.cl100k_olmo()
 
 
-def brute_force(tok, written: str, ends: str) -> set[int]:
-    """Every id whose text, after `written`, stays on or completes the way to an offered name and its end."""
-    targets = [n + ends for n in NAMES]
-    out = set()
-    for i in range(VOCAB):
-        try:
-            text = tok.decode_bytes([i]).decode("utf-8", errors="ignore")
-        except (KeyError, ValueError):
-            continue
-        if text and any(t.startswith(written + text) or (written + text).startswith(t) for t in targets):
-            out.add(i)
-    return out
+@pytest.fixture(scope="module")
+def eos(tok):
+    return [tok.special_tokens["<|im_end|>"]] if "<|im_end|>" in tok.special_tokens else [tok.eos_id]
+
+
+def allowed(mask) -> set[int]:
+    return set(mask.nonzero()[:, 0].tolist())
 
 
 @pytest.mark.parametrize(("syntax", "opening", "ends"), [("json", '<tool_call>\n{"name": "', '"'),
                                                          ("xml", "<tool_call>\n<function=", ">")])  # fmt: skip
-def test_allowed_ids_are_exactly_those_on_the_way_to_an_offered_name(tok, syntax, opening, ends):
-    guide = ToolNameGuide(tok, NAMES, VOCAB, syntax)
+def test_where_a_name_is_due_only_offered_names_are_allowed(tok, eos, syntax, opening, ends):
+    guide = ToolCallGuide(tok, NAMED, VOCAB, eos, syntax)
+    names = [s["function"]["name"] for s in NAMED]
     for written in ["", "r", "read_", "l", "gre"]:
         mask = guide(tok.encode("Let me look. " + opening + written))
         assert mask is not None and mask.shape == (VOCAB,)
-        assert set(mask.nonzero()[:, 0].tolist()) == brute_force(tok, written, ends), written
-    for free in ["Let me look.", opening + "xyz", opening + 'grep", "arguments": {"pattern": "', "<tool_call>"]:
-        assert guide(tok.encode(free)) is None, free  # no name due, or a name off every offered one
+        for i in allowed(mask):  # each allowed token stays on (or completes) the way to an offered name
+            text = written + tok.decode([i])
+            assert any((n + ends).startswith(text) or text.startswith(n + ends) for n in names), (written, text)
+        for n in names:  # and every offered name that fits can still be written, one character at a time
+            if n.startswith(written) and n != written:
+                assert any(tok.decode([i]) == n[len(written)] or n[len(written) :].startswith(tok.decode([i]))
+                           for i in allowed(mask)), (written, n)  # fmt: skip
+    wrong = guide(tok.encode("Let me look. " + opening + "is_coroutine"))  # off every name: left the grammar
+    assert wrong is None
 
 
-class WholeReplyIsAName(ToolNameGuide):
-    """A guide for which the reply itself opens with the name (no `<tool_call>` needed): the random model never
-    writes one, and this drives the engine's guided path all the same."""
+def test_free_text_is_free_and_a_call_is_not(tok, eos):
+    guide = ToolCallGuide(tok, NAMED, VOCAB, eos)
+    assert guide(tok.encode("The answer is in `src/a.py`.")) is None
+    assert guide(tok.encode('<tool_call>\n{"name": "grep", "arguments": {"pattern": "x"}}\n</tool_call>\n')) is None
+    inside = guide(tok.encode("<tool_call>"))
+    assert inside is not None and not inside[tok.encode("```")[0]]  # a code fence cannot open a call
+    assert not any(inside[i] for i in eos)  # nor can the reply end inside one
+    closed = guide(tok.encode('<tool_call>\n{"name": "grep", "arguments": {"pattern": "x"}}'))
+    assert allowed(closed) == {tok.encode("\n")[0]}  # on to </tool_call>, nothing else
 
-    def partial(self, ids):
-        text = self.tok.decode(list(ids))
-        return None if '"' in text else text
+
+def test_arguments_keep_to_the_schema(tok, eos):
+    guide = ToolCallGuide(tok, NAMED, VOCAB, eos)
+    keys = guide(tok.encode('<tool_call>\n{"name": "grep", "arguments": {"'))
+    for i in allowed(keys):  # only grep's own key
+        text = tok.decode([i])
+        assert 'pattern"'.startswith(text) or text.startswith('pattern"'), text
+    missing = guide(tok.encode('<tool_call>\n{"name": "grep", "arguments": {'))
+    assert not missing[tok.encode("}")[0]]  # grep's pattern is required
 
 
+@pytest.mark.parametrize("syntax", ["json", "xml"])
 @pytest.mark.parametrize("fast", [False, True])
-def test_generation_writes_only_an_offered_name_where_one_is_due(tok, fast):
+def test_guided_generation_gives_calls_the_schemas_accept(tok, eos, syntax, fast):
     eng = load_model("random", window=64)
     eng.fast_decode = fast  # on the CPU: the device-side burst loop, run eagerly
+    schemas = {s["function"]["name"]: s["function"]["parameters"] for s in SHORT}
     prompt = tok.encode("Which tool now? ")
-    free = eng.sibling()
-    free.fast_decode = fast
-    "".join(free.generate(prompt, max_new_tokens=12, stop_ids=[]))
-    unguided = tok.decode(free.generated)
-    assert not any(unguided.startswith(n + '"') for n in NAMES)  # left alone, the random model names none
-    for seed in range(3):
+    free = "".join(eng.generate(prompt, max_new_tokens=40, stop_ids=eos, temperature=1.0, seed=0))
+    assert not parse_tool_calls(free, schemas=schemas).calls  # left alone, the random model calls nothing
+    for seed in range(4):
         eng.reset()
-        text = "".join(eng.generate(prompt, max_new_tokens=12, stop_ids=[], temperature=1.0, seed=seed,
-                                    guide=WholeReplyIsAName(tok, NAMES, VOCAB)))  # fmt: skip
-        assert any(text.startswith(n + '"') for n in NAMES), text
-        assert len(eng.generated) == 12 and eng.tokens_seen == len(prompt) + 12  # every token fed, then free
-        assert tok.decode(eng.generated) == text
+        guide = ToolCallGuide(tok, SHORT, VOCAB, eos, syntax, required=True)
+        text = "".join(eng.generate(prompt, max_new_tokens=60, stop_ids=eos, temperature=1.0, seed=seed,
+                                    guide=guide))  # fmt: skip
+        parsed = parse_tool_calls(text, schemas=schemas)
+        assert len(parsed.calls) == 1 and not parsed.errors, text
+        call = parsed.calls[0]
+        jsonschema.validate(call["arguments"], schemas[call["name"]])
+        assert eng.generated[-1] in eos  # the call complete, the reply ends
+        assert tok.decode(eng.generated[:-1]) == text and eng.tokens_seen == len(prompt) + len(eng.generated)
+
+
+def test_calls_opened_by_a_special_token(tok, eos):
+    """Where `<tool_call>` and `</tool_call>` are single added tokens of the vocabulary (Qwen's), the guide works on
+    those tokens: free text stays free, the token opens a guided call, and a required call starts with it."""
+    import tiktoken
+
+    ids = {"<tool_call>": 100280, "</tool_call>": 100281}
+    base = tok.encoding
+    enc = tiktoken.Encoding("cl100k_calls", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                            special_tokens={**base._special_tokens, **ids})  # fmt: skip
+    calls_tok = Tokenizer(enc, {**tok._id_to_bytes, **{i: s.encode() for s, i in ids.items()}}, name="cl100k_calls",
+                          eos_id=tok.eos_id, chat_template=tok.chat_template)  # fmt: skip
+    assert calls_tok.encode("<tool_call>") == [100280]
+    guide = ToolCallGuide(calls_tok, NAMED, VOCAB, eos)
+    assert guide(calls_tok.encode("Some prose first.")) is None
+    opened = guide(calls_tok.encode("Some prose first.<tool_call>"))
+    assert opened is not None and allowed(opened) == {calls_tok.encode("\n")[0]}
+    eng = load_model("random", window=64)
+    eng.tokenizer = calls_tok  # which can decode the two added ids
+    schemas = {s["function"]["name"]: s["function"]["parameters"] for s in SHORT}
+    text = "".join(eng.generate(calls_tok.encode("Go. "), max_new_tokens=60, stop_ids=eos, temperature=1.0, seed=1,
+                                guide=ToolCallGuide(calls_tok, SHORT, VOCAB, eos, required=True)))  # fmt: skip
+    assert eng.generated[0] == 100280 and 100281 in eng.generated
+    (call,) = parse_tool_calls(text, schemas=schemas).calls
+    jsonschema.validate(call["arguments"], schemas[call["name"]])

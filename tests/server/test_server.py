@@ -2,6 +2,7 @@
 equal to the whole answer, the prefix cache (a conversation's next turn reuses the state of the last; a restarted
 server still hits it), tool rendering, and errors in OpenAI's shape; plus the loopback-only default."""
 
+import json
 import os
 import socket
 import subprocess
@@ -309,3 +310,33 @@ def test_batched_decode_gives_each_client_its_answer_alone(tmp_path):
         assert nxt == ask(serial, body)
         reply_states += nxt[2]["prompt_tokens_details"]["cached_tokens"] == first["total_tokens"]
     assert reply_states >= 3  # (the others' text tokenizes back to other ids than the reply's: a shorter hit)
+
+
+PAINT = {"type": "function", "function": {"name": "paint", "parameters": {"type": "object", "properties": {
+    "color": {"enum": ["red", "green"]}, "coats": {"type": "integer", "minimum": 1, "maximum": 3}},
+    "required": ["color"]}}}  # fmt: skip
+WAIT = {"type": "function", "function": {"name": "wait", "parameters": {"type": "object", "properties": {
+    "long": {"type": "boolean"}}}}}  # fmt: skip
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_tool_choice_required_or_named_always_gives_a_call_its_schema_accepts(batched):
+    """A random-weight model never writes a tool call; with tool_choice "required" or a named function the guide
+    holds it to one, on the one-reply path and in the decode batch, and jsonschema accepts the arguments."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client = TestClient(create_app(load_model("random", window=64), None, "random", batch_decode=batched))
+    base = {"messages": [{"role": "user", "content": "Paint the fence."}], "tools": [PAINT, WAIT], "max_tokens": 60}
+    free = client.post("/v1/chat/completions", json={**base, "temperature": 0}).json()["choices"][0]
+    assert free["finish_reason"] != "tool_calls"  # "auto": left to the model, which calls nothing
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (PAINT, WAIT)}
+    for choice, names in [("required", {"paint", "wait"}), ({"type": "function", "function": {"name": "wait"}},
+                                                             {"wait"})]:  # fmt: skip
+        for seed in range(3):
+            r = client.post("/v1/chat/completions", json={**base, "tool_choice": choice, "temperature": 1.0,
+                                                          "seed": seed})  # fmt: skip
+            assert r.status_code == 200, r.text
+            out = r.json()["choices"][0]
+            assert out["finish_reason"] == "tool_calls", out
+            (call,) = out["message"]["tool_calls"]
+            assert call["function"]["name"] in names
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
