@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 
 import llguidance
-import llguidance.torch as llt
+import llguidance.numpy as llnp  # not llguidance.torch, whose import pulls in torch._dynamo (1.5 s)
 import torch
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -144,7 +144,7 @@ class ToolCallGuide:
         self._matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size, eos_ids), self.grammar)
         if self._matcher.is_error():
             raise ValueError(f"the tools' grammar does not compile: {self._matcher.get_error()}")
-        self._bits = llt.allocate_token_bitmask(1, vocab_size)
+        self._bits = torch.from_numpy(llnp.allocate_token_bitmask(1, vocab_size))
         self._shifts = torch.arange(32, dtype=torch.int32)
         self._free = None if required else self._fill().clone()  # the mask of free text (the reply's start)
         self._fed: list[int] = []
@@ -152,7 +152,7 @@ class ToolCallGuide:
         self._last: tuple[int, torch.Tensor | None] | None = None  # (len of the reply, its answer)
 
     def _fill(self) -> torch.Tensor:
-        llt.fill_next_token_bitmask(self._matcher, self._bits)
+        llnp.fill_next_token_bitmask(self._matcher, self._bits.numpy())
         return self._bits[0]
 
     def _follow(self, ids: Sequence[int]) -> None:
