@@ -1,6 +1,8 @@
 """The TUI in a real terminal (a pty): it opens while the model loads, and quitting then leaves at once instead of
-waiting for the load (a cold start of the default model, the start-up cache off, takes seconds)."""
+waiting for the load (a cold start of the default model, the start-up cache off, takes seconds): the whole quit,
+interpreter teardown included, takes less time than the load alone, measured on the same machine just before."""
 
+import json
 import os
 import select
 import subprocess
@@ -9,12 +11,16 @@ import time
 
 import pytest
 
-from tests.test_app import ROOT
+from tests.test_app import ROOT, deltamem
 
 pty = pytest.importorskip("pty")
 
 
-def test_quitting_while_the_model_loads_is_immediate(tmp_path):
+def test_quitting_while_the_model_loads_is_immediate(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTAMEM_CACHE", "off")
+    info = deltamem("info", "--model", "default")
+    assert info.returncode == 0, info.stderr
+    load_s = json.loads(info.stdout)["load_s"]  # what waiting for the load would cost
     env = {
         **os.environ,
         "DELTAMEM_CACHE": "off",
@@ -46,7 +52,7 @@ def test_quitting_while_the_model_loads_is_immediate(tmp_path):
                 except OSError:
                     break
         assert p.wait(timeout=30) == 0
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < load_s
     finally:
         p.kill()
         os.close(master)
