@@ -108,17 +108,17 @@ def test_readers_beside_two_writers_never_see_locked(tmp_path, reference):
         store.create_session(title, fingerprint)
     writers = [spawn(db, blobs, 10**6, title) for title in ("a", "b")]
     try:
-        deadline = time.time() + 5
-        reads = 0
-        while time.time() < deadline:
+        deadline = time.time() + 120  # reads go on until both writers are well under way (on a busy machine a
+        reads, counts = 0, {}  # writer may take seconds to start), not for a fixed time
+        while time.time() < deadline and not (reads > 20 and min(counts.values()) > 10):
             for row in store.sessions():
                 if row["snapshots"]:
                     store.load_snapshot(row["id"])
                 store.turns(row["id"])
             reads += 1
+            counts = {row["title"]: row["turns"] for row in store.sessions()}
         for w in writers:
             assert w.poll() is None, w.stderr.read().decode()  # both were writing all along, neither failed
-        counts = {row["title"]: row["turns"] for row in store.sessions()}
         assert reads > 20 and min(counts.values()) > 10, (reads, counts)
     finally:
         for w in writers:

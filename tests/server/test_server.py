@@ -340,3 +340,7 @@ def test_tool_choice_required_or_named_always_gives_a_call_its_schema_accepts(ba
             (call,) = out["message"]["tool_calls"]
             assert call["function"]["name"] in names
             jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    bad = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "strnig"}}}}}  # fmt: skip
+    r = client.post("/v1/chat/completions", json={**base, "tools": [bad], "max_tokens": 4})
+    assert r.status_code == 200, r.text  # a schema the grammar compiler refuses: answered, unguided
