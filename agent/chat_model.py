@@ -126,7 +126,7 @@ class ChatDeltamem(BaseChatModel):
         template = self._state().template
         native = bool(tools) and template.uses_tools
         template.tools = tools if native else None
-        syntax = template.call_syntax if native else "json"
+        syntax = template.syntax_with(tools)
         out = []
         for m in messages:
             content = m.content if isinstance(m.content, str) else _text_of(m.content)
@@ -173,8 +173,8 @@ class ChatDeltamem(BaseChatModel):
         s = self._state()
         s.guide = None
         if tools:
-            syntax = s.template.call_syntax if s.template.uses_tools else "json"
-            s.guide = ToolCallGuide(s.tok, tools, s.engine.config.vocab_size, s.stop_ids, syntax, required=required)
+            s.guide = ToolCallGuide(s.tok, tools, s.engine.config.vocab_size, s.stop_ids, s.template.syntax_with(tools),
+                                    required=required)  # fmt: skip
         reply = s.reply(self._to_dicts(messages, tools), self.max_tokens, on_piece, **self._sampling(stop))
         return reply, self._usage(s, reply)
 

@@ -59,6 +59,11 @@ class ChatTemplate:
     def call_syntax(self) -> str:
         return "xml" if "<function=" in self.source else "json"
 
+    def syntax_with(self, tools) -> str:
+        """The form tool calls take when these tools are offered: the template's own where it lays them out, else
+        JSON, the form deltamem's system prompt (list_tools_in_system) teaches."""
+        return self.call_syntax if tools and self.uses_tools else "json"
+
     @classmethod
     def for_tokenizer(cls, tok) -> ChatTemplate:
         def text(i):

@@ -98,11 +98,12 @@ class Agent:
         self.session = AgentSession.open(engine, store, session, self.root, convert_state=convert_state)
         self.session.max_new_tokens = max_new_tokens
         self.tools = default_tools()
+        specs = tool_specs(self.tools)
         if self.session.template.uses_tools:  # the model's template lists them, in its trained words and syntax
-            self.session.template.tools = tool_specs(self.tools)
+            self.session.template.tools = specs
         if guided_calls:
-            self.session.guide = ToolCallGuide(self.session.tok, tool_specs(self.tools), engine.config.vocab_size,
-                                               self.session.stop_ids, self.session.template.call_syntax)  # fmt: skip
+            self.session.guide = ToolCallGuide(self.session.tok, specs, engine.config.vocab_size, self.session.stop_ids,
+                                               self.session.template.syntax_with(specs))  # fmt: skip
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
         self.saver = sqlite_checkpointer(store.path)
         self.graph = build_graph(

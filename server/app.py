@@ -207,7 +207,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list", param="messages")
         native = bool(tools) and template.uses_tools
-        syntax = template.call_syntax if native else "json"
+        syntax = template.syntax_with(tools)
         out = []
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
