@@ -44,13 +44,18 @@ class Rotary:
 
     def __init__(self, dim: int, theta: float):
         # inv_freq as transformers computes it (float32), used in float64 for the angles.
-        self.dim = dim
-        self.inv_freq = (1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)).double()
+        self.dim, self.theta = dim, theta
+        self.inv_freq = self._inv_freq(torch.device("cpu"))
         self._cached: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._inv_on: dict[torch.device, torch.Tensor] = {}
 
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        exps = torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim
+        return (1.0 / self.theta**exps).double()
+
     def _cos_sin_of(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = self._inv_on.get(pos.device)
+        # an exported step (model/aot_step.py) computes inv_freq in its graph, so it carries no tensor constant
+        inv = self._inv_freq(pos.device) if torch.compiler.is_exporting() else self._inv_on.get(pos.device)
         if inv is None:  # one copy per device, made before any CUDA graph capture reads it
             inv = self._inv_on[pos.device] = self.inv_freq.to(pos.device)
         ang = pos.double()[:, None] * inv  # [T, D/2]

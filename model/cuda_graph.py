@@ -34,9 +34,10 @@ class DecodeGraph:
     logits [1, vocab] float32. The DeltaStates are switched to in-place updates, so every tensor the graph
     reads stays where it was captured; `bound_to(states)` tells whether that still holds."""
 
-    def __init__(self, model: torch.nn.Module, states: list, capture: bool, compile: bool = False):
-        """capture: record a CUDA graph (GPU). compile: on the CPU, run the step through torch.compile, which
-        fuses its small ops and drops their per-op dispatch (the CPU's counterpart of capture)."""
+    def __init__(self, model: torch.nn.Module, states: list, capture: bool, aot_key: tuple | None = None):
+        """capture: record a CUDA graph (GPU). aot_key (model/aot_step.py package()'s arguments): on the CPU, run
+        the step compiled ahead of time, which fuses its small ops and drops their per-op dispatch (the CPU's
+        counterpart of capture)."""
         self.model = model
         self.states = list(states)
         self.device = next(model.parameters()).device
@@ -46,10 +47,12 @@ class DecodeGraph:
             raise ValueError("decode graphs need bounded attention caches (window=None grows its buffers)")
         for d in self.deltas:
             d.inplace = True
-        self.ids = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        with torch.inference_mode(False):  # set by the host outside inference mode too (Burst)
+            self.ids = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.held = self._tensors()
         self._run = self._eager_run
+        self.compiled = False  # running the step compiled ahead of time
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self._saved: list[torch.Tensor] | None = None
@@ -57,9 +60,8 @@ class DecodeGraph:
         self._start = 0
         if capture:
             self._capture()
-        elif compile:
-            self._compiled = torch.compile(self._eager_run, dynamic=False)
-            self._run = self._compiled_run
+        elif aot_key is not None:
+            self._run = self._compiled_step(aot_key)
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [t for d in self.deltas for t in (d.conv, d.recurrent)]
@@ -73,14 +75,18 @@ class DecodeGraph:
             and all(a is b for a, b in zip(self._tensors(), self.held, strict=True))
         )
 
-    def _compiled_run(self) -> torch.Tensor:
+    def _compiled_step(self, aot_key: tuple) -> Callable[[], torch.Tensor]:
+        """The step compiled ahead of time for this CPU (model/aot_step.py), or the eager step where it cannot be."""
+        from deltamem.model.aot_step import compiled_step
+
         try:
-            return self._compiled()
-        except Exception as e:  # a model torch.compile cannot take (it fails while compiling, before running)
-            log.warning("torch.compile could not compile the decode step (%s: %s); decoding eagerly",
+            step = compiled_step(self, aot_key)
+        except Exception as e:  # no C++ compiler, or an op the compiler cannot take
+            log.warning("could not compile the decode step (%s: %s); decoding eagerly",
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")  # fmt: skip
-            self._run = self._eager_run
-            return self._eager_run()
+            return self._eager_run
+        self.compiled = True
+        return lambda: step(self.ids, self.pos, *self.held)
 
     def _eager_run(self) -> torch.Tensor:
         for kv in self.kvs:

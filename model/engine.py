@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 DEFAULT_PREFILL_CHUNK = 512  # load_model's default: bounds activation memory on a CPU
 GPU_PREFILL_CHUNK = 4096  # what that default becomes on a GPU, where larger chunks keep the matmuls busy
 GRAPH_CHUNK = 16  # tokens generate() decodes on the device between two reads of their ids on the host
+STEP_FEED = 8  # feed() of at most this many ids goes through a compiled decode step (CPU, --compile)
 
 
 class Fingerprint:
@@ -208,6 +209,8 @@ class Engine:
         if int(ids_t.min()) < 0 or int(ids_t.max()) >= vocab:
             raise ValueError(f"token ids must be in [0, {vocab}); got {int(ids_t.min())}..{int(ids_t.max())}")
         host_ids = ids_t.tolist()
+        if self.compile_decode and self.fast_decode and n <= STEP_FEED:
+            return self._feed_steps(host_ids, logits)
         ids_t = ids_t.to(self.device)
         outs = []
         with self._changing():
@@ -220,6 +223,21 @@ class Engine:
         self.tokens_seen += n
         self.token_chain = snap.chain(self.token_chain, host_ids)
         return torch.cat(outs) if outs else None
+
+    def _feed_steps(self, ids: list[int], logits: str) -> torch.Tensor | None:
+        """feed() of a few ids through the compiled decode step, one at a time: a quantized layer's wide path
+        dequantizes every weight first (about 0.1 s on 2 cores), the step reads them quantized (a few ms a token)."""
+        g = self._step_graph()
+        rows = []
+        with self._changing():
+            for tok in ids:
+                g.ids.fill_(tok)
+                g.pos.fill_(self.tokens_seen)
+                out = g.step()
+                self._advance([tok])
+                if logits == "all":
+                    rows.append(out.clone())
+        return torch.cat(rows) if rows else out.clone() if logits == "last" else None
 
     @contextlib.contextmanager
     def _changing(self) -> Iterator[None]:
@@ -542,21 +560,27 @@ class Engine:
         return out
 
     def _burst(self, logits: torch.Tensor, n: int, sampler: Sampler, unknown: torch.Tensor | None, chunk: int) -> Burst:
-        if self._graph is None or not self._graph.bound_to(self.states):
-            t0 = time.perf_counter()
-            self._graph = None  # drop the old graph (and its memory pool) before capturing a new one
-            cuda = self.device.type == "cuda"
-            self._graph = DecodeGraph(self.model, self.states, capture=cuda, compile=self.compile_decode)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self._capture_s = time.perf_counter() - t0
+        graph = self._step_graph()
 
         def sample(row: torch.Tensor) -> torch.Tensor:
             if unknown is not None:
                 row = row.index_fill(0, unknown, float("-inf"))
             return sampler.on_device(row)
 
-        return Burst(self._graph, logits.to(self.device), self.tokens_seen, n, sample, chunk)
+        return Burst(graph, logits.to(self.device), self.tokens_seen, n, sample, chunk)
+
+    def _step_graph(self) -> DecodeGraph:
+        """The decode step bound to this engine's state (captured, or compiled, the first time)."""
+        if self._graph is None or not self._graph.bound_to(self.states):
+            t0 = time.perf_counter()
+            self._graph = None  # drop the old graph (and its memory pool) before capturing a new one
+            cuda = self.device.type == "cuda"
+            key = (self.fingerprint, self.quant, self.window, self.sink, self.dtype) if self.compile_decode else None
+            self._graph = DecodeGraph(self.model, self.states, capture=cuda, aot_key=key)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._capture_s = time.perf_counter() - t0
+        return self._graph
 
     def _advance(self, ids: list[int]) -> None:
         """Host counters after decode steps ran on the device: tokens seen, each window's count, the chain."""

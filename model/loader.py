@@ -240,7 +240,7 @@ def load_model(
     sink: int = 4,
     prefill_chunk: int = 512,
     quant: str = "none",
-    compile_decode: bool = False,
+    compile_decode: bool | Literal["auto"] = False,
 ) -> Engine:
     """Load a model and return an Engine with an empty state.
 
@@ -254,15 +254,15 @@ def load_model(
     "auto": the window the model was trained with, if it says, else 4096).
     quant: "none", or on the CPU "int8" / "int4" weight-only quantization of the layers' linear weights
     (model/packed.py); "auto": int8 where decode is compiled on the CPU (there the fastest at +0.5% perplexity),
-    else none (int8's eager kernel is slower than float32). compile_decode: on the CPU, decode steps through
-    torch.compile (model/cuda_graph.py).
+    else none (int8's eager kernel is slower than float32). compile_decode: on the CPU, decode steps compiled ahead
+    of time (model/aot_step.py: compiled at the first decode, about 40 s once, then loaded from the start-up cache in
+    well under a second); "auto": on wherever it can be (the CPU, a bounded window, a C++ compiler, quant other
+    than none).
     """
     device, dtype = resolve(device, dtype)
-    if quant == "auto":  # the fastest within 2% perplexity in benchmarks/results/cpu.md and cpu_avx2.md
-        quant = "int8" if compile_decode and device.type == "cpu" else "none"
-    if quant not in QUANTS:
+    if quant not in (*QUANTS, "auto"):
         raise ValueError(f"--quant must be one of auto, {', '.join(QUANTS)}; got {quant!r}")
-    if quant != "none" and device.type != "cpu":
+    if quant not in ("none", "auto") and device.type != "cpu":
         raise ValueError(f"--quant {quant} is a CPU path; on {device} use --dtype bfloat16 (or --quant none)")
     trained_window = None
     if str(path) == "default":
@@ -284,10 +284,23 @@ def load_model(
         window = trained_window or DEFAULT_WINDOW
     if str(path) in ("default", "random"):  # small weights, already loaded; the state's window may not fit
         check_fits(device, _state_bytes(model.config, window, sink, dtype), f"a state of window {window}")
+    compile_decode, quant = _decode_plan(device, window, quant, compile_decode)
     return Engine(
         model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp, quant=quant,
         compile_decode=compile_decode,
     )
+
+
+def _decode_plan(device, window, quant, compile_decode) -> tuple[bool, str]:
+    """(compile_decode, quant) resolved: see load_model."""
+    cpu = device.type == "cpu"
+    if compile_decode == "auto":
+        from deltamem.model.aot_step import compiler
+
+        compile_decode = cpu and window is not None and quant != "none" and compiler() is not None
+    if quant == "auto":  # the fastest within 2% perplexity in benchmarks/results/cpu.md and cpu_avx2.md
+        quant = "int8" if compile_decode and cpu else "none"
+    return bool(compile_decode), quant
 
 
 def _state_bytes(cfg: ModelConfig, window: int | None, sink: int, dtype: torch.dtype) -> int:

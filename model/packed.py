@@ -82,7 +82,7 @@ class PackedLinear(nn.Module):
     def dequantized(self, ids: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The weight [out, in] float32 as the kernels see it (only rows `ids`, [len(ids), in], if given)."""
         if self.quant == "int8":
-            return self.codes8(ids).float() * self.scale[ids, None]
+            return self.codes8(ids) * self.scale[ids, None]  # int8 times float32: one pass, float32 out
         kept = self.scale[..., : self.out_features, :].transpose(0, 1)[ids].float()  # [rows, groups, 2]
         return ((self.codes[ids].float() - 8) * kept[..., 0:1] + kept[..., 1:2]).flatten(1)
 

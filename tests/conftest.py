@@ -8,6 +8,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the CLI compiles the CPU decode step by default (about 40 s per model and window): only where a test asks for it
+os.environ.setdefault("DELTAMEM_COMPILE", "0")
 if "DELTAMEM_CACHE" not in os.environ:  # the start-up cache of this test session, not the user's (subprocesses too)
     import atexit
     import shutil

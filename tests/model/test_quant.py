@@ -62,20 +62,6 @@ needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compil
 
 
 @needs_cxx
-@pytest.mark.parametrize("spec", ["default", "random"])  # random: a shape torch.compile refuses, decoded eagerly
-def test_compiled_cpu_decode_matches_eager(spec):
-    """--compile: decode steps through torch.compile on the CPU give the eager engine's greedy tokens, and leave
-    the state where eager decoding leaves it."""
-    ids = torch.randint(3, 200, (20,), generator=torch.Generator().manual_seed(2)).tolist()
-    plain, compiled = load_model(spec), load_model(spec, compile_decode=True)
-    assert compiled.fast_decode and not plain.fast_decode
-    want = "".join(plain.generate(ids, max_new_tokens=12, stop_ids=[]))
-    got = "".join(compiled.generate(ids, max_new_tokens=12, stop_ids=[]))
-    assert compiled.generated == plain.generated and got == want
-    assert torch.allclose(compiled.feed([5], logits="last"), plain.feed([5], logits="last"), atol=1e-4)
-
-
-@needs_cxx
 def test_compiled_int8_linear_is_the_weight_only_product():
     """Under torch.compile an int8 linear's few-row product is the fused multiply-reduce over the int8 weight: the
     same weight-only product as the eager kernel (x times the dequantized weight), not an approximation of it."""
@@ -114,13 +100,4 @@ def test_int8_codes_in_words_are_the_same_weights(monkeypatch):
         assert torch.allclose(got.double(), want, atol=1e-4)
         assert torch.allclose(words(x).double(), want, atol=1e-4)
 
-
-@needs_cxx
-def test_compiled_int8_decode_matches_eager_int8():
-    ids = torch.randint(3, 200, (20,), generator=torch.Generator().manual_seed(4)).tolist()
-    plain, compiled = load_model("default", quant="int8"), load_model("default", quant="int8", compile_decode=True)
-    want = "".join(plain.generate(ids, max_new_tokens=12, stop_ids=[]))
-    got = "".join(compiled.generate(ids, max_new_tokens=12, stop_ids=[]))
-    assert compiled.generated == plain.generated and got == want
-    assert torch.allclose(compiled.feed([5], logits="last"), plain.feed([5], logits="last"), atol=1e-3)
 
