@@ -25,7 +25,7 @@ EXIT_ERROR = 1  # bad input: a file, a model, a state, the memory database, an o
 EXIT_STEP_LIMIT = 3  # `deltamem run` stopped at --max-steps without an answer
 EXIT_MODEL = 4  # the model failed (its chat template, generation)
 EXIT_RESOURCE = 5  # not enough memory, or the device failed
-QUANTS = ("auto", "none", "int8", "int4")  # model/packed.py's and auto (not imported: start-up defers torch)
+QUANTS = ("auto", "none", "f16", "int8", "int4")  # model/packed.py's and auto (not imported: start-up defers torch)
 
 
 def device_args(sp: argparse.ArgumentParser) -> None:
@@ -42,15 +42,15 @@ def device_args(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--quant", choices=QUANTS, default=os.environ.get("DELTAMEM_QUANT", "auto"),
-        help="CPU only: weight-only quantization of the weights, int8 per channel or int4 per group of 32; auto "
-        "(default): int8 when decode is compiled, else none (float32); benchmarks/results/cpu.md has each one's "
-        "speed and perplexity (env DELTAMEM_QUANT)",
+        help="CPU only: weights in half precision (f16), int8 per channel or int4 per group of 32; auto (default): "
+        "when decode is compiled, int8 on an AVX-512 CPU and f16 on others, else none (float32); "
+        "benchmarks/results/cpu.md and cpu_avx2.md have each one's speed and perplexity (env DELTAMEM_QUANT)",
     )  # fmt: skip
     sp.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=_env_compile(),
         help="CPU only: decode steps compiled ahead of time for this CPU, at the first decode (about 40 s once, "
-        "then loaded from the start-up cache in well under a second); with it --quant auto takes int8, which decodes "
-        "about 4-5x as fast as float32 eagerly at +0.5%% perplexity. Default: on where a C++ compiler is found "
+        "then loaded from the start-up cache in well under a second); with it --quant auto takes int8 (AVX-512) or "
+        "f16, which decode 3-5x as fast as float32 eagerly. Default: on where a C++ compiler is found "
         "(env DELTAMEM_COMPILE=1 or 0)",
     )  # fmt: skip
 

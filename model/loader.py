@@ -252,9 +252,10 @@ def load_model(
     cannot run it).
     window/sink: bound each attention layer's cache to `sink` first + `window` last tokens (None: unbounded;
     "auto": the window the model was trained with, if it says, else 4096).
-    quant: "none", or on the CPU "int8" / "int4" weight-only quantization of the layers' linear weights
-    (model/packed.py); "auto": int8 where decode is compiled on the CPU (there the fastest at +0.5% perplexity),
-    else none (int8's eager kernel is slower than float32). compile_decode: on the CPU, decode steps compiled ahead
+    quant: "none", or on the CPU "f16" / "int8" / "int4" weight-only quantization of the layers' linear weights
+    (model/packed.py); "auto": where decode is compiled on the CPU the fastest within 2% perplexity, int8 with
+    AVX-512 (+0.5%) and f16 below it (int8's codes are slow to unpack in AVX2 code), else none (the quantized
+    eager paths are slower than float32). compile_decode: on the CPU, decode steps compiled ahead
     of time (model/aot_step.py: compiled at the first decode, about 40 s once, then loaded from the start-up cache in
     well under a second); "auto": on wherever it can be (the CPU, a bounded window, a C++ compiler, quant other
     than none).
@@ -299,7 +300,9 @@ def _decode_plan(device, window, quant, compile_decode) -> tuple[bool, str]:
 
         compile_decode = cpu and window is not None and quant != "none" and compiler() is not None
     if quant == "auto":  # the fastest within 2% perplexity in benchmarks/results/cpu.md and cpu_avx2.md
-        quant = "int8" if compile_decode and cpu else "none"
+        from deltamem.model import packed
+
+        quant = ("int8" if packed.avx512() else "f16") if compile_decode and cpu else "none"
     return bool(compile_decode), quant
 
 

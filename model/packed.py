@@ -8,10 +8,12 @@ input are fused into one PackedLinear first (q/k/v, gate/up, the six DeltaNet pr
 also serves the embedding lookup, so no weight is held twice.
 
 Weight-only quantization (`quant`, CPU only) goes through torch's own CPU kernels: "int8" per output channel
-(torch._weight_int8pack_mm eagerly; under --compile a multiply-reduce that inductor fuses, much faster), "int4" in
-groups of INT4_GROUP along the input (torch._weight_int4pack_mm_for_cpu, asymmetric, bfloat16 activations), the LM
-head included (a tied embedding's rows are dequantized from it).
-benchmarks/cpu.py measures each option's speed and perplexity; load_model's "auto" picks int8 where decode is compiled.
+(torch._weight_int8pack_mm eagerly; compiled (--compile) a multiply-reduce that inductor fuses, much faster), "int4" in
+groups of INT4_GROUP along the input (torch._weight_int4pack_mm_for_cpu, asymmetric, bfloat16 activations), "f16"
+half-precision weights (compiled, the same fused multiply-reduce: in AVX2 code a half loads and converts in one
+instruction, where int8 codes take several), the LM head included (a tied embedding's rows are dequantized from it).
+benchmarks/cpu.py measures each option's speed and perplexity; load_model's "auto" picks int8 (AVX-512) or f16 where
+decode is compiled.
 
 Packing is for inference only: a packed model's state_dict no longer has the checkpoint's names; the engine
 fingerprints the model before packing it.
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("none", "f16", "int8", "int4")
 INT4_GROUP = 32
 WIDE = 8  # inputs of more rows than this (prefill) run as a dequantized float32 GEMM
 
@@ -53,6 +55,9 @@ class PackedLinear(nn.Module):
         matrices of many rows (prefill), which are cheaper as a dequantized float32 GEMM than through these
         kernels."""
         out, inp = w.shape
+        if self.quant == "f16":  # half-precision weights: half the bytes of float32, converted as they load
+            self.register_buffer("q", w.half())
+            return
         if self.quant == "int8":  # symmetric, one scale per output row
             scale = w.abs().amax(1).clamp(min=1e-12) / 127
             q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
@@ -81,6 +86,8 @@ class PackedLinear(nn.Module):
 
     def dequantized(self, ids: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The weight [out, in] float32 as the kernels see it (only rows `ids`, [len(ids), in], if given)."""
+        if self.quant == "f16":
+            return self.q[ids].float()
         if self.quant == "int8":
             return self.codes8(ids) * self.scale[ids, None]  # int8 times float32: one pass, float32 out
         kept = self.scale[..., : self.out_features, :].transpose(0, 1)[ids].float()  # [rows, groups, 2]
@@ -100,6 +107,8 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if self.quant != "none" and x2.shape[0] > WIDE:
             y = x2 @ self.dequantized().to(x2.dtype).T
+        elif self.quant == "f16":
+            y = (x2[:, None, :] * self.q).sum(-1) if torch.compiler.is_compiling() else x2 @ self.q.float().T
         elif self.quant == "int8" and torch.compiler.is_compiling():
             # under torch.compile (--compile) inductor fuses this into one loop that reads each int8 weight once:
             # 4x less to stream than float32, and on 2 cores 5-10x faster than torch._weight_int8pack_mm

@@ -1,6 +1,6 @@
-"""Weight-only quantization on the CPU (--quant int8 / int4, model/packed.py): each quantized linear stays within the
-error its quantization step allows of the float32 product (and is not exact: the weights really are quantized),
-the engine's logits stay close to float32's, and a GPU or an unknown option is refused."""
+"""Weight-only quantization on the CPU (--quant f16 / int8 / int4, model/packed.py): each quantized linear stays
+within the error its quantization step allows of the float32 product (and is not exact: the weights really are
+quantized), the engine's logits stay close to float32's, and a GPU or an unknown option is refused."""
 
 import shutil
 
@@ -31,12 +31,17 @@ def test_quantized_linears_within_their_step(out, inp, rows):
     err4 = (PackedLinear(w, b, 2, "int4")(x) - exact).abs()
     assert (err4 <= bound4).all() and err4.max() > 0
     assert err4.mean() > err8.mean()  # 16 levels lose more than 255
+    # f16: each weight rounded to half precision (relative 2^-11), the products and sums in float32
+    bound16 = x.abs() @ (w.abs() * 2**-11).T + 1e-4
+    err16 = (PackedLinear(w, b, 2, "f16")(x) - exact).abs()
+    assert (err16 <= bound16).all() and err16.max() > 0
+    assert err16.mean() < err8.mean()
 
 
 def test_engine_logits_stay_close_to_float32():
     ids = torch.randint(3, 200, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     full = load_model("random", window=64).feed(ids)
-    for quant, kl_max in (("int8", 1e-3), ("int4", 5e-2)):
+    for quant, kl_max in (("f16", 1e-5), ("int8", 1e-3), ("int4", 5e-2)):
         eng = load_model("random", window=64, quant=quant)
         assert eng.quant == quant
         got = eng.feed(ids)
@@ -45,10 +50,14 @@ def test_engine_logits_stay_close_to_float32():
         assert 0 < kl < kl_max, (quant, kl)
 
 
-def test_auto_takes_int8_only_where_decode_is_compiled():
-    # eagerly torch's int8 kernel is slower than float32; compiled, int8 is the fastest within 2% perplexity
+def test_auto_quantizes_only_where_decode_is_compiled(monkeypatch):
+    # eagerly the quantized paths are slower than float32; compiled, the fastest within 2% perplexity: int8 with
+    # AVX-512, f16 below it (benchmarks/results/cpu.md, cpu_avx2.md)
     assert load_model("random", window=64, quant="auto").quant == "none"
+    monkeypatch.setattr(packed, "avx512", lambda: True)
     assert load_model("random", window=64, quant="auto", compile_decode=True).quant == "int8"
+    monkeypatch.setattr(packed, "avx512", lambda: False)
+    assert load_model("random", window=64, quant="auto", compile_decode=True).quant == "f16"
 
 
 def test_quant_refused_where_it_cannot_run():
@@ -62,12 +71,13 @@ needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="torch.compil
 
 
 @needs_cxx
-def test_compiled_int8_linear_is_the_weight_only_product():
-    """Under torch.compile an int8 linear's few-row product is the fused multiply-reduce over the int8 weight: the
+@pytest.mark.parametrize("quant", ["f16", "int8"])
+def test_compiled_linear_is_the_weight_only_product(quant):
+    """Compiled, an f16 or int8 linear's few-row product is the fused multiply-reduce over the stored weight: the
     same weight-only product as the eager kernel (x times the dequantized weight), not an approximation of it."""
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
-    lin = PackedLinear(w, b, 2, "int8")
+    lin = PackedLinear(w, b, 2, quant)
     step = torch.compile(lin, dynamic=False)
     for rows in (1, 3):
         x = torch.randn(rows, 96, generator=g)
@@ -75,7 +85,7 @@ def test_compiled_int8_linear_is_the_weight_only_product():
             got = step(x)
         want = x.double() @ lin.dequantized().double().T + b.double()
         assert torch.allclose(got.double(), want, atol=1e-4)
-        assert torch.allclose(lin(x).double(), want, atol=1e-4)  # torch._weight_int8pack_mm, eagerly
+        assert torch.allclose(lin(x).double(), want, atol=1e-4)  # eagerly
 
 
 @needs_cxx
