@@ -5,7 +5,8 @@ BASELINE, run from `git archive` in a subprocess), all at the same thread count.
 
 - prefill: tokens/s reading --prefill tokens of Python source (the standard library) from an empty state;
 - decode: tokens/s of --decode greedy tokens after a short chat prompt (end-of-sequence ignored), with the decode
-  step compiled (--compile) too; the first decode call's seconds (compiling, from torch's cache if warm) apart;
+  step compiled (--compile: AOTInductor, model/aot_step.py) too; the first decode call's seconds apart, in a new
+  start-up cache (compiling the step) and again from a second engine (loading it from the cache);
 - perplexity of each --quant on held-out text (this repository's own sources, which no training saw): a quantization
   that costs more than 2% is not the default; and recall of a fact 2x/4x/8x the window back (scripts/distill.py's
   test, through the engine); `--quality` measures only these two again (after a new delta) into cpu.json;
@@ -42,7 +43,7 @@ CHAT = (
     "<|im_start|>user\nExplain in detail how a hash map works, with an example in Python.<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
-QUANTS = ("none", "int8", "int4")
+QUANTS = ("none", "f16", "int8", "int4")
 
 # Run in a subprocess on an older checkout: prefill tok/s of the default model and of the GGUF.
 OLD = """
@@ -241,6 +242,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite cpu.md from cpu.json (no measuring)")
+    ap.add_argument("--quants", default=",".join(QUANTS), help="the --quant options to measure (comma-separated)")
     ap.add_argument("--recall-trials", type=int, default=4, help="trials per distance of the recall test")
     ap.add_argument("--quality", action="store_true",
                     help="measure again only each --quant's perplexity and recall (after a new delta), into cpu.json")
@@ -281,6 +283,9 @@ def main() -> None:
         (RESULTS / f"{stem}.md").write_text(markdown(doc, args))
         return
     torch.set_num_threads(args.threads)
+    # a start-up cache of this run: the first compiled decode call compiles, a second engine's loads from it
+    cache = tempfile.TemporaryDirectory(prefix="deltamem-cpu-bench-")
+    os.environ["DELTAMEM_CACHE"] = cache.name
     gguf = smollm2_gguf()
     text = corpus_text(args.prefill * 6)
     rows, doc = [], {"cpu": cpu_info(), "versions": versions(), "threads": args.threads,
@@ -292,11 +297,20 @@ def main() -> None:
     ids = base.tokenizer.encode(text)[: args.prefill]
     chat = base.tokenizer.encode(CHAT)
     del base
-    for q, comp in [(q, False) for q in QUANTS] + [(q, True) for q in QUANTS]:
+    quants = [q for q in QUANTS if q in args.quants.split(",")]
+    if "none" not in quants:
+        raise SystemExit("--quants needs none (the float32 reference of every ratio)")
+    for q, comp in [(q, False) for q in quants] + [(q, True) for q in quants]:
         eng = load_model("default", quant=q, compile_decode=comp)
         name = f"deltamem default model, --quant {q}" + (" --compile" if comp else "")
         r = {"engine": name, **engine_rates(eng, ids, chat, args.decode)}
         if comp:
+            again = load_model("default", quant=q, compile_decode=True)
+            t = time.perf_counter()
+            for _ in again.generate(chat, max_new_tokens=4, stop_ids=[]):
+                pass
+            r["first_decode_cached_s"] = time.perf_counter() - t
+            del again
             r["perplexity"], r["recall"] = uncompiled_quality(rows, name)
         else:
             r["perplexity"], r["recall"] = quality(eng, args)
@@ -394,8 +408,8 @@ def markdown(doc: dict, args) -> str:
            "from the full run before it (they depend on the shapes, not on the weights' values)."
            if doc.get("quality_again") else ""),  # fmt: skip
         "",
-        "| engine | prefill tok/s | decode tok/s | first decode call s | perplexity | recall 2x / 4x / 8x window "
-        "| weight MB read per token |",
+        "| engine | prefill tok/s | decode tok/s | first decode call s (compiling / cached) | perplexity "
+        "| recall 2x / 4x / 8x window | weight MB read per token |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["rows"]:
@@ -403,6 +417,8 @@ def markdown(doc: dict, args) -> str:
         wb = f"{r['weight_bytes'] / 1e6:.0f}" if "weight_bytes" in r else "-"
         dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
         first = f"{r['first_decode_s']:.1f}" if "first_decode_s" in r else "-"
+        if "first_decode_cached_s" in r:
+            first += f" / {r['first_decode_cached_s']:.2f}"
         rec = " / ".join(f"{v:.2f}" for v in r["recall"].values()) if r.get("recall") else "-"
         lines.append(f"| {r['engine']} | {r['prefill_tok_s']:,.0f} | {dec} | {first} | {ppl} | {rec} | {wb} |")
     lines += ["", "## Targets and floors", "", *(f"- {t}" for t in doc["targets"])]

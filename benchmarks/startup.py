@@ -60,12 +60,18 @@ def main() -> None:
     args = ap.parse_args()
     cache = tempfile.mkdtemp(prefix="deltamem-startup-")
     env = {**os.environ, "DELTAMEM_CACHE": cache, "PYTHONPATH": str(ROOT)}
+    env.pop("DELTAMEM_COMPILE", None)  # the CLI's default: the decode step compiled where a C++ compiler is found
     info = ["info", "--model", "default"]
     gen = ["generate", "--model", "default", "--max-new-tokens", "8", "Hello"]
     try:
         rows = {"info cold (converts, fills the cache)": launch(info, env, False)}
         rows["info warm"] = statistics.median(launch(info, env, False) for _ in range(args.repeat))
+        rows["generate, first byte, compiling the decode step (once)"] = launch(gen, env, True)
         rows["generate warm, first byte"] = statistics.median(launch(gen, env, True) for _ in range(args.repeat))
+        eager = [*gen[:1], "--no-compile", *gen[1:]]
+        rows["generate warm --no-compile, first byte"] = statistics.median(
+            launch(eager, env, True) for _ in range(args.repeat)
+        )
         off = {**env, "DELTAMEM_CACHE": "off"}
         rows["generate without the cache, first byte"] = launch(gen, off, True)
     finally:

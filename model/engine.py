@@ -160,6 +160,7 @@ class Engine:
             sink=self.sink,
             prefill_chunk=self.prefill_chunk,
             fingerprint=self.fingerprint,
+            compile_decode=self.compile_decode,
         )
 
     def reset(self) -> None:
@@ -568,6 +569,11 @@ class Engine:
             return sampler.on_device(row)
 
         return Burst(graph, logits.to(self.device), self.tokens_seen, n, sample, chunk)
+
+    def prepare_decode(self) -> None:
+        """Build the decode step now (capture, or load or compile it) rather than at the first decode."""
+        if self.fast_decode:
+            self._step_graph()
 
     def _step_graph(self) -> DecodeGraph:
         """The decode step bound to this engine's state (captured, or compiled, the first time)."""

@@ -257,8 +257,8 @@ def load_model(
     AVX-512 (+0.5%) and f16 below it (int8's codes are slow to unpack in AVX2 code), else none (the quantized
     eager paths are slower than float32). compile_decode: on the CPU, decode steps compiled ahead
     of time (model/aot_step.py: compiled at the first decode, about 40 s once, then loaded from the start-up cache in
-    well under a second); "auto": on wherever it can be (the CPU, a bounded window, a C++ compiler, quant other
-    than none).
+    well under a second); "auto": on wherever it can be (the CPU, a bounded window, a C++ compiler, the start-up
+    cache on, quant other than none).
     """
     device, dtype = resolve(device, dtype)
     if quant not in (*QUANTS, "auto"):
@@ -297,8 +297,11 @@ def _decode_plan(device, window, quant, compile_decode) -> tuple[bool, str]:
     cpu = device.type == "cpu"
     if compile_decode == "auto":
         from deltamem.model.aot_step import compiler
+        from deltamem.model.startup_cache import cache_root
 
-        compile_decode = cpu and window is not None and quant != "none" and compiler() is not None
+        # with the start-up cache off, every launch would compile again (about 40 s): not by default
+        can = cpu and window is not None and quant != "none" and cache_root() is not None
+        compile_decode = can and compiler() is not None
     if quant == "auto":  # the fastest within 2% perplexity in benchmarks/results/cpu.md and cpu_avx2.md
         from deltamem.model import packed
 

@@ -105,10 +105,14 @@ class DeltamemApp(App):
 
         def load() -> None:
             try:
-                box["engine"] = load_model(
+                eng = load_model(
                     self.model_spec, window=self.window, sink=self.sink, device=self.device, dtype=self.dtype,
                     quant=self.quant, compile_decode=self.compile_decode,
                 )
+                if eng.compile_decode:  # the compiled step: loaded from the cache, or compiled once, before replies
+                    self.call_from_thread(self.query_one("#status", Static).update, "preparing the decode step…")
+                    eng.prepare_decode()
+                box["engine"] = eng
             except BaseException as e:  # handed to the worker, which reports it
                 box["error"] = e
 

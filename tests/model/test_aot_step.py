@@ -52,6 +52,8 @@ def test_step_is_kept_and_loaded_later_without_compiling(monkeypatch):
     assert later._graph.compiled  # the library's step, not the eager fallback
     # the state each leaves is the eager engine's: the next token's logits agree
     assert torch.allclose(later.feed([5], logits="last"), plain.feed([5], logits="last"), atol=1e-4)
+    sib = later.sibling()  # a new session's engine (TUI, LangChain) on the same weights decodes compiled too
+    assert "".join(sib.generate(IDS, max_new_tokens=10, stop_ids=[])) == want and sib._graph.compiled
 
 
 def test_damaged_step_is_compiled_again(caplog):
@@ -87,6 +89,9 @@ def test_auto_compiles_where_it_can(monkeypatch):
     assert load_model("random", window=64, quant="auto", compile_decode="auto").quant == "int8"
     assert not load_model("random", window=64, quant="none", compile_decode="auto").compile_decode
     assert not load_model("random", window=None, compile_decode="auto").compile_decode  # unbounded: no fixed step
+    monkeypatch.setenv("DELTAMEM_CACHE", "off")  # nowhere to keep it: each launch would compile again
+    assert not load_model("random", window=64, quant="auto", compile_decode="auto").compile_decode
+    monkeypatch.undo()
     monkeypatch.setattr(aot_step, "compiler", lambda: None)
     eng = load_model("random", window=64, quant="auto", compile_decode="auto")
     assert not eng.compile_decode and eng.quant == "none"
