@@ -300,7 +300,8 @@ def main() -> None:
     quants = [q for q in QUANTS if q in args.quants.split(",")]
     if "none" not in quants:
         raise SystemExit("--quants needs none (the float32 reference of every ratio)")
-    for q, comp in [(q, False) for q in quants] + [(q, True) for q in quants]:
+    # int4 does not compile ahead of time (model/loader.py): it decodes eagerly either way
+    for q, comp in [(q, False) for q in quants] + [(q, True) for q in quants if q != "int4"]:
         eng = load_model("default", quant=q, compile_decode=comp)
         name = f"deltamem default model, --quant {q}" + (" --compile" if comp else "")
         r = {"engine": name, **engine_rates(eng, ids, chat, args.decode)}
@@ -404,6 +405,10 @@ def markdown(doc: dict, args) -> str:
         "sources (never trained on). Recall: scripts/distill.py's test through the engine (a 5-digit code 2x/4x/8x the "
         f"window back, code of the same sources between; the fraction of {doc.get('recall_trials', 4)} trials a "
         "distance in which the true code out-scores 9 others)."
+        + " --compile is AOTInductor (model/aot_step.py): its first call compiles the step into a new start-up cache, "
+        "a second engine's first call loads it from there. int4 has no --compile row: its kernel does not compile "
+        "ahead of time, so it decodes eagerly either way. The perplexity text is this repository's model/ sources as "
+        "of the run (they change with the code: compare within one table)."
         + (" Perplexity and recall were measured again (`--quality`) with the delta shipped now; the speeds come "
            "from the full run before it (they depend on the shapes, not on the weights' values)."
            if doc.get("quality_again") else ""),  # fmt: skip
