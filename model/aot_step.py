@@ -15,6 +15,7 @@ library that fails to load or to agree is dropped and built again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -76,9 +77,6 @@ def _cpu_name() -> str:
 def key(fingerprint: str | None, quant: str, window: int | None, sink: int, dtype: torch.dtype) -> str:
     """What the compiled code depends on, hashed: computable before a model is loaded, so that a launch can choose
     its --quant by whether the compiled step is there."""
-    code = hashlib.sha256()
-    for src in sorted(Path(__file__).parent.glob("*.py")):  # the model's code: any change compiles again
-        code.update(src.read_bytes())
     parts = {
         "version": VERSION,
         "fingerprint": fingerprint,
@@ -86,7 +84,7 @@ def key(fingerprint: str | None, quant: str, window: int | None, sink: int, dtyp
         "window": window,
         "sink": sink,
         "dtype": str(dtype),
-        "code": code.hexdigest(),
+        "code": _code_hash(),
         "torch": torch.__version__,
         "isa": torch.backends.cpu.get_cpu_capability(),
         "march": os.environ.get("TORCHINDUCTOR_CPP_MARCH"),
@@ -94,6 +92,15 @@ def key(fingerprint: str | None, quant: str, window: int | None, sink: int, dtyp
         "threads": torch.get_num_threads(),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def _code_hash() -> str:
+    """The model code (any change compiles again), hashed once a process: the code it runs, not later edits."""
+    code = hashlib.sha256()
+    for src in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(src.read_bytes())
+    return code.hexdigest()
 
 
 def package(fingerprint: str | None, quant: str, window: int | None, sink: int, dtype: torch.dtype) -> Path | None:

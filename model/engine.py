@@ -19,7 +19,7 @@ from deltamem.model.config import LINEAR, ModelConfig
 from deltamem.model.cuda_graph import Burst, DecodeGraph
 from deltamem.model.errors import SnapshotError, resource_error
 from deltamem.model.layers import HybridLM
-from deltamem.model.packed import pack
+from deltamem.model.packed import dequantized_once, pack
 from deltamem.model.sampling import LoopGuard, Sampler, TextStream, account
 from deltamem.model.snapcache import PieceCache
 
@@ -214,7 +214,8 @@ class Engine:
             return self._feed_steps(host_ids, logits)
         ids_t = ids_t.to(self.device)
         outs = []
-        with self._changing():
+        several = n > self.prefill_chunk and self.quant != "none"
+        with self._changing(), dequantized_once(self.model) if several else contextlib.nullcontext():
             for start in range(0, n, self.prefill_chunk):
                 h = self.model.hidden(ids_t[start : start + self.prefill_chunk], self.states)
                 if logits == "all":

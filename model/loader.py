@@ -301,7 +301,10 @@ def _decode_plan(device, window, quant, compile_decode) -> tuple[bool, str]:
 
         # with the start-up cache off, every launch would compile again (about 40 s): not by default
         can = cpu and window is not None and quant != "none" and cache_root() is not None
-        compile_decode = can and compiler() is not None
+        compile_decode = can and quant != "int4" and compiler() is not None
+    if compile_decode and quant == "int4":  # AOTInductor prepacks its weight into a constant it does not export
+        log.warning("--quant int4 decodes eagerly: its kernel does not compile ahead of time")
+        compile_decode = False
     if quant == "auto":  # the fastest within 2% perplexity in benchmarks/results/cpu.md and cpu_avx2.md
         from deltamem.model import packed
 
