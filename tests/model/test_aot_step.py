@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltamem.model import aot_step, load_model
+from deltamem.model import aot_step, load_model, packed
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="compiling the decode step needs a C++ compiler")  # fmt: skip
@@ -86,9 +86,10 @@ def test_few_ids_go_through_the_step_with_the_eager_logits():
 
 def test_auto_compiles_where_it_can(monkeypatch):
     assert load_model("random", window=64, quant="auto", compile_decode="auto").compile_decode
-    assert load_model("random", window=64, quant="auto", compile_decode="auto").quant == "int8"
+    assert load_model("random", window=64, quant="auto", compile_decode="auto").quant == shipped_quant()
     assert not load_model("random", window=64, quant="none", compile_decode="auto").compile_decode
     assert not load_model("random", window=None, compile_decode="auto").compile_decode  # unbounded: no fixed step
+    assert not load_model("random", window=64, quant="int4", compile_decode=True).compile_decode  # see loader
     monkeypatch.setenv("DELTAMEM_CACHE", "off")  # nowhere to keep it: each launch would compile again
     assert not load_model("random", window=64, quant="auto", compile_decode="auto").compile_decode
     monkeypatch.undo()
@@ -116,11 +117,17 @@ def test_cli_compiles_once_then_loads(tmp_path):
     assert list((tmp_path / "cache" / "aot").glob("step-*.pt2"))
 
 
-def test_default_model_int8_step_matches_eager_int8():
-    """The shipped configuration (the default model, int8, compiled): the eager int8 engine's greedy tokens."""
+def shipped_quant() -> str:
+    return "int8" if packed.avx512() else "f16"
+
+
+def test_default_model_compiled_step_matches_eager():
+    """The shipped configuration (the default model, auto quant, compiled): the eager engine's greedy tokens with
+    the same weights."""
     ids = torch.randint(3, 200, (20,), generator=torch.Generator().manual_seed(4)).tolist()
-    plain, eng = load_model("default", quant="int8"), load_model("default", quant="auto", compile_decode="auto")
-    assert eng.quant == "int8" and eng.compile_decode
+    eng = load_model("default", quant="auto", compile_decode="auto")
+    plain = load_model("default", quant=shipped_quant())
+    assert eng.quant == shipped_quant() and eng.compile_decode
     want = "".join(plain.generate(ids, max_new_tokens=12, stop_ids=[]))
     got = "".join(eng.generate(ids, max_new_tokens=12, stop_ids=[]))
     assert eng._graph.compiled

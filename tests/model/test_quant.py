@@ -111,3 +111,25 @@ def test_int8_codes_in_words_are_the_same_weights(monkeypatch):
         assert torch.allclose(words(x).double(), want, atol=1e-4)
 
 
+
+
+def test_prefill_dequantizes_each_weight_once_per_feed(monkeypatch):
+    """A feed of several prefill chunks dequantizes each quantized weight once (not once a chunk), gives the logits
+    of the same feed in one chunk, and drops the float32 copies afterwards."""
+    ids = torch.randint(3, 200, (48,), generator=torch.Generator().manual_seed(6)).tolist()
+    whole = load_model("random", window=64, quant="int8").feed(ids)
+    eng = load_model("random", window=64, quant="int8", prefill_chunk=16)  # three chunks
+    layers = [m for m in eng.model.modules() if isinstance(m, PackedLinear) and m.quant == "int8"]
+    calls = []
+    real = PackedLinear.dequantized
+    def counted(self, *ids):  # whole weights only: a tied head's embedding rows (ids given) are looked up per chunk
+        if not ids:
+            calls.append(self)
+        return real(self, *ids)
+
+    monkeypatch.setattr(PackedLinear, "dequantized", counted)
+    got = eng.feed(ids)
+    assert torch.allclose(got, whole, atol=1e-4)
+    wide = [m for m in calls if m in layers]
+    assert len(wide) == len({id(m) for m in wide}) > 0  # each layer at most once
+    assert all(m.wide is None and not m.keep_wide for m in layers)
