@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -200,10 +201,9 @@ def _build_and_load(graph, path: Path) -> Callable[..., torch.Tensor]:
 
 
 def compiler() -> str | None:
-    """The C++ compiler inductor would call, if this machine has it."""
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        return get_cpp_compiler()
-    except Exception:  # RuntimeError when none is found
-        return None
+    """The C++ compiler inductor would call ($CXX, else g++ or c++ on the PATH), if this machine has it. Looked up
+    on the PATH, not through inductor, whose import alone costs a launch about a second."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
