@@ -385,6 +385,22 @@ def targets(rows: list[dict], fl: dict, n_prefill: int) -> list[str]:
     out.append(f"prefill, default model: {none['prefill_tok_s']:.0f} tok/s is {share:.0f}% "
                f"of its float32 GEMM bound ({fl['fp32_flop_per_s'] / 1e9:.0f} GFLOP/s over 2 x {params / 1e6:.0f}M "
                f"parameters = {flop_bound:.0f} tok/s; attention and the recurrence come on top)")  # fmt: skip
+    need = 2.5 * today["prefill_tok_s"]
+    if none["prefill_tok_s"] < need:
+        out.append(f"what limits prefill vs today's engine: 2.5x is {need:.0f} tok/s, {need / flop_bound:.1f}x the "
+                   "float32 GEMM bound above, so no float32 prefill reaches it on this machine; only lower-precision "
+                   "arithmetic could (bfloat16 at most doubles the peak, on CPUs with avx512_bf16; int8 activations "
+                   "cost 14% perplexity when tried)")  # fmt: skip
+    if lc and best_ok["decode_tok_s"] < 0.8 * lc["decode_tok_s"]:
+        need_ms = 1e3 / (0.8 * lc["decode_tok_s"])
+        stream = 1e3 * best_ok["weight_bytes"] / fl["read_bytes_per_s"]
+        fewer = [r for r in ok if r["weight_bytes"] < best_ok["weight_bytes"] and r["engine"].endswith("--compile")]
+        why = "".join(f"; {r['engine'].split(', ')[1]} streams {r['weight_bytes'] / 1e6:.0f} MB but decodes at "
+                      f"{1e3 / r['decode_tok_s']:.1f} ms a token: its kernel is compute-bound here" for r in fewer)
+        out.append(f"what limits decode vs llama.cpp: 0.8x is {need_ms:.1f} ms a token; "
+                   f"{best_ok['engine'].split(', ')[1]} streams {best_ok['weight_bytes'] / 1e6:.0f} MB a token, "
+                   f"{stream:.1f} ms at the measured bandwidth alone{why}; llama.cpp reads a 4-bit GGUF through "
+                   "hand-written kernels")  # fmt: skip
     return out
 
 

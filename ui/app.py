@@ -110,7 +110,8 @@ class DeltamemApp(App):
                     quant=self.quant, compile_decode=self.compile_decode,
                 )
                 if eng.compile_decode:  # the compiled step: loaded from the cache, or compiled once, before replies
-                    self.call_from_thread(self.query_one("#status", Static).update, "preparing the decode step…")
+                    status = "preparing the decode step…"
+                    self.call_from_thread(lambda: self.query_one("#status", Static).update(status))
                     eng.prepare_decode()
                 box["engine"] = eng
             except BaseException as e:  # handed to the worker, which reports it

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g+
                                 reason="compiling the decode step needs a C++ compiler")  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _nan_poisoned_empty():
-    """Off here: the conftest's NaN-filled torch.empty would be traced into the exported step as in-place fills of
-    fresh buffers, which AOTInductor refuses; the eager engines these tests compare with are checked elsewhere."""
-
-
 IDS = torch.randint(3, 200, (20,), generator=torch.Generator().manual_seed(7)).tolist()
 
 

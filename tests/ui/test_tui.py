@@ -60,6 +60,18 @@ async def test_send_a_message_and_see_it_streamed_and_saved(repo, tmp_path):
             assert store.load_snapshot(sid) == app.agent.session.engine.snapshot()
 
 
+async def test_compiled_decode_is_ready_when_the_model_is(repo, tmp_path):
+    """With --compile (the CLI's default) the loader prepares the compiled step before the first reply."""
+    app = DeltamemApp(tmp_path / "m.db", repo, max_new_tokens=8, quant="auto", compile_decode=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(app, pilot, timeout=300)
+        engine = app.agent.session.engine
+        assert engine.compile_decode and engine._graph is not None and engine._graph.compiled
+        await pilot.press(*"hello", "enter")
+        await settle(app, pilot)
+        assert app.query(AssistantMessage).first().source.strip()
+
+
 async def test_resume_shows_the_conversation_and_the_state(repo, tmp_path):
     with Store(tmp_path / "m.db") as store:
         agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=5)
