@@ -65,6 +65,7 @@ def _put(g, tensors) -> None:
         kv.k, kv.v, kv.pos = next(it), next(it), next(it)
 
 
+@functools.cache
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -110,8 +111,8 @@ def package(fingerprint: str | None, quant: str, window: int | None, sink: int, 
     return None if root is None else root / "aot" / f"step-{key(fingerprint, quant, window, sink, dtype)}.pt2"
 
 
-def _constants(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {prefix + n: t for n, t in [*module.named_parameters(), *module.named_buffers()]}
+def _constants(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict([*module.named_parameters(), *module.named_buffers()])
 
 
 def build(graph, path: Path) -> None:
@@ -203,7 +204,5 @@ def _build_and_load(graph, path: Path) -> Callable[..., torch.Tensor]:
 def compiler() -> str | None:
     """The C++ compiler inductor would call ($CXX, else g++ or c++ on the PATH), if this machine has it. Looked up
     on the PATH, not through inductor, whose import alone costs a launch about a second."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+    found = (shutil.which(name) for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name)
+    return next((path for path in found if path), None)
