@@ -1,5 +1,7 @@
-"""Case files as text: PDF, DOCX, PPTX, XLSX and HTML through markitdown (Microsoft's maintained converter), e-mail
-(.eml, .mbox) through the standard library's email package, with anchors an answer can cite:
+"""Case files as text: PDF, PPTX, XLSX and HTML through markitdown (Microsoft's maintained converter), DOCX through
+mammoth (what markitdown itself uses for DOCX, called directly: markitdown 0.1.9's DOCX path fails on files
+python-docx writes) into HTML and then markdown, e-mail (.eml, .mbox) through the standard library's email package,
+with anchors an answer can cite:
 
 - PDF: a `[page N]` line before each page (pdfminer's page breaks in markitdown's output);
 - PPTX: `[slide N]` before each slide; DOCX, HTML: their headings as markdown headings; XLSX: a `## Sheet` heading
@@ -19,6 +21,7 @@ import email
 import email.policy
 import functools
 import importlib.metadata
+import io
 import mailbox
 import re
 import sys
@@ -35,12 +38,18 @@ class DocumentError(ValueError):
 
 def converter_for(path: str | Path) -> str:
     """What converts this document, with its version (recorded in the ingest ledger)."""
-    if Path(path).suffix.lower() in (".eml", ".mbox"):
+    ext = Path(path).suffix.lower()
+    if ext in (".eml", ".mbox"):
         return f"python email {sys.version_info.major}.{sys.version_info.minor}"
+    names = ["mammoth", "markitdown"] if ext == ".docx" else ["markitdown"]  # DOCX: mammoth, then markitdown's HTML
+    return " + ".join(f"{name} {_version(name)}" for name in names)
+
+
+def _version(name: str) -> str:
     try:
-        return f"markitdown {importlib.metadata.version('markitdown')}"
+        return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        return "markitdown (not installed)"
+        return "(not installed)"
 
 
 def is_document(path: str | Path) -> bool:
@@ -67,7 +76,7 @@ def _convert(path: str, size: int, mtime_ns: int) -> str:
                                create=False)
             return "\n\n".join(f"[message {i}]\n{_message_text(m)}" for i, m in enumerate(box, 1))
         with open(path, "rb") as f:
-            text = _markitdown_convert(f, ext)
+            text = _docx_convert(f) if ext == ".docx" else _markitdown_convert(f, ext)
     except DocumentError:
         raise
     except Exception as e:  # the converters raise whatever their parsers do on a damaged or encrypted file
@@ -91,10 +100,21 @@ def _markitdown_convert(stream, ext: str) -> str:
     try:
         from markitdown import StreamInfo, converters
     except ImportError as e:
-        raise DocumentError("markitdown is not installed (pip install 'markitdown[pdf,docx,pptx,xlsx]')") from e
-    cls = {".pdf": converters.PdfConverter, ".docx": converters.DocxConverter, ".pptx": converters.PptxConverter,
-           ".xlsx": converters.XlsxConverter, ".html": converters.HtmlConverter, ".htm": converters.HtmlConverter}[ext]
+        raise DocumentError("markitdown is not installed (pip install 'markitdown[pdf,pptx,xlsx]')") from e
+    cls = {".pdf": converters.PdfConverter, ".pptx": converters.PptxConverter, ".xlsx": converters.XlsxConverter,
+           ".html": converters.HtmlConverter, ".htm": converters.HtmlConverter}[ext]
     return cls().convert(stream, StreamInfo(extension=ext)).text_content or ""
+
+
+def _docx_convert(stream) -> str:
+    """DOCX -> HTML (mammoth: headings, lists, tables; Word's, LibreOffice's and python-docx's files alike) -> markdown
+    (markitdown's HTML converter: headings as `#` lines, tables as pipe tables)."""
+    try:
+        import mammoth
+    except ImportError as e:
+        raise DocumentError("mammoth is not installed (pip install mammoth)") from e
+    html = mammoth.convert_to_html(stream).value
+    return _markitdown_convert(io.BytesIO(html.encode()), ".html") if html.strip() else ""
 
 
 def _message_text(msg) -> str:
@@ -104,8 +124,6 @@ def _message_text(msg) -> str:
     if body is not None:
         text = body.get_content()
         if body.get_content_type() == "text/html":
-            import io
-
             text = _markitdown_convert(io.BytesIO(text.encode()), ".html")
     names = [part.get_filename() for part in msg.iter_attachments() if part.get_filename()]
     if names:

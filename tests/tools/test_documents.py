@@ -98,6 +98,36 @@ def test_documents_convert_with_anchors(case):
     assert "Invoice **attached**" in thread  # an HTML-only body, converted
 
 
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+@pytest.mark.parametrize("name", ["python-docx", "libreoffice_lease", "word_known_styles", "word_table_style"])
+def test_docx_from_several_producers_keeps_text_headings_and_tables(name, case):
+    """python-docx (the writer of the case fixture), LibreOffice and Word files, each checked against python-docx's
+    own reading of it: every heading a markdown heading of its level, every paragraph's text, every table row a pipe
+    row, in document order."""
+    import docx
+
+    path = case / "contract.docx" if name == "python-docx" else FIXTURES / f"{name}.docx"
+    text = convert(path)
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    expected = []  # (line, exact?) in document order
+    body = docx.Document(path)
+    for p in body.paragraphs:
+        words = " ".join(p.text.split())
+        if words and p.style.name.startswith("Heading "):
+            expected.append(("#" * int(p.style.name.split()[1]) + " " + words, True))
+        elif words:
+            expected.append((words, False))
+    rows = [[" ".join(c.text.split()) for c in r.cells] for t in body.tables for r in t.rows]
+    assert expected or rows
+    at = 0
+    for want, exact in expected:
+        at = next(i for i in range(at, len(lines)) if (lines[i] == want if exact else want in lines[i]))
+    for row in rows:
+        assert "| " + " | ".join(row) + " |" in lines, (row, text)
+
+
 def test_corrupt_and_encrypted_files_are_refused_with_a_reason(tmp_path):
     (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\nnot really a pdf" * 10)
     (tmp_path / "broken.docx").write_bytes(b"PK\x03\x04 not a zip")
