@@ -24,6 +24,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,7 +120,9 @@ def build(graph, path: Path) -> None:
     """Export the step and compile it into the package `path` (written whole, then renamed)."""
     step = _Step(graph)
     args = (graph.ids.clone(), graph.pos.clone(), *(t.clone() for t in graph.held))
-    with torch.inference_mode():  # the model's tensors are inference tensors: trace and lower in the same mode
+    with torch.inference_mode(), warnings.catch_warnings():  # inference tensors: trace and lower in the same mode
+        # torch 2.13's own export code still tests isinstance(treespec, LeafSpec), which it deprecated: not the user's
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
         ep = torch.export.export(step, args)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt2")
         os.close(fd)

@@ -265,6 +265,12 @@ def load_model(
         raise ValueError(f"--quant must be one of auto, {', '.join(QUANTS)}; got {quant!r}")
     if quant not in ("none", "auto") and device.type != "cpu":
         raise ValueError(f"--quant {quant} is a CPU path; on {device} use --dtype bfloat16 (or --quant none)")
+    if quant not in ("none", "auto") and dtype != torch.float32:  # packed.py's kernels compute in float32
+        raise ValueError(f"--quant {quant} runs with float32 activations on the CPU: use --dtype float32 (or auto), "
+                         f"or --quant none with --dtype {str(dtype).removeprefix('torch.')}")
+    if compile_decode is True and device.type == "cpu" and dtype != torch.float32:
+        raise ValueError("--compile builds a float32 decode step on the CPU: use --dtype float32 (or auto), or "
+                         f"--no-compile with --dtype {str(dtype).removeprefix('torch.')}")
     trained_window = None
     if str(path) == "default":
         from deltamem.model.distilled import default_model
@@ -285,22 +291,24 @@ def load_model(
         window = trained_window or DEFAULT_WINDOW
     if str(path) in ("default", "random"):  # small weights, already loaded; the state's window may not fit
         check_fits(device, _state_bytes(model.config, window, sink, dtype), f"a state of window {window}")
-    compile_decode, quant = _decode_plan(device, window, quant, compile_decode)
+    compile_decode, quant = _decode_plan(device, dtype, window, quant, compile_decode)
     return Engine(
         model, tokenizer, window=window, sink=sink, prefill_chunk=prefill_chunk, fingerprint=fp, quant=quant,
         compile_decode=compile_decode,
     )
 
 
-def _decode_plan(device, window, quant, compile_decode) -> tuple[bool, str]:
+def _decode_plan(device, dtype, window, quant, compile_decode) -> tuple[bool, str]:
     """(compile_decode, quant) resolved: see load_model."""
     cpu = device.type == "cpu"
+    if quant == "auto" and dtype != torch.float32:  # quantized weights are float32 paths; half precision as asked
+        quant = "none"
     if compile_decode == "auto":
         from deltamem.model.aot_step import compiler
         from deltamem.model.startup_cache import cache_root
 
         # with the start-up cache off, every launch would compile again (about 40 s): not by default
-        can = cpu and window is not None and quant != "none" and cache_root() is not None
+        can = cpu and dtype == torch.float32 and window is not None and quant != "none" and cache_root() is not None
         compile_decode = can and quant != "int4" and compiler() is not None
     if compile_decode and quant == "int4":  # AOTInductor prepacks its weight into a constant it does not export
         log.warning("--quant int4 decodes eagerly: its kernel does not compile ahead of time")
