@@ -15,6 +15,7 @@ import argparse
 import atexit
 import json
 import os
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -457,7 +458,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          None if args.cache_mb is None else args.cache_mb << 20,
                          prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        # On SIGTERM/Ctrl-C replies still streaming get 2 s, then are cancelled (each closes its generator, which
+        # frees the engine) and the states kept so far are written. uvicorn then raises the signal again for the
+        # handler it found: for SIGTERM that is this no-op, so a service manager's stop ends in exit code 0.
+        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -17,9 +17,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -75,6 +76,32 @@ class FifoLock:
         with self._cond:
             self._serving += 1
             self._cond.notify_all()
+
+
+async def in_threads(gen: Iterator[str]) -> AsyncIterator[str]:
+    """A blocking generator driven from the thread pool, one item at a time, and closed whatever ends the iteration:
+    a client that left (Starlette cancels the response) or a server shutting down closes it at its current `yield`,
+    which releases the engine lock at once and keeps no state of the partial reply. (Starlette's own wrapper of a
+    sync iterator never closes it: an abandoned reply would hold the lock until garbage collection, if ever.)"""
+    end = object()
+    try:
+        while (item := await anyio.to_thread.run_sync(next, gen, end)) is not end:
+            yield item
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(gen.close)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A stream whose body iterator is closed when the response ends, sent or not (a disconnect may cancel the
+    response while the iterator waits at a `yield`, where no exception reaches it)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 def openai_calls(calls: list[dict]) -> list[dict]:
@@ -136,8 +163,9 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        with lock:  # states kept by the last request but not yet written
-            cache.flush()
+        # states kept by the last request but not yet written; in a thread, as the lock may wait for a reply that
+        # is being cancelled, whose generator closes from this event loop
+        await anyio.to_thread.run_sync(flush)
 
     app = FastAPI(title="deltamem", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.batcher = batcher
@@ -332,8 +360,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         sample = {**sampling(body), "guide": guide}
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.get("stream"):
-            return StreamingResponse(stream(text, sample, session, chat, schemas, created, rid),
-                                     media_type="text/event-stream")
+            return ClosingStreamingResponse(in_threads(stream(text, sample, session, chat, schemas, created, rid)),
+                                            media_type="text/event-stream")
         done: dict = {}
         reply = "".join(p for p in answer(text, sample, session, done) if p is not None)
         flush()
