@@ -106,7 +106,7 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int)
 def cli(*args: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
     r = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), *args], capture_output=True, text=True, env=env, timeout=1800
+        [sys.executable, "-P", str(ROOT / "app.py"), *args], capture_output=True, text=True, env=env, timeout=1800
     )
     return r, time.perf_counter() - t0
 

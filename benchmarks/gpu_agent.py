@@ -130,7 +130,7 @@ def cli(*args: str, kill_after_output: float | None = None) -> dict:
     stdout/stderr. kill_after_output: SIGKILL that many seconds after its first byte of output."""
     rss = Path(tempfile.mkstemp(prefix="rss-")[1])
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(ROOT / "app.py"), *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-P", "-c", LAUNCH, str(ROOT / "app.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=ROOT, env={**os.environ, "BENCH_RSS": str(rss)})  # fmt: skip
     killed_at = None
     if kill_after_output is not None:

@@ -116,7 +116,7 @@ def main() -> None:
         print(f"wrote {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
         rows = [measure("ours", path), measure("load_file then .to(cuda)", path)]
         t0 = time.perf_counter()
-        info = subprocess.run([sys.executable, str(ROOT / "app.py"), "info", "--model", str(path)],
+        info = subprocess.run([sys.executable, "-P", str(ROOT / "app.py"), "info", "--model", str(path)],
                               capture_output=True, text=True, cwd=ROOT)
         cli = {"seconds": time.perf_counter() - t0, "rc": info.returncode,
                "info": json.loads(info.stdout) if info.returncode == 0 else info.stderr[-2000:]}

@@ -46,7 +46,7 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, str(ROOT / "app.py"), "serve", "--model", args.model, "--device", args.device,
+        cmd = [sys.executable, "-P", str(ROOT / "app.py"), "serve", "--model", args.model, "--device", args.device,
                "--dtype", args.dtype, "--port", str(port), "--db", str(db), *extra]  # fmt: skip
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path}, stderr=log.open("a"))

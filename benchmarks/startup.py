@@ -38,7 +38,7 @@ def cpu() -> dict:
 def launch(args: list[str], env: dict, first_byte: bool) -> float:
     """Seconds from spawning `deltamem ARGS` to its exit (or to its first byte on stdout)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *args], env=env, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-P", str(ROOT / "app.py"), *args], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL)
     if first_byte:
         assert p.stdout.read(1), "no output"

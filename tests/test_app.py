@@ -1,7 +1,6 @@
 """The deltamem command, run as a real subprocess: generate, save and resume a state file, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,14 +8,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The installed console script, as users run it (not the checkout's app.py: a script's folder goes first on sys.path,
+# and the repo root's folders are named like other distributions)
+CLI = [str(Path(sys.executable).with_name("deltamem"))]
 
 
 def deltamem(*args, stdin=None):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), *args], input=stdin, capture_output=True, text=True, env=env,
-        timeout=300,
-    )
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=300)
 
 
 def test_generate_saves_and_resumes_state(tmp_path):
@@ -90,10 +88,9 @@ def test_tui_checks_its_model_options_before_opening():
 
 def test_chat_json_prints_one_object_per_turn(tmp_path):
     r = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "chat", "--model", "random", "--repo", str(tmp_path), "--db",
-         str(tmp_path / "m.db"), "--max-new-tokens", "2", "--json"],
-        input="hello\nand again\n", capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
+        [*CLI, "chat", "--model", "random", "--repo", str(tmp_path), "--db", str(tmp_path / "m.db"),
+         "--max-new-tokens", "2", "--json"],
+        input="hello\nand again\n", capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr
     turns = [json.loads(line) for line in r.stdout.splitlines()]

@@ -3,6 +3,7 @@
 path never needs. Checked on a wheel built from this tree, on the installed metadata, and in subprocesses."""
 
 import importlib.metadata
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -10,7 +11,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("agent", "memory", "model", "kernels", "tools", "ui", "server")
@@ -72,3 +75,53 @@ def test_the_cpu_path_runs_without_triton(tmp_path):
     *_, run_json, codes = r.stdout.splitlines()
     assert codes in ("0 0", "0 3")  # generate done; run answered or stopped at its step limit (random weights)
     assert json.loads(run_json)["outcome"] in ("answer", "step_limit")
+
+
+def _in_checkout(path: str | None) -> bool:
+    """A file of this tree's own folders (not of a virtualenv that happens to live inside it)."""
+    p = Path(path or "/").resolve()
+    return p.is_relative_to(ROOT) and not p.is_relative_to(Path(sys.prefix).resolve())
+
+
+def test_no_repo_folder_is_a_top_level_module_in_the_test_process():
+    """pytest runs with --import-mode=importlib and through its console script, so the repo root is not on sys.path:
+    its folders are reached only as deltamem.*, and `import kernels` (which transformers >= 5.25 does while loading a
+    model) finds Hugging Face's package."""
+    assert all(Path(p or ".").resolve() != ROOT for p in sys.path), sys.path
+    for name in (*FOLDERS, "app"):
+        spec = importlib.util.find_spec(name)
+        assert spec is None or not _in_checkout(spec.origin), (name, spec)
+    import kernels
+
+    assert hasattr(kernels, "get_kernel") and not _in_checkout(kernels.__file__)
+
+
+LOAD_A_MODEL = """
+import json, sys, tempfile
+import torch, transformers
+cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2)
+with tempfile.TemporaryDirectory() as d:
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d)
+    model(torch.tensor([[1, 2, 3]]))
+print(json.dumps({m: getattr(sys.modules[m], "__file__", None) for m in ("kernels",) if m in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("folder", ["benchmarks", "scripts"])
+def test_script_folders_shadow_no_distribution(folder, tmp_path):
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path: no module there may be named like a module of
+    an installed distribution, the standard library or the repo's folders (benchmarks/kernels.py once hid Hugging
+    Face's `kernels` from transformers); and transformers loads a model there as it does anywhere."""
+    names = {p.stem for p in (ROOT / folder).glob("*.py")}
+    dists = importlib.metadata.packages_distributions()  # top-level import name -> distributions
+    taken = {*sys.stdlib_module_names, *dists, *FOLDERS, "app", "deltamem", "tests"}
+    taken |= {canonicalize_name(d) for ds in dists.values() for d in ds}
+    assert not {n for n in names if n in taken or canonicalize_name(n) in taken}
+    code = f"import sys; sys.path.insert(0, {str(ROOT / folder)!r})\n" + LOAD_A_MODEL
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    for path in json.loads(r.stdout.splitlines()[-1]).values():
+        assert not _in_checkout(path), path

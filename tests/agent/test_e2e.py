@@ -3,13 +3,10 @@ run a task, kill a run mid-generation, resume by session name: the restored stat
 snapshot and the next turn feeds only its new tokens."""
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,16 +14,14 @@ from deltamem.agent.prompt import MAP_PATH
 from deltamem.agent.runner import Agent
 from deltamem.memory.store import Store
 from deltamem.model import load_model
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.test_app import CLI
 
 
 def deltamem(*args, wait=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(ROOT / "app.py"), *args]
+    cmd = [*CLI, *args]
     if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture()
@@ -149,11 +144,9 @@ def test_rewind_and_fork_carry_the_conversation_with_the_state(repo, tmp_path):
 
 
 def test_chat_repl_streams_and_quits(repo, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run(
         [
-            sys.executable,
-            str(ROOT / "app.py"),
+            *CLI,
             "chat",
             "--repo",
             str(repo),
@@ -165,7 +158,6 @@ def test_chat_repl_streams_and_quits(repo, tmp_path):
         input="hello there\n\n/quit\n",
         capture_output=True,
         text=True,
-        env=env,
         timeout=300,
     )
     assert r.returncode == 0, r.stderr

@@ -51,7 +51,8 @@ def _interpreted_copy():
                 "run tests/kernels/test_triton.py in a process of its own",
                 allow_module_level=True,
             )
-        spec = importlib.util.spec_from_file_location("kernels._triton_gdn_interpreted", ROOT / "kernels/triton_gdn.py")
+        spec = importlib.util.spec_from_file_location("deltamem.kernels._triton_gdn_interpreted",
+                                                      ROOT / "kernels/triton_gdn.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     assert mod.INTERPRET
@@ -392,5 +393,5 @@ def test_import_does_not_load_triton_on_cpu():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DELTAMEM_KERNELS", "TRITON_INTERPRET")}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

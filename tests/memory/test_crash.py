@@ -2,7 +2,6 @@
 corrupts the database, and the last committed snapshot restores and continues exactly like the reference run.
 Also: a reader beside a writer never sees "database is locked"."""
 
-import os
 import random
 import signal
 import sqlite3
@@ -44,11 +43,8 @@ def reference(tmp_path_factory):
 
 
 def spawn(db, blobs, n, title="crash"):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.memory.writer", str(db), str(blobs), str(n), title],
-        cwd=ROOT,
-        env=env,
+        [sys.executable, str(Path(__file__).with_name("writer.py")), str(db), str(blobs), str(n), title],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -70,10 +66,13 @@ def test_sigkill_never_loses_a_committed_turn(tmp_path, reference):
     store.close()
     engine = load_model(ckpt, window=32, sink=4)
     rng = random.Random(1)
+    t = time.perf_counter()
+    assert spawn(db, blobs, 0).wait() == 0  # a child that starts and stops: its start-up time on this machine
+    startup = time.perf_counter() - t
     seen_progress = set()
     for _ in range(KILLS):
         child = spawn(db, blobs, 10**6)
-        time.sleep(rng.uniform(0.15, 0.6))  # startup is ~0.2 s: some kills land before, most during writes
+        time.sleep(startup * rng.uniform(0.7, 1.0) + rng.uniform(0, 0.4))  # some kills land before, most during writes
         child.send_signal(signal.SIGKILL)
         child.wait()
         assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()

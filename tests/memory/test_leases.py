@@ -13,7 +13,7 @@ import pytest
 from deltamem.memory.errors import SessionBusy
 from deltamem.memory.store import Store
 from tests.repos import git_repo
-from tests.test_app import ROOT, deltamem
+from tests.test_app import deltamem
 
 HOLD = """
 import sys, time
@@ -31,10 +31,8 @@ store.close()
 
 
 def _holder(db, sid, hold: float) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     p = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(db), sid, str(hold)],
-        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -1,6 +1,6 @@
 """Child process for the crash tests: saves turns and snapshots in a loop until killed.
 
-    python -m tests.memory.writer DB BLOB_DIR N [SESSION]
+    python tests/memory/writer.py DB BLOB_DIR N [SESSION]
 Turn i (1-based) of session SESSION (default "crash") carries snapshot BLOB_DIR/k.snap, k = (i - 1) % K + 1 for
 the K files there; after each commit the child appends i to DB.SESSION.log.
 """

@@ -94,11 +94,11 @@ def test_snapshot_restore_in_new_process_is_bit_identical(olmo_dirs, tmp_path, w
         con.execute("create table snaps (blob blob)")
         con.execute("insert into snaps values (?)", (b.snapshot(),))
     torch.save(cont, tmp_path / "cont.pt")
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
     subprocess.run(
         [sys.executable, "-c", SCRIPT, str(path), str(db), str(tmp_path / "cont.pt"), str(tmp_path / "o.pt"),
          str(window)],
-        check=True, env=env, cwd=ROOT, timeout=300,
+        check=True, env=env, cwd=tmp_path, timeout=300,
     )
     got = torch.load(tmp_path / "o.pt")
     assert torch.equal(got["logits"], want)

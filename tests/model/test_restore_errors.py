@@ -54,7 +54,7 @@ def test_out_of_memory_is_not_a_bad_snapshot(tmp_path):
     (tmp_path / "s.snap").write_bytes(engine.snapshot())
     del engine
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "s.snap")], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                       cwd=tmp_path, timeout=300, env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("damaged: snapshot is corrupt")

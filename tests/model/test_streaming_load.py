@@ -76,8 +76,8 @@ def test_peak_host_memory_stays_near_the_model_size(checkpoints):
     """Measured 1.09x the bfloat16 model on this machine kind; reading the float32 shards whole and casting
     afterwards (the loader before streaming) took 3x."""
     _, _, sharded = checkpoints
-    r = subprocess.run([sys.executable, "-c", PEAK, str(sharded)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+    r = subprocess.run([sys.executable, "-c", PEAK, str(sharded)], capture_output=True, text=True, timeout=300,
+                       cwd=checkpoints[2].parent)
     assert r.returncode == 0, r.stderr
     grew, weights, dtype = r.stdout.split()
     grew, weights = int(grew), int(weights)

@@ -3,10 +3,8 @@ equal to the whole answer, the prefix cache (a conversation's next turn reuses t
 server still hits it), tool rendering, and errors in OpenAI's shape; plus the loopback-only default."""
 
 import json
-import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from deltamem.model import load_model
 from deltamem.server.app import create_app
-from tests.test_app import ROOT, deltamem
+from tests.test_app import CLI, deltamem
 
 openai = pytest.importorskip("openai")
 
@@ -28,13 +26,11 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, db: Path):
+    def __init__(self, db: Path, *extra: str):
         self.port = _free_port()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        args = ["serve", "--model", "random", "--window", "64", "--port", str(self.port), "--db", str(db)]
+        args = ["serve", "--model", "random", "--window", "64", "--port", str(self.port), "--db", str(db), *extra]
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "app.py"), *args],
-            env=env,
+            [*CLI, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -344,3 +340,70 @@ def test_tool_choice_required_or_named_always_gives_a_call_its_schema_accepts(ba
         "x": {"type": "strnig"}}}}}  # fmt: skip
     r = client.post("/v1/chat/completions", json={**base, "tools": [bad], "max_tokens": 4})
     assert r.status_code == 200, r.text  # a schema the grammar compiler refuses: answered, unguided
+
+
+LONG = [{"role": "user", "content": "Tell me everything about the memory store. " * 4}]
+
+
+def _read_some(stream, n: int = 5) -> None:
+    for i, _ in enumerate(stream):
+        if i == n:
+            return
+    raise AssertionError("the reply ended before the client left")
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])
+def test_a_client_that_leaves_mid_stream_frees_the_server_at_once(tmp_path, batched):
+    """A streaming client closes its connection after a few chunks of a long reply (Ctrl-C in a CLI, a dropped
+    connection): the next request is answered (it waited forever when the abandoned reply kept the engine's lock),
+    and no state of the partial reply is stored as a prefix state."""
+    from deltamem.memory.store import Store
+
+    server = Server(tmp_path / "m.db", "--batch-decode" if batched else "--no-batch-decode")
+    try:
+        stream = server.client.chat.completions.create(model="random", messages=LONG, max_tokens=20_000,
+                                                       temperature=0, stream=True)
+        _read_some(stream)
+        stream.close()  # the client leaves, 20k tokens before the reply's end
+        prompt_tokens = server.client.chat.completions.create(  # the same prompt, answered: the engine is free
+            model="random", messages=LONG, max_tokens=1, temperature=0, timeout=60).usage.prompt_tokens
+        short = [{"role": "user", "content": "Hi."}]
+        r = server.client.chat.completions.create(model="random", messages=short, max_tokens=3, temperature=0,
+                                                  timeout=60)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        server.stop()
+    with Store(tmp_path / "m.db") as store:
+        kept = [s["tokens_seen"] for s in store.snapshots("serve:default")]
+    assert kept and max(kept) <= prompt_tokens + 1  # prompts and the 1-token reply; nothing of the 20k-token one
+
+
+def test_sigterm_mid_stream_exits_cleanly_within_seconds(tmp_path):
+    """SIGTERM (a service manager's stop) while a long reply streams: the process exits 0 within 5 s and leaves a
+    whole database, which the next server reads."""
+    import signal
+    import sqlite3
+
+    db = tmp_path / "m.db"
+    server = Server(db)
+    try:
+        first = server.client.chat.completions.create(model="random", messages=LONG, max_tokens=2, temperature=0)
+        stream = server.client.chat.completions.create(model="random", messages=LONG, max_tokens=20_000,
+                                                       temperature=0, stream=True)
+        _read_some(stream)
+        t = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=30)
+        took = time.monotonic() - t
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    assert code == 0 and took < 5, (code, took, server.proc.stderr.read())
+    with sqlite3.connect(db) as con:
+        assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+    again = Server(db)
+    try:
+        r = again.client.chat.completions.create(model="random", messages=LONG, max_tokens=2, temperature=0)
+    finally:
+        again.stop()
+    assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1

@@ -2,17 +2,16 @@
 being generated, and quits with Ctrl+Q, leaving the turn saved."""
 
 import os
+import shlex
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from deltamem.memory.store import Store
+from tests.test_app import CLI
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 
@@ -36,7 +35,7 @@ def test_tui_in_tmux(tmp_path):
     db = tmp_path / "m.db"
     name = f"deltamem-smoke-{os.getpid()}"
     cmd = (
-        f"PYTHONPATH={ROOT} {sys.executable} {ROOT / 'app.py'} tui --repo {repo} --db {db} "
+        f"{shlex.join(CLI)} tui --repo {repo} --db {db} "
         f"--max-new-tokens 8; echo EXITED $? ; sleep 30"
     )
     subprocess.run(

@@ -6,12 +6,11 @@ import json
 import os
 import select
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.test_app import ROOT, deltamem
+from tests.test_app import CLI, deltamem
 
 pty = pytest.importorskip("pty")
 
@@ -25,11 +24,10 @@ def test_quitting_while_the_model_loads_is_immediate(tmp_path, monkeypatch):
         **os.environ,
         "DELTAMEM_CACHE": "off",
         "TERM": "xterm-256color",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     master, slave = pty.openpty()
     p = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "tui", "--repo", str(tmp_path), "--db", str(tmp_path / "m.db")],
+        [*CLI, "tui", "--repo", str(tmp_path), "--db", str(tmp_path / "m.db")],
         stdin=slave,
         stdout=slave,
         stderr=slave,

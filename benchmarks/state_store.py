@@ -10,7 +10,7 @@ bf16 KV windows of 4 sink + 4096 slots (120 KiB/token), driven through the engin
 window is full, turns of 200 new tokens. Bytes written per turn (new pieces + the snapshot's headers) against
 the floor the design allows: the DeltaNet state plus the KV pages that changed (counted by comparing pages).
 
-    python benchmarks/memory.py [--sizes 1024,4096,16384,65536] [--turns 8]
+    python benchmarks/state_store.py [--sizes 1024,4096,16384,65536] [--turns 8]
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main() -> None:
         ],
         window=args.window,
         olmo_hybrid_7b_turns=seven,
-        command="python benchmarks/memory.py",
+        command="python benchmarks/state_store.py",
     )
     md = out.with_suffix(".md")
     lines = [

@@ -6,7 +6,7 @@ prefill at several T (ms, tokens/s per layer, ours/fla), the T=1 recurrent step 
 and relative errors of ours vs fla and vs an fp32 torch reference. Writes kernels_gpu.json/.md (OLMo) or
 kernels_gpu_qwen35_9b.json/.md.
 
-    python benchmarks/kernels.py --out benchmarks/results [--shape qwen35_9b]
+    python benchmarks/gdn_kernels.py --out benchmarks/results [--shape qwen35_9b]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     global H, HV, DK, DV
     H, HV, DK, DV = SHAPES[args.shape]
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/gdn_kernels.py needs a CUDA GPU")
     from deltamem.kernels import triton_gdn as ours
 
     try:

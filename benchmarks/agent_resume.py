@@ -5,7 +5,7 @@ the new turn on a fresh state, side by side in one run on the default model (4k 
 The repository is the standard library's Python sources copied into a temporary folder until it holds enough
 tokens; ingest throughput is reported too.
 
-    python benchmarks/agent.py [--tokens 200000]
+    python benchmarks/agent_resume.py [--tokens 200000]
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main() -> None:
         "Agent: second turn after resume vs re-prefill (default model, 4k window)",
         list(row),
         window=args.window,
-        command="python benchmarks/agent.py",
+        command="python benchmarks/agent_resume.py",
     )
     print(f"wrote {out}")
 
