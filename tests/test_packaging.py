@@ -26,6 +26,7 @@ def test_wheel_holds_only_the_deltamem_namespace(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                         str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr, r.stderr  # e.g. project.license as a TOML table, a package left out
     (wheel,) = (tmp_path / "dist").glob("deltamem-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
@@ -125,3 +126,35 @@ def test_script_folders_shadow_no_distribution(folder, tmp_path):
     assert r.returncode == 0, r.stderr
     for path in json.loads(r.stdout.splitlines()[-1]).values():
         assert not _in_checkout(path), path
+
+
+def _pins(lock: Path) -> dict[str, tuple[str, int]]:
+    """name -> (version, number of hashes) of a requirements lock written by `make lock`."""
+    pins, name = {}, None
+    for line in lock.read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            name, version = line.split(" ")[0].split("==")
+            pins[canonicalize_name(name)] = (version, 0)
+        elif line.strip().startswith("--hash=sha256:") and name:
+            pins[canonicalize_name(name)] = (pins[canonicalize_name(name)][0], pins[canonicalize_name(name)][1] + 1)
+    return pins
+
+
+@pytest.mark.parametrize("lock, extras", [("demo", ()), ("test", ("test",))])
+def test_the_lock_pins_every_requirement_within_pyproject_ranges(lock, extras):
+    """requirements/*.lock is what `make demo`/`make test` install: each of pyproject's requirements (and theirs) is
+    pinned, with hashes, at a version its range admits; torch is the CPU build. (A range changed without
+    `make lock` fails here.)"""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _pins(ROOT / "requirements" / f"{lock}.lock")
+    assert all(n >= 1 for _, n in pins.values())
+    env = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11", "extra": ""}
+    wanted = [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e])]
+    for req in map(Requirement, wanted):
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        version, _ = pins[canonicalize_name(req.name)]
+        assert req.specifier.contains(version, prereleases=True), (req, version)
+    assert pins["torch"][0].endswith("+cpu")
