@@ -458,12 +458,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          None if args.cache_mb is None else args.cache_mb << 20,
                          prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
-        # On SIGTERM/Ctrl-C replies still streaming get 2 s, then are cancelled (each closes its generator, which
-        # frees the engine) and the states kept so far are written. uvicorn then raises the signal again for the
-        # handler it found: for SIGTERM that is this no-op, so a service manager's stop ends in exit code 0.
+        # On SIGTERM/Ctrl-C each reply still streaming ends at its next token with an error event (closing its
+        # generator frees the engine; uvicorn cancels what is left after 2 s), then the states kept so far are
+        # written. uvicorn then raises the signal again for the handler it found: for SIGTERM that is this no-op,
+        # so a service manager's stop ends in exit code 0.
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               timeout_graceful_shutdown=2))
+        app.state.stopping = lambda: server.should_exit
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
         try:
-            uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=2)
+            server.run()
         finally:
             signal.signal(signal.SIGTERM, previous)
     return 0

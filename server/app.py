@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -36,6 +36,7 @@ from deltamem.server.prefix import PrefixCache
 log = logging.getLogger(__name__)
 
 MAX_BODY = 8 << 20
+SHUTTING_DOWN = {"error": {"message": "the server is shutting down", "type": "server_error"}}
 
 
 class ApiError(Exception):
@@ -78,14 +79,18 @@ class FifoLock:
             self._cond.notify_all()
 
 
-async def in_threads(gen: Iterator[str]) -> AsyncIterator[str]:
+async def in_threads(gen: Iterator[str], stopping: Callable[[], bool]) -> AsyncIterator[str]:
     """A blocking generator driven from the thread pool, one item at a time, and closed whatever ends the iteration:
-    a client that left (Starlette cancels the response) or a server shutting down closes it at its current `yield`,
-    which releases the engine lock at once and keeps no state of the partial reply. (Starlette's own wrapper of a
-    sync iterator never closes it: an abandoned reply would hold the lock until garbage collection, if ever.)"""
+    a client that left (Starlette cancels the response) or a server shutting down (`stopping()`: the stream ends
+    with an error event) closes it at its current `yield`, which releases the engine lock at once and keeps no state
+    of the partial reply. (Starlette's own wrapper of a sync iterator never closes it: an abandoned reply would hold
+    the lock until garbage collection, if ever.)"""
     end = object()
     try:
         while (item := await anyio.to_thread.run_sync(next, gen, end)) is not end:
+            if stopping():
+                yield f"data: {json.dumps(SHUTTING_DOWN)}\n\n"
+                return
             yield item
     finally:
         with anyio.CancelScope(shield=True):
@@ -166,9 +171,12 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         # states kept by the last request but not yet written; in a thread, as the lock may wait for a reply that
         # is being cancelled, whose generator closes from this event loop
         await anyio.to_thread.run_sync(flush)
+        if batcher is not None:
+            await anyio.to_thread.run_sync(batcher.close)
 
     app = FastAPI(title="deltamem", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.stopping = lambda: False  # the server running the app says when it is shutting down (app.py: serve)
     engine.reset()
     template = ChatTemplate.for_tokenizer(engine.tokenizer)
     eos = sorted(set(engine.config.eos_ids) | {engine.tokenizer.special_tokens.get("<|im_end|>", -1)} - {-1})
@@ -360,7 +368,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         sample = {**sampling(body), "guide": guide}
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.get("stream"):
-            return ClosingStreamingResponse(in_threads(stream(text, sample, session, chat, schemas, created, rid)),
+            replies = stream(text, sample, session, chat, schemas, created, rid)
+            return ClosingStreamingResponse(in_threads(replies, lambda: app.state.stopping()),
                                             media_type="text/event-stream")
         done: dict = {}
         reply = "".join(p for p in answer(text, sample, session, done) if p is not None)

@@ -60,6 +60,7 @@ class Batcher:
         self.active: list[Reply] = []  # in the batch's row order
         self.steps = 0
         self._cond = threading.Condition()
+        self._closing = False
         self._thread = threading.Thread(target=self._loop, name="deltamem-decode", daemon=True)
         self._thread.start()
 
@@ -79,10 +80,23 @@ class Batcher:
         finally:
             reply.cancelled = reply.final is None  # closed early (the client left): the thread drops it
 
+    def close(self) -> None:
+        """Stop the decode thread after its current step (a process must not exit while it runs torch ops); replies
+        still decoding end with an error."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout=60)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self.waiting or self.active)
+                self._cond.wait_for(lambda: self.waiting or self.active or self._closing)
+                if self._closing:
+                    for r in [*self.active, *self.waiting]:
+                        r.out.put(RuntimeError("the server is shutting down"))
+                    self.active, self.waiting = [], deque()
+                    return
                 joining = []
                 while self.waiting and len(self.active) + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
