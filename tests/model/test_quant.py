@@ -94,6 +94,7 @@ def test_int8_codes_in_words_are_the_same_weights(monkeypatch):
     prefill's dequantized weight), and under torch.compile the same weight-only product."""
     g = torch.Generator().manual_seed(5)
     w, b = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    monkeypatch.setattr(packed, "avx512", lambda: True)  # one int8 code a byte (as on an AVX-512 CPU)
     plain = PackedLinear(w, b, 2, "int8")
     monkeypatch.setattr(packed, "avx512", lambda: False)
     words = PackedLinear(w, b, 2, "int8")
