@@ -233,10 +233,26 @@ def test_langchain_chatopenai_and_concurrent_clients(tmp_path):
         server.stop()
 
 
+def _whole_and_restarted(db: Path, messages: list[dict], stored_prompt_tokens: int, max_tokens: int):
+    """The database a stopped server left passes integrity_check, and a new server on it hits the prompt state the
+    first one stored; returns the new server's answer."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
+    again = Server(db)
+    try:
+        r = again.client.chat.completions.create(model="random", messages=messages, max_tokens=max_tokens,
+                                                 temperature=0)
+    finally:
+        again.stop()
+    assert r.usage.prompt_tokens_details.cached_tokens >= stored_prompt_tokens - 1
+    return r
+
+
 def test_killed_mid_stream_then_restarted(tmp_path):
     """SIGKILL while a reply streams: the database stays whole, the restarted server serves the last committed
     prefix state, and its answer is the one a server without prefix states gives."""
-    import sqlite3
 
     db = tmp_path / "m.db"
     server = Server(db)
@@ -256,14 +272,7 @@ def test_killed_mid_stream_then_restarted(tmp_path):
     finally:
         if server.proc.poll() is None:
             server.stop()
-    with sqlite3.connect(db) as con:
-        assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
-    again = Server(db)
-    try:
-        r = again.client.chat.completions.create(model="random", messages=convo, max_tokens=5, temperature=0)
-    finally:
-        again.stop()
-    assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    r = _whole_and_restarted(db, convo, first.usage.prompt_tokens, max_tokens=5)
     plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
     whole = plain.post("/v1/chat/completions", json={"messages": convo, "max_tokens": 5, "temperature": 0}).json()
     assert r.choices[0].message.content == whole["choices"][0]["message"]["content"]
@@ -383,7 +392,6 @@ def test_sigterm_mid_stream_exits_cleanly_within_seconds(tmp_path, batched):
     """SIGTERM (a service manager's stop) while a long reply streams: the process exits 0 within 5 s and leaves a
     whole database, which the next server reads."""
     import signal
-    import sqlite3
 
     db = tmp_path / "m.db"
     server = Server(db, "--batch-decode" if batched else "--no-batch-decode")
@@ -402,11 +410,4 @@ def test_sigterm_mid_stream_exits_cleanly_within_seconds(tmp_path, batched):
     err = server.proc.stderr.read()
     assert code == 0 and took < 5, (code, took, err)
     assert "Traceback" not in err and "ERROR" not in err, err  # the stream ended with an error event, not a cancel
-    with sqlite3.connect(db) as con:
-        assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
-    again = Server(db)
-    try:
-        r = again.client.chat.completions.create(model="random", messages=LONG, max_tokens=2, temperature=0)
-    finally:
-        again.stop()
-    assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    _whole_and_restarted(db, LONG, first.usage.prompt_tokens, max_tokens=2)
