@@ -9,9 +9,10 @@ with anchors an answer can cite:
 - e-mail: `[message N]` before each message of a mailbox, then its From/To/Date/Subject lines and its text body
   (an HTML-only body converted), attachments named.
 
-Ingest feeds the converted text (and records CONVERTER in its ledger); read_file and grep read binary documents
-(PDF, DOCX, PPTX, XLSX) converted too, while HTML and e-mail, which are text, are read as they are on disk (their
-source is what an agent edits in a code project). A file that cannot be converted (corrupt, encrypted, not what its
+Ingest feeds the converted text (and records CONVERTER in its ledger); read_file and grep read documents and e-mail
+(PDF, DOCX, PPTX, XLSX, .eml, .mbox) converted too (a mailbox's raw form splits lines at soft breaks and names no
+message), while HTML is read as it is on disk (its source is what an agent edits in a code project); edit refuses
+them all but HTML. A file that cannot be converted (corrupt, encrypted, not what its
 extension says) raises DocumentError with the reason.
 """
 
@@ -28,7 +29,9 @@ import sys
 from pathlib import Path
 
 CONVERTED = {".pdf", ".docx", ".pptx", ".xlsx", ".html", ".htm", ".eml", ".mbox"}  # by ingest
-BINARY = {".pdf", ".docx", ".pptx", ".xlsx"}  # read converted by read_file and grep too
+# read as their converted text by read_file and grep too (each line's page, slide, section or message known); HTML
+# stays as it is on disk, the source an agent edits in a code project
+READ_CONVERTED = {".pdf", ".docx", ".pptx", ".xlsx", ".eml", ".mbox"}
 MAX_DOCUMENT_BYTES = 50_000_000
 
 

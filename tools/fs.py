@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
-from deltamem.tools.documents import BINARY
+from deltamem.tools.documents import READ_CONVERTED
 from deltamem.tools.files import project_files
 from deltamem.tools.repomap import repo_map
 from deltamem.tools.sandbox import MAX_READ, has_control_chars, read_text, resolve, split_lines
@@ -108,14 +108,58 @@ def glob_files(ctx: ToolContext, pattern: str) -> str:
     return "\n".join(p.as_posix() for p in found[:MAX_ENTRIES]) + _more(MAX_ENTRIES, len(found), "files")
 
 
-_ANCHOR = re.compile(r"\[(page|slide) \d+\]$|#{1,6} \S")  # tools/documents.py's anchors: pages, slides, headings
+# tools/documents.py's anchors: pages, slides, messages, headings
+_ANCHOR = re.compile(r"\[(page|slide|message) \d+\]$|#{1,6} \S")
+
+
+def search_pattern(pattern: str, ignore_case: bool | None = None) -> re.Pattern:
+    """The regular expression grep searches with. Smart case (ripgrep's): case-insensitive unless the pattern has an
+    upper-case letter (escapes such as \\S aside); and a literal space matches any run of whitespace (converted PDFs
+    keep justified text's doubled spaces, code its alignment), except where a quantifier follows it."""
+    out, upper, i, in_class = [], False, 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        upper |= c.isupper()
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1 : i + 2] == "^":
+                out.append("[^")
+                i += 2
+            else:
+                out.append("[")
+                i += 1
+            if pattern[i : i + 1] == "]":  # a leading ] is a literal inside the class
+                out.append("]")
+                i += 1
+            continue
+        elif c == " ":
+            j = i
+            while j < len(pattern) and pattern[j] == " ":
+                j += 1
+            if j == len(pattern) or pattern[j] not in "*+?{":
+                out.append(r"\s+")
+                i = j
+                continue
+        out.append(c)
+        i += 1
+    flags = re.IGNORECASE if (not upper if ignore_case is None else ignore_case) else 0
+    try:
+        return re.compile("".join(out), flags)
+    except re.error:  # the rewriting cannot make a valid pattern invalid, but leave the original's message
+        try:
+            return re.compile(pattern, flags)
+        except re.error as e:
+            raise ToolError(f"bad regular expression {pattern!r}: {e}") from None
 
 
 def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = None) -> str:
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise ToolError(f"bad regular expression {pattern!r}: {e}") from None
+    rx = search_pattern(pattern)
     root = ctx.root.resolve()
     target = resolve(root, path)
     in_dir = target.is_dir()
@@ -129,6 +173,33 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
                 files = [f for f in files if fnmatch.fnmatchcase(f.name, glob)]
     else:
         files = [target.relative_to(root)]
+    out, skipped = _search(root, files, rx, in_dir, path)
+    if not out and not rx.flags & re.IGNORECASE:  # capitals made it case-sensitive: say what ignoring case finds
+        loose, _ = _search(root, files, search_pattern(pattern, ignore_case=True), in_dir, path)
+        if loose:
+            return (f"no matches for {pattern!r} (case-sensitive: it has capitals); ignoring case:\n"
+                    + _shown(loose, skipped))
+    if not out:
+        return f"no matches for {pattern!r}" + (_skipped(skipped) if skipped else "")
+    return _shown(out, skipped)
+
+
+def _shown(out: list[str], skipped: int) -> str:
+    """Matches as 'path:line: text'; where they are in several files, a first line lists those files."""
+    paths = list(dict.fromkeys(line.split(":", 1)[0] for line in out[:MAX_MATCHES]))
+    result = f"{len(paths)} files: {', '.join(paths)}\n" if len(paths) > 1 else ""
+    result += "\n".join(out[:MAX_MATCHES])
+    if len(out) > MAX_MATCHES:
+        result += f"\n[... stopped after {MAX_MATCHES} matches; narrow the pattern, path or glob]"
+    return result + (_skipped(skipped) if skipped else "")
+
+
+def _skipped(n: int) -> str:
+    return f"\n(skipped {n} binary, unreadable or over-{MAX_READ:,}-byte file(s))"
+
+
+def _search(root: Path, files: list[Path], rx: re.Pattern, in_dir: bool, path: str) -> tuple[list[str], int]:
+    """Matching lines (at most MAX_MATCHES + 1) and the number of files skipped."""
     out, skipped = [], 0
     for rel in files:
         try:
@@ -146,7 +217,7 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
                 raise ToolError(f"{path!r} is over {MAX_READ:,} bytes, the most grep reads from one file")
             skipped += 1
             continue
-        document = rel.suffix.lower() in BINARY  # read converted: each match names its page, slide or section
+        document = rel.suffix.lower() in READ_CONVERTED  # read converted: a match names its page, section, message
         page = section = ""
         for n, line in enumerate(split_lines(text), 1):
             if document and _ANCHOR.match(line):
@@ -162,12 +233,7 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
                     break
         if len(out) > MAX_MATCHES:
             break
-    result = "\n".join(out[:MAX_MATCHES]) if out else "no matches"
-    if len(out) > MAX_MATCHES:
-        result += f"\n[... stopped after {MAX_MATCHES} matches; narrow the pattern, path or glob]"
-    if skipped:
-        result += f"\n(skipped {skipped} binary, unreadable or over-{MAX_READ:,}-byte file(s))"
-    return result
+    return out, skipped
 
 
 def _write_atomic(target: Path, text: str, name: str) -> None:
@@ -211,6 +277,8 @@ def edit(ctx: ToolContext, path: str, old: str, new: str) -> str:
     if not old:
         raise ToolError("old must not be empty")
     target = resolve(ctx.root, path, allow_dir=False, write=True)
+    if target.suffix.lower() in READ_CONVERTED:
+        raise ToolError(f"{path!r} is read as its converted text, which cannot be written back into it: not edited")
     text, truncated = read_text(target, path)
     if truncated:
         raise ToolError(f"{path!r} is over {MAX_READ:,} bytes, the most edit reads; use write_file or shell")
@@ -248,11 +316,12 @@ TOOLS = (
     ),
     Tool(
         "grep",
-        "Search the project's text files (those .gitignore keeps) for a Python regular expression, line by line; "
-        "results are 'path:line: text'.",
+        "Search the project's text files and documents (those .gitignore keeps) for a Python regular expression, "
+        "line by line; case-insensitive unless the pattern has a capital, a space matches any whitespace; results "
+        "are 'path:line: text' (documents: '[page N]' or the section before the text).",
         _schema(
             ["pattern"],
-            pattern={"type": "string", "description": "Python regular expression; (?i) for case-insensitive"},
+            pattern={"type": "string", "description": "Python regular expression"},
             path={**_PATH, "description": "file or directory to search", "default": "."},
             glob={"type": "string", "description": "only files whose name matches, e.g. '*.py' (with '/': path glob)"},
         ),

@@ -17,7 +17,7 @@ import unicodedata
 from pathlib import Path
 
 from deltamem.tools.base import ToolError
-from deltamem.tools.documents import BINARY
+from deltamem.tools.documents import READ_CONVERTED
 
 MAX_READ = 1024 * 1024  # bytes read from one file per call
 BINARY_PROBE = 8192  # a NUL byte in this many leading bytes marks a binary file
@@ -65,9 +65,9 @@ def resolve(root: Path, path: str, *, must_exist: bool = True, allow_dir: bool =
 def read_text(path: Path, name: str, limit: int = MAX_READ) -> tuple[str, bool]:
     """The UTF-8 text of the regular file `path` (already resolved) and whether it was cut at `limit` bytes (then
     it ends at the last whole line read). Binary files (a NUL byte in the first 8 KB, or not UTF-8) are refused
-    with a ToolError naming the file as `name`. PDF, DOCX, PPTX and XLSX files are read as their converted text
-    (tools/documents.py), with its page / slide / sheet anchors."""
-    if path.suffix.lower() in BINARY:
+    with a ToolError naming the file as `name`. PDF, DOCX, PPTX, XLSX and e-mail files are read as their converted
+    text (tools/documents.py), with its page / slide / sheet / message anchors."""
+    if path.suffix.lower() in READ_CONVERTED:
         return _document_text(path, name, limit)
     # O_NONBLOCK: a FIFO swapped in since resolve() cannot block the open; O_NOFOLLOW: nor can a new symlink
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)

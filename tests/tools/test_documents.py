@@ -149,6 +149,17 @@ def test_read_file_and_grep_see_the_converted_text(case):
     assert ok and out.startswith("contract.docx:") and "[Termination] Three months' notice" in out, out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "engineers"})
     assert ok and "board.pptx:" in out and "[slide 2, Q4 plan] Hire two engineers" in out, out
+    # mailboxes too, each hit naming its message; and no tool writes converted text back into a document
+    ok, out = run_tool(ctx, tools, "grep", {"pattern": "invoice", "path": "thread.mbox"})
+    assert ok and [line.split(": ", 1)[1] for line in out.splitlines()] == [
+        "[message 1] Please send the invoice.", "[message 2] Invoice **attached**."], out
+    ok, out = run_tool(ctx, tools, "read_file", {"path": "letter.eml"})
+    assert ok and "Subject: Inspection" in out and "Content-Type" not in out
+    for name in ("letter.eml", "contract.docx"):
+        before = (case / name).read_bytes()
+        ok, out = run_tool(ctx, tools, "edit", {"path": name, "old": "Inspection" if name == "letter.eml" else
+                                                "Lease", "new": "X"})
+        assert not ok and "cannot be written back" in out and (case / name).read_bytes() == before
 
 
 def test_ingest_feeds_documents_and_skips_what_cannot_be_converted(case, tmp_path):

@@ -78,12 +78,14 @@ def test_project_files_respect_gitignore(project):
 
 
 def reference_grep(root, pattern, files):
-    """(path, line number, line) of every match, by re.finditer over each whole file."""
+    """(path, line number, line) of every match, by re.finditer over each whole file; smart case as ripgrep's:
+    ignoring case unless the pattern has a capital outside an escape (the patterns here have no spaces)."""
     hits = set()
+    smart = 0 if any(c.isupper() for c in re.sub(r"\\.", "", pattern)) else re.IGNORECASE
     for rel in files:
         text = (root / rel).read_text()
         lines = text.splitlines()
-        for m in re.finditer(pattern, text, re.MULTILINE):
+        for m in re.finditer(pattern, text, re.MULTILINE | smart):
             n = text.count("\n", 0, m.start()) + 1
             hits.add((rel, n, lines[n - 1]))
     return hits
@@ -92,7 +94,7 @@ def reference_grep(root, pattern, files):
 def parse_grep(out):
     hits = set()
     for line in out.splitlines():
-        if line.startswith("(skipped") or line == "no matches":
+        if line.startswith(("(skipped", "no matches")) or re.match(r"\d+ files: ", line):
             continue
         path, n, text = line.split(":", 2)
         hits.add((path, int(n), text.removeprefix(" ")))
@@ -121,7 +123,7 @@ def test_grep_path_and_glob(project):
     assert parse_grep(ok(ctx, "grep", pattern=".", glob="sub/**/*.py")) == reference_grep(project, ".", sub_py)
     # a file named explicitly is searched even if .gitignore excludes it
     assert ok(ctx, "grep", pattern="needle", path="notes.log") == "notes.log:1: needle in a log"
-    assert ok(ctx, "grep", pattern="zzz", path="a.py") == "no matches"
+    assert ok(ctx, "grep", pattern="zzz", path="a.py") == "no matches for 'zzz'"
 
 
 def test_grep_errors_and_caps(tmp_path):
@@ -139,7 +141,35 @@ def test_grep_errors_and_caps(tmp_path):
     success, out = call(ctx, "grep", pattern="hit", path="huge.txt")
     assert not success and "over 1,048,576 bytes" in out
     out = ok(ctx, "grep", pattern="nothing", path=".")
-    assert out == "no matches\n(skipped 1 binary, unreadable or over-1,048,576-byte file(s))"
+    assert out == "no matches for 'nothing'\n(skipped 1 binary, unreadable or over-1,048,576-byte file(s))"
+
+
+def test_grep_smart_case_whitespace_hints_and_files(tmp_path):
+    """What a small model's searches need: a lower-case phrase finds the capitalised one, a space any run of
+    whitespace (justified PDF text, aligned code); a search with capitals that misses says what ignoring case finds;
+    matches in several files list those files first."""
+    ctx = ToolContext(tmp_path)
+    write(tmp_path, "lease.txt", "9. The  Termination\tclause applies.\n")
+    write(tmp_path, "a.js", "export const MAX_RETRIES = 5;\n")
+    write(tmp_path, "b.js", "import { MAX_RETRIES } from './a.js';\nretry(MAX_RETRIES);\n")
+    write(tmp_path, "c.py", "retries = 3\n")
+    assert ok(ctx, "grep", pattern="termination clause") == "lease.txt:1: 9. The  Termination\tclause applies."
+    out = ok(ctx, "grep", pattern="Termination Clause")
+    assert out.splitlines() == ["no matches for 'Termination Clause' (case-sensitive: it has capitals); ignoring case:",
+                                "lease.txt:1: 9. The  Termination\tclause applies."]
+    assert ok(ctx, "grep", pattern=r"\bmax_retries\b").splitlines() == [
+        "2 files: a.js, b.js", "a.js:1: export const MAX_RETRIES = 5;", "b.js:1: import { MAX_RETRIES } from './a.js';",
+        "b.js:2: retry(MAX_RETRIES);"]
+    assert ok(ctx, "grep", pattern=r"\Sretries").splitlines() == [  # \S is an escape, not a capital
+        "2 files: a.js, b.js", "a.js:1: export const MAX_RETRIES = 5;", "b.js:1: import { MAX_RETRIES } from './a.js';",
+        "b.js:2: retry(MAX_RETRIES);"]
+    assert ok(ctx, "grep", pattern="Retries") == "no matches for 'Retries' (case-sensitive: it has capitals); " \
+        "ignoring case:\n3 files: a.js, b.js, c.py\na.js:1: export const MAX_RETRIES = 5;\n" \
+        "b.js:1: import { MAX_RETRIES } from './a.js';\nb.js:2: retry(MAX_RETRIES);\nc.py:1: retries = 3"
+    # spaces inside a class or before a quantifier keep their meaning
+    assert ok(ctx, "grep", pattern="retries[ ]=", path="c.py") == "c.py:1: retries = 3"
+    assert ok(ctx, "grep", pattern="retries *= 3", path="c.py") == "c.py:1: retries = 3"
+    assert ok(ctx, "grep", pattern="retries  {2}=", path="c.py") == "no matches for 'retries  {2}='"
 
 
 def test_glob_matches_pathlib_minus_ignored(project):
