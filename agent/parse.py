@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)(?:" + re.escape(CLOSE) + r"|\Z)", re.S)
+_JSON = json.JSONDecoder()
 _FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(</function>|\Z)", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.S)
 THINK_END = "</think>"
@@ -49,13 +50,12 @@ def parse_tool_calls(text: str, id_prefix: str = "call", schemas: dict[str, dict
     try:
         prose = []
         pos = 0
-        for m in _BLOCK.finditer(text):
-            prose.append(text[pos : m.start()])
-            pos = m.end()
-            closed = m.group(0).endswith(CLOSE)
+        for start, end, body, closed in _blocks(text):
+            prose.append(text[pos:start])
+            pos = end
             # An unclosed block can only be the reply's last: read it if what it holds is a whole call (the reply
             # ended, or a code fence closed it, where CLOSE was due), as vLLM's Hermes parser does
-            body = m.group(1) if closed else _FENCE_END.sub("", m.group(1))
+            body = body if closed else _FENCE_END.sub("", body)
             call, error = _xml_call(body, schemas or {}) if body.lstrip().startswith("<function=") else _one_call(body)
             if error and not closed:
                 error = f"a {OPEN} block was not closed with {CLOSE}"
@@ -70,6 +70,32 @@ def parse_tool_calls(text: str, id_prefix: str = "call", schemas: dict[str, dict
     except Exception as e:  # a parser must never take the agent loop down
         out.errors.append(f"could not parse the tool calls: {e}")
     return out
+
+
+def _blocks(text: str) -> Iterator[tuple[int, int, str, bool]]:
+    """(start, end, body, closed) of each call block: from OPEN to the first CLOSE (or the text's end), except that
+    a JSON body is read as JSON first, so a CLOSE inside one of its strings (a grep pattern, say) does not end it."""
+    pos = 0
+    while (start := text.find(OPEN, pos)) != -1:
+        i = start + len(OPEN)
+        j = len(text) - len(text[i:].lstrip())
+        if text.startswith("{", j):
+            try:
+                after = _JSON.raw_decode(text, j)[1]
+            except (ValueError, RecursionError):
+                after = None
+            if after is not None:
+                k = len(text) - len(text[after:].lstrip())
+                if text.startswith(CLOSE, k):
+                    yield start, k + len(CLOSE), text[i:after], True
+                    pos = k + len(CLOSE)
+                    continue
+        end = text.find(CLOSE, i)
+        if end == -1:
+            yield start, len(text), text[i:], False
+            return
+        yield start, end + len(CLOSE), text[i:end], True
+        pos = end + len(CLOSE)
 
 
 def _xml_call(body: str, schemas: dict[str, dict]) -> tuple[dict, str | None]:

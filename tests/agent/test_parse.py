@@ -1,6 +1,5 @@
 """The tool-call parser, fuzzed with hypothesis: it never raises on any text, and valid calls round-trip."""
 
-import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -55,9 +54,7 @@ def test_valid_calls_round_trip(calls, texts):
     text = texts[0]
     for i, (name, args) in enumerate(calls):
         text += format_tool_call(name, args) + texts[i + 1]
-    parsed = parse_tool_calls(text)
-    if any(CLOSE in json.dumps({"name": n, "arguments": a}, ensure_ascii=False) for n, a in calls):
-        return  # a close marker inside a string ends the block early: the model's format has no escape for it
+    parsed = parse_tool_calls(text)  # a close marker inside a JSON string is the string's, not the block's end
     assert parsed.errors == []
     assert [(c["name"], c["arguments"]) for c in parsed.calls] == calls
     assert len({c["id"] for c in parsed.calls}) == len(calls)
@@ -94,3 +91,16 @@ def test_an_unclosed_last_block_holding_a_whole_call_is_read():
         assert parsed.calls == [] and parsed.errors == [f"a {OPEN} block was not closed with {CLOSE}"]
     parsed = parse_tool_calls(f"{OPEN}{call}{CLOSE} {OPEN}{call}")  # a closed call, then an unclosed one
     assert len(parsed.calls) == 2 and parsed.errors == []
+
+
+def test_a_close_marker_inside_an_argument_is_part_of_it():
+    """The guided grammar lets a JSON string hold `</tool_call>` (a model copying an error message into a grep
+    pattern did): the call is read whole, the marker in its argument, instead of failing as unterminated JSON."""
+    pattern = f"def x{CLOSE}"
+    text = f'Searching. {OPEN}\n{{"name": "grep", "arguments": {{"pattern": "{pattern}"}}}}\n{CLOSE} done'
+    parsed = parse_tool_calls(text)
+    assert parsed.errors == [] and parsed.content == "Searching.  done"
+    assert [(c["name"], c["arguments"]) for c in parsed.calls] == [("grep", {"pattern": pattern})]
+    # not JSON up to a close marker: the first marker ends the block, as before
+    parsed = parse_tool_calls(f'{OPEN}{{"name": "grep", {CLOSE} tail')
+    assert parsed.calls == [] and len(parsed.errors) == 1 and parsed.content == "tail"
