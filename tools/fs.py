@@ -174,14 +174,33 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
     else:
         files = [target.relative_to(root)]
     out, skipped = _search(root, files, rx, in_dir, path)
-    if not out and not rx.flags & re.IGNORECASE:  # capitals made it case-sensitive: say what ignoring case finds
+    if out:
+        return _shown(out, skipped)
+    # Nothing: say what a looser search finds, so that a small model reads the answer instead of inventing one
+    if not rx.flags & re.IGNORECASE:  # capitals made it case-sensitive
         loose, _ = _search(root, files, search_pattern(pattern, ignore_case=True), in_dir, path)
         if loose:
-            return (f"no matches for {pattern!r} (case-sensitive: it has capitals); ignoring case:\n"
-                    + _shown(loose, skipped))
-    if not out:
-        return f"no matches for {pattern!r}" + (_skipped(skipped) if skipped else "")
-    return _shown(out, skipped)
+            head = f"no matches for {pattern!r} (case-sensitive: it has capitals); ignoring case:"
+            return head + "\n" + _shown(loose, skipped)
+    for name in _names(pattern)[:1]:  # a pattern shaped for another language (`def f` for a JavaScript function)
+        # (re.escape leaves an identifier as it is, so smart case still sees its capitals)
+        loose, _ = _search(root, files, search_pattern(rf"\b{re.escape(name)}\b"), in_dir, path)
+        if loose:
+            return f"no matches for {pattern!r}; the name {name!r} is on these lines:\n" + _shown(loose, skipped)
+    return f"no matches for {pattern!r}" + (_skipped(skipped) if skipped else "")
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
+# words a search pattern spells that name no one thing: definitions' keywords in the languages the map parses
+_KEYWORDS = {"def", "class", "function", "const", "let", "var", "func", "pub", "type", "interface", "struct", "enum",
+             "impl", "trait", "static", "async", "export", "import", "from", "return", "raise", "self", "public",
+             "private", "protected", "final", "void", "int", "package", "module", "default"}
+
+
+def _names(pattern: str) -> list[str]:
+    """The identifiers a regular expression spells out (escapes such as \\b dropped), longest first."""
+    words = {w for w in _WORD.findall(re.sub(r"\\.", " ", pattern)) if w.lower() not in _KEYWORDS}
+    return sorted(words, key=lambda w: (-len(w), w))
 
 
 def _shown(out: list[str], skipped: int) -> str:
