@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltamem.tools import ToolContext, default_tools, project_files, run_tool
-from deltamem.tools.fs import search_pattern
 
 KINDS = ("where", "returns", "uses", "value", "document")
 
@@ -127,7 +126,7 @@ def _python_index(root: Path) -> tuple[dict[str, list], list[tuple[str, str]]]:
 
 
 def _grep_count(files: list[tuple[str, str]], pattern: str) -> tuple[int, Counter]:
-    rx = search_pattern(pattern)  # as the grep tool matches (smart case, spaces as whitespace)
+    rx = re.compile(pattern)
     per = Counter()
     for path, text in files:
         for line in text.splitlines():
