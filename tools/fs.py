@@ -4,6 +4,7 @@ the sandbox (tools.sandbox); grep and glob see the files .gitignore keeps (tools
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import re
 import stat
@@ -182,25 +183,51 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
         if loose:
             head = f"no matches for {pattern!r} (case-sensitive: it has capitals); ignoring case:"
             return head + "\n" + _shown(loose, skipped)
-    for name in _names(pattern)[:1]:  # a pattern shaped for another language (`def f` for a JavaScript function)
-        # (re.escape leaves an identifier as it is, so smart case still sees its capitals)
-        loose, _ = _search(root, files, search_pattern(rf"\b{re.escape(name)}\b"), in_dir, path)
-        if loose:
-            return f"no matches for {pattern!r}; the name {name!r} is on these lines:\n" + _shown(loose, skipped)
+    ranked = _ranked(root, files, pattern, in_dir, path)  # the pattern's words, wherever most of them are
+    if ranked:
+        return (f"no matches for {pattern!r}; the lines with most of its words ({', '.join(_words(pattern))}):\n"
+                + _shown(ranked, skipped))
     return f"no matches for {pattern!r}" + (_skipped(skipped) if skipped else "")
 
 
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
-# words a search pattern spells that name no one thing: definitions' keywords in the languages the map parses
-_KEYWORDS = {"def", "class", "function", "const", "let", "var", "func", "pub", "type", "interface", "struct", "enum",
-             "impl", "trait", "static", "async", "export", "import", "from", "return", "raise", "self", "public",
-             "private", "protected", "final", "void", "int", "package", "module", "default"}
+_WORD = re.compile(r"[^\W_]{2,}")  # letters and digits; `_` splits snake_case (penalty_rate: penalty, rate)
+# words a search pattern spells that name no one thing: English glue and definitions' keywords of the map's languages
+_STOP = {"the", "and", "for", "of", "in", "on", "at", "to", "is", "are", "by", "with", "from", "def", "class",
+         "function", "const", "let", "var", "func", "pub", "type", "interface", "struct", "enum", "impl", "trait",
+         "static", "async", "export", "import", "return", "raise", "self", "public", "private", "final", "void", "fn"}
+RANKED_LINES = 20
 
 
-def _names(pattern: str) -> list[str]:
-    """The identifiers a regular expression spells out (escapes such as \\b dropped), longest first."""
-    words = {w for w in _WORD.findall(re.sub(r"\\.", " ", pattern)) if w.lower() not in _KEYWORDS}
-    return sorted(words, key=lambda w: (-len(w), w))
+def _words(pattern: str) -> list[str]:
+    """The words a regular expression spells out (escapes such as \\b dropped; camelCase kept whole), lower case."""
+    words = _WORD.findall(re.sub(r"\\.", " ", pattern))
+    return list(dict.fromkeys(w.lower() for w in words if w.lower() not in _STOP))
+
+
+def _ranked(root: Path, files: list[Path], pattern: str, in_dir: bool, path: str) -> list[str]:
+    """Where a pattern matched nothing: the lines holding the most of its words, each word weighted by how rare it
+    is among the lines searched (idf), best first; a line must hold two words where the pattern has two or more. So
+    a pattern shaped for another language (`def f` for a JavaScript function) shows f's lines, and a phrase with a
+    word the text does not use still finds its passage."""
+    words = _words(pattern)
+    if not words:
+        return []
+    rxs = [re.compile(rf"(?<![^\W_]){re.escape(w)}(?![^\W_])", re.IGNORECASE) for w in words]
+    hits, df, n_lines = [], [0] * len(words), 0
+    for line in _search(root, files, re.compile(""), in_dir, path, limit=None)[0]:
+        n_lines += 1
+        text = line.split(": ", 1)[1] if ": " in line else line
+        found = [i for i, rx in enumerate(rxs) if rx.search(text)]
+        for i in found:
+            df[i] += 1
+        if len(found) >= min(2, len(words)):
+            hits.append((found, line))
+    idf = [math.log((n_lines + 1) / (d + 0.5)) for d in df]
+    scored = sorted(((sum(idf[i] for i in found), -k, line) for k, (found, line) in enumerate(hits)), reverse=True)
+    if not scored:
+        return []
+    best = scored[0][0]
+    return [line for score, _, line in scored[:RANKED_LINES] if score >= best / 2]
 
 
 def _shown(out: list[str], skipped: int) -> str:
@@ -217,8 +244,10 @@ def _skipped(n: int) -> str:
     return f"\n(skipped {n} binary, unreadable or over-{MAX_READ:,}-byte file(s))"
 
 
-def _search(root: Path, files: list[Path], rx: re.Pattern, in_dir: bool, path: str) -> tuple[list[str], int]:
-    """Matching lines (at most MAX_MATCHES + 1) and the number of files skipped."""
+def _search(root: Path, files: list[Path], rx: re.Pattern, in_dir: bool, path: str,
+            limit: int | None = MAX_MATCHES) -> tuple[list[str], int]:
+    """Matching lines as 'path:line: [anchor] text' (more than `limit`: the first limit + 1) and the number of
+    files skipped."""
     out, skipped = [], 0
     for rel in files:
         try:
@@ -248,9 +277,9 @@ def _search(root: Path, files: list[Path], rx: re.Pattern, in_dir: bool, path: s
                 shown = line if len(line) <= MAX_LINE else line[:MAX_LINE] + " [...]"
                 anchor = ", ".join(filter(None, (page, section)))
                 out.append(f"{rel.as_posix()}:{n}: {f'[{anchor}] ' if anchor else ''}{shown}")
-                if len(out) > MAX_MATCHES:
+                if limit is not None and len(out) > limit:
                     break
-        if len(out) > MAX_MATCHES:
+        if limit is not None and len(out) > limit:
             break
     return out, skipped
 

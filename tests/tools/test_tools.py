@@ -166,21 +166,26 @@ def test_grep_smart_case_whitespace_hints_and_files(tmp_path):
     assert ok(ctx, "grep", pattern="Retries") == "no matches for 'Retries' (case-sensitive: it has capitals); " \
         "ignoring case:\n3 files: a.js, b.js, c.py\na.js:1: export const MAX_RETRIES = 5;\n" \
         "b.js:1: import { MAX_RETRIES } from './a.js';\nb.js:2: retry(MAX_RETRIES);\nc.py:1: retries = 3"
-    # a pattern shaped for another language: the name it spells, on the lines that have it
+    # a pattern shaped for another language: the lines with the name it spells
     write(tmp_path, "cli.js", "export function parseArgs(argv) {\n  return argv;\n}\n")
     assert ok(ctx, "grep", pattern=r"def parseArgs\b").splitlines() == [
-        r"no matches for 'def parseArgs\\b'; the name 'parseArgs' is on these lines:",
+        r"no matches for 'def parseArgs\\b'; the lines with most of its words (parseargs):",
         "cli.js:1: export function parseArgs(argv) {"]
     assert ok(ctx, "grep", pattern=r"^MAX_RETRIES =").splitlines() == [
-        "no matches for '^MAX_RETRIES ='; the name 'MAX_RETRIES' is on these lines:", "2 files: a.js, b.js",
+        "no matches for '^MAX_RETRIES ='; the lines with most of its words (max, retries):", "2 files: a.js, b.js",
         "a.js:1: export const MAX_RETRIES = 5;", "b.js:1: import { MAX_RETRIES } from './a.js';",
         "b.js:2: retry(MAX_RETRIES);"]
+    # a phrase with a word the text does not use: the line with the most (and rarest) of its words comes first
+    write(tmp_path, "minutes.txt", "The warranty period for product line Quarry is 3 years.\n"
+                                   "The warranty period for product line Zephyr is 8 years.\nProduct lines: 4.\n")
+    out = ok(ctx, "grep", pattern="wrench warranty period for product line Zephyr", path="minutes.txt")
+    assert out.splitlines()[1] == "minutes.txt:2: The warranty period for product line Zephyr is 8 years.", out
     assert ok(ctx, "grep", pattern="class Nowhere") == "no matches for 'class Nowhere'"
     # spaces inside a class or before a quantifier keep their meaning
     assert ok(ctx, "grep", pattern="retries[ ]=", path="c.py") == "c.py:1: retries = 3"
     assert ok(ctx, "grep", pattern="retries *= 3", path="c.py") == "c.py:1: retries = 3"
     assert ok(ctx, "grep", pattern="retries  {2}=", path="c.py").splitlines() == [
-        "no matches for 'retries  {2}='; the name 'retries' is on these lines:", "c.py:1: retries = 3"]
+        "no matches for 'retries  {2}='; the lines with most of its words (retries):", "c.py:1: retries = 3"]
 
 
 def test_glob_matches_pathlib_minus_ignored(project):
