@@ -5,6 +5,7 @@ path never needs. Checked on a wheel built from this tree, on the installed meta
 import importlib.metadata
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -122,7 +123,7 @@ def test_script_folders_shadow_no_distribution(folder, tmp_path):
     assert not {n for n in names if n in taken or canonicalize_name(n) in taken}
     code = f"import sys; sys.path.insert(0, {str(ROOT / folder)!r})\n" + LOAD_A_MODEL
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     for path in json.loads(r.stdout.splitlines()[-1]).values():
         assert not _in_checkout(path), path
@@ -134,9 +135,10 @@ def _pins(lock: Path) -> dict[str, tuple[str, int]]:
     for line in lock.read_text().splitlines():
         if line and not line[0].isspace() and not line.startswith("#"):
             name, version = line.split(" ")[0].split("==")
-            pins[canonicalize_name(name)] = (version, 0)
+            name = canonicalize_name(name)
+            pins[name] = (version, 0)
         elif line.strip().startswith("--hash=sha256:") and name:
-            pins[canonicalize_name(name)] = (pins[canonicalize_name(name)][0], pins[canonicalize_name(name)][1] + 1)
+            pins[name] = (pins[name][0], pins[name][1] + 1)
     return pins
 
 

@@ -183,10 +183,11 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
         if loose:
             head = f"no matches for {pattern!r} (case-sensitive: it has capitals); ignoring case:"
             return head + "\n" + _shown(loose, skipped)
-    ranked = _ranked(root, files, pattern, in_dir, path)  # the pattern's words, wherever most of them are
+    words = _words(pattern)
+    ranked = _ranked(root, files, words, in_dir, path)  # the pattern's words, wherever most of them are
     if ranked:
-        return (f"no matches for {pattern!r}; the lines with most of its words ({', '.join(_words(pattern))}):\n"
-                + _shown(ranked, skipped))
+        return f"no matches for {pattern!r}; the lines with most of its words ({', '.join(words)}):\n" + _shown(
+            ranked, skipped)
     return f"no matches for {pattern!r}" + (_skipped(skipped) if skipped else "")
 
 
@@ -204,12 +205,11 @@ def _words(pattern: str) -> list[str]:
     return list(dict.fromkeys(w.lower() for w in words if w.lower() not in _STOP))
 
 
-def _ranked(root: Path, files: list[Path], pattern: str, in_dir: bool, path: str) -> list[str]:
-    """Where a pattern matched nothing: the lines holding the most of its words, each word weighted by how rare it
-    is among the lines searched (idf), best first; a line must hold two words where the pattern has two or more. So
-    a pattern shaped for another language (`def f` for a JavaScript function) shows f's lines, and a phrase with a
-    word the text does not use still finds its passage."""
-    words = _words(pattern)
+def _ranked(root: Path, files: list[Path], words: list[str], in_dir: bool, path: str) -> list[str]:
+    """Where a pattern matched nothing: the lines holding the most of its words (_words), each word weighted by how
+    rare it is among the lines searched (idf), best first; a line must hold two words where the pattern has two or
+    more. So a pattern shaped for another language (`def f` for a JavaScript function) shows f's lines, and a phrase
+    with a word the text does not use still finds its passage."""
     if not words:
         return []
     rxs = [re.compile(rf"(?<![^\W_]){re.escape(w)}(?![^\W_])", re.IGNORECASE) for w in words]
