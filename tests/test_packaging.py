@@ -144,13 +144,13 @@ def _pins(lock: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.mark.parametrize("lock, extras", [("demo", ()), ("test", ("test",))])
 def test_the_lock_pins_every_requirement_within_pyproject_ranges(lock, extras):
-    """requirements/*.lock is what `make demo`/`make test` install: each of pyproject's requirements (and theirs) is
+    """requirements/*.txt is what `make demo`/`make test` install: each of pyproject's requirements (and theirs) is
     pinned, with hashes, at a version its range admits; torch is the CPU build. (A range changed without
     `make lock` fails here.)"""
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = _pins(ROOT / "requirements" / f"{lock}.lock")
+    pins = _pins(ROOT / "requirements" / f"{lock}.txt")
     assert all(n >= 1 for _, n in pins.values())
     env = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11", "extra": ""}
     wanted = [*project["dependencies"], *(r for e in extras for r in project["optional-dependencies"][e])]
