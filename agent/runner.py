@@ -229,7 +229,7 @@ class Agent:
     ) -> IngestResult:
         """Feed new and changed files (and notes of removed ones) through the model, in batches of `batch_bytes`;
         batches are committed with their ledger entries and a snapshot once `commit_every_s` (and ten times the
-        last save) has passed since the last commit, and at the end, so an interrupted ingest keeps what it
+        last save) has passed since the last commit (after every batch where it is 0), and at the end, so an interrupted ingest keeps what it
         committed and loses at most that much work."""
         self.session.cancel.clear()
         changes, result = self.scan(max_bytes, rules, map_tokens)
@@ -253,8 +253,9 @@ class Agent:
                 # Commit when the batches since the last commit took long enough that a save costs little beside
                 # them (at most a tenth), and not more often than every COMMIT_EVERY_S: on a CPU every batch
                 # (minutes), on a GPU every few hundred thousand tokens, where a save writes the whole state.
+                # commit_every_s=0 asks for a commit after every batch, whatever a save costs.
                 since = time.perf_counter() - last_commit
-                if last or since >= max(commit_every_s, 10 * save_s):
+                if last or commit_every_s <= 0 or since >= max(commit_every_s, 10 * save_s):
                     t0 = time.perf_counter()
                     done.commit(self, result)
                     last_commit = time.perf_counter()
