@@ -195,6 +195,11 @@ def _agent_parsers(sub, model_args) -> None:
         sp.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
         sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
         sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--no-tools", dest="tools", action="store_false",
+                        help="offer no tool: the model answers from its memory (the ingested state) alone")
+        sp.add_argument("--no-retrieve", dest="retrieve", action="store_false",
+                        help="do not look the task's names and key words up (definition, references, grep) before "
+                        "the model's first reply (default: looked up, shown to the model as an automatic tool call)")
         guide_arg(sp)
         loop_arg(sp)
 
@@ -232,6 +237,8 @@ def _agent_parsers(sub, model_args) -> None:
     tui.add_argument("--session", help="session title or id (default: the project folder's name)")
     tui.add_argument("--db", type=Path, default=None, help="memory database (default $DELTAMEM_DB or the data dir)")
     tui.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
+    tui.add_argument("--no-tools", dest="tools", action="store_false",
+                     help="offer no tool: the model answers from its memory (the ingested state) alone")
     convert_arg(tui)
 
 
@@ -632,6 +639,8 @@ def _agent(args: argparse.Namespace):
             allow_shell=args.allow_shell,
             max_new_tokens=args.max_new_tokens,
             guided_calls=args.guided_calls,
+            tools=args.tools,
+            retrieve=args.retrieve,
         )
     agent = Agent(engine, store, name, args.repo, convert_state=args.convert_state, **kw)
     agent.load_s = args.load_s  # reported with --json
@@ -769,8 +778,10 @@ def _run_task(agent, task: str, as_json: bool, approver) -> int:
             sys.stdout.write(e["token"])
             sys.stdout.flush()
         elif "tool" in e:
-            status = "ok" if e["ok"] else "failed"
+            status = ("ok" if e["ok"] else "failed") + (", looked up before the reply" if e.get("auto") else "")
             print(f"\n[{e['tool']} {json.dumps(e['arguments'], ensure_ascii=False)[:120]}: {status}]", file=sys.stderr)
+        elif "retry" in e:
+            print("\n[the answer cites no file the tools showed: asked once more]", file=sys.stderr)
 
     from deltamem.model.errors import GenerationError
 
@@ -787,7 +798,11 @@ def _run_task(agent, task: str, as_json: bool, approver) -> int:
                 {
                     "outcome": result.outcome,
                     "answer": result.answer,
-                    "tool_calls": [{k: c[k] for k in ("tool", "arguments", "ok", "result")} for c in result.tool_calls],
+                    "tool_calls": [
+                        {k: c.get(k, False) for k in ("tool", "arguments", "ok", "result", "auto")}
+                        for c in result.tool_calls
+                    ],
+                    "grounded": result.grounded,
                     "tokens_fed": result.tokens_fed,
                     "session": result.session_id,
                     "snapshot": result.snapshot_id,
@@ -831,6 +846,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         convert_state=args.convert_state,
         quant=args.quant,
         compile_decode=args.compile,
+        tools=args.tools,
     )
     app.run()
     if app.loading_model:  # quit while the model was loading: nothing of it to keep, and no waiting for it

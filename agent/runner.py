@@ -23,10 +23,12 @@ from deltamem.agent import threads
 from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
 from deltamem.agent.guide import ToolCallGuide
 from deltamem.agent.hygiene import Rules, feed_order
+from deltamem.agent.parse import format_tool_call
 from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
+from deltamem.agent.retrieve import lookup_calls
 from deltamem.agent.session import AgentSession, Cancelled, log
 from deltamem.memory.store import Store
-from deltamem.tools import ToolContext, default_tools
+from deltamem.tools import ToolContext, default_tools, run_tool
 from deltamem.tools.documents import MAX_DOCUMENT_BYTES, DocumentError, convert, converter_for, is_document
 from deltamem.tools.files import project_files
 from deltamem.tools.repomap import repo_map
@@ -49,6 +51,7 @@ class RunResult:
     session_id: str = ""
     snapshot_id: int | None = None
     timing: dict = field(default_factory=dict)  # AgentSession.timing over this run (and the resume before it)
+    grounded: bool | None = None  # the answer names a file this run's tool results showed (None: they showed none)
 
 
 @dataclass
@@ -87,21 +90,25 @@ class Agent:
         max_new_tokens: int = 512,
         convert_state: bool = False,
         guided_calls: bool = True,
+        tools: bool = True,
+        retrieve: bool = True,
     ):
         """convert_state: resume a session saved in another dtype by converting its state (not exact; the session
         records it), instead of refusing. guided_calls: a tool call the model opens can only be a well-formed call of
-        an offered tool (agent/guide.py)."""
+        an offered tool (agent/guide.py). tools=False: no tool is offered, the model answers from its state alone.
+        retrieve: the task's names and key words are looked up before the first reply (agent/retrieve.py)."""
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ValueError(f"{root} is not a directory")
         self.store = store
         self.session = AgentSession.open(engine, store, session, self.root, convert_state=convert_state)
         self.session.max_new_tokens = max_new_tokens
-        self.tools = default_tools()
+        self.tools = default_tools() if tools else {}
+        self.retrieve = retrieve
         specs = tool_specs(self.tools)
         if self.session.template.uses_tools:  # the model's template lists them, in its trained words and syntax
             self.session.template.tools = specs
-        if guided_calls:
+        if guided_calls and specs:
             self.session.guide = ToolCallGuide(self.session.tok, specs, engine.config.vocab_size, self.session.stop_ids,
                                                self.session.template.syntax_with(specs))  # fmt: skip
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
@@ -191,8 +198,15 @@ class Agent:
                 calls.append(event)
             on_event(event)
 
-        inp = {"messages": self._with_system([{"role": "user", "content": task}]), "steps": 0, "mode": ""}
+        looked_up = self._look_up(task, track) if self.retrieve and self.tools else []
+        inp = {"messages": self._with_system([{"role": "user", "content": task}, *looked_up]), "steps": 0, "mode": ""}
         self._drive(inp, track, approver)
+        grounded = self._grounded(calls)
+        if grounded is False and outcome(self.graph.get_state(self.config).values) == "answer":
+            hint = _ground_hint(self._shown_paths(calls))  # one retry: the answer names no file the tools showed
+            on_event({"retry": hint})
+            self._drive({"messages": [{"role": "user", "content": hint}], "steps": 0, "mode": ""}, track, approver)
+            grounded = self._grounded(calls)
         state = self.graph.get_state(self.config).values
         fed = self.session.fed - fed0
         snap_id = self._save(before, {"tokens": fed})
@@ -205,7 +219,44 @@ class Agent:
             self.session.sid,
             snap_id,
             self._take_timing(),
+            grounded,
         )
+
+    def _look_up(self, task: str, on_event: Callable[[Event], None]) -> list[dict]:
+        """The tool-call turn of the look-up before the first reply (agent/retrieve.py): an assistant message whose
+        calls are marked auto, and their results, as the graph's tools node writes them."""
+        todo = [(n, a) for n, a in lookup_calls(self.root, task) if n in self.tools]
+        if not todo:
+            return []
+        syntax = self.session.template.syntax_with(self.tools)
+        content = "\n".join(format_tool_call(n, a, syntax) for n, a in todo)
+        msgs, results = [], []
+        for i, (name, args) in enumerate(todo):
+            call = {"id": f"auto{i}", "name": name, "arguments": args, "auto": True}
+            ok, result = run_tool(self.ctx, self.tools, name, args)
+            on_event({"tool": name, "arguments": args, "ok": ok, "result": result, "auto": True})
+            msgs.append(call)
+            results.append({"role": "tool", "content": f"[{name}] {result}", "ok": ok, "call": call})
+        return [{"role": "assistant", "content": content, "tool_calls": msgs, "errors": []}, *results]
+
+    def _shown_paths(self, calls: list[dict]) -> list[str]:
+        """The project's files that this run's tool results named, in the order first shown."""
+        text = "\n".join(c["result"] for c in calls if c.get("ok"))
+        if not text:
+            return []
+        files = [rel.as_posix() for rel in project_files(self.root)]
+        found = {p: text.find(p) for p in files if p in text}
+        found = {p: i for p, i in found.items() if not any(p != q and p in q for q in found)}  # a.py inside b/a.py
+        return sorted(found, key=found.get)
+
+    def _grounded(self, calls: list[dict]) -> bool | None:
+        """Whether the last answer names a file this run's tool results showed; None where they showed none."""
+        shown = self._shown_paths(calls)
+        if not shown:
+            return None
+        last = self.messages()[-1]
+        answer = last["content"] if last["role"] == "assistant" else ""
+        return any(p in answer for p in shown)
 
     def _take_timing(self) -> dict:
         timing, self.session.timing = self.session.timing, {}
@@ -229,8 +280,8 @@ class Agent:
     ) -> IngestResult:
         """Feed new and changed files (and notes of removed ones) through the model, in batches of `batch_bytes`;
         batches are committed with their ledger entries and a snapshot once `commit_every_s` (and ten times the
-        last save) has passed since the last commit (after every batch where it is 0), and at the end, so an interrupted ingest keeps what it
-        committed and loses at most that much work."""
+        last save) has passed since the last commit (after every batch where it is 0), and at the end, so an
+        interrupted ingest keeps what it committed and loses at most that much work."""
         self.session.cancel.clear()
         changes, result = self.scan(max_bytes, rules, map_tokens)
         on_event({"scan": {"changed": len(changes), "unchanged": result.unchanged, "skipped": len(result.skipped)}})
@@ -378,6 +429,12 @@ def scan_project(
         if ledger.get(MAP_PATH, {}).get("sha256") != digest:
             changes.append(_Change(MAP_PATH, text, digest, None, len(data)))
     return [_Change(p, None) for p in sorted(set(ledger) - present)] + changes, result
+
+
+def _ground_hint(shown: list[str]) -> str:
+    listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+    return (f"Your answer names none of the files the tool results showed ({listed}). Answer again from those "
+            "results, citing the file path (and the line, page or section) where the answer is.")
 
 
 @dataclass

@@ -50,6 +50,18 @@ REPOS = [
     ("pdfplumber", "pdfplumber"),
 ]
 CASE_FOLDERS = 2
+# JavaScript packages npm bundles (training traces are drawn from Python packages only: all held out)
+JS_REPOS = ["semver", "minimatch", "hosted-git-info"]
+
+
+def npm_package_dir(name: str) -> Path:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise SystemExit("npm is not installed here: the JavaScript sets are read from the packages it bundles")
+    path = Path(npm).resolve().parent.parent / "node_modules" / name
+    if not path.is_dir():
+        raise SystemExit(f"npm bundles no package {name!r} here ({path})")
+    return path
 
 
 def package_dir(module: str) -> Path:
@@ -61,11 +73,11 @@ def package_dir(module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def git_repo(src: Path, dest: Path) -> Path:
-    """src's Python and text files as a git repository dest/<src.name>/..."""
+def git_repo(src: Path, dest: Path, suffixes: tuple[str, ...] = (".py", ".md", ".rst", ".txt", ".typed")) -> Path:
+    """src's source and text files as a git repository dest/<src.name>/..."""
     if dest.exists():
         shutil.rmtree(dest)
-    agent_tasks.copy_package(src, dest, (".py", ".md", ".rst", ".txt", ".typed"))
+    agent_tasks.copy_package(src, dest, suffixes)
     git = ["git", "-C", str(dest), "-c", "user.name=eval", "-c", "user.email=eval@example.org"]
     subprocess.run(["git", "init", "-q", str(dest)], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
@@ -83,24 +95,33 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int)
         if len(sets) >= 5 and code >= want_code:
             break
         root = git_repo(package_dir(module), work / "repos" / module)
-        tasks = agent_tasks.python_tasks(root, rng, per_kind=per_repo // 4 + 2)
-        by_kind: dict[str, list] = {}
-        for t in tasks:
-            by_kind.setdefault(t.kind, []).append(t)
-        picked = []
-        while len(picked) < per_repo and any(by_kind.values()):  # round robin over the kinds
-            for k in list(by_kind):
-                if by_kind[k] and len(picked) < per_repo:
-                    picked.append(by_kind[k].pop(0))
-        sets.append({"name": module, "root": root, "tasks": picked})
+        picked = _round_robin(agent_tasks.python_tasks(root, rng, per_kind=per_repo // 4 + 2), per_repo)
+        sets.append({"name": module, "root": root, "tasks": picked, "language": "python"})
         code += len(picked)
     for i in range(CASE_FOLDERS):
         root = work / "cases" / f"case_files_{i + 1}"
         if root.exists():
             shutil.rmtree(root)
         tasks = agent_tasks.case_folder(root, rng, "eval", n_docs=6, facts_per_doc=3)
-        sets.append({"name": root.name, "root": root, "tasks": tasks[:per_folder]})
+        sets.append({"name": root.name, "root": root, "tasks": tasks[:per_folder], "language": "case files"})
+    for name in JS_REPOS:  # after the folders: the sets drawn before them stay what they were
+        root = git_repo(npm_package_dir(name), work / "repos" / f"js-{name}", (".js", ".mjs", ".cjs", ".md", ".json"))
+        picked = _round_robin(agent_tasks.js_tasks(root, rng, per_kind=per_repo // 3 + 2), per_repo)
+        sets.append({"name": f"js-{name}", "root": root, "tasks": picked, "language": "javascript"})
     return sets
+
+
+def _round_robin(tasks: list, n: int) -> list:
+    """Up to n tasks, taking one of each kind in turn."""
+    by_kind: dict[str, list] = {}
+    for t in tasks:
+        by_kind.setdefault(t.kind, []).append(t)
+    picked = []
+    while len(picked) < n and any(by_kind.values()):
+        for k in list(by_kind):
+            if by_kind[k] and len(picked) < n:
+                picked.append(by_kind[k].pop(0))
+    return picked
 
 
 def cli(*args: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:
@@ -153,10 +174,12 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args) -> dic
                 env=env,
             )
             out = json.loads(r.stdout) if r.stdout.strip() else {}
-            calls = out.get("tool_calls", [])
+            looked_up = [c for c in out.get("tool_calls", []) if c.get("auto")]
+            calls = [c for c in out.get("tool_calls", []) if not c.get("auto")]  # the model's own
             answer = out.get("answer", "")
-            return {
+            rec = {
                 "set": s["name"],
+                "language": s.get("language", "python"),
                 "kind": task.kind,
                 "question": task.question,
                 "expect": task.expect,
@@ -167,14 +190,24 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args) -> dic
                 "calls": len(calls),
                 "valid_calls": sum(1 for c in calls if c["ok"] and c["tool"] != INVALID_CALL),
                 "tools": [c["tool"] for c in calls],
+                "looked_up": [c["tool"] for c in looked_up],
+                "grounded": out.get("grounded"),
                 # what each call asked and the start of what it got back: why an answer went wrong
                 "call_log": [{"tool": c["tool"], "arguments": c.get("arguments"), "ok": c["ok"],
-                              "result": str(c.get("result", ""))[:300]} for c in calls],  # fmt: skip
+                              "auto": c.get("auto"), "result": str(c.get("result", ""))[:300]}
+                             for c in out.get("tool_calls", [])],  # fmt: skip
                 "model_calls": model_calls(out.get("outcome"), len(calls), args.max_steps),
                 "degenerate": LOOP_MARKER.strip() in answer,
                 "wall_s": round(wall, 2),
                 "error": r.stderr[-500:] if r.returncode not in (0, 3) else "",
             }
+            if args.memory_only:  # the same question with no tool: on the ingested state, and on an empty session
+                for key, session in (("memory_only", fork), ("empty", f"empty-{s['name']}-q{i}")):
+                    m, _ = cli("run", "--repo", str(s["root"]), "--session", session, "--json", "--no-tools",
+                               *args.run_arg, *common, task.question, env=env)  # fmt: skip
+                    got = json.loads(m.stdout).get("answer", "") if m.stdout.strip() else ""
+                    rec[f"{key}_exact"] = m.returncode == 0 and agent_tasks.exact(task, got)
+            return rec
 
         with ThreadPoolExecutor(args.jobs) as pool:
             for rec in pool.map(ask, enumerate(s["tasks"])):
@@ -201,6 +234,7 @@ def summary(records: list[dict]) -> dict:
     n = len(records)
     calls = sum(r["calls"] for r in records)
     kinds = Counter(r["kind"] for r in records)
+    langs = Counter(r.get("language", "python") for r in records)
     return {
         "questions": n,
         "exact": round(sum(r["exact"] for r in records) / n, 3),
@@ -208,6 +242,11 @@ def summary(records: list[dict]) -> dict:
             k: round(sum(r["exact"] for r in records if r["kind"] == k) / c, 3) for k, c in kinds.items()
         },
         "questions_by_kind": dict(kinds),
+        "exact_by_language": {
+            lang: round(sum(r["exact"] for r in records if r.get("language", "python") == lang) / c, 3)
+            for lang, c in langs.items()
+        },
+        "questions_by_language": dict(langs),
         "used_a_tool": round(sum(r["calls"] > 0 for r in records) / n, 3),
         "tool_calls": calls,
         "valid_tool_calls": round(sum(r["valid_calls"] for r in records) / calls, 3) if calls else None,
@@ -216,6 +255,9 @@ def summary(records: list[dict]) -> dict:
         "step_limit": sum(r["outcome"] == "step_limit" for r in records),
         "errors": sum(r["exit"] not in (0, 3) for r in records),
         "wall_s_mean": round(sum(r["wall_s"] for r in records) / n, 2),
+        "grounded": round(sum(r.get("grounded") is True for r in records) / n, 3),
+        **{f"{k}_exact": round(sum(r[f"{k}_exact"] for r in records) / n, 3)
+           for k in ("memory_only", "empty") if all(f"{k}_exact" in r for r in records)},
     }
 
 
@@ -224,16 +266,19 @@ def markdown(results: list[dict], meta: dict) -> str:
     rows = [
         ("questions", "questions"),
         ("exact answers (target >= 60%)", "exact"),
-        ("answers that used a tool", "used_a_tool"),
-        ("tool calls", "tool_calls"),
+        ("answers that used a tool (the model's own calls)", "used_a_tool"),
+        ("tool calls (the model's own; looked-up calls apart)", "tool_calls"),
         ("valid tool calls (target >= 95%)", "valid_tool_calls"),
         ("model calls per question", "model_calls_mean"),
         ("degenerate replies (target 0)", "degenerate"),
         ("runs at the step limit", "step_limit"),
         ("runs that failed", "errors"),
         ("wall time per question, s", "wall_s_mean"),
+        ("answers citing a file the tools showed", "grounded"),
+        ("exact with no tool, after ingest (memory only)", "memory_only_exact"),
+        ("exact with no tool, on an empty session", "empty_exact"),
     ]
-    pct = {"exact", "used_a_tool", "valid_tool_calls"}
+    pct = {"exact", "used_a_tool", "valid_tool_calls", "grounded", "memory_only_exact", "empty_exact"}
     lines = [
         "# The default model as an agent (benchmarks/agent_eval.py)",
         "",
@@ -245,7 +290,9 @@ def markdown(results: list[dict], meta: dict) -> str:
         "|---|" + "---:|" * len(labels),
     ]
     for name, key in rows:
-        vals = [r["summary"][key] for r in results]
+        vals = [r["summary"].get(key) for r in results]
+        if all(v is None for v in vals):
+            continue
         lines.append(
             f"| {name} | "
             + " | ".join("-" if v is None else f"{100 * v:.1f}%" if key in pct else f"{v:,}" for v in vals)
@@ -256,6 +303,12 @@ def markdown(results: list[dict], meta: dict) -> str:
         n = results[0]["summary"]["questions_by_kind"].get(k, 0)
         lines.append(
             f"| exact, {k} ({n}) | " + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in vals) + " |"
+        )
+    for lang in dict.fromkeys(k for r in results for k in r["summary"].get("exact_by_language", {})):
+        vals = [r["summary"].get("exact_by_language", {}).get(lang) for r in results]
+        n = max(r["summary"].get("questions_by_language", {}).get(lang, 0) for r in results)
+        lines.append(
+            f"| exact, {lang} ({n}) | " + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in vals) + " |"
         )
     lines += [
         "",
@@ -316,6 +369,9 @@ def main() -> None:
         metavar="OLD=NEW",
         help="with --merge: show the run labelled OLD as NEW (two runs of one delta side by side)",
     )
+    ap.add_argument("--memory-only", action="store_true",
+                    help="also ask each question with --no-tools, after ingest and on an empty session: what the "
+                    "ingested state alone contributes")
     ap.add_argument("--work", type=Path, default=Path("agent-eval-work"))
     ap.add_argument("--out", type=Path, default=RESULTS / "agent_eval")
     args = ap.parse_args()

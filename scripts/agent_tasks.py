@@ -189,6 +189,84 @@ def _code_task(k: str, name: str, kind: str, path: str, line: int, node, src: st
     return None
 
 
+# JavaScript, read by regular expressions over top-level lines (independent of the tools' tree-sitter index)
+_JS_DEF = re.compile(
+    r"^(?:export\s+(?:default\s+)?)?(?:(?:async\s+)?function\*?\s+(?P<f>[A-Za-z_$][\w$]*)\s*\("
+    r"|class\s+(?P<c>[A-Za-z_$][\w$]*)"
+    r"|(?:const|let|var)\s+(?P<v>[A-Za-z_$][\w$]*)\s*=\s*(?P<rhs>.*?);?\s*$)"
+)
+_JS_LITERAL = re.compile(r"-?\d[\d_.]*|'[^'\\]{0,38}'|\"[^\"\\]{0,38}\"")
+_JS_FUNCTION = re.compile(r"(?:async\s+)?(?:function\b|\([^)]*\)\s*=>|[A-Za-z_$][\w$]*\s*=>)")
+JS_SUFFIXES = (".js", ".mjs", ".cjs")
+
+
+def _js_index(root: Path) -> tuple[dict[str, list], list[tuple[str, str]]]:
+    """As _python_index, for the JavaScript files under root: top-level functions (declared, or a const bound to a
+    function), classes, and upper-case constants bound to a number or string literal."""
+    defs: dict[str, list] = {}
+    files = []
+    for rel in project_files(root):
+        if rel.suffix not in JS_SUFFIXES or rel.name.endswith(".min.js"):
+            continue
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        path = rel.as_posix()
+        files.append((path, text))
+        for n, line in enumerate(text.splitlines(), 1):
+            m = _JS_DEF.match(line)
+            if m is None:
+                continue
+            if m["f"] or m["c"]:
+                defs.setdefault(m["f"] or m["c"], []).append(("function" if m["f"] else "class", path, n, None, line))
+            elif _JS_FUNCTION.match(m["rhs"]):
+                defs.setdefault(m["v"], []).append(("function", path, n, None, line))
+            elif re.fullmatch(r"[A-Z][A-Z0-9_]{3,}", m["v"]) and _JS_LITERAL.fullmatch(m["rhs"]):
+                defs.setdefault(m["v"], []).append(("value", path, n, m["rhs"], line))
+            else:
+                defs.setdefault(m["v"], []).append(("variable", path, n, None, line))
+    return defs, files
+
+
+def js_tasks(root: Path, rng: random.Random, per_kind: int) -> list[Task]:
+    """Up to per_kind tasks of the kinds where, uses and value from the JavaScript files under root, each checked
+    against the real tool's output."""
+    defs, files = _js_index(root)
+    names = sorted(n for n, d in defs.items() if len(d) == 1 and len(n) >= 4 and not n.startswith("_"))
+    rng.shuffle(names)
+    out: dict[str, list[Task]] = {k: [] for k in ("where", "uses", "value")}
+    for name in names:
+        kind, path, line, value, _ = defs[name][0]
+        for k in rng.sample(list(out), len(out)):
+            if len(out[k]) >= per_kind:
+                continue
+            task = None
+            word = f"(?<![\\w$]){re.escape(name)}(?![\\w$])"
+            if k == "where" and kind in ("class", "function"):
+                if _grep_count(files, f"(function|class|const|let|var) {word}")[0] == 1:
+                    what = "the class" if kind == "class" else "the function"
+                    q = rng.choice(WHERE_Q).format(what=what, name=name)
+                    task = Task("where", q, [("grep", {"pattern": f"(function|class|const) {name}\\b"})], [[path]],
+                                {"name": name, "path": path, "line": line})  # fmt: skip
+            elif k == "value" and kind == "value":
+                q = rng.choice(VALUE_Q).format(name=name)
+                task = Task("value", q, [("grep", {"pattern": f"{name} ="})], [[value], [path]],
+                            {"name": name, "path": path, "line": line, "value": value})  # fmt: skip
+            elif k == "uses" and kind in ("class", "function"):
+                total, per = _grep_count(files, word)
+                if 2 <= len(per) <= 4 and total <= 16:
+                    paths = sorted(per)
+                    q = rng.choice(USES_Q).format(name=name)
+                    task = Task("uses", q, [("grep", {"pattern": f"\\b{name}\\b"})], [[p] for p in paths],
+                                {"name": name, "paths": paths})  # fmt: skip
+            if task is not None:
+                out[k].append(task)
+                break
+    tasks = [t for k in out for t in out[k]]
+    return [t for t in tasks if _consistent(root, t)]
+
+
 def _consistent(root: Path, task: Task) -> bool:
     """The real tool, run on the real tree, shows everything the answer states (its results kept on the task)."""
     task.results = run_calls(root, task)

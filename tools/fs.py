@@ -191,7 +191,8 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
     return f"no matches for {pattern!r}" + (_skipped(skipped) if skipped else "")
 
 
-_WORD = re.compile(r"[^\W_]{2,}")  # letters and digits; `_` splits snake_case (penalty_rate: penalty, rate)
+# letters and digits, hyphenated words whole (Meadow-4); `_` splits snake_case (penalty_rate: penalty, rate)
+_WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
 # words a search pattern spells that name no one thing: English glue and definitions' keywords of the map's languages
 _STOP = {"the", "and", "for", "of", "in", "on", "at", "to", "is", "are", "by", "with", "from", "def", "class",
          "function", "const", "let", "var", "func", "pub", "type", "interface", "struct", "enum", "impl", "trait",
@@ -202,7 +203,7 @@ RANKED_LINES = 20
 def _words(pattern: str) -> list[str]:
     """The words a regular expression spells out (escapes such as \\b dropped; camelCase kept whole), lower case."""
     words = _WORD.findall(re.sub(r"\\.", " ", pattern))
-    return list(dict.fromkeys(w.lower() for w in words if w.lower() not in _STOP))
+    return list(dict.fromkeys(w.lower() for w in words if len(w) >= 2 and w.lower() not in _STOP))
 
 
 def _ranked(root: Path, files: list[Path], words: list[str], in_dir: bool, path: str) -> list[str]:

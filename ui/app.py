@@ -58,8 +58,10 @@ class DeltamemApp(App):
         convert_state: bool = False,
         quant: str = "none",
         compile_decode: bool = False,
+        tools: bool = True,
     ):
         super().__init__()
+        self.tools = tools  # False: no tool offered, the model answers from its memory alone
         self.db, self.repo, self.model_spec, self.window = db, Path(repo).resolve(), model, window
         self.session_name = session or self.repo.name
         self.max_new_tokens, self.sink, self.device, self.dtype = max_new_tokens, sink, device, dtype
@@ -161,6 +163,7 @@ class DeltamemApp(App):
                     approve="ask",
                     max_new_tokens=self.max_new_tokens,
                     convert_state=self.convert_state,
+                    tools=self.tools,
                 )
         except Exception as e:  # an ambiguous title, another project's session, a model that does not load: shown
             self.call_from_thread(self._open_failed, f"cannot open session {name!r}: {e}")

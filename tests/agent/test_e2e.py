@@ -83,7 +83,8 @@ def test_ingest_run_kill_resume(repo, tmp_path):
 
     with Store(db) as store:
         saved = store.load_snapshot("shop")
-        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=6, max_steps=1)  # one reply
+        # one reply, without the look-up turn: fed = the question + the reply
+        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=6, max_steps=1, retrieve=False)
         assert agent.session.engine.snapshot() == saved  # resumed by name: the state is the saved one, bit for bit
         seen = agent.session.engine.tokens_seen
         prev_text = agent.session.text
@@ -115,7 +116,7 @@ def test_bad_arguments_exit_codes(repo, tmp_path):
 def test_rewind_and_fork_carry_the_conversation_with_the_state(repo, tmp_path):
     db = tmp_path / "memory.db"
     with Store(db) as store:
-        agent = Agent(load_model("random", window=4096), store, "shop", repo, max_new_tokens=4)
+        agent = Agent(load_model("random", window=4096), store, "shop", repo, max_new_tokens=4, retrieve=False)
         agent.ingest()
         agent.run("first question")
         after_first = agent.messages()
@@ -132,14 +133,15 @@ def test_rewind_and_fork_carry_the_conversation_with_the_state(repo, tmp_path):
     assert r.returncode == 0, r.stderr
 
     with Store(db) as store:
-        rewound = Agent(load_model("random", window=4096), store, "shop", repo, max_new_tokens=4)
+        rewound = Agent(load_model("random", window=4096), store, "shop", repo, max_new_tokens=4, retrieve=False)
         assert rewound.messages() == after_first and rewound.session.engine.snapshot() == first_blob
         text = rewound.session.text
         result = rewound.run("second question, again")
         assert rewound.session.restored_from == snaps[1]["id"]  # no roll-back was needed: only new tokens fed
         assert result.tokens_fed < 60 and rewound.session.text.startswith(text)
 
-        forked = Agent(load_model("random", window=4096), store, "from-ingest", repo, max_new_tokens=4)
+        forked = Agent(load_model("random", window=4096), store, "from-ingest", repo, max_new_tokens=4,
+                       retrieve=False)
         assert forked.messages() == ingest_msgs and forked.session.engine.snapshot() == ingest_blob
 
 

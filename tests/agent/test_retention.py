@@ -38,7 +38,7 @@ def repo(tmp_path):
 def test_file_stops_growing_over_200_turns(repo, tmp_path):
     sizes = {}
     with Store(tmp_path / "memory.db") as store:
-        agent = Agent(load_model("random", window=64), store, "notes", repo, max_new_tokens=4)
+        agent = Agent(load_model("random", window=64), store, "notes", repo, max_new_tokens=4, retrieve=False)
         for turn in range(1, 201):
             agent.run(f"question {turn}: when is the meeting?")
             assert count(store, "checkpoints") <= KEEP_LAST + 1
@@ -58,7 +58,7 @@ def test_gc_reclaims_an_unpruned_database(repo, tmp_path, monkeypatch):
     db = tmp_path / "memory.db"
     with Store(db) as store:  # as a deltamem without pruning wrote it
         monkeypatch.setattr(Store, "_prune_thread", lambda self, sid: 0)
-        agent = Agent(load_model("random", window=64), store, "notes", repo, max_new_tokens=4)
+        agent = Agent(load_model("random", window=64), store, "notes", repo, max_new_tokens=4, retrieve=False)
         for turn in range(40):
             agent.run(f"question {turn}")
         monkeypatch.undo()
@@ -79,5 +79,5 @@ def test_gc_reclaims_an_unpruned_database(repo, tmp_path, monkeypatch):
     r = deltamem("sessions", "rewind", "notes", "--to", str(kept[1]), "--yes", "--db", str(db))
     assert r.returncode == 0, r.stderr
     with Store(db) as store:
-        agent = Agent(load_model("random", window=64), store, "notes", repo, max_new_tokens=4)
+        agent = Agent(load_model("random", window=64), store, "notes", repo, max_new_tokens=4, retrieve=False)
         assert len(agent.messages()) == kept[1] and agent.session.restored_from == store.snapshots("notes")[-1]["id"]

@@ -21,7 +21,7 @@ NOTE_CALL = '<tool_call>{"name": "note", "arguments": {"text": "the deploy key r
 def agent(tmp_path):
     repo = git_repo(tmp_path / "ops", {"README.md": "# Ops\n"})
     with Store(tmp_path / "memory.db") as store:
-        yield Agent(load_model("random", window=64), store, "ops", repo, max_new_tokens=2)
+        yield Agent(load_model("random", window=64), store, "ops", repo, max_new_tokens=2, retrieve=False)
 
 
 def scripted(agent, *replies):

@@ -512,7 +512,8 @@ def test_run_tool_turns_exceptions_into_errors(tmp_path):
 
 
 def test_default_tools_schemas_and_risk():
-    names = {"list_dir", "read_file", "grep", "map", "glob", "write_file", "edit", "shell", "recall", "note"}
+    names = {"list_dir", "read_file", "grep", "map", "glob", "definition", "references", "write_file", "edit", "shell",
+             "recall", "note"}
     assert set(TOOLS) == names
     assert {n for n, t in TOOLS.items() if t.risky} == {"write_file", "edit", "shell"}
     for name, tool in TOOLS.items():

@@ -74,7 +74,7 @@ async def test_compiled_decode_is_ready_when_the_model_is(repo, tmp_path):
 
 async def test_resume_shows_the_conversation_and_the_state(repo, tmp_path):
     with Store(tmp_path / "m.db") as store:
-        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=5)
+        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=5, retrieve=False)
         agent.run("what costs 3?")
         seen = agent.session.engine.tokens_seen
     app = DeltamemApp(tmp_path / "m.db", repo, session="shop")
@@ -104,7 +104,7 @@ async def test_escape_stops_generation_and_the_state_stays_consistent(repo, tmp_
 
 async def test_rewind_and_fork_from_the_memory_panel(repo, tmp_path):
     with Store(tmp_path / "m.db") as store:
-        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=3)
+        agent = Agent(load_model("default"), store, "shop", repo, max_new_tokens=3, retrieve=False)
         agent.run("first")
         agent.run("second")
         first_turn = store.snapshots("shop")[0]["turn_seq"]
@@ -194,7 +194,7 @@ async def test_a_risky_tool_call_asks_and_follows_the_answer(repo, tmp_path, ans
     from deltamem.agent.parse import format_tool_call
 
     def factory(store, name):
-        agent = Agent(load_model("default"), store, name, repo, approve="ask")
+        agent = Agent(load_model("default"), store, name, repo, approve="ask", retrieve=False)
         brain = ScriptedBrain(format_tool_call("write_file", {"path": "notes.txt", "content": "hi"}), "ok")
         agent.graph = build_graph(brain, agent.tools, agent.ctx, "ask", 4, agent.saver)
         return agent
@@ -278,7 +278,7 @@ async def test_failed_ingest_goes_back_to_the_last_save(repo, tmp_path):
     chat does: state, conversation and ledger at the last committed turn."""
 
     def agent_factory(store, name):
-        agent = Agent(load_model("random", window=64), store, name, repo, max_new_tokens=2)
+        agent = Agent(load_model("random", window=64), store, name, repo, max_new_tokens=2, retrieve=False)
         engine, real = agent.session.engine, agent.session.engine.feed
 
         def feed(ids, **kw):

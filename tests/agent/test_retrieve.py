@@ -1,0 +1,106 @@
+"""The look-up before the first reply (agent/retrieve.py) and grounded answers (agent/runner.py): which names a task
+is looked up by, on a real repository; the looked-up turn as the model sees it (results equal to running the tools
+directly); the one retry of an answer that cites no file the tools showed; and --no-tools."""
+
+import json
+
+import pytest
+
+from deltamem.agent.parse import format_tool_call
+from deltamem.agent.retrieve import lookup_calls
+from deltamem.agent.runner import Agent
+from deltamem.memory.store import Store
+from deltamem.model import load_model
+from deltamem.tools import ToolContext, default_tools, run_tool
+from tests.repos import git_repo
+from tests.test_app import deltamem
+
+FILES = {
+    "shop/cart.py": "MAX_ITEMS = 40\n\nclass Cart:\n    def total(self):\n        return 0\n\n\n"
+    "def checkout(cart):\n    return cart.total()\n",
+    "shop/api.js": "import { checkout } from './cart'\nexport function refund(order) { return checkout(order) }\n",
+    "notes/terms.md": "# Terms\nThe late fee for Bramble Ltd is 4 percent.\n",
+}
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    return git_repo(tmp_path / "shop", FILES)
+
+
+def test_names_the_code_defines_are_looked_up_code_shaped_first(repo):
+    assert lookup_calls(repo, "Where is the class `Cart` defined?") == [("definition", {"name": "Cart"})]
+    assert lookup_calls(repo, "Which files use `Cart`?") == [("references", {"name": "Cart"})]
+    # a bare word is a name where the code defines it; MAX_ITEMS (code-shaped) before checkout
+    assert lookup_calls(repo, "Does checkout read MAX_ITEMS?") == [
+        ("definition", {"name": "MAX_ITEMS"}), ("definition", {"name": "checkout"})]
+    assert lookup_calls(repo, "Who calls checkout?") == [("references", {"name": "checkout"})]
+    assert lookup_calls(repo, "What does `Cart.total` return?")[0] == ("definition", {"name": "total"})
+    # nothing defined: the key words, for grep's ranked search
+    assert lookup_calls(repo, "Which document gives the late fee for Bramble Ltd?") == [
+        ("grep", {"pattern": "late fee Bramble Ltd"})]
+    assert lookup_calls(repo, "what is it?") == lookup_calls(repo, "Thanks!") == []
+
+
+def test_grep_of_the_key_words_finds_the_passage_a_paraphrase_names(repo):
+    (name, args), = lookup_calls(repo, "Where do the case files state the late fee for Bramble Ltd?")
+    ok, out = run_tool(ToolContext(root=repo), default_tools(), name, args)
+    assert ok and "notes/terms.md:2: The late fee for Bramble Ltd is 4 percent." in out
+
+
+def scripted(agent, *replies):
+    """The model's replies, in order; records the conversation each reply was asked for."""
+    seen, it = [], iter(replies)
+
+    def respond(messages, on_piece):
+        seen.append(list(messages))
+        return next(it)
+
+    agent.session.respond = respond
+    return seen
+
+
+def test_the_looked_up_turn_precedes_the_first_reply_and_an_ungrounded_answer_is_asked_once_more(repo, tmp_path):
+    with Store(tmp_path / "memory.db") as store:
+        agent = Agent(load_model("random", window=64), store, "shop", repo, max_new_tokens=2)
+        seen = scripted(agent, "It is somewhere in the shop.", "`shop/cart.py`, line 3.")
+        result = agent.run("Where is the class `Cart` defined?")
+        first = seen[0]
+        assert [m["role"] for m in first] == ["system", "user", "assistant", "tool"]
+        want = run_tool(ToolContext(root=repo), default_tools(), "definition", {"name": "Cart"})[1]
+        assert first[3]["content"] == f"[definition] {want}" and want == "shop/cart.py:3: class Cart"
+        syntax = agent.session.template.syntax_with(agent.tools)
+        assert first[2]["content"] == format_tool_call("definition", {"name": "Cart"}, syntax)
+        # the answer named no file the results showed: one retry, with the hint as a user turn
+        hint = seen[1][-1]
+        assert hint["role"] == "user" and "shop/cart.py" in hint["content"]
+        assert len(seen) == 2 and result.answer == "`shop/cart.py`, line 3." and result.grounded is True
+        assert [c["auto"] for c in result.tool_calls] == [True]
+        roles = [t["role"] for t in store.turns(agent.session_id)]
+        assert roles == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+
+
+def test_a_grounded_answer_is_not_retried_and_no_tools_offers_none(repo, tmp_path):
+    with Store(tmp_path / "memory.db") as store:
+        agent = Agent(load_model("random", window=64), store, "shop", repo, max_new_tokens=2)
+        seen = scripted(agent, "In shop/cart.py.")
+        assert agent.run("Where is `checkout` defined?").grounded is True and len(seen) == 1
+        bare = Agent(load_model("random", window=64), store, "bare", repo, tools=False)
+        seen = scripted(bare, "From memory: the cart module.")
+        result = bare.run("Where is `checkout` defined?")
+        assert result.tool_calls == [] and result.grounded is None and len(seen) == 1
+        assert "Tools:\n(none)" in seen[0][0]["content"] and bare.session.guide is None
+
+
+def test_run_json_reports_auto_calls_and_grounding(repo, tmp_path):
+    db = tmp_path / "m.db"
+    args = ["run", "--model", "random", "--repo", str(repo), "--db", str(db), "--json", "--max-new-tokens", "2",
+            "--no-compile"]
+    r = deltamem(*args, "What does `checkout` return?")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [(c["tool"], c["auto"]) for c in out["tool_calls"][:1]] == [("definition", True)]
+    assert out["grounded"] in (True, False)  # the random model's words: whether they name a file is chance
+    r = deltamem(*args, "--no-retrieve", "--no-tools", "--session", "other", "What does `checkout` return?")
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["tool_calls"] == [] and out["grounded"] is None

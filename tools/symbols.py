@@ -1,0 +1,192 @@
+"""Symbols: where a name is defined and where it is used, across every language the repository map parses
+(tools/repomap.py's tree-sitter grammars). The `definition` and `references` tools, and the agent's look-up before
+its first reply (agent/retrieve.py), read these.
+
+A definition is a class, function, method, type, constant or variable declared by name: outside function bodies
+for variables (a local `x = 1` is no definition of `x`). A reference is a whole-word, case-sensitive occurrence of
+the name in any text file or document the project keeps, definitions included.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from deltamem.tools.files import project_files
+from deltamem.tools.repomap import GRAMMARS, _parser
+from deltamem.tools.sandbox import MAX_READ, read_text, split_lines
+
+MAX_SHOWN = 40  # definition and reference lines shown
+MAX_LINE = 300
+
+# Nodes that define the name in their `name` field (or, C-like, at the end of their `declarator` chain)
+NAMED = {
+    "function_definition", "class_definition",  # python, c/c++
+    "function_declaration", "generator_function_declaration", "class_declaration", "abstract_class_declaration",
+    "interface_declaration", "type_alias_declaration", "enum_declaration", "method_definition",  # js/ts
+    "method_declaration", "type_spec", "constructor_declaration", "record_declaration", "enum_constant",  # go, java
+    "function_item", "struct_item", "enum_item", "trait_item", "mod_item", "type_item", "const_item", "static_item",
+    "macro_definition", "function_signature_item", "union_item",  # rust
+    "class_specifier", "struct_specifier", "enum_specifier", "namespace_definition", "type_definition",  # c/c++
+    "preproc_def", "preproc_function_def", "enumerator",
+}
+# Nodes that define variables: only outside function bodies
+VARIABLES = {"assignment", "variable_declarator", "const_spec", "var_spec", "init_declarator", "declaration",
+             "field_declaration", "public_field_definition"}
+FUNCTIONS = {"function_definition", "function_declaration", "method_definition", "method_declaration", "function_item",
+             "arrow_function", "function_expression", "function", "constructor_declaration", "lambda",
+             "generator_function_declaration", "func_literal", "closure_expression"}
+IDENTIFIERS = {"identifier", "type_identifier", "field_identifier", "property_identifier", "constant", "name"}
+
+
+@dataclass(frozen=True)
+class Definition:
+    name: str
+    path: str
+    line: int  # from 1
+    text: str  # the definition up to its body (a signature; a variable with its value), on one line
+
+
+def _name_nodes(node) -> list:
+    """The identifier nodes a definition node names (several for `a, b = ...` or Go's `const a, b = ...`)."""
+    name = node.child_by_field_name("name")
+    if name is not None:
+        if node.type in ("const_spec", "var_spec"):
+            return [c for c in node.children_by_field_name("name")]
+        return [name]
+    target = node.child_by_field_name("left") or node.child_by_field_name("declarator")
+    while target is not None and target.type not in IDENTIFIERS:
+        if target.type in ("pattern_list", "tuple_pattern"):
+            return [c for c in target.named_children if c.type in IDENTIFIERS]
+        target = target.child_by_field_name("declarator") or target.child_by_field_name("name")
+    return [target] if target is not None else []
+
+
+def definitions(path: str, text: str) -> list[Definition]:
+    """Every definition in one file ([] for a file no grammar parses)."""
+    parser = _parser(PurePosixPath(path).suffix.lower())
+    if parser is None:
+        return []
+    src = text.encode("utf-8", "replace")
+    try:
+        root = parser.parse(src).root_node
+    except Exception:  # a grammar bug must not take a tool down
+        return []
+    out: list[Definition] = []
+    stack = [(root, False)]
+    while stack:
+        node, in_function = stack.pop()
+        kind = node.type
+        defines = kind in NAMED or (kind in VARIABLES and not in_function)
+        if kind.endswith("_specifier") and node.child_by_field_name("body") is None:
+            defines = False  # `struct s *p`: a use of the type, not its definition
+        if defines:
+            body = node.child_by_field_name("body")
+            text = src[node.start_byte : body.start_byte if body is not None else node.end_byte]
+            text = " ".join(text.decode("utf-8", "replace").split()).rstrip(" {:")
+            for ident in _name_nodes(node):
+                name = src[ident.start_byte : ident.end_byte].decode("utf-8", "replace")
+                out.append(Definition(name, path, node.start_point[0] + 1, text))
+        inner = in_function or kind in FUNCTIONS
+        stack.extend((c, inner) for c in reversed(node.named_children))
+    return sorted(set(out), key=lambda d: (d.line, d.name))
+
+
+def _files(root: Path, code_only: bool = False) -> list[tuple[str, str]]:
+    """(path, text) of the project's readable text files and documents, converted (tools/sandbox.read_text); or of
+    its source files in a language the map parses."""
+    out = []
+    for rel in project_files(root, max_bytes=MAX_READ):
+        if code_only and rel.suffix.lower() not in GRAMMARS:
+            continue
+        try:
+            text, _ = read_text(root / rel, rel.as_posix())
+        except (ToolError, OSError):
+            continue
+        out.append((rel.as_posix(), text))
+    return out
+
+
+def find_definitions(root: Path, names: str | set[str]) -> list[Definition]:
+    """The definitions of a name (or of any of a set of names) in the project, by path and line."""
+    names = {names} if isinstance(names, str) else names
+    return [d for path, text in _files(root, code_only=True) for d in definitions(path, text) if d.name in names]
+
+
+def find_references(root: Path, name: str) -> dict[str, list[tuple[int, str]]]:
+    """path -> [(line number, line)] of the whole-word occurrences of `name`, files in path order."""
+    rx = re.compile(rf"(?<![\w$]){re.escape(name)}(?![\w$])")
+    out: dict[str, list[tuple[int, str]]] = {}
+    for path, text in _files(root):
+        if name not in text:
+            continue
+        for n, line in enumerate(split_lines(text), 1):
+            if rx.search(line):
+                out.setdefault(path, []).append((n, line))
+    return out
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not re.fullmatch(r"[\w$.:]+", name or "-"):
+        raise ToolError(f"{name!r} is not a name (letters, digits, _, $; e.g. parse_args or Parser.parse)")
+    return name.rsplit(".", 1)[-1].rsplit("::", 1)[-1]  # Parser.parse, Type::new: the member's own name
+
+
+def _line(path: str, n: int, text: str) -> str:
+    text = text.strip()
+    return f"{path}:{n}: {text if len(text) <= MAX_LINE else text[:MAX_LINE] + ' [...]'}"
+
+
+def definition(ctx: ToolContext, name: str) -> str:
+    short = _check_name(name)
+    found = find_definitions(ctx.root.resolve(), short)
+    if not found:
+        used = find_references(ctx.root.resolve(), short)
+        if used:
+            return (f"no definition of {short!r} found (code in a language the map parses); it occurs in "
+                    f"{len(used)} files: {', '.join(used)} (see references)")
+        return f"no definition of {short!r} and no occurrence of it in the project"
+    paths = list(dict.fromkeys(d.path for d in found))
+    head = f"{short} is defined in {len(paths)} files: {', '.join(paths)}\n" if len(paths) > 1 else ""
+    lines = [_line(d.path, d.line, d.text) for d in found[:MAX_SHOWN]]
+    more = f"\n[... {len(found) - MAX_SHOWN} more definitions]" if len(found) > MAX_SHOWN else ""
+    return head + "\n".join(lines) + more
+
+
+def references(ctx: ToolContext, name: str) -> str:
+    short = _check_name(name)
+    found = find_references(ctx.root.resolve(), short)
+    if not found:
+        return f"{short!r} occurs nowhere in the project (whole words, case-sensitive)"
+    total = sum(len(v) for v in found.values())
+    counts = ", ".join(f"{p} ({len(v)})" for p, v in found.items())
+    lines = [_line(p, n, t) for p, hits in found.items() for n, t in hits][:MAX_SHOWN]
+    more = f"\n[... {total - MAX_SHOWN} more lines]" if total > MAX_SHOWN else ""
+    # after a long listing the distinct files once more, last: what a reader answering "which files" copies
+    again = f"\n({short} is in {len(found)} files: {', '.join(found)})" if len(lines) > 5 else ""
+    return f"{short} occurs {total} times in {len(found)} files: {counts}\n" + "\n".join(lines) + more + again
+
+
+_NAME = {"type": "string", "description": "a class, function, method, type, constant or variable name"}
+
+TOOLS = (
+    Tool(
+        "definition",
+        "Where a name is defined, in any language of the project: 'path:line: signature' (a variable or constant "
+        "with its value) for each class, function, method, type, constant or variable of that name.",
+        {"type": "object", "properties": {"name": _NAME}, "required": ["name"]},
+        False,
+        kwargs_runner(definition),
+    ),
+    Tool(
+        "references",
+        "Where a name is used: the distinct files with their counts first, then 'path:line: text' for each "
+        "whole-word, case-sensitive occurrence (definitions included), then the files again after a long list.",
+        {"type": "object", "properties": {"name": _NAME}, "required": ["name"]},
+        False,
+        kwargs_runner(references),
+    ),
+)
