@@ -477,7 +477,8 @@ def test_memory_tools_without_a_store(tmp_path, name):
         (
             "nope",
             {},
-            "unknown tool 'nope'; the tools are: edit, glob, grep, list_dir, map, note, read_file, recall, shell",
+            "unknown tool 'nope'; the tools are: definition, edit, glob, grep, list_dir, map, note, read_file, "
+            "recall, references, shell, write_file",
         ),
         (None, {}, "unknown tool None"),
         (["read_file"], {}, "unknown tool ['read_file']"),
