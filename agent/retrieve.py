@@ -7,10 +7,11 @@ its context) and answers by reading and citing; it may still call tools.
 
 A name is a word of the task (in backticks or not) that the project's code defines (tools/symbols.py), those shaped
 like code (backticks, snake_case, camelCase, dotted) first: each gets `references` where the task asks where it is
-used (called, imported...), else `definition`: one result, the one the question needs, nearest the reply. A task without
-such a name gets `grep` over its key words (two or more), whose ranked fallback (tools/fs.py) shows the lines holding most of them,
-with their page, section or message in documents. The runner (agent/runner.py) runs these calls through run_tool and
-places them in the conversation as a tool-call turn marked `auto`, before the model's first reply.
+used (called, imported...), else `definition`: one result, the one the question needs, nearest the reply. A task
+without such a name gets `grep` over its key words (two or more), whose ranked fallback (tools/fs.py) shows the lines
+holding most of them, with their page, section or message in documents. The runner (agent/runner.py) runs these calls
+through run_tool and places them in the conversation as a tool-call turn marked `auto`, before the model's first
+reply.
 """
 
 from __future__ import annotations
