@@ -150,7 +150,12 @@ def definition(ctx: ToolContext, name: str) -> str:
                     f"{len(used)} files: {', '.join(used)} (see references)")
         return f"no definition of {short!r} and no occurrence of it in the project"
     paths = list(dict.fromkeys(d.path for d in found))
-    head = f"{short} is defined in {len(paths)} files: {', '.join(paths)}\n" if len(paths) > 1 else ""
+    # a first line in the words an answer takes, then each definition as grep shows a line
+    if len(paths) > 1:
+        head = f"{short} is defined in {len(paths)} files: {', '.join(paths)}\n"
+    else:
+        at = f"line {found[0].line}" if len(found) == 1 else "lines " + ", ".join(str(d.line) for d in found)
+        head = f"{short} is defined in {paths[0]} ({at}):\n"
     lines = [_line(d.path, d.line, d.text) for d in found[:MAX_SHOWN]]
     more = f"\n[... {len(found) - MAX_SHOWN} more definitions]" if len(found) > MAX_SHOWN else ""
     return head + "\n".join(lines) + more
@@ -162,12 +167,14 @@ def references(ctx: ToolContext, name: str) -> str:
     if not found:
         return f"{short!r} occurs nowhere in the project (whole words, case-sensitive)"
     total = sum(len(v) for v in found.values())
-    counts = ", ".join(f"{p} ({len(v)})" for p, v in found.items())
+    files = f"{short} is used in {len(found)} files: {', '.join(found)}" if len(found) > 1 else \
+        f"{short} is used in 1 file: {next(iter(found))}"
+    counts = ", ".join(str(len(v)) for v in found.values())
     lines = [_line(p, n, t) for p, hits in found.items() for n, t in hits][:MAX_SHOWN]
     more = f"\n[... {total - MAX_SHOWN} more lines]" if total > MAX_SHOWN else ""
     # after a long listing the distinct files once more, last: what a reader answering "which files" copies
-    again = f"\n({short} is in {len(found)} files: {', '.join(found)})" if len(lines) > 5 else ""
-    return f"{short} occurs {total} times in {len(found)} files: {counts}\n" + "\n".join(lines) + more + again
+    again = f"\n({files})" if len(lines) > 5 else ""
+    return f"{files} ({total} lines: {counts})\n" + "\n".join(lines) + more + again
 
 
 _NAME = {"type": "string", "description": "a class, function, method, type, constant or variable name"}
@@ -175,15 +182,16 @@ _NAME = {"type": "string", "description": "a class, function, method, type, cons
 TOOLS = (
     Tool(
         "definition",
-        "Where a name is defined, in any language of the project: 'path:line: signature' (a variable or constant "
-        "with its value) for each class, function, method, type, constant or variable of that name.",
+        "Where a name is defined, in any language of the project: the files, then 'path:line: signature' (a "
+        "variable or constant with its value) for each class, function, method, type, constant or variable of "
+        "that name.",
         {"type": "object", "properties": {"name": _NAME}, "required": ["name"]},
         False,
         kwargs_runner(definition),
     ),
     Tool(
         "references",
-        "Where a name is used: the distinct files with their counts first, then 'path:line: text' for each "
+        "Where a name is used: the distinct files first (with their line counts), then 'path:line: text' for each "
         "whole-word, case-sensitive occurrence (definitions included), then the files again after a long list.",
         {"type": "object", "properties": {"name": _NAME}, "required": ["name"]},
         False,
