@@ -68,7 +68,8 @@ def test_the_looked_up_turn_precedes_the_first_reply_and_an_ungrounded_answer_is
         first = seen[0]
         assert [m["role"] for m in first] == ["system", "user", "assistant", "tool"]
         want = run_tool(ToolContext(root=repo), default_tools(), "definition", {"name": "Cart"})[1]
-        assert first[3]["content"] == f"[definition] {want}" and want == "Cart is defined in shop/cart.py (line 3):\nshop/cart.py:3: class Cart"
+        assert want == "Cart is defined in shop/cart.py (line 3):\nshop/cart.py:3: class Cart"
+        assert first[3]["content"] == f"[definition] {want}"
         syntax = agent.session.template.syntax_with(agent.tools)
         assert first[2]["content"] == format_tool_call("definition", {"name": "Cart"}, syntax)
         # the answer named no file the results showed: one retry, with the hint as a user turn
