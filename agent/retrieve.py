@@ -7,7 +7,8 @@ its context) and answers by reading and citing; it may still call tools.
 
 A name is a word of the task (in backticks or not) that the project's code defines (tools/symbols.py), those shaped
 like code (backticks, snake_case, camelCase, dotted) first: each gets `references` where the task asks where it is
-used (called, imported...), else `definition`: one result, the one the question needs, nearest the reply. A task
+used (called, imported...), else `definition` (and, where the task asks what it raises or does, `read_file` of its
+lines): the results the question needs, nearest the reply. A task
 without such a name gets `grep` over its key words (two or more), whose ranked fallback (tools/fs.py) shows the lines
 holding most of them, with their page, section or message in documents. The runner (agent/runner.py) runs these calls
 through run_tool and places them in the conversation as a tool-call turn marked `auto`, before the model's first
@@ -40,6 +41,12 @@ use uses used using user users usage refer refers referred referring reference r
 called caller callers calling import imports imported importing depend depends depending
 """.split())
 
+# words that ask about a definition's body: what it raises or throws, what it does
+BODY = set("""
+raise raises raised raising throw throws thrown throwing exception exceptions error errors panic panics fail fails
+work works handle handles handled
+""".split())
+
 
 def _stop(word: str) -> bool:
     w = word.lower()
@@ -68,11 +75,19 @@ def key_words(task: str) -> list[str]:
 def lookup_calls(root: Path, task: str) -> list[tuple[str, dict]]:
     """The tool calls to run before the model's first reply to `task` (see the module's docstring)."""
     candidates = _candidates(task)
-    defined = {d.name for d in find_definitions(root, {c for c, _ in candidates})} if candidates else set()
+    defs = find_definitions(root, {c for c, _ in candidates}) if candidates else []
+    defined = {d.name for d in defs}
     names = [c for c, shaped in candidates if c in defined and shaped]
     names += [c for c, shaped in candidates if c in defined and not shaped]
     if names:  # where a name is used, or else where it is defined (its signature, its value)
-        tool = "references" if any(w.lower() in USE for w in re.findall(r"\w+", task)) else "definition"
-        return [(tool, {"name": n}) for n in names[:MAX_NAMES]]
+        words = {w.lower() for w in re.findall(r"\w+", task)}
+        if words & USE:
+            return [("references", {"name": n}) for n in names[:MAX_NAMES]]
+        calls = [("definition", {"name": n}) for n in names[:MAX_NAMES]]
+        body = [d for d in defs if d.name == names[0]]
+        if words & BODY and len(body) == 1 and body[0].end > body[0].line:  # what it raises, how it works
+            d = body[0]
+            calls.append(("read_file", {"path": d.path, "start_line": d.line, "end_line": min(d.end, d.line + 60)}))
+        return calls
     words = key_words(task)  # one word ("hi", "thanks") is no phrase to look up
     return [("grep", {"pattern": " ".join(words[:8])})] if len(words) >= 2 else []

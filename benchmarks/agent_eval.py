@@ -88,6 +88,7 @@ def git_repo(src: Path, dest: Path, suffixes: tuple[str, ...] = (".py", ".md", "
 def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int) -> list[dict]:
     """The evaluation set: [{name, root, tasks}]; at least 5 repositories and CASE_FOLDERS folders."""
     rng = random.Random(seed)
+    rng_raises = random.Random(seed + 1)  # its own draws: the other questions stay those of earlier runs
     sets, code = [], 0
     want_code = questions - CASE_FOLDERS * per_folder
     for dist, module in REPOS:
@@ -96,6 +97,7 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int)
             break
         root = git_repo(package_dir(module), work / "repos" / module)
         picked = _round_robin(agent_tasks.python_tasks(root, rng, per_kind=per_repo // 4 + 2), per_repo)
+        picked += agent_tasks.raise_tasks(root, rng_raises, per_repo // 5)
         sets.append({"name": module, "root": root, "tasks": picked, "language": "python"})
         code += len(picked)
     for i in range(CASE_FOLDERS):
@@ -107,6 +109,7 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int)
     for name in JS_REPOS:  # after the folders: the sets drawn before them stay what they were
         root = git_repo(npm_package_dir(name), work / "repos" / f"js-{name}", (".js", ".mjs", ".cjs", ".md", ".json"))
         picked = _round_robin(agent_tasks.js_tasks(root, rng, per_kind=per_repo // 3 + 2), per_repo)
+        picked += agent_tasks.raise_tasks(root, rng_raises, per_repo // 5)
         sets.append({"name": f"js-{name}", "root": root, "tasks": picked, "language": "javascript"})
     return sets
 

@@ -7,6 +7,7 @@ Kinds, each answered by one real tool call whose result holds the answer:
   returns   "What does f return?"            grep def f -> the signature's return annotation
   uses      "Which files use X?"             grep \\bX\\b -> every file (2 to 4) that names it
   value     "What is NAME set to?"           grep ^NAME = -> the constant's value and file
+  raises    "What does f raise?"             read_file of f's lines -> the one exception class f raises (throws)
   document  "Which document and page say .." grep "<phrase>" -> file and [page N] / [section] anchor
 
 A task's `expect` is a list of groups of strings: the answer is exact when each group has a member that appears in
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from deltamem.tools import ToolContext, default_tools, project_files, run_tool
 
-KINDS = ("where", "returns", "uses", "value", "document")
+KINDS = ("where", "returns", "uses", "value", "raises", "document")
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Task:
             return f"`{f['name']}` is used in {len(paths)} files: {listed}."
         if self.kind == "value":
             return f"`{f['name']}` is set to `{f['value']}` in `{f['path']}` (line {f['line']})."
+        if self.kind == "raises":
+            return f"`{f['name']}` raises `{f['exception']}` (defined in `{f['path']}`, line {f['line']})."
         return f"`{f['path']}`, {f['anchor']}: {f['sentence']}"
 
 
@@ -83,6 +86,7 @@ RETURNS_Q = [
     "What type does the function {name} return?",
     "What is the return type of `{name}`?",
 ]
+RAISES_Q = ["What does `{name}` raise?", "Which exception can {name} raise?", "What error does `{name}` throw?"]
 USES_Q = ["Which files use `{name}`?", "In which files is {name} used?", "Which modules refer to `{name}`?"]
 VALUE_Q = ["What is `{name}` set to?", "What is the value of {name}?", "Which value does the constant `{name}` have?"]
 
@@ -187,6 +191,57 @@ def _code_task(k: str, name: str, kind: str, path: str, line: int, node, src: st
                 "uses", q, [("grep", {"pattern": pattern})], [[p] for p in paths], {"name": name, "paths": paths}
             )
     return None
+
+
+def raise_tasks(root: Path, rng: random.Random, n: int) -> list[Task]:
+    """Up to n "what does f raise" tasks: functions and methods (of any depth) whose body raises (or, in
+    JavaScript, throws) instances of exactly one class, by name; read_file of the function's lines shows it."""
+    found: dict[str, list] = {}
+    for rel in project_files(root):
+        path = rel.as_posix()
+        try:
+            text = (root / rel).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if rel.suffix == ".py":
+            try:
+                tree = ast.parse(text)
+            except (SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    raised = set()
+                    for sub in ast.walk(node):
+                        if isinstance(sub, ast.Raise) and sub.exc is not None:
+                            exc = sub.exc.func if isinstance(sub.exc, ast.Call) else sub.exc
+                            raised.add(exc.id if isinstance(exc, ast.Name) else None)
+                    found.setdefault(node.name, []).append((path, node.lineno, node.end_lineno, raised))
+        elif rel.suffix in JS_SUFFIXES:
+            lines = text.splitlines()
+            for i, line in enumerate(lines):
+                m = re.match(r"^(\s*)(?:export\s+)?(?:async\s+)?function\*?\s+([A-Za-z_$][\w$]*)\s*\(", line)
+                if m is None:
+                    continue
+                end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith(m[1] + "}")), None)
+                if end is None:
+                    continue
+                raised = set(re.findall(r"\bthrow\s+new\s+([A-Za-z_$][\w$]*)", "\n".join(lines[i : end + 1])))
+                if re.search(r"\bthrow\s+(?!new\b)", "\n".join(lines[i : end + 1])):
+                    raised.add(None)  # a rethrow or a thrown value: no one class to name
+                found.setdefault(m[2], []).append((path, i + 1, end + 1, raised))
+    names = sorted(k for k, v in found.items() if len(v) == 1 and len(k) >= 4 and not k.startswith("_")
+                   and len(v[0][3]) == 1 and None not in v[0][3] and next(iter(v[0][3]))[:1].isupper())  # fmt: skip
+    rng.shuffle(names)
+    tasks = []
+    for name in names[: n * 2]:
+        path, start, end, raised = found[name][0]
+        if end - start > 60:
+            continue
+        exc = next(iter(raised))
+        q = rng.choice(RAISES_Q).format(name=name)
+        tasks.append(Task("raises", q, [("read_file", {"path": path, "start_line": start, "end_line": end})],
+                          [[exc]], {"name": name, "path": path, "line": start, "exception": exc}))  # fmt: skip
+    return [t for t in tasks if _consistent(root, t)][:n]
 
 
 # JavaScript, read by regular expressions over top-level lines (independent of the tools' tree-sitter index)

@@ -267,13 +267,14 @@ def _search(root: Path, files: list[Path], rx: re.Pattern, in_dir: bool, path: s
             skipped += 1
             continue
         document = rel.suffix.lower() in READ_CONVERTED  # read converted: a match names its page, section, message
+        heading = "sheet " if rel.suffix.lower() in (".xlsx", ".xls") else "section "  # as an answer cites it
         page = section = ""
         for n, line in enumerate(split_lines(text), 1):
             if document and _ANCHOR.match(line):
                 if line.startswith("["):
                     page, section = line.strip()[1:-1], ""
                 else:
-                    section = line.lstrip("#").strip()
+                    section = heading + line.lstrip("#").strip()
             if rx.search(line):
                 shown = line if len(line) <= MAX_LINE else line[:MAX_LINE] + " [...]"
                 anchor = ", ".join(filter(None, (page, section)))
@@ -367,7 +368,7 @@ TOOLS = (
         "grep",
         "Search the project's text files and documents (those .gitignore keeps) for a Python regular expression, "
         "line by line; case-insensitive unless the pattern has a capital, a space matches any whitespace; results "
-        "are 'path:line: text' (documents: '[page N]' or the section before the text).",
+        "are 'path:line: text' (documents: '[page N]', '[section HEADING]' or '[sheet NAME]' before the text).",
         _schema(
             ["pattern"],
             pattern={"type": "string", "description": "Python regular expression"},

@@ -10,7 +10,7 @@ the name in any text file or document the project keeps, definitions included.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
@@ -20,6 +20,7 @@ from deltamem.tools.sandbox import MAX_READ, read_text, split_lines
 
 MAX_SHOWN = 40  # definition and reference lines shown
 MAX_LINE = 300
+MAX_VALUE = 80  # characters of a constant's value a definition's first line quotes
 
 # Nodes that define the name in their `name` field (or, C-like, at the end of their `declarator` chain)
 NAMED = {
@@ -47,6 +48,8 @@ class Definition:
     path: str
     line: int  # from 1
     text: str  # the definition up to its body (a signature; a variable with its value), on one line
+    value: str | None = None  # a variable's or constant's value, as written (on one line)
+    end: int = 0  # the definition's last line
 
 
 def _name_nodes(node) -> list:
@@ -74,7 +77,7 @@ def definitions(path: str, text: str) -> list[Definition]:
         root = parser.parse(src).root_node
     except Exception:  # a grammar bug must not take a tool down
         return []
-    out: list[Definition] = []
+    out: dict[tuple[str, int], Definition] = {}  # (name, line): one definition, the outermost node's text
     stack = [(root, False)]
     while stack:
         node, in_function = stack.pop()
@@ -86,12 +89,21 @@ def definitions(path: str, text: str) -> list[Definition]:
             body = node.child_by_field_name("body")
             text = src[node.start_byte : body.start_byte if body is not None else node.end_byte]
             text = " ".join(text.decode("utf-8", "replace").split()).rstrip(" {:")
+            value = node.child_by_field_name("value") or node.child_by_field_name("right")
+            if value is not None:
+                value = " ".join(src[value.start_byte : value.end_byte].decode("utf-8", "replace").split())
+                value = value if len(value) <= MAX_VALUE else None  # a long literal is no value to quote
+            line = node.start_point[0] + 1
             for ident in _name_nodes(node):
                 name = src[ident.start_byte : ident.end_byte].decode("utf-8", "replace")
-                out.append(Definition(name, path, node.start_point[0] + 1, text))
+                known = out.get((name, line))
+                if known is None:
+                    out[name, line] = Definition(name, path, line, text, value, node.end_point[0] + 1)
+                elif known.value is None and value is not None:  # `int n = 1;`: the declarator has the value
+                    out[name, line] = replace(known, value=value)
         inner = in_function or kind in FUNCTIONS
         stack.extend((c, inner) for c in reversed(node.named_children))
-    return sorted(set(out), key=lambda d: (d.line, d.name))
+    return sorted(out.values(), key=lambda d: (d.line, d.name))
 
 
 def _files(root: Path, code_only: bool = False) -> list[tuple[str, str]]:
@@ -153,6 +165,8 @@ def definition(ctx: ToolContext, name: str) -> str:
     # a first line in the words an answer takes, then each definition as grep shows a line
     if len(paths) > 1:
         head = f"{short} is defined in {len(paths)} files: {', '.join(paths)}\n"
+    elif len(found) == 1 and found[0].value is not None:
+        head = f"{short} is set to {found[0].value} in {paths[0]} (line {found[0].line}):\n"
     else:
         at = f"line {found[0].line}" if len(found) == 1 else "lines " + ", ".join(str(d.line) for d in found)
         head = f"{short} is defined in {paths[0]} ({at}):\n"

@@ -35,6 +35,9 @@ def test_names_the_code_defines_are_looked_up_code_shaped_first(repo):
     assert lookup_calls(repo, "Does checkout read MAX_ITEMS?") == [
         ("definition", {"name": "MAX_ITEMS"}), ("definition", {"name": "checkout"})]
     assert lookup_calls(repo, "Who calls checkout?") == [("references", {"name": "checkout"})]
+    # what it raises or does: its lines too, as the definition spans them
+    assert lookup_calls(repo, "What does `checkout` raise?") == [
+        ("definition", {"name": "checkout"}), ("read_file", {"path": "shop/cart.py", "start_line": 8, "end_line": 9})]
     assert lookup_calls(repo, "What does `Cart.total` return?")[0] == ("definition", {"name": "total"})
     # nothing defined: the key words, for grep's ranked search
     assert lookup_calls(repo, "Which document gives the late fee for Bramble Ltd?") == [

@@ -146,9 +146,11 @@ def test_read_file_and_grep_see_the_converted_text(case):
     # each match names the page (slide, section) it is on, so that an answer can cite it
     assert out.split(": ", 1)[1].startswith("[page 3] Finding 3"), out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "notice", "path": "contract.docx"})
-    assert ok and out.startswith("contract.docx:") and "[Termination] Three months' notice" in out, out
+    assert ok and out.startswith("contract.docx:") and "[section Termination] Three months' notice" in out, out
+    ok, out = run_tool(ctx, tools, "grep", {"pattern": "Ana"})
+    assert ok and out.split(": ", 1)[1] == "[sheet Staff] | Ana | lead |", out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "engineers"})
-    assert ok and "board.pptx:" in out and "[slide 2, Q4 plan] Hire two engineers" in out, out
+    assert ok and "board.pptx:" in out and "[slide 2, section Q4 plan] Hire two engineers" in out, out
     # mailboxes too, each hit naming its message; and no tool writes converted text back into a document
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "invoice", "path": "thread.mbox"})
     assert ok and [line.split(": ", 1)[1] for line in out.splitlines()] == [

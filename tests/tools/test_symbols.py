@@ -100,7 +100,12 @@ def test_definition_tool_lists_each_defining_line(tmp_path):
     ok, out = run_tool(ctx, tools, "definition", {"name": "convert"})  # a signature over several lines, on one
     assert out.splitlines()[1] == "py/util.py:1: def convert( value, strict=False, ) -> dict"
     ok, out = run_tool(ctx, tools, "definition", {"name": "MAX_ITEMS"})  # a constant with its value
-    assert out.splitlines() == ["MAX_ITEMS is defined in web/app.ts (line 5):", "web/app.ts:5: MAX_ITEMS = 40"]
+    assert out.splitlines() == ["MAX_ITEMS is set to 40 in web/app.ts (line 5):", "web/app.ts:5: MAX_ITEMS = 40"]
+    for name, value in (("Port", "8080"), ("LIMIT", "9"), ("FEE", "3"), ("SCALE", "10"), ("counter", "0"),
+                        ("GREETING", '"hi"'), ("delay", "5")):  # Go, Rust, Java, C macro, C, Rust static, JS
+        ok, out = run_tool(ctx, tools, "definition", {"name": name})
+        assert out.startswith(f"{name} is set to {value} in "), out
+        assert len(out.splitlines()) == 2, out  # one definition: a declaration and its declarator are one
     ok, out = run_tool(ctx, tools, "definition", {"name": "local"})  # a local variable is no definition
     assert out.startswith("no definition of 'local' found") and "web/app.ts" in out
     ok, out = run_tool(ctx, tools, "definition", {"name": "nowhere_at_all"})
