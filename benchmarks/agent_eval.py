@@ -97,9 +97,9 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int)
             break
         root = git_repo(package_dir(module), work / "repos" / module)
         picked = _round_robin(agent_tasks.python_tasks(root, rng, per_kind=per_repo // 4 + 2), per_repo)
+        code += len(picked)  # counted before the raises questions: the sets drawn stay those of earlier runs
         picked += agent_tasks.raise_tasks(root, rng_raises, per_repo // 5)
         sets.append({"name": module, "root": root, "tasks": picked, "language": "python"})
-        code += len(picked)
     for i in range(CASE_FOLDERS):
         root = work / "cases" / f"case_files_{i + 1}"
         if root.exists():

@@ -186,8 +186,8 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
     words = _words(pattern)
     ranked = _ranked(root, files, words, in_dir, path)  # the pattern's words, wherever most of them are
     if ranked:
-        return f"no matches for {pattern!r}; the lines with most of its words ({', '.join(words)}):\n" + _shown(
-            ranked, skipped)
+        head = f"no matches for {pattern!r}; the lines with most of its words ({', '.join(words)}):\n"
+        return head + _shown(ranked, skipped) + (f"\n(best match: {_cited(ranked[0])})" if len(ranked) > 1 else "")
     return f"no matches for {pattern!r}" + (_skipped(skipped) if skipped else "")
 
 
@@ -229,6 +229,16 @@ def _ranked(root: Path, files: list[Path], words: list[str], in_dir: bool, path:
         return []
     best = scored[0][0]
     return [line for score, _, line in scored[:RANKED_LINES] if score >= best / 2]
+
+
+def _cited(hit: str) -> str:
+    """A result line 'path:N: [anchor] text' as an answer cites it: 'path, anchor: text' (else 'path, line N')."""
+    path, n, text = hit.split(":", 2)
+    text = text.strip()
+    anchor = f"line {n}"
+    if text.startswith("[") and "] " in text:
+        anchor, text = text[1:].split("] ", 1)
+    return f"{path}, {anchor}: {text}"
 
 
 def _shown(out: list[str], skipped: int) -> str:

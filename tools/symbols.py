@@ -39,6 +39,7 @@ VARIABLES = {"assignment", "variable_declarator", "const_spec", "var_spec", "ini
 FUNCTIONS = {"function_definition", "function_declaration", "method_definition", "method_declaration", "function_item",
              "arrow_function", "function_expression", "function", "constructor_declaration", "lambda",
              "generator_function_declaration", "func_literal", "closure_expression"}
+RAISES = {"raise_statement", "throw_statement", "throw_expression"}  # python; js/ts, java; c++
 IDENTIFIERS = {"identifier", "type_identifier", "field_identifier", "property_identifier", "constant", "name"}
 
 
@@ -50,6 +51,7 @@ class Definition:
     text: str  # the definition up to its body (a signature; a variable with its value), on one line
     value: str | None = None  # a variable's or constant's value, as written (on one line)
     end: int = 0  # the definition's last line
+    raises: tuple[str, ...] = ()  # a function's: the classes it raises or throws by name, in its own body
 
 
 def _name_nodes(node) -> list:
@@ -65,6 +67,29 @@ def _name_nodes(node) -> list:
             return [c for c in target.named_children if c.type in IDENTIFIERS]
         target = target.child_by_field_name("declarator") or target.child_by_field_name("name")
     return [target] if target is not None else []
+
+
+def _raised(node, src: bytes) -> tuple[str, ...]:
+    """The classes a function's own body raises or throws by name (`raise E(...)`, `raise E`, `throw new E(...)`),
+    nested functions and classes left out; a re-raise or a thrown variable names none."""
+    out: dict[str, None] = {}
+    stack = list(reversed(node.named_children))
+    while stack:
+        n = stack.pop()
+        if n.type in FUNCTIONS or n.type in ("class_definition", "class_declaration", "class_body"):
+            continue
+        if n.type in RAISES and n.named_children:
+            exc = n.named_children[0]
+            if exc.type in ("call", "new_expression", "object_creation_expression"):
+                exc = exc.child_by_field_name("function") or exc.child_by_field_name("constructor") or \
+                    exc.child_by_field_name("type")
+            if exc is not None and exc.type in ("identifier", "type_identifier", "attribute", "member_expression"):
+                name = src[exc.start_byte : exc.end_byte].decode("utf-8", "replace")
+                if name[:1].isupper() or "." in name:  # a class, not a variable holding an exception
+                    out[name] = None
+            continue
+        stack.extend(reversed(n.named_children))
+    return tuple(out)
 
 
 def definitions(path: str, text: str) -> list[Definition]:
@@ -98,7 +123,8 @@ def definitions(path: str, text: str) -> list[Definition]:
                 name = src[ident.start_byte : ident.end_byte].decode("utf-8", "replace")
                 known = out.get((name, line))
                 if known is None:
-                    out[name, line] = Definition(name, path, line, text, value, node.end_point[0] + 1)
+                    raises = _raised(body, src) if kind in FUNCTIONS and body is not None else ()
+                    out[name, line] = Definition(name, path, line, text, value, node.end_point[0] + 1, raises)
                 elif known.value is None and value is not None:  # `int n = 1;`: the declarator has the value
                     out[name, line] = replace(known, value=value)
         inner = in_function or kind in FUNCTIONS
@@ -169,7 +195,9 @@ def definition(ctx: ToolContext, name: str) -> str:
         head = f"{short} is set to {found[0].value} in {paths[0]} (line {found[0].line}):\n"
     else:
         at = f"line {found[0].line}" if len(found) == 1 else "lines " + ", ".join(str(d.line) for d in found)
-        head = f"{short} is defined in {paths[0]} ({at}):\n"
+        raises = list(dict.fromkeys(r for d in found for r in d.raises))
+        head = f"{short} is defined in {paths[0]} ({at})" + (f" and raises {', '.join(raises)}" if raises else "")
+        head += ":\n"
     lines = [_line(d.path, d.line, d.text) for d in found[:MAX_SHOWN]]
     more = f"\n[... {len(found) - MAX_SHOWN} more definitions]" if len(found) > MAX_SHOWN else ""
     return head + "\n".join(lines) + more

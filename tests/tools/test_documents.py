@@ -147,6 +147,8 @@ def test_read_file_and_grep_see_the_converted_text(case):
     assert out.split(": ", 1)[1].startswith("[page 3] Finding 3"), out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "notice", "path": "contract.docx"})
     assert ok and out.startswith("contract.docx:") and "[section Termination] Three months' notice" in out, out
+    ok, out = run_tool(ctx, tools, "grep", {"pattern": "pump stopped on day 20", "path": "report.pdf"})  # ranked
+    assert ok and out.endswith("(best match: report.pdf, page 2: Finding 2: the pump failed on day 20.)"), out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "Ana"})
     assert ok and out.split(": ", 1)[1] == "[sheet Staff] | Ana | lead |", out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "engineers"})

@@ -25,6 +25,10 @@ SOURCES = {
     "java/Shop.java": "public class Shop {\n  static final int FEE = 3;\n  public Shop() {}\n"
     "  int price(String item) { int k = 1; return k; }\n}\n",
     "py/util.py": "def convert(\n    value,\n    strict=False,\n) -> dict:\n    return {}\n",
+    "py/checks.py": "def check(x):\n    if x < 0:\n        raise ValueError('negative')\n    try:\n        pass\n"
+    "    except OSError as e:\n        raise\n    def inner():\n        raise KeyError(x)\n    raise errors.Invalid\n",
+    "web/guard.js": "function guard(v) {\n  if (!v) throw new TypeError('empty')\n  const e = new Error('x')\n"
+    "  throw e\n}\n",
     "native/calc.h": "#define SCALE 10\nstruct point { int x; };\nint add(int a, int b);\n",
     "native/calc.c": "#include \"calc.h\"\nint counter = 0;\n"
     "static int twice(struct point *p) { int t = 2; return t; }\n",
@@ -38,6 +42,8 @@ EXPECTED = {
     "core/lib.rs": {("LIMIT", 1), ("GREETING", 2), ("Ledger", 3), ("n", 3), ("add", 4), ("Store", 5), ("get", 5)},
     "java/Shop.java": {("Shop", 1), ("FEE", 2), ("Shop", 3), ("price", 4)},
     "py/util.py": {("convert", 1)},
+    "py/checks.py": {("check", 1), ("inner", 8)},
+    "web/guard.js": {("guard", 1)},
     "native/calc.h": {("SCALE", 1), ("point", 2), ("x", 2), ("add", 3)},
     "native/calc.c": {("counter", 2), ("twice", 3)},
 }
@@ -99,6 +105,11 @@ def test_definition_tool_lists_each_defining_line(tmp_path):
     assert out == "price is defined in java/Shop.java (line 4):\njava/Shop.java:4: int price(String item)"
     ok, out = run_tool(ctx, tools, "definition", {"name": "convert"})  # a signature over several lines, on one
     assert out.splitlines()[1] == "py/util.py:1: def convert( value, strict=False, ) -> dict"
+    # what a function's own body raises or throws by class (not a nested function's, not a re-raise or a variable)
+    ok, out = run_tool(ctx, tools, "definition", {"name": "check"})
+    assert out.splitlines()[0] == "check is defined in py/checks.py (line 1) and raises ValueError, errors.Invalid:"
+    ok, out = run_tool(ctx, tools, "definition", {"name": "guard"})
+    assert out.splitlines()[0] == "guard is defined in web/guard.js (line 1) and raises TypeError:"
     ok, out = run_tool(ctx, tools, "definition", {"name": "MAX_ITEMS"})  # a constant with its value
     assert out.splitlines() == ["MAX_ITEMS is set to 40 in web/app.ts (line 5):", "web/app.ts:5: MAX_ITEMS = 40"]
     for name, value in (("Port", "8080"), ("LIMIT", "9"), ("FEE", "3"), ("SCALE", "10"), ("counter", "0"),

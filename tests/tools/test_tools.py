@@ -174,12 +174,14 @@ def test_grep_smart_case_whitespace_hints_and_files(tmp_path):
     assert ok(ctx, "grep", pattern=r"^MAX_RETRIES =").splitlines() == [
         "no matches for '^MAX_RETRIES ='; the lines with most of its words (max, retries):", "2 files: a.js, b.js",
         "a.js:1: export const MAX_RETRIES = 5;", "b.js:1: import { MAX_RETRIES } from './a.js';",
-        "b.js:2: retry(MAX_RETRIES);"]
+        "b.js:2: retry(MAX_RETRIES);", "(best match: a.js, line 1: export const MAX_RETRIES = 5;)"]
     # a phrase with a word the text does not use: the line with the most (and rarest) of its words comes first
     write(tmp_path, "minutes.txt", "The warranty period for product line Quarry is 3 years.\n"
                                    "The warranty period for product line Zephyr is 8 years.\nProduct lines: 4.\n")
     out = ok(ctx, "grep", pattern="wrench warranty period for product line Zephyr", path="minutes.txt")
     assert out.splitlines()[1] == "minutes.txt:2: The warranty period for product line Zephyr is 8 years.", out
+    assert out.splitlines()[-1] == "(best match: minutes.txt, line 2: The warranty period for product line Zephyr " \
+        "is 8 years.)"
     assert ok(ctx, "grep", pattern="class Nowhere") == "no matches for 'class Nowhere'"
     # spaces inside a class or before a quantifier keep their meaning
     assert ok(ctx, "grep", pattern="retries[ ]=", path="c.py") == "c.py:1: retries = 3"
