@@ -72,7 +72,11 @@ def exact(task: Task | list[list[str]], answer: str) -> bool:
 
 
 def _whole(x: str, a: str) -> bool:
-    return re.search(rf"(?<![a-z0-9_]){re.escape(x)}(?![a-z0-9_])", a) is not None
+    """x in a, not inside a longer word: bounded where x begins or ends with a word character ('[a-z]' has no
+    word edge to respect, and _norm glues brackets to their neighbours)."""
+    before = "(?<![a-z0-9_])" if x[:1].isalnum() or x[:1] == "_" else ""
+    after = "(?![a-z0-9_])" if x[-1:].isalnum() or x[-1:] == "_" else ""
+    return re.search(before + re.escape(x) + after, a) is not None
 
 
 WHERE_Q = [
