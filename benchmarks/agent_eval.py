@@ -233,11 +233,16 @@ def model_calls(outcome: str | None, calls: int, max_steps: int) -> int:
     return calls + 1 if outcome == "answer" else max_steps if outcome == "step_limit" else calls
 
 
+def _language(rec: dict) -> str:
+    """A record's language (records of runs before languages were recorded: by their set's name)."""
+    return rec.get("language") or ("case files" if rec["set"].startswith("case_files") else "python")
+
+
 def summary(records: list[dict]) -> dict:
     n = len(records)
     calls = sum(r["calls"] for r in records)
     kinds = Counter(r["kind"] for r in records)
-    langs = Counter(r.get("language", "python") for r in records)
+    langs = Counter(_language(r) for r in records)
     return {
         "questions": n,
         "exact": round(sum(r["exact"] for r in records) / n, 3),
@@ -246,7 +251,7 @@ def summary(records: list[dict]) -> dict:
         },
         "questions_by_kind": dict(kinds),
         "exact_by_language": {
-            lang: round(sum(r["exact"] for r in records if r.get("language", "python") == lang) / c, 3)
+            lang: round(sum(r["exact"] for r in records if _language(r) == lang) / c, 3)
             for lang, c in langs.items()
         },
         "questions_by_language": dict(langs),
@@ -258,7 +263,8 @@ def summary(records: list[dict]) -> dict:
         "step_limit": sum(r["outcome"] == "step_limit" for r in records),
         "errors": sum(r["exit"] not in (0, 3) for r in records),
         "wall_s_mean": round(sum(r["wall_s"] for r in records) / n, 2),
-        "grounded": round(sum(r.get("grounded") is True for r in records) / n, 3),
+        "grounded": round(sum(r.get("grounded") is True for r in records) / n, 3)
+        if any("grounded" in r for r in records) else None,
         **{f"{k}_exact": round(sum(r[f"{k}_exact"] for r in records) / n, 3)
            for k in ("memory_only", "empty") if all(f"{k}_exact" in r for r in records)},
     }
@@ -303,7 +309,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         )
     for k in agent_tasks.KINDS:
         vals = [r["summary"]["exact_by_kind"].get(k) for r in results]
-        n = results[0]["summary"]["questions_by_kind"].get(k, 0)
+        n = max(r["summary"]["questions_by_kind"].get(k, 0) for r in results)
         lines.append(
             f"| exact, {k} ({n}) | " + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in vals) + " |"
         )
