@@ -202,7 +202,8 @@ class Agent:
         inp = {"messages": self._with_system([{"role": "user", "content": task}, *looked_up]), "steps": 0, "mode": ""}
         self._drive(inp, track, approver)
         grounded = self._grounded(calls)
-        if grounded is False and outcome(self.graph.get_state(self.config).values) == "answer":
+        stopped = self.session.cancel.is_set()  # a stopped answer is not asked for again
+        if grounded is False and not stopped and outcome(self.graph.get_state(self.config).values) == "answer":
             hint = _ground_hint(self._shown_paths(calls))  # one retry: the answer names no file the tools showed
             on_event({"retry": hint})
             self._drive({"messages": [{"role": "user", "content": hint}], "steps": 0, "mode": ""}, track, approver)
