@@ -69,16 +69,24 @@ def _parser(ext: str):
         return None
 
 
-def outline(path: str, text: str) -> list[str]:
-    """The definitions of one file as indented signature lines ([] for an unsupported or unparsable file)."""
+def parse(path: str, text: str):
+    """(tree-sitter root node, the UTF-8 source) of one file, or None where no grammar reads it or it fails."""
     parser = _parser(PurePosixPath(path).suffix.lower())
     if parser is None:
-        return []
+        return None
     src = text.encode("utf-8", "replace")
     try:
-        root = parser.parse(src).root_node
-    except Exception:  # a grammar bug must not take ingest down: the file is still listed
+        return parser.parse(src).root_node, src
+    except Exception:  # a grammar bug must not take ingest or a tool down: the file is still listed
+        return None
+
+
+def outline(path: str, text: str) -> list[str]:
+    """The definitions of one file as indented signature lines ([] for an unsupported or unparsable file)."""
+    parsed = parse(path, text)
+    if parsed is None:
         return []
+    root, src = parsed
     lines: list[str] = []
     _walk(root, src, 0, lines)
     return lines

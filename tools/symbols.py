@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
 from deltamem.tools.files import project_files
-from deltamem.tools.repomap import GRAMMARS, _parser
+from deltamem.tools.repomap import GRAMMARS, parse
 from deltamem.tools.sandbox import MAX_READ, read_text, split_lines
 
 MAX_SHOWN = 40  # definition and reference lines shown
@@ -94,14 +94,10 @@ def _raised(node, src: bytes) -> tuple[str, ...]:
 
 def definitions(path: str, text: str) -> list[Definition]:
     """Every definition in one file ([] for a file no grammar parses)."""
-    parser = _parser(PurePosixPath(path).suffix.lower())
-    if parser is None:
+    parsed = parse(path, text)
+    if parsed is None:
         return []
-    src = text.encode("utf-8", "replace")
-    try:
-        root = parser.parse(src).root_node
-    except Exception:  # a grammar bug must not take a tool down
-        return []
+    root, src = parsed
     out: dict[tuple[str, int], Definition] = {}  # (name, line): one definition, the outermost node's text
     stack = [(root, False)]
     while stack:
