@@ -46,16 +46,20 @@ def _json_args(schema: dict | None) -> str:
     return json.dumps(schema)
 
 
-def _xml_value(schema: dict) -> str:
+def _xml_value(schema: dict, rule: str) -> tuple[str, list[str]]:
     """A parameter's value in the XML syntax, as chat templates write it: a string as it is (up to its closing
-    tag), anything else as JSON."""
+    tag; never holding the call's end tag; at most its schema's maxLength characters), anything else as JSON.
+    Returns the value's expression and the rules it needs."""
     end = _lit(END_PARAMETER)
     if "enum" in schema:
-        return f"({' | '.join(_lit(v if isinstance(v, str) else json.dumps(v)) for v in schema['enum'])}) {end}"
+        return f"({' | '.join(_lit(v if isinstance(v, str) else json.dumps(v)) for v in schema['enum'])}) {end}", []
     kind = schema.get("type")
     if kind in (None, "string") or (isinstance(kind, list) and "string" in kind):
-        return "value"
-    return f"%json {json.dumps({**schema, 'x-guidance': {'whitespace_flexible': False}})} {end}"
+        most = schema.get("maxLength")
+        text = "(.|\\n)" + ("*" if most is None else f"{{0,{int(most)}}}")
+        lexeme = rule.upper()
+        return rule, [f"{rule}[lazy]: {lexeme} {end}", f"{lexeme}: /{text}/ & ~/(.|\\n)*<\\/tool_call>(.|\\n)*/"]
+    return f"%json {json.dumps({**schema, 'x-guidance': {'whitespace_flexible': False}})} {end}", []
 
 
 def call_grammar(tools: Sequence[dict], syntax: str = "json", required: bool = False,
@@ -79,13 +83,12 @@ def call_grammar(tools: Sequence[dict], syntax: str = "json", required: bool = F
             props = params.get("properties") or {}
             need = [k for k in params.get("required") or [] if k in props]
             for j, (k, sub) in enumerate(props.items()):
-                rules.append(f"p_{i}_{j}: {_lit('<parameter=' + k + '>' + NL)} {_xml_value(sub)}")
+                value, more = _xml_value(sub, f"value_{i}_{j}")
+                rules += [f"p_{i}_{j}: {_lit('<parameter=' + k + '>' + NL)} {value}", *more]
             body = [f"p_{i}_{list(props).index(k)}" for k in need]
             body += [f"p_{i}_{j}?" for j, k in enumerate(props) if k not in need]  # each once at most
             opening = _lit("<function=" + name + ">" + NL)
             rules.append(f"tool_{i}: {opening} {' '.join(body)} {_lit('</function>')}")
-    if syntax == "xml":  # a string value: any text up to the first END_PARAMETER
-        rules += [f"value[lazy]: VALUE {_lit(END_PARAMETER)}", "VALUE: /(.|\\n)*/"]
     choice = " | ".join(f"tool_{i}" for i in range(len(functions)))
     opening, closing = (OPEN, CLOSE) if special_tags else (_lit(OPEN), _lit(CLOSE))  # a token's name, or text
     call = f"{_lit(NL)} ({choice}) {_lit(NL)} {closing}"

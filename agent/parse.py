@@ -23,6 +23,7 @@ _JSON = json.JSONDecoder()
 _FUNCTION = re.compile(r"<function=([^>\n]*)>(.*?)(</function>|\Z)", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\n]*)>(.*?)</parameter>", re.S)
 THINK_END = "</think>"
+CUT_OFF = "the tool call was cut off before it was complete, so it was not run; call the tool again, arguments short"
 _FENCE_END = re.compile(r"\s*```\s*\Z")
 
 
@@ -57,8 +58,8 @@ def parse_tool_calls(text: str, id_prefix: str = "call", schemas: dict[str, dict
             # ended, or a code fence closed it, where CLOSE was due), as vLLM's Hermes parser does
             body = body if closed else _FENCE_END.sub("", body)
             call, error = _xml_call(body, schemas or {}) if body.lstrip().startswith("<function=") else _one_call(body)
-            if error and not closed:
-                error = f"a {OPEN} block was not closed with {CLOSE}"
+            if error and not closed:  # worded without the tags: a small model copies an error's text into its
+                error = CUT_OFF  # next call's arguments
             if error:
                 out.errors.append(error)
             else:
@@ -134,7 +135,7 @@ def _one_call(body: str) -> tuple[dict, str | None]:
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError) as e:
-        return {}, f'a tool call is not valid JSON ({e}); write {OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE}'
+        return {}, f'a tool call is not valid JSON ({e}); write one JSON object with "name" and "arguments"'
     if not isinstance(obj, dict):
         return {}, 'a tool call must be a JSON object with "name" and "arguments"'
     name = obj.get("name")

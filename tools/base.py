@@ -37,6 +37,12 @@ class ToolContext:
     pending_turns: list[dict] = field(default_factory=list)
 
 
+# Lengths of the short string arguments (patterns, paths, names), in their schemas: checked here, and kept by guided
+# calls (agent/guide.py), so an argument a small model starts to repeat must close at the cap, a valid call
+MAX_PATTERN_ARG = 256
+MAX_PATH_ARG = 1024
+MAX_NAME_ARG = 200
+
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
 _TYPE_CHECKS = {
     "string": lambda v: isinstance(v, str),
@@ -51,8 +57,8 @@ def _json_type(value: object) -> str:
 
 def check_args(tool: Tool, args: object) -> dict:
     """The arguments checked against the tool's schema: a JSON object (None counts as {}), no unknown keys, the
-    required ones present, string/integer/boolean values of that type. Optional arguments given as null are
-    dropped, so the tool's defaults apply."""
+    required ones present, string/integer/boolean values of that type, strings within their maxLength. Optional
+    arguments given as null are dropped, so the tool's defaults apply."""
     if args is None:
         args = {}
     if not isinstance(args, dict):
@@ -69,6 +75,9 @@ def check_args(tool: Tool, args: object) -> dict:
         want = props[key].get("type")
         if value is not None and want in _TYPE_CHECKS and not _TYPE_CHECKS[want](value):
             raise ToolError(f"argument {key!r} of {tool.name} must be {want}, got {_json_type(value)}")
+        most = props[key].get("maxLength")
+        if isinstance(value, str) and most is not None and len(value) > most:
+            raise ToolError(f"argument {key!r} of {tool.name} is {len(value):,} characters, over its limit of {most}")
     return {k: v for k, v in args.items() if v is not None}
 
 

@@ -11,7 +11,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from deltamem.tools.base import MAX_PATH_ARG, MAX_PATTERN_ARG, Tool, ToolContext, ToolError, kwargs_runner
 from deltamem.tools.documents import READ_CONVERTED
 from deltamem.tools.files import project_files
 from deltamem.tools.repomap import repo_map
@@ -352,7 +352,7 @@ def edit(ctx: ToolContext, path: str, old: str, new: str) -> str:
     return f"edited {path}: replaced the occurrence at line {line}"
 
 
-_PATH = {"type": "string", "description": "path relative to the project root"}
+_PATH = {"type": "string", "description": "path relative to the project root", "maxLength": MAX_PATH_ARG}
 
 TOOLS = (
     Tool(
@@ -381,9 +381,10 @@ TOOLS = (
         "are 'path:line: text' (documents: '[page N]', '[section HEADING]' or '[sheet NAME]' before the text).",
         _schema(
             ["pattern"],
-            pattern={"type": "string", "description": "Python regular expression"},
+            pattern={"type": "string", "description": "Python regular expression", "maxLength": MAX_PATTERN_ARG},
             path={**_PATH, "description": "file or directory to search", "default": "."},
-            glob={"type": "string", "description": "only files whose name matches, e.g. '*.py' (with '/': path glob)"},
+            glob={"type": "string", "description": "only files whose name matches, e.g. '*.py' (with '/': path glob)",
+                  "maxLength": MAX_PATTERN_ARG},
         ),
         False,
         kwargs_runner(grep),
@@ -403,7 +404,8 @@ TOOLS = (
     Tool(
         "glob",
         "List the project's files (those .gitignore keeps) matching a glob relative to the root, e.g. '**/*.py'.",
-        _schema(["pattern"], pattern={"type": "string", "description": "glob pattern, '**' for any directories"}),
+        _schema(["pattern"], pattern={"type": "string", "description": "glob pattern, '**' for any directories",
+                                      "maxLength": MAX_PATTERN_ARG}),
         False,
         kwargs_runner(glob_files),
     ),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from deltamem.memory.errors import StoreError
-from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from deltamem.tools.base import MAX_PATTERN_ARG, Tool, ToolContext, ToolError, kwargs_runner
 
 MAX_RECALL = 50  # hits one recall may ask for
 
@@ -56,7 +56,8 @@ TOOLS = (
         {
             "type": "object",
             "properties": {
-                "query": {"type": "string", "description": 'words to find (SQLite FTS5 syntax: "a phrase", OR)'},
+                "query": {"type": "string", "description": 'words to find (SQLite FTS5 syntax: "a phrase", OR)',
+                          "maxLength": MAX_PATTERN_ARG},
                 "limit": {"type": "integer", "description": f"most hits, 1 to {MAX_RECALL}", "default": 5},
             },
             "required": ["query"],

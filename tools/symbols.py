@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from deltamem.tools.base import Tool, ToolContext, ToolError, kwargs_runner
+from deltamem.tools.base import MAX_NAME_ARG, Tool, ToolContext, ToolError, kwargs_runner
 from deltamem.tools.files import project_files
 from deltamem.tools.repomap import GRAMMARS, parse
 from deltamem.tools.sandbox import MAX_READ, read_text, split_lines
@@ -215,7 +215,8 @@ def references(ctx: ToolContext, name: str) -> str:
     return f"{files} ({total} lines: {counts})\n" + "\n".join(lines) + more + again
 
 
-_NAME = {"type": "string", "description": "a class, function, method, type, constant or variable name"}
+_NAME = {"type": "string", "description": "a class, function, method, type, constant or variable name",
+         "maxLength": MAX_NAME_ARG}
 
 TOOLS = (
     Tool(

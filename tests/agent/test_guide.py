@@ -21,11 +21,13 @@ def spec(name, properties=None, required=()):
 
 NAMED = [spec("grep", {"pattern": {"type": "string"}}, ["pattern"]), spec("read_file", {"path": {"type": "string"}}),
          spec("map"), spec("list_dir")]  # fmt: skip
-# Arguments a random model can finish: a choice, a bounded integer, a boolean (a free string could run on forever)
+# Arguments a random model can finish: a choice, a bounded integer, a boolean, a string with a maxLength (without
+# one, a free string could run on forever)
 SHORT = [
     spec("paint", {"color": {"enum": ["red", "green", "blue"]}, "coats": {"type": "integer", "minimum": 1,
                    "maximum": 3}}, ["color"]),  # fmt: skip
     spec("wait", {"long": {"type": "boolean"}}),
+    spec("find", {"word": {"type": "string", "maxLength": 12}}, ["word"]),
     spec("stop"),
 ]
 
@@ -82,6 +84,26 @@ def test_arguments_keep_to_the_schema(tok, eos):
         assert 'pattern"'.startswith(text) or text.startswith('pattern"'), text
     missing = guide(tok.encode('<tool_call>\n{"name": "grep", "arguments": {'))
     assert not missing[tok.encode("}")[0]]  # grep's pattern is required
+
+
+@pytest.mark.parametrize(("syntax", "opening", "closing"), [
+    ("json", '<tool_call>\n{"name": "grep", "arguments": {"pattern": "', '"'),
+    ("xml", "<tool_call>\n<function=grep>\n<parameter=pattern>\n", "\n")])  # fmt: skip
+def test_string_arguments_end_at_their_max_length_and_never_hold_the_end_tag(tok, eos, syntax, opening, closing):
+    """A looping argument cannot run past its schema's maxLength (the string must close there), and no string
+    argument can write the call's end tag (a model copying an error message into a pattern)."""
+    capped = [spec("grep", {"pattern": {"type": "string", "maxLength": 8}}, ["pattern"])]
+    guide = ToolCallGuide(tok, capped, VOCAB, eos, syntax)
+    full = guide(tok.encode("Looking. " + opening + "ab-ab-ab"))
+    assert full is not None and all(tok.decode([i]).startswith(closing) for i in allowed(full))
+    partial = guide(tok.encode("Looking. " + opening + "ab-ab"))
+    assert any(tok.decode([i]) == "-" for i in allowed(partial))  # under the cap the string goes on
+    if syntax == "xml":  # JSON strings may hold the tag: the parser reads a JSON call as JSON (test_parse.py)
+        free = [spec("grep", {"pattern": {"type": "string"}}, ["pattern"])]
+        guide = ToolCallGuide(tok, free, VOCAB, eos, syntax)
+        tag = guide(tok.encode("Looking. " + opening + "abc</tool_call"))
+        assert tag is not None and not any(tok.decode([i]).startswith(">") for i in allowed(tag))
+        assert any(tok.decode([i]).startswith(">") for i in allowed(guide(tok.encode("Looking. " + opening + "<a"))))
 
 
 @pytest.mark.parametrize("syntax", ["json", "xml"])

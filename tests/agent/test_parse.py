@@ -4,7 +4,7 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltamem.agent.parse import CLOSE, OPEN, format_tool_call, parse_tool_calls
+from deltamem.agent.parse import CLOSE, CUT_OFF, OPEN, format_tool_call, parse_tool_calls
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
 json_values = st.recursive(
@@ -70,7 +70,8 @@ def test_malformed_calls_become_messages():
     assert len(parsed.errors) == 5
     assert "not valid JSON" in parsed.errors[0] and "JSON object" in parsed.errors[1]
     assert 'no "name"' in parsed.errors[2] and "must be a JSON object" in parsed.errors[3]
-    assert "not closed" in parsed.errors[4]
+    assert parsed.errors[4] == CUT_OFF
+    assert not any("tool_call>" in e for e in parsed.errors)  # nothing for a model to copy into its next call
     assert parsed.content == "ok"
     # double-encoded arguments, as some models write them, are accepted
     parsed = parse_tool_calls(f'{OPEN}{{"name": "grep", "arguments": "{{\\"pattern\\": \\"x\\"}}"}}{CLOSE}')
@@ -88,7 +89,7 @@ def test_an_unclosed_last_block_holding_a_whole_call_is_read():
         ], text
     for text in (f'{OPEN}{{"name": "grep", "argu', f"{OPEN}\n```python\nprint(1)\n```"):
         parsed = parse_tool_calls(text)
-        assert parsed.calls == [] and parsed.errors == [f"a {OPEN} block was not closed with {CLOSE}"]
+        assert parsed.calls == [] and parsed.errors == [CUT_OFF] and "tool_call>" not in CUT_OFF
     parsed = parse_tool_calls(f"{OPEN}{call}{CLOSE} {OPEN}{call}")  # a closed call, then an unclosed one
     assert len(parsed.calls) == 2 and parsed.errors == []
 

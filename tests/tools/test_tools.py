@@ -138,6 +138,8 @@ def test_grep_errors_and_caps(tmp_path):
     lines = out.splitlines()
     assert lines[:200] == [f"many.txt:{n}: hit" for n in range(1, 201)]
     assert lines[200] == "[... stopped after 200 matches; narrow the pattern, path or glob]" and len(lines) == 201
+    success, out = call(ctx, "grep", pattern="ab-" * 100)  # a repeating pattern over the schema's maxLength
+    assert (success, out) == (False, "error: argument 'pattern' of grep is 300 characters, over its limit of 256")
     success, out = call(ctx, "grep", pattern="hit", path="huge.txt")
     assert not success and "over 1,048,576 bytes" in out
     out = ok(ctx, "grep", pattern="nothing", path=".")
