@@ -24,7 +24,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
+import tempfile
 import time
+import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +55,61 @@ REPOS = [
 CASE_FOLDERS = 2
 # JavaScript packages npm bundles (training traces are drawn from Python packages only: all held out)
 JS_REPOS = ["semver", "minimatch", "hosted-git-info"]
+# Go, Rust, Java and TypeScript sources from the registries this machine reaches (none used in training): Debian's
+# packages ship Go and Rust sources (golang-*-dev, librust-*-dev) and the JDK's (openjdk-17-source's src.zip);
+# npm's tarballs TypeScript's. (set name, language, source, the folder in it)
+FETCHED = [
+    ("go-pflag", "go", "deb:golang-github-spf13-pflag-dev", "usr/share/gocode/src/github.com/spf13/pflag"),
+    ("go-uuid", "go", "deb:golang-github-google-uuid-dev", "usr/share/gocode/src/github.com/google/uuid"),
+    ("rust-semver", "rust", "deb:librust-semver-dev", "usr/share/cargo/registry/semver-*"),
+    ("rust-log", "rust", "deb:librust-log-dev", "usr/share/cargo/registry/log-*"),
+    ("java-zip", "java", "jdk:openjdk-17-source", "java.base/java/util/zip"),
+    ("java-regex", "java", "jdk:openjdk-17-source", "java.base/java/util/regex"),
+    ("ts-immer", "typescript", "npm:immer@11.2.14", "package/src"),
+    ("ts-zod", "typescript", "npm:zod@3.25.76", "package/src/v3"),
+]
+
+
+def fetched_dir(source: str, folder: str, downloads: Path) -> Path:
+    """A source tree from a registry, downloaded once into `downloads` and unpacked there: deb:PACKAGE (apt-get
+    download, dpkg-deb -x), jdk:PACKAGE (a Debian package holding the JDK's src.zip) or npm:NAME@VERSION (npm
+    pack). `folder` may end in a glob (a crate's versioned directory)."""
+    kind, name = source.split(":", 1)
+    dest = downloads / name.replace("@", "-")
+    if not dest.is_dir():
+        downloads.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=downloads))
+        try:
+            if kind in ("deb", "jdk"):
+                _fetch(["apt-get", "download", name], tmp)
+                (deb,) = tmp.glob("*.deb")
+                _fetch(["dpkg-deb", "-x", str(deb), str(tmp / "x")], tmp)
+                if kind == "jdk":
+                    (src_zip,) = (tmp / "x").rglob("src.zip")
+                    with zipfile.ZipFile(src_zip) as z:
+                        z.extractall(tmp / "x", [m for m in z.namelist() if m.startswith("java.base/")])
+            else:
+                _fetch(["npm", "pack", name, "--pack-destination", str(tmp)], tmp)
+                (tgz,) = tmp.glob("*.tgz")
+                with tarfile.open(tgz) as t:
+                    t.extractall(tmp / "x", filter="data")
+            ((tmp / "x") / ".fetched").write_text(next(p.name for p in tmp.iterdir() if p.is_file()) + "\n")
+            (tmp / "x").rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    found = sorted(dest.glob(folder))
+    if not found:
+        raise SystemExit(f"{source} has no folder {folder!r} (in {dest})")
+    return found[-1]
+
+
+def _fetch(cmd: list[str], cwd: Path) -> None:
+    if shutil.which(cmd[0]) is None:
+        raise SystemExit(f"{cmd[0]} is not installed here: the {cmd[-1]} set is fetched with it")
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {why[0]}")
 
 
 def npm_package_dir(name: str) -> Path:
@@ -85,8 +143,10 @@ def git_repo(src: Path, dest: Path, suffixes: tuple[str, ...] = (".py", ".md", "
     return dest
 
 
-def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int) -> list[dict]:
-    """The evaluation set: [{name, root, tasks}]; at least 5 repositories and CASE_FOLDERS folders."""
+def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int, only: list[str] | None = None
+          ) -> list[dict]:  # fmt: skip
+    """The evaluation set: [{name, root, tasks}]; at least 5 repositories and CASE_FOLDERS folders, the npm sets
+    and the FETCHED ones (those of `only`, where given: the others are not downloaded)."""
     rng = random.Random(seed)
     rng_raises = random.Random(seed + 1)  # its own draws: the other questions stay those of earlier runs
     sets, code = [], 0
@@ -108,17 +168,36 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int)
         sets.append({"name": root.name, "root": root, "tasks": tasks[:per_folder], "language": "case files"})
     for name in JS_REPOS:  # after the folders: the sets drawn before them stay what they were
         root = git_repo(npm_package_dir(name), work / "repos" / f"js-{name}", (".js", ".mjs", ".cjs", ".md", ".json"))
-        picked = _round_robin(agent_tasks.js_tasks(root, rng, per_kind=per_repo // 3 + 2), per_repo)
+        picked = _round_robin(agent_tasks.code_tasks(root, rng, per_repo // 3 + 2, "javascript"), per_repo)
         picked += agent_tasks.raise_tasks(root, rng_raises, per_repo // 5)
         sets.append({"name": f"js-{name}", "root": root, "tasks": picked, "language": "javascript"})
+    # after the npm sets, for the same reason; each set from its own seed, so that --only leaves the others' draws
+    for name, language, source, folder in FETCHED:
+        if only and name not in only:
+            continue
+        src = fetched_dir(source, folder, work / "downloads")
+        root = git_repo(src, work / "repos" / name, (*agent_tasks.LANGUAGES[language].suffixes, ".md"))
+        own = random.Random(f"{seed}-{name}")
+        picked = _round_robin(agent_tasks.code_tasks(root, own, per_repo // 3 + 2, language), per_repo)
+        picked += agent_tasks.raise_tasks(root, own, per_repo // 5)
+        sets.append({"name": name, "root": root, "tasks": picked, "language": language,
+                     "source": (work / "downloads" / source.split(":", 1)[1].replace("@", "-") / ".fetched")
+                     .read_text().strip()})  # the package file, with its version
+    root = work / "cases" / "case_files_3"  # the other formats: workbooks, slides, a mailbox, e-mails
+    if root.exists():
+        shutil.rmtree(root)
+    tasks = agent_tasks.case_folder(root, random.Random(f"{seed}-case_files_3"), "eval", n_docs=8, facts_per_doc=3,
+                                    formats=("xlsx", "pptx", "mbox", "eml"))  # fmt: skip
+    picked = _round_robin(tasks, per_folder, key=lambda t: Path(t.facts["path"]).suffix)  # each format in turn
+    sets.append({"name": root.name, "root": root, "tasks": picked, "language": "case files"})
     return sets
 
 
-def _round_robin(tasks: list, n: int) -> list:
-    """Up to n tasks, taking one of each kind in turn."""
+def _round_robin(tasks: list, n: int, key=lambda t: t.kind) -> list:
+    """Up to n tasks, taking one of each kind (or other key) in turn."""
     by_kind: dict[str, list] = {}
     for t in tasks:
-        by_kind.setdefault(t.kind, []).append(t)
+        by_kind.setdefault(key(t), []).append(t)
     picked = []
     while len(picked) < n and any(by_kind.values()):
         for k in list(by_kind):
@@ -238,23 +317,31 @@ def _language(rec: dict) -> str:
     return rec.get("language") or ("case files" if rec["set"].startswith("case_files") else "python")
 
 
+def _doc_type(rec: dict) -> str | None:
+    """A document question's format: its file's extension."""
+    return Path(rec["expect"][0][0]).suffix.lstrip(".") if rec["kind"] == "document" else None
+
+
+def _by(records: list[dict], group) -> tuple[dict, dict]:
+    """(exact share, questions) per value of group(record), records it maps to None left out."""
+    counts = Counter(g for r in records if (g := group(r)) is not None)
+    exact = {g: round(sum(r["exact"] for r in records if group(r) == g) / c, 3) for g, c in counts.items()}
+    return exact, dict(counts)
+
+
 def summary(records: list[dict]) -> dict:
     n = len(records)
     calls = sum(r["calls"] for r in records)
-    kinds = Counter(r["kind"] for r in records)
-    langs = Counter(_language(r) for r in records)
+    by_kind, by_lang, by_doc = (_by(records, f) for f in (lambda r: r["kind"], _language, _doc_type))
     return {
         "questions": n,
         "exact": round(sum(r["exact"] for r in records) / n, 3),
-        "exact_by_kind": {
-            k: round(sum(r["exact"] for r in records if r["kind"] == k) / c, 3) for k, c in kinds.items()
-        },
-        "questions_by_kind": dict(kinds),
-        "exact_by_language": {
-            lang: round(sum(r["exact"] for r in records if _language(r) == lang) / c, 3)
-            for lang, c in langs.items()
-        },
-        "questions_by_language": dict(langs),
+        "exact_by_kind": by_kind[0],
+        "questions_by_kind": by_kind[1],
+        "exact_by_language": by_lang[0],
+        "questions_by_language": by_lang[1],
+        "exact_by_document_type": by_doc[0],
+        "questions_by_document_type": by_doc[1],
         "used_a_tool": round(sum(r["calls"] > 0 for r in records) / n, 3),
         "tool_calls": calls,
         "valid_tool_calls": round(sum(r["valid_calls"] for r in records) / calls, 3) if calls else None,
@@ -313,12 +400,12 @@ def markdown(results: list[dict], meta: dict) -> str:
         lines.append(
             f"| exact, {k} ({n}) | " + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in vals) + " |"
         )
-    for lang in dict.fromkeys(k for r in results for k in r["summary"].get("exact_by_language", {})):
-        vals = [r["summary"].get("exact_by_language", {}).get(lang) for r in results]
-        n = max(r["summary"].get("questions_by_language", {}).get(lang, 0) for r in results)
-        lines.append(
-            f"| exact, {lang} ({n}) | " + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in vals) + " |"
-        )
+    for by, prefix in (("language", ""), ("document_type", "document type ")):
+        for g in dict.fromkeys(k for r in results for k in r["summary"].get(f"exact_by_{by}", {})):
+            vals = [r["summary"].get(f"exact_by_{by}", {}).get(g) for r in results]
+            n = max(r["summary"].get(f"questions_by_{by}", {}).get(g, 0) for r in results)
+            lines.append(f"| exact, {prefix}{g} ({n}) | "
+                         + " | ".join("-" if v is None else f"{100 * v:.1f}%" for v in vals) + " |")  # fmt: skip
     lines += [
         "",
         "Ingest per set (tokens, wall seconds): "
@@ -407,7 +494,7 @@ def main() -> None:
             raise SystemExit(f"--delta {d!r}: give LABEL=PATH of an existing delta file")
         deltas.append((label, Path(path)))
     args.work.mkdir(parents=True, exist_ok=True)
-    sets = build(args.work, args.seed, args.questions, args.per_repo, args.per_folder)
+    sets = build(args.work, args.seed, args.questions, args.per_repo, args.per_folder, args.only)
     if args.only:  # a quick look at some sets, a few questions each
         sets = [dict(s, tasks=s["tasks"][: args.limit]) for s in sets if s["name"] in args.only]
     n = sum(len(s["tasks"]) for s in sets)
@@ -419,6 +506,7 @@ def main() -> None:
         "repositories": sum(not s["name"].startswith("case_files") for s in sets),
         "max_steps": args.max_steps,
         "folders": sum(s["name"].startswith("case_files") for s in sets),
+        "fetched": {s["name"]: s["source"] for s in sets if "source" in s},
         **versions(),
     }
     write(args.out, results, meta)

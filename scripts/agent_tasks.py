@@ -199,7 +199,8 @@ def _code_task(k: str, name: str, kind: str, path: str, line: int, node, src: st
 
 def raise_tasks(root: Path, rng: random.Random, n: int) -> list[Task]:
     """Up to n "what does f raise" tasks: functions and methods (of any depth) whose body raises (or, in
-    JavaScript, throws) instances of exactly one class, by name; read_file of the function's lines shows it."""
+    JavaScript, TypeScript and Java, throws) instances of exactly one class, by name; read_file of the function's
+    lines shows it."""
     found: dict[str, list] = {}
     for rel in project_files(root):
         path = rel.as_posix()
@@ -220,10 +221,10 @@ def raise_tasks(root: Path, rng: random.Random, n: int) -> list[Task]:
                             exc = sub.exc.func if isinstance(sub.exc, ast.Call) else sub.exc
                             raised.add(exc.id if isinstance(exc, ast.Name) else None)
                     found.setdefault(node.name, []).append((path, node.lineno, node.end_lineno, raised))
-        elif rel.suffix in JS_SUFFIXES:
+        elif rel.suffix in _THROWING:
             lines = text.splitlines()
             for i, line in enumerate(lines):
-                m = re.match(r"^(\s*)(?:export\s+)?(?:async\s+)?function\*?\s+([A-Za-z_$][\w$]*)\s*\(", line)
+                m = _THROWING[rel.suffix].match(line)
                 if m is None:
                     continue
                 end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith(m[1] + "}")), None)
@@ -248,24 +249,78 @@ def raise_tasks(root: Path, rng: random.Random, n: int) -> list[Task]:
     return [t for t in tasks if _consistent(root, t)][:n]
 
 
-# JavaScript, read by regular expressions over top-level lines (independent of the tools' tree-sitter index)
-_JS_DEF = re.compile(
-    r"^(?:export\s+(?:default\s+)?)?(?:(?:async\s+)?function\*?\s+(?P<f>[A-Za-z_$][\w$]*)\s*\("
-    r"|class\s+(?P<c>[A-Za-z_$][\w$]*)"
-    r"|(?:const|let|var)\s+(?P<v>[A-Za-z_$][\w$]*)\s*=\s*(?P<rhs>.*?);?\s*$)"
-)
-_JS_LITERAL = re.compile(r"-?\d[\d_.]*|'[^'\\]{0,38}'|\"[^\"\\]{0,38}\"")
-_JS_FUNCTION = re.compile(r"(?:async\s+)?(?:function\b|\([^)]*\)\s*=>|[A-Za-z_$][\w$]*\s*=>)")
-JS_SUFFIXES = (".js", ".mjs", ".cjs")
+# Other languages, read by regular expressions over top-level lines (independent of the tools' tree-sitter index):
+# each pattern's groups name what a line defines: f a function, c a class or type, v a variable with its value rhs
+_IDENT = r"[A-Za-z_$][\w$]*"
+_PUB = r"(?:pub(?:\([^)]*\))?\s+)?"
+_JAVA_MODS = r"(?:(?:public|protected|private|static|final|abstract|synchronized|native|default|strictfp)\s+)*"
 
 
-def _js_index(root: Path) -> tuple[dict[str, list], list[tuple[str, str]]]:
-    """As _python_index, for the JavaScript files under root: top-level functions (declared, or a const bound to a
-    function), classes, and upper-case constants bound to a number or string literal."""
+@dataclass(frozen=True)
+class RegexLanguage:
+    name: str
+    suffixes: tuple[str, ...]
+    defs: tuple[re.Pattern, ...]
+    word: str = r"\w"  # what a name is made of, for whole-word counts
+    literal: re.Pattern = re.compile(r"-?\d[\d_.]*|'[^'\\]{0,38}'|\"[^\"\\]{0,38}\"")
+    function_rhs: re.Pattern | None = None  # a variable bound to a function counts as a function
+    block: re.Pattern | None = None  # opens a block whose lines define one name each (Go's const ( ... ))
+    block_item: re.Pattern | None = None
+    skip: re.Pattern | None = None  # files left out (tests, declarations, minified)
+
+
+_JS_FUNCTION = re.compile(rf"(?:async\s+)?(?:function\b|\([^)]*\)(?:\s*:\s*[^=]+?)?\s*=>|{_IDENT}\s*=>)")
+LANGUAGES = {
+    "javascript": RegexLanguage(
+        "javascript", (".js", ".mjs", ".cjs"),
+        (re.compile(rf"^(?:export\s+(?:default\s+)?)?(?:(?:async\s+)?function\*?\s+(?P<f>{_IDENT})\s*\("
+                    rf"|class\s+(?P<c>{_IDENT})|(?:const|let|var)\s+(?P<v>{_IDENT})\s*=\s*(?P<rhs>.*?);?\s*$)"),),
+        word=r"[\w$]", function_rhs=_JS_FUNCTION, skip=re.compile(r"\.min\.js$"),
+    ),
+    "typescript": RegexLanguage(
+        "typescript", (".ts", ".tsx", ".mts"),
+        (re.compile(rf"^(?:export\s+(?:default\s+)?)?(?:declare\s+)?(?:(?:async\s+)?function\*?\s+(?P<f>{_IDENT})"
+                    rf"\s*[<(]|(?:abstract\s+)?(?:class|interface|enum)\s+(?P<c>{_IDENT})|type\s+(?P<c2>{_IDENT})\b"
+                    rf".*=|(?:const|let|var)\s+(?P<v>{_IDENT})(?:\s*:\s*[^=]+?)?\s*=\s*(?P<rhs>.*?);?\s*$)"),),
+        word=r"[\w$]", function_rhs=_JS_FUNCTION, skip=re.compile(r"\.d\.[cm]?ts$|\.test\.tsx?$|\.spec\.tsx?$"),
+    ),
+    "go": RegexLanguage(
+        "go", (".go",),
+        (re.compile(r"^func\s+(?P<f>[A-Za-z_]\w*)\s*[\[(]"),  # functions; methods (func (r T) M) left out
+         re.compile(r"^type\s+(?P<c>[A-Za-z_]\w*)\s+(?:struct|interface)\b"),
+         re.compile(r"^(?:const|var)\s+(?P<v>[A-Za-z_]\w*)(?:\s+[\w.]+)?\s*=\s*(?P<rhs>.+?)\s*(?://.*)?$")),
+        block=re.compile(r"^(?:const|var)\s+\($"),
+        block_item=re.compile(r"^\t(?P<v>[A-Za-z_]\w*)(?:\s+[\w.]+)?\s*=\s*(?P<rhs>.+?)\s*(?://.*)?$"),
+        skip=re.compile(r"_test\.go$"),
+    ),
+    "rust": RegexLanguage(
+        "rust", (".rs",),
+        (re.compile(rf"^{_PUB}(?:const\s+)?(?:async\s+)?(?:unsafe\s+)?(?:extern\s+\"C\"\s+)?fn\s+(?P<f>[A-Za-z_]\w*)"),
+         re.compile(rf"^{_PUB}(?:struct|enum|trait|union)\s+(?P<c>[A-Za-z_]\w*)"),
+         re.compile(rf"^{_PUB}(?:const|static)\s+(?P<v>[A-Z][A-Z0-9_]*)\s*:\s*[^=]+=\s*(?P<rhs>.+?);\s*$")),
+    ),
+    "java": RegexLanguage(
+        "java", (".java",),
+        (re.compile(rf"^{_JAVA_MODS}(?:class|interface|enum|record)\s+(?P<c>[A-Za-z_]\w*)"),
+         re.compile(rf"^ {{4}}{_JAVA_MODS}static\s+final\s+[\w<>\[\]]+\s+(?P<v>[A-Z][A-Z0-9_]*)\s*=\s*(?P<rhs>.+?);"),
+         re.compile(rf"^ {{4}}{_JAVA_MODS}(?:<[^>]+>\s+)?[\w<>\[\], ?]+\s+(?P<f>[a-z]\w*)\s*\([^;]*$")),
+    ),
+}
+JS_SUFFIXES = LANGUAGES["javascript"].suffixes
+# a function's first line where `throw new X` names what it throws: (indentation, name); its body ends at the first
+# line of that indentation starting with "}"
+_JS_HEAD = re.compile(rf"^(\s*)(?:export\s+)?(?:async\s+)?function\*?\s+({_IDENT})\s*[<(]")
+_JAVA_HEAD = re.compile(rf"^(\s+){_JAVA_MODS}(?:<[^>]+>\s+)?[\w<>\[\], ?]+\s+([a-z]\w*)\s*\([^;]*$")
+_THROWING = {**dict.fromkeys(JS_SUFFIXES + (".ts", ".mts"), _JS_HEAD), ".java": _JAVA_HEAD}
+
+
+def _regex_index(root: Path, lang: RegexLanguage) -> tuple[dict[str, list], list[tuple[str, str]]]:
+    """As _python_index, for the files of one language under root: top-level functions (declared, or a variable
+    bound to a function), classes and types, and constants bound to a number or string literal."""
     defs: dict[str, list] = {}
     files = []
     for rel in project_files(root):
-        if rel.suffix not in JS_SUFFIXES or rel.name.endswith(".min.js"):
+        if rel.suffix not in lang.suffixes or (lang.skip and lang.skip.search(rel.name)):
             continue
         try:
             text = (root / rel).read_text(encoding="utf-8")
@@ -273,51 +328,62 @@ def _js_index(root: Path) -> tuple[dict[str, list], list[tuple[str, str]]]:
             continue
         path = rel.as_posix()
         files.append((path, text))
+        in_block = False
         for n, line in enumerate(text.splitlines(), 1):
-            m = _JS_DEF.match(line)
+            if in_block:
+                in_block = not line.startswith(")")
+                m = lang.block_item.match(line) if in_block else None
+            elif lang.block is not None and lang.block.match(line):
+                in_block, m = True, None
+            else:
+                m = next((m for rx in lang.defs if (m := rx.match(line))), None)
             if m is None:
                 continue
-            if m["f"] or m["c"]:
-                defs.setdefault(m["f"] or m["c"], []).append(("function" if m["f"] else "class", path, n, None, line))
-            elif _JS_FUNCTION.match(m["rhs"]):
-                defs.setdefault(m["v"], []).append(("function", path, n, None, line))
-            elif re.fullmatch(r"[A-Z][A-Z0-9_]{3,}", m["v"]) and _JS_LITERAL.fullmatch(m["rhs"]):
-                defs.setdefault(m["v"], []).append(("value", path, n, m["rhs"], line))
+            got = {k: v for k, v in m.groupdict().items() if v is not None}
+            if "f" in got or "c" in got or "c2" in got:
+                kind = "function" if "f" in got else "class"
+                defs.setdefault(got.get("f") or got.get("c") or got["c2"], []).append((kind, path, n, None, line))
+            elif lang.function_rhs is not None and lang.function_rhs.match(got["rhs"]):
+                defs.setdefault(got["v"], []).append(("function", path, n, None, line))
+            elif re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{3,}", got["v"]) and lang.literal.fullmatch(got["rhs"]) and (
+                got["v"].isupper() or lang.name == "go"  # Go's constants are named like any other name
+            ):
+                defs.setdefault(got["v"], []).append(("value", path, n, got["rhs"], line))
             else:
-                defs.setdefault(m["v"], []).append(("variable", path, n, None, line))
+                defs.setdefault(got["v"], []).append(("variable", path, n, None, line))
     return defs, files
 
 
-def js_tasks(root: Path, rng: random.Random, per_kind: int) -> list[Task]:
-    """Up to per_kind tasks of the kinds where, uses and value from the JavaScript files under root, each checked
-    against the real tool's output."""
-    defs, files = _js_index(root)
+def code_tasks(root: Path, rng: random.Random, per_kind: int, language: str) -> list[Task]:
+    """Up to per_kind tasks of the kinds where, uses and value from one language's files under root (read by
+    LANGUAGES' regular expressions), each checked against the real tool's output."""
+    lang = LANGUAGES[language]
+    defs, files = _regex_index(root, lang)
     names = sorted(n for n, d in defs.items() if len(d) == 1 and len(n) >= 4 and not n.startswith("_"))
     rng.shuffle(names)
     out: dict[str, list[Task]] = {k: [] for k in ("where", "uses", "value")}
     for name in names:
         kind, path, line, value, _ = defs[name][0]
+        word = f"(?<!{lang.word}){re.escape(name)}(?!{lang.word})"
         for k in rng.sample(list(out), len(out)):
             if len(out[k]) >= per_kind:
                 continue
             task = None
-            word = f"(?<![\\w$]){re.escape(name)}(?![\\w$])"
             if k == "where" and kind in ("class", "function"):
-                if _grep_count(files, f"(function|class|const|let|var) {word}")[0] == 1:
-                    what = "the class" if kind == "class" else "the function"
-                    q = rng.choice(WHERE_Q).format(what=what, name=name)
-                    task = Task("where", q, [("grep", {"pattern": f"(function|class|const) {name}\\b"})], [[path]],
-                                {"name": name, "path": path, "line": line})  # fmt: skip
+                what = "the class" if kind == "class" else "the function"
+                q = rng.choice(WHERE_Q).format(what=what, name=name)
+                task = Task("where", q, [("definition", {"name": name})], [[path]],
+                            {"name": name, "path": path, "line": line})  # fmt: skip
             elif k == "value" and kind == "value":
                 q = rng.choice(VALUE_Q).format(name=name)
-                task = Task("value", q, [("grep", {"pattern": f"{name} ="})], [[value], [path]],
+                task = Task("value", q, [("definition", {"name": name})], [[value], [path]],
                             {"name": name, "path": path, "line": line, "value": value})  # fmt: skip
             elif k == "uses" and kind in ("class", "function"):
                 total, per = _grep_count(files, word)
                 if 2 <= len(per) <= 4 and total <= 16:
                     paths = sorted(per)
                     q = rng.choice(USES_Q).format(name=name)
-                    task = Task("uses", q, [("grep", {"pattern": f"\\b{name}\\b"})], [[p] for p in paths],
+                    task = Task("uses", q, [("references", {"name": name})], [[p] for p in paths],
                                 {"name": name, "paths": paths})  # fmt: skip
             if task is not None:
                 out[k].append(task)
@@ -397,6 +463,19 @@ DOCX_Q = [
     "Which document states the {attr} for {entity}, and in which section?",
     "Where in the case files is the {attr} for {entity} given? Cite the file and section.",
 ]
+# by format: the questions, and what the answer must cite beside the file (FORMAT_ANCHOR, a function of the part)
+FORMAT_Q = {
+    "pdf": DOC_Q,
+    "docx": DOCX_Q,
+    "xlsx": ["Which workbook and sheet give the {attr} for {entity}?",
+             "Where in the case files is the {attr} for {entity} given? Cite the file and sheet."],
+    "pptx": ["Which presentation states the {attr} for {entity}, and on which slide?",
+             "Where in the case files is the {attr} for {entity} given? Cite the file and slide."],
+    "mbox": ["Which mailbox and message give the {attr} for {entity}?",
+             "Where in the case files is the {attr} for {entity} given? Cite the file and message."],
+    "eml": ["Which e-mail states the {attr} for {entity}?",
+            "Which file in the case folder gives the {attr} for {entity}?"],
+}  # fmt: skip
 
 
 def _fill(template: str, rng: random.Random) -> str:
@@ -413,12 +492,11 @@ def _fill(template: str, rng: random.Random) -> str:
     )
 
 
-def case_folder(root: Path, rng: random.Random, split: str, n_docs: int = 6, facts_per_doc: int = 4) -> list[Task]:
-    """Write a folder of PDF (pages) and DOCX (sections) documents with facts in them (fpdf2, python-docx), and
-    one question per fact."""
-    import docx
-    from fpdf import FPDF
-
+def case_folder(root: Path, rng: random.Random, split: str, n_docs: int = 6, facts_per_doc: int = 4,
+                formats: tuple[str, ...] = ("pdf", "docx")) -> list[Task]:  # fmt: skip
+    """Write a folder of documents with facts in them, one question per fact. Formats, in turn: PDF (a page per
+    part, fpdf2), DOCX (a heading per part, python-docx), XLSX (a sheet per part, openpyxl), PPTX (a slide per part,
+    python-pptx), mailbox (a message per part, the email package) and e-mail (one message)."""
     root.mkdir(parents=True, exist_ok=True)
     themes = THEMES[split]
     tasks, seen = [], set()
@@ -432,39 +510,89 @@ def case_folder(root: Path, rng: random.Random, split: str, n_docs: int = 6, fac
                 facts.append((attr, entity, value))
         kind = rng.choice(["report", "memo", "schedule", "minutes", "review", "letter"])
         stem = f"{kind}_{rng.choice(WORDS).lower()}_{i + 1}"
-        pdf = i % 2 == 0
-        name = stem + (".pdf" if pdf else ".docx")
+        fmt = formats[i % len(formats)]
+        name = f"{stem}.{fmt}"
         sections = [[rng.choice(FILLER) for _ in range(rng.randint(2, 4))] for _ in range(rng.randint(3, 5))]
         headings = [
             f"{rng.choice(['Terms', 'Schedule', 'Findings', 'Costs', 'Notes', 'Dates'])} {j + 1}"
             for j in range(len(sections))
         ]
+        if fmt == "eml":  # one message: one part
+            sections, headings = [sum(sections, [])], [f"{stem.replace('_', ' ').title()}"]
         placed = []
         for attr, entity, value in facts:
             j = rng.randrange(len(sections))
             sentence = f"The {attr} for {entity} is {value}."
             sections[j].insert(rng.randint(0, len(sections[j])), sentence)
             placed.append((attr, entity, sentence, j))
-        if pdf:
-            doc = FPDF()
-            for lines in sections:
-                doc.add_page()
-                doc.set_font("helvetica", size=11)
-                for line in lines:
-                    doc.multi_cell(0, 7, line, new_x="LMARGIN", new_y="NEXT")
-            doc.output(str(root / name))
-        else:
-            d = docx.Document()
-            d.add_heading(stem.replace("_", " ").title(), 1)
-            for h, lines in zip(headings, sections, strict=True):
-                d.add_heading(h, 2)
-                for line in lines:
-                    d.add_paragraph(line)
-            d.save(root / name)
+        _write_document(root / name, fmt, stem, headings, sections)
         for attr, entity, sentence, j in placed:
-            anchor = f"page {j + 1}" if pdf else f"section {headings[j]}"
-            q = rng.choice(DOC_Q if pdf else DOCX_Q).format(attr=attr, entity=entity)
-            expect = [[name], [f"page {j + 1}", f"p. {j + 1}", f"p.{j + 1}"] if pdf else [headings[j]]]
+            anchor = {"pdf": f"page {j + 1}", "docx": f"section {headings[j]}", "xlsx": f"sheet {headings[j]}",
+                      "pptx": f"slide {j + 1}", "mbox": f"message {j + 1}", "eml": ""}[fmt]  # fmt: skip
+            q = rng.choice(FORMAT_Q[fmt]).format(attr=attr, entity=entity)
+            cite = {"pdf": [f"page {j + 1}", f"p. {j + 1}", f"p.{j + 1}"], "docx": [headings[j]], "xlsx": [headings[j]],
+                    "pptx": [f"slide {j + 1}"], "mbox": [f"message {j + 1}", headings[j]]}.get(fmt)  # fmt: skip
+            expect = [[name], cite] if cite else [[name]]
             facts = {"path": name, "anchor": anchor, "sentence": sentence}
             tasks.append(Task("document", q, [("grep", {"pattern": f"{attr} for {entity}"})], expect, facts))
     return [t for t in tasks if _consistent(root, t)]
+
+
+def _write_document(path: Path, fmt: str, title: str, headings: list[str], parts: list[list[str]]) -> None:
+    if fmt == "pdf":
+        from fpdf import FPDF
+
+        doc = FPDF()
+        for lines in parts:
+            doc.add_page()
+            doc.set_font("helvetica", size=11)
+            for line in lines:
+                doc.multi_cell(0, 7, line, new_x="LMARGIN", new_y="NEXT")
+        doc.output(str(path))
+    elif fmt == "docx":
+        import docx
+
+        d = docx.Document()
+        d.add_heading(title.replace("_", " ").title(), 1)
+        for h, lines in zip(headings, parts, strict=True):
+            d.add_heading(h, 2)
+            for line in lines:
+                d.add_paragraph(line)
+        d.save(path)
+    elif fmt == "xlsx":
+        import openpyxl
+
+        wb = openpyxl.Workbook()
+        wb.remove(wb.active)
+        for h, lines in zip(headings, parts, strict=True):
+            sheet = wb.create_sheet(h)
+            sheet.append(["#", "note"])
+            for n, line in enumerate(lines, 1):
+                sheet.append([n, line])
+        wb.save(path)
+    elif fmt == "pptx":
+        from pptx import Presentation
+
+        p = Presentation()
+        for h, lines in zip(headings, parts, strict=True):
+            slide = p.slides.add_slide(p.slide_layouts[1])
+            slide.shapes.title.text, slide.placeholders[1].text = h, "\n".join(lines)
+        p.save(path)
+    else:  # mbox, eml
+        import mailbox
+        from email.message import EmailMessage
+
+        def message(subject: str, lines: list[str], n: int) -> EmailMessage:
+            m = EmailMessage()
+            m["From"], m["To"], m["Subject"] = "office@example.org", "files@example.org", subject
+            m["Date"] = f"Mon, {n + 1} Jun 2026 09:00:00 +0000"
+            m.set_content("\n\n".join(lines) + "\n")
+            return m
+
+        if fmt == "eml":
+            path.write_bytes(message(headings[0], parts[0], 0).as_bytes())
+        else:
+            box = mailbox.mbox(path)
+            for n, (h, lines) in enumerate(zip(headings, parts, strict=True)):
+                box.add(message(h, lines, n))
+            box.close()

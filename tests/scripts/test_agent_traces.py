@@ -116,6 +116,138 @@ def test_case_folder_facts_sit_on_the_pages_and_sections_the_tasks_name(tmp_path
     assert not train & {a for a, _, _ in agent_tasks.THEMES["eval"]}  # the evaluation's facts are never trained
 
 
+def test_other_formats_hold_each_fact_in_the_sheet_slide_or_message_the_task_names(tmp_path):
+    """Read back with each format's own library (openpyxl, python-pptx, mailbox), not deltamem's converter."""
+    import mailbox
+
+    import openpyxl
+    from pptx import Presentation
+
+    case = tmp_path / "case"
+    tasks = agent_tasks.case_folder(case, random.Random(5), "eval", n_docs=4, facts_per_doc=3,
+                                    formats=("xlsx", "pptx", "mbox", "eml"))  # fmt: skip
+    assert len(tasks) == 12 and {Path(t.facts["path"]).suffix for t in tasks} == {".xlsx", ".pptx", ".mbox", ".eml"}
+    for t in tasks:
+        path, anchor, sentence = case / t.facts["path"], t.facts["anchor"], t.facts["sentence"]
+        if path.suffix == ".xlsx":
+            sheet = openpyxl.load_workbook(path)[anchor.removeprefix("sheet ")]
+            assert sentence in [c.value for row in sheet.iter_rows() for c in row]
+        elif path.suffix == ".pptx":
+            slide = Presentation(path).slides[int(anchor.split()[1]) - 1]
+            assert sentence in "\n".join(s.text_frame.text for s in slide.shapes if s.has_text_frame)
+        elif path.suffix == ".mbox":
+            message = list(mailbox.mbox(path))[int(anchor.split()[1]) - 1]
+            assert sentence in message.get_payload(decode=True).decode()
+        else:
+            assert anchor == "" and sentence in path.read_text()
+        assert agent_tasks.exact(t, t.answer()) and t.expect[0] == [t.facts["path"]]
+        assert not agent_tasks.exact(t, t.answer().replace(t.facts["path"], "other.pdf"))
+
+
+GO_A = """package a
+
+const MaxDepth = 32
+
+const (
+\tretryLimit int = 5
+\tlabel = "x"
+)
+
+type Parser struct {
+\tdepth int
+}
+
+func NewParser() *Parser {
+\treturn &Parser{}
+}
+
+func (p *Parser) Parse(s string) error {
+\treturn nil
+}
+"""
+RUST = """pub const MAX_LEN: usize = 64;
+static NAME: &str = "semver";
+
+pub struct Version {
+    major: u64,
+}
+
+impl Version {
+    pub fn parse(s: &str) -> Self { todo!() }
+}
+
+pub(crate) fn compare_parts(a: u64) -> bool {
+    true
+}
+
+pub enum Op {
+    Exact,
+}
+"""
+JAVA = """package zip;
+
+public class Inflate {
+    private static final int BUF_SIZE = 512;
+    public static final String TAG_NAME = "inflate";
+
+    public synchronized int inflateBytes(byte[] b, int off) throws IOException {
+        return 0;
+    }
+}
+"""
+TS = """export const DRAFT_STATE: unique symbol = Symbol.for('immer-state')
+export const NOTHING = 'nothing'
+export interface Patch {
+  op: string
+}
+export type Draft<T> = T
+export function produce<T>(base: T): T {
+  return base
+}
+export const isDraft = (x: unknown): boolean => false
+"""
+SOURCES = {  # per language: files, and what the regular-expression index must find in them (name: kind, file)
+    "go": ({"a.go": GO_A, "b.go": "package a\n\nfunc use() {\n\t_ = NewParser()\n}\n",
+            "a_test.go": "package a\n\nfunc TestX() {}\n"},
+           {"MaxDepth": ("value", "a.go"), "retryLimit": ("value", "a.go"), "label": ("value", "a.go"),
+            "Parser": ("class", "a.go"), "NewParser": ("function", "a.go"), "use": ("function", "b.go")}),
+    "rust": ({"src/lib.rs": RUST},
+             {"MAX_LEN": ("value", "src/lib.rs"), "NAME": ("value", "src/lib.rs"), "Version": ("class", "src/lib.rs"),
+              "compare_parts": ("function", "src/lib.rs"), "Op": ("class", "src/lib.rs")}),
+    "java": ({"zip/Inflate.java": JAVA},
+             {"Inflate": ("class", "zip/Inflate.java"), "BUF_SIZE": ("value", "zip/Inflate.java"),
+              "TAG_NAME": ("value", "zip/Inflate.java"), "inflateBytes": ("function", "zip/Inflate.java")}),
+    "typescript": ({"src/core.ts": TS, "src/types.d.ts": "export declare function ignored(): void\n"},
+                   {"NOTHING": ("value", "src/core.ts"), "Patch": ("class", "src/core.ts"),
+                    "Draft": ("class", "src/core.ts"), "produce": ("function", "src/core.ts"),
+                    "isDraft": ("function", "src/core.ts"), "DRAFT_STATE": ("variable", "src/core.ts")}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("language", sorted(SOURCES))
+def test_other_languages_index_what_the_files_define(tmp_path, language):
+    files, want = SOURCES[language]
+    root = git_repo(tmp_path / language, files)
+    defs, read = agent_tasks._regex_index(root, agent_tasks.LANGUAGES[language])
+    assert {name: (d[0][0], d[0][1]) for name, d in defs.items()} == want
+    assert not any(p.endswith(("_test.go", ".d.ts")) for p, _ in read)  # tests and declarations left out
+    tasks = [t for seed in range(6) for t in agent_tasks.code_tasks(root, random.Random(seed), 5, language)]
+    assert tasks and all(agent_tasks.exact(t, t.answer()) for t in tasks)
+    for t in tasks:  # answers from the index, shown by the product's own tools (tree-sitter)
+        assert [want[t.facts["name"]][1]] in t.expect or t.kind == "uses"
+
+
+def test_java_and_typescript_raise_tasks_name_the_one_class_thrown(tmp_path):
+    body = "        if (n < 0) {\n            throw new IllegalArgumentException(\"negative\");\n        }\n"
+    java = f"class Box {{\n    public int checkedSize(int n) {{\n{body}        return n;\n    }}\n}}\n"
+    ts = ("export function parseLimit(s: string): number {\n  if (!s) {\n    throw new RangeError('empty')\n  }\n"
+          "  return 1\n}\n")
+    root = git_repo(tmp_path / "p", {"Box.java": java, "limit.ts": ts})
+    tasks = agent_tasks.raise_tasks(root, random.Random(0), 5)
+    assert {(t.facts["name"], t.facts["exception"], t.facts["path"]) for t in tasks} == {
+        ("checkedSize", "IllegalArgumentException", "Box.java"), ("parseLimit", "RangeError", "limit.ts")}
+
+
 def test_trace_segments_are_the_rendered_conversation(repo):
     agent_traces = pytest.importorskip("agent_traces")
     from deltamem.agent.prompt import ChatTemplate
