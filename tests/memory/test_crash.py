@@ -2,6 +2,7 @@
 corrupts the database, and the last committed snapshot restores and continues exactly like the reference run.
 Also: a reader beside a writer never sees "database is locked"."""
 
+import os
 import random
 import signal
 import sqlite3
@@ -32,11 +33,11 @@ def reference(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     follow = torch.randint(0, 320, (5,), generator=gen)
     after = {}
+    probe = load_model(d, window=32, sink=4)  # one engine, each snapshot restored into it in turn
     for i in range(1, TURNS + 1):
         eng.feed(torch.randint(0, 320, (16,), generator=gen))
         blob = eng.snapshot()
         (blobs / f"{i}.snap").write_bytes(blob)
-        probe = load_model(d, window=32, sink=4)
         probe.restore(blob)
         after[i] = probe.feed(follow)
     return d, blobs, eng.fingerprint, follow, after
@@ -66,16 +67,18 @@ def test_sigkill_never_loses_a_committed_turn(tmp_path, reference):
     store.close()
     engine = load_model(ckpt, window=32, sink=4)
     rng = random.Random(1)
-    t = time.perf_counter()
-    assert spawn(db, blobs, 0).wait() == 0  # a child that starts and stops: its start-up time on this machine
-    startup = time.perf_counter() - t
+    forks = subprocess.Popen([sys.executable, str(Path(__file__).with_name("writer.py")), "--fork"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     seen_progress = set()
     for _ in range(KILLS):
-        child = spawn(db, blobs, 10**6)
-        time.sleep(startup * rng.uniform(0.7, 1.0) + rng.uniform(0, 0.4))  # some kills land before, most during writes
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()
+        forks.stdin.write(f"{db} {blobs} {10**6} crash\n")
+        forks.stdin.flush()
+        pid = int(forks.stdout.readline())
+        time.sleep(rng.uniform(0, 0.25))  # some kills land before the first write, most during writes
+        os.kill(pid, signal.SIGKILL)
+        forks.stdin.write(f"wait {pid}\n")
+        forks.stdin.flush()
+        assert int(forks.stdout.readline()) == -signal.SIGKILL
 
         con = sqlite3.connect(db)
         assert con.execute("pragma integrity_check").fetchone()[0] == "ok"
@@ -94,6 +97,8 @@ def test_sigkill_never_loses_a_committed_turn(tmp_path, reference):
             assert torch.equal(engine.feed(follow), after[k])
         store.close()
         seen_progress.add(len(seqs))
+    forks.stdin.close()
+    assert forks.wait(timeout=60) == 0
     assert len(seen_progress) > KILLS // 4  # the kills really landed at many different points
 
 
