@@ -316,11 +316,12 @@ _THROWING = {**dict.fromkeys(JS_SUFFIXES + (".ts", ".mts"), _JS_HEAD), ".java": 
 
 def _regex_index(root: Path, lang: RegexLanguage) -> tuple[dict[str, list], list[tuple[str, str]]]:
     """As _python_index, for the files of one language under root: top-level functions (declared, or a variable
-    bound to a function), classes and types, and constants bound to a number or string literal."""
+    bound to a function), classes and types, and constants bound to a number or string literal. The files that
+    `lang.skip` names (tests, declarations) define nothing here but are read (for the uses questions' counts)."""
     defs: dict[str, list] = {}
     files = []
     for rel in project_files(root):
-        if rel.suffix not in lang.suffixes or (lang.skip and lang.skip.search(rel.name)):
+        if rel.suffix not in lang.suffixes:
             continue
         try:
             text = (root / rel).read_text(encoding="utf-8")
@@ -328,6 +329,8 @@ def _regex_index(root: Path, lang: RegexLanguage) -> tuple[dict[str, list], list
             continue
         path = rel.as_posix()
         files.append((path, text))
+        if lang.skip and lang.skip.search(rel.name):
+            continue
         in_block = False
         for n, line in enumerate(text.splitlines(), 1):
             if in_block:

@@ -230,7 +230,8 @@ def test_other_languages_index_what_the_files_define(tmp_path, language):
     root = git_repo(tmp_path / language, files)
     defs, read = agent_tasks._regex_index(root, agent_tasks.LANGUAGES[language])
     assert {name: (d[0][0], d[0][1]) for name, d in defs.items()} == want
-    assert not any(p.endswith(("_test.go", ".d.ts")) for p, _ in read)  # tests and declarations left out
+    assert all(d[1] not in ("a_test.go", "src/types.d.ts") for ds in defs.values() for d in ds)  # they define nothing
+    assert {p for p, _ in read} == {p for p in files if p.endswith(agent_tasks.LANGUAGES[language].suffixes)}
     tasks = [t for seed in range(6) for t in agent_tasks.code_tasks(root, random.Random(seed), 5, language)]
     assert tasks and all(agent_tasks.exact(t, t.answer()) for t in tasks)
     for t in tasks:  # answers from the index, shown by the product's own tools (tree-sitter)
