@@ -8,11 +8,10 @@ its context) and answers by reading and citing; it may still call tools.
 A name is a word of the task (in backticks or not) that the project's code defines (tools/symbols.py), those shaped
 like code (backticks, snake_case, camelCase, dotted) first: each gets `references` where the task asks where it is
 used (called, imported...), else `definition` (and, where the task asks what it raises or does, `read_file` of its
-lines): the results the question needs, nearest the reply. A task
-without such a name gets `grep` over its key words (two or more), whose ranked fallback (tools/fs.py) shows the lines
-holding most of them, with their page, section or message in documents. The runner (agent/runner.py) runs these calls
-through run_tool and places them in the conversation as a tool-call turn marked `auto`, before the model's first
-reply.
+lines): the results the question needs, nearest the reply. A task without such a name gets `search` of its key
+words (two or more: tools/rank.py's BM25 over word stems), which shows the lines holding most of them, with their
+page, section or message in documents. The runner (agent/runner.py) runs these calls through run_tool and places
+them in the conversation as a tool-call turn marked `auto`, before the model's first reply.
 """
 
 from __future__ import annotations
@@ -90,4 +89,4 @@ def lookup_calls(root: Path, task: str) -> list[tuple[str, dict]]:
             calls.append(("read_file", {"path": d.path, "start_line": d.line, "end_line": min(d.end, d.line + 60)}))
         return calls
     words = key_words(task)  # one word ("hi", "thanks") is no phrase to look up
-    return [("grep", {"pattern": " ".join(words[:8])})] if len(words) >= 2 else []
+    return [("search", {"query": " ".join(words[:8])})] if len(words) >= 2 else []

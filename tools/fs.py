@@ -4,13 +4,13 @@ the sandbox (tools.sandbox); grep and glob see the files .gitignore keeps (tools
 from __future__ import annotations
 
 import fnmatch
-import math
 import os
 import re
 import stat
 import tempfile
 from pathlib import Path
 
+from deltamem.tools import rank
 from deltamem.tools.base import MAX_PATH_ARG, MAX_PATTERN_ARG, Tool, ToolContext, ToolError, kwargs_runner
 from deltamem.tools.documents import READ_CONVERTED
 from deltamem.tools.files import project_files
@@ -159,21 +159,25 @@ def search_pattern(pattern: str, ignore_case: bool | None = None) -> re.Pattern:
             raise ToolError(f"bad regular expression {pattern!r}: {e}") from None
 
 
-def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = None) -> str:
-    rx = search_pattern(pattern)
+def _searched(ctx: ToolContext, path: str, glob: str | None) -> tuple[Path, list[Path], bool]:
+    """(root, the files a search of `path` reads, whether path is a directory)."""
     root = ctx.root.resolve()
     target = resolve(root, path)
-    in_dir = target.is_dir()
-    if in_dir:
-        under = target.relative_to(root)
-        files = [f for f in project_files(root) if under in f.parents]
-        if glob is not None:
-            if "/" in glob:
-                files = sorted(set(files) & _matches_glob(root, glob))
-            else:
-                files = [f for f in files if fnmatch.fnmatchcase(f.name, glob)]
-    else:
-        files = [target.relative_to(root)]
+    if not target.is_dir():
+        return root, [target.relative_to(root)], False
+    under = target.relative_to(root)
+    files = [f for f in project_files(root) if under in f.parents]
+    if glob is not None:
+        if "/" in glob:
+            files = sorted(set(files) & _matches_glob(root, glob))
+        else:
+            files = [f for f in files if fnmatch.fnmatchcase(f.name, glob)]
+    return root, files, True
+
+
+def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = None) -> str:
+    rx = search_pattern(pattern)
+    root, files, in_dir = _searched(ctx, path, glob)
     out, skipped = _search(root, files, rx, in_dir, path)
     if out:
         return _shown(out, skipped)
@@ -183,52 +187,37 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
         if loose:
             head = f"no matches for {pattern!r} (case-sensitive: it has capitals); ignoring case:"
             return head + "\n" + _shown(loose, skipped)
-    words = _words(pattern)
+    words = rank.words(pattern)
     ranked = _ranked(root, files, words, in_dir, path)  # the pattern's words, wherever most of them are
     if ranked:
         head = f"no matches for {pattern!r}; the lines with most of its words ({', '.join(words)}):\n"
-        return head + _shown(ranked, skipped) + (f"\n(best match: {_cited(ranked[0])})" if len(ranked) > 1 else "")
+        return head + _best(ranked, skipped)
     return f"no matches for {pattern!r}" + (_skipped(skipped) if skipped else "")
 
 
-# letters and digits, hyphenated words whole (Meadow-4); `_` splits snake_case (penalty_rate: penalty, rate)
-_WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")
-# words a search pattern spells that name no one thing: English glue and definitions' keywords of the map's languages
-_STOP = {"the", "and", "for", "of", "in", "on", "at", "to", "is", "are", "by", "with", "from", "def", "class",
-         "function", "const", "let", "var", "func", "pub", "type", "interface", "struct", "enum", "impl", "trait",
-         "static", "async", "export", "import", "return", "raise", "self", "public", "private", "final", "void", "fn"}
-RANKED_LINES = 20
+def search(ctx: ToolContext, query: str, path: str = ".", glob: str | None = None) -> str:
+    """The lines that best match the query's words (tools/rank.py), best first."""
+    terms = rank.words(query)
+    if not terms:
+        raise ToolError(f"no words to search for in {query!r} (give the words a passage would use)")
+    root, files, in_dir = _searched(ctx, path, glob)
+    lines = _ranked(root, files, terms, in_dir, path)
+    if not lines:
+        need = "any line with" if len(terms) == 1 else "any line with two of"
+        return f"no match for {query!r}: {need} the words {', '.join(terms)} (word forms included)"
+    return f"the lines best matching {', '.join(terms)}, best first:\n" + _best(lines, 0)
 
 
-def _words(pattern: str) -> list[str]:
-    """The words a regular expression spells out (escapes such as \\b dropped; camelCase kept whole), lower case."""
-    words = _WORD.findall(re.sub(r"\\.", " ", pattern))
-    return list(dict.fromkeys(w.lower() for w in words if len(w) >= 2 and w.lower() not in _STOP))
+def _best(lines: list[str], skipped: int) -> str:
+    """Ranked lines as grep shows matches, the best one again last, as an answer cites it."""
+    return _shown(lines, skipped) + f"\n(best match: {_cited(lines[0])})"
 
 
-def _ranked(root: Path, files: list[Path], words: list[str], in_dir: bool, path: str) -> list[str]:
-    """Where a pattern matched nothing: the lines holding the most of its words (_words), each word weighted by how
-    rare it is among the lines searched (idf), best first; a line must hold two words where the pattern has two or
-    more. So a pattern shaped for another language (`def f` for a JavaScript function) shows f's lines, and a phrase
-    with a word the text does not use still finds its passage."""
-    if not words:
-        return []
-    rxs = [re.compile(rf"(?<![^\W_]){re.escape(w)}(?![^\W_])", re.IGNORECASE) for w in words]
-    hits, df, n_lines = [], [0] * len(words), 0
-    for line in _search(root, files, re.compile(""), in_dir, path, limit=None)[0]:
-        n_lines += 1
-        text = line.split(": ", 1)[1] if ": " in line else line
-        found = [i for i, rx in enumerate(rxs) if rx.search(text)]
-        for i in found:
-            df[i] += 1
-        if len(found) >= min(2, len(words)):
-            hits.append((found, line))
-    idf = [math.log((n_lines + 1) / (d + 0.5)) for d in df]
-    scored = sorted(((sum(idf[i] for i in found), -k, line) for k, (found, line) in enumerate(hits)), reverse=True)
-    if not scored:
-        return []
-    best = scored[0][0]
-    return [line for score, _, line in scored[:RANKED_LINES] if score >= best / 2]
+def _ranked(root: Path, files: list[Path], terms: list[str], in_dir: bool, path: str) -> list[str]:
+    """The lines of `files` that best match `terms` (tools/rank.py: BM25, word stems, two terms a line where two
+    or more are given): so a pattern shaped for another language (`def f` for a JavaScript function) shows f's
+    lines, and a phrase with a word the text does not use, or uses in another form, still finds its passage."""
+    return rank.ranked(_search(root, files, re.compile(""), in_dir, path, limit=None)[0], terms)
 
 
 def _cited(hit: str) -> str:
@@ -388,6 +377,20 @@ TOOLS = (
         ),
         False,
         kwargs_runner(grep),
+    ),
+    Tool(
+        "search",
+        "Find the lines of the project's files and documents that best match some words, best first (ranked; word "
+        "forms match: 'approved' finds 'approval'); for a question in words, where grep needs the exact text.",
+        _schema(
+            ["query"],
+            query={"type": "string", "description": "the words to look for", "maxLength": MAX_PATTERN_ARG},
+            path={**_PATH, "description": "file or directory to search", "default": "."},
+            glob={"type": "string", "description": "only files whose name matches, e.g. '*.pdf'",
+                  "maxLength": MAX_PATTERN_ARG},
+        ),
+        False,
+        kwargs_runner(search),
     ),
     Tool(
         "map",

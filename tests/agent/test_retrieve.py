@@ -39,13 +39,13 @@ def test_names_the_code_defines_are_looked_up_code_shaped_first(repo):
     assert lookup_calls(repo, "What does `checkout` raise?") == [
         ("definition", {"name": "checkout"}), ("read_file", {"path": "shop/cart.py", "start_line": 8, "end_line": 9})]
     assert lookup_calls(repo, "What does `Cart.total` return?")[0] == ("definition", {"name": "total"})
-    # nothing defined: the key words, for grep's ranked search
+    # nothing defined: the key words, for a ranked search
     assert lookup_calls(repo, "Which document gives the late fee for Bramble Ltd?") == [
-        ("grep", {"pattern": "late fee Bramble Ltd"})]
+        ("search", {"query": "late fee Bramble Ltd"})]
     assert lookup_calls(repo, "what is it?") == lookup_calls(repo, "Thanks!") == []
 
 
-def test_grep_of_the_key_words_finds_the_passage_a_paraphrase_names(repo):
+def test_a_search_of_the_key_words_finds_the_passage_a_paraphrase_names(repo):
     (name, args), = lookup_calls(repo, "Where do the case files state the late fee for Bramble Ltd?")
     ok, out = run_tool(ToolContext(root=repo), default_tools(), name, args)
     assert ok and "notes/terms.md:2: The late fee for Bramble Ltd is 4 percent." in out

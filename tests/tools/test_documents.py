@@ -149,6 +149,16 @@ def test_read_file_and_grep_see_the_converted_text(case):
     assert ok and out.startswith("contract.docx:") and "[section Termination] Three months' notice" in out, out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "pump stopped on day 20", "path": "report.pdf"})  # ranked
     assert ok and out.endswith("(best match: report.pdf, page 2: Finding 2: the pump failed on day 20.)"), out
+    # search: a question's words, word forms matched (terminated ~ Termination, notices ~ notice), ranked
+    ok, out = run_tool(ctx, tools, "search", {"query": "When can the lease be terminated, and with what notices?"})
+    assert ok and out.splitlines()[0] == "the lines best matching lease, terminated, notices, best first:"
+    assert "contract.docx:" in out and out.endswith("(best match: contract.docx, section Termination: Three months' "
+                                                    "notice, in writing.)"), out
+    ok, out = run_tool(ctx, tools, "search", {"query": "pump replaced"})
+    assert ok and out == "no match for 'pump replaced': any line with two of the words pump, replaced (word forms " \
+        "included)"
+    assert run_tool(ctx, tools, "search", {"query": "the of ?"}) == (
+        False, "error: no words to search for in 'the of ?' (give the words a passage would use)")
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "Ana"})
     assert ok and out.split(": ", 1)[1] == "[sheet Staff] | Ana | lead |", out
     ok, out = run_tool(ctx, tools, "grep", {"pattern": "engineers"})

@@ -172,7 +172,8 @@ def test_grep_smart_case_whitespace_hints_and_files(tmp_path):
     write(tmp_path, "cli.js", "export function parseArgs(argv) {\n  return argv;\n}\n")
     assert ok(ctx, "grep", pattern=r"def parseArgs\b").splitlines() == [
         r"no matches for 'def parseArgs\\b'; the lines with most of its words (parseargs):",
-        "cli.js:1: export function parseArgs(argv) {"]
+        "cli.js:1: export function parseArgs(argv) {",
+        "(best match: cli.js, line 1: export function parseArgs(argv) {)"]
     assert ok(ctx, "grep", pattern=r"^MAX_RETRIES =").splitlines() == [
         "no matches for '^MAX_RETRIES ='; the lines with most of its words (max, retries):", "2 files: a.js, b.js",
         "a.js:1: export const MAX_RETRIES = 5;", "b.js:1: import { MAX_RETRIES } from './a.js';",
@@ -189,7 +190,8 @@ def test_grep_smart_case_whitespace_hints_and_files(tmp_path):
     assert ok(ctx, "grep", pattern="retries[ ]=", path="c.py") == "c.py:1: retries = 3"
     assert ok(ctx, "grep", pattern="retries *= 3", path="c.py") == "c.py:1: retries = 3"
     assert ok(ctx, "grep", pattern="retries  {2}=", path="c.py").splitlines() == [
-        "no matches for 'retries  {2}='; the lines with most of its words (retries):", "c.py:1: retries = 3"]
+        "no matches for 'retries  {2}='; the lines with most of its words (retries):", "c.py:1: retries = 3",
+        "(best match: c.py, line 1: retries = 3)"]
 
 
 def test_glob_matches_pathlib_minus_ignored(project):
@@ -482,7 +484,7 @@ def test_memory_tools_without_a_store(tmp_path, name):
             "nope",
             {},
             "unknown tool 'nope'; the tools are: definition, edit, glob, grep, list_dir, map, note, read_file, "
-            "recall, references, shell, write_file",
+            "recall, references, search, shell, write_file",
         ),
         (None, {}, "unknown tool None"),
         (["read_file"], {}, "unknown tool ['read_file']"),
@@ -517,8 +519,8 @@ def test_run_tool_turns_exceptions_into_errors(tmp_path):
 
 
 def test_default_tools_schemas_and_risk():
-    names = {"list_dir", "read_file", "grep", "map", "glob", "definition", "references", "write_file", "edit", "shell",
-             "recall", "note"}
+    names = {"list_dir", "read_file", "grep", "search", "map", "glob", "definition", "references", "write_file", "edit",
+             "shell", "recall", "note"}
     assert set(TOOLS) == names
     assert {n for n, t in TOOLS.items() if t.risky} == {"write_file", "edit", "shell"}
     for name, tool in TOOLS.items():
