@@ -184,11 +184,15 @@ def definition(ctx: ToolContext, name: str) -> str:
                     f"{len(used)} files: {', '.join(used)} (see references)")
         return f"no definition of {short!r} and no occurrence of it in the project"
     paths = list(dict.fromkeys(d.path for d in found))
+    valued = [d for d in found if d.value is not None]
     # a first line in the words an answer takes, then each definition as grep shows a line
-    if len(paths) > 1:
+    if len(valued) == 1:  # one constant (beside, say, a function of the same name elsewhere): its value first
+        v = valued[0]
+        others = [p for p in paths if p != v.path]
+        head = f"{short} is set to {v.value} in {v.path} (line {v.line})"
+        head += (f"; also defined in {', '.join(others)}" if others else "") + ":\n"
+    elif len(paths) > 1:
         head = f"{short} is defined in {len(paths)} files: {', '.join(paths)}\n"
-    elif len(found) == 1 and found[0].value is not None:
-        head = f"{short} is set to {found[0].value} in {paths[0]} (line {found[0].line}):\n"
     else:
         at = f"line {found[0].line}" if len(found) == 1 else "lines " + ", ".join(str(d.line) for d in found)
         raises = list(dict.fromkeys(r for d in found for r in d.raises))

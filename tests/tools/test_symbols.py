@@ -117,6 +117,14 @@ def test_definition_tool_lists_each_defining_line(tmp_path):
         ok, out = run_tool(ctx, tools, "definition", {"name": name})
         assert out.startswith(f"{name} is set to {value} in "), out
         assert len(out.splitlines()) == 2, out  # one definition: a declaration and its declarator are one
+    # a constant beside a function of the same name elsewhere (Java's ZipConstants.CENOFF, ZipUtils.CENOFF()): the
+    # value first, the other files after it
+    (ctx.root / "java" / "Offsets.java").write_text("class Offsets {\n    static final int CENOFF(byte[] b) {\n"
+                                                   "        return b[0];\n    }\n}\n")
+    (ctx.root / "java" / "Consts.java").write_text("interface Consts {\n    static final int CENOFF = 42;\n}\n")
+    ok, out = run_tool(ctx, tools, "definition", {"name": "CENOFF"})
+    assert out.splitlines()[0] == "CENOFF is set to 42 in java/Consts.java (line 2); also defined in java/Offsets.java:"
+    assert len(out.splitlines()) == 3, out
     ok, out = run_tool(ctx, tools, "definition", {"name": "local"})  # a local variable is no definition
     assert out.startswith("no definition of 'local' found") and "web/app.ts" in out
     ok, out = run_tool(ctx, tools, "definition", {"name": "nowhere_at_all"})
