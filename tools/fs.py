@@ -342,6 +342,11 @@ def edit(ctx: ToolContext, path: str, old: str, new: str) -> str:
 
 
 _PATH = {"type": "string", "description": "path relative to the project root", "maxLength": MAX_PATH_ARG}
+_WHERE = {  # what grep and search read
+    "path": {**_PATH, "description": "file or directory to search", "default": "."},
+    "glob": {"type": "string", "description": "only files whose name matches, e.g. '*.py' (with '/': path glob)",
+             "maxLength": MAX_PATTERN_ARG},
+}
 
 TOOLS = (
     Tool(
@@ -371,9 +376,7 @@ TOOLS = (
         _schema(
             ["pattern"],
             pattern={"type": "string", "description": "Python regular expression", "maxLength": MAX_PATTERN_ARG},
-            path={**_PATH, "description": "file or directory to search", "default": "."},
-            glob={"type": "string", "description": "only files whose name matches, e.g. '*.py' (with '/': path glob)",
-                  "maxLength": MAX_PATTERN_ARG},
+            **_WHERE,
         ),
         False,
         kwargs_runner(grep),
@@ -385,9 +388,7 @@ TOOLS = (
         _schema(
             ["query"],
             query={"type": "string", "description": "the words to look for", "maxLength": MAX_PATTERN_ARG},
-            path={**_PATH, "description": "file or directory to search", "default": "."},
-            glob={"type": "string", "description": "only files whose name matches, e.g. '*.pdf'",
-                  "maxLength": MAX_PATTERN_ARG},
+            **_WHERE,
         ),
         False,
         kwargs_runner(search),
