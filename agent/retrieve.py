@@ -31,7 +31,7 @@ a an the and or not of in on at to for from by with as is are was were be been i
 what which who whom whose where when why how do does did done can could should would will shall may might must
 i me my we our you your he she they them their please tell show find give given list name cite say said
 file document page section folder case project repository code module function class method constant variable
-defined define definition state stated mention mentioned
+defined define definition state stated mention mentioned value values set have has return returns returned
 """.split())
 
 # words that ask where a name is used rather than what it is

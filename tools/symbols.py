@@ -41,6 +41,9 @@ FUNCTIONS = {"function_definition", "function_declaration", "method_definition",
              "generator_function_declaration", "func_literal", "closure_expression"}
 RAISES = {"raise_statement", "throw_statement", "throw_expression"}  # python; js/ts, java; c++
 IDENTIFIERS = {"identifier", "type_identifier", "field_identifier", "property_identifier", "constant", "name"}
+# a declaration at the start of a line, by its keyword (files the grammar could not parse whole)
+_DECLARED = re.compile(r"(?:export\s+)?(?:default\s+)?(?:declare\s+)?(?:abstract\s+)?(?:pub(?:\([^)]*\))?\s+)?"
+                       r"(?:async\s+)?(?:class|interface|enum|type|function|def|fn|struct|trait|func)\s+([A-Za-z_$][\w$]*)")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,11 @@ def definitions(path: str, text: str) -> list[Definition]:
                     out[name, line] = replace(known, value=value)
         inner = in_function or kind in FUNCTIONS
         stack.extend((c, inner) for c in reversed(node.named_children))
+    if root.has_error:  # where the grammar gave up (syntax newer than it), a declaration's keyword still names it
+        for n, line in enumerate(split_lines(src.decode("utf-8", "replace")), 1):
+            m = _DECLARED.match(line)
+            if m is not None and (m[1], n) not in out:
+                out[m[1], n] = Definition(m[1], path, n, " ".join(line.split()).rstrip(" {:"), None, n)
     return sorted(out.values(), key=lambda d: (d.line, d.name))
 
 

@@ -20,6 +20,7 @@ FILES = {
     "def checkout(cart):\n    return cart.total()\n",
     "shop/api.js": "import { checkout } from './cart'\nexport function refund(order) { return checkout(order) }\n",
     "notes/terms.md": "# Terms\nThe late fee for Bramble Ltd is 4 percent.\n",
+    "shop/util.py": "def value(x):\n    return x\n",
 }
 
 
@@ -39,6 +40,9 @@ def test_names_the_code_defines_are_looked_up_code_shaped_first(repo):
     assert lookup_calls(repo, "What does `checkout` raise?") == [
         ("definition", {"name": "checkout"}), ("read_file", {"path": "shop/cart.py", "start_line": 8, "end_line": 9})]
     assert lookup_calls(repo, "What does `Cart.total` return?")[0] == ("definition", {"name": "total"})
+    # the words a question is asked in are no names, even where the code defines them (a `value` parameter)
+    assert lookup_calls(repo, "Which value does the constant `MAX_ITEMS` have?") == [
+        ("definition", {"name": "MAX_ITEMS"})]
     # nothing defined: the key words, for a ranked search
     assert lookup_calls(repo, "Which document gives the late fee for Bramble Ltd?") == [
         ("search", {"query": "late fee Bramble Ltd"})]

@@ -154,6 +154,15 @@ def test_references_count_whole_words_per_file(tmp_path):
         assert out.splitlines()[-1] == f"({files})"
 
 
+def test_where_the_grammar_gives_up_a_declaration_keyword_still_names_the_definition():
+    """After a syntax error tree-sitter cannot recover from (a function being written; or syntax newer than the
+    grammar, as immer's interface of call signatures split only by new lines), the declarations that follow are
+    still found by their keywords."""
+    text = ("export interface A {\n\tx: number\n}\nfunction (((\nexport interface B {\n\ty: number\n}\n"
+            "export function c() {}\n")
+    assert {(d.name, d.line) for d in definitions("t.ts", text)} == {("A", 1), ("B", 5), ("c", 8)}
+
+
 def test_definitions_of_a_project_read_documents_as_text(tmp_path):
     root = git_repo(tmp_path / "repo", {**SOURCES, "notes.md": "SCALE is ten.\n"})
     assert [(d.path, d.line) for d in find_definitions(root, "SCALE")] == [("native/calc.h", 1)]
