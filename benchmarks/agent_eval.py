@@ -2,11 +2,16 @@
 case-file folders, then each question through the real `deltamem run --json` on its own fork of the ingested
 session (`deltamem sessions fork`), so that every question starts from the same memory.
 
-Repositories: installed packages that scripts/distill.py holds out (its package split; the agent traces train only
-on the others), each copied into a git repository. Case-file folders: PDF and DOCX files written with fpdf2 and
-python-docx, with facts from templates the traces never use. Questions and their checks: scripts/agent_tasks.py.
+Repositories: installed Python packages that scripts/distill.py holds out (its package split; the agent traces train
+only on the others), JavaScript packages npm bundles, and Go, Rust, Java and TypeScript sources fetched from the
+registries (FETCHED: Debian's golang-*-dev, librust-*-dev and openjdk-17-source packages, npm's tarballs; downloaded
+once into WORK/downloads, their package files recorded in the results), none used in training; each copied into a git
+repository. Case-file folders: PDF and DOCX (two folders), XLSX, PPTX, mailbox and e-mail files (a third), with facts
+from templates the traces never use. Questions and their checks: scripts/agent_tasks.py (Python's answers read by
+its ast module, the other languages' by regular expressions over top-level lines: never by the tools under test).
 
-Scores per delta: exact answers (the path, name, type or value, and for documents the page or section), tool calls
+Scores per delta: exact answers (the path, name, type or value, and for documents the page, section, sheet, slide or
+message), by kind, language and document type; tool calls
 that were valid (parsed and ran without error), model calls used, degenerate replies (ended by the loop guard),
 runs that hit the step limit, wall time. Results: benchmarks/results/agent_eval.{json,md}.
 
