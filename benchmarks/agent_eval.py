@@ -75,10 +75,11 @@ FETCHED = [
 ]
 
 
-def fetched_dir(source: str, folder: str, downloads: Path) -> Path:
+def fetched_dir(source: str, folder: str, downloads: Path) -> tuple[Path, str]:
     """A source tree from a registry, downloaded once into `downloads` and unpacked there: deb:PACKAGE (apt-get
     download, dpkg-deb -x), jdk:PACKAGE (a Debian package holding the JDK's src.zip) or npm:NAME@VERSION (npm
-    pack). `folder` may end in a glob (a crate's versioned directory)."""
+    pack); with the package file it came from (its version in the name). `folder` may end in a glob (a crate's
+    versioned directory)."""
     kind, name = source.split(":", 1)
     dest = downloads / name.replace("@", "-")
     if not dest.is_dir():
@@ -105,7 +106,7 @@ def fetched_dir(source: str, folder: str, downloads: Path) -> Path:
     found = sorted(dest.glob(folder))
     if not found:
         raise SystemExit(f"{source} has no folder {folder!r} (in {dest})")
-    return found[-1]
+    return found[-1], (dest / ".fetched").read_text().strip()
 
 
 def _fetch(cmd: list[str], cwd: Path) -> None:
@@ -180,14 +181,12 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int,
     for name, language, source, folder in FETCHED:
         if only and name not in only:
             continue
-        src = fetched_dir(source, folder, work / "downloads")
+        src, package = fetched_dir(source, folder, work / "downloads")
         root = git_repo(src, work / "repos" / name, (*agent_tasks.LANGUAGES[language].suffixes, ".md"))
         own = random.Random(f"{seed}-{name}")
         picked = _round_robin(agent_tasks.code_tasks(root, own, per_repo // 3 + 2, language), per_repo)
         picked += agent_tasks.raise_tasks(root, own, per_repo // 5)
-        sets.append({"name": name, "root": root, "tasks": picked, "language": language,
-                     "source": (work / "downloads" / source.split(":", 1)[1].replace("@", "-") / ".fetched")
-                     .read_text().strip()})  # the package file, with its version
+        sets.append({"name": name, "root": root, "tasks": picked, "language": language, "source": package})
     root = work / "cases" / "case_files_3"  # the other formats: workbooks, slides, a mailbox, e-mails
     if root.exists():
         shutil.rmtree(root)

@@ -254,6 +254,8 @@ def raise_tasks(root: Path, rng: random.Random, n: int) -> list[Task]:
 _IDENT = r"[A-Za-z_$][\w$]*"
 _PUB = r"(?:pub(?:\([^)]*\))?\s+)?"
 _JAVA_MODS = r"(?:(?:public|protected|private|static|final|abstract|synchronized|native|default|strictfp)\s+)*"
+# a Java method's first line after its indentation: modifiers, type parameters, return type, name (group f), "("
+_JAVA_METHOD = rf"{_JAVA_MODS}(?:<[^>]+>\s+)?[\w<>\[\], ?]+\s+(?P<f>[a-z]\w*)\s*\([^;]*$"
 
 
 @dataclass(frozen=True)
@@ -303,15 +305,15 @@ LANGUAGES = {
         "java", (".java",),
         (re.compile(rf"^{_JAVA_MODS}(?:class|interface|enum|record)\s+(?P<c>[A-Za-z_]\w*)"),
          re.compile(rf"^ {{4}}{_JAVA_MODS}static\s+final\s+[\w<>\[\]]+\s+(?P<v>[A-Z][A-Z0-9_]*)\s*=\s*(?P<rhs>.+?);"),
-         re.compile(rf"^ {{4}}{_JAVA_MODS}(?:<[^>]+>\s+)?[\w<>\[\], ?]+\s+(?P<f>[a-z]\w*)\s*\([^;]*$")),
+         re.compile(rf"^ {{4}}{_JAVA_METHOD}")),
     ),
 }
 JS_SUFFIXES = LANGUAGES["javascript"].suffixes
 # a function's first line where `throw new X` names what it throws: (indentation, name); its body ends at the first
 # line of that indentation starting with "}"
 _JS_HEAD = re.compile(rf"^(\s*)(?:export\s+)?(?:async\s+)?function\*?\s+({_IDENT})\s*[<(]")
-_JAVA_HEAD = re.compile(rf"^(\s+){_JAVA_MODS}(?:<[^>]+>\s+)?[\w<>\[\], ?]+\s+([a-z]\w*)\s*\([^;]*$")
-_THROWING = {**dict.fromkeys(JS_SUFFIXES + (".ts", ".mts"), _JS_HEAD), ".java": _JAVA_HEAD}
+_JAVA_HEAD = re.compile(rf"^(\s+){_JAVA_METHOD}")
+_THROWING = {**dict.fromkeys(JS_SUFFIXES + LANGUAGES["typescript"].suffixes, _JS_HEAD), ".java": _JAVA_HEAD}
 
 
 def _regex_index(root: Path, lang: RegexLanguage) -> tuple[dict[str, list], list[tuple[str, str]]]:
@@ -466,7 +468,7 @@ DOCX_Q = [
     "Which document states the {attr} for {entity}, and in which section?",
     "Where in the case files is the {attr} for {entity} given? Cite the file and section.",
 ]
-# by format: the questions, and what the answer must cite beside the file (FORMAT_ANCHOR, a function of the part)
+# by format: the questions (what an answer must cite beside the file: case_folder's `cite`)
 FORMAT_Q = {
     "pdf": DOC_Q,
     "docx": DOCX_Q,
