@@ -29,10 +29,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tarfile
-import tempfile
 import time
-import zipfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,59 +70,6 @@ FETCHED = [
     ("ts-immer", "typescript", "npm:immer@11.2.14", "package/src"),
     ("ts-zod", "typescript", "npm:zod@3.25.76", "package/src/v3"),
 ]
-
-
-def fetched_dir(source: str, folder: str, downloads: Path) -> tuple[Path, str]:
-    """A source tree from a registry, downloaded once into `downloads` and unpacked there: deb:PACKAGE (apt-get
-    download, dpkg-deb -x), jdk:PACKAGE (a Debian package holding the JDK's src.zip) or npm:NAME@VERSION (npm
-    pack); with the package file it came from (its version in the name). `folder` may end in a glob (a crate's
-    versioned directory)."""
-    kind, name = source.split(":", 1)
-    dest = downloads / name.replace("@", "-")
-    if not dest.is_dir():
-        downloads.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=downloads))
-        try:
-            if kind in ("deb", "jdk"):
-                _fetch(["apt-get", "download", name], tmp)
-                (deb,) = tmp.glob("*.deb")
-                _fetch(["dpkg-deb", "-x", str(deb), str(tmp / "x")], tmp)
-                if kind == "jdk":
-                    (src_zip,) = (tmp / "x").rglob("src.zip")
-                    with zipfile.ZipFile(src_zip) as z:
-                        z.extractall(tmp / "x", [m for m in z.namelist() if m.startswith("java.base/")])
-            else:
-                _fetch(["npm", "pack", name, "--pack-destination", str(tmp)], tmp)
-                (tgz,) = tmp.glob("*.tgz")
-                with tarfile.open(tgz) as t:
-                    t.extractall(tmp / "x", filter="data")
-            ((tmp / "x") / ".fetched").write_text(next(p.name for p in tmp.iterdir() if p.is_file()) + "\n")
-            (tmp / "x").rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    found = sorted(dest.glob(folder))
-    if not found:
-        raise SystemExit(f"{source} has no folder {folder!r} (in {dest})")
-    return found[-1], (dest / ".fetched").read_text().strip()
-
-
-def _fetch(cmd: list[str], cwd: Path) -> None:
-    if shutil.which(cmd[0]) is None:
-        raise SystemExit(f"{cmd[0]} is not installed here: the {cmd[-1]} set is fetched with it")
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        why = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["no output"]
-        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}): {why[0]}")
-
-
-def npm_package_dir(name: str) -> Path:
-    npm = shutil.which("npm")
-    if npm is None:
-        raise SystemExit("npm is not installed here: the JavaScript sets are read from the packages it bundles")
-    path = Path(npm).resolve().parent.parent / "node_modules" / name
-    if not path.is_dir():
-        raise SystemExit(f"npm bundles no package {name!r} here ({path})")
-    return path
 
 
 def package_dir(module: str) -> Path:
@@ -173,7 +117,8 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int,
         tasks = agent_tasks.case_folder(root, rng, "eval", n_docs=6, facts_per_doc=3)
         sets.append({"name": root.name, "root": root, "tasks": tasks[:per_folder], "language": "case files"})
     for name in JS_REPOS:  # after the folders: the sets drawn before them stay what they were
-        root = git_repo(npm_package_dir(name), work / "repos" / f"js-{name}", (".js", ".mjs", ".cjs", ".md", ".json"))
+        src = agent_tasks.npm_package_dir(name)
+        root = git_repo(src, work / "repos" / f"js-{name}", (".js", ".mjs", ".cjs", ".md", ".json"))
         picked = _round_robin(agent_tasks.code_tasks(root, rng, per_repo // 3 + 2, "javascript"), per_repo)
         picked += agent_tasks.raise_tasks(root, rng_raises, per_repo // 5)
         sets.append({"name": f"js-{name}", "root": root, "tasks": picked, "language": "javascript"})
@@ -181,7 +126,7 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int,
     for name, language, source, folder in FETCHED:
         if only and name not in only:
             continue
-        src, package = fetched_dir(source, folder, work / "downloads")
+        src, package = agent_tasks.fetched_dir(source, folder, work / "downloads")
         root = git_repo(src, work / "repos" / name, (*agent_tasks.LANGUAGES[language].suffixes, ".md"))
         own = random.Random(f"{seed}-{name}")
         picked = _round_robin(agent_tasks.code_tasks(root, own, per_repo // 3 + 2, language), per_repo)

@@ -239,14 +239,89 @@ def test_other_languages_index_what_the_files_define(tmp_path, language):
 
 
 def test_java_and_typescript_raise_tasks_name_the_one_class_thrown(tmp_path):
-    body = "        if (n < 0) {\n            throw new IllegalArgumentException(\"negative\");\n        }\n"
+    body = '        if (n < 0) {\n            throw new IllegalArgumentException("negative");\n        }\n'
     java = f"class Box {{\n    public int checkedSize(int n) {{\n{body}        return n;\n    }}\n}}\n"
-    ts = ("export function parseLimit(s: string): number {\n  if (!s) {\n    throw new RangeError('empty')\n  }\n"
-          "  return 1\n}\n")
+    ts = (
+        "export function parseLimit(s: string): number {\n  if (!s) {\n    throw new RangeError('empty')\n  }\n"
+        "  return 1\n}\n"
+    )
     root = git_repo(tmp_path / "p", {"Box.java": java, "limit.ts": ts})
     tasks = agent_tasks.raise_tasks(root, random.Random(0), 5)
     assert {(t.facts["name"], t.facts["exception"], t.facts["path"]) for t in tasks} == {
-        ("checkedSize", "IllegalArgumentException", "Box.java"), ("parseLimit", "RangeError", "limit.ts")}
+        ("checkedSize", "IllegalArgumentException", "Box.java"),
+        ("parseLimit", "RangeError", "limit.ts"),
+    }
+
+
+class Draws(random.Random):
+    """A generator whose random() gives `values` in turn (which branches an episode takes: the look-up runs where
+    the first is >= NO_LOOKUP, a miss comes first where the second is < MISS); its other draws seeded."""
+
+    def __init__(self, *values: float):
+        super().__init__(0)
+        self.values = list(values)
+
+    def random(self) -> float:
+        return self.values.pop(0) if self.values else 0.5
+
+
+def test_trace_episodes_play_the_runners_look_up_turn(repo):
+    """As agent/runner.py runs a task: the look-up's calls in one assistant turn the model does not write (so not
+    trained), their real results, and the answer read from them; without the look-up, the model's own call."""
+    agent_traces = pytest.importorskip("agent_traces")
+    from deltamem.agent.prompt import ChatTemplate
+    from deltamem.model.gguf_file import smollm2_gguf
+    from deltamem.model.tokenizer import Tokenizer
+
+    template = ChatTemplate.for_tokenizer(Tokenizer.from_gguf(smollm2_gguf()))
+    tasks = agent_tasks.python_tasks(repo, random.Random(0), per_kind=20)
+    task = next(t for t in tasks if t.kind == "where" and t.facts["name"] == "build_index")
+    msgs = agent_traces.episode(repo, task, Draws(0.99, 0.99))
+    assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
+    assert msgs[1]["auto"] and '"name": "definition"' in msgs[1]["content"] and "build_index" in msgs[1]["content"]
+    assert msgs[2]["content"].startswith("[definition] ") and "pkg/core.py" in msgs[2]["content"]
+    assert msgs[3]["content"].startswith("`build_index` is defined in `pkg/core.py`")
+    segs = agent_traces.segments(template, [{"role": "system", "content": "S"}, *msgs])
+    assert [s for s, y in segs if y] == [msgs[3]["content"] + "<|im_end|>"]  # the look-up turn is not trained
+    assert msgs[1]["content"] in "".join(s for s, y in segs if not y)
+
+    plain = agent_traces.episode(repo, task, Draws(0.1, 0.9))  # no look-up, no miss: the task's call
+    assert [m["role"] for m in plain] == ["user", "assistant", "tool", "assistant"] and "auto" not in plain[1]
+    assert '"name": "grep"' in plain[1]["content"] and "pkg/core.py" in plain[2]["content"]
+
+
+def test_a_missed_search_is_followed_by_the_one_that_finds(tmp_path):
+    """A first pattern that matches nothing literally: its real result, then the task's own call where that result
+    does not show the answer, and the answer."""
+    agent_traces = pytest.importorskip("agent_traces")
+    root = tmp_path / "case"
+    tasks = agent_tasks.case_folder(root, random.Random(3), "train", n_docs=3, facts_per_doc=2, formats=("docx",))
+    for task in tasks:
+        msgs = agent_traces.episode(root, task, Draws(0.0, 0.0))  # no look-up, a miss first
+        calls = [m for m in msgs if m["role"] == "assistant"][:-1]
+        results = [m["content"] for m in msgs if m["role"] == "tool"]
+        assert '"name": "grep"' in calls[0]["content"] and "no match" in results[0]
+        if agent_traces.covers(task, results[0]):  # the ranked fallback already shows the line
+            assert len(calls) == 1
+        else:
+            assert len(calls) == 2 and agent_traces.covers(task, results[1])
+        assert task.facts["path"] in msgs[-1]["content"] and task.facts["sentence"] in msgs[-1]["content"]
+
+
+def test_training_trees_are_none_of_the_evaluations():
+    """Split by package: no registry package, JDK package or npm package the traces train on is one agent_eval
+    asks about."""
+    agent_traces = pytest.importorskip("agent_traces")
+    sys.path.insert(0, str(SCRIPTS.parent / "benchmarks"))
+    agent_eval = pytest.importorskip("agent_eval")
+    evaluated = {(source, folder) for _, _, source, folder in agent_eval.FETCHED}
+    trained = {(source, folder) for _, source, folder in agent_traces.TRAIN_FETCHED}
+    assert not evaluated & trained
+    jdk = lambda pairs: {f for s, f in pairs if s.startswith("jdk:")}  # noqa: E731
+    assert not any(a.startswith(b) or b.startswith(a) for a in jdk(evaluated) for b in jdk(trained))
+    packages = {s for s, _ in evaluated if not s.startswith("jdk:")}
+    assert not packages & {s for s, _ in trained}
+    assert not set(agent_eval.JS_REPOS) & {s.split(":", 1)[1] for s, _ in trained if s.startswith("npm-bundled:")}
 
 
 def test_trace_segments_are_the_rendered_conversation(repo):
@@ -259,7 +334,7 @@ def test_trace_segments_are_the_rendered_conversation(repo):
     template = ChatTemplate.for_tokenizer(tok)
     tasks = agent_tasks.python_tasks(repo, random.Random(0), per_kind=20)
     task = next(t for t in tasks if t.kind == "where")
-    msgs = [{"role": "system", "content": "S"}, *agent_traces.episode(repo, task)]
+    msgs = [{"role": "system", "content": "S"}, *agent_traces.episode(repo, task, Draws(0.1, 0.9))]  # no look-up
     tool = msgs[3]
     assert tool["role"] == "tool" and tool["content"].startswith("[grep] pkg/")  # the real tool's real output
     segs = agent_traces.segments(template, msgs)
@@ -285,7 +360,8 @@ def test_distill_batches_train_on_the_replies_alone(repo, tmp_path):
     tok = Tokenizer.from_gguf(smollm2_gguf())
     template = ChatTemplate.for_tokenizer(tok)
     task = agent_tasks.python_tasks(repo, random.Random(0), per_kind=20)[0]
-    segs = agent_traces.segments(template, [{"role": "system", "content": "S"}, *agent_traces.episode(repo, task)])
+    msgs = [{"role": "system", "content": "S"}, *agent_traces.episode(repo, task, Draws(0.1, 0.9))]
+    segs = agent_traces.segments(template, msgs)
     with lzma.open(tmp_path / "traces.jsonl.xz", "wt") as f:
         f.write(json.dumps({"tree": "proj", "segments": segs}) + "\n")
     work = tmp_path / "work"
