@@ -188,7 +188,7 @@ def grep(ctx: ToolContext, pattern: str, path: str = ".", glob: str | None = Non
             head = f"no matches for {pattern!r} (case-sensitive: it has capitals); ignoring case:"
             return head + "\n" + _shown(loose, skipped)
     words = rank.words(pattern)
-    ranked = _ranked(root, files, words, in_dir, path)  # the pattern's words, wherever most of them are
+    ranked, _ = _ranked(root, files, words, in_dir, path)  # the pattern's words, wherever most of them are
     if ranked:
         head = f"no matches for {pattern!r}; the lines with most of its words ({', '.join(words)}):\n"
         return head + _best(ranked, skipped)
@@ -201,11 +201,12 @@ def search(ctx: ToolContext, query: str, path: str = ".", glob: str | None = Non
     if not terms:
         raise ToolError(f"no words to search for in {query!r} (give the words a passage would use)")
     root, files, in_dir = _searched(ctx, path, glob)
-    lines = _ranked(root, files, terms, in_dir, path)
+    lines, skipped = _ranked(root, files, terms, in_dir, path)
     if not lines:
         need = "any line with" if len(terms) == 1 else "any line with two of"
-        return f"no match for {query!r}: {need} the words {', '.join(terms)} (word forms included)"
-    return f"the lines best matching {', '.join(terms)}, best first:\n" + _best(lines, 0)
+        found = f"no match for {query!r}: {need} the words {', '.join(terms)} (word forms included)"
+        return found + (_skipped(skipped) if skipped else "")
+    return f"the lines best matching {', '.join(terms)}, best first:\n" + _best(lines, skipped)
 
 
 def _best(lines: list[str], skipped: int) -> str:
@@ -213,11 +214,13 @@ def _best(lines: list[str], skipped: int) -> str:
     return _shown(lines, skipped) + f"\n(best match: {_cited(lines[0])})"
 
 
-def _ranked(root: Path, files: list[Path], terms: list[str], in_dir: bool, path: str) -> list[str]:
+def _ranked(root: Path, files: list[Path], terms: list[str], in_dir: bool, path: str) -> tuple[list[str], int]:
     """The lines of `files` that best match `terms` (tools/rank.py: BM25, word stems, two terms a line where two
     or more are given): so a pattern shaped for another language (`def f` for a JavaScript function) shows f's
-    lines, and a phrase with a word the text does not use, or uses in another form, still finds its passage."""
-    return rank.ranked(_search(root, files, re.compile(""), in_dir, path, limit=None)[0], terms)
+    lines, and a phrase with a word the text does not use, or uses in another form, still finds its passage; with
+    the number of files that could not be read."""
+    lines, skipped = _search(root, files, re.compile(""), in_dir, path, limit=None)
+    return rank.ranked(lines, terms), skipped
 
 
 def _cited(hit: str) -> str:

@@ -144,6 +144,17 @@ def test_grep_errors_and_caps(tmp_path):
     assert not success and "over 1,048,576 bytes" in out
     out = ok(ctx, "grep", pattern="nothing", path=".")
     assert out == "no matches for 'nothing'\n(skipped 1 binary, unreadable or over-1,048,576-byte file(s))"
+    # search says so too, whether it finds lines or none
+    found = ok(ctx, "search", query="hit").splitlines()  # the best match stays last, as answers cite it
+    assert found[-2:] == [
+        "(skipped 1 binary, unreadable or over-1,048,576-byte file(s))",
+        "(best match: many.txt, line 1: hit)",
+    ]
+    out = ok(ctx, "search", query="nothing")
+    assert out == (
+        "no match for 'nothing': any line with the words nothing (word forms included)"
+        "\n(skipped 1 binary, unreadable or over-1,048,576-byte file(s))"
+    )
 
 
 def test_grep_smart_case_whitespace_hints_and_files(tmp_path):
@@ -157,41 +168,64 @@ def test_grep_smart_case_whitespace_hints_and_files(tmp_path):
     write(tmp_path, "c.py", "retries = 3\n")
     assert ok(ctx, "grep", pattern="termination clause") == "lease.txt:1: 9. The  Termination\tclause applies."
     out = ok(ctx, "grep", pattern="Termination Clause")
-    assert out.splitlines() == ["no matches for 'Termination Clause' (case-sensitive: it has capitals); ignoring case:",
-                                "lease.txt:1: 9. The  Termination\tclause applies."]
+    assert out.splitlines() == [
+        "no matches for 'Termination Clause' (case-sensitive: it has capitals); ignoring case:",
+        "lease.txt:1: 9. The  Termination\tclause applies.",
+    ]
     assert ok(ctx, "grep", pattern=r"\bmax_retries\b").splitlines() == [
-        "2 files: a.js, b.js", "a.js:1: export const MAX_RETRIES = 5;", "b.js:1: import { MAX_RETRIES } from './a.js';",
-        "b.js:2: retry(MAX_RETRIES);"]
+        "2 files: a.js, b.js",
+        "a.js:1: export const MAX_RETRIES = 5;",
+        "b.js:1: import { MAX_RETRIES } from './a.js';",
+        "b.js:2: retry(MAX_RETRIES);",
+    ]
     assert ok(ctx, "grep", pattern=r"\Sretries").splitlines() == [  # \S is an escape, not a capital
-        "2 files: a.js, b.js", "a.js:1: export const MAX_RETRIES = 5;", "b.js:1: import { MAX_RETRIES } from './a.js';",
-        "b.js:2: retry(MAX_RETRIES);"]
-    assert ok(ctx, "grep", pattern="Retries") == "no matches for 'Retries' (case-sensitive: it has capitals); " \
-        "ignoring case:\n3 files: a.js, b.js, c.py\na.js:1: export const MAX_RETRIES = 5;\n" \
+        "2 files: a.js, b.js",
+        "a.js:1: export const MAX_RETRIES = 5;",
+        "b.js:1: import { MAX_RETRIES } from './a.js';",
+        "b.js:2: retry(MAX_RETRIES);",
+    ]
+    assert (
+        ok(ctx, "grep", pattern="Retries") == "no matches for 'Retries' (case-sensitive: it has capitals); "
+        "ignoring case:\n3 files: a.js, b.js, c.py\na.js:1: export const MAX_RETRIES = 5;\n"
         "b.js:1: import { MAX_RETRIES } from './a.js';\nb.js:2: retry(MAX_RETRIES);\nc.py:1: retries = 3"
+    )
     # a pattern shaped for another language: the lines with the name it spells
     write(tmp_path, "cli.js", "export function parseArgs(argv) {\n  return argv;\n}\n")
     assert ok(ctx, "grep", pattern=r"def parseArgs\b").splitlines() == [
         r"no matches for 'def parseArgs\\b'; the lines with most of its words (parseargs):",
         "cli.js:1: export function parseArgs(argv) {",
-        "(best match: cli.js, line 1: export function parseArgs(argv) {)"]
+        "(best match: cli.js, line 1: export function parseArgs(argv) {)",
+    ]
     assert ok(ctx, "grep", pattern=r"^MAX_RETRIES =").splitlines() == [
-        "no matches for '^MAX_RETRIES ='; the lines with most of its words (max, retries):", "2 files: a.js, b.js",
-        "a.js:1: export const MAX_RETRIES = 5;", "b.js:1: import { MAX_RETRIES } from './a.js';",
-        "b.js:2: retry(MAX_RETRIES);", "(best match: a.js, line 1: export const MAX_RETRIES = 5;)"]
+        "no matches for '^MAX_RETRIES ='; the lines with most of its words (max, retries):",
+        "2 files: a.js, b.js",
+        "a.js:1: export const MAX_RETRIES = 5;",
+        "b.js:1: import { MAX_RETRIES } from './a.js';",
+        "b.js:2: retry(MAX_RETRIES);",
+        "(best match: a.js, line 1: export const MAX_RETRIES = 5;)",
+    ]
     # a phrase with a word the text does not use: the line with the most (and rarest) of its words comes first
-    write(tmp_path, "minutes.txt", "The warranty period for product line Quarry is 3 years.\n"
-                                   "The warranty period for product line Zephyr is 8 years.\nProduct lines: 4.\n")
+    write(
+        tmp_path,
+        "minutes.txt",
+        "The warranty period for product line Quarry is 3 years.\n"
+        "The warranty period for product line Zephyr is 8 years.\nProduct lines: 4.\n",
+    )
     out = ok(ctx, "grep", pattern="wrench warranty period for product line Zephyr", path="minutes.txt")
     assert out.splitlines()[1] == "minutes.txt:2: The warranty period for product line Zephyr is 8 years.", out
-    assert out.splitlines()[-1] == "(best match: minutes.txt, line 2: The warranty period for product line Zephyr " \
+    assert (
+        out.splitlines()[-1] == "(best match: minutes.txt, line 2: The warranty period for product line Zephyr "
         "is 8 years.)"
+    )
     assert ok(ctx, "grep", pattern="class Nowhere") == "no matches for 'class Nowhere'"
     # spaces inside a class or before a quantifier keep their meaning
     assert ok(ctx, "grep", pattern="retries[ ]=", path="c.py") == "c.py:1: retries = 3"
     assert ok(ctx, "grep", pattern="retries *= 3", path="c.py") == "c.py:1: retries = 3"
     assert ok(ctx, "grep", pattern="retries  {2}=", path="c.py").splitlines() == [
-        "no matches for 'retries  {2}='; the lines with most of its words (retries):", "c.py:1: retries = 3",
-        "(best match: c.py, line 1: retries = 3)"]
+        "no matches for 'retries  {2}='; the lines with most of its words (retries):",
+        "c.py:1: retries = 3",
+        "(best match: c.py, line 1: retries = 3)",
+    ]
 
 
 def test_glob_matches_pathlib_minus_ignored(project):
@@ -519,8 +553,21 @@ def test_run_tool_turns_exceptions_into_errors(tmp_path):
 
 
 def test_default_tools_schemas_and_risk():
-    names = {"list_dir", "read_file", "grep", "search", "map", "glob", "definition", "references", "write_file", "edit",
-             "shell", "recall", "note"}
+    names = {
+        "list_dir",
+        "read_file",
+        "grep",
+        "search",
+        "map",
+        "glob",
+        "definition",
+        "references",
+        "write_file",
+        "edit",
+        "shell",
+        "recall",
+        "note",
+    }
     assert set(TOOLS) == names
     assert {n for n, t in TOOLS.items() if t.risky} == {"write_file", "edit", "shell"}
     for name, tool in TOOLS.items():
