@@ -33,9 +33,9 @@ from langchain_core.runnables import Runnable
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from deltamem.agent.guide import ToolCallGuide
-from deltamem.agent.parse import format_tool_call, parse_tool_calls
-from deltamem.agent.prompt import list_tools_in_system, tool_schemas
+from deltamem.agent.parse import parse_tool_calls
+from deltamem.agent.prompt import tool_schemas
+from deltamem.agent.protocol import Offer, call_guide, conversation
 from deltamem.agent.session import AgentSession
 
 _MODELS: dict[tuple, Any] = {}  # (model, window, sink, device, dtype) -> a loaded Engine whose weights are shared
@@ -104,44 +104,22 @@ class ChatDeltamem(BaseChatModel):
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
-    def _offered(self, kwargs: dict) -> tuple[list[dict] | None, bool]:
+    def _offered(self, kwargs: dict) -> Offer:
         """The tools a call offers the model, and whether it must call one (bind_tools' tool_choice)."""
-        tools, choice = kwargs.get("tools"), kwargs.get("tool_choice")
-        if not tools or choice in (None, "auto"):
-            return tools, False
-        if choice == "none":
-            return None, False
-        if choice in ("any", "required"):
-            return tools, True
-        name = choice if isinstance(choice, str) else ((choice or {}).get("function") or {}).get("name")
-        named = [t for t in tools if t["function"]["name"] == name]
-        if not named:
-            raise ValueError(f"tool_choice {choice!r} names no bound tool")
-        return named, True
+        return Offer.of(kwargs.get("tools"), kwargs.get("tool_choice"))
 
     # --- conversion ----------------------------------------------------------------------------------------
-    def _to_dicts(self, messages: list[BaseMessage], tools: list[dict] | None) -> list[dict]:
-        """LangChain messages -> chat-template dicts. Tools go to the template where it takes them (with calls in
-        its syntax), else into the system prompt."""
-        template = self._state().template
-        native = bool(tools) and template.uses_tools
-        template.tools = tools if native else None
-        syntax = template.syntax_with(tools)
-        out = []
+    def _to_dicts(self, messages: list[BaseMessage], offer: Offer) -> list[dict]:
+        """LangChain messages -> the chat template's (agent/protocol.py: calls in the syntax the model reads, the
+        tools where the template takes them, else in the system prompt)."""
+        roles = ((SystemMessage, "system"), (HumanMessage, "user"), (AIMessage, "assistant"), (ToolMessage, "tool"))
+        plain = []
         for m in messages:
             content = m.content if isinstance(m.content, str) else _text_of(m.content)
-            if isinstance(m, SystemMessage):
-                out.append({"role": "system", "content": content})
-            elif isinstance(m, HumanMessage):
-                out.append({"role": "user", "content": content})
-            elif isinstance(m, AIMessage):
-                calls = "".join(format_tool_call(c["name"], c["args"], syntax) for c in m.tool_calls)
-                out.append({"role": "assistant", "content": content + calls})
-            elif isinstance(m, ToolMessage):
-                out.append({"role": "tool", "content": content})
-            else:
-                out.append({"role": m.type, "content": content})
-        return list_tools_in_system(out, tools) if tools and not native else out
+            calls = [(c["name"], c["args"]) for c in m.tool_calls] if isinstance(m, AIMessage) else []
+            role = next((r for kind, r in roles if isinstance(m, kind)), m.type)
+            plain.append({"role": role, "content": content, "calls": calls})
+        return conversation(self._state().template, plain, offer)
 
     def _state(self) -> AgentSession:
         if self._session is None:
@@ -169,19 +147,16 @@ class ChatDeltamem(BaseChatModel):
             input_token_details={"cache_read": prompt - reply.fed},
         )
 
-    def _run(self, messages, stop, tools, on_piece, required=False):
+    def _run(self, messages, stop, offer: Offer, on_piece):
         s = self._state()
-        s.guide = None
-        if tools:
-            s.guide = ToolCallGuide(s.tok, tools, s.engine.config.vocab_size, s.stop_ids, s.template.syntax_with(tools),
-                                    required=required)  # fmt: skip
-        reply = s.reply(self._to_dicts(messages, tools), self.max_tokens, on_piece, **self._sampling(stop))
+        s.guide = call_guide(s.tok, s.engine.config.vocab_size, s.stop_ids, s.template, offer)
+        reply = s.reply(self._to_dicts(messages, offer), self.max_tokens, on_piece, **self._sampling(stop))
         return reply, self._usage(s, reply)
 
-    def _message(self, text: str, usage: UsageMetadata, tools) -> AIMessage:
-        if not tools:
+    def _message(self, text: str, usage: UsageMetadata, offer: Offer) -> AIMessage:
+        if not offer.tools:
             return AIMessage(content=text, usage_metadata=usage, response_metadata={"model_name": self.model})
-        parsed = parse_tool_calls(text, schemas=tool_schemas(tools))
+        parsed = parse_tool_calls(text, schemas=tool_schemas(offer.tools))
         return AIMessage(
             content=parsed.content,
             tool_calls=[
@@ -201,10 +176,10 @@ class ChatDeltamem(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        tools, required = self._offered(kwargs)
+        offer = self._offered(kwargs)
         on_piece = (lambda p: run_manager.on_llm_new_token(p)) if run_manager else None
-        reply, usage = self._run(messages, stop, tools, on_piece, required)
-        return ChatResult(generations=[ChatGeneration(message=self._message(reply.text, usage, tools))])
+        reply, usage = self._run(messages, stop, offer, on_piece)
+        return ChatResult(generations=[ChatGeneration(message=self._message(reply.text, usage, offer))])
 
     def _stream(
         self,
@@ -213,8 +188,7 @@ class ChatDeltamem(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        tools, _ = self._offered(kwargs)
-        if tools:  # tool calls are parsed from the whole reply: one chunk
+        if self._offered(kwargs).tools:  # tool calls are parsed from the whole reply: one chunk
             result = self._generate(messages, stop, run_manager, **kwargs)
             msg = result.generations[0].message
             yield ChatGenerationChunk(
@@ -231,7 +205,7 @@ class ChatDeltamem(BaseChatModel):
             return
         s = self._state()
         s.guide = None
-        it = s.stream_reply(self._to_dicts(messages, None), self.max_tokens, **self._sampling(stop))
+        it = s.stream_reply(self._to_dicts(messages, Offer()), self.max_tokens, **self._sampling(stop))
         while True:
             try:
                 piece = next(it)

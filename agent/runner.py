@@ -21,10 +21,10 @@ from langgraph.types import Command
 
 from deltamem.agent import threads
 from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
-from deltamem.agent.guide import ToolCallGuide
 from deltamem.agent.hygiene import Rules, feed_order
 from deltamem.agent.parse import format_tool_call
 from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
+from deltamem.agent.protocol import Offer, call_guide
 from deltamem.agent.retrieve import lookup_calls
 from deltamem.agent.session import AgentSession, Cancelled, log
 from deltamem.memory.store import Store
@@ -105,12 +105,12 @@ class Agent:
         self.session.max_new_tokens = max_new_tokens
         self.tools = default_tools() if tools else {}
         self.retrieve = retrieve
-        specs = tool_specs(self.tools)
-        if self.session.template.uses_tools:  # the model's template lists them, in its trained words and syntax
-            self.session.template.tools = specs
-        if guided_calls and specs:
-            self.session.guide = ToolCallGuide(self.session.tok, specs, engine.config.vocab_size, self.session.stop_ids,
-                                               self.session.template.syntax_with(specs))  # fmt: skip
+        offer = Offer(tool_specs(self.tools))
+        s = self.session
+        if s.template.uses_tools:  # the model's template lists them, in its trained words and syntax
+            s.template.tools = offer.tools
+        if guided_calls:
+            s.guide = call_guide(s.tok, engine.config.vocab_size, s.stop_ids, s.template, offer)
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
         self.saver = sqlite_checkpointer(store.path)
         self.graph = build_graph(

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltamem.agent.prompt import ChatTemplate, TemplateError
+from deltamem.agent.protocol import stop_ids
 from deltamem.memory.errors import NotFound, StoreError, WrongProject
 from deltamem.memory.store import Store
 from deltamem.model import snapshot as snap
@@ -51,7 +52,7 @@ class AgentSession:
         self.engine, self.store, self.sid = engine, store, session_id
         self.tok = engine.tokenizer
         self.template = ChatTemplate.for_tokenizer(self.tok)
-        self.stop_ids = sorted(set(engine.config.eos_ids) | {self.tok.special_tokens.get("<|im_end|>", -1)} - {-1})
+        self.stop_ids = stop_ids(engine)
         self.ids: list[int] = []
         self.text = ""
         self.fed = 0  # tokens fed since this object was created (prompts, files and generated tokens)

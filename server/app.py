@@ -27,8 +27,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from deltamem.agent.guide import ToolCallGuide
-from deltamem.agent.parse import format_tool_call, parse_tool_calls
-from deltamem.agent.prompt import ChatTemplate, TemplateError, list_tools_in_system, tool_schemas
+from deltamem.agent.parse import parse_tool_calls
+from deltamem.agent.prompt import ChatTemplate, TemplateError, tool_schemas
+from deltamem.agent.protocol import Offer, call_guide, conversation, stop_ids
 from deltamem.model.sampling import Sampler, TextStream
 from deltamem.server.batching import Batcher, Reply
 from deltamem.server.prefix import PrefixCache
@@ -118,10 +119,9 @@ def openai_calls(calls: list[dict]) -> list[dict]:
     ]
 
 
-def offered_tools(tools: Any, choice: Any) -> list[dict]:
+def offered_tools(tools: Any, choice: Any) -> Offer:
     """The tools a request offers the model, checked: OpenAI function specs (a name, optional description and JSON
-    schema parameters). tool_choice "none" offers none; a named function offers only that one ("required" and
-    "auto" offer all; the guide then holds "required" and a named function to a call)."""
+    schema parameters), and tool_choice none, auto, required or {"function": {"name": ...}} (agent/protocol.py)."""
     if tools is None:
         tools = []
     if not isinstance(tools, list):
@@ -135,15 +135,38 @@ def offered_tools(tools: Any, choice: Any) -> list[dict]:
         params, about = fn.get("parameters"), fn.get("description")
         if not isinstance(params, dict | None) or not isinstance(about, str | None):
             raise ApiError(400, f"tools[{i}].function: parameters must be an object, description text", param="tools")
-    if choice in (None, "auto", "required"):
-        return tools
-    if choice == "none":
-        return []
-    name = ((choice.get("function") or {}).get("name")) if isinstance(choice, dict) else None
-    named = [t for t in tools if t["function"]["name"] == name]
-    if not named:
-        raise ApiError(400, "tool_choice must be none, auto, required or a function among tools", param="tool_choice")
-    return named
+    try:
+        if choice not in (None, "auto", "none", "required") and not isinstance(choice, dict):
+            raise ValueError(choice)
+        return Offer.of(tools, choice)
+    except ValueError:
+        raise ApiError(400, "tool_choice must be none, auto, required or a function among tools",
+                       param="tool_choice") from None
+
+
+def chat_messages(messages: Any) -> list[dict]:
+    """OpenAI chat messages -> plain ones (agent/protocol.py): developer as system, text content parts joined,
+    assistant tool_calls as (name, arguments)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+            raise ApiError(400, "each message needs a role: system, user, assistant or tool", param="messages")
+        content = m.get("content") or ""
+        if isinstance(content, list):  # content parts: the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        calls = []
+        for call in m.get("tool_calls") or []:
+            fn = (call or {}).get("function") or {}
+            try:
+                args = json.loads(fn.get("arguments") or "{}")
+            except ValueError:
+                args = {}
+            calls.append((str(fn.get("name")), args if isinstance(args, dict) else {}))
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": str(content), "calls": calls})
+    return out
 
 
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
@@ -179,7 +202,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     app.state.stopping = lambda: False  # the server running the app says when it is shutting down (app.py: serve)
     engine.reset()
     template = ChatTemplate.for_tokenizer(engine.tokenizer)
-    eos = sorted(set(engine.config.eos_ids) | {engine.tokenizer.special_tokens.get("<|im_end|>", -1)} - {-1})
+    eos = stop_ids(engine)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -238,43 +261,16 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise ApiError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
         return out
 
-    def chat_prompt(body: dict) -> tuple[str, dict[str, dict]]:
-        messages, tools = body.get("messages"), offered_tools(body.get("tools"), body.get("tool_choice"))
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", param="messages")
-        native = bool(tools) and template.uses_tools
-        syntax = template.syntax_with(tools)
-        out = []
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
-                raise ApiError(400, "each message needs a role: system, user, assistant or tool", param="messages")
-            content = m.get("content") or ""
-            if isinstance(content, list):  # content parts: the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            for call in m.get("tool_calls") or []:
-                fn = (call or {}).get("function") or {}
-                try:
-                    args = json.loads(fn.get("arguments") or "{}")
-                except ValueError:
-                    args = {}
-                content += format_tool_call(str(fn.get("name")), args if isinstance(args, dict) else {}, syntax)
-            out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": str(content)})
-        if tools and not native:  # the template takes no tools: list them in the system prompt, as the agent does
-            out = list_tools_in_system(out, tools)
-        template.tools = tools if native else None
+    def chat_prompt(body: dict) -> tuple[str, dict[str, dict], ToolCallGuide | None]:
+        offer = offered_tools(body.get("tools"), body.get("tool_choice"))
+        messages = conversation(template, chat_messages(body.get("messages")), offer)
         try:
-            text = template.render(out)
+            text = template.render(messages)
         except TemplateError as e:
             raise ApiError(400, f"the model's chat template refused these messages: {e}") from None
-        guide = None
-        if tools and guided_calls:  # a call, once opened, is well formed with arguments its schema accepts
-            choice = body.get("tool_choice")
-            try:
-                guide = ToolCallGuide(engine.tokenizer, tools, engine.config.vocab_size, eos, syntax,
-                                      required=choice == "required" or isinstance(choice, dict))  # fmt: skip
-            except ValueError as e:  # a schema the grammar compiler does not take: calls go unguided
-                log.warning("tool calls unguided for this request: %s", e)
-        return text, tool_schemas(tools), guide
+        # a call, once opened, is well formed with arguments its schema accepts
+        guide = call_guide(engine.tokenizer, engine.config.vocab_size, eos, template, offer) if guided_calls else None
+        return text, tool_schemas(offer.tools), guide
 
     def afresh() -> None:
         """After a failure mid-way the state is no longer what the cache thinks: the next request starts afresh."""

@@ -10,6 +10,7 @@ from langchain_tests.unit_tests import ChatModelUnitTests
 
 from deltamem.agent.chat_model import ChatDeltamem
 from deltamem.agent.parse import format_tool_call
+from deltamem.agent.protocol import Offer
 
 
 class _Deltamem:
@@ -53,13 +54,14 @@ def test_tool_calls_come_back_parsed_and_history_is_reused():
     assert first.usage_metadata["input_token_details"]["cache_read"] == 0
     # the next call extends the same conversation: only its new part is fed
     call = AIMessage(content="", tool_calls=[{"name": "price", "args": {"item": "apple"}, "id": "c0"}])
-    rendered = llm._to_dicts([*history, first, call], None)
+    rendered = llm._to_dicts([*history, first, call], Offer())
     assert rendered[-1]["content"] == format_tool_call("price", {"item": "apple"})
     second = llm.invoke([*history, first, HumanMessage("and pear?")])
     u = second.usage_metadata
     assert u["input_token_details"]["cache_read"] == first.usage_metadata["total_tokens"]  # all of call 1
     assert u["input_tokens"] > u["input_token_details"]["cache_read"]
-    parsed = llm._message("thinking " + format_tool_call("price", {"item": "pear"}), u, tools=[{}])
+    offer = Offer([{"type": "function", "function": {"name": "price"}}])
+    parsed = llm._message("thinking " + format_tool_call("price", {"item": "pear"}), u, offer)
     assert parsed.tool_calls[0]["name"] == "price" and parsed.tool_calls[0]["args"] == {"item": "pear"}
     assert parsed.content == "thinking"
 
