@@ -56,12 +56,18 @@ def stop_ids(engine) -> list[int]:
     return sorted(set(engine.config.eos_ids) | {tok.special_tokens.get("<|im_end|>", -1)} - {-1})
 
 
+def lay_out(template: ChatTemplate, offer: Offer) -> bool:
+    """Give the template the offered tools where it lays them out itself (template.tools); whether it does."""
+    native = bool(offer.tools) and template.uses_tools
+    template.tools = offer.tools if native else None
+    return native
+
+
 def conversation(template: ChatTemplate, messages: list[dict], offer: Offer) -> list[dict]:
     """Plain messages -> the chat template's: each message's `calls` written after its content in the syntax the
     model reads with these tools; the tools set on the template where it lays them out (template.tools), else
     listed at the end of the system message."""
-    native = bool(offer.tools) and template.uses_tools
-    template.tools = offer.tools if native else None
+    native = lay_out(template, offer)
     syntax = template.syntax_with(offer.tools)
 
     def written(m: dict) -> str:

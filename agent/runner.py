@@ -24,7 +24,7 @@ from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpoin
 from deltamem.agent.hygiene import Rules, feed_order
 from deltamem.agent.parse import format_tool_call
 from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
-from deltamem.agent.protocol import Offer, call_guide
+from deltamem.agent.protocol import Offer, call_guide, lay_out
 from deltamem.agent.retrieve import lookup_calls
 from deltamem.agent.session import AgentSession, Cancelled, log
 from deltamem.memory.store import Store
@@ -107,8 +107,7 @@ class Agent:
         self.retrieve = retrieve
         offer = Offer(tool_specs(self.tools))
         s = self.session
-        if s.template.uses_tools:  # the model's template lists them, in its trained words and syntax
-            s.template.tools = offer.tools
+        lay_out(s.template, offer)  # where the model's template lists them, in its trained words and syntax
         if guided_calls:
             s.guide = call_guide(s.tok, engine.config.vocab_size, s.stop_ids, s.template, offer)
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
