@@ -21,6 +21,7 @@ runs that hit the step limit, wall time. Results: benchmarks/results/agent_eval.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -55,7 +56,7 @@ REPOS = [
     ("pdfplumber", "pdfplumber"),
 ]
 CASE_FOLDERS = 2
-# JavaScript packages npm bundles (training traces are drawn from Python packages only: all held out)
+# JavaScript packages npm bundles (the training traces use others: all held out)
 JS_REPOS = ["semver", "minimatch", "hosted-git-info"]
 # Go, Rust, Java and TypeScript sources from the registries this machine reaches (none used in training): Debian's
 # packages ship Go and Rust sources (golang-*-dev, librust-*-dev) and the JDK's (openjdk-17-source's src.zip);
@@ -139,6 +140,24 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int,
                                     formats=("xlsx", "pptx", "mbox", "eml"))  # fmt: skip
     picked = _round_robin(tasks, per_folder, key=lambda t: Path(t.facts["path"]).suffix)  # each format in turn
     sets.append({"name": root.name, "root": root, "tasks": picked, "language": "case files"})
+    return sets
+
+
+def save_sets(path: Path, sets: list[dict], work: Path) -> None:
+    """The sets as JSON, each folder relative to work (the folders themselves stay there)."""
+    out = [dict(s, root=str(s["root"].relative_to(work)), tasks=[dataclasses.asdict(t) for t in s["tasks"]])
+           for s in sets]  # fmt: skip
+    path.write_text(json.dumps(out, indent=1))
+    print(f"{sum(len(s['tasks']) for s in sets)} questions in {len(sets)} sets: {path}")
+
+
+def load_sets(path: Path, work: Path) -> list[dict]:
+    sets = json.loads(path.read_text())
+    for s in sets:
+        s["root"] = work / s["root"]
+        if not s["root"].is_dir():
+            raise SystemExit(f"{path}: the folder of set {s['name']} is not under {work}")
+        s["tasks"] = [agent_tasks.Task(**t) for t in s["tasks"]]
     return sets
 
 
@@ -418,6 +437,11 @@ def main() -> None:
                     help="also ask each question with --no-tools, after ingest and on an empty session: what the "
                     "ingested state alone contributes")
     ap.add_argument("--work", type=Path, default=Path("agent-eval-work"))
+    ap.add_argument("--save-sets", type=Path, metavar="JSON",
+                    help="build the sets, write them here (their folders under --work) and stop: to carry the "
+                    "evaluation to a machine without the registries' packages")
+    ap.add_argument("--sets", type=Path, metavar="JSON",
+                    help="take the sets from this file (written by --save-sets), their folders under --work")
     ap.add_argument("--out", type=Path, default=RESULTS / "agent_eval")
     args = ap.parse_args()
     if args.merge:  # results of separate runs on the same questions, scored again and tabled side by side
@@ -434,8 +458,8 @@ def main() -> None:
             r["summary"] = summary(r["records"])
         write(args.out, results, runs[0]["meta"])
         return
-    if not args.delta:
-        raise SystemExit("give at least one --delta LABEL=PATH (or --merge)")
+    if not args.delta and not args.save_sets:
+        raise SystemExit("give at least one --delta LABEL=PATH (or --merge, or --save-sets)")
     deltas = []
     for d in args.delta:
         label, sep, path = d.partition("=")
@@ -443,7 +467,13 @@ def main() -> None:
             raise SystemExit(f"--delta {d!r}: give LABEL=PATH of an existing delta file")
         deltas.append((label, Path(path)))
     args.work.mkdir(parents=True, exist_ok=True)
-    sets = build(args.work, args.seed, args.questions, args.per_repo, args.per_folder, args.only)
+    if args.sets:
+        sets = load_sets(args.sets, args.work)
+    else:
+        sets = build(args.work, args.seed, args.questions, args.per_repo, args.per_folder, args.only)
+    if args.save_sets:
+        save_sets(args.save_sets, sets, args.work)
+        return
     if args.only:  # a quick look at some sets, a few questions each
         sets = [dict(s, tasks=s["tasks"][: args.limit]) for s in sets if s["name"] in args.only]
     n = sum(len(s["tasks"]) for s in sets)
