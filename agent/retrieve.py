@@ -17,8 +17,11 @@ them in the conversation as a tool-call turn marked `auto`, before the model's f
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+from deltamem.agent.parse import format_tool_call
+from deltamem.tools import Tool, ToolContext, run_tool
 from deltamem.tools.symbols import find_definitions
 
 MAX_NAMES = 2  # names looked up per task
@@ -26,25 +29,31 @@ _TOKEN = re.compile(r"`([^`\n]{1,120})`|([A-Za-z_$][\w$]*(?:(?:\.|::)[A-Za-z_$][
 _CODE_SHAPED = re.compile(r".*(_|[a-z][A-Z]|[.:$]|\d).*|[A-Z]{2,}")
 _WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")  # words, hyphenated ones whole (Meadow-4, C-5053)
 # words of a question that name nothing in the sources: English function words and the words tasks are asked in
-STOP = set("""
+STOP = set(
+    """
 a an the and or not of in on at to for from by with as is are was were be been it its this that these those there
 what which who whom whose where when why how do does did done can could should would will shall may might must
 i me my we our you your he she they them their please tell show find give given list name cite say said
 file document page section folder case project repository code module function class method constant variable
 defined define definition state stated mention mentioned value values set have has return returns returned
-""".split())
+""".split()
+)
 
 # words that ask where a name is used rather than what it is
-USE = set("""
+USE = set(
+    """
 use uses used using user users usage refer refers referred referring reference references referenced call calls
 called caller callers calling import imports imported importing depend depends depending
-""".split())
+""".split()
+)
 
 # words that ask about a definition's body: what it raises or throws, what it does
-BODY = set("""
+BODY = set(
+    """
 raise raises raised raising throw throws thrown throwing exception exceptions error errors panic panics fail fails
 work works handle handles handled
-""".split())
+""".split()
+)
 
 
 def _stop(word: str) -> bool:
@@ -90,3 +99,27 @@ def lookup_calls(root: Path, task: str) -> list[tuple[str, dict]]:
         return calls
     words = key_words(task)  # one word ("hi", "thanks") is no phrase to look up
     return [("search", {"query": " ".join(words[:8])})] if len(words) >= 2 else []
+
+
+def lookup_turn(
+    ctx: ToolContext,
+    tools: dict[str, Tool],
+    task: str,
+    syntax: str = "json",
+    on_event: Callable[[dict], None] = lambda e: None,
+) -> list[dict]:
+    """The look-up as one tool-call turn before the first reply: an assistant message whose calls (those of
+    lookup_calls that `tools` offers) are marked auto, since the runner writes it and not the model, then each
+    call's real result, as the agent graph's tools node writes them; on_event sees each call as it runs."""
+    todo = [(n, a) for n, a in lookup_calls(ctx.root, task) if n in tools]
+    if not todo:
+        return []
+    calls, results = [], []
+    for i, (name, args) in enumerate(todo):
+        call = {"id": f"auto{i}", "name": name, "arguments": args, "auto": True}
+        ok, result = run_tool(ctx, tools, name, args)
+        on_event({"tool": name, "arguments": args, "ok": ok, "result": result, "auto": True})
+        calls.append(call)
+        results.append({"role": "tool", "content": f"[{name}] {result}", "ok": ok, "call": call})
+    content = "\n".join(format_tool_call(n, a, syntax) for n, a in todo)
+    return [{"role": "assistant", "content": content, "tool_calls": calls, "errors": [], "auto": True}, *results]

@@ -22,13 +22,12 @@ from langgraph.types import Command
 from deltamem.agent import threads
 from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
 from deltamem.agent.hygiene import Rules, feed_order
-from deltamem.agent.parse import format_tool_call
 from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
 from deltamem.agent.protocol import Offer, call_guide, lay_out
-from deltamem.agent.retrieve import lookup_calls
+from deltamem.agent.retrieve import lookup_turn
 from deltamem.agent.session import AgentSession, Cancelled, log
 from deltamem.memory.store import Store
-from deltamem.tools import ToolContext, default_tools, run_tool
+from deltamem.tools import ToolContext, default_tools
 from deltamem.tools.documents import MAX_DOCUMENT_BYTES, DocumentError, convert, converter_for, is_document
 from deltamem.tools.files import project_files
 from deltamem.tools.repomap import repo_map
@@ -197,7 +196,9 @@ class Agent:
                 calls.append(event)
             on_event(event)
 
-        looked_up = self._look_up(task, track) if self.retrieve and self.tools else []
+        looked_up = []
+        if self.retrieve and self.tools:
+            looked_up = lookup_turn(self.ctx, self.tools, task, self.session.template.syntax_with(self.tools), track)
         inp = {"messages": self._with_system([{"role": "user", "content": task}, *looked_up]), "steps": 0, "mode": ""}
         self._drive(inp, track, approver)
         grounded = self._grounded(calls)
@@ -221,23 +222,6 @@ class Agent:
             self._take_timing(),
             grounded,
         )
-
-    def _look_up(self, task: str, on_event: Callable[[Event], None]) -> list[dict]:
-        """The tool-call turn of the look-up before the first reply (agent/retrieve.py): an assistant message whose
-        calls are marked auto, and their results, as the graph's tools node writes them."""
-        todo = [(n, a) for n, a in lookup_calls(self.root, task) if n in self.tools]
-        if not todo:
-            return []
-        syntax = self.session.template.syntax_with(self.tools)
-        content = "\n".join(format_tool_call(n, a, syntax) for n, a in todo)
-        msgs, results = [], []
-        for i, (name, args) in enumerate(todo):
-            call = {"id": f"auto{i}", "name": name, "arguments": args, "auto": True}
-            ok, result = run_tool(self.ctx, self.tools, name, args)
-            on_event({"tool": name, "arguments": args, "ok": ok, "result": result, "auto": True})
-            msgs.append(call)
-            results.append({"role": "tool", "content": f"[{name}] {result}", "ok": ok, "call": call})
-        return [{"role": "assistant", "content": content, "tool_calls": msgs, "errors": []}, *results]
 
     def _shown_paths(self, calls: list[dict]) -> list[str]:
         """The project's files that this run's tool results named, in the order first shown."""

@@ -39,7 +39,7 @@ from distill import _licence_ok, held_out  # noqa: E402
 
 from deltamem.agent.parse import format_tool_call  # noqa: E402
 from deltamem.agent.prompt import MAP_PATH, ChatTemplate, file_message, system_prompt  # noqa: E402
-from deltamem.agent.retrieve import key_words, lookup_calls  # noqa: E402
+from deltamem.agent.retrieve import key_words, lookup_turn  # noqa: E402
 from deltamem.agent.runner import scan_project  # noqa: E402
 from deltamem.model.gguf_file import smollm2_gguf  # noqa: E402
 from deltamem.model.tokenizer import Tokenizer  # noqa: E402
@@ -139,17 +139,10 @@ def covers(task: agent_tasks.Task, text: str) -> bool:
 
 
 def looked_up(root: Path, question: str) -> list[dict]:
-    """The runner's look-up turn before the first reply (agent/runner.py, agent/retrieve.py): the calls in one
-    assistant message marked auto (the model does not write it: not trained), then their real results."""
-    tools = default_tools()
-    todo = [(n, a) for n, a in lookup_calls(root, question) if n in tools]
-    if not todo:
-        return []
-    ctx = ToolContext(root=root)
-    out = [{"role": "assistant", "content": "\n".join(format_tool_call(n, a) for n, a in todo), "auto": True}]
-    for name, args in todo:
-        out.append({"role": "tool", "content": f"[{name}] {run_tool(ctx, tools, name, args)[1]}"})
-    return out
+    """The runner's look-up turn (agent/retrieve.py's lookup_turn) as a trace writes it: the calls in one assistant
+    message marked auto (the model does not write it: not trained), then their real results."""
+    turn = lookup_turn(ToolContext(root=root), default_tools(), question)
+    return [{k: m[k] for k in ("role", "content", "auto") if k in m} for m in turn]
 
 
 def miss(root: Path, task: agent_tasks.Task, rng: random.Random) -> tuple[str, dict, str] | None:
