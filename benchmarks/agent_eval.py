@@ -3,8 +3,9 @@ case-file folders, then each question through the real `deltamem run --json` on 
 session (`deltamem sessions fork`), so that every question starts from the same memory.
 
 Repositories: installed Python packages that scripts/distill.py holds out (its package split; the agent traces train
-only on the others), JavaScript packages npm bundles, and Go, Rust, Java and TypeScript sources fetched from the
-registries (FETCHED: Debian's golang-*-dev, librust-*-dev and openjdk-17-source packages, npm's tarballs; downloaded
+only on the others), JavaScript packages npm bundles, and Go, Rust, Java, TypeScript and C sources fetched from the
+registries (FETCHED: Debian's golang-*-dev, librust-*-dev and openjdk-17-source packages, npm's tarballs, the C
+libraries in Python packages' source distributions; downloaded
 once into WORK/downloads, their package files recorded in the results), none used in training; each copied into a git
 repository. Case-file folders: PDF and DOCX (two folders), XLSX, PPTX, mailbox and e-mail files (a third), with facts
 from templates the traces never use. Questions and their checks: scripts/agent_tasks.py (Python's answers read by
@@ -70,6 +71,8 @@ FETCHED = [
     ("java-regex", "java", "jdk:openjdk-17-source", "java.base/java/util/regex"),
     ("ts-immer", "typescript", "npm:immer@11.2.14", "package/src"),
     ("ts-zod", "typescript", "npm:zod@3.25.76", "package/src/v3"),
+    ("c-cmark", "c", "pypi:cmarkgfm==2024.11.20", "cmarkgfm-2024.11.20/third_party/cmark"),
+    ("c-lz4", "c", "pypi:lz4==4.4.4", "lz4-4.4.4/lz4libs"),
 ]
 
 

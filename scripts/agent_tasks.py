@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -312,6 +313,16 @@ LANGUAGES = {
          re.compile(rf"^ {{4}}{_JAVA_MODS}static\s+final\s+[\w<>\[\]]+\s+(?P<v>[A-Z][A-Z0-9_]*)\s*=\s*(?P<rhs>.+?);"),
          re.compile(rf"^ {{4}}{_JAVA_METHOD}")),
     ),
+    "c": RegexLanguage(
+        "c", (".c", ".h"),
+        # a definition on one line (a prototype ends in ";"), its return type before the name: `static int f(`;
+        # a struct, union or enum with its body; a macro bound to a literal (a function-like macro has "(" at once)
+        (re.compile(r"^(?:(?:static|inline|extern|const|unsigned|signed|struct|enum|union)\s+)*[A-Za-z_]\w*[\s*]+"
+                    r"(?P<f>[A-Za-z_]\w*)\s*\([^;]*$"),
+         re.compile(r"^(?:typedef\s+)?(?:struct|union|enum)\s+(?P<c>[A-Za-z_]\w*)\s*\{"),
+         re.compile(r"^#\s*define\s+(?P<v>[A-Za-z_]\w*)[ \t]+(?P<rhs>[^\s(].*?)\s*(?:/[*/].*)?$")),
+        literal=re.compile(r"-?\d[\d.]*[uUlL]*|\"[^\"\\]{0,38}\""),
+    ),
 }
 JS_SUFFIXES = LANGUAGES["javascript"].suffixes
 # a function's first line where `throw new X` names what it throws: (indentation, name); its body ends at the first
@@ -380,7 +391,7 @@ def code_tasks(root: Path, rng: random.Random, per_kind: int, language: str) -> 
                 continue
             task = None
             if k == "where" and kind in ("class", "function"):
-                what = "the class" if kind == "class" else "the function"
+                what = "the function" if kind == "function" else "the type" if language == "c" else "the class"
                 q = rng.choice(WHERE_Q).format(what=what, name=name)
                 task = Task("where", q, [("definition", {"name": name})], [[path]],
                             {"name": name, "path": path, "line": line})  # fmt: skip
@@ -426,11 +437,12 @@ def copy_package(src: Path, dest_root: Path, suffixes: tuple[str, ...]) -> Path:
 
 def fetched_dir(source: str, folder: str, downloads: Path) -> tuple[Path, str]:
     """A source tree from a registry, downloaded once into `downloads` and unpacked there: deb:PACKAGE (apt-get
-    download, dpkg-deb -x), jdk:PACKAGE (a Debian package holding the JDK's src.zip) or npm:NAME@VERSION (npm
-    pack); with the package file it came from (its version in the name). `folder` may end in a glob (a crate's
+    download, dpkg-deb -x), jdk:PACKAGE (a Debian package holding the JDK's src.zip), npm:NAME@VERSION (npm
+    pack) or pypi:NAME==VERSION (its source distribution: pip download); with the package file it came from (its
+    version in the name). `folder` may end in a glob (a crate's
     versioned directory)."""
     kind, name = source.split(":", 1)
-    dest = downloads / name.replace("@", "-")
+    dest = downloads / name.replace("@", "-").replace("==", "-")
     if not dest.is_dir():
         downloads.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=downloads))
@@ -444,8 +456,12 @@ def fetched_dir(source: str, folder: str, downloads: Path) -> tuple[Path, str]:
                     with zipfile.ZipFile(src_zip) as z:
                         z.extractall(tmp / "x", [m for m in z.namelist() if m.startswith("java.base/")])
             else:
-                _fetch(["npm", "pack", name, "--pack-destination", str(tmp)], tmp)
-                (tgz,) = tmp.glob("*.tgz")
+                if kind == "pypi":
+                    _fetch([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                            "-d", str(tmp), name], tmp)  # fmt: skip
+                else:
+                    _fetch(["npm", "pack", name, "--pack-destination", str(tmp)], tmp)
+                (tgz,) = [p for p in tmp.iterdir() if p.name.endswith((".tgz", ".tar.gz"))]
                 with tarfile.open(tgz) as t:
                     t.extractall(tmp / "x", filter="data")
             ((tmp / "x") / ".fetched").write_text(next(p.name for p in tmp.iterdir() if p.is_file()) + "\n")

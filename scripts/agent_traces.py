@@ -8,10 +8,11 @@ look-up shows it, else the model's own tool call (at times first a search that m
 answer citing the path. A fifth of the questions run without the look-up (as `--no-retrieve` does).
 
 Trees: the permissively licensed Python packages installed here and the standard library, minus distill.py's
-held-out packages (the evaluation's repositories come only from those); Go, Rust, Java, TypeScript and JavaScript
-trees from the registries (TRAIN_FETCHED: Debian's golang-*-dev, librust-*-dev and the JDK's sources, npm tarballs and
-the packages npm bundles; none that benchmarks/agent_eval.py asks about); and generated case-file folders (PDF,
-DOCX, XLSX, PPTX, mailbox and e-mail files) written with the training fact templates.
+held-out packages (the evaluation's repositories come only from those); Go, Rust, Java, TypeScript, JavaScript and C
+trees from the registries (TRAIN_FETCHED: Debian's golang-*-dev, librust-*-dev and the JDK's sources, npm tarballs,
+the packages npm bundles, C libraries in Python packages' source distributions; none that benchmarks/agent_eval.py
+asks about); and generated case-file folders (PDF, DOCX, XLSX, PPTX, mailbox and e-mail files)
+written with the training fact templates.
 
 Written as JSON lines, xz-compressed: {"tree": name, "segments": [[text, trained], ...]}; `trained` marks the
 assistant's replies (tool calls, answers, each with its <|im_end|>), the tokens the cross-entropy term learns.
@@ -62,6 +63,8 @@ TRAIN_FETCHED = [
     *[("typescript", "npm:rxjs@7.8.2", f"package/src/internal/{p}") for p in
       ["operators", "observable", "util", "scheduler"]],
     *[("typescript", "npm:mobx@6.13.7", f"package/src/{p}") for p in ["api", "types", "core"]],
+    ("c", "pypi:brotli==1.1.0", "Brotli-1.1.0/c"),
+    ("c", "pypi:pycryptodome==3.23.0", "pycryptodome-3.23.0/src"),
     *[("javascript", f"npm-bundled:{p}", "lib") for p in
       ["cacache", "pacote", "make-fetch-happen", "libnpmexec", "npm-registry-fetch", "@npmcli/arborist",
        "@npmcli/config", "@npmcli/package-json", "minipass-fetch"]],

@@ -206,6 +206,28 @@ export function produce<T>(base: T): T {
 }
 export const isDraft = (x: unknown): boolean => false
 """
+C_H = """#ifndef A_H
+#define A_H
+#define MAX_DEPTH 64
+#define GREETING "hello"
+#define SQUARE(x) ((x) * (x))
+typedef struct parser {
+  int depth;
+} parser;
+int parse_num(const char *s);
+#endif
+"""
+C_C = """#include "a.h"
+static int helper_count = 0;
+static const char *skip_space(const char *s) {
+  while (*s == ' ') s++;
+  return s;
+}
+int parse_num(const char *s)
+{
+  return SQUARE(MAX_DEPTH) + (skip_space(s) != 0);
+}
+"""
 SOURCES = {  # per language: files, and what the regular-expression index must find in them (name: kind, file)
     "go": ({"a.go": GO_A, "b.go": "package a\n\nfunc use() {\n\t_ = NewParser()\n}\n",
             "a_test.go": "package a\n\nfunc TestX() {}\n"},
@@ -217,6 +239,9 @@ SOURCES = {  # per language: files, and what the regular-expression index must f
     "java": ({"zip/Inflate.java": JAVA},
              {"Inflate": ("class", "zip/Inflate.java"), "BUF_SIZE": ("value", "zip/Inflate.java"),
               "TAG_NAME": ("value", "zip/Inflate.java"), "inflateBytes": ("function", "zip/Inflate.java")}),
+    "c": ({"a.h": C_H, "a.c": C_C},  # a prototype (";") declares, defines nothing; a function-like macro no value
+          {"MAX_DEPTH": ("value", "a.h"), "GREETING": ("value", "a.h"), "parser": ("class", "a.h"),
+           "parse_num": ("function", "a.c"), "skip_space": ("function", "a.c")}),
     "typescript": ({"src/core.ts": TS, "src/types.d.ts": "export declare function ignored(): void\n"},
                    {"NOTHING": ("value", "src/core.ts"), "Patch": ("class", "src/core.ts"),
                     "Draft": ("class", "src/core.ts"), "produce": ("function", "src/core.ts"),
