@@ -105,8 +105,9 @@ class ChatDeltamem(BaseChatModel):
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
     def _offered(self, kwargs: dict) -> Offer:
-        """The tools a call offers the model, and whether it must call one (bind_tools' tool_choice)."""
-        return Offer.of(kwargs.get("tools"), kwargs.get("tool_choice"))
+        """The tools a call offers the model, whether it must call one (bind_tools' tool_choice), and the JSON
+        schema of an answer (`bind(response_format=...)`, OpenAI's form)."""
+        return Offer.of(kwargs.get("tools"), kwargs.get("tool_choice"), kwargs.get("response_format"))
 
     # --- conversion ----------------------------------------------------------------------------------------
     def _to_dicts(self, messages: list[BaseMessage], offer: Offer) -> list[dict]:

@@ -1,5 +1,6 @@
-"""Guided tool calls: once the model opens a `<tool_call>`, it can only write a whole, well-formed call of an offered
-tool with arguments that fit the tool's JSON schema; everywhere else sampling is free.
+"""Guided replies: once the model opens a `<tool_call>`, it can only write a whole, well-formed call of an offered
+tool with arguments that fit the tool's JSON schema; everywhere else sampling is free, unless the reply must be JSON
+(OpenAI's response_format): then it is calls or one JSON value its schema accepts.
 
 The small default model opens calls well but then often names the question's function instead of a tool, writes a
 code fence instead of JSON, or loops on `<tool_call>` (benchmarks/results/agent_eval.md), and each such call costs
@@ -62,16 +63,27 @@ def _xml_value(schema: dict, rule: str) -> tuple[str, list[str]]:
     return f"%json {json.dumps({**schema, 'x-guidance': {'whitespace_flexible': False}})} {end}", []
 
 
+def answer_rule(schema: dict) -> str:
+    """The rule of an answer that is one JSON value `schema` accepts, written as json.dumps writes it (no room for
+    runs of whitespace, where a small model can loop)."""
+    fmt = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+    return f"answer: %json {json.dumps({**schema, 'x-guidance': fmt})}"
+
+
 def call_grammar(tools: Sequence[dict], syntax: str = "json", required: bool = False,
-                 special_tags: bool = False) -> str:  # fmt: skip
+                 special_tags: bool = False, answer: dict | None = None) -> str:  # fmt: skip
     """A Lark grammar (llguidance's dialect) of a reply: free text with any number of well-formed calls of `tools`
     (OpenAI function specs), or with `required`, exactly one call and nothing else. special_tags: `<tool_call>` and
-    `</tool_call>` are single special tokens of the tokenizer (Qwen's), not text."""
+    `</tool_call>` are single special tokens of the tokenizer (Qwen's), not text. answer: a JSON schema (OpenAI's
+    response_format) that the reply meets where it calls no tool: then the reply is calls or that JSON value,
+    never free text."""
     if syntax not in ("json", "xml"):
         raise ValueError("syntax must be json or xml")
     functions = [t.get("function", t) for t in tools]
+    if not functions and answer is None:
+        raise ValueError("a guide needs at least one tool or an answer's schema")
     if not functions:
-        raise ValueError("a guide needs at least one tool")
+        return "\n".join(["%llguidance {}", "start: answer", answer_rule(answer)]) + "\n"
     rules = []
     for i, f in enumerate(functions):
         name = f["name"]
@@ -94,6 +106,9 @@ def call_grammar(tools: Sequence[dict], syntax: str = "json", required: bool = F
     call = f"{_lit(NL)} ({choice}) {_lit(NL)} {closing}"
     if required:
         top = [f"start: {opening} {call}"]
+    elif answer is not None:  # calls (one after another, a newline between them at most), or the answer
+        top = ["start: calls | answer", f"calls: tcall ({_lit(NL)}? tcall)*", f"tcall: {opening} {call}",
+               answer_rule(answer)]  # fmt: skip
     elif special_tags:  # free text (which cannot hold the special token), then the token opens a call
         top = ["start: (call)* tail", "tail: TEXT", "TEXT: /(.|\\n)*/", f"call: TEXT {opening} {call}"]
     else:  # free text; the text `<tool_call>` ends it (lazily: at its first occurrence) and opens a call
@@ -134,22 +149,24 @@ def ll_tokenizer(tok, vocab_size: int, eos_ids: Sequence[int]) -> llguidance.LLT
     return _TOKENIZERS[key]
 
 
-class ToolCallGuide:
+class ReplyGuide:
     """guide(reply_ids, device) -> a [vocab] bool mask of the ids allowed next, or None where sampling is free."""
 
     def __init__(self, tokenizer, tools: Sequence[dict], vocab_size: int, eos_ids: Sequence[int],
-                 syntax: str = "json", required: bool = False):  # fmt: skip
+                 syntax: str = "json", required: bool = False, answer: dict | None = None):  # fmt: skip
         """tools: OpenAI function specs (agent/prompt.py tool_specs). vocab_size: the model's (its logits' width,
-        which may pad the tokenizer's). eos_ids: the ids that end a reply (allowed wherever the grammar may end)."""
+        which may pad the tokenizer's). eos_ids: the ids that end a reply (allowed wherever the grammar may end).
+        answer: the JSON schema of a reply that calls no tool (call_grammar)."""
         self.vocab_size = vocab_size
         special = {OPEN, CLOSE} <= set(tokenizer.special_tokens)
-        self.grammar = call_grammar(tools, syntax, required, special)
+        self.grammar = call_grammar(tools, syntax, required, special, answer)
         self._matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size, eos_ids), self.grammar)
         if self._matcher.is_error():
-            raise ValueError(f"the tools' grammar does not compile: {self._matcher.get_error()}")
+            raise ValueError(f"the grammar does not compile: {self._matcher.get_error()}")
         self._bits = torch.from_numpy(llnp.allocate_token_bitmask(1, vocab_size))
         self._shifts = torch.arange(32, dtype=torch.int32)
-        self._free = None if required else self._fill().clone()  # the mask of free text (the reply's start)
+        free = not required and answer is None  # a reply that starts as free text
+        self._free = self._fill().clone() if free else None  # the mask of free text (the reply's start)
         self._fed: list[int] = []
         self._off = False  # the reply left the grammar: free from here on
         self._last: tuple[int, torch.Tensor | None] | None = None  # (len of the reply, its answer)

@@ -4,7 +4,8 @@ The agent's runner, LangChain's ChatDeltamem (agent/chat_model.py) and the OpenA
 their own messages into plain ones ({"role", "content", "calls": [(name, arguments), ...]}) and leave the rest here:
 which tools a tool_choice offers (`Offer.of`), the syntax calls take and where the tools are laid out (the chat
 template's own `tools` where it takes them, else deltamem's listing in the system message), the ids that end a reply,
-and the guide that holds an opened call to a well-formed call of an offered tool (agent/guide.py).
+the guide that holds an opened call to a well-formed call of an offered tool, and an answer to the JSON schema of
+OpenAI's response_format where one is asked for (agent/guide.py).
 
     offer = Offer.of(tools, "required")
     messages = conversation(template, [{"role": "user", "content": "hi"}], offer)
@@ -17,7 +18,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltamem.agent.guide import ToolCallGuide
+from deltamem.agent.guide import ReplyGuide
 from deltamem.agent.parse import format_tool_call
 from deltamem.agent.prompt import ChatTemplate, list_tools_in_system
 
@@ -26,28 +27,50 @@ log = logging.getLogger("deltamem.agent")
 
 @dataclass(frozen=True)
 class Offer:
-    """The tools (OpenAI function specs) offered to the model, and whether it must call one."""
+    """What a reply may be: the tools (OpenAI function specs) offered to the model, whether it must call one, and
+    the JSON schema an answer that calls none must meet (None: free text)."""
 
     tools: list[dict] = field(default_factory=list)
     required: bool = False
+    answer: dict | None = None
 
     @classmethod
-    def of(cls, tools: list[dict] | None, choice: Any = None) -> Offer:
+    def of(cls, tools: list[dict] | None, choice: Any = None, response_format: Any = None) -> Offer:
         """tool_choice: None or "auto" offers every tool; "none" none; "required" or "any" every tool, a call
         required; a tool's name, or {"function": {"name": ...}} (OpenAI's form), only that tool, a call required.
-        ValueError where the choice names no offered tool."""
-        tools = list(tools or [])
+        response_format: OpenAI's (answer_schema). ValueError where the choice names no offered tool, or the
+        response_format is not one of OpenAI's."""
+        tools, answer = list(tools or []), answer_schema(response_format)
         if choice in (None, "auto"):
-            return cls(tools)
+            return cls(tools, answer=answer)
         if choice == "none":
-            return cls()
+            return cls(answer=answer)
         if choice in ("required", "any"):
-            return cls(tools, bool(tools))
+            return cls(tools, bool(tools), answer)
         name = choice if isinstance(choice, str) else ((choice or {}).get("function") or {}).get("name")
         named = [t for t in tools if (t.get("function") or {}).get("name") == name]
         if not named:
             raise ValueError(f"tool_choice {choice!r} names no offered tool")
-        return cls(named, True)
+        return cls(named, True, answer)
+
+
+def answer_schema(response_format: Any) -> dict | None:
+    """OpenAI's response_format -> the JSON schema an answer must meet: None for none or {"type": "text"};
+    {"type": "object"} for json_object; json_schema's `schema` (an object where it gives none)."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema", {"type": "object"}) if isinstance(spec, dict) else None
+        if isinstance(schema, dict):
+            return schema
+        raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+    raise ValueError("response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema'}")
 
 
 def stop_ids(engine) -> list[int]:
@@ -77,14 +100,16 @@ def conversation(template: ChatTemplate, messages: list[dict], offer: Offer) -> 
     return list_tools_in_system(out, offer.tools) if offer.tools and not native else out
 
 
-def call_guide(tok, vocab_size: int, stops: list[int], template: ChatTemplate, offer: Offer) -> ToolCallGuide | None:
-    """The guide for a reply with these tools offered (None with none): a call, once opened, is a well-formed call
-    of an offered tool, and with `offer.required` the reply is one. A schema the grammar compiler does not take
-    leaves calls unguided, with a warning."""
-    if not offer.tools:
+def call_guide(tok, vocab_size: int, stops: list[int], template: ChatTemplate, offer: Offer) -> ReplyGuide | None:
+    """The guide for a reply to this offer (None for free text with no tool): a call, once opened, is a well-formed
+    call of an offered tool; with `offer.required` the reply is one; with `offer.answer` a reply without calls is
+    JSON that schema accepts. A schema the grammar compiler does not take leaves the reply unguided, with a
+    warning."""
+    if not offer.tools and offer.answer is None:
         return None
     try:
-        return ToolCallGuide(tok, offer.tools, vocab_size, stops, template.syntax_with(offer.tools), offer.required)
+        syntax = template.syntax_with(offer.tools)
+        return ReplyGuide(tok, offer.tools, vocab_size, stops, syntax, offer.required, offer.answer)
     except ValueError as e:
-        log.warning("tool calls unguided: %s", e)
+        log.warning("reply unguided: %s", e)
         return None

@@ -21,46 +21,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-from common import RESULTS, ROOT, device_name, versions
+from common import RESULTS, device_name, versions
+
+from deltamem.server.launch import Served
 
 
-class Server:
-    """`deltamem serve` in a subprocess on a free loopback port; its stderr goes to `log`."""
+class Server(Served):
+    """`deltamem serve` of --model on --device in a subprocess (server/launch.py); its stderr goes to `log`."""
 
     def __init__(self, args: argparse.Namespace, db: Path, log: Path, *extra: str):
         import openai
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-P", str(ROOT / "app.py"), "serve", "--model", args.model, "--device", args.device,
-               "--dtype", args.dtype, "--port", str(port), "--db", str(db), *extra]  # fmt: skip
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path}, stderr=log.open("a"))
-        t0 = time.perf_counter()
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.perf_counter() - t0 > 600:
-                    raise SystemExit(f"the server did not start; see {log}") from None
-                time.sleep(0.25)
-        self.start_s = time.perf_counter() - t0
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=3600)
+        try:
+            super().__init__("--model", args.model, "--device", args.device, "--dtype", args.dtype, "--db", str(db),
+                             *extra, stderr=log.open("a"))  # fmt: skip
+        except RuntimeError as e:
+            raise SystemExit(f"the server did not start ({e}); see {log}") from None
+        self.client = openai.OpenAI(base_url=self.url, api_key="-", max_retries=0, timeout=3600)
         self.model = self.client.models.list().data[0].id
 
     def first_token(self, messages: list[dict], max_tokens: int = 8) -> dict:
@@ -81,9 +67,6 @@ class Server:
             "cached_tokens": usage.prompt_tokens_details.cached_tokens,
         }
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
 
 
 def transcript(turns: int, result_chars: int) -> list[tuple[list[dict], list[dict]]]:

@@ -2,11 +2,13 @@
 server/prefix.py, so any agent tool that re-sends its growing conversation gets resumable memory.
 
 Endpoints: POST /v1/chat/completions (messages and tools rendered by the model's own chat template, tool calls parsed
-back in its syntax and returned to the client, which runs them; SSE streaming), POST /v1/completions, GET /v1/models,
-GET /health. Errors come in OpenAI's shape with their status codes. Prompts are read one at a time, in arrival
-order (one engine); replies are decoded together (server/batching.py: one step for every active reply; by default
-on a GPU) or, without batching, one after the other. Security: an API key (Authorization: Bearer) when one is
-set, a body size limit and a prompt token limit; requests never name files.
+back in its syntax and returned to the client, which runs them; response_format's JSON answers guided to their
+schema; SSE streaming), POST /v1/completions, GET /v1/models, GET /health. Bodies are read and replies written by
+server/api.py's plain functions (errors in OpenAI's shape with their status codes); this module holds the routes,
+the engine's lock and the prefix cache. Prompts are read one at a time, in arrival order (one engine); replies are
+decoded together (server/batching.py: one step for every active reply; by default on a GPU) or, without batching,
+one after the other. Security: an API key (Authorization: Bearer) when one is set, a body size limit and a prompt
+token limit; requests never name files.
 """
 
 from __future__ import annotations
@@ -26,28 +28,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from deltamem.agent.guide import ToolCallGuide
-from deltamem.agent.parse import parse_tool_calls
+from deltamem.agent.guide import ReplyGuide
 from deltamem.agent.prompt import ChatTemplate, TemplateError, tool_schemas
-from deltamem.agent.protocol import Offer, call_guide, conversation, stop_ids
+from deltamem.agent.protocol import call_guide, conversation, stop_ids
 from deltamem.model.sampling import Sampler, TextStream
+from deltamem.server import api
+from deltamem.server.api import MAX_BODY, ApiError
 from deltamem.server.batching import Batcher, Reply
 from deltamem.server.prefix import PrefixCache
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 8 << 20
 SHUTTING_DOWN = {"error": {"message": "the server is shutting down", "type": "server_error"}}
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.param = status, kind, param
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
-        return JSONResponse(body, status_code=self.status)
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
 
 class FifoLock:
@@ -110,65 +106,6 @@ class ClosingStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
-def openai_calls(calls: list[dict]) -> list[dict]:
-    """Parsed tool calls (agent/parse.py) as OpenAI's tool_calls entries, arguments as a JSON string."""
-    return [
-        {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
-         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-        for c in calls
-    ]
-
-
-def offered_tools(tools: Any, choice: Any) -> Offer:
-    """The tools a request offers the model, checked: OpenAI function specs (a name, optional description and JSON
-    schema parameters), and tool_choice none, auto, required or {"function": {"name": ...}} (agent/protocol.py)."""
-    if tools is None:
-        tools = []
-    if not isinstance(tools, list):
-        raise ApiError(400, "tools must be a list of function specs", param="tools")
-    for i, t in enumerate(tools):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
-            raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param="tools")
-        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
-            raise ApiError(400, f"tools[{i}].function.name must be a non-empty string", param="tools")
-        params, about = fn.get("parameters"), fn.get("description")
-        if not isinstance(params, dict | None) or not isinstance(about, str | None):
-            raise ApiError(400, f"tools[{i}].function: parameters must be an object, description text", param="tools")
-    try:
-        if choice not in (None, "auto", "none", "required") and not isinstance(choice, dict):
-            raise ValueError(choice)
-        return Offer.of(tools, choice)
-    except ValueError:
-        raise ApiError(400, "tool_choice must be none, auto, required or a function among tools",
-                       param="tool_choice") from None
-
-
-def chat_messages(messages: Any) -> list[dict]:
-    """OpenAI chat messages -> plain ones (agent/protocol.py): developer as system, text content parts joined,
-    assistant tool_calls as (name, arguments)."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    out = []
-    for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
-            raise ApiError(400, "each message needs a role: system, user, assistant or tool", param="messages")
-        content = m.get("content") or ""
-        if isinstance(content, list):  # content parts: the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        calls = []
-        for call in m.get("tool_calls") or []:
-            fn = (call or {}).get("function") or {}
-            try:
-                args = json.loads(fn.get("arguments") or "{}")
-            except ValueError:
-                args = {}
-            calls.append((str(fn.get("name")), args if isinstance(args, dict) else {}))
-        role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": str(content), "calls": calls})
-    return out
-
-
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
                prefix_cache: bool = True, batch_decode: bool | None = None, guided_calls: bool = True) -> FastAPI:
@@ -208,19 +145,19 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     async def guard(request: Request, call_next):
         if api_key is not None and request.url.path != "/health":
             if request.headers.get("authorization") != f"Bearer {api_key}":
-                return ApiError(401, "invalid or missing API key", "authentication_error").response()
+                return error_response(ApiError(401, "invalid or missing API key", "authentication_error"))
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            return ApiError(413, f"request body over {MAX_BODY} bytes").response()
+            return error_response(ApiError(413, f"request body over {MAX_BODY} bytes"))
         return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return exc.response()
+        return error_response(exc)
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):
-        return ApiError(404, f"no route {request.url.path}", "not_found_error").response()
+        return error_response(ApiError(404, f"no route {request.url.path}", "not_found_error"))
 
     @app.get("/health")
     def health() -> dict:
@@ -231,45 +168,18 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "deltamem"}]}
 
     async def body_of(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"request body over {MAX_BODY} bytes")
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise ApiError(400, f"the body is not JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object")
-        if body.get("model") not in (None, model_name):
-            raise ApiError(404, f"model {body.get('model')!r} is not served here; this server runs {model_name!r}",
-                           "not_found_error", "model")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        return body
+        return api.read_body(await request.body(), model_name)
 
-    def sampling(body: dict) -> dict:
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = 512 if max_tokens is None else max_tokens
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        try:
-            out = {"max_new_tokens": int(max_tokens), "temperature": float(body.get("temperature", 1.0) or 0.0),
-                   "top_p": float(body.get("top_p", 1.0)), "seed": body.get("seed"), "stop": [str(s) for s in stop]}
-        except (TypeError, ValueError) as e:
-            raise ApiError(400, f"bad sampling parameter: {e}") from None
-        if out["max_new_tokens"] < 1 or out["temperature"] < 0 or not 0 < out["top_p"] <= 1:
-            raise ApiError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
-        return out
-
-    def chat_prompt(body: dict) -> tuple[str, dict[str, dict], ToolCallGuide | None]:
-        offer = offered_tools(body.get("tools"), body.get("tool_choice"))
-        messages = conversation(template, chat_messages(body.get("messages")), offer)
+    def chat_prompt(body: dict) -> tuple[str, dict[str, dict], ReplyGuide | None]:
+        offer = api.offer_of(body)
+        messages = conversation(template, api.chat_messages(body.get("messages")), offer)
         try:
             text = template.render(messages)
         except TemplateError as e:
             raise ApiError(400, f"the model's chat template refused these messages: {e}") from None
-        # a call, once opened, is well formed with arguments its schema accepts
-        guide = call_guide(engine.tokenizer, engine.config.vocab_size, eos, template, offer) if guided_calls else None
+        # a call, once opened, is well formed with arguments its schema accepts; a JSON answer meets its schema
+        guided = guided_calls or not offer.tools
+        guide = call_guide(engine.tokenizer, engine.config.vocab_size, eos, template, offer) if guided else None
         return text, tool_schemas(offer.tools), guide
 
     def afresh() -> None:
@@ -344,13 +254,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             cache.save(session)
         done.update(n=len(reply.generated), stopped_by=reply.stopped_by)
 
-    def finish(stopped_by: str) -> str:
-        return "length" if stopped_by == "length" else "stop"
-
     def usage(done: dict) -> dict:
-        ids, n = done["ids"], done["n"]
-        return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
-                "prompt_tokens_details": {"cached_tokens": done["cached"]}}
+        return api.usage(len(done["ids"]), done["n"], done["cached"])
 
     def flush() -> None:
         with lock:
@@ -361,7 +266,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         return str(name)[:100]
 
     def complete(text: str, body: dict, session: str, chat: bool, schemas: dict, guide=None) -> Any:
-        sample = {**sampling(body), "guide": guide}
+        sample = {**api.sampling(body), "guide": guide}
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.get("stream"):
             replies = stream(text, sample, session, chat, schemas, created, rid)
@@ -370,35 +275,19 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         done: dict = {}
         reply = "".join(p for p in answer(text, sample, session, done) if p is not None)
         flush()
-        stats, reason = usage(done), finish(done["stopped_by"])
-        if not chat:
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name, "usage": stats,
-                    "choices": [{"index": 0, "text": reply, "finish_reason": reason, "logprobs": None}]}
-        message: dict[str, Any] = {"role": "assistant", "content": reply}
-        if schemas:  # tools were offered: calls go back to the client in OpenAI's form
-            parsed = parse_tool_calls(reply, schemas=schemas)
-            if parsed.calls:
-                message = {"role": "assistant", "content": parsed.content or None,
-                           "tool_calls": openai_calls(parsed.calls)}
-                reason = "tool_calls"
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name, "usage": stats,
-                "choices": [{"index": 0, "message": message, "finish_reason": reason}]}
+        reason = api.finish_reason(done["stopped_by"])
+        return api.completion(rid, created, model_name, reply, reason, usage(done), chat, schemas)
 
     def stream(text, sample, session, chat, schemas, created, rid) -> Iterator[str]:
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
         def chunk(delta: dict | str, reason: str | None = None, extra: dict | None = None) -> str:
-            choice = ({"index": 0, "delta": delta, "finish_reason": reason} if chat
-                      else {"index": 0, "text": delta, "finish_reason": reason})
-            doc = {"id": rid, "object": kind, "created": created, "model": model_name, "choices": [choice]}
-            return f"data: {json.dumps({**doc, **(extra or {})}, ensure_ascii=False)}\n\n"
+            return api.chunk(rid, created, model_name, chat, delta, reason, extra)
 
         done: dict = {}
         pieces_of = answer(text, sample, session, done)
         try:
             next(pieces_of)  # the prompt is read
         except ApiError as e:
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': e.kind}})}\n\n"
+            yield api.error_event(e)
             return
         if chat:
             yield chunk({"role": "assistant", "content": ""})
@@ -407,15 +296,15 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             pieces.append(piece)
             if not schemas:  # with tools the reply is parsed whole, as the non-streaming answer is
                 yield chunk({"content": piece} if chat else piece)
-        reason = finish(done["stopped_by"])
+        reason = api.finish_reason(done["stopped_by"])
         if schemas:
-            parsed = parse_tool_calls("".join(pieces), schemas=schemas)
-            if parsed.calls:
-                calls = [{"index": i, **c} for i, c in enumerate(openai_calls(parsed.calls))]
-                yield chunk({"content": parsed.content or None, "tool_calls": calls})
+            message, called = api.assistant_message("".join(pieces), schemas)
+            if called:
+                calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+                yield chunk({"content": message["content"], "tool_calls": calls})
                 reason = "tool_calls"
             else:
-                yield chunk({"content": "".join(pieces)})
+                yield chunk({"content": message["content"]})
         yield chunk({} if chat else "", reason, {"usage": usage(done)})
         flush()  # after the last chunk: writing the states does not delay the answer
         yield "data: [DONE]\n\n"

@@ -3,6 +3,8 @@ random-weight model can pass (invoke, stream, batch, conversation, stop sequence
 that need a model that follows instructions (tool calling, structured output) are switched off by the suite's
 own capability flags."""
 
+import json
+
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
@@ -92,3 +94,15 @@ def test_tool_choice_any_or_named_gives_a_call_the_schema_accepts():
             (call,) = msg.tool_calls
             assert call["name"] in names
             jsonschema.validate(call["args"], schemas[call["name"]])
+
+
+def test_response_format_gives_json_the_schema_accepts():
+    """bind(response_format=...) in OpenAI's form (as ChatOpenAI takes it): a random-weight model, which left alone
+    writes noise, answers with JSON that jsonschema (an independent validator) accepts."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "coats": {"type": "integer",
+              "minimum": 1, "maximum": 3}}, "required": ["color", "coats"], "additionalProperties": False}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "paint", "schema": schema, "strict": True}}
+    for seed in range(2):
+        llm = ChatDeltamem(model="random", max_tokens=60, temperature=1.0, seed=seed).bind(response_format=fmt)
+        jsonschema.validate(json.loads(llm.invoke("Which color, how many coats?").content), schema)

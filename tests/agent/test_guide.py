@@ -1,12 +1,15 @@
 """Guided tool calls (agent/guide.py): what the guide allows where a tool's name is due against a brute-force scan of
 the vocabulary; free text left free; and generation through the engine (host loop and device-side bursts) by a
 random-weight model, which left alone writes noise, always giving calls that the agent's parser reads and whose
-arguments jsonschema (an independent validator) accepts under the tool's schema."""
+arguments jsonschema (an independent validator) accepts under the tool's schema, and where the reply must be JSON
+(OpenAI's response_format), JSON that json.loads reads and jsonschema accepts, or a call."""
+
+import json
 
 import jsonschema
 import pytest
 
-from deltamem.agent.guide import ToolCallGuide
+from deltamem.agent.guide import ReplyGuide
 from deltamem.agent.parse import parse_tool_calls
 from deltamem.model import load_model
 from deltamem.model.tokenizer import Tokenizer
@@ -49,7 +52,7 @@ def allowed(mask) -> set[int]:
 @pytest.mark.parametrize(("syntax", "opening", "ends"), [("json", '<tool_call>\n{"name": "', '"'),
                                                          ("xml", "<tool_call>\n<function=", ">")])  # fmt: skip
 def test_where_a_name_is_due_only_offered_names_are_allowed(tok, eos, syntax, opening, ends):
-    guide = ToolCallGuide(tok, NAMED, VOCAB, eos, syntax)
+    guide = ReplyGuide(tok, NAMED, VOCAB, eos, syntax)
     names = [s["function"]["name"] for s in NAMED]
     for written in ["", "r", "read_", "l", "gre"]:
         mask = guide(tok.encode("Let me look. " + opening + written))
@@ -66,7 +69,7 @@ def test_where_a_name_is_due_only_offered_names_are_allowed(tok, eos, syntax, op
 
 
 def test_free_text_is_free_and_a_call_is_not(tok, eos):
-    guide = ToolCallGuide(tok, NAMED, VOCAB, eos)
+    guide = ReplyGuide(tok, NAMED, VOCAB, eos)
     assert guide(tok.encode("The answer is in `src/a.py`.")) is None
     assert guide(tok.encode('<tool_call>\n{"name": "grep", "arguments": {"pattern": "x"}}\n</tool_call>\n')) is None
     inside = guide(tok.encode("<tool_call>"))
@@ -77,7 +80,7 @@ def test_free_text_is_free_and_a_call_is_not(tok, eos):
 
 
 def test_arguments_keep_to_the_schema(tok, eos):
-    guide = ToolCallGuide(tok, NAMED, VOCAB, eos)
+    guide = ReplyGuide(tok, NAMED, VOCAB, eos)
     keys = guide(tok.encode('<tool_call>\n{"name": "grep", "arguments": {"'))
     for i in allowed(keys):  # only grep's own key
         text = tok.decode([i])
@@ -93,14 +96,14 @@ def test_string_arguments_end_at_their_max_length_and_never_hold_the_end_tag(tok
     """A looping argument cannot run past its schema's maxLength (the string must close there), and no string
     argument can write the call's end tag (a model copying an error message into a pattern)."""
     capped = [spec("grep", {"pattern": {"type": "string", "maxLength": 8}}, ["pattern"])]
-    guide = ToolCallGuide(tok, capped, VOCAB, eos, syntax)
+    guide = ReplyGuide(tok, capped, VOCAB, eos, syntax)
     full = guide(tok.encode("Looking. " + opening + "ab-ab-ab"))
     assert full is not None and all(tok.decode([i]).startswith(closing) for i in allowed(full))
     partial = guide(tok.encode("Looking. " + opening + "ab-ab"))
     assert any(tok.decode([i]) == "-" for i in allowed(partial))  # under the cap the string goes on
     if syntax == "xml":  # JSON strings may hold the tag: the parser reads a JSON call as JSON (test_parse.py)
         free = [spec("grep", {"pattern": {"type": "string"}}, ["pattern"])]
-        guide = ToolCallGuide(tok, free, VOCAB, eos, syntax)
+        guide = ReplyGuide(tok, free, VOCAB, eos, syntax)
         tag = guide(tok.encode("Looking. " + opening + "abc</tool_call"))
         assert tag is not None and not any(tok.decode([i]).startswith(">") for i in allowed(tag))
         assert any(tok.decode([i]).startswith(">") for i in allowed(guide(tok.encode("Looking. " + opening + "<a"))))
@@ -117,7 +120,7 @@ def test_guided_generation_gives_calls_the_schemas_accept(tok, eos, syntax, fast
     assert not parse_tool_calls(free, schemas=schemas).calls  # left alone, the random model calls nothing
     for seed in range(4):
         eng.reset()
-        guide = ToolCallGuide(tok, SHORT, VOCAB, eos, syntax, required=True)
+        guide = ReplyGuide(tok, SHORT, VOCAB, eos, syntax, required=True)
         text = "".join(eng.generate(prompt, max_new_tokens=60, stop_ids=eos, temperature=1.0, seed=seed,
                                     guide=guide))  # fmt: skip
         parsed = parse_tool_calls(text, schemas=schemas)
@@ -140,7 +143,7 @@ def test_calls_opened_by_a_special_token(tok, eos):
     calls_tok = Tokenizer(enc, {**tok._id_to_bytes, **{i: s.encode() for s, i in ids.items()}}, name="cl100k_calls",
                           eos_id=tok.eos_id, chat_template=tok.chat_template)  # fmt: skip
     assert calls_tok.encode("<tool_call>") == [100280]
-    guide = ToolCallGuide(calls_tok, NAMED, VOCAB, eos)
+    guide = ReplyGuide(calls_tok, NAMED, VOCAB, eos)
     assert guide(calls_tok.encode("Some prose first.")) is None
     opened = guide(calls_tok.encode("Some prose first.<tool_call>"))
     assert opened is not None and allowed(opened) == {calls_tok.encode("\n")[0]}
@@ -148,7 +151,39 @@ def test_calls_opened_by_a_special_token(tok, eos):
     eng.tokenizer = calls_tok  # which can decode the two added ids
     schemas = {s["function"]["name"]: s["function"]["parameters"] for s in SHORT}
     text = "".join(eng.generate(calls_tok.encode("Go. "), max_new_tokens=60, stop_ids=eos, temperature=1.0, seed=1,
-                                guide=ToolCallGuide(calls_tok, SHORT, VOCAB, eos, required=True)))  # fmt: skip
+                                guide=ReplyGuide(calls_tok, SHORT, VOCAB, eos, required=True)))  # fmt: skip
     assert eng.generated[0] == 100280 and 100281 in eng.generated
     (call,) = parse_tool_calls(text, schemas=schemas).calls
     jsonschema.validate(call["arguments"], schemas[call["name"]])
+
+
+# An answer a random model can finish (bounded: a choice, a bounded integer, a boolean, a short string)
+ANSWER = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "n": {"type": "integer",
+          "minimum": 0, "maximum": 9}, "ok": {"type": "boolean"}, "tag": {"type": "string", "maxLength": 6}},
+          "required": ["color", "n", "ok", "tag"], "additionalProperties": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("tools", [[], SHORT])
+def test_an_answer_that_must_be_json_is_json_its_schema_accepts_or_a_call(tok, eos, tools):
+    """OpenAI's response_format: the reply is one JSON value the schema accepts, then the end; with tools offered,
+    that or calls of them, never free text."""
+    eng = load_model("random", window=64)
+    schemas = {s["function"]["name"]: s["function"]["parameters"] for s in SHORT}
+    prompt = tok.encode("Answer in JSON. ")
+    kinds = set()
+    for seed in range(6):
+        eng.reset()
+        guide = ReplyGuide(tok, tools, VOCAB, eos, answer=ANSWER)
+        text = "".join(eng.generate(prompt, max_new_tokens=80, stop_ids=eos, temperature=1.0, seed=seed,
+                                    guide=guide))  # fmt: skip
+        if text.startswith("<tool_call>"):  # calls, one after another (a random model may not stop calling)
+            calls = parse_tool_calls(text, schemas=schemas).calls
+            assert tools and calls, text
+            for call in calls:
+                jsonschema.validate(call["arguments"], schemas[call["name"]])
+            kinds.add("call")
+        else:
+            assert eng.generated[-1] in eos, text  # the answer complete, then the reply ends
+            jsonschema.validate(json.loads(text), ANSWER)
+            kinds.add("answer")
+    assert "answer" in kinds

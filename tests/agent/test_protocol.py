@@ -90,6 +90,31 @@ def test_a_template_without_tools_gets_them_listed_in_the_system_message_and_jso
     ]
 
 
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "answer"),
+    [
+        (None, None),
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, {"type": "object"}),
+        ({"type": "json_schema", "json_schema": {"name": "count", "schema": SCHEMA, "strict": True}}, SCHEMA),
+        ({"type": "json_schema", "json_schema": {"name": "any"}}, {"type": "object"}),
+    ],
+)
+def test_response_format_gives_the_schema_an_answer_must_meet(response_format, answer):
+    assert Offer.of([PAINT], "auto", response_format) == Offer([PAINT], False, answer)
+    assert Offer.of([PAINT], "none", response_format) == Offer(answer=answer)
+
+
+@pytest.mark.parametrize("bad", ["json", {"type": "yaml"}, {"type": "json_schema"}, {"type": "json_schema",
+                                 "json_schema": {"name": "x", "schema": "object"}}])  # fmt: skip
+def test_a_response_format_not_openais_is_refused(bad):
+    with pytest.raises(ValueError, match="response_format"):
+        Offer.of([], None, bad)
+
+
 def test_stop_ids_and_the_guide():
     from deltamem.model import load_model
 
@@ -100,6 +125,7 @@ def test_stop_ids_and_the_guide():
     template = ChatTemplate.for_tokenizer(tok)
     assert call_guide(tok, vocab, stops, template, Offer()) is None  # nothing offered: nothing to hold
     assert call_guide(tok, vocab, stops, template, Offer([PAINT], True)) is not None
+    assert call_guide(tok, vocab, stops, template, Offer(answer={"type": "object"})) is not None  # JSON, no tool
 
 
 def test_a_schema_the_grammar_compiler_refuses_leaves_calls_unguided(caplog):
@@ -107,4 +133,4 @@ def test_a_schema_the_grammar_compiler_refuses_leaves_calls_unguided(caplog):
     bad = spec("f", x={"type": "strnig"})
     with caplog.at_level(logging.WARNING, logger="deltamem.agent"):
         assert call_guide(tok, 49152, [2], ChatTemplate.for_tokenizer(tok), Offer([bad])) is None
-    assert "tool calls unguided" in caplog.text
+    assert "reply unguided" in caplog.text

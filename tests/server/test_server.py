@@ -3,10 +3,7 @@ equal to the whole answer, the prefix cache (a conversation's next turn reuses t
 server still hits it), tool rendering, and errors in OpenAI's shape; plus the loopback-only default."""
 
 import json
-import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,42 +11,18 @@ from fastapi.testclient import TestClient
 
 from deltamem.model import load_model
 from deltamem.server.app import create_app
-from tests.test_app import CLI, deltamem
+from deltamem.server.launch import Served
+from tests.test_app import deltamem
 
 openai = pytest.importorskip("openai")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(Served):
+    """The random model served with a small window, an `openai` client pointed at it."""
 
-
-class Server:
     def __init__(self, db: Path, *extra: str):
-        self.port = _free_port()
-        args = ["serve", "--model", "random", "--window", "64", "--port", str(self.port), "--db", str(db), *extra]
-        self.proc = subprocess.Popen(
-            [*CLI, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(self.proc.stderr.read()) from None
-                time.sleep(0.5)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
+        super().__init__("--model", "random", "--window", "64", "--db", str(db), *extra, timeout=180)
+        self.client = openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0)
 
 
 def test_openai_client_against_a_real_server(tmp_path):
@@ -158,6 +131,7 @@ def test_prefix_states_from_memory_match_reading_the_prompt_whole(tmp_path):
         assert len(store.snapshots(row["id"])) >= 4  # prompt and reply states of three requests
 
 
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
     ("/v1/chat/completions", b"{not json", 400, None),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
@@ -175,6 +149,8 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [],
                               "tool_choice": {"type": "function", "function": {"name": "absent"}}}, 400, "tool_choice"),
     ("/v1/completions", {"prompt": 7}, 400, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format"),
 ]  # fmt: skip
 
 
@@ -349,6 +325,37 @@ def test_tool_choice_required_or_named_always_gives_a_call_its_schema_accepts(ba
         "x": {"type": "strnig"}}}}}  # fmt: skip
     r = client.post("/v1/chat/completions", json={**base, "tools": [bad], "max_tokens": 4})
     assert r.status_code == 200, r.text  # a schema the grammar compiler refuses: answered, unguided
+
+
+ANSWER = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "coats": {"type": "integer",
+          "minimum": 1, "maximum": 3}}, "required": ["color", "coats"], "additionalProperties": False}  # fmt: skip
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_response_format_answers_are_json_their_schema_accepts(batched):
+    """response_format json_schema and json_object, whole and streamed, on the one-reply path and in the decode
+    batch: a random-weight model, which left alone writes noise, answers with JSON that json.loads reads and
+    jsonschema accepts (or, for json_object, whose strings have no bound, JSON cut at max_tokens)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client = TestClient(create_app(load_model("random", window=64), None, "random", batch_decode=batched))
+    base = {"messages": [{"role": "user", "content": "Which color? Answer in JSON."}], "max_tokens": 60,
+            "temperature": 1.0}  # fmt: skip
+    formats = [({"type": "json_schema", "json_schema": {"name": "paint", "schema": ANSWER, "strict": True}}, ANSWER),
+               ({"type": "json_object"}, {"type": "object"})]  # fmt: skip
+    for fmt, schema in formats:
+        for seed in range(2):
+            r = client.post("/v1/chat/completions", json={**base, "response_format": fmt, "seed": seed})
+            assert r.status_code == 200, r.text
+            out = r.json()["choices"][0]
+            if out["finish_reason"] == "stop":
+                jsonschema.validate(json.loads(out["message"]["content"]), schema)
+            else:  # json_object's keys and strings are unbounded: a random model may run to max_tokens
+                assert schema == {"type": "object"} and out["message"]["content"].startswith("{"), out
+            streamed = client.post("/v1/chat/completions", json={**base, "response_format": fmt, "seed": seed,
+                                                                 "stream": True})  # fmt: skip
+            events = [json.loads(x[6:]) for x in streamed.text.split("\n\n") if x.startswith("data: {")]
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+            assert text == out["message"]["content"]  # streamed piece by piece, the same answer
 
 
 LONG = [{"role": "user", "content": "Tell me everything about the memory store. " * 4}]

@@ -1,0 +1,171 @@
+"""OpenAI's API as plain functions, apart from HTTP and the engine (as llama.cpp's server keeps its request parsing):
+a request body checked and read into what the engine needs (sampling parameters, the offer of tools and answer
+format through agent/protocol.py, plain messages), and the replies written back in OpenAI's shapes (completions,
+chat completions with tool calls, stream chunks, usage, errors). server/app.py holds the routes."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from deltamem.agent.parse import parse_tool_calls
+from deltamem.agent.protocol import Offer, answer_schema
+
+MAX_BODY = 8 << 20
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class ApiError(Exception):
+    """An error in OpenAI's shape, with its HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param = status, kind, param
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
+
+
+def read_body(raw: bytes, model_name: str) -> dict:
+    """A request's body: a JSON object of at most MAX_BODY bytes, for this server's model, n = 1."""
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    try:
+        body = json.loads(raw)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    if body.get("model") not in (None, model_name):
+        raise ApiError(404, f"model {body.get('model')!r} is not served here; this server runs {model_name!r}",
+                       "not_found_error", "model")  # fmt: skip
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    return body
+
+
+def sampling(body: dict) -> dict:
+    """The engine's sampling parameters from a body: max_new_tokens, temperature, top_p, seed, stop."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = 512 if max_tokens is None else max_tokens
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    try:
+        out = {"max_new_tokens": int(max_tokens), "temperature": float(body.get("temperature", 1.0) or 0.0),
+               "top_p": float(body.get("top_p", 1.0)), "seed": body.get("seed"), "stop": [str(s) for s in stop]}
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, f"bad sampling parameter: {e}") from None
+    if out["max_new_tokens"] < 1 or out["temperature"] < 0 or not 0 < out["top_p"] <= 1:
+        raise ApiError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+    return out
+
+
+def offer_of(body: dict) -> Offer:
+    """What a chat request lets the reply be, checked: `tools` (OpenAI function specs: a name, optional description
+    and JSON schema parameters), `tool_choice` (none, auto, required or {"function": {"name": ...}}) and
+    `response_format` (text, json_object or json_schema) (agent/protocol.py)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise ApiError(400, "tools must be a list of function specs", param="tools")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise ApiError(400, f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param="tools")
+        if not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise ApiError(400, f"tools[{i}].function.name must be a non-empty string", param="tools")
+        params, about = fn.get("parameters"), fn.get("description")
+        if not isinstance(params, dict | None) or not isinstance(about, str | None):
+            raise ApiError(400, f"tools[{i}].function: parameters must be an object, description text", param="tools")
+    if choice not in (None, "auto", "none", "required") and not isinstance(choice, dict):
+        raise ApiError(400, "tool_choice must be none, auto, required or a function among tools", param="tool_choice")
+    try:
+        answer_schema(body.get("response_format"))
+    except ValueError as e:
+        raise ApiError(400, str(e), param="response_format") from None
+    try:
+        return Offer.of(tools, choice, body.get("response_format"))
+    except ValueError:
+        raise ApiError(400, "tool_choice must be none, auto, required or a function among tools",
+                       param="tool_choice") from None
+
+
+def chat_messages(messages: Any) -> list[dict]:
+    """OpenAI chat messages -> plain ones (agent/protocol.py): developer as system, text content parts joined,
+    assistant tool_calls as (name, arguments)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, "each message needs a role: system, user, assistant or tool", param="messages")
+        content = m.get("content") or ""
+        if isinstance(content, list):  # content parts: the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        calls = []
+        for call in m.get("tool_calls") or []:
+            fn = (call or {}).get("function") or {}
+            try:
+                args = json.loads(fn.get("arguments") or "{}")
+            except ValueError:
+                args = {}
+            calls.append((str(fn.get("name")), args if isinstance(args, dict) else {}))
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": str(content), "calls": calls})
+    return out
+
+
+def openai_calls(calls: list[dict]) -> list[dict]:
+    """Parsed tool calls (agent/parse.py) as OpenAI's tool_calls entries, arguments as a JSON string."""
+    return [
+        {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+         "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+        for c in calls
+    ]  # fmt: skip
+
+
+def finish_reason(stopped_by: str) -> str:
+    return "length" if stopped_by == "length" else "stop"
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
+
+
+def assistant_message(reply: str, schemas: dict) -> tuple[dict, bool]:
+    """A reply as the chat message OpenAI returns, and whether it calls tools: where tools were offered (their
+    schemas by name), the calls parsed from the reply in OpenAI's form, the rest as content."""
+    if schemas:
+        parsed = parse_tool_calls(reply, schemas=schemas)
+        if parsed.calls:
+            return {"role": "assistant", "content": parsed.content or None,
+                    "tool_calls": openai_calls(parsed.calls)}, True  # fmt: skip
+    return {"role": "assistant", "content": reply}, False
+
+
+def completion(rid: str, created: int, model: str, reply: str, reason: str, stats: dict, chat: bool,
+               schemas: dict) -> dict:  # fmt: skip
+    """The whole answer: a chat completion (calls parsed where tools were offered) or a text completion."""
+    if not chat:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model, "usage": stats,
+                "choices": [{"index": 0, "text": reply, "finish_reason": reason, "logprobs": None}]}  # fmt: skip
+    message, called = assistant_message(reply, schemas)
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "usage": stats,
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if called else reason}]}
+
+
+def chunk(rid: str, created: int, model: str, chat: bool, delta: dict | str, reason: str | None = None,
+          extra: dict | None = None) -> str:  # fmt: skip
+    """One server-sent event of a streamed answer."""
+    choice = ({"index": 0, "delta": delta, "finish_reason": reason} if chat
+              else {"index": 0, "text": delta, "finish_reason": reason})  # fmt: skip
+    doc = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+           "model": model, "choices": [choice]}  # fmt: skip
+    return f"data: {json.dumps({**doc, **(extra or {})}, ensure_ascii=False)}\n\n"
+
+
+def error_event(e: ApiError) -> str:
+    return f"data: {json.dumps({'error': {'message': str(e), 'type': e.kind}})}\n\n"
