@@ -35,7 +35,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from deltamem.agent.parse import parse_tool_calls
 from deltamem.agent.prompt import tool_schemas
-from deltamem.agent.protocol import Offer, call_guide, conversation
+from deltamem.agent.protocol import Offer, Turn, prepare_turn
 from deltamem.agent.session import AgentSession
 
 _MODELS: dict[tuple, Any] = {}  # (model, window, sink, device, dtype) -> a loaded Engine whose weights are shared
@@ -110,9 +110,9 @@ class ChatDeltamem(BaseChatModel):
         return Offer.of(kwargs.get("tools"), kwargs.get("tool_choice"), kwargs.get("response_format"))
 
     # --- conversion ----------------------------------------------------------------------------------------
-    def _to_dicts(self, messages: list[BaseMessage], offer: Offer) -> list[dict]:
-        """LangChain messages -> the chat template's (agent/protocol.py: calls in the syntax the model reads, the
-        tools where the template takes them, else in the system prompt)."""
+    def _turn(self, messages: list[BaseMessage], offer: Offer) -> Turn:
+        """LangChain messages -> the turn the model replies to (agent/protocol.py: calls in the syntax the model
+        reads, the tools where the template takes them, else in the system prompt; the reply's guide)."""
         roles = ((SystemMessage, "system"), (HumanMessage, "user"), (AIMessage, "assistant"), (ToolMessage, "tool"))
         plain = []
         for m in messages:
@@ -120,7 +120,8 @@ class ChatDeltamem(BaseChatModel):
             calls = [(c["name"], c["args"]) for c in m.tool_calls] if isinstance(m, AIMessage) else []
             role = next((r for kind, r in roles if isinstance(m, kind)), m.type)
             plain.append({"role": role, "content": content, "calls": calls})
-        return conversation(self._state().template, plain, offer)
+        s = self._state()
+        return prepare_turn(s.engine, s.template, plain, offer)
 
     def _state(self) -> AgentSession:
         if self._session is None:
@@ -150,8 +151,9 @@ class ChatDeltamem(BaseChatModel):
 
     def _run(self, messages, stop, offer: Offer, on_piece):
         s = self._state()
-        s.guide = call_guide(s.tok, s.engine.config.vocab_size, s.stop_ids, s.template, offer)
-        reply = s.reply(self._to_dicts(messages, offer), self.max_tokens, on_piece, **self._sampling(stop))
+        turn = self._turn(messages, offer)
+        s.guide = turn.guide
+        reply = s.reply(turn.messages, self.max_tokens, on_piece, **self._sampling(stop))
         return reply, self._usage(s, reply)
 
     def _message(self, text: str, usage: UsageMetadata, offer: Offer) -> AIMessage:
@@ -205,8 +207,9 @@ class ChatDeltamem(BaseChatModel):
             )
             return
         s = self._state()
-        s.guide = None
-        it = s.stream_reply(self._to_dicts(messages, Offer()), self.max_tokens, **self._sampling(stop))
+        turn = self._turn(messages, self._offered(kwargs))  # no tools: free text, or a JSON answer's guide
+        s.guide = turn.guide
+        it = s.stream_reply(turn.messages, self.max_tokens, **self._sampling(stop))
         while True:
             try:
                 piece = next(it)

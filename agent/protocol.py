@@ -7,9 +7,9 @@ template's own `tools` where it takes them, else deltamem's listing in the syste
 the guide that holds an opened call to a well-formed call of an offered tool, and an answer to the JSON schema of
 OpenAI's response_format where one is asked for (agent/guide.py).
 
-    offer = Offer.of(tools, "required")
-    messages = conversation(template, [{"role": "user", "content": "hi"}], offer)
-    guide = call_guide(tok, vocab_size, stop_ids(engine), template, offer)
+    offer = Offer.of(tools, "required", response_format)
+    turn = prepare_turn(engine, template, [{"role": "user", "content": "hi"}], offer)
+    text = template.render(turn.messages)  # generate with turn.guide and turn.stops; parse calls by turn.schemas
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from deltamem.agent.guide import ReplyGuide
 from deltamem.agent.parse import format_tool_call
-from deltamem.agent.prompt import ChatTemplate, list_tools_in_system
+from deltamem.agent.prompt import ChatTemplate, list_tools_in_system, tool_schemas
 
 log = logging.getLogger("deltamem.agent")
 
@@ -113,3 +113,26 @@ def call_guide(tok, vocab_size: int, stops: list[int], template: ChatTemplate, o
     except ValueError as e:
         log.warning("reply unguided: %s", e)
         return None
+
+
+@dataclass
+class Turn:
+    """A conversation made ready for the model's reply: its messages in the chat template's form, the offered tools'
+    argument schemas by name (to read the calls back), the guide of the reply and the ids that end it."""
+
+    messages: list[dict]
+    schemas: dict[str, dict]
+    guide: ReplyGuide | None
+    stops: list[int]
+
+
+def prepare_turn(
+    engine, template: ChatTemplate, messages: list[dict], offer: Offer, guided: bool = True
+) -> Turn:
+    """Plain messages and an offer -> the Turn the model replies to. guided=False leaves tool calls unguided (a JSON
+    answer asked for without tools is still held to its schema)."""
+    stops = stop_ids(engine)
+    guide = None
+    if guided or not offer.tools:
+        guide = call_guide(engine.tokenizer, engine.config.vocab_size, stops, template, offer)
+    return Turn(conversation(template, messages, offer), tool_schemas(offer.tools), guide, stops)

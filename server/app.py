@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from deltamem.agent.guide import ReplyGuide
-from deltamem.agent.prompt import ChatTemplate, TemplateError, tool_schemas
-from deltamem.agent.protocol import call_guide, conversation, stop_ids
+from deltamem.agent.prompt import ChatTemplate, TemplateError
+from deltamem.agent.protocol import prepare_turn, stop_ids
 from deltamem.model.sampling import Sampler, TextStream
 from deltamem.server import api
 from deltamem.server.api import MAX_BODY, ApiError
@@ -171,16 +171,13 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         return api.read_body(await request.body(), model_name)
 
     def chat_prompt(body: dict) -> tuple[str, dict[str, dict], ReplyGuide | None]:
-        offer = api.offer_of(body)
-        messages = conversation(template, api.chat_messages(body.get("messages")), offer)
+        messages, offer = api.chat_messages(body.get("messages")), api.offer_of(body)
+        turn = prepare_turn(engine, template, messages, offer, guided_calls)
         try:
-            text = template.render(messages)
+            text = template.render(turn.messages)
         except TemplateError as e:
             raise ApiError(400, f"the model's chat template refused these messages: {e}") from None
-        # a call, once opened, is well formed with arguments its schema accepts; a JSON answer meets its schema
-        guided = guided_calls or not offer.tools
-        guide = call_guide(engine.tokenizer, engine.config.vocab_size, eos, template, offer) if guided else None
-        return text, tool_schemas(offer.tools), guide
+        return text, turn.schemas, turn.guide
 
     def afresh() -> None:
         """After a failure mid-way the state is no longer what the cache thinks: the next request starts afresh."""

@@ -41,7 +41,7 @@ class Served:
                     raise RuntimeError(f"deltamem serve exited ({self.proc.returncode}): {log[-2000:]}") from None
                 if time.perf_counter() - t0 > timeout:
                     self.stop()
-                    raise RuntimeError(f"deltamem serve did not answer within {timeout:.0f} s")
+                    raise RuntimeError(f"deltamem serve did not answer within {timeout:.0f} s") from None
                 time.sleep(0.25)
         self.start_s = time.perf_counter() - t0
 

@@ -56,7 +56,7 @@ def test_tool_calls_come_back_parsed_and_history_is_reused():
     assert first.usage_metadata["input_token_details"]["cache_read"] == 0
     # the next call extends the same conversation: only its new part is fed
     call = AIMessage(content="", tool_calls=[{"name": "price", "args": {"item": "apple"}, "id": "c0"}])
-    rendered = llm._to_dicts([*history, first, call], Offer())
+    rendered = llm._turn([*history, first, call], Offer()).messages
     assert rendered[-1]["content"] == format_tool_call("price", {"item": "apple"})
     second = llm.invoke([*history, first, HumanMessage("and pear?")])
     u = second.usage_metadata
@@ -106,3 +106,5 @@ def test_response_format_gives_json_the_schema_accepts():
     for seed in range(2):
         llm = ChatDeltamem(model="random", max_tokens=60, temperature=1.0, seed=seed).bind(response_format=fmt)
         jsonschema.validate(json.loads(llm.invoke("Which color, how many coats?").content), schema)
+        streamed = "".join(c.content for c in llm.stream("Which color, how many coats?"))  # held to it too
+        jsonschema.validate(json.loads(streamed), schema)
