@@ -47,7 +47,8 @@ class Offer:
             return cls(answer=answer)
         if choice in ("required", "any"):
             return cls(tools, bool(tools), answer)
-        name = choice if isinstance(choice, str) else ((choice or {}).get("function") or {}).get("name")
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        name = choice if isinstance(choice, str) else fn.get("name") if isinstance(fn, dict) else None
         named = [t for t in tools if (t.get("function") or {}).get("name") == name]
         if not named:
             raise ValueError(f"tool_choice {choice!r} names no offered tool")

@@ -6,6 +6,7 @@ chat completions with tool calls, stream chunks, usage, errors). server/app.py h
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from typing import Any
 
@@ -33,32 +34,51 @@ def read_body(raw: bytes, model_name: str) -> dict:
         raise ApiError(413, f"request body over {MAX_BODY} bytes")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the body is not JSON: nested too deeply") from None
     except ValueError as e:
         raise ApiError(400, f"the body is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     if body.get("model") not in (None, model_name):
-        raise ApiError(404, f"model {body.get('model')!r} is not served here; this server runs {model_name!r}",
-                       "not_found_error", "model")  # fmt: skip
-    if body.get("n", 1) != 1:
+        raise ApiError(404, f"model {str(body.get('model'))[:100]!r} is not served here; this server runs "
+                       f"{model_name!r}", "not_found_error", "model")  # fmt: skip
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise ApiError(400, "only n=1 is supported", param="n")
     return body
 
 
-def sampling(body: dict) -> dict:
-    """The engine's sampling parameters from a body: max_new_tokens, temperature, top_p, seed, stop."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = 512 if max_tokens is None else max_tokens
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    try:
-        out = {"max_new_tokens": int(max_tokens), "temperature": float(body.get("temperature", 1.0) or 0.0),
-               "top_p": float(body.get("top_p", 1.0)), "seed": body.get("seed"), "stop": [str(s) for s in stop]}
-    except (TypeError, ValueError) as e:
-        raise ApiError(400, f"bad sampling parameter: {e}") from None
-    if out["max_new_tokens"] < 1 or out["temperature"] < 0 or not 0 < out["top_p"] <= 1:
-        raise ApiError(400, "need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
-    return out
+def _number(body: dict, key: str, default: float, low: float, high: float, integer: bool = False) -> float:
+    """A numeric field: absent or null means the default, else a finite number (a whole one where `integer`) from
+    low to high, as OpenAI's reference gives them."""
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (integer and value != int(value)) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise ApiError(400, f"{key} must be {what} from {low} to {high}", param=key)
+    return int(value) if integer else float(value)
+
+
+def sampling(body: dict, max_tokens: int = 1 << 20) -> dict:
+    """The engine's sampling parameters from a body: max_new_tokens (max_completion_tokens, else max_tokens; 512
+    where neither is given), temperature (0 to 2, default 1), top_p (0 to 1, default 1; 0 is greedy), seed (a
+    64-bit integer) and stop (a string or up to 4)."""
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    out = {
+        "max_new_tokens": _number(body, key, 512, 1, max_tokens, integer=True),
+        "temperature": _number(body, "temperature", 1.0, 0, 2),
+        "top_p": _number(body, "top_p", 1.0, 0, 1),
+        "seed": _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
+    }
+    if out["top_p"] == 0:  # only the likeliest token: greedy
+        out["temperature"], out["top_p"] = 0.0, 1.0
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
+    return {**out, "stop": stop}
 
 
 def offer_of(body: dict) -> Offer:
@@ -79,8 +99,11 @@ def offer_of(body: dict) -> Offer:
         params, about = fn.get("parameters"), fn.get("description")
         if not isinstance(params, dict | None) or not isinstance(about, str | None):
             raise ApiError(400, f"tools[{i}].function: parameters must be an object, description text", param="tools")
-    if choice not in (None, "auto", "none", "required") and not isinstance(choice, dict):
+    named = isinstance(choice, dict) and isinstance(choice.get("function"), dict)
+    if choice not in (None, "auto", "none", "required") and not named:
         raise ApiError(400, "tool_choice must be none, auto, required or a function among tools", param="tool_choice")
+    if choice == "required" and not tools:
+        raise ApiError(400, "tool_choice required needs tools", param="tool_choice")
     try:
         answer_schema(body.get("response_format"))
     except ValueError as e:
@@ -94,27 +117,49 @@ def offer_of(body: dict) -> Offer:
 
 def chat_messages(messages: Any) -> list[dict]:
     """OpenAI chat messages -> plain ones (agent/protocol.py): developer as system, text content parts joined,
-    assistant tool_calls as (name, arguments)."""
+    assistant tool_calls as (name, arguments); a tool message answers an earlier assistant message's calls."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", param="messages")
-    out = []
-    for m in messages:
+    out, called = [], False
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, "each message needs a role: system, user, assistant or tool", param="messages")
+            raise ApiError(400, f"messages[{i}] needs a role: system, user, assistant or tool", param="messages")
         content = m.get("content") or ""
         if isinstance(content, list):  # content parts: the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        calls = []
-        for call in m.get("tool_calls") or []:
-            fn = (call or {}).get("function") or {}
-            try:
-                args = json.loads(fn.get("arguments") or "{}")
-            except ValueError:
-                args = {}
-            calls.append((str(fn.get("name")), args if isinstance(args, dict) else {}))
+            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+                raise ApiError(400, f"messages[{i}].content: parts must be objects with a text", param="messages")
+            content = "".join(p.get("text", "") for p in content)
+        elif not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
+        calls = [_call(i, c) for c in _list(m.get("tool_calls"), f"messages[{i}].tool_calls")]
+        if m["role"] == "tool" and not called:
+            raise ApiError(400, f"messages[{i}]: a tool message must answer an assistant message's tool_calls",
+                           param="messages")  # fmt: skip
+        called = called or bool(calls)
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": str(content), "calls": calls})
+        out.append({"role": role, "content": content, "calls": calls})
     return out
+
+
+def _list(value: Any, where: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ApiError(400, f"{where} must be a list", param="messages")
+    return value
+
+
+def _call(i: int, call: Any) -> tuple[str, dict]:
+    """An assistant message's tool call: {"function": {"name": str, "arguments": a JSON object as a string}}."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+        raise ApiError(400, f"messages[{i}].tool_calls: each needs a function with a name and arguments (a JSON "
+                       "string)", param="messages")  # fmt: skip
+    try:
+        args = json.loads(fn["arguments"] or "{}")
+    except (ValueError, RecursionError):
+        args = {}
+    return fn["name"], args if isinstance(args, dict) else {}
 
 
 def openai_calls(calls: list[dict]) -> list[dict]:

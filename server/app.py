@@ -27,6 +27,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltamem.agent.guide import ReplyGuide
 from deltamem.agent.prompt import ChatTemplate, TemplateError
@@ -87,6 +88,7 @@ async def in_threads(gen: Iterator[str], stopping: Callable[[], bool]) -> AsyncI
         while (item := await anyio.to_thread.run_sync(next, gen, end)) is not end:
             if stopping():
                 yield f"data: {json.dumps(SHUTTING_DOWN)}\n\n"
+                yield "data: [DONE]\n\n"
                 return
             yield item
     finally:
@@ -155,17 +157,29 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     async def api_error(request: Request, exc: ApiError):
         return error_response(exc)
 
-    @app.exception_handler(404)
-    async def not_found(request: Request, exc):
-        return error_response(ApiError(404, f"no route {request.url.path}", "not_found_error"))
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(ApiError(404, f"no route {request.url.path}", "not_found_error"))
+        if exc.status_code == 405:
+            return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+        return error_response(ApiError(exc.status_code, str(exc.detail)))
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "deltamem"}
+
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "deltamem"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise ApiError(404, f"model {model_id[:100]!r} is not served here", "not_found_error", "model")
+        return card
 
     async def body_of(request: Request) -> dict:
         return api.read_body(await request.body(), model_name)
@@ -184,14 +198,18 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         engine.reset()
         cache.consumed([])
 
-    def prepare(text: str, session: str) -> tuple[list[int], int]:
-        """Under the lock: tokenize, restore the longest cached prefix, feed the rest (keeping a state every
-        `state_every` tokens and at the prompt's end, not its last token: generate() feeds that one)."""
+    def tokens(text: str) -> list[int]:
+        """The prompt's ids, checked before anything is sent (a stream's errors too come as an HTTP status)."""
         ids = engine.tokenizer.encode(text)
         if not ids:
             raise ApiError(400, "the prompt is empty")
         if len(ids) > max_prompt_tokens:
             raise ApiError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
+        return ids
+
+    def prepare(ids: list[int], session: str) -> tuple[list[int], int]:
+        """Under the lock: restore the longest cached prefix, feed the rest (keeping a state every `state_every`
+        tokens and at the prompt's end, not its last token: generate() feeds that one)."""
         cache.flush()  # a previous request's states whose client left before they were written
         try:
             hit = cache.restore_longest(ids, session)
@@ -210,13 +228,13 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise
         return ids, hit.tokens
 
-    def answer(text: str, sample: dict, session: str, done: dict) -> Iterator[str | None]:
+    def answer(ids: list[int], sample: dict, session: str, done: dict) -> Iterator[str | None]:
         """Read the prompt (restoring the longest cached prefix), yield None once it is read, then the reply's
         text pieces; `done` gets ids, cached, n (tokens generated) and stopped_by. The states kept wait in the
         cache for a flush() (the caller's, after its answer is out)."""
         if batcher is None:  # the reply decoded on the engine, which it holds meanwhile
             with lock:
-                ids, cached = prepare(text, session)
+                ids, cached = prepare(ids, session)
                 done.update(ids=ids, cached=cached)
                 yield None
                 try:
@@ -232,7 +250,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 done.update(n=len(engine.generated), stopped_by=engine.stopped_by)
             return
         with lock:  # the reply joins the decode batch with a copy of the prompt's state; the engine is free again
-            ids, cached = prepare(text, session)
+            ids, cached = prepare(ids, session)
             try:
                 logits = engine.feed(ids[-1:], logits="last")[-1]
             except BaseException:
@@ -264,27 +282,29 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
 
     def complete(text: str, body: dict, session: str, chat: bool, schemas: dict, guide=None) -> Any:
         sample = {**api.sampling(body), "guide": guide}
+        ids = tokens(text)
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.get("stream"):
-            replies = stream(text, sample, session, chat, schemas, created, rid)
+            replies = stream(ids, sample, session, chat, schemas, created, rid)
             return ClosingStreamingResponse(in_threads(replies, lambda: app.state.stopping()),
                                             media_type="text/event-stream")
         done: dict = {}
-        reply = "".join(p for p in answer(text, sample, session, done) if p is not None)
+        reply = "".join(p for p in answer(ids, sample, session, done) if p is not None)
         flush()
         reason = api.finish_reason(done["stopped_by"])
         return api.completion(rid, created, model_name, reply, reason, usage(done), chat, schemas)
 
-    def stream(text, sample, session, chat, schemas, created, rid) -> Iterator[str]:
+    def stream(ids, sample, session, chat, schemas, created, rid) -> Iterator[str]:
         def chunk(delta: dict | str, reason: str | None = None, extra: dict | None = None) -> str:
             return api.chunk(rid, created, model_name, chat, delta, reason, extra)
 
         done: dict = {}
-        pieces_of = answer(text, sample, session, done)
+        pieces_of = answer(ids, sample, session, done)
         try:
             next(pieces_of)  # the prompt is read
         except ApiError as e:
             yield api.error_event(e)
+            yield "data: [DONE]\n\n"
             return
         if chat:
             yield chunk({"role": "assistant", "content": ""})

@@ -138,8 +138,10 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400, None),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400,
+     "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400,
+     "temperature"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 400}]}, 400, None),  # over the limit
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": "read_file"}, 400, "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
@@ -150,6 +152,23 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
                               "tool_choice": {"type": "function", "function": {"name": "absent"}}}, 400, "tool_choice"),
     ("/v1/completions", {"prompt": 7}, 400, "prompt"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "yaml"}}, 400, "response_format"),
+    # shapes that once got a plain-text 500: numbers out of range or of the wrong type, malformed parts and calls
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 60000 + b"]" * 60000 + b"}", 400, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', 400,
+     "max_tokens"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
+     "temperature"),
+    *[("/v1/chat/completions", {**CHAT, "seed": seed}, 400, "seed") for seed in ("7", 1.5, 2**80, [1], True)],
+    ("/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400, "top_p"),
+    ("/v1/chat/completions", {**CHAT, "stop": [1]}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"text": 5}]}]}, 400, "messages"),
+    *[("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "", "tool_calls": calls}]}, 400,
+       "messages") for calls in ("read", 5, {"function": {}}, [{"function": "read"}],
+                                 [{"function": {"name": "read", "arguments": 5}}])],
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "42"}]}, 400, "messages"),  # answers no call
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tool_choice"),  # and no tools
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"function": "f"}}, 400, "tool_choice"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format"),
 ]  # fmt: skip
 
@@ -169,6 +188,26 @@ def test_malformed_requests_get_openai_errors_and_the_server_keeps_serving():
     r = client.post("/v1/chat/completions", json={**ok, "tools": [tool], "tool_choice": {"type": "function",
                                                   "function": {"name": "read_file"}}})  # fmt: skip
     assert r.status_code == 200
+
+
+def test_nulls_mean_the_default_and_routes_answer_in_openais_shape():
+    client = TestClient(create_app(load_model("random", window=64), None, "random", max_prompt_tokens=300))
+    base = {**CHAT, "max_tokens": 3, "temperature": 0}
+    greedy = client.post("/v1/chat/completions", json=base).json()["choices"][0]["message"]["content"]
+    for nulls in ({"n": None, "top_p": None, "seed": None, "stop": None, "tools": None, "response_format": None},
+                  {"max_completion_tokens": None}, {"top_p": 0, "temperature": 1.0}):  # top_p 0: greedy
+        r = client.post("/v1/chat/completions", json={**base, **nulls})
+        assert r.status_code == 200, (nulls, r.text)
+        assert r.json()["choices"][0]["message"]["content"] == greedy, nulls  # max_tokens 3 and greedy kept
+    assert client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 3, "temperature": None}).status_code == 200
+    assert client.get("/v1/models/random").json()["id"] == "random"
+    missing = client.get("/v1/models/gpt-4")
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+    wrong = client.delete("/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+    long = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 400}],
+                                                     "stream": True})  # fmt: skip
+    assert long.status_code == 400 and "limit" in long.json()["error"]["message"]  # a status, not an SSE event
 
 
 def test_langchain_chatopenai_and_concurrent_clients(tmp_path):
