@@ -421,7 +421,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="questions run at once")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--only", action="append", help="evaluate only this set (repeat; a quick check, not the table)")
-    ap.add_argument("--limit", type=int, default=3, help="with --only: questions per set")
+    ap.add_argument("--limit", type=int, default=3, help="with --only: questions per set (each kind in turn)")
     ap.add_argument(
         "--run-arg",
         action="append",
@@ -477,8 +477,8 @@ def main() -> None:
     if args.save_sets:
         save_sets(args.save_sets, sets, args.work)
         return
-    if args.only:  # a quick look at some sets, a few questions each
-        sets = [dict(s, tasks=s["tasks"][: args.limit]) for s in sets if s["name"] in args.only]
+    if args.only:  # a quick look at some sets, a few questions each, each kind in turn
+        sets = [dict(s, tasks=_round_robin(s["tasks"], args.limit)) for s in sets if s["name"] in args.only]
     n = sum(len(s["tasks"]) for s in sets)
     print(f"{n} questions: " + ", ".join(f"{s['name']} {len(s['tasks'])}" for s in sets), flush=True)
     results = [evaluate(label, path, sets, args.work, args) for label, path in deltas]
