@@ -10,7 +10,7 @@ import math
 import uuid
 from typing import Any
 
-from deltamem.agent.parse import parse_tool_calls
+from deltamem.agent.parse import OPEN, parse_tool_calls
 from deltamem.agent.protocol import Offer, answer_schema
 
 MAX_BODY = 8 << 20
@@ -189,6 +189,18 @@ def assistant_message(reply: str, schemas: dict) -> tuple[dict, bool]:
             return {"role": "assistant", "content": parsed.content or None,
                     "tool_calls": openai_calls(parsed.calls)}, True  # fmt: skip
     return {"role": "assistant", "content": reply}, False
+
+
+def releasable(text: str) -> int:
+    """How much of a reply's text so far is surely not part of a tool call: up to `<tool_call>` where it has
+    opened, else all but an ending that could still become its start (what a stream may send as content now)."""
+    at = text.find(OPEN)
+    if at >= 0:
+        return at
+    for keep in range(min(len(OPEN) - 1, len(text)), 0, -1):
+        if OPEN.startswith(text[-keep:]):
+            return len(text) - keep
+    return len(text)
 
 
 def completion(rid: str, created: int, model: str, reply: str, reason: str, stats: dict, chat: bool,

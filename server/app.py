@@ -308,20 +308,22 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             return
         if chat:
             yield chunk({"role": "assistant", "content": ""})
-        pieces = []
+        reply, sent = "", 0
         for piece in pieces_of:
-            pieces.append(piece)
-            if not schemas:  # with tools the reply is parsed whole, as the non-streaming answer is
-                yield chunk({"content": piece} if chat else piece)
+            reply += piece
+            # with tools offered, text streams as it comes but for what may open a call (parsed at the end)
+            upto = api.releasable(reply) if schemas else len(reply)
+            if upto > sent:
+                yield chunk({"content": reply[sent:upto]} if chat else reply[sent:upto])
+                sent = upto
         reason = api.finish_reason(done["stopped_by"])
-        if schemas:
-            message, called = api.assistant_message("".join(pieces), schemas)
-            if called:
-                calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
-                yield chunk({"content": message["content"], "tool_calls": calls})
-                reason = "tool_calls"
-            else:
-                yield chunk({"content": message["content"]})
+        message, called = api.assistant_message(reply, schemas)
+        if called:
+            calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+            yield chunk({"tool_calls": calls})
+            reason = "tool_calls"
+        elif sent < len(reply):
+            yield chunk({"content": reply[sent:]} if chat else reply[sent:])
         yield chunk({} if chat else "", reason, {"usage": usage(done)})
         flush()  # after the last chunk: writing the states does not delay the answer
         yield "data: [DONE]\n\n"

@@ -366,6 +366,40 @@ def test_tool_choice_required_or_named_always_gives_a_call_its_schema_accepts(ba
     assert r.status_code == 200, r.text  # a schema the grammar compiler refuses: answered, unguided
 
 
+@pytest.mark.parametrize(("text", "n"), [("abc", 3), ("abc<tool", 3), ("abc<tool_call>\n{", 3), ("a<", 1),
+                                         ("<", 0), ("x < y", 5), ("a<t", 1), ("a<tx", 4), ("", 0)])  # fmt: skip
+def test_a_stream_holds_back_only_what_may_open_a_call(text, n):
+    from deltamem.server.api import releasable
+
+    assert releasable(text) == n
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_with_tools_offered_text_streams_and_calls_come_as_tool_calls_deltas(batched):
+    """Tools offered: a reply without calls streams piece by piece (not in one chunk at the end), the same text as
+    the whole answer; a required call comes as a tool_calls delta whose arguments the schema accepts."""
+    jsonschema = pytest.importorskip("jsonschema")
+    client = TestClient(create_app(load_model("random", window=64), None, "random", batch_decode=batched))
+    base = {"messages": [{"role": "user", "content": "Paint the fence."}], "tools": [PAINT, WAIT], "max_tokens": 24,
+            "temperature": 0}  # fmt: skip
+
+    def events(body):
+        r = client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert r.status_code == 200, r.text
+        return [json.loads(x[6:])["choices"][0] for x in r.text.split("\n\n") if x.startswith('data: {"id"')]
+
+    whole = client.post("/v1/chat/completions", json=base).json()["choices"][0]
+    assert whole["finish_reason"] != "tool_calls"
+    pieces = [e["delta"]["content"] for e in events(base) if e["delta"].get("content")]
+    assert len(pieces) > 3 and "".join(pieces) == whole["message"]["content"]
+    required = events({**base, "tool_choice": "required", "temperature": 1.0, "seed": 1, "max_tokens": 60})
+    (calls,) = [e["delta"]["tool_calls"] for e in required if e["delta"].get("tool_calls")]
+    assert required[-1]["finish_reason"] == "tool_calls" and len(calls) == 1
+    fn = calls[0]["function"]
+    schema = {"paint": PAINT, "wait": WAIT}[fn["name"]]["function"]["parameters"]
+    jsonschema.validate(json.loads(fn["arguments"]), schema)
+
+
 ANSWER = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "coats": {"type": "integer",
           "minimum": 1, "maximum": 3}}, "required": ["color", "coats"], "additionalProperties": False}  # fmt: skip
 
