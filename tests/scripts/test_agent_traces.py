@@ -403,3 +403,26 @@ def test_distill_batches_train_on_the_replies_alone(repo, tmp_path):
         assert set(np.unique(w)) == {0.0, 2.0}
         trained = [t for t, x in zip(row, w, strict=True) if x]
         assert trained == [t for r in replies for t in r]
+
+
+def test_agent_eval_sets_travel_with_their_folders(tmp_path):
+    """--save-sets then --sets elsewhere: the same questions and answers, each set's folder found under the new
+    work directory (a machine without the registries runs what this one built)."""
+    import shutil
+
+    sys.path.insert(0, str(SCRIPTS.parent / "benchmarks"))
+    agent_eval = pytest.importorskip("agent_eval")
+    built = tmp_path / "built"
+    root = built / "cases" / "case_files_1"
+    tasks = agent_tasks.case_folder(root, random.Random(3), "eval", n_docs=2, facts_per_doc=2, formats=("xlsx",))
+    sets = [{"name": "case_files_1", "root": root, "tasks": tasks, "language": "case files"}]
+    agent_eval.save_sets(built / "sets.json", sets, built)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(built, moved)
+    shutil.rmtree(built)
+    (got,) = agent_eval.load_sets(moved / "sets.json", moved)
+    assert got["root"] == moved / "cases" / "case_files_1" and got["root"].is_dir()
+    assert [(t.question, t.expect, t.kind) for t in got["tasks"]] == [(t.question, t.expect, t.kind) for t in tasks]
+    assert all(agent_tasks.exact(t, t.answer()) for t in got["tasks"])
+    with pytest.raises(SystemExit, match="not under"):
+        agent_eval.load_sets(moved / "sets.json", tmp_path / "nowhere")
