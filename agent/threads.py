@@ -84,7 +84,7 @@ def fork(store: Store, ref: str, at_turn: int | None = None, title: str | None =
 def _copy_thread(store: Store, src: str, new: str) -> None:
     """Copy a thread's checkpoints and writes under a new thread id, in one transaction (langgraph's SQLite saver
     has no copy_thread)."""
-    with store._write():
+    with store.transaction():
         checkpoints.copy(store.db, store.db, src, new)
 
 

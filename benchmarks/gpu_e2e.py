@@ -137,7 +137,7 @@ def ours_state_at(eng: Engine, n: int, seed: int = 0) -> None:
             p = torch.arange(n, device="cuda")
             p = p[(p < st.sink) | (p >= n - st.window)]
             st.pos.fill_(-1)
-            st.pos[st._slots(p)] = p
+            st.pos[st.slots(p)] = p
             st.seen = n
     eng.tokens_seen = n
 

@@ -122,7 +122,7 @@ class Store:
             )
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open the memory database {self.path}: {e}") from e
-        # autocommit connection: _write()/_read() open the transactions we need, nothing else lingers
+        # autocommit connection: transaction()/_read() open the transactions we need, nothing else lingers
         self.db = sqlite_utils.Database(conn)
         self._busy_timeout_ms = busy_timeout_ms
         self._checkpointer: threading.Thread | None = None
@@ -137,7 +137,7 @@ class Store:
             self.db.execute("PRAGMA wal_autocheckpoint = 0")
             self.db.execute("PRAGMA foreign_keys = ON")
             if self.db.execute("PRAGMA user_version").fetchone()[0] != len(MIGRATIONS):
-                with self._write():  # the write lock first: two processes opening a new file migrate it once
+                with self.transaction():  # the write lock first: two processes opening a new file migrate it once
                     migrate(self.db)
         except sqlite3.DatabaseError as e:
             conn.close()
@@ -184,7 +184,7 @@ class Store:
         self.close()
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
         """One write transaction, taking the write lock up front so it never fails half-way on a lock upgrade."""
         if self.db.conn.in_transaction:
             with self.db.atomic():  # nested: a savepoint
@@ -214,7 +214,7 @@ class Store:
     # --- projects and sessions -----------------------------------------------------------------------------
     def project(self, root: str | Path, name: str | None = None) -> int:
         """The id of the project at `root`, made if it is new."""
-        with self._write():
+        with self.transaction():
             pid = self.project_id(root)
             if pid is not None:
                 return pid
@@ -233,7 +233,7 @@ class Store:
             raise StoreError("a session needs a non-empty title")
         sid = uuid.uuid4().hex[:12]
         now = _now()
-        with self._write():
+        with self.transaction():
             self.db["sessions"].insert(
                 {
                     "id": sid,
@@ -279,7 +279,7 @@ class Store:
 
     def move(self, sid: str, project_id: int) -> dict[str, Any]:
         """Make a session another project's (its folder moved, or it came from another machine), and say so."""
-        with self._write():
+        with self.transaction():
             self.db["sessions"].update(sid, {"project_id": project_id, "updated": _now()})
         sess = self.session(sid)
         root = self.db["projects"].get(project_id)["root"]
@@ -311,7 +311,7 @@ class Store:
         if not title.strip():
             raise StoreError("a session needs a non-empty title")
         sid = self.session(ref)["id"]
-        with self._write():
+        with self.transaction():
             self.db["sessions"].update(sid, {"title": title, "updated": _now()})
 
     def set_keep_last(self, ref: str, keep_last: int | None) -> None:
@@ -319,7 +319,7 @@ class Store:
         if keep_last is not None and keep_last < 1:
             raise StoreError("keep_last must be >= 1")
         sid = self.session(ref)["id"]
-        with self._write():
+        with self.transaction():
             self.db["sessions"].update(sid, {"keep_last": keep_last})
 
     def turns(self, ref: str) -> list[dict[str, Any]]:
@@ -356,7 +356,7 @@ class Store:
                 split = pc.split(snapshot)
         except pc.BlobError as e:
             raise CorruptSnapshot(f"refusing to store a bad snapshot: {e}") from e
-        with self._write():
+        with self.transaction():
             sess = self.session(ref)
             if split is not None and split.header.get("fingerprint") != sess["fingerprint"]:
                 raise StoreError(
@@ -518,7 +518,7 @@ class Store:
     def name_snapshot(self, ref: str, snapshot_id: int, name: str | None) -> None:
         """Pin (or with None, unpin) one of the session's snapshots: named ones survive retention."""
         sid = self.session(ref)["id"]
-        with self._write():
+        with self.transaction():
             cur = self.db.execute(
                 "update session_snapshots set name = ? where session_id = ? and snapshot_id = ?",
                 [name, sid, snapshot_id],
@@ -540,7 +540,7 @@ class Store:
     def fork(self, ref: str, at_turn: int | None = None, title: str | None = None) -> str:
         """A new session holding the turns up to `at_turn` (default: the latest snapshot), the snapshots and ledger
         up to it; snapshot rows are shared, not copied."""
-        with self._write():
+        with self.transaction():
             src = self.session(ref)
             last = self.check_resume_point(src["id"], at_turn)
             snaps = [s for s in self.snapshots(src["id"]) if s["turn_seq"] <= last]
@@ -579,7 +579,7 @@ class Store:
 
     def rewind(self, ref: str, to_turn: int) -> None:
         """Drop the turns, ledger entries and snapshots after `to_turn`; blobs no session uses are deleted."""
-        with self._write():
+        with self.transaction():
             sid = self.session(ref)["id"]
             last = self.check_resume_point(sid, to_turn)
             for table, col in (("turns", "seq"), ("ingested", "turn_seq"), ("session_snapshots", "turn_seq")):
@@ -588,7 +588,7 @@ class Store:
             self._collect()
 
     def delete(self, ref: str) -> None:
-        with self._write():
+        with self.transaction():
             sid = self.session(ref)["id"]
             for table in ("session_snapshots", "turns", "ingested", "leases"):
                 self.db.execute(f"delete from {table} where session_id = ?", [sid])
@@ -598,7 +598,7 @@ class Store:
 
     def retain(self, ref: str, keep_last: int) -> None:
         """Keep the session's last `keep_last` snapshots and its named ones; delete the rest no one else uses."""
-        with self._write():
+        with self.transaction():
             self._retain(self.session(ref)["id"], keep_last)
 
     def _retain(self, sid: str, keep_last: int) -> None:
@@ -654,7 +654,7 @@ class Store:
         kept snapshot points to (a deleted session's included); then give the space back to the file system
         (VACUUM). Returns what was removed and the file's bytes before and after."""
         before = self.file_bytes()
-        with self._write():
+        with self.transaction():
             removed = self._collect()
             removed["checkpoints"] = 0
             if checkpoints.present(self.db):
@@ -680,7 +680,7 @@ class Store:
             wait_s = float(os.environ.get("DELTAMEM_LEASE_WAIT", LEASE_WAIT_S))
         deadline = time.monotonic() + wait_s
         while True:
-            with self._write():
+            with self.transaction():
                 row = self.db["leases"].get(sid) if self.db["leases"].count_where("session_id = ?", [sid]) else None
                 mine = row is not None and (row["host"], row["pid"], row["pid_start"]) == (me["host"], me["pid"],
                                                                                            me["pid_start"])
@@ -703,7 +703,7 @@ class Store:
     def release(self, sid: str) -> None:
         self._leases.discard(sid)
         me = _process()
-        with self._write():
+        with self.transaction():
             self.db.execute(
                 "delete from leases where session_id = ? and host = ? and pid = ? and pid_start = ?",
                 [sid, me["host"], me["pid"], me["pid_start"]],
@@ -773,7 +773,7 @@ class Store:
                     snaps = [r for r in self.snapshots(sess["id"]) if r["checkpoint_id"]]
                     if snaps:
                         checkpoints.create_like(self.db, out.db)
-                        with out._write():
+                        with out.transaction():
                             conversation = checkpoints.copy(
                                 self.db, out.db, sess["id"], sess["id"], upto=snaps[-1]["checkpoint_id"]
                             )
@@ -842,7 +842,7 @@ class Store:
                     f"{path}: snapshot {snap['id']} is of model {header.get('fingerprint')}, not of its "
                     f"session's model {sess['fingerprint']}"
                 )
-        with self._write():
+        with self.transaction():
             if next(self.db["sessions"].rows_where("id = ?", [sess["id"]]), None):
                 raise StoreError(f"session {sess['id']} already exists here; delete it first to re-import")
             _copy_session(src, self, sess["id"], new_id=sess["id"])
@@ -872,7 +872,7 @@ def _copy_session(src: Store, dst: Store, sid: str, new_id: str) -> None:
     if sess["project_id"] is not None:
         proj = src.db["projects"].get(sess["project_id"])
         project_id = dst.project(proj["root"], proj["name"])
-    with dst._write():
+    with dst.transaction():
         dst.db["sessions"].insert(
             {**sess, "id": new_id, "project_id": project_id, "parent_id": None, "parent_snapshot_id": None}
         )

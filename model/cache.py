@@ -239,7 +239,7 @@ class KVWindow:
         length of an unbounded cache."""
         return self.k.shape[1] if self.window is None else self.sink + self.window
 
-    def _slots(self, p: torch.Tensor) -> torch.Tensor:
+    def slots(self, p: torch.Tensor) -> torch.Tensor:
         if self.window is None:
             return p
         return kernels.reference.ring_slots(p, self.sink, self.window)
@@ -270,7 +270,7 @@ class KVWindow:
         if self.window is not None and len(p) > self.window:  # only the last `window` (and the sinks) survive
             keep = (p < self.sink) | (p >= p[-1] - self.window + 1)
             k, v, p = k[keep], v[keep], p[keep]
-        s = self._slots(p)
+        s = self.slots(p)
         self.k[:, s] = k.transpose(0, 1)
         self.v[:, s] = v.transpose(0, 1)
         self.pos[s] = p
@@ -446,7 +446,7 @@ class KVWindow:
         p = torch.arange(seen, device=self.pos.device)
         if self.window is not None:
             p = p[(p < self.sink) | (p >= seen - self.window)]
-        self.pos[self._slots(p)] = p
+        self.pos[self.slots(p)] = p
 
 
 def page_name(prefix: str, j: int) -> str:

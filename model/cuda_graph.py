@@ -140,7 +140,7 @@ class DecodeGraph:
         p = torch.arange(start, start + n, device=self.device)
         self._saved_kv = []
         for kv in self.kvs:
-            slots = kv._slots(p)
+            slots = kv.slots(p)
             self._saved_kv.append(
                 (slots, kv.k.index_select(1, slots), kv.v.index_select(1, slots), kv.pos.index_select(0, slots))
             )

@@ -255,6 +255,15 @@ class Engine:
             raise
 
     # --- snapshots -------------------------------------------------------------------------------------
+    def state_sizes(self) -> dict[str, int]:
+        """Bytes of the state by kind: "recurrent" (the DeltaNet layers' state and conv windows) and "kv" (the
+        attention layers' bounded caches)."""
+        out = {"recurrent": 0, "kv": 0}
+        for i, st in enumerate(self.states):
+            kind = "kv" if isinstance(st, KVWindow) else "recurrent"
+            out[kind] += sum(t.numel() * t.element_size() for t in st.tensors(f"layers.{i:03d}").values())
+        return out
+
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for i, st in enumerate(self.states):
@@ -392,7 +401,7 @@ class Engine:
         return converted
 
     # --- generation ------------------------------------------------------------------------------------
-    def _unknown_ids(self) -> torch.Tensor | None:
+    def unknown_ids(self) -> torch.Tensor | None:
         """Ids the model can emit but the tokenizer cannot decode (vocab padding): never sampled."""
         if getattr(self, "_unknown_for", None) is not self.tokenizer:
             ids = self.tokenizer.unknown_ids(self.config.vocab_size)
@@ -452,7 +461,7 @@ class Engine:
     def _sample(
         self, logits: torch.Tensor, max_new_tokens: int, sampler: Sampler, eos: set[int], stream: TextStream
     ) -> Iterator[str]:
-        unknown = self._unknown_ids()
+        unknown = self.unknown_ids()
         if self.fast_decode:
             yield from self._generate_on_device(logits, max_new_tokens, sampler, eos, stream, unknown)
             return

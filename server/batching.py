@@ -53,7 +53,7 @@ class Batcher:
     def __init__(self, engine, max_batch: int = MAX_BATCH, capture_lock=None):
         """capture_lock: the lock the engine's users hold (see DecodeBatch)."""
         self.batch = DecodeBatch(engine.model, capture_lock=capture_lock)
-        self.unknown = engine._unknown_ids()
+        self.unknown = engine.unknown_ids()
         self.on_device = engine.device.type == "cuda"
         self.max_batch = max_batch
         self.waiting: deque[Reply] = deque()

@@ -225,9 +225,8 @@ class DeltamemApp(App):
         if self.agent is None:
             return
         eng = self.agent.session.engine
-        tensors = eng._state_tensors()
-        recurrent = sum(t.numel() * t.element_size() for n, t in tensors.items() if ".kv." not in n)
-        kv = sum(t.numel() * t.element_size() for n, t in tensors.items() if ".kv." in n)
+        sizes = eng.state_sizes()
+        recurrent, kv = sizes["recurrent"], sizes["kv"]
         cap = None if eng.window is None else eng.sink + eng.window
         saved = "never" if self.last_save is None else f"{time.time() - self.last_save:.0f} s ago"
         self.query_one("#mem-stats", Static).update(
