@@ -30,7 +30,8 @@ NAMED = {
     "method_declaration", "type_spec", "constructor_declaration", "record_declaration", "enum_constant",  # go, java
     "function_item", "struct_item", "enum_item", "trait_item", "mod_item", "type_item", "const_item", "static_item",
     "macro_definition", "function_signature_item", "union_item",  # rust
-    "class_specifier", "struct_specifier", "enum_specifier", "namespace_definition", "type_definition",  # c/c++
+    "class_specifier", "struct_specifier", "union_specifier", "enum_specifier", "namespace_definition",  # c/c++
+    "type_definition",
     "preproc_def", "preproc_function_def", "enumerator",
 }
 # Nodes that define variables: only outside function bodies

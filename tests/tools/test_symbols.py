@@ -29,7 +29,8 @@ SOURCES = {
     "    except OSError as e:\n        raise\n    def inner():\n        raise KeyError(x)\n    raise errors.Invalid\n",
     "web/guard.js": "function guard(v) {\n  if (!v) throw new TypeError('empty')\n  const e = new Error('x')\n"
     "  throw e\n}\n",
-    "native/calc.h": "#define SCALE 10\nstruct point { int x; };\nint add(int a, int b);\n",
+    "native/calc.h": "#define SCALE 10\nstruct point { int x; };\nint add(int a, int b);\n"
+    "union number { int i; float f; };\n",
     "native/calc.c": "#include \"calc.h\"\nint counter = 0;\n"
     "static int twice(struct point *p) { int t = 2; return t; }\n",
 }
@@ -44,7 +45,7 @@ EXPECTED = {
     "py/util.py": {("convert", 1)},
     "py/checks.py": {("check", 1), ("inner", 8)},
     "web/guard.js": {("guard", 1)},
-    "native/calc.h": {("SCALE", 1), ("point", 2), ("x", 2), ("add", 3)},
+    "native/calc.h": {("SCALE", 1), ("point", 2), ("x", 2), ("add", 3), ("number", 4), ("i", 4), ("f", 4)},
     "native/calc.c": {("counter", 2), ("twice", 3)},
 }
 
