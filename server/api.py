@@ -54,7 +54,8 @@ def _number(body: dict, key: str, default: float, low: float, high: float, integ
     value = body.get(key)
     if value is None:
         return default
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and (isinstance(value, int) or math.isfinite(value))  # an int too large for a float is still an int
     if not ok or (integer and value != int(value)) or not low <= value <= high:
         what = "an integer" if integer else "a number"
         raise ApiError(400, f"{key} must be {what} from {low} to {high}", param=key)

@@ -156,6 +156,8 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
     ("/v1/chat/completions", b'{"messages": ' + b"[" * 60000 + b"]" * 60000 + b"}", 400, None),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e999}', 400,
      "max_tokens"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 400 + b"}",
+     400, "max_tokens"),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400,
      "temperature"),
     *[("/v1/chat/completions", {**CHAT, "seed": seed}, 400, "seed") for seed in ("7", 1.5, 2**80, [1], True)],
