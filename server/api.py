@@ -225,5 +225,21 @@ def chunk(rid: str, created: int, model: str, chat: bool, delta: dict | str, rea
     return f"data: {json.dumps({**doc, **(extra or {})}, ensure_ascii=False)}\n\n"
 
 
+def wants_usage(body: dict) -> bool:
+    """stream_options.include_usage: whether a stream ends with a usage chunk."""
+    options = body.get("stream_options")
+    valid = isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)
+    if options is not None and not valid:
+        raise ApiError(400, "stream_options must be an object such as {'include_usage': true}", param="stream_options")
+    return bool(options and options.get("include_usage"))
+
+
+def usage_chunk(rid: str, created: int, model: str, chat: bool, stats: dict) -> str:
+    """The last event of a stream whose client asked for usage (stream_options.include_usage): no choices."""
+    doc = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+           "model": model, "choices": [], "usage": stats}  # fmt: skip
+    return f"data: {json.dumps(doc)}\n\n"
+
+
 def error_event(e: ApiError) -> str:
     return f"data: {json.dumps({'error': {'message': str(e), 'type': e.kind}})}\n\n"

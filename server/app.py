@@ -285,7 +285,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         ids = tokens(text)
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.get("stream"):
-            replies = stream(ids, sample, session, chat, schemas, created, rid)
+            replies = stream(ids, sample, session, chat, schemas, created, rid, api.wants_usage(body))
             return ClosingStreamingResponse(in_threads(replies, lambda: app.state.stopping()),
                                             media_type="text/event-stream")
         done: dict = {}
@@ -294,7 +294,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         reason = api.finish_reason(done["stopped_by"])
         return api.completion(rid, created, model_name, reply, reason, usage(done), chat, schemas)
 
-    def stream(ids, sample, session, chat, schemas, created, rid) -> Iterator[str]:
+    def stream(ids, sample, session, chat, schemas, created, rid, with_usage: bool) -> Iterator[str]:
         def chunk(delta: dict | str, reason: str | None = None, extra: dict | None = None) -> str:
             return api.chunk(rid, created, model_name, chat, delta, reason, extra)
 
@@ -324,7 +324,9 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             reason = "tool_calls"
         elif sent < len(reply):
             yield chunk({"content": reply[sent:]} if chat else reply[sent:])
-        yield chunk({} if chat else "", reason, {"usage": usage(done)})
+        yield chunk({} if chat else "", reason)
+        if with_usage:  # as OpenAI: its own chunk, when asked
+            yield api.usage_chunk(rid, created, model_name, chat, usage(done))
         flush()  # after the last chunk: writing the states does not delay the answer
         yield "data: [DONE]\n\n"
 

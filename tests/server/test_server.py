@@ -163,6 +163,7 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
     *[("/v1/chat/completions", {**CHAT, "seed": seed}, 400, "seed") for seed in ("7", 1.5, 2**80, [1], True)],
     ("/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400, "top_p"),
     ("/v1/chat/completions", {**CHAT, "stop": [1]}, 400, "stop"),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": "usage"}, 400, "stream_options"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"text": 5}]}]}, 400, "messages"),
     *[("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "", "tool_calls": calls}]}, 400,
        "messages") for calls in ("read", 5, {"function": {}}, [{"function": "read"}],
@@ -207,6 +208,13 @@ def test_nulls_mean_the_default_and_routes_answer_in_openais_shape():
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
     wrong = client.delete("/v1/chat/completions")
     assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+    for asked in (True, False):  # usage in its own last chunk (no choices) only when asked, as OpenAI sends it
+        r = client.post("/v1/chat/completions", json={**base, "stream": True,
+                                                      "stream_options": {"include_usage": asked}})  # fmt: skip
+        events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+        assert [e for e in events if "usage" in e] == ([events[-1]] if asked else [])
+        if asked:
+            assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 3
     long = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 400}],
                                                      "stream": True})  # fmt: skip
     assert long.status_code == 400 and "limit" in long.json()["error"]["message"]  # a status, not an SSE event
