@@ -165,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="read every prompt whole, keep no states (a baseline for measurements)")
     sv.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=None,
                     help="decode concurrent replies together, one step for all (default: on a GPU)")
+    sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                    help="info (default): a line a request (id, session, prompt, cached and completion tokens, "
+                    "time to first token, total); warning: problems only")
     i = sub.add_parser(
         "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes alone)"
     )
@@ -444,6 +447,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
+    import logging
 
     import uvicorn
 
@@ -458,6 +462,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--host {args.host} is reachable from other machines: give --api-key (or $DELTAMEM_API_KEY)")
     if not 0 < args.port < 65536 or (args.cache_mb or 0) < 0 or args.max_prompt_tokens < 1:
         raise ValueError("need 0 < --port < 65536, --cache-mb >= 0, --max-prompt-tokens >= 1")
+    logging.getLogger("deltamem.server").setLevel(args.log_level.upper())
     engine = _load(args)
     with Store(args.db) as store:
         name = "default" if str(args.model) == "default" else Path(str(args.model)).name

@@ -43,7 +43,7 @@ class Server(Served):
 
         try:
             super().__init__("--model", args.model, "--device", args.device, "--dtype", args.dtype, "--db", str(db),
-                             *extra, stderr=log.open("a"))  # fmt: skip
+                             *extra, log=log)  # fmt: skip
         except RuntimeError as e:
             raise SystemExit(f"the server did not start ({e}); see {log}") from None
         self.client = openai.OpenAI(base_url=self.url, api_key="-", max_retries=0, timeout=3600)

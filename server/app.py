@@ -155,6 +155,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
+        log.info("%s %s %d %s", request.method, request.url.path, exc.status, exc)
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -280,25 +281,47 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         name = request.headers.get("x-deltamem-session") or body.get("user") or "default"
         return str(name)[:100]
 
+    def access(rid: str, session: str, done: dict, how: str) -> None:
+        """The access log: one line a request (`deltamem serve --log-level info`, the default)."""
+        first, t0 = done.get("first"), done["t0"]
+        log.info("%s session=%s prompt=%d cached=%d completion=%d ttft=%s total=%.2fs %s", rid, session,
+                 len(done.get("ids") or ()), done.get("cached", 0), done.get("n", 0),
+                 "-" if first is None else f"{first - t0:.2f}s", time.perf_counter() - t0, how)  # fmt: skip
+
     def complete(text: str, body: dict, session: str, chat: bool, schemas: dict, guide=None) -> Any:
+        t0 = time.perf_counter()
         sample = {**api.sampling(body), "guide": guide}
         ids = tokens(text)
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.get("stream"):
-            replies = stream(ids, sample, session, chat, schemas, created, rid, api.wants_usage(body))
+            replies = stream(ids, sample, session, chat, schemas, created, rid, api.wants_usage(body), t0)
             return ClosingStreamingResponse(in_threads(replies, lambda: app.state.stopping()),
                                             media_type="text/event-stream")
-        done: dict = {}
-        reply = "".join(p for p in answer(ids, sample, session, done) if p is not None)
+        done: dict = {"t0": t0}
+        pieces = []
+        for p in answer(ids, sample, session, done):
+            if p is not None:
+                done.setdefault("first", time.perf_counter())
+                pieces.append(p)
         flush()
         reason = api.finish_reason(done["stopped_by"])
-        return api.completion(rid, created, model_name, reply, reason, usage(done), chat, schemas)
+        access(rid, session, done, "200")
+        return api.completion(rid, created, model_name, "".join(pieces), reason, usage(done), chat, schemas)
 
-    def stream(ids, sample, session, chat, schemas, created, rid, with_usage: bool) -> Iterator[str]:
+    def stream(ids, sample, session, chat, schemas, created, rid, with_usage: bool, t0: float) -> Iterator[str]:
         def chunk(delta: dict | str, reason: str | None = None, extra: dict | None = None) -> str:
             return api.chunk(rid, created, model_name, chat, delta, reason, extra)
 
-        done: dict = {}
+        done: dict = {"t0": t0}
+        how = "200, the client left"
+        try:
+            usage_chunk = (lambda stats: api.usage_chunk(rid, created, model_name, chat, stats)) if with_usage else None
+            yield from streamed(ids, sample, session, chat, schemas, usage_chunk, done, chunk)
+            how = "200"
+        finally:
+            access(rid, session, done, how)
+
+    def streamed(ids, sample, session, chat, schemas, usage_chunk, done, chunk) -> Iterator[str]:
         pieces_of = answer(ids, sample, session, done)
         try:
             next(pieces_of)  # the prompt is read
@@ -310,6 +333,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             yield chunk({"role": "assistant", "content": ""})
         reply, sent = "", 0
         for piece in pieces_of:
+            done.setdefault("first", time.perf_counter())
             reply += piece
             # with tools offered, text streams as it comes but for what may open a call (parsed at the end)
             upto = api.releasable(reply) if schemas else len(reply)
@@ -325,8 +349,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         elif sent < len(reply):
             yield chunk({"content": reply[sent:]} if chat else reply[sent:])
         yield chunk({} if chat else "", reason)
-        if with_usage:  # as OpenAI: its own chunk, when asked
-            yield api.usage_chunk(rid, created, model_name, chat, usage(done))
+        if usage_chunk is not None:  # as OpenAI: its own chunk, when asked
+            yield usage_chunk(usage(done))
         flush()  # after the last chunk: writing the states does not delay the answer
         yield "data: [DONE]\n\n"
 

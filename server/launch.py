@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from typing import IO
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -22,14 +24,23 @@ def free_port() -> int:
 
 class Served:
     """The server started with these `deltamem serve` arguments (its port chosen here), ready once /health answers
-    (start_s: how long that took). stderr: where its log goes (a pipe by default: read proc.stderr)."""
+    (start_s: how long that took). Its log (stderr) goes to a file: `log` where given, else a temporary one; read
+    it with log_text(). (A pipe nobody reads would stall the server once full.)"""
 
-    def __init__(self, *args: str, env: dict | None = None, stderr: int | IO = subprocess.PIPE, timeout: float = 600):
+    def __init__(self, *args: str, env: dict | None = None, log: Path | None = None, timeout: float = 600):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
+        if log is None:
+            fd, name = tempfile.mkstemp(prefix="deltamem-serve-", suffix=".log")
+            os.close(fd)
+            log, self._own_log = Path(name), True
+        else:
+            self._own_log = False
+        self.log = log
         cmd = [sys.executable, "-P", "-m", "deltamem.app", "serve", "--port", str(self.port), *args]
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        with log.open("a") as err:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
@@ -37,13 +48,16 @@ class Served:
                         break
             except OSError:
                 if self.proc.poll() is not None:
-                    log = self.proc.stderr.read() if self.proc.stderr else ""
-                    raise RuntimeError(f"deltamem serve exited ({self.proc.returncode}): {log[-2000:]}") from None
+                    raise RuntimeError(f"deltamem serve exited ({self.proc.returncode}): {self.log_text()[-2000:]}") \
+                        from None
                 if time.perf_counter() - t0 > timeout:
                     self.stop()
                     raise RuntimeError(f"deltamem serve did not answer within {timeout:.0f} s") from None
                 time.sleep(0.25)
         self.start_s = time.perf_counter() - t0
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -59,3 +73,5 @@ class Served:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if self._own_log:
+            self.log.unlink(missing_ok=True)

@@ -68,6 +68,10 @@ def test_openai_client_against_a_real_server(tmp_path):
             c.chat.completions.create(model="random", messages=[], max_tokens=2)
     finally:
         server.stop()
+    log = server.log_text()  # the access log: a line a request, its tokens and times, errors with their status
+    assert any(f"session=default prompt={second.usage.prompt_tokens} cached=" in line and " 200" in line
+               for line in log.splitlines()), log  # fmt: skip
+    assert "POST /v1/chat/completions 404" in log and "POST /v1/chat/completions 400" in log
     again = Server(tmp_path / "m.db")  # restarted: the stored states still serve
     try:
         r = again.client.chat.completions.create(model="random", messages=convo, max_tokens=6, temperature=0)
@@ -497,7 +501,7 @@ def test_sigterm_mid_stream_exits_cleanly_within_seconds(tmp_path, batched):
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
-    err = server.proc.stderr.read()
+    err = server.log_text()
     assert code == 0 and took < 5, (code, took, err)
     assert "Traceback" not in err and "ERROR" not in err, err  # the stream ended with an error event, not a cancel
     _whole_and_restarted(db, LONG, first.usage.prompt_tokens, max_tokens=2)
