@@ -29,31 +29,25 @@ _TOKEN = re.compile(r"`([^`\n]{1,120})`|([A-Za-z_$][\w$]*(?:(?:\.|::)[A-Za-z_$][
 _CODE_SHAPED = re.compile(r".*(_|[a-z][A-Z]|[.:$]|\d).*|[A-Z]{2,}")
 _WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*")  # words, hyphenated ones whole (Meadow-4, C-5053)
 # words of a question that name nothing in the sources: English function words and the words tasks are asked in
-STOP = set(
-    """
+STOP = set("""
 a an the and or not of in on at to for from by with as is are was were be been it its this that these those there
 what which who whom whose where when why how do does did done can could should would will shall may might must
 i me my we our you your he she they them their please tell show find give given list name cite say said
 file document page section folder case project repository code module function class method constant variable
 defined define definition state stated mention mentioned value values set have has return returns returned
-""".split()
-)
+""".split())
 
 # words that ask where a name is used rather than what it is
-USE = set(
-    """
+USE = set("""
 use uses used using user users usage refer refers referred referring reference references referenced call calls
 called caller callers calling import imports imported importing depend depends depending
-""".split()
-)
+""".split())
 
 # words that ask about a definition's body: what it raises or throws, what it does
-BODY = set(
-    """
+BODY = set("""
 raise raises raised raising throw throws thrown throwing exception exceptions error errors panic panics fail fails
 work works handle handles handled
-""".split()
-)
+""".split())
 
 
 def _stop(word: str) -> bool:
