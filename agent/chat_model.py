@@ -121,7 +121,7 @@ class ChatDeltamem(BaseChatModel):
             role = next((r for kind, r in roles if isinstance(m, kind)), m.type)
             plain.append({"role": role, "content": content, "calls": calls})
         s = self._state()
-        return prepare_turn(s.engine, s.template, plain, offer)
+        return prepare_turn(s.engine, s.template, plain, offer, s.stop_ids)
 
     def _state(self) -> AgentSession:
         if self._session is None:

@@ -8,8 +8,9 @@ the guide that holds an opened call to a well-formed call of an offered tool, an
 OpenAI's response_format where one is asked for (agent/guide.py).
 
     offer = Offer.of(tools, "required", response_format)
-    turn = prepare_turn(engine, template, [{"role": "user", "content": "hi"}], offer)
-    text = template.render(turn.messages)  # generate with turn.guide and turn.stops; parse calls by turn.schemas
+    stops = stop_ids(engine)
+    turn = prepare_turn(engine, template, [{"role": "user", "content": "hi"}], offer, stops)
+    text = template.render(turn.messages)  # generate with turn.guide and stops; parse calls by turn.schemas
 """
 
 from __future__ import annotations
@@ -119,21 +120,19 @@ def call_guide(tok, vocab_size: int, stops: list[int], template: ChatTemplate, o
 @dataclass
 class Turn:
     """A conversation made ready for the model's reply: its messages in the chat template's form, the offered tools'
-    argument schemas by name (to read the calls back), the guide of the reply and the ids that end it."""
+    argument schemas by name (to read the calls back) and the guide of the reply."""
 
     messages: list[dict]
     schemas: dict[str, dict]
     guide: ReplyGuide | None
-    stops: list[int]
 
 
 def prepare_turn(
-    engine, template: ChatTemplate, messages: list[dict], offer: Offer, guided: bool = True
+    engine, template: ChatTemplate, messages: list[dict], offer: Offer, stops: list[int], guided: bool = True
 ) -> Turn:
-    """Plain messages and an offer -> the Turn the model replies to. guided=False leaves tool calls unguided (a JSON
-    answer asked for without tools is still held to its schema)."""
-    stops = stop_ids(engine)
+    """Plain messages and an offer -> the Turn the model replies to; stops: the ids that end a reply (stop_ids).
+    guided=False leaves tool calls unguided (a JSON answer asked for without tools is still held to its schema)."""
     guide = None
     if guided or not offer.tools:
         guide = call_guide(engine.tokenizer, engine.config.vocab_size, stops, template, offer)
-    return Turn(conversation(template, messages, offer), tool_schemas(offer.tools), guide, stops)
+    return Turn(conversation(template, messages, offer), tool_schemas(offer.tools), guide)

@@ -187,7 +187,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
 
     def chat_prompt(body: dict) -> tuple[str, dict[str, dict], ReplyGuide | None]:
         messages, offer = api.chat_messages(body.get("messages")), api.offer_of(body)
-        turn = prepare_turn(engine, template, messages, offer, guided_calls)
+        turn = prepare_turn(engine, template, messages, offer, eos, guided_calls)
         try:
             text = template.render(turn.messages)
         except TemplateError as e:
@@ -315,44 +315,41 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         done: dict = {"t0": t0}
         how = "200, the client left"
         try:
-            usage_chunk = (lambda stats: api.usage_chunk(rid, created, model_name, chat, stats)) if with_usage else None
-            yield from streamed(ids, sample, session, chat, schemas, usage_chunk, done, chunk)
+            pieces_of = answer(ids, sample, session, done)
+            try:
+                next(pieces_of)  # the prompt is read
+            except ApiError as e:
+                how = f"{e.status} {e}"
+                yield api.error_event(e)
+                yield "data: [DONE]\n\n"
+                return
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            reply, sent = "", 0
+            for piece in pieces_of:
+                done.setdefault("first", time.perf_counter())
+                reply += piece
+                # with tools offered, text streams as it comes but for what may open a call (parsed at the end)
+                upto = api.releasable(reply) if schemas else len(reply)
+                if upto > sent:
+                    yield chunk({"content": reply[sent:upto]} if chat else reply[sent:upto])
+                    sent = upto
+            reason = api.finish_reason(done["stopped_by"])
+            message, called = api.assistant_message(reply, schemas)
+            if called:
+                calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+                yield chunk({"tool_calls": calls})
+                reason = "tool_calls"
+            elif sent < len(reply):
+                yield chunk({"content": reply[sent:]} if chat else reply[sent:])
+            yield chunk({} if chat else "", reason)
+            if with_usage:  # as OpenAI: its own chunk, when asked
+                yield api.usage_chunk(rid, created, model_name, chat, usage(done))
+            flush()  # after the last chunk: writing the states does not delay the answer
+            yield "data: [DONE]\n\n"
             how = "200"
         finally:
             access(rid, session, done, how)
-
-    def streamed(ids, sample, session, chat, schemas, usage_chunk, done, chunk) -> Iterator[str]:
-        pieces_of = answer(ids, sample, session, done)
-        try:
-            next(pieces_of)  # the prompt is read
-        except ApiError as e:
-            yield api.error_event(e)
-            yield "data: [DONE]\n\n"
-            return
-        if chat:
-            yield chunk({"role": "assistant", "content": ""})
-        reply, sent = "", 0
-        for piece in pieces_of:
-            done.setdefault("first", time.perf_counter())
-            reply += piece
-            # with tools offered, text streams as it comes but for what may open a call (parsed at the end)
-            upto = api.releasable(reply) if schemas else len(reply)
-            if upto > sent:
-                yield chunk({"content": reply[sent:upto]} if chat else reply[sent:upto])
-                sent = upto
-        reason = api.finish_reason(done["stopped_by"])
-        message, called = api.assistant_message(reply, schemas)
-        if called:
-            calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
-            yield chunk({"tool_calls": calls})
-            reason = "tool_calls"
-        elif sent < len(reply):
-            yield chunk({"content": reply[sent:]} if chat else reply[sent:])
-        yield chunk({} if chat else "", reason)
-        if usage_chunk is not None:  # as OpenAI: its own chunk, when asked
-            yield usage_chunk(usage(done))
-        flush()  # after the last chunk: writing the states does not delay the answer
-        yield "data: [DONE]\n\n"
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
