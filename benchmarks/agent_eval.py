@@ -185,7 +185,8 @@ def cli(*args: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:
     return r, time.perf_counter() - t0
 
 
-def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args) -> dict:
+def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args, on_set=lambda result: None) -> dict:
+    """Every question of the sets with this delta; on_set gets the result so far after each set."""
     db = work / label / "memory.db"
     if db.parent.exists():
         shutil.rmtree(db.parent)
@@ -267,14 +268,16 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args) -> dic
                 records.append(rec)
                 mark = "ok " if rec["exact"] else "-- "
                 print(f"[{label}] {mark}{rec['set']} {rec['kind']}: {rec['answer'][:100]!r}", flush=True)
-    return {
-        "label": label,
-        "delta": delta.name,
-        "run_args": list(args.run_arg),
-        "summary": summary(records),
-        "ingest": ingests,
-        "records": records,
-    }
+        result = {
+            "label": label,
+            "delta": delta.name,
+            "run_args": list(args.run_arg),
+            "summary": summary(records),
+            "ingest": ingests,
+            "records": records,
+        }
+        on_set(result)
+    return result
 
 
 def model_calls(outcome: str | None, calls: int, max_steps: int) -> int:
@@ -351,7 +354,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"{meta['device']}; {meta['questions']} questions over {meta['repositories']} held-out repositories and "
         f"{meta['folders']} case-file folders; each through `deltamem run --json` on a fork of the ingested session, "
-        f"--max-steps {meta['max_steps']}, greedy.",
+        f"--max-steps {meta['max_steps']}, greedy."
+        + (f" Partial: stopped after {meta['partial']} of the last delta." if meta.get("partial") else ""),
         "",
         "| | " + " | ".join(labels) + " |",
         "|---|" + "---:|" * len(labels),
@@ -481,7 +485,6 @@ def main() -> None:
         sets = [dict(s, tasks=_round_robin(s["tasks"], args.limit)) for s in sets if s["name"] in args.only]
     n = sum(len(s["tasks"]) for s in sets)
     print(f"{n} questions: " + ", ".join(f"{s['name']} {len(s['tasks'])}" for s in sets), flush=True)
-    results = [evaluate(label, path, sets, args.work, args) for label, path in deltas]
     meta = {
         "device": device_name() if args.device != "cpu" else f"CPU, {os.cpu_count()} cores",
         "questions": n,
@@ -491,6 +494,13 @@ def main() -> None:
         "fetched": {s["name"]: s["source"] for s in sets if "source" in s},
         **versions(),
     }
+    results = []
+
+    def partial(result: dict) -> None:  # after each set: a run stopped part-way keeps what it measured
+        write(args.out, [*results, result], dict(meta, partial=f"{len(result['records'])} of {n} questions"))
+
+    for label, path in deltas:
+        results.append(evaluate(label, path, sets, args.work, args, partial))
     write(args.out, results, meta)
 
 
