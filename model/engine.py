@@ -422,6 +422,7 @@ class Engine:
         loop_guard: LoopGuard | None = None,
         repetition_penalty: float = 1.0,
         guide: Callable[..., torch.Tensor | None] | None = None,
+        sampler: Sampler | None = None,
     ) -> Iterator[str]:
         """Feed `ids` (the prompt's new tokens), then sample up to max_new_tokens, yielding text pieces as they
         become printable. Stops at an end-of-sequence id (default: the model's eos) or a stop string, which is
@@ -429,10 +430,12 @@ class Engine:
         has consumed exactly prompt + generated ids; `self.generated` holds the generated ids afterwards and
         `self.stopped_by` why it ended: "eos", "stop", "loop" or "length". repetition_penalty: see Sampler.
         guide(generated_ids, device): a [vocab] bool mask of the ids allowed next, or None where sampling is free
-        (agent/guide.py); guided tokens are sampled on the host and fed one at a time, the rest as usual."""
+        (agent/guide.py); guided tokens are sampled on the host and fed one at a time, the rest as usual.
+        sampler: one made by the caller (OpenAI's penalties, logit bias, log-probabilities: see Sampler) in place of
+        temperature, top_p, top_k, seed and repetition_penalty."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer; feed() token ids directly")
-        sampler = Sampler(temperature, top_p, top_k, seed, repetition_penalty)
+        sampler = sampler or Sampler(temperature, top_p, top_k, seed, repetition_penalty)
         eos = set(self.config.eos_ids if stop_ids is None else stop_ids)
         stream = TextStream(self.tokenizer, stop)
         self.generated: list[int] = []
@@ -526,6 +529,7 @@ class Engine:
                             break
                     if keep < len(chunk):
                         burst.keep(keep)
+                        sampler.discard(chunk[keep:])
                     self._advance(chunk[:keep])
                     self.generated.extend(chunk[:keep])
                     left -= keep

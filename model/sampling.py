@@ -18,7 +18,13 @@ class Sampler:
 
     repetition_penalty p (1: off) applies CTRL's penalty, as transformers' RepetitionPenaltyLogitsProcessor does, to
     the tokens this sampler has drawn (the reply so far; the prompt, in an agent session a whole repository, is not
-    penalised): their logits are divided by p where positive, multiplied by p where negative, before sampling."""
+    penalised): their logits are divided by p where positive, multiplied by p where negative, before sampling.
+
+    OpenAI's logit processing, after it: logit_bias {id: b} adds b to those ids' logits; presence_penalty and
+    frequency_penalty subtract, from each id drawn so far (the reply, as vLLM counts them), presence once and
+    frequency times its count. logprobs=k (0 to 20) records, for each drawn token, its log-probability under the
+    processed logits (masks included, before temperature and top-p/top-k) and the k likeliest alternatives:
+    `records`, a list of (id, logprob, [(id, logprob), ...])."""
 
     def __init__(
         self,
@@ -27,13 +33,23 @@ class Sampler:
         top_k: int = 0,
         seed: int | None = None,
         repetition_penalty: float = 1.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+        logprobs: int | None = None,
     ):
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise ValueError("logprobs: from 0 to 20 alternatives")
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.penalty = repetition_penalty
-        self.drawn: set[int] = set()  # host path
-        self._drawn_on: dict[torch.device, torch.Tensor] = {}  # device path: a [vocab] bool mask per device
+        self.presence, self.frequency, self.bias = presence_penalty, frequency_penalty, dict(logit_bias or {})
+        self.logprobs = logprobs
+        self.records: list[tuple[int, float, list[tuple[int, float]]]] = []
+        self.counts: dict[int, int] = {}  # host path: how often each id was drawn
+        self._counts_on: dict[torch.device, torch.Tensor] = {}  # device path: [vocab] counts, where penalised
+        self._bias_on: dict[torch.device, torch.Tensor] = {}
         self.gen = torch.Generator()
         if seed is None:
             self.gen.seed()  # a fresh random seed for this generator only; the global RNG is left alone
@@ -42,12 +58,38 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         # logits: [vocab]
-        if self.penalty != 1.0 and self.drawn:
-            idx = torch.tensor(sorted(self.drawn), device=logits.device)
+        if self.penalty != 1.0 and self.counts:
+            idx = torch.tensor(sorted(self.counts), device=logits.device)
             logits = logits.index_copy(0, idx, self._penalised(logits[idx]))
+        if self.bias:
+            logits = logits + self._bias(logits)
+        if (self.presence or self.frequency) and self.counts:
+            idx = torch.tensor(list(self.counts), device=logits.device)
+            n = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits = logits.index_add(0, idx, -(self.presence + self.frequency * n))
         tok = self._draw(logits)
-        self.drawn.add(tok)
+        self.counts[tok] = self.counts.get(tok, 0) + 1
+        if self.logprobs is not None:
+            self._record(logits, tok)
         return tok
+
+    def _bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """logit_bias as a dense [vocab] row on the logits' device (built once per device)."""
+        row = self._bias_on.get(logits.device)
+        if row is None:
+            row = torch.zeros(logits.shape, dtype=torch.float32)
+            ids = torch.tensor(list(self.bias), dtype=torch.long)
+            if ids.numel() and (ids.min() < 0 or ids.max() >= row.numel()):
+                raise ValueError(f"logit_bias names ids outside the vocabulary (0 to {row.numel() - 1})")
+            row[ids] = torch.tensor(list(self.bias.values()), dtype=torch.float32)
+            row = self._bias_on[logits.device] = row.to(logits.device)
+        return row.to(logits.dtype)
+
+    def _record(self, logits: torch.Tensor, tok: int) -> None:
+        lp = logits.float().log_softmax(-1)
+        top = lp.topk(self.logprobs) if self.logprobs else None
+        alts = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+        self.records.append((tok, float(lp[tok]), alts))
 
     def _penalised(self, x: torch.Tensor) -> torch.Tensor:
         return torch.where(x > 0, x / self.penalty, x * self.penalty)
@@ -70,16 +112,40 @@ class Sampler:
         """Sample without leaving the logits' device and without a host sync: logits [vocab] -> [1] int64.
         Greedy is the same argmax as __call__; otherwise the same distribution (temperature, top-k, top-p),
         drawn by Gumbel-max (argmax of logits / T plus Gumbel noise) from a generator of this sampler on that
-        device, seeded from this sampler's seed: reproducible, but not the same draws as __call__. The repetition
-        penalty keeps its drawn tokens in a mask on the device."""
+        device, seeded from this sampler's seed: reproducible, but not the same draws as __call__. The penalties
+        keep their counts of drawn tokens on the device."""
+        counts = None
+        if self.penalty != 1.0 or self.presence or self.frequency:
+            counts = self._counts_on.get(logits.device)
+            if counts is None:
+                counts = self._counts_on[logits.device] = torch.zeros(logits.shape, device=logits.device)
         if self.penalty != 1.0:
-            mask = self._drawn_on.get(logits.device)
-            if mask is None:
-                mask = self._drawn_on[logits.device] = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-            tok = self._draw_on_device(torch.where(mask, self._penalised(logits), logits))
-            mask.index_fill_(0, tok, True)
-            return tok
-        return self._draw_on_device(logits)
+            logits = torch.where(counts > 0, self._penalised(logits), logits)
+        if self.bias:
+            logits = logits + self._bias(logits)
+        if self.presence or self.frequency:
+            logits = logits - (self.presence * (counts > 0) + self.frequency * counts).to(logits.dtype)
+        tok = self._draw_on_device(logits)
+        if counts is not None:
+            counts.index_add_(0, tok, torch.ones(1, device=logits.device))
+        if self.logprobs is not None:  # a read-back a token: only where asked
+            self._record(logits, int(tok))
+        return tok
+
+    def discard(self, ids: Sequence[int]) -> None:
+        """Forget the last drawn `ids` (a decode burst sampled past where its reply stopped, Engine's fast path):
+        the penalties count, and the log-probabilities record, only the tokens kept."""
+        for tok in ids:
+            if tok in self.counts:  # host path
+                self.counts[tok] -= 1
+                if not self.counts[tok]:
+                    del self.counts[tok]
+        with torch.inference_mode():  # the device path's counts (made where the decode burst ran)
+            for counts in self._counts_on.values():
+                idx = torch.tensor(list(ids), device=counts.device)
+                counts.index_add_(0, idx, -torch.ones(len(ids), device=counts.device))
+        if self.logprobs is not None:
+            del self.records[len(self.records) - len(ids) :]
 
     def _draw_on_device(self, logits: torch.Tensor) -> torch.Tensor:
         if self.temperature == 0:

@@ -14,6 +14,7 @@ from deltamem.agent.parse import OPEN, parse_tool_calls
 from deltamem.agent.protocol import Offer, answer_schema
 
 MAX_BODY = 8 << 20
+MAX_N = 16  # choices of one request (OpenAI allows up to 128)
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -29,7 +30,7 @@ class ApiError(Exception):
 
 
 def read_body(raw: bytes, model_name: str) -> dict:
-    """A request's body: a JSON object of at most MAX_BODY bytes, for this server's model, n = 1."""
+    """A request's body: a JSON object of at most MAX_BODY bytes, for this server's model."""
     if len(raw) > MAX_BODY:
         raise ApiError(413, f"request body over {MAX_BODY} bytes")
     try:
@@ -43,8 +44,6 @@ def read_body(raw: bytes, model_name: str) -> dict:
     if body.get("model") not in (None, model_name):
         raise ApiError(404, f"model {str(body.get('model'))[:100]!r} is not served here; this server runs "
                        f"{model_name!r}", "not_found_error", "model")  # fmt: skip
-    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-        raise ApiError(400, "only n=1 is supported", param="n")
     return body
 
 
@@ -62,24 +61,98 @@ def _number(body: dict, key: str, default: float, low: float, high: float, integ
     return int(value) if integer else float(value)
 
 
-def sampling(body: dict, max_tokens: int = 1 << 20) -> dict:
-    """The engine's sampling parameters from a body: max_new_tokens (max_completion_tokens, else max_tokens; 512
-    where neither is given), temperature (0 to 2, default 1), top_p (0 to 1, default 1; 0 is greedy), seed (a
-    64-bit integer) and stop (a string or up to 4)."""
+def sampling(body: dict, chat: bool, context: int) -> dict:
+    """The sampling parameters of a body, checked: max_new_tokens (max_completion_tokens, else max_tokens; up to
+    the context, which is also the default: the reply's room is then what the prompt leaves), temperature (0 to 2,
+    default 1), top_p (0 to 1, default 1; 0 is greedy), seed (a 64-bit integer; choice k of n uses seed + k), stop (a
+    string or up to 4), presence_penalty and frequency_penalty (-2 to 2), logit_bias ({token id: -100 to 100}),
+    n (1 to MAX_N choices) and the log-probabilities asked: chat's logprobs (a boolean) with top_logprobs (0 to 20),
+    completions' logprobs (0 to 5 alternatives); `logprobs` here is None or the number of alternatives. echo
+    (completions): the prompt before each choice's text."""
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     out = {
-        "max_new_tokens": _number(body, key, 512, 1, max_tokens, integer=True),
+        "max_new_tokens": _number(body, key, None, 1, context, integer=True),
         "temperature": _number(body, "temperature", 1.0, 0, 2),
         "top_p": _number(body, "top_p", 1.0, 0, 1),
         "seed": _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
+        "presence_penalty": _number(body, "presence_penalty", 0.0, -2, 2),
+        "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2, 2),
+        "logit_bias": _logit_bias(body.get("logit_bias")),
+        "n": _number(body, "n", 1, 1, MAX_N, integer=True),
+        "logprobs": _logprobs(body, chat),
+        "echo": _flag(body, "echo") if not chat else False,
     }
     if out["top_p"] == 0:  # only the likeliest token: greedy
         out["temperature"], out["top_p"] = 0.0, 1.0
+    if out["echo"] and out["logprobs"] is not None:
+        raise ApiError(400, "echo with logprobs is not supported: the prompt's log-probabilities are not computed "
+                       "(its state comes from the prefix cache)", param="echo")  # fmt: skip
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
         raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
     return {**out, "stop": stop}
+
+
+def _flag(body: dict, key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"{key} must be true or false", param=key)
+    return bool(value)
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 1024:
+        raise ApiError(400, "logit_bias must be an object of up to 1024 token ids", param="logit_bias")
+    out = {}
+    for k, b in value.items():
+        try:
+            tok = int(k)
+        except ValueError:
+            tok = -1
+        number = isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b)
+        if tok < 0 or str(tok) != k.strip() or not number or not -100 <= b <= 100:
+            raise ApiError(400, f"logit_bias: {k[:40]!r} must be a token id with a bias from -100 to 100",
+                           param="logit_bias")  # fmt: skip
+        out[tok] = float(b)
+    return out
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    if not chat:  # completions: logprobs is the number of alternatives, 0 to 5
+        return _number(body, "logprobs", None, 0, 5, integer=True)
+    top = _number(body, "top_logprobs", None, 0, 20, integer=True)
+    if not _flag(body, "logprobs"):
+        if top is not None:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    return top or 0
+
+
+def logprobs_of(records: list, token_bytes, chat: bool, offset: int = 0) -> dict:
+    """Sampler records (id, logprob, alternatives) in OpenAI's shape: chat's {"content": [{token, logprob, bytes,
+    top_logprobs}]}, completions' {tokens, token_logprobs, top_logprobs, text_offset} (offset: where the text of
+    these tokens starts in the choice's text)."""
+
+    def token(i: int) -> tuple[str, list[int]]:
+        b = token_bytes(i)
+        return b.decode("utf-8", errors="replace"), list(b)
+
+    if chat:
+        content = []
+        for tok, lp, alts in records:
+            text, raw = token(tok)
+            top = [dict(zip(("token", "bytes"), token(a), strict=True), logprob=x) for a, x in alts]
+            content.append({"token": text, "logprob": lp, "bytes": raw, "top_logprobs": top})
+        return {"content": content, "refusal": None}
+    texts = [token(tok)[0] for tok, _, _ in records]
+    offsets = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in records],
+            "top_logprobs": [{token(a)[0]: x for a, x in alts} for _, _, alts in records],
+            "text_offset": offsets}  # fmt: skip
 
 
 def offer_of(body: dict) -> Offer:
@@ -204,25 +277,28 @@ def releasable(text: str) -> int:
     return len(text)
 
 
-def completion(rid: str, created: int, model: str, reply: str, reason: str, stats: dict, chat: bool,
-               schemas: dict) -> dict:  # fmt: skip
-    """The whole answer: a chat completion (calls parsed where tools were offered) or a text completion."""
+def choice(k: int, reply: str, reason: str, chat: bool, schemas: dict, logprobs: dict | None) -> dict:
+    """One of a completion's choices: a chat message (calls parsed where tools were offered) or a text."""
     if not chat:
-        return {"id": rid, "object": "text_completion", "created": created, "model": model, "usage": stats,
-                "choices": [{"index": 0, "text": reply, "finish_reason": reason, "logprobs": None}]}  # fmt: skip
+        return {"index": k, "text": reply, "finish_reason": reason, "logprobs": logprobs}
     message, called = assistant_message(reply, schemas)
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "usage": stats,
-            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if called else reason}]}
+    return {"index": k, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls" if called else reason}
+
+
+def completion(rid: str, created: int, model: str, choices: list[dict], stats: dict, chat: bool) -> dict:
+    """The whole answer: a chat completion or a text completion."""
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": choices, "usage": stats}  # fmt: skip
 
 
 def chunk(rid: str, created: int, model: str, chat: bool, delta: dict | str, reason: str | None = None,
-          extra: dict | None = None) -> str:  # fmt: skip
-    """One server-sent event of a streamed answer."""
-    choice = ({"index": 0, "delta": delta, "finish_reason": reason} if chat
-              else {"index": 0, "text": delta, "finish_reason": reason})  # fmt: skip
+          index: int = 0, logprobs: dict | None = None) -> str:  # fmt: skip
+    """One server-sent event of a streamed answer: choice `index`'s delta (chat) or text (completions)."""
+    choice = ({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason} if chat
+              else {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": reason})  # fmt: skip
     doc = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
            "model": model, "choices": [choice]}  # fmt: skip
-    return f"data: {json.dumps({**doc, **(extra or {})}, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
 
 
 def wants_usage(body: dict) -> bool:

@@ -229,28 +229,39 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise
         return ids, hit.tokens
 
-    def answer(ids: list[int], sample: dict, session: str, done: dict) -> Iterator[str | None]:
-        """Read the prompt (restoring the longest cached prefix), yield None once it is read, then the reply's
-        text pieces; `done` gets ids, cached, n (tokens generated) and stopped_by. The states kept wait in the
-        cache for a flush() (the caller's, after its answer is out)."""
-        if batcher is None:  # the reply decoded on the engine, which it holds meanwhile
+    def answer(ids: list[int], sample: dict, session: str, done: dict) -> Iterator[tuple[int, str] | None]:
+        """Read the prompt (restoring the longest cached prefix), yield None once it is read, then (choice, text
+        piece) for each of the n choices, one choice after the other; `done` gets ids, cached and, per choice, its
+        sampler, n (tokens generated) and stopped_by. The states kept wait in the cache for a flush() (the
+        caller's, after its answer is out); the engine is left with the last choice's."""
+        choices = done["choices"] = [{"sampler": sampler_for(sample, k), "n": 0, "stopped_by": "length"}
+                                     for k in range(sample["n"])]  # fmt: skip
+        limit = sample["max_new_tokens"] or max(1, max_prompt_tokens - len(ids))  # default: what the context leaves
+        if batcher is None:  # the replies decoded on the engine, which they hold meanwhile
             with lock:
                 ids, cached = prepare(ids, session)
                 done.update(ids=ids, cached=cached)
                 yield None
-                try:
-                    yield from engine.generate(ids[-1:], stop_ids=eos, **sample)
-                except GeneratorExit:  # a client that went away: generate() stopped with the state holding these ids
-                    cache.consumed(ids + engine.generated)
-                    raise
-                except BaseException:
-                    afresh()
-                    raise
+                kept = engine.keep() if len(choices) > 1 else None  # each choice starts from the prompt's state
+                for k, choice in enumerate(choices):
+                    if k:
+                        engine.restore_kept(kept)
+                        cache.consumed(ids[:-1])
+                    try:
+                        for piece in engine.generate(ids[-1:], limit, stop=sample["stop"], stop_ids=eos,
+                                                     guide=sample["guide"], sampler=choice["sampler"]):  # fmt: skip
+                            yield k, piece
+                    except GeneratorExit:  # a client that went away: generate() stopped with the state holding these
+                        cache.consumed(ids + engine.generated)
+                        raise
+                    except BaseException:
+                        afresh()
+                        raise
+                    choice.update(n=len(engine.generated), stopped_by=engine.stopped_by, ended=True)
                 cache.consumed(ids + engine.generated)
                 cache.save(session)
-                done.update(n=len(engine.generated), stopped_by=engine.stopped_by)
             return
-        with lock:  # the reply joins the decode batch with a copy of the prompt's state; the engine is free again
+        with lock:  # the replies join the decode batch, each with a copy of the prompt's state; the engine is free
             ids, cached = prepare(ids, session)
             try:
                 logits = engine.feed(ids[-1:], logits="last")[-1]
@@ -258,20 +269,42 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 afresh()
                 raise
             cache.consumed(ids)
-            reply = Reply(engine.keep(), logits, Sampler(sample["temperature"], sample["top_p"], 0, sample["seed"]),
-                          TextStream(engine.tokenizer, sample["stop"]), set(eos), sample["max_new_tokens"],
-                          guide=sample["guide"])
-        done.update(ids=ids, cached=cached)
+            replies = [Reply(engine.keep(), logits, c["sampler"], TextStream(engine.tokenizer, sample["stop"]),
+                             set(eos), limit, guide=sample["guide"]) for c in choices]  # fmt: skip
+        done.update(ids=ids, cached=cached, replies=replies)
         yield None
-        yield from batcher.submit(reply)
-        with lock:  # the state after the reply: into the engine (the next turn's prompt extends it) and the cache
-            engine.restore_kept(reply.final)
-            cache.consumed(ids + reply.generated)
+        pieces = [batcher.submit(r) for r in replies]  # all decode at once; their text is read one after the other
+        try:
+            for k, (reply, choice) in enumerate(zip(replies, choices, strict=True)):
+                for piece in pieces[k]:
+                    yield k, piece
+                choice.update(n=len(reply.generated), stopped_by=reply.stopped_by, ended=True)
+        finally:
+            for r in replies:  # a client that left: the replies not yet read end too
+                r.cancelled = r.final is None
+        with lock:  # the state after the last reply: into the engine (a next turn's prompt extends it) and the cache
+            engine.restore_kept(replies[-1].final)
+            cache.consumed(ids + replies[-1].generated)
             cache.save(session)
-        done.update(n=len(reply.generated), stopped_by=reply.stopped_by)
+
+    def sampler_for(sample: dict, k: int) -> Sampler:
+        seed = None if sample["seed"] is None else sample["seed"] + k  # choices differ, each reproducible
+        return Sampler(sample["temperature"], sample["top_p"], 0, seed, presence_penalty=sample["presence_penalty"],
+                       frequency_penalty=sample["frequency_penalty"], logit_bias=sample["logit_bias"],
+                       logprobs=sample["logprobs"])  # fmt: skip
 
     def usage(done: dict) -> dict:
-        return api.usage(len(done["ids"]), done["n"], done["cached"])
+        return api.usage(len(done["ids"]), sum(c["n"] for c in done["choices"]), done["cached"])
+
+    def logprobs(choice: dict, upto: int, chat: bool, offset: int = 0) -> dict | None:
+        """The log-probabilities of the choice's tokens not yet given (up to its upto-th generated token; an end
+        of sequence has none), OpenAI-shaped; None where the request asked for none."""
+        records = choice["sampler"].records
+        if choice["sampler"].logprobs is None:
+            return None
+        given, choice["given"] = choice.get("given", 0), max(upto, choice.get("given", 0))
+        new = [r for r in records[given:upto] if r[0] not in eos]
+        return api.logprobs_of(new, lambda i: engine.tokenizer.decode_bytes([i]), chat, offset)
 
     def flush() -> None:
         with lock:
@@ -290,27 +323,39 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
 
     def complete(text: str, body: dict, session: str, chat: bool, schemas: dict, guide=None) -> Any:
         t0 = time.perf_counter()
-        sample = {**api.sampling(body), "guide": guide}
+        sample = {**api.sampling(body, chat, max_prompt_tokens), "guide": guide}
         ids = tokens(text)
+        if sample["logit_bias"] and max(sample["logit_bias"]) >= engine.config.vocab_size:
+            raise ApiError(400, f"logit_bias: token ids go from 0 to {engine.config.vocab_size - 1}",
+                           param="logit_bias")  # fmt: skip
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        echo = text if sample["echo"] else ""
         if body.get("stream"):
-            replies = stream(ids, sample, session, chat, schemas, created, rid, api.wants_usage(body), t0)
+            replies = stream(ids, sample, session, chat, schemas, created, rid, api.wants_usage(body), t0, echo)
             return ClosingStreamingResponse(in_threads(replies, lambda: app.state.stopping()),
                                             media_type="text/event-stream")
         done: dict = {"t0": t0}
-        pieces = []
-        for p in answer(ids, sample, session, done):
-            if p is not None:
+        pieces = [[] for _ in range(sample["n"])]
+        for item in answer(ids, sample, session, done):
+            if item is not None:
                 done.setdefault("first", time.perf_counter())
-                pieces.append(p)
+                pieces[item[0]].append(item[1])
         flush()
-        reason = api.finish_reason(done["stopped_by"])
         access(rid, session, done, "200")
-        return api.completion(rid, created, model_name, "".join(pieces), reason, usage(done), chat, schemas)
+        choices = [api.choice(k, echo + "".join(pieces[k]), api.finish_reason(c["stopped_by"]), chat, schemas,
+                              logprobs(c, c["n"], chat, len(echo)))
+                   for k, c in enumerate(done["choices"])]  # fmt: skip
+        return api.completion(rid, created, model_name, choices, usage(done), chat)
 
-    def stream(ids, sample, session, chat, schemas, created, rid, with_usage: bool, t0: float) -> Iterator[str]:
-        def chunk(delta: dict | str, reason: str | None = None, extra: dict | None = None) -> str:
-            return api.chunk(rid, created, model_name, chat, delta, reason, extra)
+    def stream(ids, sample, session, chat, schemas, created, rid, with_usage: bool, t0: float, echo: str
+               ) -> Iterator[str]:  # fmt: skip
+        def chunk(k: int, delta: dict | str, reason: str | None = None, lp: dict | None = None) -> str:
+            return api.chunk(rid, created, model_name, chat, delta, reason, index=k, logprobs=lp)
+
+        def made(k: int) -> int:  # tokens the choice has generated so far
+            if choices[k].get("ended"):
+                return choices[k]["n"]
+            return len(engine.generated) if batcher is None else len(replies[k].generated)
 
         done: dict = {"t0": t0}
         how = "200, the client left"
@@ -323,26 +368,42 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 yield api.error_event(e)
                 yield "data: [DONE]\n\n"
                 return
+            replies = done.get("replies")
+            texts, sent = [echo] * sample["n"], [0] * sample["n"]
+
+            def text_out(k: int, upto: int) -> Iterator[str]:
+                if upto > sent[k]:
+                    piece = texts[k][sent[k] : upto]
+                    yield chunk(k, {"content": piece} if chat else piece, None, logprobs(choices[k], made(k), chat))
+                    sent[k] = upto
+
+            def finish(k: int) -> Iterator[str]:
+                """The choice's end: its calls (where tools were offered) or the rest of its text, then its reason."""
+                reason = api.finish_reason(choices[k]["stopped_by"])
+                message, called = api.assistant_message(texts[k], schemas)
+                if called:
+                    yield chunk(k, {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]})
+                    reason = "tool_calls"
+                else:
+                    yield from text_out(k, len(texts[k]))
+                yield chunk(k, {} if chat else "", reason)
+
+            choices = done["choices"]
             if chat:
-                yield chunk({"role": "assistant", "content": ""})
-            reply, sent = "", 0
-            for piece in pieces_of:
+                for k in range(sample["n"]):
+                    yield chunk(k, {"role": "assistant", "content": ""})
+            current = 0
+            for k, piece in pieces_of:
                 done.setdefault("first", time.perf_counter())
-                reply += piece
+                while current < k:  # the choices before this one have ended
+                    yield from finish(current)
+                    current += 1
+                texts[k] += piece
                 # with tools offered, text streams as it comes but for what may open a call (parsed at the end)
-                upto = api.releasable(reply) if schemas else len(reply)
-                if upto > sent:
-                    yield chunk({"content": reply[sent:upto]} if chat else reply[sent:upto])
-                    sent = upto
-            reason = api.finish_reason(done["stopped_by"])
-            message, called = api.assistant_message(reply, schemas)
-            if called:
-                calls = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
-                yield chunk({"tool_calls": calls})
-                reason = "tool_calls"
-            elif sent < len(reply):
-                yield chunk({"content": reply[sent:]} if chat else reply[sent:])
-            yield chunk({} if chat else "", reason)
+                yield from text_out(k, api.releasable(texts[k]) if schemas else len(texts[k]))
+            while current < sample["n"]:
+                yield from finish(current)
+                current += 1
             if with_usage:  # as OpenAI: its own chunk, when asked
                 yield api.usage_chunk(rid, created, model_name, chat, usage(done))
             flush()  # after the last chunk: writing the states does not delay the answer

@@ -65,10 +65,15 @@ class Batcher:
         self._thread.start()
 
     def submit(self, reply: Reply) -> Iterator[str]:
-        """The reply's text pieces as they are decoded; when the iteration ends, reply.final holds its state."""
+        """Queue the reply to decode now; iterate what this returns for its text pieces as they are decoded (when
+        the iteration ends, reply.final holds its state)."""
         with self._cond:
             self.waiting.append(reply)
             self._cond.notify()
+        return self._pieces(reply)
+
+    @staticmethod
+    def _pieces(reply: Reply) -> Iterator[str]:
         try:
             while True:
                 item = reply.out.get()

@@ -99,3 +99,45 @@ def test_repetition_penalty_matches_transformers_processor(fast):
     plain = tiny_engine(seed=1, fast=fast)
     list(plain.generate(prompt, max_new_tokens=40, stop_ids=[]))
     assert plain.generated != want  # the penalty did change this reply: the check above is not vacuous
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_openai_penalties_bias_and_logprobs_match_a_plain_loop(fast):
+    """presence/frequency penalties and logit_bias (OpenAI's formula, as vLLM applies it to the reply so far) with
+    greedy decoding, host and device sampler, against a plain loop over a reference engine's logits; and the
+    recorded log-probabilities against the log-softmax of the same processed logits."""
+    from deltamem.model.sampling import Sampler
+    from tests.model.test_gpu_engine import ids_of, tiny_engine
+
+    prompt, bias = ids_of(12, 4), {7: 3.0, 11: -100.0}
+    presence, frequency = 0.7, 0.4
+    ref = tiny_engine(seed=2)
+    logits, want, want_lp, counts = ref.feed(prompt)[-1], [], [], torch.zeros(ref.config.vocab_size)
+    for _ in range(30):
+        row = logits.clone()
+        for tok, b in bias.items():
+            row[tok] += b
+        row = row - presence * (counts > 0) - frequency * counts
+        lp = torch.log_softmax(row.double(), -1)
+        want.append(int(row.argmax()))
+        want_lp.append((float(lp[want[-1]]), lp.topk(3).indices.tolist()))
+        counts[want[-1]] += 1
+        logits = ref.feed([want[-1]])[-1]
+    eng = tiny_engine(seed=2, fast=fast)
+    sampler = Sampler(presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias, logprobs=3)
+    list(eng.generate(prompt, max_new_tokens=30, stop_ids=[], sampler=sampler))
+    assert eng.generated == want and 11 not in want
+    assert [r[0] for r in sampler.records] == want
+    for (tok, lp, alts), (ref_lp, ref_top) in zip(sampler.records, want_lp, strict=True):
+        assert lp == pytest.approx(ref_lp, abs=1e-4) and [a for a, _ in alts] == ref_top and alts[0][0] == tok
+    plain = tiny_engine(seed=2, fast=fast)
+    list(plain.generate(prompt, max_new_tokens=30, stop_ids=[]))
+    assert plain.generated != want  # the processing did change this reply: the check above is not vacuous
+    cut = tiny_engine(seed=2, fast=fast)  # a reply stopped inside a decode burst: the tokens after it are forgotten
+    sampler = Sampler(presence_penalty=presence, frequency_penalty=frequency, logit_bias=bias, logprobs=0)
+    list(cut.generate(prompt, max_new_tokens=30, stop_ids=[want[5]], sampler=sampler))
+    stop = want.index(want[5]) + 1
+    assert cut.generated == want[:stop] and [r[0] for r in sampler.records] == want[:stop]
+    assert sum(sampler.counts.values()) in (0, stop)  # host counts (the device path keeps its own)
+    with pytest.raises(ValueError, match="vocabulary"):
+        Sampler(logit_bias={10**9: 1.0})(torch.zeros(50))

@@ -141,7 +141,15 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, 400, "messages"),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    *[("/v1/chat/completions", {**CHAT, "n": n}, 400, "n") for n in (0, 17, 1.5, "2", True)],
+    *[("/v1/chat/completions", {**CHAT, key: value}, 400, key) for key, value in (
+        ("presence_penalty", 2.5), ("frequency_penalty", "1"), ("logit_bias", [5]), ("logit_bias", {"a": 1}),
+        ("logit_bias", {"5": 101}), ("logit_bias", {"-5": 1}), ("logit_bias", {"5": True}), ("logprobs", "yes"),
+        ("logit_bias", {"1000000": 1}), ("top_logprobs", 21), ("top_logprobs", 2),  # (without logprobs: true)
+        ("max_tokens", 301))],  # over the context (the prompt limit, 300 here)
+    *[("/v1/completions", {"prompt": "x", key: value}, 400, key) for key, value in (
+        ("logprobs", 6), ("logprobs", True), ("echo", "yes"))],
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 2}, 400, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400,
      "max_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400,
