@@ -152,8 +152,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--db", type=Path, default=None, help="memory database (default $DELTAMEM_DB or the data dir)")
-    sv.add_argument("--api-key", default=os.environ.get("DELTAMEM_API_KEY"),
-                    help="required as 'Authorization: Bearer KEY' (default $DELTAMEM_API_KEY); needed off loopback")
+    sv.add_argument("--api-key", action="append", default=None,
+                    help="required as 'Authorization: Bearer KEY' (repeat for several tenants: each key's sessions "
+                    "and prefix states are its own; default $DELTAMEM_API_KEY, keys separated by commas); needed "
+                    "off loopback")
+    sv.add_argument("--share-prefixes", action="store_true",
+                    help="let every session reuse the prompt states in memory (default: a session reuses only its "
+                    "own, so no client can learn from a hit, or from its timing, what another sent)")
     sv.add_argument(
         "--cache-mb", type=int, default=None,
         help="memory for hot prompt states, kept on the model's device (default: 8 states' worth, at least 512; "
@@ -458,6 +463,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         raise ValueError(f"--host {args.host!r} is not an IP address or localhost") from None
+    if args.api_key is None:
+        args.api_key = [k for k in os.environ.get("DELTAMEM_API_KEY", "").split(",") if k.strip()] or None
     if not loopback and not args.api_key:
         raise ValueError(f"--host {args.host} is reachable from other machines: give --api-key (or $DELTAMEM_API_KEY)")
     if not 0 < args.port < 65536 or (args.cache_mb or 0) < 0 or args.max_prompt_tokens < 1:
@@ -468,7 +475,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         name = "default" if str(args.model) == "default" else Path(str(args.model)).name
         app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,
                          None if args.cache_mb is None else args.cache_mb << 20,
-                         prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls)
+                         prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls,
+                         share_prefixes=args.share_prefixes)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
         # On SIGTERM/Ctrl-C each reply still streaming ends at its next token with an error event (closing its
         # generator frees the engine; uvicorn cancels what is left after 2 s), then the states kept so far are

@@ -14,12 +14,13 @@ token limit; requests never name files.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -108,10 +109,13 @@ class ClosingStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
-def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | None = None,
+def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | Sequence[str] | None = None,
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
-               prefix_cache: bool = True, batch_decode: bool | None = None, guided_calls: bool = True) -> FastAPI:
-    """state_every: inside a long prompt, a state is also kept every this many tokens (a later prompt sharing only
+               prefix_cache: bool = True, batch_decode: bool | None = None, guided_calls: bool = True,
+               share_prefixes: bool = False) -> FastAPI:  # fmt: skip
+    """api_key: one key or several, each a tenant: a session name (X-Deltamem-Session or `user`) is the key's own,
+    and prefix states serve only the session that made them (share_prefixes: the states in memory serve every
+    session, for an operator whose clients trust each other). state_every: inside a long prompt, a state is also kept every this many tokens (a later prompt sharing only
     the beginning still hits). cache_bytes: the hot states' budget on the model's device (default: 8 states, at
     least 512 MiB; on a GPU at most half of its free memory). batch_decode: decode concurrent replies in one batch
     (default: on a GPU, where a step costs about the same for one reply or many). guided_calls: where tools are
@@ -122,7 +126,10 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         cache_bytes = max(512 << 20, 8 * engine.state_bytes())
         if engine.device.type == "cuda":
             cache_bytes = min(cache_bytes, torch.cuda.mem_get_info(engine.device)[0] // 2)
-    cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache)
+    cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache,
+                        share=share_prefixes)
+    keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
+    tenants = {f"Bearer {k}": hashlib.sha256(k.encode()).hexdigest()[:12] for k in keys}
     lock = FifoLock()
     batched = engine.device.type == "cuda" if batch_decode is None else batch_decode
     batcher = Batcher(engine, capture_lock=lock) if batched else None
@@ -145,8 +152,10 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {api_key}":
+        request.state.tenant = ""
+        if tenants and request.url.path != "/health":
+            request.state.tenant = tenants.get(request.headers.get("authorization", ""))
+            if request.state.tenant is None:
                 return error_response(ApiError(401, "invalid or missing API key", "authentication_error"))
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
@@ -311,8 +320,10 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             cache.flush()
 
     def session_of(request: Request, body: dict) -> str:
-        name = request.headers.get("x-deltamem-session") or body.get("user") or "default"
-        return str(name)[:100]
+        """The request's session: its name (X-Deltamem-Session, else `user`, else "default") within its tenant
+        (the API key's: another key's session of the same name is another session)."""
+        name = str(request.headers.get("x-deltamem-session") or body.get("user") or "default")[:100]
+        return f"{request.state.tenant}/{name}" if request.state.tenant else name
 
     def access(rid: str, session: str, done: dict, how: str) -> None:
         """The access log: one line a request (`deltamem serve --log-level info`, the default)."""

@@ -5,7 +5,9 @@ turn is never re-read).
 States live in host memory under a byte budget (least recently used dropped first) and in the SQLite store, as
 snapshots of one deltamem session per name (`X-Deltamem-Session`, default "serve") with their token ids, so a
 restarted server hits them again. The engine's own current state counts too: a prompt that extends what it has just
-consumed costs no restore at all.
+consumed costs no restore at all. A request reuses only its own session's states (the server names sessions per
+tenant), so neither a hit nor the time of a miss tells anything of another session's prompts; `share=True` (the
+operator's `--share-prefixes`) lets every session reuse the states in memory.
 """
 
 from __future__ import annotations
@@ -29,14 +31,18 @@ class Hit:
 
 class PrefixCache:
     def __init__(
-        self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256, enabled: bool = True
-    ):
+        self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256, enabled: bool = True,
+        share: bool = False,
+    ):  # fmt: skip
         """enabled=False: every prompt is read whole from an empty state (what a GDN hybrid gets from a server
-        without prefix states; benchmarks/serve.py's baseline); nothing is kept."""
+        without prefix states; benchmarks/serve.py's baseline); nothing is kept. share: states in memory serve
+        every session (else each session only its own)."""
         self.engine, self.store, self.budget, self.keep, self.enabled = engine, store, byte_budget, keep, enabled
-        self.hot: OrderedDict[tuple[int, ...], Kept] = OrderedDict()  # copies on the engine's device
+        self.share = share
+        self.hot: OrderedDict[tuple[str, tuple[int, ...]], Kept] = OrderedDict()  # (scope, ids): copies on the device
         self.hot_bytes = 0
         self.current: tuple[int, ...] = ()  # ids the engine's state has consumed (engine.reset() at start)
+        self.scope = ""  # whose request brought the engine to `current`
         self.stored: dict[str, dict[tuple[int, ...], int]] = {}  # session -> ids -> snapshot id
         self.sessions: dict[str, str] = {}  # name -> session id
         self.pending: list[tuple[str, tuple[int, ...], object]] = []  # states save() kept, for flush() to store
@@ -46,20 +52,23 @@ class PrefixCache:
         """Bring the engine to the longest known state whose ids are a prefix of `ids` (leaving at least one token to
         feed, which gives the next token's logits); returns how many tokens it holds."""
         limit = len(ids) - 1 if self.enabled else 0
+        scope = "" if self.share else session
         best: tuple[int, str, object] = (0, "none", None)
-        if 0 < len(self.current) <= limit and tuple(ids[: len(self.current)]) == self.current:
+        mine = self.scope == scope
+        if mine and 0 < len(self.current) <= limit and tuple(ids[: len(self.current)]) == self.current:
             best = (len(self.current), "engine", None)
-        for key in self.hot:
-            if best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
-                best = (len(key), "memory", key)
+        for owner, key in self.hot:
+            if owner == scope and best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
+                best = (len(key), "memory", (owner, key))
         for key, snap_id in self._stored(session).items():
             if best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
                 best = (len(key), "store", (key, snap_id))
         n, source, ref = best
+        self.scope = scope
         if source == "memory":
             self.hot.move_to_end(ref)
             self.engine.restore_kept(self.hot[ref])
-            self.current = ref
+            self.current = ref[1]
         elif source == "store":
             key, snap_id = ref
             try:
@@ -86,13 +95,13 @@ class PrefixCache:
         snapshot queued for the store (flush()). The snapshot is incremental (Engine.snapshot_parts: only what
         changed since the last one is copied to the host and hashed), so a prompt's state is kept before its reply
         starts without delaying the first token by a whole save."""
-        key = self.current
-        if not self.enabled or not key or key in self.hot:
+        key, self.scope = self.current, "" if self.share else session  # the engine holds this session's state
+        if not self.enabled or not key or (self.scope, key) in self.hot:
             return
         if self.store is not None:  # first: the kept copy then carries the piece cache as of this state
             self.pending.append((session, key, self.engine.snapshot_parts()))
         kept = self.engine.keep()
-        self.hot[key] = kept
+        self.hot[self.scope, key] = kept
         self.hot_bytes += kept.nbytes
         while self.hot_bytes > self.budget and len(self.hot) > 1:
             _, old = self.hot.popitem(last=False)

@@ -513,3 +513,35 @@ def test_sigterm_mid_stream_exits_cleanly_within_seconds(tmp_path, batched):
     assert code == 0 and took < 5, (code, took, err)
     assert "Traceback" not in err and "ERROR" not in err, err  # the stream ended with an error event, not a cancel
     _whole_and_restarted(db, LONG, first.usage.prompt_tokens, max_tokens=2)
+
+
+def test_prefix_states_serve_only_their_own_session_and_tenant(tmp_path):
+    """Two API keys are two tenants: a session name is each key's own, and a prompt's state serves only the session
+    that sent it (no hit, so no faster miss, for anyone else), in memory and after a restart from the store;
+    --share-prefixes lets every session reuse the states in memory."""
+    from deltamem.memory.store import Store
+
+    prompt = {"messages": [{"role": "user", "content": "The vault code is 4471. " * 20}], "max_tokens": 2,
+              "temperature": 0}  # fmt: skip
+
+    def cached(client, key: str, user: str) -> int:
+        r = client.post("/v1/chat/completions", json={**prompt, "user": user},
+                        headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    with Store(tmp_path / "m.db") as store:
+        client = TestClient(create_app(load_model("random", window=64), store, "random", api_key=["k1", "k2"]))
+        assert cached(client, "k1", "alice") == 0
+        assert cached(client, "k1", "alice") > 0  # her own next request hits
+        assert cached(client, "k2", "alice") == 0  # another tenant's "alice" is another session
+        assert cached(client, "k1", "bob") == 0  # another session of the same tenant
+        assert client.post("/v1/chat/completions", json=prompt, headers={"Authorization": "Bearer k3"}).status_code \
+            == 401  # fmt: skip
+    with Store(tmp_path / "m.db") as store:  # restarted: the stored states keep their owners
+        client = TestClient(create_app(load_model("random", window=64), store, "random", api_key=["k1", "k2"]))
+        assert cached(client, "k2", "carol") == 0 and cached(client, "k2", "alice") > 0  # k2's own, stored
+        assert cached(client, "k1", "bob") > 0 and cached(client, "k1", "dave") == 0
+    shared = TestClient(create_app(load_model("random", window=64), None, "random", api_key="k1",
+                                   share_prefixes=True))  # fmt: skip
+    assert cached(shared, "k1", "alice") == 0 and cached(shared, "k1", "bob") > 0
