@@ -165,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
         "on a GPU at most half of its free memory); every state is also in the memory database",
     )  # fmt: skip
     sv.add_argument("--max-prompt-tokens", type=int, default=131072)
+    sv.add_argument("--store-mb", type=int, default=8192,
+                    help="disk for the prompt states kept in the memory database, every serve session's together "
+                    "(default 8192; least recently used dropped first, each session's last state kept; 0: no limit)")
     guide_arg(sv)
     sv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                     help="read every prompt whole, keep no states (a baseline for measurements)")
@@ -284,7 +287,9 @@ def _sessions_parser(sub) -> None:
     imp.add_argument("file", type=Path)
     imp.add_argument("--model", help="also check that the session was saved with this model (path or 'default')")
     device_args(imp)
-    ss.add_parser("gc", parents=[common], help="delete snapshots and pieces no session uses; reclaim space")
+    gc = ss.add_parser("gc", parents=[common], help="delete snapshots and pieces no session uses; reclaim space")
+    gc.add_argument("--serve-mb", type=int, default=None, metavar="MB",
+                    help="first trim the states `deltamem serve` kept to MB (as its --store-mb does)")
 
 
 def _window(args: argparse.Namespace) -> int | None | str:
@@ -467,8 +472,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.api_key = [k for k in os.environ.get("DELTAMEM_API_KEY", "").split(",") if k.strip()] or None
     if not loopback and not args.api_key:
         raise ValueError(f"--host {args.host} is reachable from other machines: give --api-key (or $DELTAMEM_API_KEY)")
-    if not 0 < args.port < 65536 or (args.cache_mb or 0) < 0 or args.max_prompt_tokens < 1:
-        raise ValueError("need 0 < --port < 65536, --cache-mb >= 0, --max-prompt-tokens >= 1")
+    if not 0 < args.port < 65536 or (args.cache_mb or 0) < 0 or args.max_prompt_tokens < 1 or args.store_mb < 0:
+        raise ValueError("need 0 < --port < 65536, --cache-mb >= 0, --max-prompt-tokens >= 1, --store-mb >= 0")
     logging.getLogger("deltamem.server").setLevel(args.log_level.upper())
     engine = _load(args)
     with Store(args.db) as store:
@@ -476,7 +481,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,
                          None if args.cache_mb is None else args.cache_mb << 20,
                          prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls,
-                         share_prefixes=args.share_prefixes)
+                         share_prefixes=args.share_prefixes, store_bytes=(args.store_mb << 20) or None)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
         # On SIGTERM/Ctrl-C each reply still streaming ends at its next token with an error event (closing its
         # generator frees the engine; uvicorn cancels what is left after 2 s), then the states kept so far are
@@ -544,6 +549,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             return 0
 
         if args.action == "gc":
+            if args.serve_mb is not None:
+                if args.serve_mb < 0:
+                    raise ValueError("--serve-mb must be >= 0")
+                from deltamem.server.prefix import SERVE, USER
+
+                store.trim(SERVE, args.serve_mb << 20, spare=SERVE + USER)
             removed = store.gc()
             return emit(
                 removed,

@@ -610,6 +610,44 @@ class Store:
             self._collect(drop)
         self._prune_thread(sid)
 
+    def trim(self, title_prefix: str, max_bytes: int, recency: dict[int, float] | None = None,
+             spare: str | None = None) -> list[int]:  # fmt: skip
+        """Keep the sessions titled `title_prefix`... within max_bytes of pieces (what their snapshots' pieces take
+        in the file, each piece once): their snapshots are dropped least recently used first until they fit, but
+        each session's latest snapshot (what its next turn resumes) and its named ones stay, except the latest of
+        sessions titled `spare`... recency: snapshot id -> when this process last used it; the others count as
+        older, oldest created first. Returns the ids dropped (deleted where no other session holds them); `gc`
+        gives their space back to the file system."""
+        rows = self.db.execute(
+            """select ss.session_id, ss.snapshot_id, ss.name, sn.created, s.title from session_snapshots ss
+               join snapshots sn on sn.id = ss.snapshot_id join sessions s on s.id = ss.session_id
+               where substr(s.title, 1, ?) = ? order by ss.session_id, ss.turn_seq, sn.id""",
+            [len(title_prefix), title_prefix],
+        ).fetchall()
+        # rows in turn order: the last one of each session, where it is kept
+        latest = {sid: snap for sid, snap, _, _, title in rows if not (spare and title.startswith(spare))}
+        recency = recency or {}
+        candidates = sorted(((sid, snap, created) for sid, snap, name, created, _ in rows
+                             if not name and latest.get(sid) != snap),
+                            key=lambda r: (r[1] in recency, recency.get(r[1], 0.0), r[2], r[1]))  # fmt: skip
+        dropped: list[int] = []
+        with self.transaction():
+            for sid, snap, _ in candidates:
+                if self._states_bytes(title_prefix) <= max_bytes:
+                    break
+                self.db.execute("delete from session_snapshots where session_id = ? and snapshot_id = ?", [sid, snap])
+                self._collect([snap])
+                dropped.append(snap)
+        return dropped
+
+    def _states_bytes(self, title_prefix: str) -> int:
+        used = """select sha256 from snapshot_pieces where snapshot_id in (%s) union
+                  select sha256 from snapshot_tokens where snapshot_id in (%s)"""
+        snaps = """select ss.snapshot_id from session_snapshots ss join sessions s on s.id = ss.session_id
+                   where substr(s.title, 1, :n) = :prefix"""
+        return self.db.execute(f"select coalesce(sum(bytes), 0) from pieces where sha256 in ({used % (snaps, snaps)})",
+                               {"n": len(title_prefix), "prefix": title_prefix}).fetchone()[0]  # fmt: skip
+
     def _prune_thread(self, sid: str) -> int:
         """Drop the session's graph checkpoints that no kept snapshot points to (see memory/checkpoints.py)."""
         if not checkpoints.present(self.db):

@@ -37,7 +37,7 @@ from deltamem.model.sampling import Sampler, TextStream
 from deltamem.server import api
 from deltamem.server.api import MAX_BODY, ApiError
 from deltamem.server.batching import Batcher, Reply
-from deltamem.server.prefix import PrefixCache
+from deltamem.server.prefix import USER, PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,16 @@ class ClosingStreamingResponse(StreamingResponse):
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | Sequence[str] | None = None,
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
                prefix_cache: bool = True, batch_decode: bool | None = None, guided_calls: bool = True,
-               share_prefixes: bool = False) -> FastAPI:  # fmt: skip
+               share_prefixes: bool = False, store_bytes: int | None = None) -> FastAPI:  # fmt: skip
     """api_key: one key or several, each a tenant: a session name (X-Deltamem-Session or `user`) is the key's own,
     and prefix states serve only the session that made them (share_prefixes: the states in memory serve every
-    session, for an operator whose clients trust each other). state_every: inside a long prompt, a state is also kept every this many tokens (a later prompt sharing only
-    the beginning still hits). cache_bytes: the hot states' budget on the model's device (default: 8 states, at
-    least 512 MiB; on a GPU at most half of its free memory). batch_decode: decode concurrent replies in one batch
-    (default: on a GPU, where a step costs about the same for one reply or many). guided_calls: where tools are
-    offered, a tool call the model opens can only be a well-formed call of one of them (agent/guide.py)."""
+    session, for an operator whose clients trust each other). store_bytes: the stored states' budget in the
+    memory database (None: no limit; server/prefix.py). state_every: inside a long prompt, a state is also kept
+    every this many tokens (a later prompt sharing only the beginning still hits). cache_bytes: the hot states'
+    budget on the model's device (default: 8 states, at least 512 MiB; on a GPU at most half of its free memory).
+    batch_decode: decode concurrent replies in one batch (default: on a GPU, where a step costs about the same for
+    one reply or many). guided_calls: where tools are offered, a tool call the model opens can only be a
+    well-formed call of one of them (agent/guide.py)."""
     if engine.tokenizer is None:
         raise ValueError("serving needs a model with a tokenizer")
     if cache_bytes is None:
@@ -127,7 +129,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         if engine.device.type == "cuda":
             cache_bytes = min(cache_bytes, torch.cuda.mem_get_info(engine.device)[0] // 2)
     cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache,
-                        share=share_prefixes)
+                        share=share_prefixes, store_bytes=store_bytes)
     keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
     tenants = {f"Bearer {k}": hashlib.sha256(k.encode()).hexdigest()[:12] for k in keys}
     lock = FifoLock()
@@ -320,10 +322,13 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             cache.flush()
 
     def session_of(request: Request, body: dict) -> str:
-        """The request's session: its name (X-Deltamem-Session, else `user`, else "default") within its tenant
-        (the API key's: another key's session of the same name is another session)."""
-        name = str(request.headers.get("x-deltamem-session") or body.get("user") or "default")[:100]
-        return f"{request.state.tenant}/{name}" if request.state.tenant else name
+        """The request's session within its tenant (the API key's: another key's session of the same name is
+        another session): the one X-Deltamem-Session names, else "user:" and OpenAI's `user`, else "default"."""
+        named, user = request.headers.get("x-deltamem-session"), body.get("user")
+        tenant = f"{request.state.tenant}/" if request.state.tenant else ""
+        if named:
+            return tenant + named[:100]
+        return USER + tenant + str(user)[:100] if user else tenant + "default"
 
     def access(rid: str, session: str, done: dict, how: str) -> None:
         """The access log: one line a request (`deltamem serve --log-level info`, the default)."""

@@ -13,6 +13,7 @@ operator's `--share-prefixes`) lets every session reuse the states in memory.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from deltamem.memory.store import Store
 from deltamem.model.engine import Kept
 
 log = logging.getLogger(__name__)
+SERVE = "serve:"  # the title prefix of the server's sessions
+USER = "user:"  # of those named by OpenAI's `user` field (not by X-Deltamem-Session): their last state may go too
 
 
 @dataclass
@@ -32,13 +35,16 @@ class Hit:
 class PrefixCache:
     def __init__(
         self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256, enabled: bool = True,
-        share: bool = False,
+        share: bool = False, store_bytes: int | None = None,
     ):  # fmt: skip
         """enabled=False: every prompt is read whole from an empty state (what a GDN hybrid gets from a server
         without prefix states; benchmarks/serve.py's baseline); nothing is kept. share: states in memory serve
-        every session (else each session only its own)."""
+        every session (else each session only its own). store_bytes: the stored states' budget in the file (every
+        serve session's, least recently used dropped first; the last state of each session a client named with
+        X-Deltamem-Session kept: Store.trim)."""
         self.engine, self.store, self.budget, self.keep, self.enabled = engine, store, byte_budget, keep, enabled
-        self.share = share
+        self.share, self.store_bytes = share, store_bytes
+        self.used: dict[int, float] = {}  # stored state -> when this server last wrote or restored it
         self.hot: OrderedDict[tuple[str, tuple[int, ...]], Kept] = OrderedDict()  # (scope, ids): copies on the device
         self.hot_bytes = 0
         self.current: tuple[int, ...] = ()  # ids the engine's state has consumed (engine.reset() at start)
@@ -71,6 +77,7 @@ class PrefixCache:
             self.current = ref[1]
         elif source == "store":
             key, snap_id = ref
+            self.used[snap_id] = time.monotonic()
             try:
                 self._restore(self.store.load_snapshot(self.sessions[session], snap_id, joined=False), key)
             except Exception as e:  # pruned or damaged since: fall back to reading the prompt
@@ -117,19 +124,24 @@ class PrefixCache:
                 sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
             )
             self._stored(session)[key] = snap_id
+            self.used[snap_id] = time.monotonic()
             live = {r["id"] for r in self.store.snapshots(sid)}  # retention may have dropped the oldest
             self.stored[session] = {k: v for k, v in self.stored[session].items() if v in live}
+        if self.store is not None and self.store_bytes is not None:
+            dropped = set(self.store.trim(SERVE, self.store_bytes, self.used, spare=SERVE + USER))
+            for name, index in self.stored.items():
+                self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
 
     # --- the store's sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> str:
         if name not in self.sessions:
             try:
-                row = self.store.session(f"serve:{name}", None)
+                row = self.store.session(f"{SERVE}{name}", None)
                 if row["fingerprint"] != self.engine.fingerprint:
                     raise ValueError(f"session {name!r} belongs to another model; choose another session name")
                 self.sessions[name] = row["id"]
             except NotFound:
-                self.sessions[name] = self.store.create_session(f"serve:{name}", self.engine.fingerprint)
+                self.sessions[name] = self.store.create_session(f"{SERVE}{name}", self.engine.fingerprint)
                 self.store.set_keep_last(self.sessions[name], self.keep)
             self.store.lease(self.sessions[name], "deltamem serve")  # this server writes it
         return self.sessions[name]

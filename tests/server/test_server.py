@@ -545,3 +545,55 @@ def test_prefix_states_serve_only_their_own_session_and_tenant(tmp_path):
     shared = TestClient(create_app(load_model("random", window=64), None, "random", api_key="k1",
                                    share_prefixes=True))  # fmt: skip
     assert cached(shared, "k1", "alice") == 0 and cached(shared, "k1", "bob") > 0
+
+
+def test_stored_states_stay_within_their_budget_and_gc_gives_the_space_back(tmp_path):
+    """500 requests over 50 `user` values, 8 MB of states allowed: the file stops growing (its pieces within the
+    budget; sizes measured on the real SQLite file), each user's last state still serves its next turn, and
+    `sessions gc --serve-mb` trims a store written without a budget, VACUUM giving the space back."""
+    import sqlite3
+
+    from deltamem.memory.store import Store
+
+    def pieces_bytes(db: Path) -> int:
+        with sqlite3.connect(db) as con:
+            return con.execute("select coalesce(sum(bytes), 0) from pieces").fetchone()[0]
+
+    def talk(client, users: int, turns: int) -> dict[str, list[dict]]:
+        convos: dict[str, list[dict]] = {}
+        for i in range(users * turns):
+            user = f"u{i % users}"
+            msgs = convos.setdefault(user, [{"role": "user", "content": f"I am {user}. Tell me a story."}])
+            r = client.post("/v1/chat/completions", json={"messages": msgs, "user": user, "max_tokens": 3,
+                                                          "temperature": 0})  # fmt: skip
+            assert r.status_code == 200, r.text
+            msgs += [r.json()["choices"][0]["message"], {"role": "user", "content": f"more {i}"}]
+        return convos
+
+    budget = 8 << 20
+    sizes = []
+    named = [{"role": "user", "content": "Remember this session."}]
+    with Store(tmp_path / "b.db") as store:
+        client = TestClient(create_app(load_model("random", window=64), store, "random", store_bytes=budget))
+        first = client.post("/v1/chat/completions", json={"messages": named, "max_tokens": 3, "temperature": 0},
+                            headers={"X-Deltamem-Session": "kept"}).json()  # fmt: skip
+        for _ in range(2):  # 250 requests, then 250 more
+            convos = talk(client, 50, 5)
+            sizes.append(pieces_bytes(tmp_path / "b.db"))
+        assert max(sizes) <= budget + (1 << 20)  # within the budget (and what one request adds before its trim)
+        assert sizes[1] <= sizes[0] * 1.1  # a plateau
+        r = client.post("/v1/chat/completions", json={"messages": convos["u49"], "user": "u49", "max_tokens": 2})
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the most recent states stay
+    with Store(tmp_path / "b.db") as store:  # restarted (nothing in memory): the named session's last state stays
+        client = TestClient(create_app(load_model("random", window=64), store, "random", store_bytes=budget))
+        turn = named + [first["choices"][0]["message"], {"role": "user", "content": "Still there?"}]
+        r = client.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 2},
+                        headers={"X-Deltamem-Session": "kept"})  # fmt: skip
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["total_tokens"] - 1
+    with Store(tmp_path / "free.db") as store:  # no budget: it grows past it
+        talk(TestClient(create_app(load_model("random", window=64), store, "random")), 50, 1)
+    grown = pieces_bytes(tmp_path / "free.db")
+    assert grown > 1.5 * budget
+    r = deltamem("sessions", "gc", "--serve-mb", "8", "--db", str(tmp_path / "free.db"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert pieces_bytes(tmp_path / "free.db") <= budget and json.loads(r.stdout)["bytes_after"] < grown
