@@ -13,6 +13,7 @@ token limit; requests never name files.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -109,6 +110,31 @@ class ClosingStreamingResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+class Guard:
+    """The API key (its tenant into request.state.tenant; /health needs none) and the body size limit, checked before
+    a route runs. Plain ASGI (not Starlette's BaseHTTPMiddleware, under which a route's request.is_disconnected()
+    blocks instead of answering)."""
+
+    def __init__(self, app, tenants: dict[str, str]):
+        self.app, self.tenants = app, tenants
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        tenant = ""
+        if self.tenants and scope["path"] != "/health":
+            tenant = self.tenants.get(headers.get("authorization", ""))
+            if tenant is None:
+                error = ApiError(401, "invalid or missing API key", "authentication_error")
+                return await error_response(error)(scope, receive, send)
+        size = headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            return await error_response(ApiError(413, f"request body over {MAX_BODY} bytes"))(scope, receive, send)
+        scope.setdefault("state", {})["tenant"] = tenant
+        await self.app(scope, receive, send)
+
+
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | Sequence[str] | None = None,
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
                prefix_cache: bool = True, batch_decode: bool | None = None, guided_calls: bool = True,
@@ -152,17 +178,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     template = ChatTemplate.for_tokenizer(engine.tokenizer)
     eos = stop_ids(engine)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        request.state.tenant = ""
-        if tenants and request.url.path != "/health":
-            request.state.tenant = tenants.get(request.headers.get("authorization", ""))
-            if request.state.tenant is None:
-                return error_response(ApiError(401, "invalid or missing API key", "authentication_error"))
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
-            return error_response(ApiError(413, f"request body over {MAX_BODY} bytes"))
-        return await call_next(request)
+    app.add_middleware(Guard, tenants=tenants)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -264,6 +280,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                             yield k, piece
                     except GeneratorExit:  # a client that went away: generate() stopped with the state holding these
                         cache.consumed(ids + engine.generated)
+                        choice.update(n=len(engine.generated))
                         raise
                     except BaseException:
                         afresh()
@@ -291,8 +308,10 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                     yield k, piece
                 choice.update(n=len(reply.generated), stopped_by=reply.stopped_by, ended=True)
         finally:
-            for r in replies:  # a client that left: the replies not yet read end too
+            for r, choice in zip(replies, choices, strict=True):  # a client that left: the replies not yet read end too
                 r.cancelled = r.final is None
+                if not choice.get("ended"):
+                    choice["n"] = len(r.generated)
         with lock:  # the state after the last reply: into the engine (a next turn's prompt extends it) and the cache
             engine.restore_kept(replies[-1].final)
             cache.consumed(ids + replies[-1].generated)
@@ -334,10 +353,13 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         """The access log: one line a request (`deltamem serve --log-level info`, the default)."""
         first, t0 = done.get("first"), done["t0"]
         log.info("%s session=%s prompt=%d cached=%d completion=%d ttft=%s total=%.2fs %s", rid, session,
-                 len(done.get("ids") or ()), done.get("cached", 0), done.get("n", 0),
+                 len(done.get("ids") or ()), done.get("cached", 0), sum(c["n"] for c in done.get("choices", ())),
                  "-" if first is None else f"{first - t0:.2f}s", time.perf_counter() - t0, how)  # fmt: skip
 
-    def complete(text: str, body: dict, session: str, chat: bool, schemas: dict, guide=None) -> Any:
+    def complete(text: str, body: dict, session: str, chat: bool, schemas: dict, guide=None,
+                 left: threading.Event | None = None) -> Any:  # fmt: skip
+        """The request's answer, whole or as a stream; `left` is set when a client waiting for a whole answer goes
+        away: its generation stops at the next token."""
         t0 = time.perf_counter()
         sample = {**api.sampling(body, chat, max_prompt_tokens), "guide": guide}
         ids = tokens(text)
@@ -352,10 +374,16 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                                             media_type="text/event-stream")
         done: dict = {"t0": t0}
         pieces = [[] for _ in range(sample["n"])]
-        for item in answer(ids, sample, session, done):
-            if item is not None:
-                done.setdefault("first", time.perf_counter())
-                pieces[item[0]].append(item[1])
+        with contextlib.closing(answer(ids, sample, session, done)) as items:
+            for item in items:
+                if left is not None and left.is_set():  # closing the generator frees the engine at once
+                    break
+                if item is not None:
+                    done.setdefault("first", time.perf_counter())
+                    pieces[item[0]].append(item[1])
+        if left is not None and left.is_set():
+            access(rid, session, done, "200, the client left")
+            return None
         flush()
         access(rid, session, done, "200")
         choices = [api.choice(k, echo + "".join(pieces[k]), api.finish_reason(c["stopped_by"]), chat, schemas,
@@ -428,11 +456,20 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         finally:
             access(rid, session, done, how)
 
+    async def answered(request: Request, *args) -> Any:
+        """complete(*args) in a thread, told when the client goes away before a whole answer is ready."""
+        left = threading.Event()
+        work = asyncio.ensure_future(run_in_threadpool(complete, *args, left))
+        while not (await asyncio.wait({work}, timeout=0.2))[0]:
+            if await request.is_disconnected():
+                left.set()
+        return await work
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await body_of(request)
         text, schemas, guide = chat_prompt(body)
-        return await run_in_threadpool(complete, text, body, session_of(request, body), True, schemas, guide)
+        return await answered(request, text, body, session_of(request, body), True, schemas, guide)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -442,6 +479,6 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "prompt must be a non-empty string", param="prompt")
-        return await run_in_threadpool(complete, prompt, body, session_of(request, body), False, {})
+        return await answered(request, prompt, body, session_of(request, body), False, {}, None)
 
     return app

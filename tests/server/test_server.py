@@ -490,6 +490,25 @@ def test_a_client_that_leaves_mid_stream_frees_the_server_at_once(tmp_path, batc
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])
+def test_a_client_that_gives_up_on_a_whole_answer_stops_its_generation(tmp_path, batched):
+    """A client waiting for a whole (not streamed) answer times out and closes its connection: the reply stops at
+    once (its access-log line says so, with the tokens it had), and the next request is answered."""
+    server = Server(tmp_path / "m.db", "--batch-decode" if batched else "--no-batch-decode")
+    try:
+        with pytest.raises(openai.APITimeoutError):
+            server.client.chat.completions.create(model="random", messages=LONG, max_tokens=100_000, temperature=0,
+                                                  timeout=3)  # fmt: skip
+        r = server.client.chat.completions.create(model="random", messages=[{"role": "user", "content": "Hi."}],
+                                                  max_tokens=3, temperature=0, timeout=120)  # fmt: skip
+        assert r.usage.completion_tokens >= 1
+    finally:
+        server.stop()
+    left = [line for line in server.log_text().splitlines() if "the client left" in line]
+    assert len(left) == 1, server.log_text()
+    assert 0 < int(left[0].split("completion=")[1].split()[0]) < 100_000
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])
 def test_sigterm_mid_stream_exits_cleanly_within_seconds(tmp_path, batched):
     """SIGTERM (a service manager's stop) while a long reply streams: the process exits 0 within 5 s and leaves a
     whole database, which the next server reads."""
