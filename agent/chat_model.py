@@ -106,8 +106,10 @@ class ChatDeltamem(BaseChatModel):
 
     def _offered(self, kwargs: dict) -> Offer:
         """The tools a call offers the model, whether it must call one (bind_tools' tool_choice), and the JSON
-        schema of an answer (`bind(response_format=...)`, OpenAI's form)."""
-        return Offer.of(kwargs.get("tools"), kwargs.get("tool_choice"), kwargs.get("response_format"))
+        schema of an answer (`bind(response_format=...)`, OpenAI's form); `parallel_tool_calls=False`: one call at
+        most."""
+        return Offer.of(kwargs.get("tools"), kwargs.get("tool_choice"), kwargs.get("response_format"),
+                        kwargs.get("parallel_tool_calls") is not False)  # fmt: skip
 
     # --- conversion ----------------------------------------------------------------------------------------
     def _turn(self, messages: list[BaseMessage], offer: Offer) -> Turn:

@@ -71,12 +71,12 @@ def answer_rule(schema: dict) -> str:
 
 
 def call_grammar(tools: Sequence[dict], syntax: str = "json", required: bool = False,
-                 special_tags: bool = False, answer: dict | None = None) -> str:  # fmt: skip
+                 special_tags: bool = False, answer: dict | None = None, parallel: bool = True) -> str:  # fmt: skip
     """A Lark grammar (llguidance's dialect) of a reply: free text with any number of well-formed calls of `tools`
     (OpenAI function specs), or with `required`, exactly one call and nothing else. special_tags: `<tool_call>` and
     `</tool_call>` are single special tokens of the tokenizer (Qwen's), not text. answer: a JSON schema (OpenAI's
     response_format) that the reply meets where it calls no tool: then the reply is calls or that JSON value,
-    never free text."""
+    never free text. parallel=False (OpenAI's parallel_tool_calls): one call at most, which ends the reply."""
     if syntax not in ("json", "xml"):
         raise ValueError("syntax must be json or xml")
     functions = [t.get("function", t) for t in tools]
@@ -107,13 +107,16 @@ def call_grammar(tools: Sequence[dict], syntax: str = "json", required: bool = F
     if required:
         top = [f"start: {opening} {call}"]
     elif answer is not None:  # calls (one after another, a newline between them at most), or the answer
-        top = ["start: calls | answer", f"calls: tcall ({_lit(NL)}? tcall)*", f"tcall: {opening} {call}",
-               answer_rule(answer)]  # fmt: skip
-    elif special_tags:  # free text (which cannot hold the special token), then the token opens a call
-        top = ["start: (call)* tail", "tail: TEXT", "TEXT: /(.|\\n)*/", f"call: TEXT {opening} {call}"]
-    else:  # free text; the text `<tool_call>` ends it (lazily: at its first occurrence) and opens a call
-        top = ["start: (call)* tail", "tail: TEXT", "TEXT: /(.|\\n)*/", f"open[lazy]: TEXT {opening}",
-               f"call: open {call}"]  # fmt: skip
+        calls = f"calls: tcall ({_lit(NL)}? tcall)*" if parallel else "calls: tcall"
+        top = ["start: calls | answer", calls, f"tcall: {opening} {call}", answer_rule(answer)]
+    else:
+        # free text (with special tags it cannot hold the token; else the text `<tool_call>` ends it, lazily: at its
+        # first occurrence), then a call opens; any number of them, or one that ends the reply
+        start = "start: (call)* tail" if parallel else "start: call | tail"
+        opens = [f"open[lazy]: TEXT {opening}", f"call: open {call}"]
+        if special_tags:
+            opens = [f"call: TEXT {opening} {call}"]
+        top = [start, "tail: TEXT", "TEXT: /(.|\\n)*/", *opens]
     return "\n".join(["%llguidance {}", *top, *rules]) + "\n"
 
 
@@ -153,13 +156,14 @@ class ReplyGuide:
     """guide(reply_ids, device) -> a [vocab] bool mask of the ids allowed next, or None where sampling is free."""
 
     def __init__(self, tokenizer, tools: Sequence[dict], vocab_size: int, eos_ids: Sequence[int],
-                 syntax: str = "json", required: bool = False, answer: dict | None = None):  # fmt: skip
+                 syntax: str = "json", required: bool = False, answer: dict | None = None,
+                 parallel: bool = True):  # fmt: skip
         """tools: OpenAI function specs (agent/prompt.py tool_specs). vocab_size: the model's (its logits' width,
         which may pad the tokenizer's). eos_ids: the ids that end a reply (allowed wherever the grammar may end).
         answer: the JSON schema of a reply that calls no tool (call_grammar)."""
         self.vocab_size = vocab_size
         special = {OPEN, CLOSE} <= set(tokenizer.special_tokens)
-        self.grammar = call_grammar(tools, syntax, required, special, answer)
+        self.grammar = call_grammar(tools, syntax, required, special, answer, parallel)
         self._matcher = llguidance.LLMatcher(ll_tokenizer(tokenizer, vocab_size, eos_ids), self.grammar)
         if self._matcher.is_error():
             raise ValueError(f"the grammar does not compile: {self._matcher.get_error()}")

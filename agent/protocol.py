@@ -34,26 +34,28 @@ class Offer:
     tools: list[dict] = field(default_factory=list)
     required: bool = False
     answer: dict | None = None
+    parallel: bool = True  # several calls in one reply (OpenAI's parallel_tool_calls), else one at most
 
     @classmethod
-    def of(cls, tools: list[dict] | None, choice: Any = None, response_format: Any = None) -> Offer:
+    def of(cls, tools: list[dict] | None, choice: Any = None, response_format: Any = None,
+           parallel: bool = True) -> Offer:  # fmt: skip
         """tool_choice: None or "auto" offers every tool; "none" none; "required" or "any" every tool, a call
         required; a tool's name, or {"function": {"name": ...}} (OpenAI's form), only that tool, a call required.
         response_format: OpenAI's (answer_schema). ValueError where the choice names no offered tool, or the
         response_format is not one of OpenAI's."""
         tools, answer = list(tools or []), answer_schema(response_format)
         if choice in (None, "auto"):
-            return cls(tools, answer=answer)
+            return cls(tools, answer=answer, parallel=parallel)
         if choice == "none":
             return cls(answer=answer)
         if choice in ("required", "any"):
-            return cls(tools, bool(tools), answer)
+            return cls(tools, bool(tools), answer, parallel)
         fn = choice.get("function") if isinstance(choice, dict) else None
         name = choice if isinstance(choice, str) else fn.get("name") if isinstance(fn, dict) else None
         named = [t for t in tools if (t.get("function") or {}).get("name") == name]
         if not named:
             raise ValueError(f"tool_choice {choice!r} names no offered tool")
-        return cls(named, True, answer)
+        return cls(named, True, answer, parallel)
 
 
 def answer_schema(response_format: Any) -> dict | None:
@@ -111,7 +113,7 @@ def call_guide(tok, vocab_size: int, stops: list[int], template: ChatTemplate, o
         return None
     try:
         syntax = template.syntax_with(offer.tools)
-        return ReplyGuide(tok, offer.tools, vocab_size, stops, syntax, offer.required, offer.answer)
+        return ReplyGuide(tok, offer.tools, vocab_size, stops, syntax, offer.required, offer.answer, offer.parallel)
     except ValueError as e:
         log.warning("reply unguided: %s", e)
         return None

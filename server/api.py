@@ -94,11 +94,11 @@ def sampling(body: dict, chat: bool, context: int) -> dict:
     return {**out, "stop": stop}
 
 
-def _flag(body: dict, key: str) -> bool:
+def _flag(body: dict, key: str, default: bool = False) -> bool:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
         raise ApiError(400, f"{key} must be true or false", param=key)
-    return bool(value)
+    return default if value is None else value
 
 
 def _logit_bias(value: Any) -> dict[int, float]:
@@ -183,7 +183,7 @@ def offer_of(body: dict) -> Offer:
     except ValueError as e:
         raise ApiError(400, str(e), param="response_format") from None
     try:
-        return Offer.of(tools, choice, body.get("response_format"))
+        return Offer.of(tools, choice, body.get("response_format"), _flag(body, "parallel_tool_calls", True))
     except ValueError:
         raise ApiError(400, "tool_choice must be none, auto, required or a function among tools",
                        param="tool_choice") from None
@@ -254,14 +254,16 @@ def usage(prompt: int, completion: int, cached: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
-def assistant_message(reply: str, schemas: dict) -> tuple[dict, bool]:
+def assistant_message(reply: str, schemas: dict, parallel: bool = True) -> tuple[dict, bool]:
     """A reply as the chat message OpenAI returns, and whether it calls tools: where tools were offered (their
-    schemas by name), the calls parsed from the reply in OpenAI's form, the rest as content."""
+    schemas by name), the calls parsed from the reply in OpenAI's form (the first alone unless `parallel`: a reply
+    left unguided may hold more), the rest as content."""
     if schemas:
         parsed = parse_tool_calls(reply, schemas=schemas)
         if parsed.calls:
+            calls = parsed.calls if parallel else parsed.calls[:1]
             return {"role": "assistant", "content": parsed.content or None,
-                    "tool_calls": openai_calls(parsed.calls)}, True  # fmt: skip
+                    "tool_calls": openai_calls(calls)}, True  # fmt: skip
     return {"role": "assistant", "content": reply}, False
 
 
@@ -277,11 +279,12 @@ def releasable(text: str) -> int:
     return len(text)
 
 
-def choice(k: int, reply: str, reason: str, chat: bool, schemas: dict, logprobs: dict | None) -> dict:
+def choice(k: int, reply: str, reason: str, chat: bool, schemas: dict, logprobs: dict | None,
+           parallel: bool = True) -> dict:  # fmt: skip
     """One of a completion's choices: a chat message (calls parsed where tools were offered) or a text."""
     if not chat:
         return {"index": k, "text": reply, "finish_reason": reason, "logprobs": logprobs}
-    message, called = assistant_message(reply, schemas)
+    message, called = assistant_message(reply, schemas, parallel)
     return {"index": k, "message": message, "logprobs": logprobs, "finish_reason": "tool_calls" if called else reason}
 
 

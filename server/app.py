@@ -361,7 +361,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         """The request's answer, whole or as a stream; `left` is set when a client waiting for a whole answer goes
         away: its generation stops at the next token."""
         t0 = time.perf_counter()
-        sample = {**api.sampling(body, chat, max_prompt_tokens), "guide": guide}
+        sample = {**api.sampling(body, chat, max_prompt_tokens), "guide": guide,
+                  "parallel": body.get("parallel_tool_calls") is not False}
         ids = tokens(text)
         if sample["logit_bias"] and max(sample["logit_bias"]) >= engine.config.vocab_size:
             raise ApiError(400, f"logit_bias: token ids go from 0 to {engine.config.vocab_size - 1}",
@@ -387,7 +388,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         flush()
         access(rid, session, done, "200")
         choices = [api.choice(k, echo + "".join(pieces[k]), api.finish_reason(c["stopped_by"]), chat, schemas,
-                              logprobs(c, c["n"], chat, len(echo)))
+                              logprobs(c, c["n"], chat, len(echo)), sample["parallel"])
                    for k, c in enumerate(done["choices"])]  # fmt: skip
         return api.completion(rid, created, model_name, choices, usage(done), chat)
 
@@ -424,7 +425,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             def finish(k: int) -> Iterator[str]:
                 """The choice's end: its calls (where tools were offered) or the rest of its text, then its reason."""
                 reason = api.finish_reason(choices[k]["stopped_by"])
-                message, called = api.assistant_message(texts[k], schemas)
+                message, called = api.assistant_message(texts[k], schemas, sample["parallel"])
                 if called:
                     yield chunk(k, {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]})
                     reason = "tool_calls"

@@ -187,3 +187,17 @@ def test_an_answer_that_must_be_json_is_json_its_schema_accepts_or_a_call(tok, e
             jsonschema.validate(json.loads(text), ANSWER)
             kinds.add("answer")
     assert "answer" in kinds
+
+
+@pytest.mark.parametrize("syntax", ["json", "xml"])
+@pytest.mark.parametrize("answer", [None, {"type": "object"}], ids=["text", "json answer"])
+def test_without_parallel_calls_one_call_ends_the_reply(tok, eos, syntax, answer):
+    """parallel=False (OpenAI's parallel_tool_calls: false): after one closed call the only token allowed is the
+    end of the reply; with parallel calls, a second call may follow."""
+    call = ('<tool_call>\n{"name": "stop", "arguments": {}}\n</tool_call>' if syntax == "json"
+            else "<tool_call>\n<function=stop>\n</function>\n</tool_call>")  # fmt: skip
+    text = ("Done. " if answer is None else "") + call
+    one = ReplyGuide(tok, SHORT, VOCAB, eos, syntax, answer=answer, parallel=False)(tok.encode(text))
+    assert one is not None and allowed(one) == set(eos)
+    many = ReplyGuide(tok, SHORT, VOCAB, eos, syntax, answer=answer)(tok.encode(text))
+    assert many is None or allowed(many) > set(eos)  # free text, or another call, may follow

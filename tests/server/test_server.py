@@ -146,7 +146,7 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, param)
         ("presence_penalty", 2.5), ("frequency_penalty", "1"), ("logit_bias", [5]), ("logit_bias", {"a": 1}),
         ("logit_bias", {"5": 101}), ("logit_bias", {"-5": 1}), ("logit_bias", {"5": True}), ("logprobs", "yes"),
         ("logit_bias", {"1000000": 1}), ("top_logprobs", 21), ("top_logprobs", 2),  # (without logprobs: true)
-        ("max_tokens", 301))],  # over the context (the prompt limit, 300 here)
+        ("max_tokens", 301), ("parallel_tool_calls", "no"))],  # max_tokens over the context (the prompt limit)
     *[("/v1/completions", {"prompt": "x", key: value}, 400, key) for key, value in (
         ("logprobs", 6), ("logprobs", True), ("echo", "yes"))],
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 2}, 400, "echo"),
