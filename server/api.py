@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from typing import Any
 
-from deltamem.agent.parse import OPEN, parse_tool_calls
+from deltamem.agent.parse import CLOSE, OPEN, parse_tool_calls
 from deltamem.agent.protocol import Offer, answer_schema
 
 MAX_BODY = 8 << 20
@@ -265,6 +266,63 @@ def assistant_message(reply: str, schemas: dict, parallel: bool = True) -> tuple
             return {"role": "assistant", "content": parsed.content or None,
                     "tool_calls": openai_calls(calls)}, True  # fmt: skip
     return {"role": "assistant", "content": reply}, False
+
+
+_JSON_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"arguments"\s*:\s*')
+_XML_HEAD = re.compile(r"\s*<function=([^>\n]+)>")
+_PARAMETER_END = "</parameter>"
+
+
+class CallStream:
+    """A guided reply's tool calls streamed as OpenAI streams them: once a call's name is decoded, a tool_calls
+    delta with its id, type and name; then its arguments in fragments as they come (calls written as JSON: the
+    arguments' text as written; as XML: each parameter once closed, as JSON). Their concatenation is the call's
+    arguments, a JSON object. Only for guided replies, whose calls are well formed (agent/guide.py)."""
+
+    def __init__(self, schemas: dict, parallel: bool = True):
+        self.schemas, self.parallel = schemas, parallel
+        self.sent: list[str] = []  # each announced call's arguments sent so far
+
+    def deltas(self, text: str, final: bool = False) -> list[dict]:
+        """The tool_calls deltas that the reply's text so far adds (final: the reply has ended)."""
+        out = []
+        for i, body in enumerate(text.split(OPEN)[1 : None if self.parallel else 2]):
+            closed = CLOSE in body or final
+            body = body.split(CLOSE, 1)[0]
+            head = _JSON_HEAD.match(body) or _XML_HEAD.match(body)
+            if head is None:
+                break
+            if i == len(self.sent):
+                self.sent.append("")
+                out.append({"index": i, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                            "function": {"name": head.group(1).strip(), "arguments": ""}})  # fmt: skip
+            args = self._arguments(body, head, closed)
+            if args is not None and len(args) > len(self.sent[i]) and args.startswith(self.sent[i]):
+                out.append({"index": i, "function": {"arguments": args[len(self.sent[i]) :]}})
+                self.sent[i] = args
+        return out
+
+    def _arguments(self, body: str, head: re.Match, closed: bool) -> str | None:
+        """The call's arguments as far as they are surely written (all of them once the call is closed)."""
+        if head.re is _JSON_HEAD:
+            raw = body[head.end() :].rstrip()
+            if closed:  # the arguments' object, without the call's own closing brace
+                return raw[:-1].rstrip() if raw.endswith("}") else raw
+            for keep in range(min(len(CLOSE) - 1, len(raw)), 0, -1):  # the start of the call's end tag waits
+                if raw.endswith(CLOSE[:keep]):
+                    raw = raw[:-keep]
+                    break
+            return raw.rstrip("} \n\t")  # and what may yet be the call's closing brace
+        if not closed:  # the parameters written so far
+            end = body.rfind(_PARAMETER_END)
+            if end == -1:
+                return "{"
+            body = body[: end + len(_PARAMETER_END)] + "\n</function>"
+        calls = parse_tool_calls(OPEN + body + CLOSE, schemas=self.schemas).calls
+        if not calls:
+            return None
+        whole = json.dumps(calls[0]["arguments"], ensure_ascii=False)
+        return whole if closed else whole[:-1]
 
 
 def releasable(text: str) -> int:

@@ -422,18 +422,27 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                     yield chunk(k, {"content": piece} if chat else piece, None, logprobs(choices[k], made(k), chat))
                     sent[k] = upto
 
+            def calls_out(k: int, final: bool = False) -> Iterator[str]:
+                for delta in calls[k].deltas(texts[k], final):
+                    yield chunk(k, {"tool_calls": [delta]})
+
             def finish(k: int) -> Iterator[str]:
                 """The choice's end: its calls (where tools were offered) or the rest of its text, then its reason."""
                 reason = api.finish_reason(choices[k]["stopped_by"])
                 message, called = api.assistant_message(texts[k], schemas, sample["parallel"])
-                if called:
+                if calls is not None and (called or calls[k].sent):  # the rest of the calls streamed so far
+                    yield from calls_out(k, final=True)
+                elif called:  # unguided calls: all at once, once parsed
                     yield chunk(k, {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]})
-                    reason = "tool_calls"
                 else:
                     yield from text_out(k, len(texts[k]))
+                reason = "tool_calls" if called else reason
                 yield chunk(k, {} if chat else "", reason)
 
             choices = done["choices"]
+            # guided calls stream as they are decoded: name, then arguments in fragments
+            calls = ([api.CallStream(schemas, sample["parallel"]) for _ in choices]
+                     if schemas and sample["guide"] is not None else None)  # fmt: skip
             if chat:
                 for k in range(sample["n"]):
                     yield chunk(k, {"role": "assistant", "content": ""})
@@ -444,8 +453,10 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                     yield from finish(current)
                     current += 1
                 texts[k] += piece
-                # with tools offered, text streams as it comes but for what may open a call (parsed at the end)
+                # with tools offered, text streams as it comes but for what may open a call
                 yield from text_out(k, api.releasable(texts[k]) if schemas else len(texts[k]))
+                if calls is not None:
+                    yield from calls_out(k)
             while current < sample["n"]:
                 yield from finish(current)
                 current += 1

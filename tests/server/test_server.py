@@ -414,12 +414,18 @@ def test_with_tools_offered_text_streams_and_calls_come_as_tool_calls_deltas(bat
     assert whole["finish_reason"] != "tool_calls"
     pieces = [e["delta"]["content"] for e in events(base) if e["delta"].get("content")]
     assert len(pieces) > 3 and "".join(pieces) == whole["message"]["content"]
-    required = events({**base, "tool_choice": "required", "temperature": 1.0, "seed": 1, "max_tokens": 60})
-    (calls,) = [e["delta"]["tool_calls"] for e in required if e["delta"].get("tool_calls")]
-    assert required[-1]["finish_reason"] == "tool_calls" and len(calls) == 1
-    fn = calls[0]["function"]
-    schema = {"paint": PAINT, "wait": WAIT}[fn["name"]]["function"]["parameters"]
-    jsonschema.validate(json.loads(fn["arguments"]), schema)
+    asked = {**base, "tool_choice": "required", "temperature": 1.0, "seed": 1, "max_tokens": 60}
+    required = events(asked)
+    deltas = [d for e in required for d in e["delta"].get("tool_calls") or []]
+    assert required[-1]["finish_reason"] == "tool_calls" and {d["index"] for d in deltas} == {0}
+    head, fragments = deltas[0], [d["function"]["arguments"] for d in deltas[1:]]
+    assert head["id"] and head["type"] == "function" and head["function"]["arguments"] == ""  # the name first
+    assert len(fragments) > 1 and all(fragments)  # then the arguments, piece by piece
+    schema = {"paint": PAINT, "wait": WAIT}[head["function"]["name"]]["function"]["parameters"]
+    jsonschema.validate(json.loads("".join(fragments)), schema)
+    (call,) = client.post("/v1/chat/completions", json=asked).json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == head["function"]["name"]  # the same call as the whole answer's
+    assert json.loads(call["function"]["arguments"]) == json.loads("".join(fragments))
 
 
 ANSWER = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}, "coats": {"type": "integer",
@@ -616,3 +622,30 @@ def test_stored_states_stay_within_their_budget_and_gc_gives_the_space_back(tmp_
     r = deltamem("sessions", "gc", "--serve-mb", "8", "--db", str(tmp_path / "free.db"), "--json")
     assert r.returncode == 0, r.stderr
     assert pieces_bytes(tmp_path / "free.db") <= budget and json.loads(r.stdout)["bytes_after"] < grown
+
+
+@pytest.mark.parametrize("reply", [
+    'Sure. <tool_call>\n{"name": "paint", "arguments": {"color": "red", "coats": 2}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "wait", "arguments": {}}\n</tool_call>',
+    "<tool_call>\n<function=paint>\n<parameter=color>\nred\n</parameter>\n<parameter=coats>\n2\n</parameter>\n"
+    "</function>\n</tool_call><tool_call>\n<function=wait>\n</function>\n</tool_call>",
+], ids=["json", "xml"])  # fmt: skip
+def test_calls_stream_as_a_name_then_argument_fragments_whatever_the_syntax(reply):
+    """A reply fed to CallStream a character at a time (as a stream decodes it): each call's deltas are its name,
+    then fragments whose concatenation is the arguments the parser reads from the whole reply (agent/parse.py)."""
+    from deltamem.agent.parse import parse_tool_calls
+    from deltamem.server.api import CallStream
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (PAINT, WAIT)}
+    stream, deltas = CallStream(schemas), []
+    for i in range(1, len(reply) + 1):
+        deltas += stream.deltas(reply[:i])
+    deltas += stream.deltas(reply, final=True)
+    want = parse_tool_calls(reply, schemas=schemas).calls
+    for i, call in enumerate(want):
+        mine = [d for d in deltas if d["index"] == i]
+        assert mine[0]["function"] == {"name": call["name"], "arguments": ""} and mine[0]["id"]
+        assert json.loads("".join(d["function"]["arguments"] for d in mine[1:])) == call["arguments"]
+    assert len([d for d in deltas if d["index"] == 0]) > 3  # the first call's arguments came in several pieces
+    one = CallStream(schemas, parallel=False)
+    assert {d["index"] for d in one.deltas(reply, final=True)} == {0}
