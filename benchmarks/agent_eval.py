@@ -85,11 +85,15 @@ def package_dir(module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def git_repo(src: Path, dest: Path, suffixes: tuple[str, ...] = (".py", ".md", ".rst", ".txt", ".typed")) -> Path:
-    """src's source and text files as a git repository dest/<src.name>/..."""
+def git_repo(src: Path, dest: Path, suffixes: tuple[str, ...] = (".py", ".md", ".rst", ".txt", ".typed"),
+             leave_out: tuple[str, ...] = ()) -> Path:  # fmt: skip
+    """src's source and text files (but the folders leave_out names, relative to src) as a git repository
+    dest/<src.name>/..."""
     if dest.exists():
         shutil.rmtree(dest)
     agent_tasks.copy_package(src, dest, suffixes)
+    for folder in leave_out:
+        shutil.rmtree(dest / src.name / folder, ignore_errors=True)
     git = ["git", "-C", str(dest), "-c", "user.name=eval", "-c", "user.email=eval@example.org"]
     subprocess.run(["git", "init", "-q", str(dest)], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
@@ -122,7 +126,9 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int,
         sets.append({"name": root.name, "root": root, "tasks": tasks[:per_folder], "language": "case files"})
     for name in JS_REPOS:  # after the folders: the sets drawn before them stay what they were
         src = agent_tasks.npm_package_dir(name)
-        root = git_repo(src, work / "repos" / f"js-{name}", (".js", ".mjs", ".cjs", ".md", ".json"))
+        # a package built twice (dist/esm and dist/commonjs) defines every name twice: no name has one definition
+        twice = ("dist/commonjs",) if (src / "dist" / "esm").is_dir() else ()
+        root = git_repo(src, work / "repos" / f"js-{name}", (".js", ".mjs", ".cjs", ".md", ".json"), twice)
         picked = _round_robin(agent_tasks.code_tasks(root, rng, per_repo // 3 + 2, "javascript"), per_repo)
         picked += agent_tasks.raise_tasks(root, rng_raises, per_repo // 5)
         sets.append({"name": f"js-{name}", "root": root, "tasks": picked, "language": "javascript"})
@@ -143,6 +149,9 @@ def build(work: Path, seed: int, questions: int, per_repo: int, per_folder: int,
                                     formats=("xlsx", "pptx", "mbox", "eml"))  # fmt: skip
     picked = _round_robin(tasks, per_folder, key=lambda t: Path(t.facts["path"]).suffix)  # each format in turn
     sets.append({"name": root.name, "root": root, "tasks": picked, "language": "case files"})
+    for s in sets:
+        if not s["tasks"]:
+            print(f"warning: set {s['name']} has no question (no name in it is defined once)", file=sys.stderr)
     return sets
 
 
