@@ -16,7 +16,8 @@ FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", 
           "stream_options", "stop", "seed", "user", "tools", "tool_choice", "parallel_tool_calls", "response_format",
           "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "echo"]  # fmt: skip
 
-scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8)
+numbers = st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+scalars = st.none() | st.booleans() | numbers | st.text(max_size=8)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
     st.sampled_from(["role", "content", "type", "function", "name", "arguments", "text", "include_usage",
                      "json_schema", "schema", "parameters", "tool_calls", "5"]), inner, max_size=3),
