@@ -193,7 +193,8 @@ class Burst:
         if self.left <= 0:
             raise StopIteration
         n = min(self.chunk, self.left)
-        self.g.checkpoint(self.seen, n)
+        if n > 1:  # keep(k) keeps at least one token: a chunk of one is never rolled back
+            self.g.checkpoint(self.seen, n)
         logits = self.logits
         for i in range(n):  # no host sync in here: ids stay on the device
             tok = self.sample(logits[-1])  # [1] int64

@@ -136,6 +136,9 @@ class Engine:
         # on the CPU, compile_decode runs decode steps through the same device-side loop, compiled (cuda_graph.py)
         self.compile_decode = compile_decode and self.device.type == "cpu"
         self.fast_decode = (self.device.type == "cuda" or self.compile_decode) and window is not None
+        # generate()'s tokens between two reads of their ids: on a GPU a read costs a sync (GRAPH_CHUNK); on a CPU
+        # nothing, and a reply's text streams a token at a time (its first piece does not wait for 16 tokens)
+        self.burst_chunk = GRAPH_CHUNK if self.device.type == "cuda" else 1
         self._graph: DecodeGraph | None = None
         self._capture_s = 0.0  # seconds the last _burst() spent capturing a decode graph
         # Fingerprint the checkpoint layout once, before packing (a second engine on the model reuses it).
@@ -500,10 +503,10 @@ class Engine:
         stream: TextStream,
         unknown: torch.Tensor | None,
     ) -> Iterator[str]:
-        """generate()'s loop on the decode graph: GRAPH_CHUNK tokens at a time, each chunk consumed whole (up to
-        its stop) before its text is yielded, so the state and `generated` agree at every yield. Where the guide
-        constrains the next token, the burst ends there and the guided tokens are sampled on the host, then a new
-        burst starts."""
+        """generate()'s loop on the decode graph: burst_chunk tokens at a time (GRAPH_CHUNK on a GPU), each chunk
+        consumed whole (up to its stop) before its text is yielded, so the state and `generated` agree at every
+        yield. Where the guide constrains the next token, the burst ends there and the guided tokens are sampled on
+        the host, then a new burst starts."""
         guide, left, seen, stopped = self._guide, max_new_tokens, list(self.generated), None
         with self._changing():
             while left > 0 and stopped is None:
@@ -517,7 +520,7 @@ class Engine:
                     yield from pieces
                 if left <= 0 or stopped is not None:
                     break
-                burst = self._burst(logits, left, sampler, unknown, GRAPH_CHUNK)
+                burst = self._burst(logits, left, sampler, unknown, self.burst_chunk)
                 for chunk in burst:
                     keep, pieces = len(chunk), []
                     for j, tok in enumerate(chunk):

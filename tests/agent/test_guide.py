@@ -12,6 +12,7 @@ import pytest
 from deltamem.agent.guide import ReplyGuide
 from deltamem.agent.parse import parse_tool_calls
 from deltamem.model import load_model
+from deltamem.model.engine import GRAPH_CHUNK
 from deltamem.model.tokenizer import Tokenizer
 
 VOCAB = 100352  # the random model's (OLMo's padded vocabulary)
@@ -114,6 +115,7 @@ def test_string_arguments_end_at_their_max_length_and_never_hold_the_end_tag(tok
 def test_guided_generation_gives_calls_the_schemas_accept(tok, eos, syntax, fast):
     eng = load_model("random", window=64)
     eng.fast_decode = fast  # on the CPU: the device-side burst loop, run eagerly
+    eng.burst_chunk = GRAPH_CHUNK  # in a GPU's bursts
     schemas = {s["function"]["name"]: s["function"]["parameters"] for s in SHORT}
     prompt = tok.encode("Which tool now? ")
     free = "".join(eng.generate(prompt, max_new_tokens=40, stop_ids=eos, temperature=1.0, seed=0))

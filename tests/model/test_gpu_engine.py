@@ -69,6 +69,7 @@ def tiny_engine(rope=False, device="cpu", dtype=torch.float32, window=24, sink=4
     eng = Engine(model, tokenizer(), window=window, sink=sink, prefill_chunk=64)
     if fast is not None:
         eng.fast_decode = fast
+        eng.burst_chunk = engine_mod.GRAPH_CHUNK  # as on a GPU: several tokens a burst, a stop's tail rolled back
     return eng
 
 
@@ -282,3 +283,18 @@ def test_cuda_decode_memory_is_flat_across_the_window():
         logits = eng.feed([3], logits="last")
     assert sizes[0] == sizes[1] == sizes[2]
     assert max(peaks) - min(peaks) < 1 << 20, peaks
+
+
+def test_on_a_cpu_the_decode_graph_path_streams_a_token_at_a_time():
+    """A CPU engine's decode-graph path (what --compile runs) reads each token as it is sampled: the first piece of
+    text comes after the tokens it needs, not after a GPU's GRAPH_CHUNK; the reply is the same either way."""
+    eng = tiny_engine(fast=True)
+    eng.burst_chunk = 1  # a CPU engine's own (tiny_engine sets a GPU's chunk)
+    assert Engine(tiny_model(False, 0), tokenizer(), window=24).burst_chunk == 1
+    gen = eng.generate(ids_of(5, 4), max_new_tokens=40, stop_ids=[])
+    first = next(gen)
+    assert first and len(eng.generated) < engine_mod.GRAPH_CHUNK
+    whole = first + "".join(gen)
+    chunked = tiny_engine(fast=True)
+    assert "".join(chunked.generate(ids_of(5, 4), max_new_tokens=40, stop_ids=[])) == whole
+    assert chunked.generated == eng.generated

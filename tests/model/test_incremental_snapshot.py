@@ -8,6 +8,7 @@ import torch
 from deltamem.memory.store import Store
 from deltamem.model import load_model
 from deltamem.model.cache import PAGE
+from deltamem.model.engine import GRAPH_CHUNK
 from deltamem.model.tokenizer import Tokenizer
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
 
@@ -76,6 +77,7 @@ def test_decode_graph_steps_and_a_stop_inside_a_chunk(folder):
     eng = load_model(folder, window=WINDOW, sink=SINK, prefill_chunk=64)
     eng.tokenizer = Tokenizer.cl100k_olmo()  # ids < 320 are its byte-level tokens
     eng.fast_decode = True  # the decode graph's steps, run eagerly on the CPU
+    eng.burst_chunk = GRAPH_CHUNK  # in a GPU's bursts
     eng.feed(ids(500, 4))
     check(eng)
     logits = eng.feed(ids(3, 5), logits="last")

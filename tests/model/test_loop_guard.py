@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from deltamem.agent.session import LOOP_MARKER, AgentSession
 from deltamem.model import load_model
+from deltamem.model.engine import GRAPH_CHUNK
 from deltamem.model.sampling import LoopGuard
 from deltamem.model.tokenizer import Tokenizer
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
@@ -58,6 +59,7 @@ def test_generation_stops_at_the_first_looping_token(tiny, graph):
     eng = load_model(tiny, window=64)
     eng.tokenizer = free.tokenizer
     eng.fast_decode = graph  # the decode-graph path, eagerly on the CPU: 16-token chunks, the tail rolled back
+    eng.burst_chunk = GRAPH_CHUNK
     list(eng.generate([5, 6, 7], max_new_tokens=300, stop_ids=[], loop_guard=LoopGuard(16)))
     assert eng.stopped_by == "loop" and eng.generated == free.generated[:want]
     assert eng.tokens_seen == 3 + want
