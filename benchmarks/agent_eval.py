@@ -209,6 +209,8 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args, on_set
     common = ["--device", args.device]
     records, ingests = [], []
     for s in sets:
+        if not s["tasks"]:  # nothing to ask: no ingest either
+            continue
         r, wall = cli("ingest", "--repo", str(s["root"]), "--json", *common, env=env)
         if r.returncode != 0:
             raise SystemExit(f"ingest of {s['name']} failed: {r.stderr[-2000:]}")
