@@ -61,12 +61,14 @@ class Sampler:
         if self.penalty != 1.0 and self.counts:
             idx = torch.tensor(sorted(self.counts), device=logits.device)
             logits = logits.index_copy(0, idx, self._penalised(logits[idx]))
+        if self.bias or self.presence or self.frequency:  # in float32, as the device path (the same draws)
+            logits = logits.float()
         if self.bias:
             logits = logits + self._bias(logits)
         if (self.presence or self.frequency) and self.counts:
             idx = torch.tensor(list(self.counts), device=logits.device)
-            n = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
-            logits = logits.index_add(0, idx, -(self.presence + self.frequency * n))
+            n = torch.tensor(list(self.counts.values()), dtype=torch.float32, device=logits.device)
+            logits = logits.index_add(0, idx, -(self.presence * 1.0 + self.frequency * n))
         tok = self._draw(logits)
         self.counts[tok] = self.counts.get(tok, 0) + 1
         if self.logprobs is not None:
@@ -83,7 +85,7 @@ class Sampler:
                 raise ValueError(f"logit_bias names ids outside the vocabulary (0 to {row.numel() - 1})")
             row[ids] = torch.tensor(list(self.bias.values()), dtype=torch.float32)
             row = self._bias_on[logits.device] = row.to(logits.device)
-        return row.to(logits.dtype)
+        return row
 
     def _record(self, logits: torch.Tensor, tok: int) -> None:
         lp = logits.float().log_softmax(-1)
@@ -121,10 +123,12 @@ class Sampler:
                 counts = self._counts_on[logits.device] = torch.zeros(logits.shape, device=logits.device)
         if self.penalty != 1.0:
             logits = torch.where(counts > 0, self._penalised(logits), logits)
+        if self.bias or self.presence or self.frequency:  # in float32, as the host path
+            logits = logits.float()
         if self.bias:
             logits = logits + self._bias(logits)
         if self.presence or self.frequency:
-            logits = logits - (self.presence * (counts > 0) + self.frequency * counts).to(logits.dtype)
+            logits = logits - (self.presence * (counts > 0) + self.frequency * counts)
         tok = self._draw_on_device(logits)
         if counts is not None:
             counts.index_add_(0, tok, torch.ones(1, device=logits.device))
