@@ -164,10 +164,12 @@ def _parser() -> argparse.ArgumentParser:
         help="memory for hot prompt states, kept on the model's device (default: 8 states' worth, at least 512; "
         "on a GPU at most half of its free memory); every state is also in the memory database",
     )  # fmt: skip
-    sv.add_argument("--max-prompt-tokens", type=int, default=131072)
+    sv.add_argument("--max-prompt-tokens", type=int, default=131072,
+                    help="the context: the longest prompt, and the most a reply may add (default 131072)")
     sv.add_argument("--store-mb", type=int, default=8192,
                     help="disk for the prompt states kept in the memory database, every serve session's together "
-                    "(default 8192; least recently used dropped first, each session's last state kept; 0: no limit)")
+                    "(default 8192; least recently used dropped first, but the last state of each session named by "
+                    "X-Deltamem-Session; 0: no limit)")
     guide_arg(sv)
     sv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                     help="read every prompt whole, keep no states (a baseline for measurements)")
