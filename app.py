@@ -291,7 +291,8 @@ def _sessions_parser(sub) -> None:
     device_args(imp)
     gc = ss.add_parser("gc", parents=[common], help="delete snapshots and pieces no session uses; reclaim space")
     gc.add_argument("--serve-mb", type=int, default=None, metavar="MB",
-                    help="first trim the states `deltamem serve` kept to MB (as its --store-mb does)")
+                    help="first trim the states `deltamem serve` kept to MB (as its --store-mb does; 0 keeps only "
+                    "the last state of each session named by X-Deltamem-Session)")
 
 
 def _window(args: argparse.Namespace) -> int | None | str:
@@ -471,7 +472,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError:
         raise ValueError(f"--host {args.host!r} is not an IP address or localhost") from None
     if args.api_key is None:
-        args.api_key = [k for k in os.environ.get("DELTAMEM_API_KEY", "").split(",") if k.strip()] or None
+        args.api_key = [k.strip() for k in os.environ.get("DELTAMEM_API_KEY", "").split(",") if k.strip()] or None
+    elif not all(k.strip() for k in args.api_key):
+        raise ValueError("--api-key must not be empty")
     if not loopback and not args.api_key:
         raise ValueError(f"--host {args.host} is reachable from other machines: give --api-key (or $DELTAMEM_API_KEY)")
     if not 0 < args.port < 65536 or (args.cache_mb or 0) < 0 or args.max_prompt_tokens < 1 or args.store_mb < 0:

@@ -161,6 +161,7 @@ class ReplyGuide:
         """tools: OpenAI function specs (agent/prompt.py tool_specs). vocab_size: the model's (its logits' width,
         which may pad the tokenizer's). eos_ids: the ids that end a reply (allowed wherever the grammar may end).
         answer: the JSON schema of a reply that calls no tool (call_grammar)."""
+        self._args = (tokenizer, tools, vocab_size, eos_ids, syntax, required, answer, parallel)
         self.vocab_size = vocab_size
         special = {OPEN, CLOSE} <= set(tokenizer.special_tokens)
         self.grammar = call_grammar(tools, syntax, required, special, answer, parallel)
@@ -174,6 +175,10 @@ class ReplyGuide:
         self._fed: list[int] = []
         self._off = False  # the reply left the grammar: free from here on
         self._last: tuple[int, torch.Tensor | None] | None = None  # (len of the reply, its answer)
+
+    def fresh(self) -> ReplyGuide:
+        """A guide of the same grammar for another reply (one matcher follows one reply at a time)."""
+        return ReplyGuide(*self._args)
 
     def _fill(self) -> torch.Tensor:
         llnp.fill_next_token_bitmask(self._matcher, self._bits.numpy())

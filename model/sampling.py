@@ -91,6 +91,7 @@ class Sampler:
         lp = logits.float().log_softmax(-1)
         top = lp.topk(self.logprobs) if self.logprobs else None
         alts = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+        alts = [(i, x) for i, x in alts if x > float("-inf")]  # a mask (a guide's) may leave fewer than asked
         self.records.append((tok, float(lp[tok]), alts))
 
     def _penalised(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,7 @@ class Sampler:
             x[order[drop]] = float("-inf")
         return int(torch.multinomial(x.softmax(-1), 1, generator=self.gen))
 
+    @torch.inference_mode()  # its counts are made, and updated, in one mode wherever it is called from
     def on_device(self, logits: torch.Tensor) -> torch.Tensor:
         """Sample without leaving the logits' device and without a host sync: logits [vocab] -> [1] int64.
         Greedy is the same argmax as __call__; otherwise the same distribution (temperature, top-k, top-p),

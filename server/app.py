@@ -297,8 +297,9 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 afresh()
                 raise
             cache.consumed(ids)
+            guides = [sample["guide"]] + [sample["guide"] and sample["guide"].fresh() for _ in choices[1:]]
             replies = [Reply(engine.keep(), logits, c["sampler"], TextStream(engine.tokenizer, sample["stop"]),
-                             set(eos), limit, guide=sample["guide"]) for c in choices]  # fmt: skip
+                             set(eos), limit, guide=g) for c, g in zip(choices, guides, strict=True)]  # fmt: skip
         done.update(ids=ids, cached=cached, replies=replies)
         yield None
         pieces = [batcher.submit(r) for r in replies]  # all decode at once; their text is read one after the other
@@ -346,6 +347,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         named, user = request.headers.get("x-deltamem-session"), body.get("user")
         tenant = f"{request.state.tenant}/" if request.state.tenant else ""
         if named:
+            if named.startswith(USER):
+                raise ApiError(400, f"X-Deltamem-Session may not start with {USER!r} (the `user` field's sessions)")
             return tenant + named[:100]
         return USER + tenant + str(user)[:100] if user else tenant + "default"
 
@@ -418,8 +421,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
 
             def text_out(k: int, upto: int) -> Iterator[str]:
                 if upto > sent[k]:
-                    piece = texts[k][sent[k] : upto]
-                    yield chunk(k, {"content": piece} if chat else piece, None, logprobs(choices[k], made(k), chat))
+                    piece, lp = texts[k][sent[k] : upto], logprobs(choices[k], made(k), chat, sent[k])
+                    yield chunk(k, {"content": piece} if chat else piece, None, lp)
                     sent[k] = upto
 
             def calls_out(k: int, final: bool = False) -> Iterator[str]:
@@ -436,6 +439,9 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                     yield chunk(k, {"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]})
                 else:
                     yield from text_out(k, len(texts[k]))
+                rest = logprobs(choices[k], choices[k]["n"], chat, sent[k])  # tokens no text chunk carried
+                if rest and (rest.get("content") or rest.get("tokens")):
+                    yield chunk(k, {"content": ""} if chat else "", None, rest)
                 reason = "tool_calls" if called else reason
                 yield chunk(k, {} if chat else "", reason)
 
@@ -472,9 +478,13 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         """complete(*args) in a thread, told when the client goes away before a whole answer is ready."""
         left = threading.Event()
         work = asyncio.ensure_future(run_in_threadpool(complete, *args, left))
-        while not (await asyncio.wait({work}, timeout=0.2))[0]:
-            if await request.is_disconnected():
-                left.set()
+        try:
+            while not (await asyncio.wait({work}, timeout=0.2))[0]:
+                if await request.is_disconnected() or app.state.stopping():
+                    left.set()
+        except asyncio.CancelledError:  # the server is shutting down: the generation stops too
+            left.set()
+            raise
         return await work
 
     @app.post("/v1/chat/completions")

@@ -117,6 +117,7 @@ class PrefixCache:
     def flush(self) -> None:
         """Write the states save() queued to the store, each in its own transaction (after the reply: a crash
         before loses those states, never half of one)."""
+        wrote = bool(self.pending)
         while self.pending:
             session, key, parts = self.pending.pop(0)
             sid = self._session(session)
@@ -127,7 +128,7 @@ class PrefixCache:
             self.used[snap_id] = time.monotonic()
             live = {r["id"] for r in self.store.snapshots(sid)}  # retention may have dropped the oldest
             self.stored[session] = {k: v for k, v in self.stored[session].items() if v in live}
-        if self.store is not None and self.store_bytes is not None:
+        if wrote and self.store_bytes is not None:
             dropped = set(self.store.trim(SERVE, self.store_bytes, self.used, spare=SERVE + USER))
             for name, index in self.stored.items():
                 self.stored[name] = {k: v for k, v in index.items() if v not in dropped}

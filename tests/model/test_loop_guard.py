@@ -143,3 +143,15 @@ def test_openai_penalties_bias_and_logprobs_match_a_plain_loop(fast):
     assert sum(sampler.counts.values()) in (0, stop)  # host counts (the device path keeps its own)
     with pytest.raises(ValueError, match="vocabulary"):
         Sampler(logit_bias={10**9: 1.0})(torch.zeros(50))
+
+
+def test_the_device_sampler_keeps_its_counts_in_and_out_of_inference_mode():
+    """A reply's first tokens drawn inside a decode burst (inference mode), the next ones by the guided loop outside
+    it: the penalties' counts made in the first place still update in the second (they raised before)."""
+    from deltamem.model.sampling import Sampler
+
+    s = Sampler(presence_penalty=1.0, frequency_penalty=0.5)
+    with torch.inference_mode():
+        first = int(s.on_device(torch.arange(50.0)))
+    second = int(s.on_device(torch.arange(50.0)))
+    assert first == 49 and second == 48  # the top id, then, penalised, the one below it

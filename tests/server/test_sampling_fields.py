@@ -60,6 +60,40 @@ def test_logprobs_are_the_models_own(batched):
     assert [(t.token, t.logprob) for t in got] == [(t.token, t.logprob) for t in content]
     plain = client.chat.completions.create(model="random", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert plain.choices[0].logprobs is None
+    chunks = [c.choices[0] for c in client.completions.create(model="random", prompt=PROMPT, max_tokens=8,
+                                                              temperature=0, logprobs=2, stream=True)]  # fmt: skip
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert tokens == lp.tokens and offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_penalties_and_logprobs_under_a_guide_on_the_decode_graph_path(stream):
+    """The decode-graph path (what --compile and a GPU run) with a guided JSON answer, penalties and top_logprobs:
+    the answer is its schema's JSON, every log-probability a finite number (a guide's mask leaves fewer
+    alternatives than asked, never -inf ones)."""
+    import json
+
+    eng = load_model("random", window=64)
+    eng.fast_decode = True  # the device-side loop, run eagerly on the CPU
+    http = TestClient(create_app(eng, None, "random", batch_decode=False))
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green"]}}, "required": ["color"],
+              "additionalProperties": False}  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "Colour?"}], "max_tokens": 30, "temperature": 0,
+            "presence_penalty": 1.0, "frequency_penalty": 0.5, "logprobs": True, "top_logprobs": 5, "stream": stream,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}}  # fmt: skip
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith('data: {"id"')]
+        content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+        entries = [t for e in events if e["choices"][0]["logprobs"] for t in e["choices"][0]["logprobs"]["content"]]
+    else:
+        content = r.json()["choices"][0]["message"]["content"]
+        entries = r.json()["choices"][0]["logprobs"]["content"]
+    assert json.loads(content)["color"] in ("red", "green")
+    values = [t["logprob"] for t in entries] + [a["logprob"] for t in entries for a in t["top_logprobs"]]
+    assert entries and all(isinstance(v, float) and v > float("-inf") for v in values)
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])

@@ -103,8 +103,9 @@ def test_errors_in_openai_shape():
 
 
 def test_serving_off_loopback_needs_a_key():
-    r = deltamem("serve", "--model", "random", "--host", "0.0.0.0", "--port", "1")
-    assert r.returncode == 1 and "--api-key" in r.stderr and "Traceback" not in r.stderr
+    for extra in ((), ("--api-key", " ")):  # none, or an empty one
+        r = deltamem("serve", "--model", "random", "--host", "0.0.0.0", "--port", "1", *extra)
+        assert r.returncode == 1 and "--api-key" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_prefix_states_from_memory_match_reading_the_prompt_whole(tmp_path):
@@ -563,6 +564,9 @@ def test_prefix_states_serve_only_their_own_session_and_tenant(tmp_path):
         assert cached(client, "k1", "bob") == 0  # another session of the same tenant
         assert client.post("/v1/chat/completions", json=prompt, headers={"Authorization": "Bearer k3"}).status_code \
             == 401  # fmt: skip
+        posing = client.post("/v1/chat/completions", json=prompt, headers={"Authorization": "Bearer k1",
+                             "X-Deltamem-Session": "user:alice"})  # a header may not name a `user` session
+        assert posing.status_code == 400  # fmt: skip
     with Store(tmp_path / "m.db") as store:  # restarted: the stored states keep their owners
         client = TestClient(create_app(load_model("random", window=64), store, "random", api_key=["k1", "k2"]))
         assert cached(client, "k2", "carol") == 0 and cached(client, "k2", "alice") > 0  # k2's own, stored
