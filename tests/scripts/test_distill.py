@@ -4,6 +4,7 @@ goes through the same code with real sizes."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import lzma
@@ -34,8 +35,10 @@ def test_tiny_pipeline_writes_a_loadable_delta_and_an_evaluation(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     r = distill("all", "--tiny", "--work", str(work), "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    held = (work / "heldout.u16").stat().st_size
-    assert held > 0 and (work / "train.u16").stat().st_size > held  # split by package, most of it for training
+    assert (work / "heldout.u16").stat().st_size > 0 and (work / "train.u16").stat().st_size > 0
+    corpus = json.loads((work / "corpus.json").read_text())  # split by package: a held-out one never trains
+    rule = {n for n in corpus["packages"] if int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) % 10 == 0}
+    assert corpus["held_out"] and set(corpus["held_out"]) == rule and len(rule) < len(corpus["packages"])
 
     delta, meta = distilled.load_delta(out / "smollm2_hybrid.safetensors")
     assert meta["made_by"] == "scripts/distill.py" and meta["stage"] == "2"
