@@ -47,8 +47,7 @@ class Sampler:
         self.presence, self.frequency, self.bias = presence_penalty, frequency_penalty, dict(logit_bias or {})
         self.logprobs = logprobs
         self.records: list[tuple[int, float, list[tuple[int, float]]]] = []
-        self.counts: dict[int, int] = {}  # host path: how often each id was drawn
-        self._counts_on: dict[torch.device, torch.Tensor] = {}  # device path: [vocab] counts, where penalised
+        self._counts_on: dict[torch.device, torch.Tensor] = {}  # [vocab] counts of the ids drawn, where penalised
         self._bias_on: dict[torch.device, torch.Tensor] = {}
         self.gen = torch.Generator()
         if seed is None:
@@ -56,24 +55,47 @@ class Sampler:
         else:
             self.gen.manual_seed(seed)
 
+    @torch.inference_mode()  # as on_device: the counts are made and updated in one mode wherever it is called
     def __call__(self, logits: torch.Tensor) -> int:
         # logits: [vocab]
-        if self.penalty != 1.0 and self.counts:
-            idx = torch.tensor(sorted(self.counts), device=logits.device)
-            logits = logits.index_copy(0, idx, self._penalised(logits[idx]))
-        if self.bias or self.presence or self.frequency:  # in float32, as the device path (the same draws)
-            logits = logits.float()
-        if self.bias:
-            logits = logits + self._bias(logits)
-        if (self.presence or self.frequency) and self.counts:
-            idx = torch.tensor(list(self.counts), device=logits.device)
-            n = torch.tensor(list(self.counts.values()), dtype=torch.float32, device=logits.device)
-            logits = logits.index_add(0, idx, -(self.presence * 1.0 + self.frequency * n))
+        counts = self._counts(logits)
+        logits = self._processed(logits, counts)
         tok = self._draw(logits)
-        self.counts[tok] = self.counts.get(tok, 0) + 1
+        if counts is not None:
+            counts[tok] += 1
         if self.logprobs is not None:
             self._record(logits, tok)
         return tok
+
+    def _counts(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """How often each id was drawn, [vocab] on the logits' device, where a penalty needs it (else None)."""
+        if self.penalty == 1.0 and not self.presence and not self.frequency:
+            return None
+        if logits.device not in self._counts_on:
+            self._counts_on[logits.device] = torch.zeros(logits.shape, device=logits.device)
+        return self._counts_on[logits.device]
+
+    @property
+    def counts(self) -> dict[int, int]:
+        """The ids drawn (and kept) so far where a penalty counts them, with how often."""
+        out: dict[int, int] = {}
+        for c in self._counts_on.values():
+            for i in c.nonzero().flatten().tolist():
+                out[i] = out.get(i, 0) + int(c[i])
+        return out
+
+    def _processed(self, logits: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """The logits after the repetition penalty, then OpenAI's bias and penalties (in float32): the same
+        arithmetic on the host and the device path, so both draw the same tokens."""
+        if self.penalty != 1.0:
+            logits = torch.where(counts > 0, self._penalised(logits), logits)
+        if self.bias or self.presence or self.frequency:
+            logits = logits.float()
+        if self.bias:
+            logits = logits + self._bias(logits)
+        if self.presence or self.frequency:
+            logits = logits - (self.presence * (counts > 0) + self.frequency * counts)
+        return logits
 
     def _bias(self, logits: torch.Tensor) -> torch.Tensor:
         """logit_bias as a dense [vocab] row on the logits' device (built once per device)."""
@@ -118,19 +140,8 @@ class Sampler:
         drawn by Gumbel-max (argmax of logits / T plus Gumbel noise) from a generator of this sampler on that
         device, seeded from this sampler's seed: reproducible, but not the same draws as __call__. The penalties
         keep their counts of drawn tokens on the device."""
-        counts = None
-        if self.penalty != 1.0 or self.presence or self.frequency:
-            counts = self._counts_on.get(logits.device)
-            if counts is None:
-                counts = self._counts_on[logits.device] = torch.zeros(logits.shape, device=logits.device)
-        if self.penalty != 1.0:
-            logits = torch.where(counts > 0, self._penalised(logits), logits)
-        if self.bias or self.presence or self.frequency:  # in float32, as the host path
-            logits = logits.float()
-        if self.bias:
-            logits = logits + self._bias(logits)
-        if self.presence or self.frequency:
-            logits = logits - (self.presence * (counts > 0) + self.frequency * counts)
+        counts = self._counts(logits)
+        logits = self._processed(logits, counts)
         tok = self._draw_on_device(logits)
         if counts is not None:
             counts.index_add_(0, tok, torch.ones(1, device=logits.device))
@@ -138,18 +149,13 @@ class Sampler:
             self._record(logits, int(tok))
         return tok
 
+    @torch.inference_mode()
     def discard(self, ids: Sequence[int]) -> None:
         """Forget the last drawn `ids` (a decode burst sampled past where its reply stopped, Engine's fast path):
         the penalties count, and the log-probabilities record, only the tokens kept."""
-        for tok in ids:
-            if tok in self.counts:  # host path
-                self.counts[tok] -= 1
-                if not self.counts[tok]:
-                    del self.counts[tok]
-        with torch.inference_mode():  # the device path's counts (made where the decode burst ran)
-            for counts in self._counts_on.values():
-                idx = torch.tensor(list(ids), device=counts.device)
-                counts.index_add_(0, idx, -torch.ones(len(ids), device=counts.device))
+        for counts in self._counts_on.values():
+            idx = torch.tensor(list(ids), device=counts.device)
+            counts.index_add_(0, idx, -torch.ones(len(ids), device=counts.device))
         if self.logprobs is not None:
             del self.records[len(self.records) - len(ids) :]
 
