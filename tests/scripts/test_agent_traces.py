@@ -251,9 +251,11 @@ SOURCES = {  # per language: files, and what the regular-expression index must f
 
 @pytest.mark.parametrize("language", sorted(SOURCES))
 def test_other_languages_index_what_the_files_define(tmp_path, language):
+    from agent_tasks_code import _regex_index
+
     files, want = SOURCES[language]
     root = git_repo(tmp_path / language, files)
-    defs, read = agent_tasks._regex_index(root, agent_tasks.LANGUAGES[language])
+    defs, read = _regex_index(root, agent_tasks.LANGUAGES[language])
     assert {name: (d[0][0], d[0][1]) for name, d in defs.items()} == want
     assert all(d[1] not in ("a_test.go", "src/types.d.ts") for ds in defs.values() for d in ds)  # they define nothing
     assert {p for p, _ in read} == {p for p in files if p.endswith(agent_tasks.LANGUAGES[language].suffixes)}
