@@ -37,33 +37,36 @@ from deltamem.agent.parse import parse_tool_calls
 from deltamem.agent.prompt import tool_schemas
 from deltamem.agent.protocol import Offer, Turn, prepare_turn
 from deltamem.agent.session import AgentSession
+from deltamem.model.options import ModelOptions
 
-_MODELS: dict[tuple, Any] = {}  # (model, window, sink, device, dtype) -> a loaded Engine whose weights are shared
+_MODELS: dict[ModelOptions, Any] = {}  # loaded Engines whose weights are shared, by their options
 _LOCK = threading.Lock()
 
 
-def _engine(model: str, window: int | None, sink: int, device: str = "auto", dtype: str = "auto"):
-    from deltamem.model import load_model
-
+def _engine(options: ModelOptions):
     with _LOCK:
-        key = (model, window, sink, device, dtype)
-        if key not in _MODELS:
-            _MODELS[key] = load_model(model, window=window, sink=sink, device=device, dtype=dtype)
-        base = _MODELS[key]
+        if options not in _MODELS:
+            _MODELS[options] = options.load()
+        base = _MODELS[options]
     return base.sibling()
 
 
-class ChatDeltamem(BaseChatModel):
-    """A local deltamem hybrid model as a LangChain chat model."""
+def _default(name: str, **kw):
+    return Field(default_factory=lambda: getattr(ModelOptions(), name), **kw)
 
-    model: str = Field(default="default", alias="model_name")
-    """Checkpoint directory, a Llama .gguf file, or "default"."""
+
+class ChatDeltamem(BaseChatModel):
+    """A local deltamem hybrid model as a LangChain chat model. The model options (model, window, sink, device,
+    dtype, quant, compile) mean what they mean in model/options.py's ModelOptions and the CLI, with the same
+    defaults (left out: their DELTAMEM_* environment variable, else "default"/"auto")."""
+
+    model: str = _default("model", alias="model_name")
     window: int | None | Literal["auto"] = "auto"
     sink: int = 4
-    device: str = "auto"
-    """"auto" (CUDA when present, else the CPU), "cpu", "cuda" or "cuda:N"."""
-    dtype: str = "auto"
-    """"auto" (bfloat16 on CUDA, float32 on the CPU), "float32", "bfloat16" or "float16"."""
+    device: str = _default("device")
+    dtype: str = _default("dtype")
+    quant: str = _default("quant")
+    compile: bool | Literal["auto"] = _default("compile")
     temperature: float = 0.0
     top_p: float = 1.0
     max_tokens: int = 16
@@ -78,15 +81,12 @@ class ChatDeltamem(BaseChatModel):
         return "deltamem"
 
     @property
+    def options(self) -> ModelOptions:
+        return ModelOptions(self.model, self.device, self.dtype, self.quant, self.compile, self.window, self.sink)
+
+    @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "window": self.window,
-            "sink": self.sink,
-            "device": self.device,
-            "dtype": self.dtype,
-            "temperature": self.temperature,
-        }
+        return {**vars(self.options), "temperature": self.temperature}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)
@@ -127,7 +127,7 @@ class ChatDeltamem(BaseChatModel):
 
     def _state(self) -> AgentSession:
         if self._session is None:
-            self._session = AgentSession(_engine(self.model, self.window, self.sink, self.device, self.dtype), None, "")
+            self._session = AgentSession(_engine(self.options), None, "")
         return self._session
 
     # --- generation ----------------------------------------------------------------------------------------

@@ -151,9 +151,10 @@ def default_model(dtype: torch.dtype = torch.float32, device: str = "cpu", delta
 
     from deltamem.model import startup_cache
     from deltamem.model.config import ModelConfig
-    from deltamem.model.gguf_file import open_gguf, read_gguf, smollm2_gguf
-    from deltamem.model.loader import build
+    from deltamem.model.gguf_file import read_gguf, smollm2_gguf
+    from deltamem.model.gguf_read import open_gguf
     from deltamem.model.tokenizer import Tokenizer, TokenizerError
+    from deltamem.model.weights import build
 
     path = smollm2_gguf()
     sources = [path, delta_path]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from deltamem.model.errors import CheckpointError
-from deltamem.model.gguf_file import _value, dequantized
+from deltamem.model.gguf_read import dequantized, field_value
 
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 _PLUS_ONE = ("attn_norm.weight", "post_attention_norm.weight", "attn_q_norm.weight", "attn_k_norm.weight")
@@ -63,7 +63,9 @@ _JOINED = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_gate_up_exps.weigh
 
 def read_qwen(path: Path, reader: Any, arch: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
-        meta = {n: _value(f) for n, f in reader.fields.items() if n.startswith(f"{arch}.") or n.endswith("_token_id")}
+        meta = {
+            n: field_value(f) for n, f in reader.fields.items() if n.startswith(f"{arch}.") or n.endswith("_token_id")
+        }
     except (UnicodeDecodeError, IndexError) as e:
         raise CheckpointError(f"{path} has corrupt metadata: {e}") from e
     tensors = {t.name: t for t in reader.tensors}

@@ -7,6 +7,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hu
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the CLI compiles the CPU decode step by default (about 40 s per model and window): only where a test asks for it
 os.environ.setdefault("DELTAMEM_COMPILE", "0")
+# a test that names no device runs on the CPU on any machine (ModelOptions' default, "auto", would take a GPU)
+os.environ.setdefault("DELTAMEM_DEVICE", "cpu")
 if "DELTAMEM_CACHE" not in os.environ:  # the start-up cache of this test session, not the user's (subprocesses too)
     import atexit
     import shutil

@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("agent", "memory", "model", "kernels", "tools", "ui", "server")
+FOLDERS = ("agent", "cli", "memory", "model", "kernels", "tools", "ui", "server")
 
 
 def test_wheel_holds_only_the_deltamem_namespace(tmp_path):

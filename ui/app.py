@@ -17,6 +17,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, ProgressBar, Static
 
+from deltamem.model.options import ModelOptions
 from deltamem.ui.format import size
 from deltamem.ui.widgets import (
     AskScreen,
@@ -48,24 +49,18 @@ class DeltamemApp(App):
         db: Path | None,
         repo: Path,
         session: str | None = None,
-        model: str = "default",
-        window: int | None | str = "auto",
+        options: ModelOptions | None = None,
         max_new_tokens: int = 256,
-        sink: int = 4,
-        device: str = "auto",
-        dtype: str = "auto",
         agent_factory=None,
         convert_state: bool = False,
-        quant: str = "none",
-        compile_decode: bool = False,
         tools: bool = True,
     ):
         super().__init__()
         self.tools = tools  # False: no tool offered, the model answers from its memory alone
-        self.db, self.repo, self.model_spec, self.window = db, Path(repo).resolve(), model, window
+        self.db, self.repo = db, Path(repo).resolve()
+        self.options = options or ModelOptions()  # which model, loaded at the first session
         self.session_name = session or self.repo.name
-        self.max_new_tokens, self.sink, self.device, self.dtype = max_new_tokens, sink, device, dtype
-        self.convert_state, self.quant, self.compile_decode = convert_state, quant, compile_decode
+        self.max_new_tokens, self.convert_state = max_new_tokens, convert_state
         self.agent_factory = agent_factory  # tests: (store, session name) -> Agent; default builds the real one
         self.agent = None
         self.store = None  # read by the UI thread
@@ -96,7 +91,7 @@ class DeltamemApp(App):
         self._open(self.session_name)
 
     # --- opening sessions ------------------------------------------------------------------------------------
-    def _load_model(self, load_model):
+    def _load_model(self):
         """Load in a daemon thread this worker only watches, so that quitting meanwhile is not held up by it (Textual
         waits for its workers; app.py cmd_tui leaves without waiting for this thread). None if the app quits first."""
         import threading
@@ -107,10 +102,7 @@ class DeltamemApp(App):
 
         def load() -> None:
             try:
-                eng = load_model(
-                    self.model_spec, window=self.window, sink=self.sink, device=self.device, dtype=self.dtype,
-                    quant=self.quant, compile_decode=self.compile_decode,
-                )
+                eng = self.options.load()
                 if eng.compile_decode:  # the compiled step: loaded from the cache, or compiled once, before replies
                     status = "preparing the decode step…"
                     self.call_from_thread(lambda: self.query_one("#status", Static).update(status))
@@ -147,10 +139,9 @@ class DeltamemApp(App):
                 agent = self.agent_factory(store, name)
             else:
                 from deltamem.agent.runner import Agent
-                from deltamem.model import load_model
 
                 if self.engine is None:
-                    self.engine = self._load_model(load_model)
+                    self.engine = self._load_model()
                     if self.engine is None:  # the app is quitting
                         return
                 else:  # the loaded weights, a fresh state for the other session

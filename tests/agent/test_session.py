@@ -8,7 +8,8 @@ import torch
 
 from deltamem.agent.prompt import ChatTemplate, TemplateError
 from deltamem.agent.session import AgentSession
-from deltamem.app import EXIT_MODEL, _failure, _run_task
+from deltamem.cli.agent import _run_task
+from deltamem.cli.errors import EXIT_MODEL, failure
 from deltamem.memory.store import Store
 from deltamem.model import load_model
 
@@ -57,7 +58,7 @@ def test_model_error_is_exit_code_4(tmp_path):
         agent.session.template = ChatTemplate("{{ raise_exception('this template is broken') }}")
         with pytest.raises(TemplateError) as failed:
             _run_task(agent, "hello", False, None)
-    assert _failure(failed.value) == (EXIT_MODEL, "model error: this template is broken")
+    assert failure(failed.value) == (EXIT_MODEL, "model error: this template is broken")
 
 
 def test_a_failure_inside_the_run_is_a_model_error_and_chat_goes_on(tmp_path):
@@ -75,7 +76,7 @@ def test_a_failure_inside_the_run_is_a_model_error_and_chat_goes_on(tmp_path):
         agent.session.engine.feed = broken
         with pytest.raises(GenerationError) as failed:
             _run_task(agent, "hello", True, None)
-        assert _failure(failed.value) == (EXIT_MODEL, "model error: RuntimeError: the forward pass broke")
+        assert failure(failed.value) == (EXIT_MODEL, "model error: RuntimeError: the forward pass broke")
         agent.back_to_last_save()
         agent.session.engine.feed = real
         assert _run_task(agent, "hello", True, None) in (0, 3) and store.turns("s")  # the next turn works

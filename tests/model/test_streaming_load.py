@@ -52,7 +52,7 @@ PEAK = textwrap.dedent(
     from pathlib import Path
     from deltamem.model.config import ModelConfig
     from deltamem.model.layers import HybridLM
-    from deltamem.model.loader import SafetensorsFiles, build
+    from deltamem.model.weights import SafetensorsFiles, build
 
     cfg = ModelConfig.from_file(Path(sys.argv[1]) / "config.json")
     with torch.device("meta"):  # the meta device's own first-use imports (sympy, ...): not the load's memory

@@ -8,6 +8,7 @@ import pytest
 from deltamem.agent.runner import Agent
 from deltamem.memory.store import Store
 from deltamem.model import load_model
+from deltamem.model.options import ModelOptions
 from deltamem.ui.app import DeltamemApp
 from deltamem.ui.sessions import SessionsScreen
 from deltamem.ui.widgets import AssistantMessage, ConfirmScreen, HelpScreen, UserMessage
@@ -62,7 +63,7 @@ async def test_send_a_message_and_see_it_streamed_and_saved(repo, tmp_path):
 
 async def test_compiled_decode_is_ready_when_the_model_is(repo, tmp_path):
     """With --compile (the CLI's default) the loader prepares the compiled step before the first reply."""
-    app = DeltamemApp(tmp_path / "m.db", repo, max_new_tokens=8, quant="auto", compile_decode=True)
+    app = DeltamemApp(tmp_path / "m.db", repo, options=ModelOptions(quant="auto", compile=True), max_new_tokens=8)
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot, timeout=300)
         engine = app.agent.session.engine
@@ -312,7 +313,7 @@ async def test_failed_ingest_goes_back_to_the_last_save(repo, tmp_path):
 
 
 async def test_sink_and_window_reach_the_engine(repo, tmp_path):
-    app = DeltamemApp(tmp_path / "m.db", repo, model="random", window=64, sink=2)
+    app = DeltamemApp(tmp_path / "m.db", repo, options=ModelOptions("random", window=64, sink=2))
     async with app.run_test(size=SIZE) as pilot:
         await settle(app, pilot)
         engine = app.agent.session.engine
@@ -324,7 +325,7 @@ async def test_an_ambiguous_session_is_shown_not_a_crash(repo, tmp_path):
     with Store(tmp_path / "m.db") as store:
         project = store.project(repo)
         ids = [store.create_session("shop", "fp", project) for _ in range(2)]
-    app = DeltamemApp(tmp_path / "m.db", repo, model="random", window=64)
+    app = DeltamemApp(tmp_path / "m.db", repo, options=ModelOptions("random", window=64))
     async with app.run_test(size=SIZE) as pilot:
         for _ in range(600):
             await pilot.pause(0.05)
