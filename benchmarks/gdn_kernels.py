@@ -100,7 +100,7 @@ def main() -> None:
     H, HV, DK, DV = SHAPES[args.shape]
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gdn_kernels.py needs a CUDA GPU")
-    from deltamem.kernels import triton_gdn as ours
+    from deltamem.kernels import triton_ops as ours
 
     try:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk

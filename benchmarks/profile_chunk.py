@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import ROOT, device_name
 
-from deltamem.kernels import triton_gdn
+from deltamem.kernels import chunk as triton_gdn
 
 _spec = importlib.util.spec_from_file_location("kernels_bench", ROOT / "benchmarks" / "kernels.py")
 kernels_bench = importlib.util.module_from_spec(_spec)

@@ -1,4 +1,10 @@
-"""Gated DeltaNet ops, dispatched to the Triton kernels (kernels/triton_gdn.py) or the torch reference.
+"""Gated DeltaNet ops, dispatched to their Triton kernels or their torch references.
+
+One module per op, each beside its torch reference: chunk.py / chunk_ref.py (the chunked gated delta rule, prefill),
+recurrent.py / recurrent_ref.py (the rule token by token, decode), conv.py / conv_ref.py (the short conv),
+norm.py / norm_ref.py (RMSNorms), gates.py / gates_ref.py (DeltaNet's gates, silu_mul), kv_ring.py / kv_ring_ref.py
+(kv_step: a decode token into a bounded KV ring). window.py holds the window rule those and model/cache.py share,
+triton_util.py what the Triton modules share; triton_ops.py and reference.py gather each backend's ops by name.
 
 DELTAMEM_KERNELS picks the backend, read at each call: `auto` (default) uses Triton for CUDA tensors when triton
 imports and the torch reference otherwise; `torch` always the reference; `triton` always Triton, which on CPU
@@ -8,31 +14,22 @@ CPU-only installs never load it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import ParamSpec, TypeVar
 
 import torch
 
 from deltamem.kernels import reference
-from deltamem.kernels.reference import l2_normalize
 
-__all__ = [
-    "add_rms_norm",
-    "backend",
-    "causal_conv1d",
-    "causal_conv1d_rows",
-    "chunk_gated_delta_rule",
-    "delta_gates",
-    "gated_rms_norm",
-    "kv_step",
-    "l2_normalize",
-    "recurrent_gated_delta_rule",
-    "rms_norm",
-    "rms_norm_add",
-    "silu_mul",
-]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+__all__ = ["backend", *reference.__all__]  # every reference op, dispatched or re-exported below
 
 _MODES = ("auto", "torch", "triton")
 _triton_module: ModuleType | None = None
@@ -44,9 +41,9 @@ log = logging.getLogger("deltamem.kernels")
 def _load_triton() -> ModuleType:
     global _triton_module
     if _triton_module is None:
-        from deltamem.kernels import triton_gdn
+        from deltamem.kernels import triton_ops
 
-        _triton_module = triton_gdn
+        _triton_module = triton_ops
     return _triton_module
 
 
@@ -91,103 +88,32 @@ def _impl(x: torch.Tensor) -> ModuleType:
     return _load_triton() if backend(x) == "triton" else reference
 
 
-def chunk_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
-    cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked gated delta rule (prefill); see kernels.reference.chunk_gated_delta_rule."""
-    return _impl(q).chunk_gated_delta_rule(
-        q, k, v, g, beta, scale, initial_state, use_qk_l2norm, chunk_size, cu_seqlens=cu_seqlens
-    )
+def _dispatched(ref: Callable[P, R]) -> Callable[P, R]:
+    """The op named like `ref`, run by the backend that backend() picks for its first argument (a tensor). Arguments,
+    types and docs are the reference's (kernels/*_ref.py); each Triton op keeps that contract."""
+    name = ref.__name__
+
+    @functools.wraps(ref)
+    def op(*args, **kwargs):
+        first = args[0] if args else next(iter(kwargs.values()))
+        return getattr(_impl(first), name)(*args, **kwargs)
+
+    return op
 
 
-def recurrent_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    use_qk_l2norm: bool = True,
-    inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-by-token gated delta rule (decode); see kernels.reference.recurrent_gated_delta_rule.
-    inplace=True: the final state is written into initial_state (float32, contiguous), which is returned."""
-    if backend(q) == "triton":
-        return _load_triton().recurrent_gated_delta_rule(
-            q, k, v, g, beta, scale, initial_state, use_qk_l2norm, inplace=inplace
-        )
-    o, state = reference.recurrent_gated_delta_rule(q, k, v, g, beta, scale, initial_state, use_qk_l2norm)
-    return (o, initial_state.copy_(state)) if inplace else (o, state)
-
-
-def causal_conv1d(
-    x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, inplace: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Depthwise causal conv + SiLU continuing from state; see kernels.reference.causal_conv1d.
-    inplace=True: the new state is written into `state`, which is returned."""
-    if backend(x) == "triton":
-        return _load_triton().causal_conv1d(x, weight, state, inplace=inplace)
-    y, new = reference.causal_conv1d(x, weight, state)
-    return (y, state.copy_(new)) if inplace else (y, new)
-
-
-def causal_conv1d_rows(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """causal_conv1d for one input of each of B streams (batched decode); see kernels.reference.causal_conv1d_rows.
-    A few elementwise ops on [B, C]: the torch reference on every device."""
-    return reference.causal_conv1d_rows(x, weight, state)
-
-
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """rmsnorm(x) over the last dim * weight * silu(gate), in x's dtype (Gated DeltaNet's output norm)."""
-    return _impl(x).gated_rms_norm(x, gate, weight, eps)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rmsnorm(x) * weight over the last dim in float32, rounded once to x's dtype."""
-    return _impl(x).rms_norm(x, weight, eps)
-
-
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(x + y, rms_norm(x + y, weight)): residual add then the next pre-norm, in one pass on the GPU."""
-    return _impl(x).add_rms_norm(x, y, weight, eps)
-
-
-def rms_norm_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x + rms_norm(y, weight): a post-norm and its residual add, in one pass on the GPU."""
-    return _impl(x).rms_norm_add(x, y, weight, eps)
-
-
-def delta_gates(
-    a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated DeltaNet's (g, beta) from its a/b projections; see kernels.reference.delta_gates."""
-    return _impl(a).delta_gates(a, b, a_log, dt_bias, beta_scale)
-
-
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (the gated MLP's activation) in one kernel on the GPU."""
-    return _impl(gate).silu_mul(gate, up)
-
-
-def kv_step(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    pos: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    p: torch.Tensor,
-    sink: int,
-    window: int,
-) -> torch.Tensor:
-    """One decode token into a bounded KV ring and its additive attention mask; see kernels.reference.kv_step."""
-    return _impl(k_cache).kv_step(k_cache, v_cache, pos, k, v, p, sink, window)
+# Prefill and decode of the gated delta rule; inplace=True (decode) writes the final state into initial_state.
+chunk_gated_delta_rule = _dispatched(reference.chunk_gated_delta_rule)
+recurrent_gated_delta_rule = _dispatched(reference.recurrent_gated_delta_rule)
+# Depthwise causal conv + SiLU continuing from a state; inplace=True writes the new state into `state`.
+causal_conv1d = _dispatched(reference.causal_conv1d)
+# causal_conv1d for one input of each of B streams (batched decode): a few elementwise ops on [B, C], the torch
+# reference on every device
+causal_conv1d_rows = reference.causal_conv1d_rows
+gated_rms_norm = _dispatched(reference.gated_rms_norm)  # Gated DeltaNet's output norm
+rms_norm = _dispatched(reference.rms_norm)
+add_rms_norm = _dispatched(reference.add_rms_norm)  # residual add then the next pre-norm, one pass on the GPU
+rms_norm_add = _dispatched(reference.rms_norm_add)  # a post-norm and its residual add, one pass on the GPU
+delta_gates = _dispatched(reference.delta_gates)
+silu_mul = _dispatched(reference.silu_mul)  # the gated MLP's activation
+kv_step = _dispatched(reference.kv_step)  # one decode token into a bounded KV ring, and its attention mask
+l2_normalize = reference.l2_normalize

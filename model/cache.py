@@ -1,8 +1,8 @@
 """Per-layer state: Gated DeltaNet's constant-size state and attention's bounded KV window.
 
 KVWindow keeps `sink` first tokens plus a ring buffer of the last `window` tokens (StreamingLLM), preallocated
-once; `window=None` is exact full attention in a buffer that grows by doubling. Token p attends to keys j with
-j <= p and (j < sink or j > p - window).
+once; `window=None` is exact full attention in a buffer that grows by doubling. Which keys token p attends to and
+which slot holds a position: the window rule, kernels/window.py (visible, ring_slots).
 
 Rotary: StreamingLLM rotates keys by their slot in the cache, so that once tokens are evicted the sink keys sit
 just before the window: window keys keep their true distance p - j to the query, sink key i is seen at distance
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltamem import kernels
+from deltamem.kernels.window import ring_slots, visible
 
 PAGE = 256  # tokens per snapshot page: the unit the memory store deduplicates
 # Keys an attention call sees are padded (with empty, masked slots) to a multiple of this, and on a GPU SDPA is held to
@@ -169,12 +170,12 @@ class KVStack:
         if self.rotary is not None:  # the rotary's rows are positions: here, each stream's own
             q_sink = self.rotary.at(q, p.clamp(max=sink + window - 1))
             q, k = self.rotary.at(q, p), self.rotary.at(k, p)
-        slot = kernels.reference.ring_slots(p, sink, window)
+        slot = ring_slots(p, sink, window)
         rows = torch.arange(b, device=p.device)
         self.k[rows, :, slot] = k
         self.v[rows, :, slot] = v
         self.pos[rows, slot] = p
-        allowed = (self.pos >= 0) & ((self.pos > p[:, None] - window) | (self.pos < sink))  # [B, cap]
+        allowed = visible(self.pos, p[:, None], sink, window)  # [B, cap]
         hkv = self.k.shape[1]
         g = h // hkv
         scores = torch.matmul(q.view(b, hkv, g, d), self.k.transpose(2, 3))  # [B, Hkv, G, cap]
@@ -242,7 +243,7 @@ class KVWindow:
     def slots(self, p: torch.Tensor) -> torch.Tensor:
         if self.window is None:
             return p
-        return kernels.reference.ring_slots(p, self.sink, self.window)
+        return ring_slots(p, self.sink, self.window)
 
     def _grow(self, need: int) -> None:
         cap = self.capacity
@@ -262,13 +263,13 @@ class KVWindow:
     def _write(self, k: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> None:
         if len(p) == 1:  # decode: plain copies into one slot, no index tensors
             n = self.seen
-            slot = n if self.window is None or n < self.sink else self.sink + (n - self.sink) % self.window
+            slot = n if self.window is None else ring_slots(n, self.sink, self.window)
             self.k[:, slot] = k[0]
             self.v[:, slot] = v[0]
             self.pos[slot] = n
             return
         if self.window is not None and len(p) > self.window:  # only the last `window` (and the sinks) survive
-            keep = (p < self.sink) | (p >= p[-1] - self.window + 1)
+            keep = visible(p, p[-1], self.sink, self.window)  # what the last token still sees
             k, v, p = k[keep], v[keep], p[keep]
         s = self.slots(p)
         self.k[:, s] = k.transpose(0, 1)
@@ -308,10 +309,8 @@ class KVWindow:
 
         if t == 1 and q_sink is None:  # decode: one fused kernel, no score matrix in Python
             mask = None
-            if self.window is not None:
-                mask = ((kpos >= 0) & ((kpos > p - self.window) | (kpos < self.sink)))[None]
-            elif keys.shape[1] != self.seen:  # an unbounded cache's aligned prefix holds empty slots
-                mask = (kpos >= 0)[None]
+            if self.window is not None or keys.shape[1] != self.seen:  # empty slots: an unbounded cache's aligned
+                mask = visible(kpos, p, self.sink, self.window)[None]  # prefix, or a ring (evicted keys)
             with _backends(q):
                 out = F.scaled_dot_product_attention(
                     q.transpose(0, 1)[None], keys[None], vals[None], attn_mask=mask, scale=d**-0.5, enable_gqa=True
@@ -319,10 +318,7 @@ class KVWindow:
             return out[0].transpose(0, 1)
 
         if q.is_cuda and q_sink is None:  # prefill on a GPU: one fused attention kernel with an explicit mask
-            allowed = (kpos[None, :] <= p[:, None]) & (kpos[None, :] >= 0)
-            if self.window is not None:
-                allowed &= (kpos[None, :] > p[:, None] - self.window) | (kpos[None, :] < self.sink)
-            out = _sdpa(q, keys, vals, allowed, d**-0.5)
+            out = _sdpa(q, keys, vals, visible(kpos[None, :], p[:, None], self.sink, self.window), d**-0.5)
             if not write_first:
                 self._write(k, v, p)
             return out
@@ -340,9 +336,7 @@ class KVWindow:
             idx = ((kpos < self.sink) & (kpos >= 0)).nonzero()[:, 0]
             sink_scores = torch.bmm(grouped(q_sink), keys[:, idx].transpose(1, 2)) * scale
             scores[..., idx] = sink_scores.view(hkv, g, t, -1)
-        allowed = (kpos[None, :] <= p[:, None]) & (kpos[None, :] >= 0)
-        if self.window is not None:
-            allowed &= (kpos[None, :] > p[:, None] - self.window) | (kpos[None, :] < self.sink)
+        allowed = visible(kpos[None, :], p[:, None], self.sink, self.window)
         scores = scores.float().masked_fill(~allowed, float("-inf"))
         probs = scores.softmax(-1).to(vals.dtype).view(hkv, g * t, n_keys)
         out = torch.bmm(probs, vals).view(hkv, g, t, d).permute(2, 0, 1, 3).reshape(t, h, d)
@@ -409,7 +403,7 @@ class KVWindow:
             elif end - start >= self.window:
                 spans.append((self.sink, self.sink + self.window))
             else:
-                first = self.sink + (start - self.sink) % self.window
+                first = ring_slots(start, self.sink, self.window)
                 last = first + (end - start)
                 spans.append((first, min(last, self.sink + self.window)))
                 if last > self.sink + self.window:  # wrapped around to the ring's start
@@ -445,7 +439,7 @@ class KVWindow:
         self.pos.fill_(-1)
         p = torch.arange(seen, device=self.pos.device)
         if self.window is not None:
-            p = p[(p < self.sink) | (p >= seen - self.window)]
+            p = p[visible(p, seen - 1, self.sink, self.window)]  # what the last token seen still sees
         self.pos[self.slots(p)] = p
 
 

@@ -3,9 +3,9 @@
 The engine (model/engine.py) runs one sequence at a time through stateful caches; training needs a batch of whole
 sequences and autograd. This module computes the same function on the same modules (same parameters, same
 names): pre-/post-norm blocks, Gated DeltaNet through the torch reference chunked op, and attention either full
-(causal) or bounded the way model/cache.py's KVWindow bounds it: token p sees keys j <= p with j < sink or
-j > p - window, and sink keys are scored with the query rotated at min(p, sink + window - 1). tests/model/
-test_train.py checks it against the engine.
+(causal) or bounded the way model/cache.py's KVWindow bounds it: token p sees the keys kernels/window.py's
+`visible` allows (the first `sink` and the last `window`), and sink keys are scored with the query rotated at
+min(p, sink + window - 1). tests/model/test_train.py checks it against the engine.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from deltamem.kernels.reference import chunk_gated_delta_rule
+from deltamem.kernels.chunk_ref import chunk_gated_delta_rule
+from deltamem.kernels.window import visible
 from deltamem.model.cache import Rotary
 from deltamem.model.layers import Attention, Block, GatedDeltaNet, HybridLM
 
@@ -87,16 +88,17 @@ def attention_mixer(
 
 
 def _banded_attention(q, k, v, sink: int, window: int, scale: float) -> torch.Tensor:
-    """Attention where query p sees keys j <= p with j < sink or j > p - window. The first 2 window queries attend
-    in one call with their dense mask; after them, each block i of `window` queries scores only the sink keys and
-    keys [(i-1) window, (i+1) window), with one mask pattern for every block, broadcast over batch, heads and
-    blocks (a per-block mask rules out the fused flash kernels). q, k, v: [B, H, T, E] -> [B, H, T, E]."""
+    """Attention where query p sees the keys j that visible(j, p, sink, window) allows (kernels/window.py). The
+    first 2 window queries attend in one call with their dense mask; after them, each block i of `window` queries
+    scores only the sink keys and keys [(i-1) window, (i+1) window), with one mask pattern for every block,
+    broadcast over batch, heads and blocks (a per-block mask rules out the fused flash kernels).
+    q, k, v: [B, H, T, E] -> [B, H, T, E]."""
     b, h, t, e = q.shape
     dev = q.device
     head = min(t, 2 * window)
     pos = torch.arange(head, device=dev)
     j, p = pos[None, :], pos[:, None]
-    mask = (j <= p) & ((j > p - window) | (j < sink))
+    mask = visible(j, p, sink, window)
     first = F.scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head], attn_mask=mask, scale=scale)
     if t <= 2 * window:
         return first
@@ -117,7 +119,8 @@ def _banded_attention(q, k, v, sink: int, window: int, scale: float) -> torch.Te
     r = torch.arange(window, device=dev)[:, None]  # query p = i window + r, key j = (i-1) window + c
     c = torch.arange(2 * window, device=dev)[None, :]
     sinks = (torch.arange(s8, device=dev) < sink).expand(window, s8)
-    mask = torch.cat([sinks, (c > r) & (c <= r + window)], -1)  # [window, s8 + 2 window]
+    # the rest by the window rule, both positions shifted down by (i-1) window (the rule only sees j - p there)
+    mask = torch.cat([sinks, visible(c, r + window, 0, window)], -1)  # [window, s8 + 2 window]
     rest = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
     return torch.cat([first, rest.view(b, h, n * window, e)], 2)[:, :, :t]
 

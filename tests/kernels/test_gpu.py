@@ -10,8 +10,8 @@ import torch
 from deltamem.kernels import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-triton_gdn = (
-    pytest.importorskip("deltamem.kernels.triton_gdn", reason="needs triton") if torch.cuda.is_available() else None
+triton_ops = (
+    pytest.importorskip("deltamem.kernels.triton_ops", reason="needs triton") if torch.cuda.is_available() else None
 )
 
 H, HV, DK, DV = 30, 30, 96, 192
@@ -47,7 +47,7 @@ def fp32(x: dict) -> dict:
 @pytest.mark.parametrize("t", [2048, 4100, 8192])
 def test_chunk_bf16_7b(t):
     x = inputs(t, seed=t)
-    o, s = triton_gdn.chunk_gated_delta_rule(**x)
+    o, s = triton_ops.chunk_gated_delta_rule(**x)
     ro, rs = reference.chunk_gated_delta_rule(**fp32(x))
     assert o.dtype == torch.bfloat16 and s.dtype == torch.float32
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
@@ -58,26 +58,26 @@ def test_chunk_bf16_7b(t):
 
 def test_chunk_fp32_7b():
     x = inputs(1000, dtype=torch.float32, seed=1)
-    o, s = triton_gdn.chunk_gated_delta_rule(**x)
+    o, s = triton_ops.chunk_gated_delta_rule(**x)
     ro, rs = reference.chunk_gated_delta_rule(**x)
     assert rel(o, ro) < FP32_O and rel(s, rs) < FP32_STATE
 
 
 def test_chunk_gva_batch2():
     x = inputs(300, b=2, h=H // 2, seed=2)
-    o, s = triton_gdn.chunk_gated_delta_rule(**x)
+    o, s = triton_ops.chunk_gated_delta_rule(**x)
     ro, rs = reference.chunk_gated_delta_rule(**fp32(x))
     assert rel(o, ro) < BF16_O and rel(s, rs) < BF16_STATE
 
 
 def test_chunk_state_carried_across_calls():
     x = inputs(8192, seed=3)
-    o, s = triton_gdn.chunk_gated_delta_rule(**x)
+    o, s = triton_ops.chunk_gated_delta_rule(**x)
     cut = 3001
     first = {k: v[:, :cut] if k != "initial_state" else v for k, v in x.items()}
-    o1, s1 = triton_gdn.chunk_gated_delta_rule(**first)
+    o1, s1 = triton_ops.chunk_gated_delta_rule(**first)
     second = {k: v[:, cut:] if k != "initial_state" else s1 for k, v in x.items()}
-    o2, s2 = triton_gdn.chunk_gated_delta_rule(**second)
+    o2, s2 = triton_ops.chunk_gated_delta_rule(**second)
     # the split changes chunk boundaries, so the two runs round differently: compare at bf16 tolerance
     assert rel(torch.cat([o1, o2], 1), o) < BF16_O and rel(s2, s) < BF16_STATE
 
@@ -87,11 +87,11 @@ def test_varlen_matches_separate_runs():
     x = inputs(sum(lens), seed=4)
     x["initial_state"] = torch.randn(len(lens), HV, DK, DV, device="cuda") * 0.1
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    o, s = triton_gdn.chunk_gated_delta_rule(**x, cu_seqlens=cu)
+    o, s = triton_ops.chunk_gated_delta_rule(**x, cu_seqlens=cu)
     for i in range(len(lens)):
         a, b = int(cu[i]), int(cu[i + 1])
         part = {k: v[:, a:b] if k != "initial_state" else v[i : i + 1] for k, v in x.items()}
-        po, ps = triton_gdn.chunk_gated_delta_rule(**part)
+        po, ps = triton_ops.chunk_gated_delta_rule(**part)
         # same chunks and arithmetic; only the autotuned V blocking may differ between the two launches
         assert rel(o[:, a:b], po) < 1e-3 and rel(s[i : i + 1], ps) < 1e-4
     ro, rs = reference.chunk_gated_delta_rule(**fp32(x), cu_seqlens=cu)
@@ -101,11 +101,11 @@ def test_varlen_matches_separate_runs():
 @pytest.mark.parametrize("t", [1, 4])
 def test_recurrent_step_7b(t):
     x = inputs(t, seed=5)
-    o, s = triton_gdn.recurrent_gated_delta_rule(**x)
+    o, s = triton_ops.recurrent_gated_delta_rule(**x)
     ro, rs = reference.recurrent_gated_delta_rule(**fp32(x))
     assert rel(o, ro) < 5e-3 and rel(s, rs) < 1e-5  # o: bf16 output rounding; state: fp32 throughout
     state = x["initial_state"].clone()
-    oi, si = triton_gdn.recurrent_gated_delta_rule(**{**x, "initial_state": state}, inplace=True)
+    oi, si = triton_ops.recurrent_gated_delta_rule(**{**x, "initial_state": state}, inplace=True)
     assert si.data_ptr() == state.data_ptr()
     torch.testing.assert_close(oi, o, rtol=0, atol=0)
     torch.testing.assert_close(si, s, rtol=0, atol=0)
@@ -118,7 +118,7 @@ def test_conv_7b(t):
     x = torch.randn(t, c, generator=gen, device="cuda").bfloat16()
     w = torch.randn(c, 4, generator=gen, device="cuda").bfloat16()
     st = torch.randn(3, c, generator=gen, device="cuda").bfloat16()
-    y, ns = triton_gdn.causal_conv1d(x, w, st)
+    y, ns = triton_ops.causal_conv1d(x, w, st)
     ry, rns = reference.causal_conv1d(x.float(), w.float(), st.float())
     assert rel(y, ry) < 5e-3
     torch.testing.assert_close(ns, rns.bfloat16(), rtol=0, atol=0)
@@ -129,7 +129,7 @@ def test_gated_norm_7b():
     x = torch.randn(4100 * HV, DV, generator=gen, device="cuda").bfloat16()
     gate = torch.randn(4100 * HV, DV, generator=gen, device="cuda").bfloat16()
     w = torch.rand(DV, generator=gen, device="cuda") + 0.5
-    y = triton_gdn.gated_rms_norm(x, gate, w, 1e-5)
+    y = triton_ops.gated_rms_norm(x, gate, w, 1e-5)
     assert rel(y, reference.gated_rms_norm(x, gate, w, 1e-5)) < 5e-3
 
 
@@ -143,13 +143,13 @@ def test_fused_norms_and_gates_7b(t):
     def ref_norm(z):
         return torch.nn.functional.rms_norm(z, (3840,), w, 1e-6)
 
-    s, n = triton_gdn.add_rms_norm(x, y, w, 1e-6)
+    s, n = triton_ops.add_rms_norm(x, y, w, 1e-6)
     assert torch.equal(s, x + y)  # rounded to nearest exactly as torch's bf16 add
-    assert rel(n, ref_norm(x + y)) < 4e-3 and rel(triton_gdn.rms_norm(x, w, 1e-6), ref_norm(x)) < 4e-3
-    assert rel(triton_gdn.rms_norm_add(x, y, w, 1e-6), x + ref_norm(y)) < 4e-3
+    assert rel(n, ref_norm(x + y)) < 4e-3 and rel(triton_ops.rms_norm(x, w, 1e-6), ref_norm(x)) < 4e-3
+    assert rel(triton_ops.rms_norm_add(x, y, w, 1e-6), x + ref_norm(y)) < 4e-3
     a, b = (torch.randn(t, 30, generator=gen, device="cuda").bfloat16() * 4 for _ in range(2))
     a_log, dt_bias = torch.rand(30, device="cuda").log1p(), torch.randn(30, device="cuda")
-    g, beta = triton_gdn.delta_gates(a, b, a_log, dt_bias, 2.0)
+    g, beta = triton_ops.delta_gates(a, b, a_log, dt_bias, 2.0)
     rg, rbeta = reference.delta_gates(a, b, a_log, dt_bias, 2.0)
     assert rel(g, rg) < 1e-5 and rel(beta, rbeta) < 4e-3
 
@@ -161,7 +161,7 @@ def test_silu_mul_7b(t):
     fused = torch.randn(t, 2 * 11008 + 64, generator=gen, device="cuda").bfloat16() * 3
     gate, up = fused[:, :11008], fused[:, 11008:22016]
     want = torch.nn.functional.silu(gate) * up
-    got = triton_gdn.silu_mul(gate, up)
+    got = triton_ops.silu_mul(gate, up)
     assert rel(got, want) < 4e-3 and (got != want).float().mean() < 0.01  # nearly all bits equal
 
 
@@ -178,7 +178,7 @@ def test_kv_step_7b():
         pos0[torch.where(held < 4, held, 4 + (held - 4) % 4096)] = held
         k, v = (torch.randn(hkv, d, generator=gen, device="cuda").bfloat16() for _ in range(2))
         out = []
-        for impl in (triton_gdn, reference):
+        for impl in (triton_ops, reference):
             kc, vc, pos = k0.clone(), v0.clone(), pos0.clone()
             mask = impl.kv_step(kc, vc, pos, k, v, torch.tensor([p], device="cuda"), 4, 4096)
             out.append((kc, vc, pos, mask))
@@ -193,7 +193,7 @@ def test_dispatcher_picks_triton_on_cuda(monkeypatch):
     x = inputs(100, seed=7)
     assert kernels.backend(x["q"]) == "triton"
     o, s = kernels.chunk_gated_delta_rule(**x)
-    to, ts = triton_gdn.chunk_gated_delta_rule(**x)
+    to, ts = triton_ops.chunk_gated_delta_rule(**x)
     torch.testing.assert_close(o, to, rtol=0, atol=0)
     monkeypatch.setenv("DELTAMEM_KERNELS", "torch")
     assert kernels.backend(x["q"]) == "torch"

@@ -1,10 +1,11 @@
-"""Triton kernels (kernels/triton_gdn.py) run by the Triton interpreter on CPU, against the torch reference and a
-float64 per-token loop.
+"""Triton kernels (kernels/chunk.py, recurrent.py, conv.py, norm.py, gates.py, kv_ring.py) run by the Triton
+interpreter on CPU, against the torch reference and a float64 per-token loop.
 
 Triton reads TRITON_INTERPRET when it is imported, when a kernel is decorated and while kernels run. This module
-imports triton with it set, loads its own copy of kernels/triton_gdn.py (kernels.triton_gdn itself is untouched),
-unsets it again, and sets it back only while its own tests run. If triton was already imported for compiling (the GPU
-tests ran first in this process), the module is skipped. Tolerances are relative error norms ||out - ref|| / ||ref||.
+imports triton with it set, loads its own copy of the Triton modules (kernels.triton_ops and what it imports; the
+package's own modules are untouched), unsets it again, and sets it back only while its own tests run. If triton was
+already imported for compiling (the GPU tests ran first in this process), the module is skipped. Tolerances are
+relative error norms ||out - ref|| / ||ref||.
 """
 
 import contextlib
@@ -40,6 +41,34 @@ def _interpret():
             os.environ["TRITON_INTERPRET"] = saved
 
 
+# The modules of kernels/ that import triton: fresh copies of all of them are loaded under the interpreter.
+TRITON_MODULES = ("triton_util", "chunk", "recurrent", "conv", "norm", "gates", "kv_ring", "triton_ops")
+
+
+def _fresh_import(name: str, fresh: list[str]):
+    """A new copy of module `name`, the modules in `fresh` imported anew for it; sys.modules and the package's
+    attributes are left as they were."""
+    pkg = sys.modules["deltamem.kernels"]
+    saved = {n: sys.modules.pop(n) for n in fresh if n in sys.modules}
+    attrs = {n.rsplit(".", 1)[1]: pkg.__dict__.get(n.rsplit(".", 1)[1]) for n in fresh}
+    try:
+        return importlib.import_module(name)
+    finally:
+        for n in fresh:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+        for attr, value in attrs.items():
+            if value is None:
+                pkg.__dict__.pop(attr, None)
+            else:
+                setattr(pkg, attr, value)
+
+
+def test_every_triton_module_is_loaded_interpreted():
+    imports_triton = {p.stem for p in (ROOT / "kernels").glob("*.py") if "\nimport triton\n" in p.read_text()}
+    assert imports_triton == set(TRITON_MODULES) - {"triton_ops"}
+
+
 def _interpreted_copy():
     with _interpret():
         import triton.language.standard as std
@@ -51,10 +80,7 @@ def _interpreted_copy():
                 "run tests/kernels/test_triton.py in a process of its own",
                 allow_module_level=True,
             )
-        spec = importlib.util.spec_from_file_location("deltamem.kernels._triton_gdn_interpreted",
-                                                      ROOT / "kernels/triton_gdn.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        mod = _fresh_import("deltamem.kernels.triton_ops", [f"deltamem.kernels.{m}" for m in TRITON_MODULES])
     assert mod.INTERPRET
     return mod
 

@@ -148,6 +148,7 @@ def test_delta_round_trip_within_int8_rounding(tmp_path):
 def test_banded_attention_matches_a_dense_mask(t):
     """The block-wise sink + window attention against one attention call with the dense [T, T] mask: outputs
     and the gradients of q, k and v."""
+    from deltamem.kernels.window import visible
     from deltamem.model.train import _banded_attention
 
     sink, window = 3, 16
@@ -156,7 +157,7 @@ def test_banded_attention_matches_a_dense_mask(t):
     up = torch.randn(2, 3, t, 8, generator=gen, dtype=torch.float64)
     pos = torch.arange(t)
     j, p = pos[None, :], pos[:, None]
-    dense = (j <= p) & ((j > p - window) | (j < sink))
+    dense = visible(j, p, sink, window)
     outs = [
         _banded_attention(q, k, v, sink, window, 0.3),
         torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=0.3),
