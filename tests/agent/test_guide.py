@@ -12,7 +12,7 @@ import pytest
 from deltamem.agent.guide import ReplyGuide
 from deltamem.agent.parse import parse_tool_calls
 from deltamem.model import load_model
-from deltamem.model.engine import GRAPH_CHUNK
+from deltamem.model.generation import GRAPH_CHUNK
 from deltamem.model.tokenizer import Tokenizer
 
 VOCAB = 100352  # the random model's (OLMo's padded vocabulary)

@@ -8,7 +8,7 @@ import torch
 from deltamem.memory.store import Store
 from deltamem.model import load_model
 from deltamem.model.cache import PAGE
-from deltamem.model.engine import GRAPH_CHUNK
+from deltamem.model.generation import GRAPH_CHUNK
 from deltamem.model.tokenizer import Tokenizer
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
 

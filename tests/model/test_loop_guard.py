@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from deltamem.agent.session import LOOP_MARKER, AgentSession
 from deltamem.model import load_model
-from deltamem.model.engine import GRAPH_CHUNK
+from deltamem.model.generation import GRAPH_CHUNK
 from deltamem.model.sampling import LoopGuard
 from deltamem.model.tokenizer import Tokenizer
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
