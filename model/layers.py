@@ -7,6 +7,7 @@ model/cache.py, which it advances in place: the engine runs one session at a tim
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from deltamem.kernels import causal_conv1d, chunk_gated_delta_rule, recurrent_ga
 from deltamem.model.cache import DeltaStack, DeltaState, KVWindow
 from deltamem.model.config import LINEAR, ModelConfig
 from deltamem.model.packed import PackedLinear, fuse_linears
+
+# A token mixer run in place of a Block's own (Block.forward): (block, h) -> the mixer's output for input h.
+Mix = Callable[["Block", torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -150,9 +154,8 @@ class MLP(Fusable):
         if _gpu_inference(x):
             act = kernels.silu_mul(gate, up)
             if residual is not None:
-                return torch.addmm(residual.reshape(-1, residual.shape[-1]), act, self.down_proj.weight.t()).view(
-                    residual.shape
-                )
+                flat = residual.reshape(-1, residual.shape[-1]), act.reshape(-1, act.shape[-1])  # [T, *] or [B, T, *]
+                return torch.addmm(*flat, self.down_proj.weight.t()).view(residual.shape)
             return self.down_proj(act)
         y = self.down_proj(F.silu(gate) * up)
         return y if residual is None else residual + y
@@ -366,12 +369,16 @@ class Block(nn.Module):
             self.input_layernorm = RMSNorm(cfg.hidden_size, eps, zc)
             self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, zc)
 
-    def forward(self, x: torch.Tensor, state: DeltaState | KVWindow) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: DeltaState | KVWindow | None, mix: Mix | None = None) -> torch.Tensor:
+        """x: [T, hidden], advancing the mixer's `state`. With `mix`, the token mixer's output for its input h is
+        mix(self, h) instead: how training (model/train.py) runs batched x [B, T, hidden] through its own stateless
+        mixers, with this block's norms, residuals and MLP."""
         mixer = self.linear_attn if self.linear else self.self_attn
         if self.post_norm:
-            x = self.post_attention_layernorm.norm_add(x, mixer(x, state))
+            x = self.post_attention_layernorm.norm_add(x, mixer(x, state) if mix is None else mix(self, x))
             return self.post_feedforward_layernorm.norm_add(x, self.mlp(x))
-        x, h = self.post_attention_layernorm.add_norm(x, mixer(self.input_layernorm(x), state))
+        h = self.input_layernorm(x)
+        x, h = self.post_attention_layernorm.add_norm(x, mixer(h, state) if mix is None else mix(self, h))
         return self.mlp(h, residual=x)
 
 
@@ -394,28 +401,33 @@ class HybridLM(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.head: PackedLinear | None = None  # set by pack()
 
+    def vocab_weight(self) -> torch.Tensor:
+        """The output projection's weight (unpacked): the embeddings where they are tied."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
     def pack(self, blocks: int, quant: str = "none") -> None:
         """One packed head (quantized as the layers); a tied head also serves the embedding lookup, so the matrix
         is held once."""
         tied = self.config.tie_word_embeddings
-        self.head = PackedLinear(self.model.embed_tokens.weight if tied else self.lm_head.weight, None, blocks, quant)
+        self.head = PackedLinear(self.vocab_weight(), None, blocks, quant)
         if tied:
             del self.model.embed_tokens
         else:
             del self.lm_head
 
-    def hidden(self, ids: torch.Tensor, states: list) -> torch.Tensor:
-        # ids: [T] -> final hidden states [T, hidden], advancing each layer's state
+    def hidden(self, ids: torch.Tensor, states: list, mix: Mix | None = None) -> torch.Tensor:
+        """ids: [T] -> final hidden states [T, hidden], advancing each layer's state. With `mix` (see Block.forward),
+        ids may be [B, T] and states Nones: training's forward (model/train.py)."""
         emb = getattr(self.model, "embed_tokens", None)
         x = emb(ids) if emb is not None else self.head.rows(ids)
         for layer, st in zip(self.model.layers, states, strict=True):
-            x = layer(x, st)
+            x = layer(x, st, mix)
         return self.model.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.head is not None:
             return self.head(h)
-        return F.linear(h, self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight)
+        return F.linear(h, self.vocab_weight())
 
 
 _INITS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "zeros_",

@@ -1,8 +1,9 @@
 """A batched, differentiable forward of HybridLM for distillation (scripts/distill.py).
 
 The engine (model/engine.py) runs one sequence at a time through stateful caches; training needs a batch of whole
-sequences and autograd. This module computes the same function on the same modules (same parameters, same
-names): pre-/post-norm blocks, Gated DeltaNet through the torch reference chunked op, and attention either full
+sequences and autograd. This module runs the same blocks (model/layers.py Block and HybridLM: norms, residuals,
+MLPs, the tied head) with batched token mixers of its own: Gated DeltaNet through the torch reference chunked op
+(gates by kernels/gates_ref.py's delta_gates, as the engine's), and attention either full
 (causal) or bounded the way model/cache.py's KVWindow bounds it: token p sees the keys kernels/window.py's
 `visible` allows (the first `sink` and the last `window`), and sink keys are scored with the query rotated at
 min(p, sink + window - 1). tests/model/test_train.py checks it against the engine.
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from deltamem.kernels.chunk_ref import chunk_gated_delta_rule
+from deltamem.kernels.gates_ref import delta_gates
 from deltamem.kernels.window import visible
 from deltamem.model.cache import Rotary
 from deltamem.model.layers import Attention, Block, GatedDeltaNet, HybridLM
@@ -40,8 +42,7 @@ def delta_mixer(m: GatedDeltaNet, x: torch.Tensor, chunk_op: ChunkOp | None = No
     conv = getattr(chunk_op, "conv", None) or causal_conv_silu  # a fused one (fla's) where the op brings it
     qkv = conv(torch.cat([q, k, v], dim=-1), m.conv1d.weight[:, 0])
     q, k, v = qkv.split([m.key_dim, m.key_dim, m.value_dim], dim=-1)
-    beta = beta_in.float().sigmoid() * m.beta_scale
-    g = -m.A_log.float().exp() * F.softplus(a.float() + m.dt_bias.float())
+    g, beta = delta_gates(a, beta_in.float(), m.A_log, m.dt_bias, m.beta_scale)  # beta in float32 here
     dt = getattr(chunk_op, "dtype", torch.float32)
     with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 even under autocast
         o, _ = (chunk_op or chunk_gated_delta_rule)(
@@ -125,31 +126,6 @@ def _banded_attention(q, k, v, sink: int, window: int, scale: float) -> torch.Te
     return torch.cat([first, rest.view(b, h, n * window, e)], 2)[:, :, :t]
 
 
-def block_forward(
-    layer: Block,
-    x: torch.Tensor,
-    rotary: Rotary | None,
-    window: int | None,
-    sink: int,
-    trace: dict | None = None,
-    chunk_op: ChunkOp | None = None,
-) -> torch.Tensor:
-    """One decoder layer; with `trace`, records the mixer's input and output (for layer-wise distillation)."""
-    if layer.post_norm:
-        mixed = attention_mixer(layer.self_attn, x, rotary, window, sink)
-        x = x + layer.post_attention_layernorm(mixed)
-        return x + layer.post_feedforward_layernorm(layer.mlp(x))
-    h = layer.input_layernorm(x)
-    if layer.linear:
-        mixed = delta_mixer(layer.linear_attn, h, chunk_op)
-    else:
-        mixed = attention_mixer(layer.self_attn, h, rotary, window, sink)
-    if trace is not None:
-        trace["in"], trace["out"] = h, mixed
-    x = x + mixed
-    return x + layer.mlp(layer.post_attention_layernorm(x))
-
-
 def hidden_states(
     model: HybridLM,
     ids: torch.Tensor,
@@ -158,23 +134,29 @@ def hidden_states(
     traces: list[dict] | None = None,
     chunk_op: ChunkOp | None = None,
 ) -> torch.Tensor:
-    """ids [B, T] -> final normed hidden states [B, T, hidden]. `traces`, if given, gets one dict per layer."""
+    """ids [B, T] -> final normed hidden states [B, T, hidden]: HybridLM's own blocks (model/layers.py), their token
+    mixers replaced by the batched ones above. `traces`, if given, gets one dict per layer: a pre-norm layer's mixer
+    input and output, "in" and "out" (for layer-wise distillation)."""
     if model.config.qwen or model.config.moe_layers:
         raise NotImplementedError("training runs OLMo Hybrid and Llama-family layers, not Qwen's (gated attention)")
     rotary = Rotary.of(model.config)
-    x = model.model.embed_tokens(ids)
-    for layer in model.model.layers:
-        trace = {} if traces is not None else None
-        x = block_forward(layer, x, rotary, window, sink, trace, chunk_op)
+
+    def mix(block: Block, h: torch.Tensor) -> torch.Tensor:
+        if block.linear:
+            out = delta_mixer(block.linear_attn, h, chunk_op)
+        else:
+            out = attention_mixer(block.self_attn, h, rotary, window, sink)
         if traces is not None:
-            traces.append(trace)
-    return model.model.norm(x)
+            traces.append({} if block.post_norm else {"in": h, "out": out})
+        return out
+
+    return model.hidden(ids, [None] * len(model.model.layers), mix)
 
 
 def vocab_weight(model: HybridLM) -> torch.Tensor:
     """The output projection's weight: the embeddings where they are tied."""
-    return model.model.embed_tokens.weight if model.config.tie_word_embeddings else model.lm_head.weight
+    return model.vocab_weight()
 
 
 def logits(model: HybridLM, h: torch.Tensor) -> torch.Tensor:
-    return F.linear(h, vocab_weight(model))
+    return model.logits(h)
