@@ -16,7 +16,7 @@ def register(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     db_arg(common)
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    s = sub.add_parser("sessions", help="list, inspect, fork, rewind, export, import and delete saved sessions")
+    s = sub.add_parser("sessions", help="list, inspect, pin, fork, rewind, export, import and delete saved sessions")
     s.set_defaults(run=cmd_sessions)
     ss = s.add_subparsers(dest="action", required=True, metavar="ACTION")
     lst = ss.add_parser("list", parents=[common], help="all sessions, most recent first")
@@ -31,6 +31,12 @@ def register(sub) -> None:
     fork.add_argument("id")
     fork.add_argument("--at", type=int, default=None, metavar="TURN", help="turn to fork at (default: latest)")
     fork.add_argument("--title", help="title of the new session")
+    pin = ss.add_parser("pin", parents=[common],
+                        help="name a snapshot, which retention then keeps (resume, fork or rewind at it later)")
+    pin.add_argument("id")
+    pin.add_argument("name", nargs="?", help="the snapshot's name (left out with --unpin)")
+    pin.add_argument("--at", type=int, default=None, metavar="TURN", help="the snapshot at this turn (default: latest)")
+    pin.add_argument("--unpin", action="store_true", help="drop the name: retention may delete the snapshot again")
     rewind = ss.add_parser("rewind", parents=[common], help="drop the turns after TURN (asks unless --yes)")
     rewind.add_argument("id")
     rewind.add_argument("--to", type=int, required=True, metavar="TURN", help="0, or a turn with a snapshot")
@@ -171,6 +177,21 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                 return EXIT_ERROR
             threads.delete(store, sid)
             return emit({"deleted": sid}, f"deleted session {sid}")
+
+        if args.action == "pin":
+            if args.unpin == bool(args.name and args.name.strip()):
+                raise ValueError("give a NAME to pin, or --unpin without one")
+            snaps = store.snapshots(sid)
+            at = [r for r in snaps if args.at is None or r["turn_seq"] == args.at][-1:]
+            if not at:
+                turns = ", ".join(str(r["turn_seq"]) for r in snaps) or "none"
+                raise ValueError(f"session {sid} has no snapshot at turn {args.at} (snapshots at turns: {turns})")
+            name = None if args.unpin else args.name.strip()
+            store.name_snapshot(sid, at[0]["id"], name)
+            done = {"session": sid, "snapshot": at[0]["id"], "turn": at[0]["turn_seq"], "name": name}
+            what = f"pinned snapshot {at[0]['id']} (turn {at[0]['turn_seq']}) as {name!r}" if name else \
+                f"unpinned snapshot {at[0]['id']} (turn {at[0]['turn_seq']})"
+            return emit(done, what)
 
         if args.action == "fork":
             new = threads.fork(store, sid, at_turn=args.at, title=args.title)

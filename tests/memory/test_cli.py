@@ -1,5 +1,5 @@
 """`deltamem sessions ...` as real subprocesses on a real database file, checked against the file itself (read
-with plain sqlite3) and against the engine: list, show, fork, rewind, export, import, delete, gc, bad input."""
+with plain sqlite3) and against the engine: list, show, pin, fork, rewind, export, import, delete, gc, bad input."""
 
 import json
 import sqlite3
@@ -95,6 +95,31 @@ def test_fork_rewind_export_import_delete_gc(db, tmp_path, ckpt):
     assert gc["bytes_after"] == path.stat().st_size <= gc["bytes_before"]  # vacuumed, the log truncated
     assert rows(path, "select count(*) from snapshots")[0][0] == 1  # only the rewound session's turn-1 snapshot
     assert rows(path, "pragma integrity_check")[0][0] == "ok"
+
+
+def test_a_pinned_snapshot_outlives_retention_until_unpinned(db, ckpt):
+    path, sid, blobs = db
+    r = sessions(path, "pin", sid, "baseline", "--at", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["turn"] == 1
+    assert rows(path, "select turn_seq from session_snapshots where name = 'baseline'") == [(1,)]
+    with Store(path) as store:
+        store.retain(sid, 1)  # as a session with keep_last 1 does after a turn
+    assert rows(path, "select turn_seq from session_snapshots where session_id = ?", sid) == [(1,), (3,)]
+    shown = json.loads(sessions(path, "show", sid, "--json").stdout)
+    assert [(s["turn_seq"], s["name"]) for s in shown["snapshots"]] == [(1, "baseline"), (3, None)]
+    r = sessions(path, "fork", sid, "--at", "1", "--json")
+    with Store(path) as store:
+        assert store.load_snapshot(json.loads(r.stdout)["session"]) == blobs[0]
+    assert sessions(path, "pin", sid, "--at", "1", "--unpin").returncode == 0
+    with Store(path) as store:
+        store.retain(sid, 1)
+    assert rows(path, "select turn_seq from session_snapshots where session_id = ?", sid) == [(3,)]
+    for args, message in ((["x", "--at", "2"], "no snapshot at turn 2 (snapshots at turns: 3)"),
+                          ([], "give a NAME to pin, or --unpin without one"),
+                          (["x", "--unpin"], "give a NAME to pin, or --unpin without one")):
+        r = sessions(path, "pin", sid, *args)
+        assert r.returncode == 1 and message in r.stderr, r.stderr
 
 
 def test_bad_input_gets_a_message_and_nonzero_exit(db, tmp_path):
