@@ -1,4 +1,4 @@
-"""Shared helpers for benchmarks: corpus tokens, timing, and the results format of DESIGN.md."""
+"""Shared helpers for benchmarks: corpus tokens, timing, and the results format (JSON + markdown in results/)."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _fmt(v) -> str:
 
 
 def olmo_hybrid_7b_config() -> dict:
-    """OLMo Hybrid 7B's shapes (DESIGN.md): hidden 3840, 32 layers = 8 x (3 Gated DeltaNet + 1 attention), 30 heads
+    """OLMo Hybrid 7B's shapes: hidden 3840, 32 layers = 8 x (3 Gated DeltaNet + 1 attention), 30 heads
     of 128 (30 KV heads), DeltaNet key head 96, value head 192, conv 4, no rotary."""
     return {
         "model_type": "olmo_hybrid",

@@ -140,7 +140,7 @@ def test_restore_then_continue_is_exact_after_graph_decode(seen):
     assert (again - want).abs().max().item() == 0 and (other - want).abs().max().item() == 0
 
 
-OLMO_7B = {  # OLMo Hybrid 7B's shapes (DESIGN.md)
+OLMO_7B = {  # OLMo Hybrid 7B's shapes (its config.json)
     "model_type": "olmo_hybrid", "vocab_size": 100352, "hidden_size": 3840, "intermediate_size": 11008,
     "num_hidden_layers": 32, "num_attention_heads": 30, "num_key_value_heads": 30, "linear_num_key_heads": 30,
     "linear_num_value_heads": 30, "linear_key_head_dim": 96, "linear_value_head_dim": 192,

@@ -1,4 +1,4 @@
-"""Invariants 2-4 of DESIGN.md and the bounded window against an independent masked-attention reference."""
+"""Invariants 2-4 (ARCHITECTURE.md) and the bounded window against an independent masked-attention reference."""
 
 import sqlite3
 import subprocess
