@@ -46,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         repo.mkdir()
-        engine = load_model("random", window=args.window)
+        engine = load_model("random", window=args.window, device="cpu", quant="none", compile_decode=False)
         build_repo(repo, args.tokens, engine.tokenizer)
         db = Path(tmp) / "memory.db"
         with Store(db) as store:
@@ -66,7 +66,7 @@ def main() -> None:
 
         # resume in a fresh engine: open the session (restore) and answer the new turn
         with Store(db) as store:
-            fresh = load_model("random", window=args.window)
+            fresh = load_model("random", window=args.window, device="cpu", quant="none", compile_decode=False)
             first: list[float] = []
             t0 = time.perf_counter()
             resumed = Agent(fresh, store, "bench", repo, max_new_tokens=1)
@@ -77,7 +77,7 @@ def main() -> None:
             fed = result.tokens_fed
 
         # baseline: no snapshot, the whole history and the new turn are prefilled, then the first token
-        base = load_model("random", window=args.window)
+        base = load_model("random", window=args.window, device="cpu", quant="none", compile_decode=False)
         ids = base.tokenizer.encode(rendered)
         t0 = time.perf_counter()
         logits = base.feed(ids, logits="last")

@@ -53,7 +53,7 @@ from deltamem.model import load_model
 ids = json.loads(sys.argv[2])
 out = {}
 for name, spec in (("default", "default"), ("gguf", sys.argv[3])):
-    eng = load_model(spec)
+    eng = load_model(spec, device="cpu", quant="none", compile_decode=False)
     eng.feed(ids[:64]); eng.reset()
     t = time.perf_counter(); eng.feed(ids, logits="last"); out[name] = len(ids) / (time.perf_counter() - t)
 print(json.dumps(out))
@@ -293,7 +293,7 @@ def main() -> None:
     doc["floors"] = fl = floors(args.threads)
     print(f"cpu {doc['cpu']}; floors {fl}", flush=True)
 
-    base = load_model("default")
+    base = load_model("default", device="cpu", quant="none", compile_decode=False)
     ids = base.tokenizer.encode(text)[: args.prefill]
     chat = base.tokenizer.encode(CHAT)
     del base
@@ -319,7 +319,7 @@ def main() -> None:
         rows.append(r)
         print(r, flush=True)
         del eng
-    eng = load_model(gguf)
+    eng = load_model(gguf, device="cpu", quant="none", compile_decode=False)
     g_ids, g_chat = eng.tokenizer.encode(text)[: args.prefill], eng.tokenizer.encode(CHAT)
     rows.append({"engine": "deltamem engine, SmolLM2 GGUF", **engine_rates(eng, g_ids, g_chat, args.decode),
                  "weight_bytes": weight_bytes(eng)})  # fmt: skip

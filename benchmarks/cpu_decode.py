@@ -34,7 +34,7 @@ def main() -> None:
     ref = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
-    ours = load_model(path)
+    ours = load_model(path, device="cpu", quant="none", compile_decode=False)
     ids = ours.tokenizer.encode(PROMPT)
 
     def run_ref():

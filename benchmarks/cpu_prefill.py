@@ -25,7 +25,7 @@ def main() -> None:
         ("default (hybrid, window 1024)", "default"),
         ("SmolLM2-135M GGUF (Llama, window 4096)", str(smollm2_gguf())),
     ):
-        eng = load_model(spec)
+        eng = load_model(spec, device="cpu", quant="none", compile_decode=False)
         ids = eng.tokenizer.encode(corpus_text(200_000))
         for n in (1024, 8192, 32768):
             eng.reset()

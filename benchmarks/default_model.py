@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--heldout-seqs", type=int, default=31)
     ap.add_argument("--new-tokens", type=int, default=96)
     args = ap.parse_args()
-    student = load_model("default")
-    teacher = load_model(smollm2_gguf(), window=student.window)
+    student = load_model("default", device="cpu", quant="none", compile_decode=False)
+    teacher = load_model(smollm2_gguf(), window=student.window, device="cpu", quant="none", compile_decode=False)
     lines = ["# Default model: distilled SmolLM2-135M hybrid vs its teacher", ""]
     ev = json.loads(args.eval.read_text()) if args.eval else None
     prev = json.loads(args.previous.read_text()) if args.previous else None
@@ -134,7 +134,8 @@ def second_sample(student, path: Path, n: int, ev: dict | None) -> list[str]:
     held = np.fromfile(path, dtype=np.uint16).astype(np.int64)
     starts = np.linspace(0, len(held) - t, k).astype(int)
     starts = ((starts[:-1] + starts[1:]) // 2)[:n]
-    teacher = load_model(smollm2_gguf(), window=None)  # full attention
+    # full attention
+    teacher = load_model(smollm2_gguf(), window=None, device="cpu", quant="none", compile_decode=False)
     nll = {"teacher_full": 0.0, f"student_window{student.window}": 0.0}
     for j, s in enumerate(starts):
         ids = torch.from_numpy(held[s : s + t])

@@ -27,8 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
 
-    engine = load_model(args.model, window=args.window)
-    fresh = load_model(args.model, window=args.window)
+    engine = load_model(args.model, window=args.window, device="cpu", quant="none", compile_decode=False)
+    fresh = load_model(args.model, window=args.window, device="cpu", quant="none", compile_decode=False)
     ids = engine.tokenizer.encode(corpus_text(6 * max(sizes)))
     if len(ids) < max(sizes):
         raise SystemExit(f"corpus gave only {len(ids)} tokens")

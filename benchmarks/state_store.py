@@ -42,8 +42,8 @@ def _db_bytes(store: Store) -> int:
 def growth(sizes: list[int], window: int, tmp: Path) -> list[dict]:
     """At each N: bring the session to N tokens (a bulk save, as after an ingest), then one chat turn: a 64-token
     reply and the save that follows it, the cost a user pays after every answer."""
-    engine = load_model("random", window=window)
-    fresh = load_model("random", window=window)
+    engine = load_model("random", window=window, device="cpu", quant="none", compile_decode=False)
+    fresh = load_model("random", window=window, device="cpu", quant="none", compile_decode=False)
     ids = engine.tokenizer.encode(corpus_text(6 * max(sizes)))
     rows = []
     with Store(tmp / "growth.db") as store:

@@ -1,5 +1,6 @@
 """Invariants 2-4 (ARCHITECTURE.md) and the bounded window against an independent masked-attention reference."""
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -94,7 +95,9 @@ def test_snapshot_restore_in_new_process_is_bit_identical(olmo_dirs, tmp_path, w
         con.execute("create table snaps (blob blob)")
         con.execute("insert into snaps values (?)", (b.snapshot(),))
     torch.save(cont, tmp_path / "cont.pt")
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    # a bare environment but the test process's model options (DELTAMEM_*: load_model's defaults)
+    options = {k: v for k, v in os.environ.items() if k.startswith("DELTAMEM_")}
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", **options}
     subprocess.run(
         [sys.executable, "-c", SCRIPT, str(path), str(db), str(tmp_path / "cont.pt"), str(tmp_path / "o.pt"),
          str(window)],
