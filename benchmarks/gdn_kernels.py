@@ -1,4 +1,4 @@
-"""GPU benchmark of the Gated DeltaNet kernels: ours (kernels/triton_gdn.py) vs fla vs the torch reference.
+"""GPU benchmark of the Gated DeltaNet kernels: ours (kernels/*.py) vs fla vs the torch reference.
 
 Shapes (--shape): OLMo Hybrid 7B's DeltaNet layer (B=1, H=HV=30, K=96, V=192) or Qwen3.5-9B's (H=16 key heads, HV=32
 value heads, K=V=128); bf16 inputs, fp32 state. Reports the chunked

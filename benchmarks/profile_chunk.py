@@ -3,11 +3,11 @@
 Runs each op a few times under the profiler at each T and reports every kernel's time per call, so a long-T gap
 between the two shows which stage (solve, w/u, state pass, output) it is in.
 
-    python benchmarks/profile_chunk.py --out DIR [--t 8192,32768,65536] [--baseline OLD_triton_gdn.py ...]
+    python benchmarks/profile_chunk.py --out DIR [--t 8192,32768,65536] [--baseline OLD_chunk.py ...]
 
---baseline profiles another copy of kernels/triton_gdn.py beside the current one (e.g. the last commit's, from
-`git show HEAD:kernels/triton_gdn.py > OLD.py`), named by its file's stem; repeat it for several: kernel changes
-measured side by side in one run.
+--baseline profiles another copy of kernels/chunk.py beside the current one (e.g. the last commit's, from
+`git show HEAD:kernels/chunk.py > OLD.py`: it imports its helpers from the installed deltamem.kernels), named by its
+file's stem; repeat it for several: kernel changes measured side by side in one run.
 
 Writes DIR/profile_chunk.json and prints the table.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import ROOT, device_name
 
-from deltamem.kernels import chunk as triton_gdn
+from deltamem.kernels import chunk
 
 _spec = importlib.util.spec_from_file_location("kernels_bench", ROOT / "benchmarks" / "kernels.py")
 kernels_bench = importlib.util.module_from_spec(_spec)
@@ -52,13 +52,13 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--t", default="8192,32768,65536")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--baseline", type=Path, action="append", default=[], help="another copy of triton_gdn.py")
+    ap.add_argument("--baseline", type=Path, action="append", default=[], help="another copy of kernels/chunk.py")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    ops = {"ours": triton_gdn.chunk_gated_delta_rule}
-    modules = {"ours": triton_gdn}
+    ops = {"ours": chunk.chunk_gated_delta_rule}
+    modules = {"ours": chunk}
     for path in args.baseline:
-        spec = importlib.util.spec_from_file_location(f"triton_gdn_{path.stem}", path)
+        spec = importlib.util.spec_from_file_location(f"chunk_{path.stem}", path)
         other = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(other)
         ops[path.stem] = other.chunk_gated_delta_rule

@@ -63,7 +63,7 @@ def kl_loss(student: HybridLM, teacher: HybridLM, hs: torch.Tensor, ht: torch.Te
 def chunk_op(args):
     """The chunked gated delta rule the student's DeltaNet layers run through: the torch reference (default, any
     device), fla's Triton kernels (forward and backward; needs fla-core and, on Hopper, Triton >= 3.7.1), or ours
-    (kernels/triton_gdn.py: forward only, for evaluation). A kernel is first checked against the reference."""
+    (kernels/chunk.py: forward only, for evaluation). A kernel is first checked against the reference."""
     if args.chunk_op == "reference":
         return None
     if not torch.cuda.is_available():
