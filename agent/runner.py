@@ -12,6 +12,7 @@ snapshot of the model state (with the ids it consumed), linked to the graph chec
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from deltamem.agent.hygiene import Rules, feed_order
 from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
 from deltamem.agent.protocol import Offer, call_guide, lay_out
 from deltamem.agent.retrieve import lookup_turn
-from deltamem.agent.session import AgentSession, Cancelled, log
+from deltamem.agent.session import LOOP_MARKER, AgentSession, Cancelled, log
 from deltamem.memory.store import Store
 from deltamem.tools import ToolContext, default_tools
 from deltamem.tools.documents import MAX_DOCUMENT_BYTES, DocumentError, convert, converter_for, is_document
@@ -203,11 +204,12 @@ class Agent:
         self._drive(inp, track, approver)
         grounded = self._grounded(calls)
         stopped = self.session.cancel.is_set()  # a stopped answer is not asked for again
-        if grounded is False and not stopped and outcome(self.graph.get_state(self.config).values) == "answer":
-            hint = _ground_hint(self._shown_paths(calls))  # one retry: the answer names no file the tools showed
-            on_event({"retry": hint})
-            self._drive({"messages": [{"role": "user", "content": hint}], "steps": 0, "mode": ""}, track, approver)
-            grounded = self._grounded(calls)
+        if not stopped and outcome(self.graph.get_state(self.config).values) == "answer":
+            hint = _answer_hint(self._last_answer(), self._shown_paths(calls), grounded)
+            if hint is not None:  # one retry, the hint as a user turn
+                on_event({"retry": hint})
+                self._drive({"messages": [{"role": "user", "content": hint}], "steps": 0, "mode": ""}, track, approver)
+                grounded = self._grounded(calls)
         state = self.graph.get_state(self.config).values
         fed = self.session.fed - fed0
         snap_id = self._save(before, {"tokens": fed})
@@ -238,9 +240,12 @@ class Agent:
         shown = self._shown_paths(calls)
         if not shown:
             return None
-        last = self.messages()[-1]
-        answer = last["content"] if last["role"] == "assistant" else ""
+        answer = self._last_answer()
         return any(p in answer for p in shown)
+
+    def _last_answer(self) -> str:
+        last = self.messages()[-1]
+        return last["content"] if last["role"] == "assistant" else ""
 
     def _take_timing(self) -> dict:
         timing, self.session.timing = self.session.timing, {}
@@ -415,10 +420,22 @@ def scan_project(
     return [_Change(p, None) for p in sorted(set(ledger) - present)] + changes, result
 
 
-def _ground_hint(shown: list[str]) -> str:
+def _answer_hint(answer: str, shown: list[str], grounded: bool | None) -> str | None:
+    """What to tell the model when its answer cannot stand, else None: it names none of the files the tool results
+    showed; it went round in circles until the loop guard cut it; or it lists one file twice in a row."""
     listed = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
-    return (f"Your answer names none of the files the tool results showed ({listed}). Answer again from those "
-            "results, citing the file path (and the line, page or section) where the answer is.")
+    if grounded is False:
+        return (f"Your answer names none of the files the tool results showed ({listed}). Answer again from those "
+                "results, citing the file path (and the line, page or section) where the answer is.")
+    if LOOP_MARKER in answer:
+        return ("Your answer repeated itself until it was cut off. Answer again, once and briefly, from the tool "
+                f"results{f' ({listed})' if shown else ''}, naming each file once.")
+    twice = [p for p in shown if re.search(rf"(?<![\w/.-]){re.escape(p)}`?(?:,| and|, and) `?{re.escape(p)}(?![\w/-])",
+                                           answer)]
+    if twice:
+        return (f"Your answer lists {twice[0]} twice. The tool results show these files: {listed}. Answer again, "
+                "naming each file once.")
+    return None
 
 
 @dataclass

@@ -238,7 +238,7 @@ def _run_task(agent, task: str, as_json: bool, approver) -> int:
             status = ("ok" if e["ok"] else "failed") + (", looked up before the reply" if e.get("auto") else "")
             print(f"\n[{e['tool']} {json.dumps(e['arguments'], ensure_ascii=False)[:120]}: {status}]", file=sys.stderr)
         elif "retry" in e:
-            print("\n[the answer cites no file the tools showed: asked once more]", file=sys.stderr)
+            print(f"\n[asked once more: {e['retry'].split('. ')[0]}]", file=sys.stderr)
 
     from deltamem.model.errors import GenerationError
 

@@ -1,6 +1,7 @@
 """The look-up before the first reply (agent/retrieve.py) and grounded answers (agent/runner.py): which names a task
 is looked up by, on a real repository; the looked-up turn as the model sees it (results equal to running the tools
-directly); the one retry of an answer that cites no file the tools showed; and --no-tools."""
+directly); the one retry of an answer that cites no file the tools showed, lists one twice in a row or loops; and
+--no-tools."""
 
 import json
 
@@ -9,6 +10,7 @@ import pytest
 from deltamem.agent.parse import format_tool_call
 from deltamem.agent.retrieve import lookup_calls
 from deltamem.agent.runner import Agent
+from deltamem.agent.session import LOOP_MARKER
 from deltamem.memory.store import Store
 from deltamem.model import load_model
 from deltamem.tools import ToolContext, default_tools, run_tool
@@ -86,6 +88,32 @@ def test_the_looked_up_turn_precedes_the_first_reply_and_an_ungrounded_answer_is
         assert [c["auto"] for c in result.tool_calls] == [True]
         roles = [t["role"] for t in store.turns(agent.session_id)]
         assert roles == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
+
+
+@pytest.mark.parametrize(
+    ("first", "says"),
+    [
+        ("`checkout` is used in 2 files: `shop/api.js` and `shop/api.js`.", "lists shop/api.js twice"),
+        ("`checkout` is used in `shop/api.js`, `shop/api.js`, `shop/api.js`" + LOOP_MARKER, "repeated itself"),
+    ],
+)
+def test_an_answer_that_lists_a_file_twice_or_loops_is_asked_once_more(repo, tmp_path, first, says):
+    with Store(tmp_path / "memory.db") as store:
+        agent = Agent(load_model("random", window=64), store, "shop", repo, max_new_tokens=2)
+        better = "`checkout` is used in 2 files: `shop/api.js` and `shop/cart.py`."
+        seen = scripted(agent, first, better, "never asked")
+        result = agent.run("Which files use `checkout`?")
+        hint = seen[1][-1]["content"]
+        assert says in hint and "shop/api.js" in hint and "shop/cart.py" in hint  # the files the results showed
+        assert len(seen) == 2 and result.answer == better and result.grounded is True
+
+
+def test_a_file_named_twice_but_not_in_a_row_is_no_repeat(repo, tmp_path):
+    with Store(tmp_path / "memory.db") as store:
+        agent = Agent(load_model("random", window=64), store, "shop", repo, max_new_tokens=2)
+        answer = "`checkout` is defined in `shop/cart.py` (line 8) and used in `shop/cart.py` and `shop/api.js`."
+        seen = scripted(agent, answer, "never asked")
+        assert agent.run("Where is `checkout` defined and used?").answer == answer and len(seen) == 1
 
 
 def test_a_grounded_answer_is_not_retried_and_no_tools_offers_none(repo, tmp_path):
