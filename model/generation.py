@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from deltamem.model.cuda_graph import Burst, DecodeGraph
-from deltamem.model.sampling import LoopGuard, Sampler, TextStream, account
+from deltamem.model.sampling import LoopGuard, Sampler, TextStream, account, allowed
 
 GRAPH_CHUNK = 16  # tokens generate() decodes on the device between two reads of their ids on the host
 
@@ -103,10 +103,7 @@ class Generation:
     def _allowed(self, row: torch.Tensor, unknown: torch.Tensor | None) -> torch.Tensor:
         """The next token's logits with what may not be sampled at -inf: ids the tokenizer cannot decode, and
         what the guide (if any) forbids here."""
-        if unknown is not None:
-            row = row.index_fill(0, unknown, float("-inf"))
-        mask = self._guide(self.generated, row.device) if self._guide is not None else None
-        return row if mask is None else row.masked_fill(~mask, float("-inf"))
+        return allowed(row, unknown, self._guide(self.generated, row.device) if self._guide is not None else None)
 
     def _generate_on_device(
         self,
@@ -195,9 +192,7 @@ class Generation:
         graph = self._step_graph()
 
         def sample(row: torch.Tensor) -> torch.Tensor:
-            if unknown is not None:
-                row = row.index_fill(0, unknown, float("-inf"))
-            return sampler.on_device(row)
+            return sampler.on_device(allowed(row, unknown))
 
         return Burst(graph, logits.to(self.device), self.tokens_seen, n, sample, chunk)
 

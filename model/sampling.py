@@ -183,6 +183,14 @@ class Sampler:
         return gens[device]
 
 
+def allowed(row: torch.Tensor, unknown: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A next-token logits row with what may not be sampled at -inf: the ids the tokenizer cannot decode (`unknown`),
+    and those a guide's `mask` (True: allowed) forbids."""
+    if unknown is not None:
+        row = row.index_fill(0, unknown, float("-inf"))
+    return row if mask is None else row.masked_fill(~mask, float("-inf"))
+
+
 class LoopGuard:
     """Ends a reply that has fallen into a loop: its last tokens are one pattern of at most `max_period` tokens
     repeated at least `min_repeats` times over at least `span` tokens (a small model's degenerate output: the same

@@ -25,7 +25,7 @@ import torch
 
 from deltamem.model.batch import DecodeBatch
 from deltamem.model.engine import Kept
-from deltamem.model.sampling import Sampler, TextStream, account
+from deltamem.model.sampling import Sampler, TextStream, account, allowed
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 32  # replies decoded in one step; more wait for a place
@@ -143,9 +143,8 @@ class Batcher:
     def _sample(self) -> list[int]:
         rows = []
         for r in self.active:
-            row = r.logits if self.unknown is None else r.logits.index_fill(0, self.unknown, float("-inf"))
-            mask = r.guide(r.generated, row.device) if r.guide is not None else None
-            rows.append(row if mask is None else row.masked_fill(~mask, float("-inf")))
+            mask = r.guide(r.generated, r.logits.device) if r.guide is not None else None
+            rows.append(allowed(r.logits, self.unknown, mask))
         if self.on_device:  # one read-back for the whole batch
             return torch.cat([r.sampler.on_device(x) for r, x in zip(self.active, rows, strict=True)]).tolist()
         return [r.sampler(x) for r, x in zip(self.active, rows, strict=True)]
