@@ -13,8 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [str(Path(sys.executable).with_name("deltamem"))]
 
 
-def deltamem(*args, stdin=None):
-    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=300)
+def deltamem(*args, stdin=None, wait=True):
+    """The installed CLI run to its end (or, wait=False, started: a Popen with its output piped)."""
+    if not wait:
+        return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run([*CLI, *args], input=stdin, capture_output=True, text=True, timeout=600)
 
 
 def test_generate_saves_and_resumes_state(tmp_path):

@@ -14,14 +14,7 @@ from deltamem.agent.prompt import MAP_PATH
 from deltamem.agent.runner import Agent
 from deltamem.memory.store import Store
 from deltamem.model import load_model
-from tests.test_app import CLI
-
-
-def deltamem(*args, wait=True):
-    cmd = [*CLI, *args]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+from tests.test_app import CLI, deltamem
 
 
 @pytest.fixture()
