@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from common import versions, write_results
 
+from deltamem.kernels.window import visible
 from deltamem.model.train import _banded_attention
 
 SINK = 4
@@ -25,7 +26,7 @@ SINK = 4
 def dense(q, k, v, window: int, scale: float):
     pos = torch.arange(q.shape[2], device=q.device)
     j, p = pos[None, :], pos[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= p) & ((j > p - window) | (j < SINK)), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible(j, p, SINK, window), scale=scale)
 
 
 def per_block_mask(q, k, v, window: int, scale: float):
@@ -40,7 +41,7 @@ def per_block_mask(q, k, v, window: int, scale: float):
     dev = q.device
     p = (torch.arange(n, device=dev)[:, None] * window + torch.arange(window, device=dev))[:, :, None]
     j = (torch.arange(n, device=dev)[:, None] - 1) * window + torch.arange(2 * window, device=dev)
-    in_window = (j[:, None, :] <= p) & (j[:, None, :] > p - window) & (j[:, None, :] >= SINK)
+    in_window = visible(j[:, None, :], p, SINK, window) & (j[:, None, :] >= SINK)  # the sinks come first, apart
     mask = torch.cat([(torch.arange(SINK, device=dev)[None, None, :] <= p).expand(n, window, SINK), in_window], -1)
     flat = (b, h * n, -1, e)
     o = F.scaled_dot_product_attention(
