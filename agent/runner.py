@@ -28,6 +28,7 @@ from deltamem.agent.protocol import Offer, call_guide, lay_out
 from deltamem.agent.retrieve import lookup_turn
 from deltamem.agent.session import LOOP_MARKER, AgentSession, Cancelled, log
 from deltamem.memory.store import Store
+from deltamem.model.sampling import LoopGuard
 from deltamem.tools import ToolContext, default_tools
 from deltamem.tools.documents import MAX_DOCUMENT_BYTES, DocumentError, convert, converter_for, is_document
 from deltamem.tools.files import project_files
@@ -40,6 +41,9 @@ MAP_TOKENS = 1500  # the repository map's budget (tools/repomap.py)
 
 Event = dict
 Approver = Callable[[dict], bool]
+
+
+DEFAULT_GUARD = LoopGuard()  # holds no state: one serves every agent
 
 
 @dataclass
@@ -92,17 +96,22 @@ class Agent:
         guided_calls: bool = True,
         tools: bool = True,
         retrieve: bool = True,
+        sampling: dict | None = None,
+        loop_guard: LoopGuard | None = DEFAULT_GUARD,
     ):
         """convert_state: resume a session saved in another dtype by converting its state (not exact; the session
         records it), instead of refusing. guided_calls: a tool call the model opens can only be a well-formed call of
         an offered tool (agent/guide.py). tools=False: no tool is offered, the model answers from its state alone.
-        retrieve: the task's names and key words are looked up before the first reply (agent/retrieve.py)."""
+        retrieve: the task's names and key words are looked up before the first reply (agent/retrieve.py).
+        sampling: engine.generate's temperature, top_p, top_k, seed, repetition_penalty (default: greedy).
+        loop_guard: ends a reply caught in a loop (None: never)."""
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ValueError(f"{root} is not a directory")
         self.store = store
         self.session = AgentSession.open(engine, store, session, self.root, convert_state=convert_state)
         self.session.max_new_tokens = max_new_tokens
+        self.session.sampling, self.session.loop_guard = dict(sampling or {}), loop_guard
         self.tools = default_tools() if tools else {}
         self.retrieve = retrieve
         offer = Offer(tool_specs(self.tools))

@@ -90,23 +90,11 @@ def _agent(args: argparse.Namespace):
     name = args.session or args.repo.resolve().name
     kw = {}
     if args.command != "ingest":
-        kw = dict(
-            approve=args.approve,
-            max_steps=args.max_steps,
-            allow_shell=args.allow_shell,
-            max_new_tokens=args.max_new_tokens,
-            guided_calls=args.guided_calls,
-            tools=args.tools,
-            retrieve=args.retrieve,
-        )
-    agent = Agent(engine, store, name, args.repo, convert_state=args.convert_state, **kw)
-    agent.load_s = args.load_s  # reported with --json
-    if args.command != "ingest":
-        agent.session.sampling = {
-            "temperature": args.temperature, "seed": args.seed, "repetition_penalty": penalty(args)
-        }
-        agent.session.loop_guard = loop_guard(args)
-    return agent
+        options = ("approve", "max_steps", "allow_shell", "max_new_tokens", "guided_calls", "tools", "retrieve")
+        kw = {k: getattr(args, k) for k in options}
+        kw["sampling"] = {"temperature": args.temperature, "seed": args.seed, "repetition_penalty": penalty(args)}
+        kw["loop_guard"] = loop_guard(args)
+    return Agent(engine, store, name, args.repo, convert_state=args.convert_state, **kw)
 
 
 def _ask(pending: dict) -> bool:
@@ -171,7 +159,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         "snapshot": result.snapshot_id,
         "tokens_seen": agent.session.engine.tokens_seen,
         "timing": result.timing,
-        "load_s": getattr(agent, "load_s", None),
+        "load_s": getattr(args, "load_s", None),
     }
     if args.json:
         print(json.dumps(summary))
@@ -227,7 +215,7 @@ def _ingest_dry_run(args: argparse.Namespace, rules) -> int:
     return 0
 
 
-def _run_task(agent, task: str, as_json: bool, approver) -> int:
+def _run_task(agent, task: str, as_json: bool, approver, load_s: float | None = None) -> int:
     def on_event(e: dict) -> None:
         if as_json:
             return
@@ -265,7 +253,7 @@ def _run_task(agent, task: str, as_json: bool, approver) -> int:
                     "snapshot": result.snapshot_id,
                     "tokens_seen": agent.session.engine.tokens_seen,
                     "timing": result.timing,
-                    "load_s": getattr(agent, "load_s", None),
+                    "load_s": load_s,
                 }
             )
         )
@@ -281,7 +269,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not task.strip():
         print("deltamem: error: the task is empty", file=sys.stderr)
         return 2
-    return _run_task(_agent(args), task, args.json, _ask if args.approve == "ask" else None)
+    return _run_task(_agent(args), task, args.json, _ask if args.approve == "ask" else None, args.load_s)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -300,7 +288,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if line.strip():
             try:
-                _run_task(agent, line, args.json, approver)
+                _run_task(agent, line, args.json, approver, args.load_s)
             except Exception as e:  # said, and the chat goes on from the last saved turn
                 code, message = failure(e)
                 if code is None:
