@@ -48,11 +48,11 @@ class _Step(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
         g = self.graph
-        held, saved = g._tensors(), (g.ids, g.pos)
+        held, saved = g.state_tensors(), (g.ids, g.pos)
         _put(g, tensors)
         g.ids, g.pos = ids, pos
         try:
-            return g._eager_run()
+            return g.eager_step()
         finally:
             _put(g, held)
             g.ids, g.pos = saved

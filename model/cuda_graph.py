@@ -50,8 +50,8 @@ class DecodeGraph:
         with torch.inference_mode(False):  # set by the host outside inference mode too (Burst)
             self.ids = torch.zeros(1, dtype=torch.long, device=self.device)
             self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.held = self._tensors()
-        self._run = self._eager_run
+        self.held = self.state_tensors()
+        self._run = self.eager_step
         self.compiled = False  # running the step compiled ahead of time
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -63,7 +63,8 @@ class DecodeGraph:
         elif aot_key is not None:
             self._run = self._compiled_step(aot_key)
 
-    def _tensors(self) -> list[torch.Tensor]:
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The state tensors the step reads and updates in place, in a fixed order (the compiled step's inputs)."""
         out = [t for d in self.deltas for t in (d.conv, d.recurrent)]
         return out + [t for kv in self.kvs for t in (kv.k, kv.v, kv.pos)]
 
@@ -72,7 +73,7 @@ class DecodeGraph:
         return (
             len(states) == len(self.states)
             and all(a is b for a, b in zip(states, self.states, strict=True))
-            and all(a is b for a, b in zip(self._tensors(), self.held, strict=True))
+            and all(a is b for a, b in zip(self.state_tensors(), self.held, strict=True))
         )
 
     def _compiled_step(self, aot_key: tuple) -> Callable[[], torch.Tensor]:
@@ -84,11 +85,12 @@ class DecodeGraph:
         except Exception as e:  # no C++ compiler, or an op the compiler cannot take
             log.warning("could not compile the decode step (%s: %s); decoding eagerly",
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")  # fmt: skip
-            return self._eager_run
+            return self.eager_step
         self.compiled = True
         return lambda: step(self.ids, self.pos, *self.held)
 
-    def _eager_run(self) -> torch.Tensor:
+    def eager_step(self) -> torch.Tensor:
+        """One decode step in eager PyTorch on the bound ids, positions and state (what capture and compile trace)."""
         for kv in self.kvs:
             kv.step_pos = self.pos
         try:
