@@ -15,65 +15,38 @@ from deltamem.cli.options import convert_arg, db_arg, guide_arg, load, loop_arg,
 
 
 def register(sub) -> None:
-    def common(sp: argparse.ArgumentParser) -> None:
-        model_args(sp)
-        sp.add_argument("--repo", type=Path, default=Path("."), help="project root (default: the current directory)")
-        sp.add_argument("--session", help="session title or id (default: the project folder's name)")
-        db_arg(sp)
-        sp.add_argument("--json", action="store_true", help="one JSON object on stdout instead of text")
-        convert_arg(sp)
+    for group in (ingest_parser, run_parser, chat_parser):
+        group(sub)
 
-    def agent_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--max-steps", type=int, default=8, help="model calls per task before giving up (default 8)")
-        sp.add_argument(
-            "--approve",
-            choices=["never", "ask", "always"],
-            default="never",
-            help="risky tools (write_file, edit, shell): never run them (default), ask on the terminal, or always",
-        )
-        sp.add_argument("--allow-shell", action="store_true", help="make the shell tool available (still risky)")
-        sp.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
-        sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-        sp.add_argument("--seed", type=int, default=None)
-        sp.add_argument("--no-tools", dest="tools", action="store_false",
-                        help="offer no tool: the model answers from its memory (the ingested state) alone")
-        sp.add_argument("--no-retrieve", dest="retrieve", action="store_false",
-                        help="do not look the task's names and key words up (definition, references, grep) before "
-                        "the model's first reply (default: looked up, shown to the model as an automatic tool call)")
-        guide_arg(sp)
-        loop_arg(sp)
 
-    ing = sub.add_parser("ingest", help="read a project's text files into a session's memory (changed files only)")
-    common(ing)
-    ing.set_defaults(run=cmd_ingest)
-    ing.add_argument("--max-file-bytes", type=int, default=256_000, help="skip larger files (default 256000)")
-    ing.add_argument(
-        "--include", action="append", default=[], metavar="GLOB",
-        help="feed files matching this gitignore-style pattern even if skipped by default (lock files, vendored, "
-        "minified, generated and data files); repeatable",
-    )  # fmt: skip
-    ing.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave these files out; repeatable")
-    ing.add_argument(
-        "--map-tokens", type=int, default=1500, metavar="N",
-        help="budget of the repository map fed last (files and their top-level definitions; default 1500; 0: none)",
-    )  # fmt: skip
-    ing.add_argument(
-        "--dry-run", action="store_true",
-        help="list what would be fed, in order, with token counts, and what is skipped and why; write nothing",
-    )  # fmt: skip
-    run = sub.add_parser(
-        "run",
-        help="run the agent on a task in a project; exit 0 on an answer, 1 bad input, 3 at the step limit, 4 model "
-        "error, 5 out of memory or device error",
+def _common(sp: argparse.ArgumentParser) -> None:
+    model_args(sp)
+    sp.add_argument("--repo", type=Path, default=Path("."), help="project root (default: the current directory)")
+    sp.add_argument("--session", help="session title or id (default: the project folder's name)")
+    db_arg(sp)
+    sp.add_argument("--json", action="store_true", help="one JSON object on stdout instead of text")
+    convert_arg(sp)
+
+
+def _agent_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--max-steps", type=int, default=8, help="model calls per task before giving up (default 8)")
+    sp.add_argument(
+        "--approve",
+        choices=["never", "ask", "always"],
+        default="never",
+        help="risky tools (write_file, edit, shell): never run them (default), ask on the terminal, or always",
     )
-    common(run)
-    run.set_defaults(run=cmd_run)
-    agent_args(run)
-    run.add_argument("task", help="what to do (use - to read stdin)")
-    chat = sub.add_parser("chat", help="a line-by-line chat with the agent (the plain-terminal REPL)")
-    common(chat)
-    chat.set_defaults(run=cmd_chat)
-    agent_args(chat)
+    sp.add_argument("--allow-shell", action="store_true", help="make the shell tool available (still risky)")
+    sp.add_argument("--max-new-tokens", type=int, default=512, help="tokens per model reply (default 512)")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--no-tools", dest="tools", action="store_false",
+                    help="offer no tool: the model answers from its memory (the ingested state) alone")
+    sp.add_argument("--no-retrieve", dest="retrieve", action="store_false",
+                    help="do not look the task's names and key words up (definition, references, grep) before "
+                    "the model's first reply (default: looked up, shown to the model as an automatic tool call)")
+    guide_arg(sp)
+    loop_arg(sp)
 
 
 def _agent(args: argparse.Namespace):
@@ -106,6 +79,27 @@ def _ask(pending: dict) -> bool:
 
     args = json.dumps(pending["arguments"], ensure_ascii=False)
     return Confirm.ask(f"Allow [bold]{pending['tool']}[/bold] {args[:300]}?", default=False)
+
+
+def ingest_parser(sub) -> None:
+    ing = sub.add_parser("ingest", help="read a project's text files into a session's memory (changed files only)")
+    _common(ing)
+    ing.set_defaults(run=cmd_ingest)
+    ing.add_argument("--max-file-bytes", type=int, default=256_000, help="skip larger files (default 256000)")
+    ing.add_argument(
+        "--include", action="append", default=[], metavar="GLOB",
+        help="feed files matching this gitignore-style pattern even if skipped by default (lock files, vendored, "
+        "minified, generated and data files); repeatable",
+    )  # fmt: skip
+    ing.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="leave these files out; repeatable")
+    ing.add_argument(
+        "--map-tokens", type=int, default=1500, metavar="N",
+        help="budget of the repository map fed last (files and their top-level definitions; default 1500; 0: none)",
+    )  # fmt: skip
+    ing.add_argument(
+        "--dry-run", action="store_true",
+        help="list what would be fed, in order, with token counts, and what is skipped and why; write nothing",
+    )  # fmt: skip
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -264,12 +258,31 @@ def _run_task(agent, task: str, as_json: bool, approver, load_s: float | None = 
     return code
 
 
+def run_parser(sub) -> None:
+    run = sub.add_parser(
+        "run",
+        help="run the agent on a task in a project; exit 0 on an answer, 1 bad input, 3 at the step limit, 4 model "
+        "error, 5 out of memory or device error",
+    )
+    _common(run)
+    run.set_defaults(run=cmd_run)
+    _agent_args(run)
+    run.add_argument("task", help="what to do (use - to read stdin)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     task = sys.stdin.read() if args.task == "-" else args.task
     if not task.strip():
         print("deltamem: error: the task is empty", file=sys.stderr)
         return 2
     return _run_task(_agent(args), task, args.json, _ask if args.approve == "ask" else None, args.load_s)
+
+
+def chat_parser(sub) -> None:
+    chat = sub.add_parser("chat", help="a line-by-line chat with the agent (the plain-terminal REPL)")
+    _common(chat)
+    chat.set_defaults(run=cmd_chat)
+    _agent_args(chat)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -14,30 +14,8 @@ from deltamem.cli.options import convert_arg, load, loop_arg, loop_guard, model_
 
 
 def register(sub) -> None:
-    g = sub.add_parser("generate", help="continue a prompt, streaming tokens; optionally resume/save the state")
-    model_args(g)
-    g.add_argument("prompt", help="text to feed (use - to read stdin)")
-    g.add_argument(
-        "--state",
-        type=Path,
-        help="snapshot file: restored before the prompt if it exists, written (atomically) afterwards",
-    )
-    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    convert_arg(g)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    loop_arg(g)
-    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.set_defaults(run=cmd_generate)
-    i = sub.add_parser(
-        "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes alone)"
-    )
-    model_args(i)
-    i.set_defaults(run=cmd_info)
+    generate_parser(sub)
+    info_parser(sub)
 
 
 def _chat_prompt(engine, text: str) -> str:
@@ -63,6 +41,28 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def generate_parser(sub) -> None:
+    g = sub.add_parser("generate", help="continue a prompt, streaming tokens; optionally resume/save the state")
+    model_args(g)
+    g.add_argument("prompt", help="text to feed (use - to read stdin)")
+    g.add_argument(
+        "--state",
+        type=Path,
+        help="snapshot file: restored before the prompt if it exists, written (atomically) afterwards",
+    )
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    convert_arg(g)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    loop_arg(g)
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.set_defaults(run=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -127,6 +127,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def info_parser(sub) -> None:
+    i = sub.add_parser(
+        "info", help="show a model's config, sizes and fingerprint (a folder with only config.json: sizes alone)"
+    )
+    model_args(i)
+    i.set_defaults(run=cmd_info)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
