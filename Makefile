@@ -43,7 +43,7 @@ $(DEMO_VENV)/.deps: $(UV) requirements/demo.txt requirements/weights.txt
 # the demo runs deltamem installed as users get it (a wheel built from this tree, dependencies from the lock)
 $(DEMO_VENV)/.installed: $(DEMO_VENV)/.deps pyproject.toml $(SOURCES)
 	$(UV) pip install -q --python $(DEMO_VENV)/bin/python --no-deps --no-build-isolation --reinstall .
-	rm -rf build
+	rm -rf build/lib build/bdist.*  # build/__editable__*: the test venvs' strict editable install
 	touch $@
 
 $(TEST_VENV)/.deps: $(UV) requirements/test.txt requirements/weights.txt

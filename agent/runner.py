@@ -439,8 +439,11 @@ def _answer_hint(answer: str, shown: list[str], grounded: bool | None) -> str | 
     if LOOP_MARKER in answer:
         return ("Your answer repeated itself until it was cut off. Answer again, once and briefly, from the tool "
                 f"results{f' ({listed})' if shown else ''}, naming each file once.")
-    twice = [p for p in shown if re.search(rf"(?<![\w/.-]){re.escape(p)}`?(?:,| and|, and) `?{re.escape(p)}(?![\w/-])",
-                                           answer)]
+    def listed_twice(p: str) -> bool:  # "`a.py`, `a.py`" or "a.py and a.py", not b/a.py or a.py.orig
+        q = re.escape(p)
+        return re.search(rf"(?<![\w/.-]){q}`?(?:,| and|, and) `?{q}(?![\w/-]|\.\w)", answer) is not None
+
+    twice = [p for p in shown if listed_twice(p)]
     if twice:
         return (f"Your answer lists {twice[0]} twice. The tool results show these files: {listed}. Answer again, "
                 "naming each file once.")

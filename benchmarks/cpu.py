@@ -267,7 +267,7 @@ def main() -> None:
         doc = json.loads((RESULTS / f"{stem}.json").read_text())
         for r in doc["rows"]:
             if r["engine"].startswith("deltamem default model") and "--compile" not in r["engine"]:
-                eng = load_model("default", quant=r["engine"].rsplit(" ", 1)[1])
+                eng = load_model("default", device="cpu", quant=r["engine"].rsplit(" ", 1)[1], compile_decode=False)
                 r["perplexity"], r["recall"] = quality(eng, args)
                 print(r["engine"], r["perplexity"], r["recall"], flush=True)
         for r in doc["rows"]:
@@ -302,11 +302,11 @@ def main() -> None:
         raise SystemExit("--quants needs none (the float32 reference of every ratio)")
     # int4 does not compile ahead of time (model/loader.py): it decodes eagerly either way
     for q, comp in [(q, False) for q in quants] + [(q, True) for q in quants if q != "int4"]:
-        eng = load_model("default", quant=q, compile_decode=comp)
+        eng = load_model("default", device="cpu", quant=q, compile_decode=comp)
         name = f"deltamem default model, --quant {q}" + (" --compile" if comp else "")
         r = {"engine": name, **engine_rates(eng, ids, chat, args.decode)}
         if comp:
-            again = load_model("default", quant=q, compile_decode=True)
+            again = load_model("default", device="cpu", quant=q, compile_decode=True)
             t = time.perf_counter()
             for _ in again.generate(chat, max_new_tokens=4, stop_ids=[]):
                 pass

@@ -25,7 +25,7 @@ from common import ROOT, device_name
 
 from deltamem.kernels import chunk
 
-_spec = importlib.util.spec_from_file_location("kernels_bench", ROOT / "benchmarks" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("kernels_bench", ROOT / "benchmarks" / "gdn_kernels.py")
 kernels_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernels_bench)
 

@@ -159,26 +159,33 @@ def pin(actions, common) -> None:
     p = actions.add_parser("pin", parents=[common],
                            help="name a snapshot, which retention then keeps (resume, fork or rewind at it later)")
     p.add_argument("id")
-    p.add_argument("name", nargs="?", help="the snapshot's name (left out with --unpin)")
+    p.add_argument("name", nargs="?", help="the snapshot's name (with --unpin: the pinned snapshot of this name)")
     p.add_argument("--at", type=int, default=None, metavar="TURN", help="the snapshot at this turn (default: latest)")
-    p.add_argument("--unpin", action="store_true", help="drop the name: retention may delete the snapshot again")
+    p.add_argument("--unpin", action="store_true", help="drop the name (of NAME or --at TURN's snapshot): retention "
+                   "may delete the snapshot again")
     p.set_defaults(handle=pin_snapshot)
 
 
 def pin_snapshot(c: Run) -> int:
-    if c.args.unpin == bool(c.args.name and c.args.name.strip()):
-        raise ValueError("give a NAME to pin, or --unpin without one")
+    name = (c.args.name or "").strip()
     snaps = c.store.snapshots(c.sid)
-    at = [r for r in snaps if c.args.at is None or r["turn_seq"] == c.args.at][-1:]
+    if c.args.unpin:  # the snapshot of that name, or the one at that turn
+        if not name and c.args.at is None:
+            raise ValueError("--unpin needs the snapshot's NAME or --at TURN")
+        at = [r for r in snaps if (r["name"] == name if name else r["turn_seq"] == c.args.at)]
+    else:
+        if not name:
+            raise ValueError("give a NAME to pin the snapshot by")
+        at = [r for r in snaps if c.args.at is None or r["turn_seq"] == c.args.at][-1:]
     if not at:
-        turns = ", ".join(str(r["turn_seq"]) for r in snaps) or "none"
-        raise ValueError(f"session {c.sid} has no snapshot at turn {c.args.at} (snapshots at turns: {turns})")
-    name = None if c.args.unpin else c.args.name.strip()
-    c.store.name_snapshot(c.sid, at[0]["id"], name)
-    done = {"session": c.sid, "snapshot": at[0]["id"], "turn": at[0]["turn_seq"], "name": name}
-    what = f"pinned snapshot {at[0]['id']} (turn {at[0]['turn_seq']}) as {name!r}" if name else \
-        f"unpinned snapshot {at[0]['id']} (turn {at[0]['turn_seq']})"
-    return c.emit(done, what)
+        turns = ", ".join(str(r["turn_seq"]) for r in snaps) or "none yet"
+        what = f"named {name!r}" if c.args.unpin and name else "yet" if c.args.at is None else f"at turn {c.args.at}"
+        raise ValueError(f"session {c.sid} has no snapshot {what} (snapshots at turns: {turns})")
+    snap = at[-1]
+    c.store.name_snapshot(c.sid, snap["id"], None if c.args.unpin else name)
+    done = {"session": c.sid, "snapshot": snap["id"], "turn": snap["turn_seq"], "name": None if c.args.unpin else name}
+    where = f"snapshot {snap['id']} (turn {snap['turn_seq']})"
+    return c.emit(done, f"unpinned {where}" if c.args.unpin else f"pinned {where} as {name!r}")
 
 
 def delete(actions, common) -> None:

@@ -53,13 +53,12 @@ def load_model(
     well under a second); "auto": on wherever it can be (the CPU, a bounded window, a C++ compiler, the start-up
     cache on, quant other than none).
     """
-    if None in (path, device, dtype, quant, compile_decode):
-        d = ModelOptions()
-        path = d.model if path is None else path
-        device = d.device if device is None else device
-        dtype = d.dtype if dtype is None else dtype
-        quant = d.quant if quant is None else quant
-        compile_decode = d.compile if compile_decode is None else compile_decode
+    default = ModelOptions.default
+    path = default("model") if path is None else path
+    device = default("device") if device is None else device
+    dtype = default("dtype") if dtype is None else dtype
+    quant = default("quant") if quant is None else quant
+    compile_decode = default("compile") if compile_decode is None else compile_decode
     device, dtype = resolve(device, dtype)
     if quant not in (*QUANTS, "auto"):
         raise ValueError(f"--quant must be one of auto, {', '.join(QUANTS)}; got {quant!r}")

@@ -54,6 +54,11 @@ class ModelOptions:
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"compile must be True, False or 'auto'; got {self.compile!r}")
 
+    @classmethod
+    def default(cls, name: str):
+        """One field's default (its DELTAMEM_* variable, else auto), reading no other field's variable."""
+        return cls.__dataclass_fields__[name].default_factory()
+
     def load(self, prefill_chunk: int = 512) -> Engine:
         """The model as an Engine with an empty state."""
         from deltamem.model.loader import load_model

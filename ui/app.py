@@ -93,7 +93,7 @@ class DeltamemApp(App):
     # --- opening sessions ------------------------------------------------------------------------------------
     def _load_model(self):
         """Load in a daemon thread this worker only watches, so that quitting meanwhile is not held up by it (Textual
-        waits for its workers; app.py cmd_tui leaves without waiting for this thread). None if the app quits first."""
+        waits for its workers; cli/tui.py leaves without waiting for this thread). None if the app quits first."""
         import threading
 
         from textual.worker import get_current_worker

@@ -111,15 +111,19 @@ def test_a_pinned_snapshot_outlives_retention_until_unpinned(db, ckpt):
     r = sessions(path, "fork", sid, "--at", "1", "--json")
     with Store(path) as store:
         assert store.load_snapshot(json.loads(r.stdout)["session"]) == blobs[0]
-    assert sessions(path, "pin", sid, "--at", "1", "--unpin").returncode == 0
+    assert sessions(path, "pin", sid, "baseline", "--unpin").returncode == 0  # by its name
     with Store(path) as store:
         store.retain(sid, 1)
     assert rows(path, "select turn_seq from session_snapshots where session_id = ?", sid) == [(3,)]
     for args, message in ((["x", "--at", "2"], "no snapshot at turn 2 (snapshots at turns: 3)"),
-                          ([], "give a NAME to pin, or --unpin without one"),
-                          (["x", "--unpin"], "give a NAME to pin, or --unpin without one")):
+                          (["x", "--unpin"], "no snapshot named 'x' (snapshots at turns: 3)"),
+                          ([], "give a NAME to pin the snapshot by"),
+                          (["--unpin"], "--unpin needs the snapshot's NAME or --at TURN")):
         r = sessions(path, "pin", sid, *args)
         assert r.returncode == 1 and message in r.stderr, r.stderr
+    other = json.loads(sessions(path, "fork", sid, "--at", "0", "--json").stdout)["session"]  # a session at turn 0
+    r = sessions(path, "pin", other, "x")
+    assert r.returncode == 1 and "has no snapshot yet (snapshots at turns: none yet)" in r.stderr, r.stderr
 
 
 def test_bad_input_gets_a_message_and_nonzero_exit(db, tmp_path):

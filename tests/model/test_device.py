@@ -86,7 +86,7 @@ def test_a_state_of_another_dtype_is_refused_or_converted_and_recorded(tmp_path)
 @gpu
 def test_auto_is_cuda_in_bfloat16_and_the_triton_kernels():
     assert resolve() == (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
-    r = deltamem("info", "--model", "random")
+    r = deltamem("info", "--model", "random", "--device", "auto")  # the tests' DELTAMEM_DEVICE is cpu
     got = json.loads(r.stdout)
     assert (got["device"], got["dtype"], got["kernels"]) == ("cuda:0", "bfloat16", "triton"), r.stderr
 
@@ -94,7 +94,8 @@ def test_auto_is_cuda_in_bfloat16_and_the_triton_kernels():
 @gpu
 def test_a_state_too_big_for_the_gpu_is_refused_before_loading(tmp_path):
     state = tmp_path / "s.snap"
-    r = deltamem("generate", "--model", "random", "--window", "4000000000", "--state", str(state), "hi")
+    r = deltamem("generate", "--model", "random", "--device", "auto", "--window", "4000000000", "--state", str(state),
+                 "hi")
     assert r.returncode == 1 and "needs about" in r.stderr and "GiB are free" in r.stderr, r.stderr
     assert not state.exists()
 
