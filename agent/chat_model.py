@@ -52,7 +52,7 @@ def _engine(options: ModelOptions):
 
 
 def _default(name: str, **kw):
-    return Field(default_factory=lambda: getattr(ModelOptions(), name), **kw)
+    return Field(default_factory=lambda: ModelOptions.default(name), **kw)
 
 
 class ChatDeltamem(BaseChatModel):

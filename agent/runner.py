@@ -211,14 +211,15 @@ class Agent:
             looked_up = lookup_turn(self.ctx, self.tools, task, self.session.template.syntax_with(self.tools), track)
         inp = {"messages": self._with_system([{"role": "user", "content": task}, *looked_up]), "steps": 0, "mode": ""}
         self._drive(inp, track, approver)
-        grounded = self._grounded(calls)
+        shown = self._shown_paths(calls)
+        grounded = _grounded(self._last_answer(), shown)
         stopped = self.session.cancel.is_set()  # a stopped answer is not asked for again
         if not stopped and outcome(self.graph.get_state(self.config).values) == "answer":
-            hint = _answer_hint(self._last_answer(), self._shown_paths(calls), grounded)
+            hint = _answer_hint(self._last_answer(), shown, grounded)
             if hint is not None:  # one retry, the hint as a user turn
                 on_event({"retry": hint})
                 self._drive({"messages": [{"role": "user", "content": hint}], "steps": 0, "mode": ""}, track, approver)
-                grounded = self._grounded(calls)
+                grounded = _grounded(self._last_answer(), self._shown_paths(calls))
         state = self.graph.get_state(self.config).values
         fed = self.session.fed - fed0
         snap_id = self._save(before, {"tokens": fed})
@@ -243,14 +244,6 @@ class Agent:
         found = {p: text.find(p) for p in files if p in text}
         found = {p: i for p, i in found.items() if not any(p != q and p in q for q in found)}  # a.py inside b/a.py
         return sorted(found, key=found.get)
-
-    def _grounded(self, calls: list[dict]) -> bool | None:
-        """Whether the last answer names a file this run's tool results showed; None where they showed none."""
-        shown = self._shown_paths(calls)
-        if not shown:
-            return None
-        answer = self._last_answer()
-        return any(p in answer for p in shown)
 
     def _last_answer(self) -> str:
         last = self.messages()[-1]
@@ -427,6 +420,11 @@ def scan_project(
         if ledger.get(MAP_PATH, {}).get("sha256") != digest:
             changes.append(_Change(MAP_PATH, text, digest, None, len(data)))
     return [_Change(p, None) for p in sorted(set(ledger) - present)] + changes, result
+
+
+def _grounded(answer: str, shown: list[str]) -> bool | None:
+    """Whether the answer names a file this run's tool results showed; None where they showed none."""
+    return any(p in answer for p in shown) if shown else None
 
 
 def _answer_hint(answer: str, shown: list[str], grounded: bool | None) -> str | None:
