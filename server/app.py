@@ -33,7 +33,7 @@ from deltamem.agent.guide import ReplyGuide
 from deltamem.agent.prompt import ChatTemplate, TemplateError
 from deltamem.agent.protocol import prepare_turn, stop_ids
 from deltamem.model.sampling import Sampler, TextStream
-from deltamem.server import api
+from deltamem.server import api, bodies
 from deltamem.server.api import ApiError
 from deltamem.server.batching import Batcher, Reply
 from deltamem.server.http import ClosingStreamingResponse, FifoLock, Guard, error_response, in_threads
@@ -79,6 +79,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
 
     app = FastAPI(title="deltamem", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.batcher = batcher
+    bodies.document(app, model_name, max_prompt_tokens)  # /openapi.json: the request bodies (server/bodies.py)
     app.state.stopping = lambda: False  # the server running the app says when it is shutting down (app.py: serve)
     engine.reset()
     template = ChatTemplate.for_tokenizer(engine.tokenizer)
@@ -393,13 +394,15 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise
         return await work
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=bodies.ERRORS,
+              openapi_extra=bodies.request_body(bodies.ChatCompletionRequest))  # documented; api.py checks it
     async def chat_completions(request: Request):
         body = await body_of(request)
         text, schemas, guide = chat_prompt(body)
         return await answered(request, text, body, session_of(request, body), True, schemas, guide)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=bodies.ERRORS,
+              openapi_extra=bodies.request_body(bodies.CompletionRequest))
     async def completions(request: Request):
         body = await body_of(request)
         prompt = body.get("prompt")
