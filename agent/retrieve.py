@@ -55,6 +55,12 @@ def _stop(word: str) -> bool:
     return w in STOP or (w.endswith("s") and w[:-1] in STOP)
 
 
+def _asks(word: str) -> bool:
+    """A word the question is asked in (use, raise, error...): no name unless quoted, even where the code defines it
+    (a `use` method, an `error` function)."""
+    return _stop(word) or word.lower() in USE or word.lower() in BODY
+
+
 def _candidates(task: str) -> list[tuple[str, bool]]:
     """(name, shaped like code) for each distinct name-like word of the task, in order."""
     out: dict[str, bool] = {}
@@ -63,7 +69,7 @@ def _candidates(task: str) -> list[tuple[str, bool]]:
         if not re.fullmatch(r"[A-Za-z_$][\w$]*(?:(?:\.|::)[A-Za-z_$][\w$]*)*", word):
             continue
         short = re.split(r"\.|::", word)[-1]
-        if _stop(short) and not quoted:
+        if _asks(short) and not quoted:
             continue
         out[short] = out.get(short, False) or bool(quoted) or bool(_CODE_SHAPED.fullmatch(word))
     return list(out.items())

@@ -56,6 +56,7 @@ class RunResult:
     snapshot_id: int | None = None
     timing: dict = field(default_factory=dict)  # AgentSession.timing over this run (and the resume before it)
     grounded: bool | None = None  # the answer names a file this run's tool results showed (None: they showed none)
+    retried: str | None = None  # the hint the first answer was asked again with (None: it stood)
 
 
 @dataclass
@@ -214,6 +215,7 @@ class Agent:
         shown = self._shown_paths(calls)
         grounded = _grounded(self._last_answer(), shown)
         stopped = self.session.cancel.is_set()  # a stopped answer is not asked for again
+        hint = None
         if not stopped and outcome(self.graph.get_state(self.config).values) == "answer":
             hint = _answer_hint(self._last_answer(), shown, grounded)
             if hint is not None:  # one retry, the hint as a user turn
@@ -233,6 +235,7 @@ class Agent:
             snap_id,
             self._take_timing(),
             grounded,
+            hint,
         )
 
     def _shown_paths(self, calls: list[dict]) -> list[str]:

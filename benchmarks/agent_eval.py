@@ -261,7 +261,8 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args, on_set
                 "call_log": [{"tool": c["tool"], "arguments": c.get("arguments"), "ok": c["ok"],
                               "auto": c.get("auto"), "result": str(c.get("result", ""))[:300]}
                              for c in out.get("tool_calls", [])],  # fmt: skip
-                "model_calls": model_calls(out.get("outcome"), len(calls), args.max_steps),
+                "retried": out.get("retried"),  # the hint the first answer was asked again with
+                "model_calls": model_calls(out.get("outcome"), len(calls), args.max_steps) + bool(out.get("retried")),
                 "degenerate": LOOP_MARKER.strip() in answer,
                 "wall_s": round(wall, 2),
                 "error": r.stderr[-500:] if r.returncode not in (0, 3) else "",
@@ -332,6 +333,7 @@ def summary(records: list[dict]) -> dict:
         "valid_tool_calls": round(sum(r["valid_calls"] for r in records) / calls, 3) if calls else None,
         "model_calls_mean": round(sum(r["model_calls"] for r in records) / n, 2),
         "degenerate": sum(r["degenerate"] for r in records),
+        "retried": sum(bool(r.get("retried")) for r in records) if any("retried" in r for r in records) else None,
         "step_limit": sum(r["outcome"] == "step_limit" for r in records),
         "errors": sum(r["exit"] not in (0, 3) for r in records),
         "wall_s_mean": round(sum(r["wall_s"] for r in records) / n, 2),
@@ -352,6 +354,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         ("valid tool calls (target >= 95%)", "valid_tool_calls"),
         ("model calls per question", "model_calls_mean"),
         ("degenerate replies (target 0)", "degenerate"),
+        ("answers asked once more (agent/runner.py's hint)", "retried"),
         ("runs at the step limit", "step_limit"),
         ("runs that failed", "errors"),
         ("wall time per question, s", "wall_s_mean"),
@@ -472,7 +475,8 @@ def main() -> None:
         for r in results:
             for rec in r["records"]:
                 rec["exact"] = rec["exit"] == 0 and agent_tasks.exact(rec["expect"], rec["answer"])
-                rec["model_calls"] = model_calls(rec["outcome"], rec["calls"], runs[0]["meta"]["max_steps"])
+                rec["model_calls"] = (model_calls(rec["outcome"], rec["calls"], runs[0]["meta"]["max_steps"])
+                                      + bool(rec.get("retried")))
             r["summary"] = summary(r["records"])
         write(args.out, results, runs[0]["meta"])
         return

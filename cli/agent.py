@@ -242,6 +242,7 @@ def _run_task(agent, task: str, as_json: bool, approver, load_s: float | None = 
                         for c in result.tool_calls
                     ],
                     "grounded": result.grounded,
+                    "retried": result.retried,
                     "tokens_fed": result.tokens_fed,
                     "session": result.session_id,
                     "snapshot": result.snapshot_id,

@@ -22,7 +22,8 @@ FILES = {
     "def checkout(cart):\n    return cart.total()\n",
     "shop/api.js": "import { checkout } from './cart'\nexport function refund(order) { return checkout(order) }\n",
     "notes/terms.md": "# Terms\nThe late fee for Bramble Ltd is 4 percent.\n",
-    "shop/util.py": "def value(x):\n    return x\n",
+    "shop/util.py": "def value(x):\n    return x\n\n\ndef use(plugin):\n    return plugin\n\n\n"
+    "def error(msg):\n    raise ValueError(msg)\n",
 }
 
 
@@ -45,6 +46,11 @@ def test_names_the_code_defines_are_looked_up_code_shaped_first(repo):
     # the words a question is asked in are no names, even where the code defines them (a `value` parameter)
     assert lookup_calls(repo, "Which value does the constant `MAX_ITEMS` have?") == [
         ("definition", {"name": "MAX_ITEMS"})]
+    # nor are the words that ask for uses or errors (a `use` and an `error` function here), unless quoted
+    assert lookup_calls(repo, "Which files use Cart?") == [("references", {"name": "Cart"})]
+    assert lookup_calls(repo, "What error does checkout throw?")[0] == ("definition", {"name": "checkout"})
+    assert ("definition", {"name": "error"}) not in lookup_calls(repo, "What error does checkout throw?")
+    assert lookup_calls(repo, "Which files call `use`?") == [("references", {"name": "use"})]
     # nothing defined: the key words, for a ranked search
     assert lookup_calls(repo, "Which document gives the late fee for Bramble Ltd?") == [
         ("search", {"query": "late fee Bramble Ltd"})]
@@ -85,6 +91,7 @@ def test_the_looked_up_turn_precedes_the_first_reply_and_an_ungrounded_answer_is
         hint = seen[1][-1]
         assert hint["role"] == "user" and "shop/cart.py" in hint["content"]
         assert len(seen) == 2 and result.answer == "`shop/cart.py`, line 3." and result.grounded is True
+        assert result.retried == hint["content"]
         assert [c["auto"] for c in result.tool_calls] == [True]
         roles = [t["role"] for t in store.turns(agent.session_id)]
         assert roles == ["system", "user", "assistant", "tool", "assistant", "user", "assistant"]
@@ -120,7 +127,8 @@ def test_a_grounded_answer_is_not_retried_and_no_tools_offers_none(repo, tmp_pat
     with Store(tmp_path / "memory.db") as store:
         agent = Agent(load_model("random", window=64), store, "shop", repo, max_new_tokens=2)
         seen = scripted(agent, "In shop/cart.py.")
-        assert agent.run("Where is `checkout` defined?").grounded is True and len(seen) == 1
+        result = agent.run("Where is `checkout` defined?")
+        assert result.grounded is True and result.retried is None and len(seen) == 1
         bare = Agent(load_model("random", window=64), store, "bare", repo, tools=False)
         seen = scripted(bare, "From memory: the cart module.")
         result = bare.run("Where is `checkout` defined?")
@@ -137,6 +145,7 @@ def test_run_json_reports_auto_calls_and_grounding(repo, tmp_path):
     out = json.loads(r.stdout)
     assert [(c["tool"], c["auto"]) for c in out["tool_calls"][:1]] == [("definition", True)]
     assert out["grounded"] in (True, False)  # the random model's words: whether they name a file is chance
+    assert (out["retried"] is None) == (out["grounded"] is True)  # a random answer naming no file is asked again
     r = deltamem(*args, "--no-retrieve", "--no-tools", "--session", "other", "What does `checkout` return?")
     out = json.loads(r.stdout)
     assert r.returncode == 0 and out["tool_calls"] == [] and out["grounded"] is None
