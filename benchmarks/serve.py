@@ -20,6 +20,7 @@ benchmarks/results).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -108,33 +109,61 @@ def replay(args, db: Path, log: Path, turns, cached: bool) -> list[dict]:
     return rows
 
 
-def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
-    server = Server(args, db, log, "--batch-decode" if batched else "--no-batch-decode")
-    out = {}
-    try:  # one untimed request first: lazy initialisation, kernel autotuning, the decode graph's capture
-        server.client.chat.completions.create(model=server.model, max_tokens=args.tokens, temperature=0,
-                                              messages=[{"role": "user", "content": "Count to 2."}])  # fmt: skip
-        for n in (1, 4, 16):
-            done: list[int] = []
-            texts: dict[int, str] = {}
+def prompts(n: int, chars: int) -> list[str]:
+    """n distinct prompts of about chars characters (slices of standard-library files): no two share a prefix."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join(f.read_text(errors="replace") for f in sorted(stdlib.glob("*.py"))[:80])
+    return [f"Summarise this code.\n\n{text[i * chars : (i + 1) * chars]}" for i in range(n)]
 
-            def one(i: int, done: list[int] = done, texts: dict = texts) -> None:
-                r = server.client.chat.completions.create(
-                    model=server.model, max_tokens=args.tokens, temperature=0,
-                    messages=[{"role": "user", "content": f"Count to {i + 3}."}],
-                )  # fmt: skip
-                done.append(r.usage.completion_tokens)
-                texts[i] = r.choices[0].message.content
+
+def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
+    """Clients 1, 4 and 16 at once, each sending --requests streamed requests one after the other (a --prompt-chars
+    prompt of its own, up to --tokens tokens, greedy): aggregate tok/s, time to first token, and the gaps between
+    a stream's tokens (the longest is how long a running reply waited for other prompts)."""
+    chunk = ["--prefill-chunk", str(args.prefill_chunk)] if args.prefill_chunk and batched else []
+    server = Server(args, db, log, *(["--batch-decode", *chunk] if batched else ["--no-batch-decode"]))
+    asks = prompts(16 * args.requests + 1, args.prompt_chars)
+    out = {}
+
+    def stream(text: str) -> dict:
+        t0 = time.perf_counter()
+        times, usage = [], None
+        for ch in server.client.chat.completions.create(
+            model=server.model, messages=[{"role": "user", "content": text}], max_tokens=args.tokens,
+            temperature=0, stream=True, stream_options={"include_usage": True},
+        ):  # fmt: skip
+            if ch.choices and ch.choices[0].delta.content:
+                times.append(time.perf_counter() - t0)
+            if getattr(ch, "usage", None):
+                usage = ch.usage
+        return {"ttft_s": times[0] if times else None, "gaps_s": [b - a for a, b in itertools.pairwise(times)],
+                "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}  # fmt: skip
+
+    try:
+        stream(asks[-1])  # untimed: lazy initialisation, kernel autotuning, the decode graph's capture
+        for n in (1, 4, 16):
+            rows: list[dict] = []
+
+            def client(i: int, rows: list[dict] = rows) -> None:
+                for k in range(args.requests):
+                    rows.append(stream(asks[i * args.requests + k]))
 
             t0 = time.perf_counter()
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
             for th in threads:
                 th.start()
             for th in threads:
                 th.join()
             wall = time.perf_counter() - t0
-            out[n] = {"requests": n, "completion_tokens": sum(done), "wall_s": wall, "tok_s": sum(done) / wall,
-                      "replies": [texts.get(i) for i in range(n)]}  # fmt: skip
+            ttfts = sorted(r["ttft_s"] for r in rows if r["ttft_s"] is not None)
+            gaps = sorted(g for r in rows for g in r["gaps_s"])
+            tokens = sum(r["completion_tokens"] for r in rows)
+            out[n] = {"requests": len(rows), "prompt_tokens": sum(r["prompt_tokens"] for r in rows) / len(rows),
+                      "completion_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+                      "ttft_median_s": statistics.median(ttfts), "ttft_p95_s": ttfts[int(0.95 * (len(ttfts) - 1))],
+                      "gap_p99_s": gaps[int(0.99 * (len(gaps) - 1))] if gaps else None,
+                      "gap_max_s": gaps[-1] if gaps else None}  # fmt: skip
+            print(f"{'batched' if batched else 'one at a time'} {n} clients: {out[n]}", file=sys.stderr, flush=True)
     finally:
         server.stop()
     return out
@@ -149,7 +178,11 @@ def main() -> None:
     ap.add_argument("--result-chars", type=int, default=7000, help="characters of each tool result (a file's head)")
     ap.add_argument("--restart-at", type=int, default=None, help="turn before which the server restarts")
     ap.add_argument("--baseline-every", type=int, default=None, help="uncached turns (default 1 on a GPU, 5)")
-    ap.add_argument("--tokens", type=int, default=64, help="max tokens per concurrent request")
+    ap.add_argument("--tokens", type=int, default=128, help="max tokens per concurrent request")
+    ap.add_argument("--prompt-chars", type=int, default=8000, help="characters of each concurrent request's prompt "
+                    "(about 2k tokens)")
+    ap.add_argument("--requests", type=int, default=2, help="requests each concurrent client sends, one after another")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="the server's --prefill-chunk")
     ap.add_argument("--only-concurrency", action="store_true", help="skip the transcript (keep its earlier figures)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -202,22 +235,23 @@ def main() -> None:
                      f"{format(b['ttft_s'], '.2f') if b else '-'} |")  # fmt: skip
     lines += [
         "",
-        f"Concurrent clients, each asking for up to {args.tokens} tokens, greedy; wall time from the first request to "
-        "the last reply, prompts and the states each request keeps (written to SQLite) included:",
+        f"Concurrent clients, each sending {args.requests} streamed requests one after the other (a prompt of "
+        f"about {conc['serial'][1]['prompt_tokens']:,.0f} tokens of its own, up to {args.tokens} tokens, greedy); "
+        "one at a time (`--no-batch-decode`) and continuous batching (`--batch-decode`: replies decoded together, "
+        f"prompts read {args.prefill_chunk or 512} tokens at a time between the decode steps), side by side in one "
+        "run. Wall time from the first request to the last reply; each request also keeps its states in the SQLite "
+        "store. Gap: the time between two tokens of one stream (the longest is how long a running reply waited).",
         "",
-        "| concurrent clients | completion tokens | one after the other: wall s | tok/s | batched decode: wall s | "
-        "tok/s | batched / one after the other | replies equal in both modes |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *(f"| {n} | {b['completion_tokens']} | {s['wall_s']:.1f} | {s['tok_s']:.1f} | {b['wall_s']:.1f} | "
-          f"{b['tok_s']:.1f} | {b['tok_s'] / s['tok_s']:.2f}x | "
-          f"{sum(x == y and x is not None for x, y in zip(s['replies'], b['replies'], strict=True))} of {n} |"
-          for (n, s), b in zip(conc["serial"].items(), conc["batched"].values(), strict=True)),
+        "| clients | mode | requests | tok/s | x one at a time | TTFT median s | TTFT p95 s | p95 / 1 client | "
+        "gap p99 s | gap max s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(f"| {n} | {label} | {r['requests']} | {r['tok_s']:.1f} | {r['tok_s'] / conc['serial'][n]['tok_s']:.2f}x | "
+          f"{r['ttft_median_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['ttft_p95_s'] / runs[1]['ttft_median_s']:.1f}x | "
+          f"{r['gap_p99_s'] or 0:.3f} | {r['gap_max_s'] or 0:.3f} |"
+          for n in conc["serial"] for label, runs in (("one at a time", conc["serial"]), ("batched", conc["batched"]))
+          for r in [runs[n]]),
         "",
-        "Decode alone, batched against one stream at a time: benchmarks/results/batch_decode.md. End to end, each "
-        "request also reads its prompt and keeps two states (prompt, reply) in the SQLite store, one request at a "
-        "time under the engine lock, whatever the decode. Greedy replies can differ between the modes: a batch's "
-        "kernels round bf16 differently, and a near-tie (frequent with random weights) then picks another token; "
-        "tests/model/test_batch.py bounds the batch's error by the single stream's own bf16 rounding.",
+        "Decode alone, batched against one stream at a time: benchmarks/results/batch_decode.md.",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -43,7 +43,11 @@ def register(sub) -> None:
     sv.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                     help="read every prompt whole, keep no states (a baseline for measurements)")
     sv.add_argument("--batch-decode", action=argparse.BooleanOptionalAction, default=None,
-                    help="decode concurrent replies together, one step for all (default: on a GPU)")
+                    help="continuous batching: concurrent replies decoded together, one step for all, prompts read "
+                    "between the steps (default: on a GPU)")
+    sv.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+                    help="with --batch-decode: prompt tokens read between two decode steps of the replies running "
+                    "(default 512: the longest a running reply waits is one such chunk)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                     help="info (default): a line a request (id, session, prompt, cached and completion tokens, "
                     "time to first token, total); warning: problems only")
@@ -71,6 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--host {args.host} is reachable from other machines: give --api-key (or $DELTAMEM_API_KEY)")
     if not 0 < args.port < 65536 or (args.cache_mb or 0) < 0 or args.max_prompt_tokens < 1 or args.store_mb < 0:
         raise ValueError("need 0 < --port < 65536, --cache-mb >= 0, --max-prompt-tokens >= 1, --store-mb >= 0")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise ValueError("--prefill-chunk must be at least 1")
     logging.getLogger("deltamem.server").setLevel(args.log_level.upper())
     engine = load(args)
     with Store(args.db) as store:
@@ -79,7 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,
                          None if args.cache_mb is None else args.cache_mb << 20,
                          prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls,
-                         share_prefixes=args.share_prefixes, store_bytes=(args.store_mb << 20) or None)
+                         share_prefixes=args.share_prefixes, store_bytes=(args.store_mb << 20) or None,
+                         **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
         # On SIGTERM/Ctrl-C each reply still streaming ends at its next token with an error event (closing its
         # generator frees the engine; uvicorn cancels what is left after 2 s), then the states kept so far are

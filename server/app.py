@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -35,23 +35,34 @@ from deltamem.agent.protocol import prepare_turn, stop_ids
 from deltamem.model.sampling import Sampler, TextStream
 from deltamem.server import api, bodies
 from deltamem.server.api import ApiError
-from deltamem.server.batching import Batcher, Reply
+from deltamem.server.batching import PREFILL_CHUNK, Batcher, Reply, call
 from deltamem.server.http import ClosingStreamingResponse, FifoLock, Guard, error_response, in_threads
 from deltamem.server.prefix import USER, PrefixCache
 
 log = logging.getLogger(__name__)
 
+
+def drain(steps: Generator[None, None, Any]) -> Any:
+    """Run a generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as e:
+            return e.value
+
 def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | Sequence[str] | None = None,
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
                prefix_cache: bool = True, batch_decode: bool | None = None, guided_calls: bool = True,
-               share_prefixes: bool = False, store_bytes: int | None = None) -> FastAPI:  # fmt: skip
+               share_prefixes: bool = False, store_bytes: int | None = None,
+               prefill_chunk: int = PREFILL_CHUNK) -> FastAPI:  # fmt: skip
     """api_key: one key or several, each a tenant: a session name (X-Deltamem-Session or `user`) is the key's own,
     and prefix states serve only the session that made them (share_prefixes: the states in memory serve every
     session, for an operator whose clients trust each other). store_bytes: the stored states' budget in the
     memory database (None: no limit; server/prefix.py). state_every: inside a long prompt, a state is also kept
     every this many tokens (a later prompt sharing only the beginning still hits). cache_bytes: the hot states'
     budget on the model's device (default: 8 states, at least 512 MiB; on a GPU at most half of its free memory).
-    batch_decode: decode concurrent replies in one batch (default: on a GPU, where a step costs about the same for
+    batch_decode: continuous batching (server/batching.py): concurrent replies decoded in one batch, prompts read
+    `prefill_chunk` tokens at a time between its steps (default: on a GPU, where a step costs about the same for
     one reply or many). guided_calls: where tools are offered, a tool call the model opens can only be a
     well-formed call of one of them (agent/guide.py)."""
     if engine.tokenizer is None:
@@ -66,7 +77,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     tenants = {f"Bearer {k}": hashlib.sha256(k.encode()).hexdigest()[:12] for k in keys}
     lock = FifoLock()
     batched = engine.device.type == "cuda" if batch_decode is None else batch_decode
-    batcher = Batcher(engine, capture_lock=lock) if batched else None
+    batcher = Batcher(engine, lock, chunk=prefill_chunk) if batched else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -142,26 +153,52 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise ApiError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
         return ids
 
-    def prepare(ids: list[int], session: str) -> tuple[list[int], int]:
-        """Under the lock: restore the longest cached prefix, feed the rest (keeping a state every `state_every`
-        tokens and at the prompt's end, not its last token: generate() feeds that one)."""
+    def read(ids: list[int], session: str, chunk: int) -> Generator[None, None, int]:
+        """Holding the engine: restore the longest cached prefix, then feed the rest but the last token (generate()
+        or the decode batch feeds that one) `chunk` tokens at a time, yielding after each (the batcher decodes a
+        step between two); a state is kept every `state_every` tokens and at the end. Returns the tokens the
+        restored state held."""
         cache.flush()  # a previous request's states whose client left before they were written
         try:
             hit = cache.restore_longest(ids, session)
-            at = hit.tokens
-            while len(ids) - 1 - at > state_every:
-                engine.feed(ids[at : at + state_every], logits="none")
-                at += state_every
+            at = saved = hit.tokens
+            while at < len(ids) - 1:
+                step = min(len(ids) - 1, at + chunk)
+                engine.feed(ids[at:step], logits="none")
+                at = step
                 cache.consumed(ids[:at])
-                cache.save(session)
-            if len(ids) - 1 > at:
-                engine.feed(ids[at:-1], logits="none")
-                cache.consumed(ids[:-1])
-                cache.save(session)
+                if at - saved >= state_every or at == len(ids) - 1:
+                    cache.save(session)
+                    saved = at
+                if at < len(ids) - 1:
+                    yield
         except BaseException:
             afresh()
             raise
-        return ids, hit.tokens
+        return hit.tokens
+
+    def prompt_job(ids, session, sample, choices, limit) -> Generator[None, None, tuple[int, list[Reply], list]]:
+        """The scheduler's job for a request: read its prompt a chunk at a time, then its first token's logits; the
+        n replies join the decode batch, each with a copy of the prompt's state. Returns (cached tokens, replies,
+        their text iterators)."""
+        cached = yield from read(ids, session, batcher.chunk)
+        try:
+            logits = engine.feed(ids[-1:], logits="last")[-1]
+        except BaseException:
+            afresh()
+            raise
+        cache.consumed(ids)
+        guides = [sample["guide"]] + [sample["guide"] and sample["guide"].fresh() for _ in choices[1:]]
+        replies = [Reply(engine.keep(), logits, c["sampler"], TextStream(engine.tokenizer, sample["stop"]),
+                         set(eos), limit, guide=g) for c, g in zip(choices, guides, strict=True)]  # fmt: skip
+        return cached, replies, [batcher.submit(r) for r in replies]
+
+    def handback(ids: list[int], reply: Reply, session: str) -> None:
+        """The scheduler's job once a request's last reply has ended: its state into the engine (a next turn's
+        prompt extends it) and the prefix cache."""
+        engine.restore_kept(reply.final)
+        cache.consumed(ids + reply.generated)
+        cache.save(session)
 
     def answer(ids: list[int], sample: dict, session: str, done: dict) -> Iterator[tuple[int, str] | None]:
         """Read the prompt (restoring the longest cached prefix), yield None once it is read, then (choice, text
@@ -173,7 +210,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         limit = sample["max_new_tokens"] or max(1, max_prompt_tokens - len(ids))  # default: what the context leaves
         if batcher is None:  # the replies decoded on the engine, which they hold meanwhile
             with lock:
-                ids, cached = prepare(ids, session)
+                cached = drain(read(ids, session, state_every))
                 done.update(ids=ids, cached=cached)
                 yield None
                 kept = engine.keep() if len(choices) > 1 else None  # each choice starts from the prompt's state
@@ -196,21 +233,11 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 cache.consumed(ids + engine.generated)
                 cache.save(session)
             return
-        with lock:  # the replies join the decode batch, each with a copy of the prompt's state; the engine is free
-            ids, cached = prepare(ids, session)
-            try:
-                logits = engine.feed(ids[-1:], logits="last")[-1]
-            except BaseException:
-                afresh()
-                raise
-            cache.consumed(ids)
-            guides = [sample["guide"]] + [sample["guide"] and sample["guide"].fresh() for _ in choices[1:]]
-            replies = [Reply(engine.keep(), logits, c["sampler"], TextStream(engine.tokenizer, sample["stop"]),
-                             set(eos), limit, guide=g) for c, g in zip(choices, guides, strict=True)]  # fmt: skip
+        # continuous batching: the prompt is read on the scheduler's thread between decode steps of other replies
+        cached, replies, pieces = batcher.run(prompt_job(ids, session, sample, choices, limit)).wait()
         done.update(ids=ids, cached=cached, replies=replies)
         yield None
-        pieces = [batcher.submit(r) for r in replies]  # all decode at once; their text is read one after the other
-        try:
+        try:  # all decode at once; their text is read one after the other
             for k, (reply, choice) in enumerate(zip(replies, choices, strict=True)):
                 for piece in pieces[k]:
                     yield k, piece
@@ -220,10 +247,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 r.cancelled = r.final is None
                 if not choice.get("ended"):
                     choice["n"] = len(r.generated)
-        with lock:  # the state after the last reply: into the engine (a next turn's prompt extends it) and the cache
-            engine.restore_kept(replies[-1].final)
-            cache.consumed(ids + replies[-1].generated)
-            cache.save(session)
+        batcher.run(call(lambda: handback(ids, replies[-1], session)))  # not waited for: the answer goes on
 
     def sampler_for(sample: dict, k: int) -> Sampler:
         seed = None if sample["seed"] is None else sample["seed"] + k  # choices differ, each reproducible
@@ -245,6 +269,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         return api.logprobs_of(new, lambda i: engine.tokenizer.decode_bytes([i]), chat, offset)
 
     def flush() -> None:
+        """Write the kept states to the store, in the request's thread (the scheduler decodes meanwhile)."""
         with lock:
             cache.flush()
 

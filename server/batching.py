@@ -1,12 +1,15 @@
-"""Batched decode for `deltamem serve`: the replies of concurrent requests decoded together, one step for all.
+"""Continuous batching for `deltamem serve`: one scheduler thread reads prompts a chunk at a time and decodes the
+replies of concurrent requests together, the two interleaved.
 
-A request's prompt is read on the server's engine, one request at a time (server/app.py); its state is then copied
-out (Engine.keep) and joins the decode batch (model/batch.py) as a Reply, which a single decode thread steps with
-every other active reply: each step samples one token per reply, feeds them all at once, and streams each reply's
-text to its request. A reply leaves the batch when it ends (end of sequence, a stop string, max tokens) with the
-state its last token left, which its request gives back to the engine and the prefix cache. Replies join and leave
-between steps, so a short request never waits for a long one. A client that goes away ends its reply at the next
-step.
+The thread alternates engine jobs and decode steps. A job is work on the server's engine (reading a request's
+prompt, handing a finished reply's state back, writing kept states to the store), a generator run one step at a
+time in arrival order: reading a prompt yields after each chunk of `chunk` tokens (as vLLM's and SGLang's chunked
+prefill), so the replies already decoding wait at most one chunk between two steps, and a new request starts as soon
+as the job before it ends, whatever the replies still decoding. When a prompt is read its state is copied out
+(Engine.keep) and joins the decode batch (model/batch.py) as a Reply: each step samples one token per reply, feeds
+them all at once, and streams each reply's text to its request. A reply leaves the batch when it ends (end of
+sequence, a stop string, max tokens) with the state its last token left, which its request gives back to the engine
+and the prefix cache (a job again). A client that goes away ends its reply at the next step.
 
 Each reply's tokens are those generate() samples on a single stream (the same Sampler, TextStream and stop rules):
 on the CPU the host sampler, on a GPU the device sampler, as Engine does.
@@ -18,8 +21,9 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +33,7 @@ from deltamem.model.sampling import Sampler, TextStream, account, allowed
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 32  # replies decoded in one step; more wait for a place
+PREFILL_CHUNK = 512  # prompt tokens read between two decode steps
 
 
 @dataclass
@@ -47,22 +52,63 @@ class Reply:
     out: queue.Queue = field(default_factory=queue.Queue)  # text pieces, then None (or an exception)
 
 
-class Batcher:
-    """The decode thread and its batch. submit() a Reply and iterate its text; replies run concurrently."""
+@dataclass
+class Job:
+    """Work on the engine, run by the scheduler thread one step (one next()) at a time while it holds the engine's
+    lock; what the generator returns, or raises, is the job's result."""
 
-    def __init__(self, engine, max_batch: int = MAX_BATCH, capture_lock=None):
-        """capture_lock: the lock the engine's users hold (see DecodeBatch)."""
-        self.batch = DecodeBatch(engine.model, capture_lock=capture_lock)
+    steps: Generator[None, None, Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def wait(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def call(fn: Callable[[], Any]) -> Generator[None, None, Any]:
+    """A plain function as a job of one step."""
+    return fn()
+    yield  # noqa: B901 - makes this a generator
+
+
+class Batcher:
+    """The scheduler thread: run() engine jobs, submit() replies to decode; both proceed concurrently."""
+
+    def __init__(self, engine, lock, max_batch: int = MAX_BATCH, chunk: int = PREFILL_CHUNK):
+        """lock: the engine's lock (server/http.py's FifoLock), held by this thread while a job runs; a decode step
+        is captured as a CUDA graph only while no other thread holds it (see DecodeBatch)."""
+        self.lock = lock
+        self.batch = DecodeBatch(engine.model, capture_lock=_CaptureGate(self))
         self.unknown = engine.unknown_ids()
         self.on_device = engine.device.type == "cuda"
-        self.max_batch = max_batch
+        self.max_batch, self.chunk = max_batch, chunk
+        self.jobs: deque[Job] = deque()
+        self.job: Job | None = None  # the job under way: this thread holds the lock until it ends
         self.waiting: deque[Reply] = deque()
         self.active: list[Reply] = []  # in the batch's row order
-        self.steps = 0
+        self.steps = 0  # decode steps
+        self.job_steps = 0  # job steps (chunks of prompts, among others)
+        # what the thread did, in order: ("job", replies decoding meanwhile) or ("step", replies in the step)
+        self.trace: deque[tuple[str, int]] = deque(maxlen=4096)
+        self._holding = False
         self._cond = threading.Condition()
         self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="deltamem-decode", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="deltamem-scheduler", daemon=True)
         self._thread.start()
+
+    def run(self, steps: Generator[None, None, Any]) -> Job:
+        """Queue a job (jobs run one after the other, in this order); job.wait() for its result."""
+        job = Job(steps)
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the server is shutting down")
+            self.jobs.append(job)
+            self._cond.notify()
+        return job
 
     def submit(self, reply: Reply) -> Iterator[str]:
         """Queue the reply to decode now; iterate what this returns for its text pieces as they are decoded (when
@@ -86,8 +132,8 @@ class Batcher:
             reply.cancelled = reply.final is None  # closed early (the client left): the thread drops it
 
     def close(self) -> None:
-        """Stop the decode thread after its current step (a process must not exit while it runs torch ops); replies
-        still decoding end with an error."""
+        """Stop the thread after its current step (a process must not exit while it runs torch ops); jobs not yet
+        begun and replies still decoding end with an error."""
         with self._cond:
             self._closing = True
             self._cond.notify()
@@ -96,15 +142,19 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self.waiting or self.active or self._closing)
+                self._cond.wait_for(lambda: self.job or self.jobs or self.waiting or self.active or self._closing)
                 if self._closing:
-                    for r in [*self.active, *self.waiting]:
-                        r.out.put(RuntimeError("the server is shutting down"))
-                    self.active, self.waiting = [], deque()
+                    self._shut()
                     return
+                if self.job is None and self.jobs:
+                    self.job = self.jobs.popleft()
                 joining = []
                 while self.waiting and len(self.active) + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
+            if self.job is not None:
+                self._job_step()
+            if not (joining or self.active):
+                continue
             try:
                 with torch.inference_mode():
                     self._step(joining)
@@ -114,6 +164,48 @@ class Batcher:
                     r.out.put(e)
                 self.active = []
                 self.batch = DecodeBatch(self.batch.model, capture_lock=self.batch.capture_lock)
+
+    def _job_step(self) -> None:
+        job = self.job
+        if not self._holding:
+            if self.active or self.waiting:  # replies to decode: they do not wait for another thread's use
+                if not self.lock.try_acquire():
+                    return
+            else:
+                self.lock.__enter__()
+            self._holding = True
+        self.trace.append(("job", len(self.active)))
+        try:
+            with torch.inference_mode():
+                next(job.steps)
+            self.job_steps += 1
+            return  # more to come, after a decode step
+        except StopIteration as e:
+            job.result = e.value
+        except BaseException as e:  # noqa: BLE001 - the job's caller gets it
+            job.error = e
+        self.job_steps += 1
+        self.job, self._holding = None, False
+        self.lock.release()
+        job.done.set()
+
+    def _shut(self) -> None:
+        """(Holding the condition.) End everything: the job under way is closed (its generator cleans up), the
+        queued ones and the replies fail."""
+        gone = RuntimeError("the server is shutting down")
+        if self.job is not None:
+            self.job.steps.close()
+            self.job.error = gone
+            self.job.done.set()
+            if self._holding:
+                self.lock.release()
+                self._holding = False
+        for job in self.jobs:
+            job.error = gone
+            job.done.set()
+        for r in [*self.active, *self.waiting]:
+            r.out.put(gone)
+        self.job, self.jobs, self.active, self.waiting = None, deque(), [], deque()
 
     def _step(self, joining: list[Reply]) -> None:
         for r in joining:
@@ -125,6 +217,7 @@ class Batcher:
                 del self.active[row]
         if not self.active:
             return
+        self.trace.append(("step", len(self.active)))
         tokens = self._sample()
         ended = [self._advance(r, tok) for r, tok in zip(self.active, tokens, strict=True)]  # text out first
         logits = self.batch.step(tokens)  # every sampled token is fed, the last one too (as generate() does)
@@ -160,3 +253,18 @@ class Batcher:
             r.stopped_by = stopped
             return True
         return len(r.generated) >= r.max_new_tokens
+
+
+class _CaptureGate:
+    """DecodeBatch's capture lock: the engine's lock, taken only if free; while the scheduler itself holds it for a
+    job, no other thread can be using the device, so a capture may go ahead."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+
+    def try_acquire(self) -> bool:
+        return self.batcher._holding or self.batcher.lock.try_acquire()
+
+    def release(self) -> None:
+        if not self.batcher._holding:
+            self.batcher.lock.release()

@@ -1,0 +1,55 @@
+"""Continuous batching (server/batching.py): a long prompt arriving while another reply decodes is read a chunk at
+a time between that reply's decode steps, and both answers are the ones a server doing one request at a time gives
+(greedy, the random model; each answer checked against its own request served alone)."""
+
+import json
+import threading
+
+from fastapi.testclient import TestClient
+
+from deltamem.model import load_model
+from deltamem.server.app import create_app
+
+
+def ask(client: TestClient, body: dict) -> str:
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_a_prompt_read_in_chunks_between_the_steps_of_a_running_reply():
+    app = create_app(load_model("random", window=64), None, "random", batch_decode=True, prefill_chunk=16)
+    batched = TestClient(app)
+    serial = TestClient(create_app(load_model("random", window=64), None, "random", batch_decode=False))
+    running = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 400, "temperature": 0}
+    long = {"messages": [{"role": "user", "content": "Describe the memory store. " * 30}], "max_tokens": 6,
+            "temperature": 0}  # fmt: skip
+    texts: dict[str, str] = {}
+    first_token = threading.Event()
+    batcher = app.state.batcher
+
+    def stream_running() -> None:
+        with batched.stream("POST", "/v1/chat/completions", json={**running, "stream": True}) as r:
+            assert r.status_code == 200
+            parts = []
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    delta = json.loads(line[6:])["choices"][0]["delta"]
+                    parts.append(delta.get("content") or "")
+                    if parts[-1]:
+                        first_token.set()
+            texts["running"] = "".join(parts)
+
+    t = threading.Thread(target=stream_running)
+    t.start()
+    assert first_token.wait(120)
+    texts["long"] = ask(batched, long)
+    t.join()
+    trace = list(batcher.trace)
+    chunks_while_decoding = [i for i, (kind, active) in enumerate(trace) if kind == "job" and active]
+    assert len(chunks_while_decoding) >= 10  # about 360 prompt tokens in chunks of 16, the other reply decoding
+    # never two chunks in a row while a reply was decoding: a decode step came between
+    assert all(trace[i + 1][0] == "step" for i in chunks_while_decoding)
+    # each answer as served alone
+    assert texts["long"] == ask(serial, long)
+    assert texts["running"] == ask(serial, running)
