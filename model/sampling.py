@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from deltamem.model.tokenizer import Tokenizer
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily
+
+
 class Sampler:
     """temperature 0 is greedy (argmax); otherwise softmax(logits / T) restricted to the top_k tokens (0: all)
     and to the smallest set whose probability reaches top_p, drawn with a seeded generator.
@@ -42,7 +45,9 @@ class Sampler:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError("logprobs: from 0 to 20 alternatives")
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        # a temperature too small to divide by (logits / 1e-270 overflow to inf: no distribution) is greedy, as vLLM's
+        self.temperature = 0.0 if temperature < GREEDY_BELOW else temperature
+        self.top_p, self.top_k = top_p, top_k
         self.penalty = repetition_penalty
         self.presence, self.frequency, self.bias = presence_penalty, frequency_penalty, dict(logit_bias or {})
         self.logprobs = logprobs

@@ -13,11 +13,11 @@ from typing import Any
 
 from deltamem.agent.parse import CLOSE, OPEN, parse_tool_calls
 from deltamem.agent.protocol import Offer, answer_schema
+from deltamem.model.sampling import GREEDY_BELOW
 
 MAX_BODY = 8 << 20
 MAX_N = 16  # choices of one request (OpenAI allows up to 128)
 ROLES = ("system", "user", "assistant", "tool", "developer")
-GREEDY_BELOW = 1e-5  # a temperature under this is greedy (as vLLM's): logits / 1e-270 are infinite, no distribution
 
 
 class ApiError(Exception):

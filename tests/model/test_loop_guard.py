@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from deltamem.agent.session import LOOP_MARKER, AgentSession
 from deltamem.model import load_model
 from deltamem.model.generation import GRAPH_CHUNK
-from deltamem.model.sampling import LoopGuard
+from deltamem.model.sampling import LoopGuard, Sampler
 from deltamem.model.tokenizer import Tokenizer
 from tests.model.hf_models import OLMO_SHAPES, make_olmo_hybrid
 
@@ -155,3 +155,12 @@ def test_the_device_sampler_keeps_its_counts_in_and_out_of_inference_mode():
         first = int(s.on_device(torch.arange(50.0)))
     second = int(s.on_device(torch.arange(50.0)))
     assert first == 49 and second == 48  # the top id, then, penalised, the one below it
+
+
+def test_a_vanishing_temperature_is_greedy_on_both_paths():
+    """logits / 1e-270 overflow: such a temperature draws the likeliest token (host and device samplers) rather than
+    failing or drawing token 0."""
+    row = torch.tensor([0.1, 2.0, -1.0, 1.5])
+    for t in (1e-270, 1e-6):
+        assert Sampler(temperature=t, seed=3)(row) == 1
+        assert Sampler(temperature=t, seed=3).on_device(row).item() == 1
