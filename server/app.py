@@ -158,7 +158,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         or the decode batch feeds that one) `chunk` tokens at a time, yielding after each (the batcher decodes a
         step between two); a state is kept every `state_every` tokens and at the end. Returns the tokens the
         restored state held."""
-        cache.flush()  # a previous request's states whose client left before they were written
+        if batcher is None:  # a previous request's states whose client left before they were written (batched: the
+            cache.flush()  # request threads write them, while the scheduler decodes)
         try:
             hit = cache.restore_longest(ids, session)
             at = saved = hit.tokens

@@ -51,7 +51,8 @@ class PrefixCache:
         self.scope = ""  # whose request brought the engine to `current`
         self.stored: dict[str, dict[tuple[int, ...], int]] = {}  # session -> ids -> snapshot id
         self.sessions: dict[str, str] = {}  # name -> session id
-        self.pending: list[tuple[str, tuple[int, ...], object]] = []  # states save() kept, for flush() to store
+        self.pending: list[tuple[str, tuple[int, ...], Kept]] = []  # states save() kept, for flush() to store
+        self._writer = None  # the engine flush() makes snapshots on (Engine.sibling, made at the first)
 
     # --- lookup -----------------------------------------------------------------------------------------
     def restore_longest(self, ids: list[int], session: str) -> Hit:
@@ -98,16 +99,16 @@ class PrefixCache:
         self.current = tuple(ids)
 
     def save(self, session: str) -> None:
-        """Keep the engine's current state: a copy on its device (Engine.keep; LRU under the byte budget), and its
-        snapshot queued for the store (flush()). The snapshot is incremental (Engine.snapshot_parts: only what
-        changed since the last one is copied to the host and hashed), so a prompt's state is kept before its reply
-        starts without delaying the first token by a whole save."""
+        """Keep the engine's current state: a copy on its device (Engine.keep; LRU under the byte budget), queued
+        for the store too. Only that device-side copy is made here: the snapshot (host copy, hashing, the SQLite
+        write) is made from it by flush(), in the thread of a request whose answer is out, while the server's
+        scheduler goes on decoding."""
         key, self.scope = self.current, "" if self.share else session  # the engine holds this session's state
         if not self.enabled or not key or (self.scope, key) in self.hot:
             return
-        if self.store is not None:  # first: the kept copy then carries the piece cache as of this state
-            self.pending.append((session, key, self.engine.snapshot_parts()))
         kept = self.engine.keep()
+        if self.store is not None:
+            self.pending.append((session, key, kept))
         self.hot[self.scope, key] = kept
         self.hot_bytes += kept.nbytes
         while self.hot_bytes > self.budget and len(self.hot) > 1:
@@ -119,7 +120,8 @@ class PrefixCache:
         before loses those states, never half of one)."""
         wrote = bool(self.pending)
         while self.pending:
-            session, key, parts = self.pending.pop(0)
+            session, key, kept = self.pending.pop(0)
+            parts = self._parts(kept)
             sid = self._session(session)
             snap_id = self.store.save_turn(
                 sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
@@ -132,6 +134,15 @@ class PrefixCache:
             dropped = set(self.store.trim(SERVE, self.store_bytes, self.used, spare=SERVE + USER))
             for name, index in self.stored.items():
                 self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
+
+    def _parts(self, kept: Kept):
+        """A kept state's snapshot, as the parts the store keeps: made on an engine of its own (the server's engine
+        serves the next request meanwhile), incrementally from the piece cache the copy carries (Engine.snapshot_parts:
+        only what changed since is copied to the host and hashed)."""
+        if self._writer is None:
+            self._writer = self.engine.sibling()
+        self._writer.restore_kept(kept)
+        return self._writer.snapshot_parts()
 
     # --- the store's sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> str:
