@@ -237,8 +237,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         # continuous batching: the prompt is read on the scheduler's thread between decode steps of other replies
         cached, replies, pieces = batcher.run(prompt_job(ids, session, sample, choices, limit)).wait()
         done.update(ids=ids, cached=cached, replies=replies)
-        yield None
-        try:  # all decode at once; their text is read one after the other
+        try:  # all decode at once (since the job ended); their text is read one after the other
+            yield None
             for k, (reply, choice) in enumerate(zip(replies, choices, strict=True)):
                 for piece in pieces[k]:
                     yield k, piece

@@ -53,3 +53,21 @@ def test_a_prompt_read_in_chunks_between_the_steps_of_a_running_reply():
     # each answer as served alone
     assert texts["long"] == ask(serial, long)
     assert texts["running"] == ask(serial, running)
+
+
+def test_a_client_gone_before_its_first_token_ends_its_reply():
+    """A stream closed right after its first chunk (the prompt read on the scheduler, its reply already in the
+    decode batch): the reply leaves the batch at the next step instead of decoding to max_tokens."""
+    import time
+
+    app = create_app(load_model("random", window=64), None, "random", batch_decode=True)
+    client = TestClient(app)
+    body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 100_000, "temperature": 0,
+            "stream": True}  # fmt: skip
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert next(r.iter_lines()).startswith("data: ")  # the role chunk: the prompt is read
+    batcher = app.state.batcher
+    deadline = time.monotonic() + 60
+    while (batcher.active or batcher.waiting) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not batcher.active and not batcher.waiting and batcher.steps < 5000
