@@ -144,7 +144,8 @@ def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
         for n in (1, 4, 16):
             rows: list[dict] = []
 
-            def client(i: int, rows: list[dict] = rows) -> None:
+            def client(i: int, rows: list[dict] = rows, n: int = n) -> None:
+                time.sleep(args.ramp * i / n)  # --ramp: the clients start spread over that many seconds
                 for k in range(args.requests):
                     rows.append(stream(asks[i * args.requests + k]))
 
@@ -183,6 +184,8 @@ def main() -> None:
                     "(about 2k tokens)")
     ap.add_argument("--requests", type=int, default=2, help="requests each concurrent client sends, one after another")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="the server's --prefill-chunk")
+    ap.add_argument("--ramp", type=float, default=0.0, help="seconds over which the concurrent clients start, evenly "
+                    "spread (default 0: all at once, the worst case for the time to first token)")
     ap.add_argument("--only-concurrency", action="store_true", help="skip the transcript (keep its earlier figures)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -236,8 +239,9 @@ def main() -> None:
     lines += [
         "",
         f"Concurrent clients, each sending {args.requests} streamed requests one after the other (a prompt of "
-        f"about {conc['serial'][1]['prompt_tokens']:,.0f} tokens of its own, up to {args.tokens} tokens, greedy); "
-        "one at a time (`--no-batch-decode`) and continuous batching (`--batch-decode`: replies decoded together, "
+        f"about {conc['serial'][1]['prompt_tokens']:,.0f} tokens of its own, up to {args.tokens} tokens, greedy; "
+        + (f"the clients start spread over {args.ramp:g} s); " if args.ramp else "all starting at once); ")
+        + "one at a time (`--no-batch-decode`) and continuous batching (`--batch-decode`: replies decoded together, "
         f"prompts read {args.prefill_chunk or 512} tokens at a time between the decode steps), side by side in one "
         "run. Wall time from the first request to the last reply; each request also keeps its states in the SQLite "
         "store. Gap: the time between two tokens of one stream (the longest is how long a running reply waited).",
