@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
+from schemathesis.config import SchemathesisConfig
 
 from deltamem.model import load_model
 from deltamem.server.app import create_app
@@ -49,7 +50,10 @@ def document(app):
 @pytest.fixture(scope="module")
 def fuzzed(app):
     """The API as schemathesis loads it: /openapi.json read through the app itself (ASGI, in-process)."""
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
+    # whole streams read (schemathesis stops at 20 events by default: a stream of n choices with log-probabilities
+    # has more, and would lack its [DONE])
+    return schemathesis.openapi.from_asgi("/openapi.json", app,
+                                          config=SchemathesisConfig.from_dict({"max-stream-events": 100_000}))
 
 
 def validator(doc: dict, name: str) -> jsonschema.Draft202012Validator:
@@ -128,6 +132,7 @@ def openai_shaped(response, body) -> None:
         err = response.json()["error"]
         assert isinstance(err["message"], str) and err["message"] and err["type"], (body, err)
     elif isinstance(body, dict) and body.get("stream") is True:
+        assert not getattr(response, "stream_cut_short", False), (body, "the stream outlasted the request timeout")
         events = [x for x in response.text.split("\n\n") if x.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and all(json.loads(x[6:]) for x in events[:-1]), (body, response.text)
     else:
