@@ -327,8 +327,12 @@ class Engine(Generation):
         device-side copy back, no host round trip, no hashing. What `deltamem serve` keeps of hot prompt states."""
         with torch.inference_mode():
             states = [st.copy() for st in self.states]
-        pieces = self._pieces.copy() if self._pieces is not None else None
-        return Kept(states, self.tokens_seen, self.token_chain, pieces, self.state_bytes())
+        return Kept(states, self.tokens_seen, self.token_chain, self.piece_cache(), self.state_bytes())
+
+    def piece_cache(self) -> PieceCache | None:
+        """A copy of the incremental snapshot cache as of the current state (what keep() carries; see
+        snapshot_parts)."""
+        return self._pieces.copy() if self._pieces is not None else None
 
     def restore_kept(self, kept: Kept) -> None:
         """Back to a state keep() copied (the copy stays as it was, to be restored again)."""

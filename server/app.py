@@ -35,7 +35,7 @@ from deltamem.agent.protocol import prepare_turn, stop_ids
 from deltamem.model.sampling import Sampler, TextStream
 from deltamem.server import api, bodies
 from deltamem.server.api import ApiError
-from deltamem.server.batching import PREFILL_CHUNK, Batcher, Reply, call
+from deltamem.server.batching import PREFILL_CHUNK, Batcher, Reply
 from deltamem.server.http import ClosingStreamingResponse, FifoLock, Guard, error_response, in_threads
 from deltamem.server.prefix import USER, PrefixCache
 
@@ -194,13 +194,6 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                          set(eos), limit, guide=g) for c, g in zip(choices, guides, strict=True)]  # fmt: skip
         return cached, replies, [batcher.submit(r) for r in replies]
 
-    def handback(ids: list[int], reply: Reply, session: str) -> None:
-        """The scheduler's job once a request's last reply has ended: its state into the engine (a next turn's
-        prompt extends it) and the prefix cache."""
-        engine.restore_kept(reply.final)
-        cache.consumed(ids + reply.generated)
-        cache.save(session)
-
     def answer(ids: list[int], sample: dict, session: str, done: dict) -> Iterator[tuple[int, str] | None]:
         """Read the prompt (restoring the longest cached prefix), yield None once it is read, then (choice, text
         piece) for each of the n choices, one choice after the other; `done` gets ids, cached and, per choice, its
@@ -248,7 +241,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 r.cancelled = r.final is None
                 if not choice.get("ended"):
                     choice["n"] = len(r.generated)
-        batcher.run(call(lambda: handback(ids, replies[-1], session)))  # not waited for: the answer goes on
+        with lock:  # the state after the last reply, into the cache (the engine is the scheduler's meanwhile)
+            cache.save_kept(session, ids + replies[-1].generated, replies[-1].final)
 
     def sampler_for(sample: dict, k: int) -> Sampler:
         seed = None if sample["seed"] is None else sample["seed"] + k  # choices differ, each reproducible

@@ -2,14 +2,13 @@
 replies of concurrent requests together, the two interleaved.
 
 The thread alternates engine jobs and decode steps. A job is work on the server's engine (reading a request's
-prompt, handing a finished reply's state back), a generator run one step at a time in arrival order: reading a
-prompt yields after each chunk of `chunk` tokens (as vLLM's and SGLang's chunked prefill), so the replies already
-decoding wait at most one chunk between two steps, and a new request starts as soon as the job before it ends,
-whatever the replies still decoding. When a prompt is read its state is copied out
-(Engine.keep) and joins the decode batch (model/batch.py) as a Reply: each step samples one token per reply, feeds
-them all at once, and streams each reply's text to its request. A reply leaves the batch when it ends (end of
-sequence, a stop string, max tokens) with the state its last token left, which its request gives back to the engine
-and the prefix cache (a job again). A client that goes away ends its reply at the next step.
+prompt), a generator run one step at a time in arrival order: reading a prompt yields after each chunk of `chunk`
+tokens (as vLLM's and SGLang's chunked prefill), so the replies already decoding wait at most one chunk between two
+steps, and a new request starts as soon as the job before it ends, whatever the replies still decoding. When a
+prompt is read its state is copied out (Engine.keep) and joins the decode batch (model/batch.py) as a Reply: each
+step samples one token per reply, feeds them all at once, and streams each reply's text to its request. A reply
+leaves the batch when it ends (end of sequence, a stop string, max tokens) with the state its last token left,
+which its request puts in the prefix cache. A client that goes away ends its reply at the next step.
 
 Each reply's tokens are those generate() samples on a single stream (the same Sampler, TextStream and stop rules):
 on the CPU the host sampler, on a GPU the device sampler, as Engine does.
@@ -67,12 +66,6 @@ class Job:
         if self.error is not None:
             raise self.error
         return self.result
-
-
-def call(fn: Callable[[], Any]) -> Generator[None, None, Any]:
-    """A plain function as a job of one step."""
-    return fn()
-    yield  # noqa: B901 - makes this a generator
 
 
 class Batcher:

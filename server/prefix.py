@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from deltamem.memory.errors import NotFound
 from deltamem.memory.store import Store
+from deltamem.model import snapshot as snap
 from deltamem.model.engine import Kept
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,10 @@ class PrefixCache:
         self.scope = ""  # whose request brought the engine to `current`
         self.stored: dict[str, dict[tuple[int, ...], int]] = {}  # session -> ids -> snapshot id
         self.sessions: dict[str, str] = {}  # name -> session id
-        self.pending: list[tuple[str, tuple[int, ...], Kept]] = []  # states save() kept, for flush() to store
+        # states save() kept, for flush() to store: device copies (their snapshots made then), or made already
+        self.pending: list[tuple[str, tuple[int, ...], Kept | snap.Parts]] = []
         self._writer = None  # the engine flush() makes snapshots on (Engine.sibling, made at the first)
+        self.pending_bytes = 0  # device memory the pending copies take (within the budget of the hot states)
 
     # --- lookup -----------------------------------------------------------------------------------------
     def restore_longest(self, ids: list[int], session: str) -> Hit:
@@ -106,10 +109,26 @@ class PrefixCache:
         key, self.scope = self.current, "" if self.share else session  # the engine holds this session's state
         if not self.enabled or not key or (self.scope, key) in self.hot:
             return
-        kept = self.engine.keep()
+        self._keep(session, key, self.engine.keep())
+
+    def save_kept(self, session: str, ids: list[int], kept: Kept) -> None:
+        """As save(), for a state kept elsewhere (a reply's from the decode batch), taken over as it is: the engine
+        is not involved."""
+        key = tuple(ids)
+        if self.enabled and key and (("" if self.share else session), key) not in self.hot:
+            self._keep(session, key, kept)
+
+    def _keep(self, session: str, key: tuple[int, ...], kept: Kept) -> None:
         if self.store is not None:
             self.pending.append((session, key, kept))
-        self.hot[self.scope, key] = kept
+            self.pending_bytes += kept.nbytes
+            for i, (name, old_key, old) in enumerate(self.pending[:-1]):  # over the budget (a long prompt, clients
+                if self.pending_bytes <= self.budget:  # that left before their flush): the oldest copies become
+                    break  # snapshots now, on the host, here
+                if isinstance(old, Kept):
+                    self.pending[i] = (name, old_key, self._parts(old))
+                    self.pending_bytes -= old.nbytes
+        self.hot["" if self.share else session, key] = kept
         self.hot_bytes += kept.nbytes
         while self.hot_bytes > self.budget and len(self.hot) > 1:
             _, old = self.hot.popitem(last=False)
@@ -121,7 +140,9 @@ class PrefixCache:
         wrote = bool(self.pending)
         while self.pending:
             session, key, kept = self.pending.pop(0)
-            parts = self._parts(kept)
+            if isinstance(kept, Kept):
+                self.pending_bytes -= kept.nbytes
+            parts = self._parts(kept) if isinstance(kept, Kept) else kept
             sid = self._session(session)
             snap_id = self.store.save_turn(
                 sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
@@ -142,7 +163,9 @@ class PrefixCache:
         if self._writer is None:
             self._writer = self.engine.sibling()
         self._writer.restore_kept(kept)
-        return self._writer.snapshot_parts()
+        parts = self._writer.snapshot_parts()
+        kept.pieces = self._writer.piece_cache()  # a later state restored from this copy snapshots incrementally
+        return parts
 
     # --- the store's sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> str:

@@ -71,3 +71,28 @@ def test_a_client_gone_before_its_first_token_ends_its_reply():
     while (batcher.active or batcher.waiting) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not batcher.active and not batcher.waiting and batcher.steps < 5000
+
+
+def test_a_batched_reply_state_is_stored_by_its_own_request(tmp_path):
+    """The state a batched reply ends with is written by the request's own flush (before its answer returns): a
+    server started afresh on the same file resumes the next turn from it, the reply included."""
+    from deltamem.memory.store import Store
+
+    db = tmp_path / "m.db"
+    asks = [[{"role": "user", "content": f"Count to {i}." * (1 + i % 3)}] for i in range(6)]
+    firsts = []
+    engine = load_model("random", window=64)
+    for convo in asks:  # each the only request of its server: nothing after it flushes for it
+        with Store(db) as store:
+            first = TestClient(create_app(engine, store, "random", batch_decode=True))
+            r = first.post("/v1/chat/completions", json={"messages": convo, "max_tokens": 5, "temperature": 0})
+            firsts.append(r.json())
+    hits = 0
+    with Store(db) as store:
+        again = TestClient(create_app(load_model("random", window=64), store, "random", batch_decode=True))
+        for convo, r in zip(asks, firsts, strict=True):
+            turn = convo + [{"role": "assistant", "content": r["choices"][0]["message"]["content"]},
+                            {"role": "user", "content": "Go"}]  # fmt: skip
+            r2 = again.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 2, "temperature": 0}).json()
+            hits += r2["usage"]["prompt_tokens_details"]["cached_tokens"] == r["usage"]["total_tokens"]
+    assert hits >= 3  # (a reply whose text tokenizes back to other ids than its own gets a shorter hit)
