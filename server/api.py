@@ -13,7 +13,6 @@ from typing import Any
 
 from deltamem.agent.parse import CLOSE, OPEN, parse_tool_calls
 from deltamem.agent.protocol import Offer, answer_schema
-from deltamem.model.sampling import GREEDY_BELOW
 
 MAX_BODY = 8 << 20
 MAX_N = 16  # choices of one request (OpenAI allows up to 128)
@@ -66,11 +65,11 @@ def _number(body: dict, key: str, default: float, low: float, high: float, integ
 def sampling(body: dict, chat: bool, context: int) -> dict:
     """The sampling parameters of a body, checked: max_new_tokens (max_completion_tokens, else max_tokens; up to
     the context, which is also the default: the reply's room is then what the prompt leaves), temperature (0 to 2,
-    default 1; under GREEDY_BELOW greedy), top_p (0 to 1, default 1; 0 is greedy), seed (a 64-bit integer; choice k
-    of n uses seed + k), stop (a string or up to 4), presence_penalty and frequency_penalty (-2 to 2), logit_bias
-    ({token id: -100 to 100}), n (1 to MAX_N choices) and the log-probabilities asked: chat's logprobs (a boolean)
-    with top_logprobs (0 to 20), completions' logprobs (0 to 5 alternatives); `logprobs` here is None or the number
-    of alternatives. echo (completions): the prompt before each choice's text."""
+    default 1; the Sampler draws greedily under 1e-5), top_p (0 to 1, default 1; 0 is greedy), seed (a 64-bit
+    integer; choice k of n uses seed + k), stop (a string or up to 4), presence_penalty and frequency_penalty (-2 to
+    2), logit_bias ({token id: -100 to 100}), n (1 to MAX_N choices) and the log-probabilities asked: chat's
+    logprobs (a boolean) with top_logprobs (0 to 20), completions' logprobs (0 to 5 alternatives); `logprobs` here
+    is None or the number of alternatives. echo (completions): the prompt before each choice's text."""
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     out = {
         "max_new_tokens": _number(body, key, None, 1, context, integer=True),
@@ -84,7 +83,7 @@ def sampling(body: dict, chat: bool, context: int) -> dict:
         "logprobs": _logprobs(body, chat),
         "echo": _flag(body, "echo") if not chat else False,
     }
-    if out["top_p"] == 0 or out["temperature"] < GREEDY_BELOW:  # only the likeliest token: greedy
+    if out["top_p"] == 0:  # only the likeliest token: greedy
         out["temperature"], out["top_p"] = 0.0, 1.0
     if out["echo"] and out["logprobs"] is not None:
         raise ApiError(400, "echo with logprobs is not supported: the prompt's log-probabilities are not computed "

@@ -84,7 +84,6 @@ class Batcher:
         self.waiting: deque[Reply] = deque()
         self.active: list[Reply] = []  # in the batch's row order
         self.steps = 0  # decode steps
-        self.job_steps = 0  # job steps (chunks of prompts, among others)
         # what the thread did, in order: ("job", replies decoding meanwhile) or ("step", replies in the step)
         self.trace: deque[tuple[str, int]] = deque(maxlen=4096)
         self._holding = False
@@ -171,13 +170,11 @@ class Batcher:
         try:
             with torch.inference_mode():
                 next(job.steps)
-            self.job_steps += 1
             return  # more to come, after a decode step
         except StopIteration as e:
             job.result = e.value
         except BaseException as e:  # noqa: BLE001 - the job's caller gets it
             job.error = e
-        self.job_steps += 1
         self.job, self._holding = None, False
         self.lock.release()
         job.done.set()

@@ -139,10 +139,10 @@ class PrefixCache:
         before loses those states, never half of one)."""
         wrote = bool(self.pending)
         while self.pending:
-            session, key, kept = self.pending.pop(0)
-            if isinstance(kept, Kept):
-                self.pending_bytes -= kept.nbytes
-            parts = self._parts(kept) if isinstance(kept, Kept) else kept
+            session, key, parts = self.pending.pop(0)
+            if isinstance(parts, Kept):  # a device copy: its snapshot is made now
+                self.pending_bytes -= parts.nbytes
+                parts = self._parts(parts)
             sid = self._session(session)
             snap_id = self.store.save_turn(
                 sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
