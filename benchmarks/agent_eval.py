@@ -262,7 +262,7 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args, on_set
                               "auto": c.get("auto"), "result": str(c.get("result", ""))[:300]}
                              for c in out.get("tool_calls", [])],  # fmt: skip
                 "retried": out.get("retried"),  # the hint the first answer was asked again with
-                "model_calls": model_calls(out.get("outcome"), len(calls), args.max_steps) + bool(out.get("retried")),
+                "model_calls": model_calls(out.get("outcome"), len(calls), args.max_steps, out.get("retried")),
                 "degenerate": LOOP_MARKER.strip() in answer,
                 "wall_s": round(wall, 2),
                 "error": r.stderr[-500:] if r.returncode not in (0, 3) else "",
@@ -292,10 +292,10 @@ def evaluate(label: str, delta: Path, sets: list[dict], work: Path, args, on_set
     return result
 
 
-def model_calls(outcome: str | None, calls: int, max_steps: int) -> int:
+def model_calls(outcome: str | None, calls: int, max_steps: int, retried: str | None = None) -> int:
     """Replies the model wrote: one per tool call and the answer's; a run stopped at the step limit wrote max_steps
-    (the last one's calls were not run)."""
-    return calls + 1 if outcome == "answer" else max_steps if outcome == "step_limit" else calls
+    (the last one's calls were not run); one more where the answer was asked again (retried)."""
+    return (calls + 1 if outcome == "answer" else max_steps if outcome == "step_limit" else calls) + bool(retried)
 
 
 def _language(rec: dict) -> str:
@@ -475,8 +475,8 @@ def main() -> None:
         for r in results:
             for rec in r["records"]:
                 rec["exact"] = rec["exit"] == 0 and agent_tasks.exact(rec["expect"], rec["answer"])
-                rec["model_calls"] = (model_calls(rec["outcome"], rec["calls"], runs[0]["meta"]["max_steps"])
-                                      + bool(rec.get("retried")))
+                rec["model_calls"] = model_calls(rec["outcome"], rec["calls"], runs[0]["meta"]["max_steps"],
+                                                 rec.get("retried"))
             r["summary"] = summary(r["records"])
         write(args.out, results, runs[0]["meta"])
         return
