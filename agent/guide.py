@@ -20,9 +20,11 @@ whatever follows as usual.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 
 import llguidance
 import llguidance.numpy as llnp  # not llguidance.torch, whose import pulls in torch._dynamo (1.5 s)
@@ -206,3 +208,93 @@ class ReplyGuide:
             self._last = (len(self._fed), mask)
         mask = self._last[1]
         return None if mask is None else mask.to(device)
+
+
+# what comes before a list's next item: "`a.py`, `", "`a.py` and `", "- `a.py`\n- `", "1. `a.py`\n2. `"
+_LIST_BEFORE = re.compile(r"`([^`\n]+)`\s*(?:,|;|and|,\s*and)?\s*(?:[-*]|\d+[.)])?\s*$")
+_TEXTS: dict[tuple[str, int], tuple[dict[str, list[int]], list[str]]] = {}
+
+
+def token_texts(tok, vocab_size: int) -> tuple[dict[str, list[int]], list[str]]:
+    """Each text a single token spells -> its ids, and those texts sorted (for a prefix's range); ids whose bytes
+    are not whole UTF-8 text are left out."""
+    key = (tok.fingerprint(), vocab_size)
+    if key not in _TEXTS:
+        by_text: dict[str, list[int]] = {}
+        for i in range(vocab_size):
+            try:
+                by_text.setdefault(tok.decode_bytes([i]).decode("utf-8"), []).append(i)
+            except (ValueError, UnicodeDecodeError):
+                continue
+        _TEXTS[key] = (by_text, sorted(by_text))
+    return _TEXTS[key]
+
+
+class ListGuide:
+    """guide(reply_ids, device) -> a mask, or None: a reply that lists files it was shown (`a.py`, `b.py`, ...)
+    cannot write a file it has already listed as the next item while a shown file is still missing from the list.
+
+    A small model copying a list of paths from a tool result tends to write the last one again instead of the next
+    (`src/parse.rs`, `src/parse.rs`, ...) and then loops on it (benchmarks/results/agent_eval_heldout.md). Only the
+    tokens that would spell an already listed path from where the item stands are forbidden, and only while that
+    item opens right after a listed path and another shown path could still follow; everything else is free.
+    paths(): the files the tools have shown so far (called at each step where a list item is open)."""
+
+    def __init__(self, tok, vocab_size: int, paths: Callable[[], Sequence[str]]):
+        self.tok, self.vocab_size, self.paths = tok, vocab_size, paths
+
+    def forbidden(self, text: str) -> set[int]:
+        """The ids that would make the list item open at the end of `text` spell a path listed before it."""
+        if "```" in text or text.count("`") % 2 == 0:  # in code, or not inside `...`
+            return set()
+        at = text.rfind("`")
+        item, before = text[at + 1 :], text[:at]
+        m = _LIST_BEFORE.search(before)
+        paths = list(self.paths())
+        if "\n" in item or m is None or m.group(1) not in paths:
+            return set()
+        listed = {p for p in paths if f"`{p}`" in before}
+        missing = [p for p in paths if p not in listed]
+        if not missing:
+            return set()
+        by_text, texts = token_texts(self.tok, self.vocab_size)
+        out: set[int] = set()
+        for p in listed:
+            if not p.startswith(item):
+                continue
+            rest = p[len(item) :] + "`"
+            spelled = [rest[:k] for k in range(1, len(rest) + 1)]  # tokens inside the rest of the path
+            i = bisect.bisect_left(texts, rest)
+            while i < len(texts) and texts[i].startswith(rest):  # and tokens running past its closing backtick
+                spelled.append(texts[i])
+                i += 1
+            for t in spelled:
+                if t in by_text and not any(q.startswith(item + t) for q in missing):
+                    out.update(by_text[t])
+        return out
+
+    def __call__(self, ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor | None:
+        if not ids:
+            return None
+        out = self.forbidden(self.tok.decode(list(ids)))
+        if not out:
+            return None
+        mask = torch.ones(self.vocab_size, dtype=torch.bool)
+        mask[list(out)] = False
+        return mask.to(device)
+
+
+class Guides:
+    """Several guides at once: a token is allowed where each of them allows it (None where all are free)."""
+
+    def __init__(self, *guides):
+        self.guides = [g for g in guides if g is not None]
+
+    def __call__(self, ids: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor | None:
+        masks = [m for m in (g(ids, device) for g in self.guides) if m is not None]
+        if not masks:
+            return None
+        out = masks[0]
+        for m in masks[1:]:
+            out = out & m
+        return out

@@ -22,6 +22,7 @@ from langgraph.types import Command
 
 from deltamem.agent import threads
 from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
+from deltamem.agent.guide import Guides, ListGuide
 from deltamem.agent.hygiene import Rules, feed_order
 from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
 from deltamem.agent.protocol import Offer, call_guide, lay_out
@@ -118,8 +119,12 @@ class Agent:
         offer = Offer(tool_specs(self.tools))
         s = self.session
         lay_out(s.template, offer)  # where the model's template lists them, in its trained words and syntax
-        if guided_calls:
-            s.guide = call_guide(s.tok, engine.config.vocab_size, s.stop_ids, s.template, offer)
+        # a reply listing the files the tools showed cannot list one twice while another is missing (ListGuide)
+        self._calls: list[dict] = []
+        self._shown: tuple[int, list[str]] = (0, [])
+        listing = ListGuide(s.tok, engine.config.vocab_size, self._shown_so_far)
+        calls = call_guide(s.tok, engine.config.vocab_size, s.stop_ids, s.template, offer) if guided_calls else None
+        s.guide = Guides(calls, listing)
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
         self.saver = sqlite_checkpointer(store.path)
         self.graph = build_graph(
@@ -201,6 +206,7 @@ class Agent:
         before = len(self.messages())
         fed0 = self.session.fed
         calls: list[dict] = []
+        self._calls = calls
 
         def track(event: Event) -> None:
             if "tool" in event:
@@ -237,6 +243,12 @@ class Agent:
             grounded,
             hint,
         )
+
+    def _shown_so_far(self) -> list[str]:
+        """_shown_paths of this run's calls so far, found again only when a call has come."""
+        if self._shown[0] != len(self._calls):
+            self._shown = (len(self._calls), self._shown_paths(self._calls))
+        return self._shown[1]
 
     def _shown_paths(self, calls: list[dict]) -> list[str]:
         """The project's files that this run's tool results named, in the order first shown."""

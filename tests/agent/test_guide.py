@@ -8,8 +8,9 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
-from deltamem.agent.guide import ReplyGuide
+from deltamem.agent.guide import Guides, ListGuide, ReplyGuide
 from deltamem.agent.parse import parse_tool_calls
 from deltamem.model import load_model
 from deltamem.model.generation import GRAPH_CHUNK
@@ -203,3 +204,73 @@ def test_without_parallel_calls_one_call_ends_the_reply(tok, eos, syntax, answer
     assert one is not None and allowed(one) == set(eos)
     many = ReplyGuide(tok, SHORT, VOCAB, eos, syntax, answer=answer)(tok.encode(text))
     assert many is None or allowed(many) > set(eos)  # free text, or another call, may follow
+
+
+# --- ListGuide: a list of shown files names none twice while one is missing -------------------------------------
+
+SHOWN = ["pkg/src/error.rs", "pkg/src/lib.rs", "pkg/src/parse.rs", "pkg/tests/test_req.rs"]
+
+
+def spelled_again(tok, item: str, listed: list[str], missing: list[str]) -> set[int]:
+    """Brute force over the whole vocabulary: the ids whose text, after the open item, spells on into a listed path
+    (or past its closing backtick) and into no missing one."""
+    out = set()
+    for i in range(VOCAB):
+        try:
+            t = tok.decode_bytes([i]).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            continue
+        s = item + t
+        into_listed = any((p + "`").startswith(s) or s.startswith(p + "`") for p in listed)
+        if t and into_listed and not any(q.startswith(s) for q in missing):
+            out.add(i)
+    return out
+
+
+@pytest.mark.parametrize(
+    "before, item",
+    [
+        ("`wildcard` is used in 4 files: `pkg/src/error.rs`, `pkg/src/lib.rs`, `pkg/src/parse.rs`, `", "pkg/"),
+        ("Used in:\n- `pkg/src/parse.rs`\n- `pkg/src/lib.rs`\n- `", "pkg/src/"),
+        ("`pkg/src/parse.rs` and `", "pkg/src/pa"),
+    ],
+)
+def test_list_guide_forbids_exactly_the_ids_that_list_a_file_again(tok, before, item):
+    guide = ListGuide(tok, VOCAB, lambda: SHOWN)
+    listed = [p for p in SHOWN if f"`{p}`" in before]
+    missing = [p for p in SHOWN if p not in listed]
+    want = spelled_again(tok, item, listed, missing)
+    assert want  # the case is one where the model could list a file again
+    mask = guide(tok.encode(before + item))
+    assert mask is not None and set(range(VOCAB)) - allowed(mask) == want
+    # what stays allowed: the missing file, spelled on from the item, token by token
+    rest, text = missing[-1][len(item) :], before + item
+    for i in tok.encode(rest):
+        m = guide(tok.encode(text))
+        assert m is None or bool(m[i]), (text, tok.decode([i]))
+        text += tok.decode([i])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The error is raised in `pkg/src/parse.rs` (line 3); see `pkg/",  # prose, not a list's next item
+        "`pkg/src/error.rs`, `pkg/src/lib.rs`, `pkg/src/parse.rs`, `pkg/tests/test_req.rs`, `pkg/",  # all listed
+        "```\nuse `pkg/src/parse.rs`, `pkg/",  # in code
+        "`pkg/src/parse.rs`, `pkg/src/lib.rs`",  # no item open
+        "`other/file.rs`, `pkg/",  # the item before is no shown file
+    ],
+)
+def test_list_guide_leaves_everything_else_free(tok, text):
+    assert ListGuide(tok, VOCAB, lambda: SHOWN)(tok.encode(text)) is None
+
+
+def test_guides_allow_what_each_allows(tok, eos):
+    calls = ReplyGuide(tok, NAMED, VOCAB, eos)
+    listing = ListGuide(tok, VOCAB, lambda: SHOWN)
+    both = Guides(calls, listing, None)
+    free = tok.encode("`pkg/src/parse.rs`, `pkg/src/")
+    assert listing(free) is not None and torch.equal(both(free), listing(free))  # the call guide is free here
+    opened = tok.encode("Let me look.\n<tool_call>\n")
+    assert torch.equal(both(opened), calls(opened))  # no list here
+    assert Guides(listing)(tok.encode("no list")) is None
