@@ -212,12 +212,12 @@ class ReplyGuide:
 
 # what comes before a list's next item: "`a.py`, `", "`a.py` and `", "- `a.py`\n- `", "1. `a.py`\n2. `"
 _LIST_BEFORE = re.compile(r"`([^`\n]+)`\s*(?:,|;|and|,\s*and)?\s*(?:[-*]|\d+[.)])?\s*$")
-_TEXTS: dict[tuple[str, int], tuple[dict[str, list[int]], list[str]]] = {}
+_TEXTS: dict[tuple[str, int], tuple[dict[str, list[int]], list[str], list[str]]] = {}
 
 
-def token_texts(tok, vocab_size: int) -> tuple[dict[str, list[int]], list[str]]:
-    """Each text a single token spells -> its ids, and those texts sorted (for a prefix's range); ids whose bytes
-    are not whole UTF-8 text are left out."""
+def token_texts(tok, vocab_size: int) -> tuple[dict[str, list[int]], list[str], list[str]]:
+    """Each text a single token spells -> its ids, those texts sorted (for a prefix's range), and those that may
+    continue a list (a backtick, a separator, a bullet); ids whose bytes are not whole UTF-8 text are left out."""
     key = (tok.fingerprint(), vocab_size)
     if key not in _TEXTS:
         by_text: dict[str, list[int]] = {}
@@ -226,13 +226,28 @@ def token_texts(tok, vocab_size: int) -> tuple[dict[str, list[int]], list[str]]:
                 by_text.setdefault(tok.decode_bytes([i]).decode("utf-8"), []).append(i)
             except (ValueError, UnicodeDecodeError):
                 continue
-        _TEXTS[key] = (by_text, sorted(by_text))
+        listy = [t for t in by_text if "`" in t or re.fullmatch(r"\s*(?:,|;|and|,\s*and|[-*]|\d+[.)])?\s*", t)]
+        _TEXTS[key] = (by_text, sorted(by_text), listy)
     return _TEXTS[key]
+
+
+_SEPARATOR = re.compile(r"`[^`\n]+`(?:\s*(?:,|;|and|,\s*and)|\s*\n\s*(?:[-*]|\d+[.)]))\s*$")
+
+
+def _continues_list(text: str) -> bool:
+    """Whether `text` ends in a list's separator (`a.py`, ) or its next item just opened (`a.py`, `)."""
+    if "```" in text:
+        return False
+    if text.count("`") % 2 == 0:
+        return _SEPARATOR.search(text) is not None
+    at = text.rfind("`")
+    return not text[at + 1 :].strip() and _LIST_BEFORE.search(text[:at]) is not None
 
 
 class ListGuide:
     """guide(reply_ids, device) -> a mask, or None: a reply that lists files it was shown (`a.py`, `b.py`, ...)
-    cannot write a file it has already listed as the next item while a shown file is still missing from the list.
+    cannot write a file it has already listed as the next item while a shown file is still missing from the list,
+    nor go on listing (a separator, another item) once a list holds every shown file.
 
     A small model copying a list of paths from a tool result tends to write the last one again instead of the next
     (`src/parse.rs`, `src/parse.rs`, ...) and then loops on it (benchmarks/results/agent_eval_heldout.md). Only the
@@ -244,20 +259,30 @@ class ListGuide:
         self.tok, self.vocab_size, self.paths = tok, vocab_size, paths
 
     def forbidden(self, text: str) -> set[int]:
-        """The ids that would make the list item open at the end of `text` spell a path listed before it."""
-        if "```" in text or text.count("`") % 2 == 0:  # in code, or not inside `...`
+        """The ids that would make the list item open at the end of `text` spell a path listed before it, or, where
+        a list holds every shown path, continue it."""
+        paths = list(self.paths())
+        if "```" in text or not paths:  # in code, or nothing shown
             return set()
+        if text.count("`") % 2 == 0:  # no item open: after the whole list, no separator and no item more
+            m = _LIST_BEFORE.search(text)
+            if m is None or m.group(1) not in paths or any(f"`{p}`" not in text for p in paths):
+                return set()
+            last = _LIST_BEFORE.search(text[: m.start(1) - 1])  # the last item came after another: a list
+            if last is None or last.group(1) not in paths:
+                return set()
+            by_text, _, listy = token_texts(self.tok, self.vocab_size)
+            return {i for t in listy if _continues_list(text + t) for i in by_text[t]}
         at = text.rfind("`")
         item, before = text[at + 1 :], text[:at]
         m = _LIST_BEFORE.search(before)
-        paths = list(self.paths())
         if "\n" in item or m is None or m.group(1) not in paths:
             return set()
         listed = {p for p in paths if f"`{p}`" in before}
         missing = [p for p in paths if p not in listed]
         if not missing:
             return set()
-        by_text, texts = token_texts(self.tok, self.vocab_size)
+        by_text, texts, _ = token_texts(self.tok, self.vocab_size)
         out: set[int] = set()
         for p in listed:
             if not p.startswith(item):

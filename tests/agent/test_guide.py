@@ -5,6 +5,7 @@ arguments jsonschema (an independent validator) accepts under the tool's schema,
 (OpenAI's response_format), JSON that json.loads reads and jsonschema accepts, or a call."""
 
 import json
+import re
 
 import jsonschema
 import pytest
@@ -251,11 +252,34 @@ def test_list_guide_forbids_exactly_the_ids_that_list_a_file_again(tok, before, 
         text += tok.decode([i])
 
 
+def test_list_guide_goes_on_with_no_list_that_holds_every_shown_file(tok):
+    guide = ListGuide(tok, VOCAB, lambda: SHOWN)
+    done = "Used in 4 files: `pkg/src/error.rs`, `pkg/src/lib.rs`, `pkg/src/parse.rs`, `pkg/tests/test_req.rs`"
+    cases = [(done, [" `", "`", ",", " and", ";"], [".", " (", "\n\n", " in"]),
+             (done + ",", [" `", " and"], [" which"]), (done + "\n", ["-", "*"], ["The"])]  # fmt: skip
+    for text, going_on, free in cases:
+        mask = guide(tok.encode(text))
+        assert mask is not None
+        for t in going_on:  # each a single token of this vocabulary
+            (i,) = tok.encode(t)
+            assert not mask[i], (text, t)
+        for t in free:
+            assert all(mask[i] for i in tok.encode(t)), (text, t)
+        for i in set(range(VOCAB)) - allowed(mask):  # nothing but backticks, separators and bullets
+            t = tok.decode([i])
+            assert "`" in t or re.fullmatch(r"\s*(,|;|,? ?and|[-*]|\d+[.)])?\s*", t), t
+    # one file still missing: the list goes on
+    assert guide(tok.encode(done.replace(", `pkg/tests/test_req.rs`", "") + ", ")) is None
+    # one file alone is no list: what follows it is free
+    assert ListGuide(tok, VOCAB, lambda: SHOWN[:1])(tok.encode("Defined in `pkg/src/error.rs`")) is None
+
+
 @pytest.mark.parametrize(
     "text",
     [
         "The error is raised in `pkg/src/parse.rs` (line 3); see `pkg/",  # prose, not a list's next item
         "`pkg/src/error.rs`, `pkg/src/lib.rs`, `pkg/src/parse.rs`, `pkg/tests/test_req.rs`, `pkg/",  # all listed
+        "Defined in `pkg/src/lib.rs` as `",  # no list
         "```\nuse `pkg/src/parse.rs`, `pkg/",  # in code
         "`pkg/src/parse.rs`, `pkg/src/lib.rs`",  # no item open
         "`other/file.rs`, `pkg/",  # the item before is no shown file
