@@ -124,7 +124,7 @@ class Agent:
         self._shown: tuple[int, list[str]] = (0, [])
         listing = ListGuide(s.tok, engine.config.vocab_size, self._shown_so_far)
         calls = call_guide(s.tok, engine.config.vocab_size, s.stop_ids, s.template, offer) if guided_calls else None
-        s.guide = Guides(calls, listing)
+        s.guide = Guides(calls, listing) if self.tools else calls  # no tool, no file shown
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
         self.saver = sqlite_checkpointer(store.path)
         self.graph = build_graph(
