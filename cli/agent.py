@@ -58,7 +58,7 @@ def _agent(args: argparse.Namespace):
     if getattr(args, "max_steps", 1) < 1:
         raise ValueError("--max-steps must be >= 1")
     engine = load(args)  # a model that cannot load writes nothing, the memory database included
-    store = Store(args.db)
+    store = Store(args.db, objects=args.objects)
     atexit.register(store.close)  # gives back the session's lease: the next command finds it free, not abandoned
     name = args.session or args.repo.resolve().name
     kw = {}
@@ -181,7 +181,7 @@ def _ingest_dry_run(args: argparse.Namespace, rules) -> int:
     ledger: dict = {}
     db = args.db or default_db_path()
     if Path(db).exists():
-        with Store(db) as store:
+        with Store(db, objects=args.objects) as store:
             project = store.project_id(root)
             try:
                 if project is not None:

@@ -71,6 +71,10 @@ def load(args: argparse.Namespace):
 def db_arg(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--db", type=Path, default=None,
                     help="memory database (default $DELTAMEM_DB, else ~/.local/share/deltamem/memory.db)")
+    sp.add_argument("--objects", metavar="URL", default=None,
+                    help="keep snapshot pieces in object storage: file:///FOLDER or s3://BUCKET/PREFIX (S3 settings "
+                         "from the AWS_* variables, e.g. AWS_ENDPOINT_URL); default $DELTAMEM_OBJECTS, else what the "
+                         "database recorded on first use, else inside the database")
 
 
 def convert_arg(sp: argparse.ArgumentParser) -> None:

@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--prefill-chunk must be at least 1")
     logging.getLogger("deltamem.server").setLevel(args.log_level.upper())
     engine = load(args)
-    with Store(args.db) as store:
+    with Store(args.db, objects=args.objects) as store:
         model = model_options(args).model
         name = "default" if model == "default" else Path(model).name
         app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,

@@ -53,7 +53,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
     from deltamem.memory.store import Store
 
-    with Store(args.db) as store:
+    with Store(args.db, objects=args.objects) as store:
         c = Run(args, store, Console(highlight=False))
         if getattr(args, "id", None) is not None:
             c.session = store.session(args.id)
@@ -293,6 +293,7 @@ def collect(c: Run) -> int:
     return c.emit(
         removed,
         f"removed {removed['snapshots']} snapshots, {removed['pieces']} pieces and {removed['checkpoints']} "
-        f"conversation checkpoints nobody used; {size(removed['bytes_before'])} -> "
-        f"{size(removed['bytes_after'])}",
+        f"conversation checkpoints nobody used"
+        + (f", {removed['objects']} stray objects" if c.store.objects is not None else "")
+        + f"; {size(removed['bytes_before'])} -> {size(removed['bytes_after'])}",
     )

@@ -144,6 +144,15 @@ def m005_leases(db: sqlite_utils.Database) -> None:
     )
 
 
+@migration
+def m006_piece_objects(db: sqlite_utils.Database) -> None:
+    # Pieces kept in an object store (memory/objects.py): a row's `object` is its key there (its `data` then NULL),
+    # `state` 'deleting' while gc removes it; `settings` records the store's URL (key 'objects').
+    db["pieces"].add_column("object", str)
+    db["pieces"].add_column("state", str)
+    db["settings"].create({"key": str, "value": str}, pk="key")
+
+
 def migrate(db: sqlite_utils.Database, upto: int | None = None) -> None:
     """Apply the migrations this database lacks (up to `upto`, for tests); refuse one from a newer deltamem."""
     version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -9,6 +9,7 @@ class of Store (memory/store.py).
 from __future__ import annotations
 
 from deltamem.memory import checkpoints
+from deltamem.memory.objects import ORPHAN_GRACE_S
 
 
 class Retention:
@@ -94,20 +95,52 @@ class Retention:
             for table in ("snapshot_pieces", "snapshot_tokens"):
                 self.db.execute(f"delete from {table} where snapshot_id = ?", [snap_id])
             self.db.execute("delete from snapshots where id = ?", [snap_id])
+            unused = ("sha256 = :d and not exists (select 1 from snapshot_pieces where sha256 = :d)"
+                      " and not exists (select 1 from snapshot_tokens where sha256 = :d)")  # fmt: skip
             for d in digests:
-                n_pieces += self.db.execute(
-                    "delete from pieces where sha256 = :d"
-                    " and not exists (select 1 from snapshot_pieces where sha256 = :d)"
-                    " and not exists (select 1 from snapshot_tokens where sha256 = :d)",
-                    {"d": d},
-                ).rowcount
+                n_pieces += self._drop_pieces(unused, {"d": d})
         if candidates is None:  # pieces left by an older, interrupted layout: none expected, cheap to check
-            n_pieces += self.db.execute(f"delete from pieces where sha256 not in {used}").rowcount
+            n_pieces += self._drop_pieces(f"sha256 not in {used}", {})
         return {"snapshots": len(orphans), "pieces": n_pieces}
 
-    def gc(self) -> dict[str, int]:
+    def _drop_pieces(self, where: str, params: dict) -> int:
+        """Delete the pieces rows `where` selects; those whose bytes are in the object store are marked 'deleting'
+        instead, and go, objects first, once the transaction commits (Store.transaction calls _sweep)."""
+        n = self.db.execute(f"delete from pieces where ({where}) and object is null", params).rowcount
+        marked = self.db.execute(
+            f"update pieces set state = 'deleting' where ({where}) and object is not null and state is null", params
+        ).rowcount
+        self._doomed = self._doomed or marked > 0
+        return n + marked
+
+    def _sweep(self) -> int:
+        """Delete the objects of the pieces marked 'deleting', then their rows, unless a writer took one over in
+        between (it gave the row a new key). Returns the rows dropped."""
+        self._doomed = False
+        doomed = self.db.execute("select sha256, object from pieces where state = 'deleting'").fetchall()
+        if not doomed or self.objects is None:
+            return 0
+        self.objects.delete_many(key for _, key in doomed)
+        with self.transaction():
+            return sum(
+                self.db.execute(
+                    "delete from pieces where sha256 = ? and object = ? and state = 'deleting'", [d, key]
+                ).rowcount
+                for d, key in doomed
+            )
+
+    def _sweep_orphans(self, grace_s: float) -> int:
+        """Delete the objects no pieces row names (uploads whose transaction never committed) older than grace_s."""
+        if self.objects is None:
+            return 0
+        named = {r[0] for r in self.db.execute("select object from pieces where object is not null")}
+        old = [key for key, age in self.objects.listing() if age > grace_s]
+        return self.objects.delete_many(key for key in old if key not in named)
+
+    def gc(self, orphan_grace_s: float = ORPHAN_GRACE_S) -> dict[str, int]:
         """Delete every snapshot no session references, every piece no snapshot uses and every graph checkpoint no
-        kept snapshot points to (a deleted session's included); then give the space back to the file system
+        kept snapshot points to (a deleted session's included); in an object store, also the objects no row names
+        that are older than orphan_grace_s (see memory/objects.py); then give the space back to the file system
         (VACUUM). Returns what was removed and the file's bytes before and after."""
         before = self.file_bytes()
         with self.transaction():
@@ -117,6 +150,7 @@ class Retention:
                 removed["checkpoints"] = checkpoints.drop_orphans(self.db)
                 sids = [r[0] for r in self.db.execute("select id from sessions").fetchall()]
                 removed["checkpoints"] += sum(self._prune_thread(sid) for sid in sids)
+        removed["objects"] = self._sweep_orphans(orphan_grace_s)
         self.db.execute("VACUUM")
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return {**removed, "bytes_before": before, "bytes_after": self.file_bytes()}

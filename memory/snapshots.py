@@ -16,8 +16,6 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import sqlite_utils
-
 from deltamem.memory import pieces as pc
 from deltamem.memory.errors import CorruptSnapshot, NotFound, StoreError
 from deltamem.memory.sessions import utc_now
@@ -125,17 +123,28 @@ class Snapshots:
         (`last_save` says how many bytes that was)."""
         new_bytes = 0
         parts = [*pieces, *tokens]
-        have = set()
+        have: dict[str, str | None] = {}  # digest -> state of its row (None: in use; 'deleting': gc removes it)
         for i in range(0, len(parts), 500):
             batch = [d for d, _ in parts[i : i + 500]]
             marks = ",".join("?" * len(batch))
-            have.update(r[0] for r in self.db.execute(f"select sha256 from pieces where sha256 in ({marks})", batch))
-        for digest, data in parts:
-            if digest in have:
-                continue
-            have.add(digest)
-            self.db.execute("insert into pieces (sha256, bytes, data) values (?, ?, ?)", [digest, len(data), data])
-            new_bytes += len(data)
+            have.update(self.db.execute(f"select sha256, state from pieces where sha256 in ({marks})", batch))
+        if self.objects is not None:  # upload first (each to a key of its own), then the rows (memory/objects.py)
+            need = {d: data for d, data in parts if have.get(d, "") is not None}
+            keys = self.objects.put_many(need.items())
+            for digest, data in need.items():
+                self.db.execute(
+                    "insert into pieces (sha256, bytes, data, object, state) values (?, ?, null, ?, null) on conflict"
+                    " (sha256) do update set data = null, object = excluded.object, state = null",
+                    [digest, len(data), keys[digest]],
+                )
+                new_bytes += len(data)
+        else:
+            for digest, data in parts:
+                if digest in have:
+                    continue
+                have[digest] = None
+                self.db.execute("insert into pieces (sha256, bytes, data) values (?, ?, ?)", [digest, len(data), data])
+                new_bytes += len(data)
         self.last_save = {"bytes": row["bytes"], "new_bytes": new_bytes}
         snap_id = self.db["snapshots"].insert(row).last_pk
         for table, parts in (("snapshot_pieces", pieces), ("snapshot_tokens", tokens)):
@@ -171,7 +180,7 @@ class Snapshots:
         with self._read():
             if not any(r["id"] == snapshot_id for r in self.snapshots(ref)):
                 raise NotFound(f"session {ref!r} has no snapshot {snapshot_id}")
-            parts = piece_rows(self.db, snapshot_id, "snapshot_tokens")
+            parts = self._piece_rows(snapshot_id, "snapshot_tokens")
         if not parts:
             row = self.db["snapshots"].get(snapshot_id)
             return [] if row["tokens_seen"] == 0 else None
@@ -189,7 +198,7 @@ class Snapshots:
 
     def _blob(self, snapshot_id: int, joined: bool = True) -> bytes | list[bytes]:
         row = self.db["snapshots"].get(snapshot_id)
-        parts = piece_rows(self.db, snapshot_id)
+        parts = self._piece_rows(snapshot_id)
         missing = sum(d is None for _, d in parts)
         if missing:
             raise CorruptSnapshot(f"snapshot {snapshot_id} lacks {missing} of its stored pieces")
@@ -203,6 +212,21 @@ class Snapshots:
         datas = [row["prefix"], *(d for _, d in parts)]
         return b"".join(datas) if joined else datas
 
+    def _piece_rows(self, snapshot_id: int, table: str = "snapshot_pieces") -> list[tuple[str, bytes | None]]:
+        """A snapshot's pieces (or token chunks) in order: (sha256, bytes, or None where the piece is missing),
+        read from the database or the object store, wherever each one's row says it is."""
+        rows = self.db.execute(
+            f"""select sp.sha256, cast(p.data as blob), p.object from {table} sp
+                left join pieces p on p.sha256 = sp.sha256 where sp.snapshot_id = ? order by sp.idx""",
+            [snapshot_id],
+        ).fetchall()
+        outside = [i for i, (_, data, key) in enumerate(rows) if data is None and key]
+        if outside and self.objects is None:
+            raise StoreError(f"snapshot {snapshot_id}'s pieces are in an object store this database names none of")
+        got = self.objects.get_many([rows[i][2] for i in outside]) if outside else []
+        datas = {i: d for i, d in zip(outside, got, strict=True)}
+        return [(sha, datas.get(i, data)) for i, (sha, data, _) in enumerate(rows)]
+
     def name_snapshot(self, ref: str, snapshot_id: int, name: str | None) -> None:
         """Pin (or with None, unpin) one of the session's snapshots: named ones survive retention."""
         sid = self.session(ref)["id"]
@@ -213,17 +237,6 @@ class Snapshots:
             )
             if cur.rowcount == 0:
                 raise NotFound(f"session {sid} has no snapshot {snapshot_id}")
-
-
-def piece_rows(
-    db: sqlite_utils.Database, snapshot_id: int, table: str = "snapshot_pieces"
-) -> list[tuple[str, bytes | None]]:
-    """A snapshot's pieces (or token chunks) in order: (sha256, bytes, or None where the piece is missing)."""
-    return db.execute(
-        f"""select sp.sha256, cast(p.data as blob) from {table} sp
-            left join pieces p on p.sha256 = sp.sha256 where sp.snapshot_id = ? order by sp.idx""",
-        [snapshot_id],
-    ).fetchall()
 
 
 def token_chunks(ids: Sequence[int]) -> list[tuple[str, bytes]]:

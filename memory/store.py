@@ -32,6 +32,7 @@ from deltamem.memory.errors import StoreError
 from deltamem.memory.leases import LEASE_WAIT_S, Lease, Leases
 from deltamem.memory.ledger import Ledger
 from deltamem.memory.migrations import MIGRATIONS, migrate
+from deltamem.memory.objects import ENV_OBJECTS, Objects
 from deltamem.memory.retention import Retention
 from deltamem.memory.sessions import Sessions
 from deltamem.memory.snapshots import TOKEN_CHUNK, Snapshots
@@ -61,12 +62,16 @@ def default_db_path() -> Path:
 class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
     """The memory database: open it (made and migrated if new), use it, close it (or `with`)."""
 
-    def __init__(self, path: str | Path | None = None, busy_timeout_ms: int = 30_000, keep_last: int = KEEP_LAST):
+    def __init__(self, path: str | Path | None = None, busy_timeout_ms: int = 30_000, keep_last: int = KEEP_LAST,
+                 objects: str | None = None):  # fmt: skip
+        """objects: where snapshot pieces go (memory/objects.py): file:///FOLDER or s3://BUCKET/PREFIX; None: the
+        URL the database recorded, else $DELTAMEM_OBJECTS, else inside the database; "": inside the database."""
         self.path = Path(path) if path is not None else default_db_path()
         self.keep_last = keep_last
         # the last save_turn's snapshot: bytes in all, bytes new to the store (written), seconds to save and commit
         self.last_save: dict[str, Any] = {}
         self._leases: set[str] = set()  # sessions leased through this store, released at close()
+        self._doomed = False  # a transaction marked pieces for deletion from the object store
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # check_same_thread off: a Store may be handed between threads (UI workers), never used by two at once
@@ -92,12 +97,30 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
             if self.db.execute("PRAGMA user_version").fetchone()[0] != len(MIGRATIONS):
                 with self.transaction():  # the write lock first: two processes opening a new file migrate it once
                     migrate(self.db)
+            self.objects = self._object_store(objects)
         except sqlite3.DatabaseError as e:
             conn.close()
             raise StoreError(f"cannot open the memory database {self.path}: {e}") from e
         except StoreError:
             conn.close()
             raise
+
+    def _object_store(self, url: str | None) -> Objects | None:
+        """The object store of this database's pieces (see __init__'s `objects`), recorded in it on first use: a
+        database's pieces stay where its rows say they are."""
+        row = self.db.execute("select value from settings where key = 'objects'").fetchone()
+        recorded = row[0] if row else None
+        if url is None:
+            url = recorded or os.environ.get(ENV_OBJECTS) or ""
+        if recorded and url != recorded:
+            raise StoreError(f"{self.path} keeps its snapshot pieces in {recorded}, not {url or 'the database'}")
+        if not url:
+            return None
+        objects = Objects(url)
+        if not recorded:
+            with self.transaction():
+                self.db.execute("insert or replace into settings (key, value) values ('objects', ?)", [url])
+        return objects
 
     def close(self) -> None:
         for sid in list(self._leases):  # sessions this process held through this store
@@ -151,6 +174,8 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
                 self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+        if self._doomed:  # pieces this transaction marked 'deleting' (Retention._collect): their objects go now
+            self._sweep()
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[None]:

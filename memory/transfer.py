@@ -19,7 +19,6 @@ from typing import Any
 from deltamem.memory import checkpoints
 from deltamem.memory import pieces as pc
 from deltamem.memory.errors import StoreError
-from deltamem.memory.snapshots import piece_rows
 
 EXPORT_FORMAT = 2  # 1: store rows only; 2: + the graph thread (the conversation) and an export_info table
 
@@ -45,7 +44,7 @@ class Transfer:
         except OSError as e:
             raise StoreError(f"cannot write {path}: {e}") from e
         try:
-            with type(self)(tmp) as out, self._read():
+            with type(self)(tmp, objects="") as out, self._read():  # self-contained
                 _copy_session(self, out, sess["id"], new_id=sess["id"])
                 conversation = 0
                 if checkpoints.present(self.db):  # the graph thread up to the exported point: the latest snapshot's
@@ -84,7 +83,7 @@ class Transfer:
             copy = Path(tmpdir) / "import.db"
             shutil.copyfile(path, copy)  # the user's file is never modified (an old one gets upgraded here)
             try:
-                src = type(self)(copy)
+                src = type(self)(copy, objects="")
             except StoreError as e:
                 raise StoreError(f"cannot import {path}: {e}") from e
             with src:
@@ -165,9 +164,9 @@ def _copy_session(src: Transfer, dst: Transfer, sid: str, new_id: str) -> None:
         for snap in src.snapshots(sid):
             row = src.db["snapshots"].get(snap["id"])
             new_snap = dst._insert_snapshot(
-                piece_rows(src.db, snap["id"]),
+                src._piece_rows(snap["id"]),
                 {k: v for k, v in row.items() if k != "id"},
-                piece_rows(src.db, snap["id"], "snapshot_tokens"),
+                src._piece_rows(snap["id"], "snapshot_tokens"),
             )
             dst.db["session_snapshots"].insert(
                 {
