@@ -1,7 +1,9 @@
 """The memory store on real SQLite files, with real engine snapshots of a tiny OLMo Hybrid model."""
 
+import os
 import sqlite3
 
+import obstore
 import pytest
 import sqlite_utils
 import torch
@@ -11,10 +13,24 @@ from deltamem.memory.migrations import MIGRATIONS
 from deltamem.memory.store import Store
 from deltamem.model import load_model
 from tests.memory.conftest import VOCAB
+from tests.objectstore import s3  # noqa: F401  (the SeaweedFS fixture)
 
 
 def ids(n, seed):
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "file", "s3"])
+def backend(request, tmp_path, monkeypatch):
+    """Every test on each place a snapshot's pieces can live (memory/objects.py): inside the database, a folder, and
+    an S3 endpoint (SeaweedFS, started by tests/objectstore.py); Store takes it from $DELTAMEM_OBJECTS."""
+    if request.param == "sqlite":
+        monkeypatch.delenv("DELTAMEM_OBJECTS", raising=False)
+    elif request.param == "file":
+        monkeypatch.setenv("DELTAMEM_OBJECTS", f"file://{tmp_path / 'objects'}")
+    else:
+        monkeypatch.setenv("DELTAMEM_OBJECTS", request.getfixturevalue("s3").url(f"t-{os.urandom(4).hex()}"))
+    return request.param
 
 
 @pytest.fixture()
@@ -117,14 +133,14 @@ def test_corrupt_piece_is_detected_and_nothing_else_touched(store, ckpt):
         for s in (b, a)
     )
     victim = sorted(own - shared)[0]
-    data = bytearray(store.db["pieces"].get(victim)["data"])
+    data = bytearray(piece_bytes(store, victim))
     data[len(data) // 2] ^= 0x40
-    store.db.execute("update pieces set data = ? where sha256 = ?", [bytes(data), victim])
+    set_piece(store, victim, bytes(data))
     for joined in (True, False):
         with pytest.raises(CorruptSnapshot, match="corrupt"):
             store.load_snapshot(b, joined=joined)
     assert store.load_snapshot(a) == blob_a
-    store.db.execute("update pieces set data = ? where sha256 = ?", [bytes(data[:10]), victim])
+    set_piece(store, victim, bytes(data[:10]))
     with pytest.raises(CorruptSnapshot):
         store.load_snapshot(b)
     snap_a = store.snapshots(a)[0]["id"]
@@ -133,6 +149,20 @@ def test_corrupt_piece_is_detected_and_nothing_else_touched(store, ckpt):
     store.db["snapshots"].update(snap_a, {"prefix": bytes(prefix)})
     with pytest.raises(CorruptSnapshot, match="headers are corrupt"):
         store.load_snapshot(a)
+
+
+def piece_bytes(store, digest):
+    """A stored piece's bytes, read where they are: the database's row, or the object its row names."""
+    row = store.db["pieces"].get(digest)
+    return row["data"] if row["object"] is None else bytes(obstore.get(store.objects.store, row["object"]).bytes())
+
+
+def set_piece(store, digest, data):
+    row = store.db["pieces"].get(digest)
+    if row["object"] is None:
+        store.db.execute("update pieces set data = ? where sha256 = ?", [data, digest])
+    else:
+        obstore.put(store.objects.store, row["object"], data)
 
 
 def test_wrong_fingerprint_is_refused(store, ckpt, tmp_path):
