@@ -143,6 +143,7 @@ class Retention:
         that are older than orphan_grace_s (see memory/objects.py); then give the space back to the file system
         (VACUUM). Returns what was removed and the file's bytes before and after."""
         before = self.file_bytes()
+        self._sweep()  # what an earlier sweep left 'deleting' (it failed, or its process died)
         with self.transaction():
             removed = self._collect()
             removed["checkpoints"] = 0

@@ -175,7 +175,10 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
             raise
         self.db.execute("COMMIT")
         if self._doomed:  # pieces this transaction marked 'deleting' (Retention._collect): their objects go now
-            self._sweep()
+            try:
+                self._sweep()
+            except (StoreError, sqlite3.Error) as e:  # committed all the same; the next sweep (gc) finishes it
+                log.warning("could not delete unused pieces from the object store yet: %s", e)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[None]:

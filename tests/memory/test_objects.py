@@ -219,3 +219,23 @@ def test_cli_moves_a_session_into_object_storage_and_says_what_is_wrong(tmp_path
     assert r.returncode != 0 and "keeps its snapshot pieces in" in r.stderr and "Traceback" not in r.stderr
     r = deltamem("sessions", "list", "--db", str(tmp_path / "new.db"), "--objects", "ftp://x/y")
     assert r.returncode != 0 and "takes file:///FOLDER or s3://" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_object_store_that_fails_its_deletes_costs_no_turn_and_gc_finishes_later(tmp_path, ckpt, monkeypatch):
+    with Store(tmp_path / "m.db", objects=f"file://{tmp_path / 'o'}", keep_last=1) as store:
+        real = store.objects.delete_many
+
+        def unreachable(keys):
+            raise StoreError("the object store is unreachable (injected)")
+
+        monkeypatch.setattr(store.objects, "delete_many", unreachable)
+        sid, blobs, _ = session_with_turns(store, ckpt, turns=3)  # retention drops the older two: their deletes fail
+        assert [t["text"] for t in store.turns(sid)] == ["turn 0", "turn 1", "turn 2"]
+        assert store.load_snapshot(sid) == blobs[-1]
+        left = store.db.execute("select count(*) from pieces where state = 'deleting'").fetchone()[0]
+        assert left > 0
+        monkeypatch.setattr(store.objects, "delete_many", real)
+        store.gc()
+        assert store.db.execute("select count(*) from pieces where state = 'deleting'").fetchone()[0] == 0
+        assert stored_keys(store) == sorted(k for (k,) in store.db.execute("select object from pieces"))
+        assert store.load_snapshot(sid) == blobs[-1]
