@@ -200,8 +200,10 @@ def definition(ctx: ToolContext, name: str) -> str:
         others = [p for p in paths if p != v.path]
         head = f"{short} is set to {v.value} in {v.path} (line {v.line})"
         head += (f"; also defined in {', '.join(others)}" if others else "") + ":\n"
-    elif len(paths) > 1:
-        head = f"{short} is defined in {len(paths)} files: {', '.join(paths)}\n"
+    elif len(paths) > 1:  # each file with its line, in the words of one: a count is no answer to copy
+        first = {p: next(d.line for d in found if d.path == p) for p in paths}
+        head = f"{short} is defined in " + " and in ".join(f"{p} (line {first[p]})" for p in paths[:3])
+        head += (f" and {len(paths) - 3} more files" if len(paths) > 3 else "") + ":\n"
     else:
         at = f"line {found[0].line}" if len(found) == 1 else "lines " + ", ".join(str(d.line) for d in found)
         raises = list(dict.fromkeys(r for d in found for r in d.raises))

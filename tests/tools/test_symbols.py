@@ -98,7 +98,7 @@ def test_definition_tool_lists_each_defining_line(tmp_path):
     ok, out = run_tool(ctx, tools, "definition", {"name": "add"})
     assert ok
     assert out.splitlines() == [
-        "add is defined in 2 files: core/lib.rs, native/calc.h",
+        "add is defined in core/lib.rs (line 4) and in native/calc.h (line 3):",
         "core/lib.rs:4: pub fn add(&mut self, x: u64)",
         "native/calc.h:3: int add(int a, int b);",
     ]
