@@ -200,10 +200,16 @@ def definition(ctx: ToolContext, name: str) -> str:
         others = [p for p in paths if p != v.path]
         head = f"{short} is set to {v.value} in {v.path} (line {v.line})"
         head += (f"; also defined in {', '.join(others)}" if others else "") + ":\n"
-    elif len(paths) > 1:  # each file with its line, in the words of one: a count is no answer to copy
+    elif len(paths) > 1:  # each file with its line, in the words of one (a count is no answer to copy); where
+        # some are declarations only (a C prototype, an abstract method: no body), the definitions come first
+        bare = {p for p in paths if all(d.text.rstrip().endswith(";") for d in found if d.path == p)}
+        bodies = [p for p in paths if p not in bare] or paths
         first = {p: next(d.line for d in found if d.path == p) for p in paths}
-        head = f"{short} is defined in " + " and in ".join(f"{p} (line {first[p]})" for p in paths[:3])
-        head += (f" and {len(paths) - 3} more files" if len(paths) > 3 else "") + ":\n"
+        head = f"{short} is defined in " + " and in ".join(f"{p} (line {first[p]})" for p in bodies[:3])
+        head += f" and {len(bodies) - 3} more files" if len(bodies) > 3 else ""
+        declared = [p for p in paths if p not in bodies]
+        head += f"; declared in {', '.join(declared)}" if declared else ""
+        head += ":\n"
     else:
         at = f"line {found[0].line}" if len(found) == 1 else "lines " + ", ".join(str(d.line) for d in found)
         raises = list(dict.fromkeys(r for d in found for r in d.raises))

@@ -98,7 +98,7 @@ def test_definition_tool_lists_each_defining_line(tmp_path):
     ok, out = run_tool(ctx, tools, "definition", {"name": "add"})
     assert ok
     assert out.splitlines() == [
-        "add is defined in core/lib.rs (line 4) and in native/calc.h (line 3):",
+        "add is defined in core/lib.rs (line 4); declared in native/calc.h:",
         "core/lib.rs:4: pub fn add(&mut self, x: u64)",
         "native/calc.h:3: int add(int a, int b);",
     ]
@@ -167,3 +167,13 @@ def test_where_the_grammar_gives_up_a_declaration_keyword_still_names_the_defini
 def test_definitions_of_a_project_read_documents_as_text(tmp_path):
     root = git_repo(tmp_path / "repo", {**SOURCES, "notes.md": "SCALE is ten.\n"})
     assert [(d.path, d.line) for d in find_definitions(root, "SCALE")] == [("native/calc.h", 1)]
+
+
+def test_a_definition_comes_before_its_declarations_whatever_the_paths_order(tmp_path):
+    files = {"src/api.h": "int render(int n);\n", "src/render.c": "int render(int n)\n{\n    return n;\n}\n",
+             "src/zz.c": "static int render(int n) { return 2 * n; }\n"}  # fmt: skip
+    ctx = ToolContext(root=git_repo(tmp_path / "repo", files))
+    ok, out = run_tool(ctx, default_tools(), "definition", {"name": "render"})
+    assert ok and out.splitlines()[0] == (
+        "render is defined in src/render.c (line 1) and in src/zz.c (line 1); declared in src/api.h:"
+    )
