@@ -3,7 +3,8 @@
 One module per op, each beside its torch reference: chunk.py / chunk_ref.py (the chunked gated delta rule, prefill),
 recurrent.py / recurrent_ref.py (the rule token by token, decode), conv.py / conv_ref.py (the short conv),
 norm.py / norm_ref.py (RMSNorms), gates.py / gates_ref.py (DeltaNet's gates, silu_mul), kv_ring.py / kv_ring_ref.py
-(kv_step: a decode token into a bounded KV ring). window.py holds the window rule those and model/cache.py share,
+(kv_step: a decode token into a bounded KV ring), attn_decode.py / attn_decode_ref.py (decode_attention: that token's
+attention over the ring, read in place). window.py holds the window rule those and model/cache.py share,
 triton_util.py what the Triton modules share; triton_ops.py and reference.py gather each backend's ops by name.
 
 DELTAMEM_KERNELS picks the backend, read at each call: `auto` (default) uses Triton for CUDA tensors when triton
@@ -116,4 +117,6 @@ rms_norm_add = _dispatched(reference.rms_norm_add)  # a post-norm and its residu
 delta_gates = _dispatched(reference.delta_gates)
 silu_mul = _dispatched(reference.silu_mul)  # the gated MLP's activation
 kv_step = _dispatched(reference.kv_step)  # one decode token into a bounded KV ring, and its attention mask
+# one decode token's attention over a bounded KV ring, read in place; a fixed reduction order (bit-identical runs)
+decode_attention = _dispatched(reference.decode_attention)
 l2_normalize = reference.l2_normalize

@@ -5,6 +5,7 @@ only gathers them, as kernels/triton_ops.py gathers the Triton ones, so the disp
 the tests can pick a backend as one namespace.
 """
 
+from deltamem.kernels.attn_decode_ref import decode_attention
 from deltamem.kernels.chunk_ref import chunk_gated_delta_rule
 from deltamem.kernels.conv_ref import causal_conv1d, causal_conv1d_rows
 from deltamem.kernels.gates_ref import delta_gates, silu_mul
@@ -17,6 +18,7 @@ __all__ = [
     "causal_conv1d",
     "causal_conv1d_rows",
     "chunk_gated_delta_rule",
+    "decode_attention",
     "delta_gates",
     "gated_rms_norm",
     "kv_step",

@@ -3,6 +3,7 @@ only for CUDA tensors or DELTAMEM_KERNELS=triton). Each op's module sits beside 
 and kernels/chunk_ref.py, ...); kernels/reference.py gathers the references the same way.
 """
 
+from deltamem.kernels.attn_decode import decode_attention
 from deltamem.kernels.chunk import LOW_PRECISION, chunk_gated_delta_rule, chunk_indices_for
 from deltamem.kernels.conv import causal_conv1d
 from deltamem.kernels.gates import delta_gates, silu_mul
@@ -18,6 +19,7 @@ __all__ = [
     "causal_conv1d",
     "chunk_gated_delta_rule",
     "chunk_indices_for",
+    "decode_attention",
     "delta_gates",
     "gated_rms_norm",
     "kv_step",

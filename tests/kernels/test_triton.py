@@ -42,7 +42,7 @@ def _interpret():
 
 
 # The modules of kernels/ that import triton: fresh copies of all of them are loaded under the interpreter.
-TRITON_MODULES = ("triton_util", "chunk", "recurrent", "conv", "norm", "gates", "kv_ring", "triton_ops")
+TRITON_MODULES = ("triton_util", "chunk", "recurrent", "conv", "norm", "gates", "kv_ring", "attn_decode", "triton_ops")
 
 
 def _fresh_import(name: str, fresh: list[str]):
@@ -421,3 +421,82 @@ def test_import_does_not_load_triton_on_cpu():
     env["CUDA_VISIBLE_DEVICES"] = ""
     r = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def _ring(hkv, d, sink, window, upto, seed, dtype=torch.float32):
+    """A ring that has taken tokens 0..upto (kv_step, the reference), padded with empty slots past sink + window."""
+    n = sink + window + 7  # buffers longer than the ring, as KVWindow's aligned ones: the tail stays empty
+    kc, vc = torch.zeros(hkv, n, d, dtype=dtype), torch.zeros(hkv, n, d, dtype=dtype)
+    pos = torch.full((n,), -1)
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(upto + 1):
+        k, v = torch.randn(hkv, d, generator=gen).to(dtype), torch.randn(hkv, d, generator=gen).to(dtype)
+        reference.kv_step(kc[:, : sink + window], vc[:, : sink + window], pos[: sink + window], k, v,
+                          torch.tensor([t]), sink, window)  # fmt: skip
+    return kc, vc, pos
+
+
+def _naive_decode(q, kc, vc, pos, p, sink, window, scale, q_sink=None, gate=None):
+    """float64, slot by slot, head by head: the window rule written out, no masks or batched matmuls."""
+    h, d = q.shape
+    g = h // kc.shape[0]
+    out = torch.zeros(h, d, dtype=torch.float64)
+    for i in range(h):
+        scores, rows = [], []
+        for s in range(kc.shape[1]):
+            kp = int(pos[s])
+            if kp < 0 or kp > p or not (kp < sink or kp > p - window):
+                continue
+            qi = q_sink[i] if q_sink is not None and s < sink else q[i]
+            scores.append(float(qi.double() @ kc[i // g, s].double()) * scale)
+            rows.append(vc[i // g, s].double())
+        w = torch.tensor(scores, dtype=torch.float64).softmax(0)
+        out[i] = sum(wi * r for wi, r in zip(w, rows, strict=True))
+        if gate is not None:
+            out[i] *= torch.sigmoid(gate[i].double())
+    return out
+
+
+@pytest.mark.parametrize("p", [0, 3, 40, 101, 257])  # sinks only, filling, just full, wrapped, wrapped twice
+def test_decode_attention_reads_the_ring_as_the_window_rule_says(p, poisoned):
+    hkv, g, d, sink, window = 2, 3, 24, 2, 100  # a group of 3 and a head width of 24: padded blocks
+    kc, vc, pos = _ring(hkv, d, sink, window, p, seed=p)
+    gen = torch.Generator().manual_seed(100 + p)
+    q, q_sink, gate = (torch.randn(hkv * g, d, generator=gen) for _ in range(3))
+    pt, scale = torch.tensor([p]), d**-0.5
+    for extra in ({}, {"q_sink": q_sink}, {"gate": gate}, {"q_sink": q_sink, "gate": gate}):
+        want = _naive_decode(q, kc, vc, pos, p, sink, window, scale, **extra)
+        ref = reference.decode_attention(q, kc, vc, pos, pt, sink, window, scale, **extra)
+        out = tg.decode_attention(q, kc, vc, pos, pt, sink, window, scale, **extra)
+        assert rel(ref, want) < 1e-6 and rel(out, want) < FP32, extra
+    stale = pos.clone()  # a slot holding a position the window has passed (a ring never keeps one) stays unseen
+    stale[sink + 5] = max(p - window, -1)
+    assert rel(tg.decode_attention(q, kc, vc, stale, pt, sink, window, scale),
+               _naive_decode(q, kc, vc, stale, p, sink, window, scale)) < FP32  # fmt: skip
+    # and what the model's decode step computes today: SDPA with the mask kv_step returns
+    mask = torch.where(kernels.window.visible(pos, pt, sink, window), 0.0, float("-inf"))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.view(hkv * g, 1, d)[None], kc[None], vc[None], attn_mask=mask[None], scale=scale, enable_gqa=True
+    )[0, :, 0]
+    assert rel(tg.decode_attention(q, kc, vc, pos, pt, sink, window, scale), sdpa) < FP32
+
+
+def test_decode_attention_bf16_and_bit_identical_across_calls(poisoned):
+    hkv, g, d, sink, window, p = 2, 4, 32, 4, 200, 333
+    kc, vc, pos = _ring(hkv, d, sink, window, p, seed=1, dtype=torch.bfloat16)
+    q = torch.randn(hkv * g, d, generator=torch.Generator().manual_seed(2)).bfloat16()
+    pt = torch.tensor([p])
+    outs = [tg.decode_attention(q, kc, vc, pos, pt, sink, window, d**-0.5) for _ in range(3)]
+    assert outs[0].dtype == torch.bfloat16 and all(torch.equal(o, outs[0]) for o in outs)
+    assert rel(outs[0], _naive_decode(q, kc, vc, pos, p, sink, window, d**-0.5)) < BF16_O
+
+
+def test_decode_attention_refuses_what_it_cannot_read():
+    kc, vc, pos = _ring(2, 16, 2, 8, 3, seed=0)
+    q = torch.randn(6, 16)
+    with pytest.raises(ValueError, match="decode_attention"):
+        tg.decode_attention(q[:5], kc, vc, pos, torch.tensor([3]), 2, 8, 0.25)  # 5 heads over 2 kv heads
+    with pytest.raises(ValueError, match="gate"):
+        tg.decode_attention(q, kc, vc, pos, torch.tensor([3]), 2, 8, 0.25, gate=q[:, :8])
+    with pytest.raises(ValueError, match="contiguous"):
+        tg.decode_attention(q, kc.transpose(1, 2).contiguous().transpose(1, 2), vc, pos, torch.tensor([3]), 2, 8, 0.25)
