@@ -15,6 +15,7 @@ parity holds, and nothing is re-rotated per step.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -357,6 +358,10 @@ class KVWindow:
             q, k = self.rotary.at(q, p), self.rotary.at(k, p)
         # Ring write at p's slot and the additive mask [cap] (0: attend, -inf: not): one kernel on the GPU.
         mask = kernels.kv_step(self.k, self.v, self.pos, k[0], v[0], p, self.sink, self.window)
+        if os.environ.get("DELTAMEM_DECODE_ATTENTION", "sdpa") == "ring":  # the ring read in place, no mask
+            qs = None if q_sink is None else q_sink[0]
+            out = kernels.decode_attention(q[0], self.k, self.v, self.pos, p, self.sink, self.window, d**-0.5, qs)
+            return out[None]
         if q_sink is None:
             return _sdpa(q, self.k, self.v, mask[None], d**-0.5)
         # Rotary: sink slots [0, sink) are scored with the query rotated at the clamped position.
