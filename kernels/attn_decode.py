@@ -24,22 +24,24 @@ MAX_SPLITS = 16  # splits of the slots, at most (the parallelism a few kv heads 
 
 @triton.jit
 def _split_kernel(
-    q, q_sink, k_cache, v_cache, pos, p_ptr, part_o, part_ml, N, sink, window, scale, G, D, BLOCKS,
+    q, q_sink, k_cache, v_cache, pos, p_ptr, part_o, part_ml, N, sink, window, scale, HKV, G, D, BLOCKS,
     HAS_SINKQ: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):
-    i_h, i_s = tl.program_id(0), tl.program_id(1)
+    i_bh, i_s = tl.program_id(0), tl.program_id(1)  # a stream's kv head, a split of its slots
     n_split = tl.num_programs(1)
-    p = tl.load(p_ptr)
+    i_b, i_h = i_bh // HKV, i_bh % HKV
+    p = tl.load(p_ptr + i_b)
+    pos += i_b * N
     o_g, o_d = tl.arange(0, BG), tl.arange(0, BD)
     m_gd = (o_g < G)[:, None] & (o_d < D)[None, :]
-    rows = (i_h * G + o_g)[:, None] * D + o_d[None, :]
+    rows = ((i_b * HKV + i_h) * G + o_g)[:, None] * D + o_d[None, :]
     qq = tl.load(q + rows, mask=m_gd, other=0.0)  # [BG, BD]
     if HAS_SINKQ:
         qs = tl.load(q_sink + rows, mask=m_gd, other=0.0)
     m_i = tl.full([BG], float("-inf"), tl.float32)
     l_i = tl.zeros([BG], tl.float32)
     acc = tl.zeros([BG, BD], tl.float32)
-    base = i_h.to(tl.int64) * N * D
+    base = i_bh.to(tl.int64) * N * D
     for j in range(i_s * BLOCKS, (i_s + 1) * BLOCKS):
         o_n = j * BN + tl.arange(0, BN)
         m_n = o_n < N
@@ -62,7 +64,7 @@ def _split_kernel(
         v = tl.load(v_cache + kv_rows, mask=m_nd, other=0.0)
         acc = acc * alpha[:, None] + mm(e.to(v.dtype), v, "ieee")
         m_i = m_new
-    at = (i_h * n_split + i_s) * BG
+    at = (i_bh * n_split + i_s) * BG
     tl.store(part_o + (at + o_g)[:, None] * BD + o_d[None, :], acc)
     tl.store(part_ml + (at + o_g) * 2, m_i)
     tl.store(part_ml + (at + o_g) * 2 + 1, l_i)
@@ -73,8 +75,8 @@ def _combine_kernel(
     part_o, part_ml, gate, out, G, D, N_SPLIT,
     HAS_GATE: tl.constexpr, BG: tl.constexpr, BD: tl.constexpr,
 ):
-    i_q = tl.program_id(0)  # a query head
-    i_h, i_g = i_q // G, i_q % G
+    i_q = tl.program_id(0)  # a stream's query head (stream-major, as q's rows)
+    i_h, i_g = i_q // G, i_q % G  # i_h: the stream's kv head, counted over every stream
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     m_all = tl.full([], float("-inf"), tl.float32)
@@ -98,12 +100,15 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, p: torch.Tensor, sink: int,
     window: int, scale: float, q_sink: torch.Tensor | None = None, gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decode token's attention over a bounded KV ring, in two kernels: the contract of
-    kernels/attn_decode_ref.py's decode_attention."""
-    h, d = q.shape
-    hkv, n, _ = k_cache.shape
-    if h % hkv or v_cache.shape != k_cache.shape or k_cache.shape[2] != d or pos.shape != (n,):
-        raise ValueError(f"decode_attention: q{tuple(q.shape)} cache{tuple(k_cache.shape)} pos{tuple(pos.shape)}")
+    """One decode token's attention over a bounded KV ring (or one for each of B streams), in two kernels: the
+    contract of kernels/attn_decode_ref.py's decode_attention."""
+    batched = q.dim() == 3
+    b, (h, d) = (q.shape[0] if batched else 1), q.shape[-2:]
+    hkv, n = k_cache.shape[-3], k_cache.shape[-2]
+    if (h % hkv or v_cache.shape != k_cache.shape or k_cache.shape[-1] != d or k_cache.dim() != q.dim() + 1
+            or pos.shape != k_cache.shape[:-3] + (n,) or p.shape != (b,) or (batched and k_cache.shape[0] != b)):
+        raise ValueError(f"decode_attention: q{tuple(q.shape)} cache{tuple(k_cache.shape)} pos{tuple(pos.shape)} "
+                         f"p{tuple(p.shape)}")  # fmt: skip
     for name, x in (("q_sink", q_sink), ("gate", gate)):
         if x is not None and x.shape != q.shape:
             raise ValueError(f"decode_attention: {name}{tuple(x.shape)} is not shaped like q{tuple(q.shape)}")
@@ -115,16 +120,16 @@ def decode_attention(
     n_split = min(MAX_SPLITS, blocks)
     per_split = triton.cdiv(blocks, n_split)
     n_split = triton.cdiv(blocks, per_split)  # every split holds at least one block
-    part_o = torch.empty(hkv * n_split * bg * bd, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(hkv * n_split * bg * 2, dtype=torch.float32, device=q.device)
+    part_o = torch.empty(b * hkv * n_split * bg * bd, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(b * hkv * n_split * bg * 2, dtype=torch.float32, device=q.device)
     q = q.contiguous()
-    _split_kernel[(hkv, n_split)](
+    _split_kernel[(b * hkv, n_split)](
         q, q if q_sink is None else q_sink.contiguous(), k_cache, v_cache, pos, p, part_o, part_ml,
-        n, sink, window, scale, g, d, per_split,
+        n, sink, window, scale, hkv, g, d, per_split,
         HAS_SINKQ=q_sink is not None and sink > 0, BG=bg, BD=bd, BN=BN,
     )  # fmt: skip
     out = torch.empty_like(q)
-    _combine_kernel[(h,)](
+    _combine_kernel[(b * h,)](
         part_o, part_ml, q if gate is None else gate.contiguous(), out, g, d, n_split,
         HAS_GATE=gate is not None, BG=bg, BD=bd,
     )  # fmt: skip

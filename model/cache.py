@@ -176,6 +176,8 @@ class KVStack:
         self.k[rows, :, slot] = k
         self.v[rows, :, slot] = v
         self.pos[rows, slot] = p
+        if os.environ.get("DELTAMEM_DECODE_ATTENTION", "sdpa") == "ring":  # each stream's ring read in place
+            return kernels.decode_attention(q, self.k, self.v, self.pos, p, sink, window, d**-0.5, q_sink)
         allowed = visible(self.pos, p[:, None], sink, window)  # [B, cap]
         hkv = self.k.shape[1]
         g = h // hkv

@@ -500,3 +500,20 @@ def test_decode_attention_refuses_what_it_cannot_read():
         tg.decode_attention(q, kc, vc, pos, torch.tensor([3]), 2, 8, 0.25, gate=q[:, :8])
     with pytest.raises(ValueError, match="contiguous"):
         tg.decode_attention(q, kc.transpose(1, 2).contiguous().transpose(1, 2), vc, pos, torch.tensor([3]), 2, 8, 0.25)
+
+
+def test_decode_attention_batched_each_stream_on_its_own_ring(poisoned):
+    hkv, g, d, sink, window = 2, 2, 16, 2, 30
+    rings = [_ring(hkv, d, sink, window, p, seed=p) for p in (0, 17, 45, 95)]  # sinks only .. wrapped twice
+    kc, vc, pos = (torch.stack(x) for x in zip(*rings, strict=True))
+    pt = torch.tensor([0, 17, 45, 95])
+    gen = torch.Generator().manual_seed(5)
+    q, q_sink, gate = (torch.randn(4, hkv * g, d, generator=gen) for _ in range(3))
+    out = tg.decode_attention(q, kc, vc, pos, pt, sink, window, d**-0.5, q_sink=q_sink, gate=gate)
+    for i, p in enumerate(pt.tolist()):
+        want = _naive_decode(q[i], kc[i], vc[i], pos[i], p, sink, window, d**-0.5, q_sink[i], gate[i])
+        assert rel(out[i], want) < FP32, p
+    ref = reference.decode_attention(q, kc, vc, pos, pt, sink, window, d**-0.5, q_sink=q_sink, gate=gate)
+    assert rel(ref, out) < FP32
+    with pytest.raises(ValueError, match="decode_attention"):
+        tg.decode_attention(q, kc, vc, pos, pt[:3], sink, window, d**-0.5)  # a position for every stream

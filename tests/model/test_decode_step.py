@@ -31,3 +31,31 @@ def test_the_device_step_equals_the_host_step(mode, rotary, monkeypatch):
         dev.seen += 1  # the caller's part (model/cuda_graph.py)
         assert rel(got, want) < 1e-5, t
         assert torch.equal(dev.pos, host.pos) and torch.equal(dev.k, host.k) and torch.equal(dev.v, host.v)
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_a_stack_of_rings_reads_each_as_its_own_window(rotary, monkeypatch):
+    """KVStack (batched decode) with DELTAMEM_DECODE_ATTENTION=ring against the host step of each window alone."""
+    from deltamem.model.cache import KVStack
+
+    monkeypatch.setenv("DELTAMEM_DECODE_ATTENTION", "ring")
+    hkv, g, d, sink, window = 2, 2, 16, 2, 10
+    rot = Rotary(d // 2, 10000.0) if rotary else None
+    gen = torch.Generator().manual_seed(1)
+    alone, stacked = [], []
+    for n in (3, 11, 25):  # three streams at different points of their rings
+        pair = [KVWindow(hkv, d, sink, window, rot, torch.float32, "cpu") for _ in range(2)]
+        prefix = [torch.randn(n, m, d, generator=gen) for m in (hkv * g, hkv, hkv)]
+        for w in pair:
+            w.attend(*prefix)
+        alone.append(pair[0])
+        stacked.append(pair[1])
+    stack = KVStack(stacked)
+    for _ in range(12):
+        q, k, v = (torch.randn(3, m, d, generator=gen) for m in (hkv * g, hkv, hkv))
+        stack.p = torch.tensor([w.seen for w in stacked])
+        got = stack.attend(q, k, v)
+        for w in stacked:
+            w.seen += 1
+        for i, w in enumerate(alone):
+            assert rel(got[i], w.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1])[0]) < 1e-5
