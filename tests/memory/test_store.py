@@ -3,7 +3,6 @@
 import os
 import sqlite3
 
-import obstore
 import pytest
 import sqlite_utils
 import torch
@@ -153,11 +152,15 @@ def test_corrupt_piece_is_detected_and_nothing_else_touched(store, ckpt):
 
 def piece_bytes(store, digest):
     """A stored piece's bytes, read where they are: the database's row, or the object its row names."""
+    import obstore  # the object store backends only
+
     row = store.db["pieces"].get(digest)
     return row["data"] if row["object"] is None else bytes(obstore.get(store.objects.store, row["object"]).bytes())
 
 
 def set_piece(store, digest, data):
+    import obstore
+
     row = store.db["pieces"].get(digest)
     if row["object"] is None:
         store.db.execute("update pieces set data = ? where sha256 = ?", [data, digest])
