@@ -206,7 +206,7 @@ class Agent:
         before = len(self.messages())
         fed0 = self.session.fed
         calls: list[dict] = []
-        self._calls = calls
+        self._calls, self._shown = calls, (0, [])  # this run's: what ListGuide may see listed
 
         def track(event: Event) -> None:
             if "tool" in event:
