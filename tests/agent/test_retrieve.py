@@ -149,3 +149,20 @@ def test_run_json_reports_auto_calls_and_grounding(repo, tmp_path):
     r = deltamem(*args, "--no-retrieve", "--no-tools", "--session", "other", "What does `checkout` return?")
     out = json.loads(r.stdout)
     assert r.returncode == 0 and out["tool_calls"] == [] and out["grounded"] is None
+
+
+def test_the_list_guide_sees_the_files_of_its_own_run(repo, tmp_path):
+    """What ListGuide may count as listed or missing: the files this run's tool results showed, not an earlier
+    run's (the runner's cache of them starts afresh with each run)."""
+    with Store(tmp_path / "memory.db") as store:
+        agent = Agent(load_model("random", window=64), store, "shop", repo, max_new_tokens=2)
+        seen_paths = []
+
+        def respond(messages, on_piece):
+            seen_paths.append(list(agent._shown_so_far()))
+            return "`shop/cart.py`, line 3."
+
+        agent.session.respond = respond
+        agent.run("Where is the class `Cart` defined?")  # looks up Cart: shop/cart.py
+        agent.run("Where is `refund` defined?")  # looks up refund: shop/api.js
+        assert seen_paths[0] == ["shop/cart.py"] and seen_paths[-1] == ["shop/api.js"]
