@@ -73,8 +73,8 @@ def db_arg(sp: argparse.ArgumentParser) -> None:
                     help="memory database (default $DELTAMEM_DB, else ~/.local/share/deltamem/memory.db)")
     sp.add_argument("--objects", metavar="URL", default=None,
                     help="keep snapshot pieces in object storage: file:///FOLDER or s3://BUCKET/PREFIX (S3 settings "
-                         "from the AWS_* variables, e.g. AWS_ENDPOINT_URL); default $DELTAMEM_OBJECTS, else what the "
-                         "database recorded on first use, else inside the database")
+                         "from the AWS_* variables, e.g. AWS_ENDPOINT_URL); default: what the database recorded on "
+                         "first use, else $DELTAMEM_OBJECTS, else inside the database")
 
 
 def convert_arg(sp: argparse.ArgumentParser) -> None:

@@ -12,10 +12,11 @@ bytes, so several machines can share the pieces of one set of sessions. Each upl
   a new key and made it live again: the sweep leaves it alone);
 - an object no row names (an upload whose transaction never committed, a crash; the old object of a row a writer
   took over) is deleted by gc once it is older than `ORPHAN_GRACE_S`, longer than any writer holds an upload
-  before its commit.
+  before its commit; gc looks only under its own database's folder, `pieces/DBID/`, so databases sharing a bucket
+  never collect each other's pieces (nothing is shared between them: each writes its own).
 
 S3 settings come from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_REGION, AWS_ALLOW_HTTP for a plain-HTTP endpoint such as a local gateway), as the AWS tools read them.
+AWS_REGION, AWS_ALLOW_HTTP for a plain-HTTP endpoint such as a local gateway); obstore reads no ~/.aws files.
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ def _env_bool(name: str) -> bool | None:
     return None if v is None else v.strip().lower() in ("1", "true", "yes", "on")
 
 
-class Objects:
-    """An object store for snapshot pieces: put under a fresh key, get, delete, list."""
+def normal_url(url: str) -> str:
+    """The URL as a database records it: no trailing slash (s3://b/p and s3://b/p/ are one store)."""
+    return url.rstrip("/") if "://" in url and len(url.rstrip("/")) > len(url.split("://")[0]) + 3 else url
 
-    def __init__(self, url: str):
+
+class Objects:
+    """An object store for snapshot pieces: put under a fresh key, get, delete, list. `space`: the database's own
+    folder in it (its id), so databases sharing a bucket never sweep each other's pieces."""
+
+    def __init__(self, url: str, space: str = ""):
+        self.space = space
         try:
             import obstore
             from obstore.store import LocalStore, S3Store
@@ -53,13 +61,13 @@ class Objects:
         u = urlparse(url)
         if u.scheme == "file":
             root = Path(u.path)
-            if not u.path or u.netloc:
+            if not u.path or u.netloc or not root.is_absolute():
                 raise StoreError(f"{url}: a file URL is file:///absolute/folder")
             try:
                 root.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot make the object folder {root}: {e}") from e
-            self.store = LocalStore(root)
+                self.store = LocalStore(root)
+            except Exception as e:  # OSError, obstore's errors
+                raise StoreError(f"cannot use the object folder {root}: {e}") from e
         elif u.scheme == "s3":
             if not u.netloc:
                 raise StoreError(f"{url}: an S3 URL is s3://BUCKET or s3://BUCKET/PREFIX")
@@ -81,9 +89,12 @@ class Objects:
         else:
             raise StoreError(f"--objects takes file:///FOLDER or s3://BUCKET/PREFIX, not {url!r}")
 
-    @staticmethod
-    def new_key(digest: str) -> str:
-        return f"pieces/{digest[:2]}/{digest}-{secrets.token_hex(4)}"
+    def new_key(self, digest: str) -> str:
+        return f"{self.prefix}{digest[:2]}/{digest}-{secrets.token_hex(16)}"
+
+    @property
+    def prefix(self) -> str:
+        return f"pieces/{self.space}/" if self.space else "pieces/"
 
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> dict[str, str]:
         """Upload (digest, bytes) pairs, each to a new key; returns digest -> key once every one is stored."""
@@ -124,11 +135,13 @@ class Objects:
         """Every piece object: (key, its age in seconds)."""
         now = dt.datetime.now(dt.UTC)
         try:
-            for batch in self._ob.list(self.store, prefix="pieces/"):
+            for batch in self._ob.list(self.store, prefix=self.prefix):
                 for meta in batch:
                     yield meta["path"], (now - meta["last_modified"]).total_seconds()
         except FileNotFoundError:  # a local folder not made yet
             return
+        except Exception as e:  # obstore's network and permission errors
+            raise StoreError(f"cannot list the pieces in the object store {self.url}: {e}") from e
 
     def _each(self, fn, items: list, what: str) -> list:
         if not items:

@@ -32,7 +32,7 @@ from deltamem.memory.errors import StoreError
 from deltamem.memory.leases import LEASE_WAIT_S, Lease, Leases
 from deltamem.memory.ledger import Ledger
 from deltamem.memory.migrations import MIGRATIONS, migrate
-from deltamem.memory.objects import ENV_OBJECTS, Objects
+from deltamem.memory.objects import ENV_OBJECTS, Objects, normal_url
 from deltamem.memory.retention import Retention
 from deltamem.memory.sessions import Sessions
 from deltamem.memory.snapshots import TOKEN_CHUNK, Snapshots
@@ -108,19 +108,27 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
     def _object_store(self, url: str | None) -> Objects | None:
         """The object store of this database's pieces (see __init__'s `objects`), recorded in it on first use: a
         database's pieces stay where its rows say they are."""
-        row = self.db.execute("select value from settings where key = 'objects'").fetchone()
-        recorded = row[0] if row else None
+        recorded = self._setting("objects")
         if url is None:
             url = recorded or os.environ.get(ENV_OBJECTS) or ""
+        url = normal_url(url)
         if recorded and url != recorded:
             raise StoreError(f"{self.path} keeps its snapshot pieces in {recorded}, not {url or 'the database'}")
         if not url:
             return None
-        objects = Objects(url)
+        Objects(url)  # a bad URL is refused before anything is recorded
         if not recorded:
-            with self.transaction():
-                self.db.execute("insert or replace into settings (key, value) values ('objects', ?)", [url])
-        return objects
+            with self.transaction():  # the first to record wins; another URL recorded meanwhile is refused above
+                self.db.execute("insert into settings (key, value) values ('objects', ?) on conflict do nothing", [url])
+                self.db.execute("insert into settings (key, value) values ('objects_space', lower(hex(randomblob(8))))"
+                                " on conflict do nothing")  # fmt: skip
+            if self._setting("objects") != url:
+                raise StoreError(f"{self.path} keeps its snapshot pieces in {self._setting('objects')}, not {url}")
+        return Objects(url, space=self._setting("objects_space") or "")
+
+    def _setting(self, key: str) -> str | None:
+        row = self.db.execute("select value from settings where key = ?", [key]).fetchone()
+        return row[0] if row else None
 
     def close(self) -> None:
         for sid in list(self._leases):  # sessions this process held through this store

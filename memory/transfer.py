@@ -163,11 +163,13 @@ def _copy_session(src: Transfer, dst: Transfer, sid: str, new_id: str) -> None:
         )
         for snap in src.snapshots(sid):
             row = src.db["snapshots"].get(snap["id"])
-            new_snap = dst._insert_snapshot(
-                src._piece_rows(snap["id"]),
-                {k: v for k, v in row.items() if k != "id"},
-                src._piece_rows(snap["id"], "snapshot_tokens"),
-            )
+            pieces, tokens = src._piece_rows(snap["id"]), src._piece_rows(snap["id"], "snapshot_tokens")
+            if any(data is None for _, data in (*pieces, *tokens)):  # gone from under this read (another
+                raise StoreError(  # process's retention dropped it), or lost
+                    f"snapshot {snap['id']} of session {sid} lacks some of its stored pieces (it may have been "
+                    "dropped while it was read: try again)"
+                )
+            new_snap = dst._insert_snapshot(pieces, {k: v for k, v in row.items() if k != "id"}, tokens)
             dst.db["session_snapshots"].insert(
                 {
                     "session_id": new_id,

@@ -9,6 +9,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DELTAMEM_COMPILE", "0")
 # a test that names no device runs on the CPU on any machine (ModelOptions' default, "auto", would take a GPU)
 os.environ.setdefault("DELTAMEM_DEVICE", "cpu")
+# the tests' databases keep their pieces where each test says, never in the object store a developer's shell names
+os.environ.pop("DELTAMEM_OBJECTS", None)
 if "DELTAMEM_CACHE" not in os.environ:  # the start-up cache of this test session, not the user's (subprocesses too)
     import atexit
     import shutil

@@ -54,7 +54,9 @@ def test_pieces_live_in_the_object_store_and_the_database_records_where(tmp_path
     with Store(db, objects=objects) as store:
         sid, blobs, _ = session_with_turns(store, ckpt)
         rows = list(store.db.execute("select sha256, data, object from pieces"))
-        assert rows and all(data is None and key.startswith(f"pieces/{sha[:2]}/{sha}-") for sha, data, key in rows)
+        space = store.db.execute("select value from settings where key = 'objects_space'").fetchone()[0]
+        assert rows and all(data is None and key.startswith(f"pieces/{space}/{sha[:2]}/{sha}-")
+                            for sha, data, key in rows)  # fmt: skip
         assert stored_keys(store) == sorted(key for _, _, key in rows)  # each piece once, nothing else
         assert store.last_save["new_bytes"] > 0
     with Store(db) as store:  # the database says where its pieces are
@@ -239,3 +241,14 @@ def test_an_object_store_that_fails_its_deletes_costs_no_turn_and_gc_finishes_la
         assert store.db.execute("select count(*) from pieces where state = 'deleting'").fetchone()[0] == 0
         assert stored_keys(store) == sorted(k for (k,) in store.db.execute("select object from pieces"))
         assert store.load_snapshot(sid) == blobs[-1]
+
+
+def test_two_databases_sharing_a_bucket_never_collect_each_others_pieces(tmp_path, ckpt, objects):
+    with Store(tmp_path / "a.db", objects=objects) as a, Store(tmp_path / "b.db", objects=objects + "/") as b:
+        sa, blobs_a, _ = session_with_turns(a, ckpt, title="a")
+        sb, blobs_b, _ = session_with_turns(b, ckpt, title="b", seed=50)
+        assert b.objects.url == objects  # one store, however the URL ends
+        a.delete(sa)
+        assert a.gc(orphan_grace_s=0)["objects"] == 0  # b's pieces are no orphans of a's
+        assert b.gc(orphan_grace_s=0)["objects"] == 0
+        assert b.load_snapshot(sb) == blobs_b[-1] and stored_keys(a) == []
