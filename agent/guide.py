@@ -231,6 +231,16 @@ def token_texts(tok, vocab_size: int) -> tuple[dict[str, list[int]], list[str], 
     return _TEXTS[key]
 
 
+# the list a text ends in: backticked items, each followed by a separator (the last one's may be empty)
+_TRAILING_LIST = re.compile(r"(?:`[^`\n]+`\s*(?:,|;|and|,\s*and)?\s*(?:[-*]|\d+[.)])?\s*)+$")
+
+
+def _list_items(text: str) -> list[str]:
+    """The items of the list `text` ends in (`a.py`, `b.py` -> [a.py, b.py]): not the paths named before it."""
+    m = _TRAILING_LIST.search(text)
+    return re.findall(r"`([^`\n]+)`", m.group(0)) if m else []
+
+
 _SEPARATOR = re.compile(r"`[^`\n]+`(?:\s*(?:,|;|and|,\s*and)|\s*\n\s*(?:[-*]|\d+[.)]))\s*$")
 
 
@@ -265,12 +275,9 @@ class ListGuide:
         if "```" in text or not paths:  # in code, or nothing shown
             return set()
         if text.count("`") % 2 == 0:  # no item open: after the whole list, no separator and no item more
-            m = _LIST_BEFORE.search(text)
-            if m is None or m.group(1) not in paths or any(f"`{p}`" not in text for p in paths):
-                return set()
-            last = _LIST_BEFORE.search(text[: m.start(1) - 1])  # the last item came after another: a list
-            if last is None or last.group(1) not in paths:
-                return set()
+            items = _list_items(text)
+            if len(items) < 2 or items[-1] not in paths or any(p not in items for p in paths):
+                return set()  # no list, or one that still lacks a shown file
             by_text, _, listy = token_texts(self.tok, self.vocab_size)
             return {i for t in listy if _continues_list(text + t) for i in by_text[t]}
         at = text.rfind("`")
@@ -278,7 +285,7 @@ class ListGuide:
         m = _LIST_BEFORE.search(before)
         if "\n" in item or m is None or m.group(1) not in paths:
             return set()
-        listed = {p for p in paths if f"`{p}`" in before}
+        listed = set(_list_items(before)) & set(paths)  # this list's items, not paths named before it
         missing = [p for p in paths if p not in listed]
         if not missing:
             return set()

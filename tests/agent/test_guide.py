@@ -283,6 +283,8 @@ def test_list_guide_goes_on_with_no_list_that_holds_every_shown_file(tok):
         "```\nuse `pkg/src/parse.rs`, `pkg/",  # in code
         "`pkg/src/parse.rs`, `pkg/src/lib.rs`",  # no item open
         "`other/file.rs`, `pkg/",  # the item before is no shown file
+        # named before the list, not in it: the list may still name it
+        "Defined in `pkg/src/parse.rs`. Used in `pkg/src/lib.rs`, `pkg/src/pa",
     ],
 )
 def test_list_guide_leaves_everything_else_free(tok, text):
