@@ -61,7 +61,7 @@ def _split_kernel(
         alpha = tl.exp(m_i - m_safe)
         e = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(e, 1)
-        v = tl.load(v_cache + kv_rows, mask=m_nd, other=0.0)
+        v = tl.load(v_cache + kv_rows, mask=m_nd & seen[:, None], other=0.0)  # an unseen slot: never read
         acc = acc * alpha[:, None] + mm(e.to(v.dtype), v, "ieee")
         m_i = m_new
     at = (i_bh * n_split + i_s) * BG

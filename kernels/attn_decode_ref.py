@@ -20,7 +20,8 @@ def decode_attention(
     head h // (H // Hkv). A slot is seen where kernels/window.py's visible(pos, p, sink, window) says so. q_sink:
     [H, D] or None, the queries that score the sink slots [0, sink) (rotary models rotate them at a clamped
     position); gate: [H, D] or None, a sigmoid output gate (Qwen3.5 / Qwen3-Next). Scores, softmax and the weighted
-    sum in fp32; returns [H, D] in q's dtype. Batched (several streams, model/batch.py's KVStack): q, q_sink, gate
+    sum in fp32 (the Triton kernel, as SDPA, rounds the probabilities to the values' dtype before their product);
+    returns [H, D] in q's dtype. Batched (several streams, model/batch.py's KVStack): q, q_sink, gate
     [B, H, D], k_cache, v_cache [B, Hkv, N, D], pos [B, N], p [B]: each row on its own ring."""
     if q.dim() == 3:
         return torch.stack([

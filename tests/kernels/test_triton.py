@@ -517,3 +517,19 @@ def test_decode_attention_batched_each_stream_on_its_own_ring(poisoned):
     assert rel(ref, out) < FP32
     with pytest.raises(ValueError, match="decode_attention"):
         tg.decode_attention(q, kc, vc, pos, pt[:3], sink, window, d**-0.5)  # a position for every stream
+
+
+def test_decode_attention_over_a_long_ring_several_blocks_a_split(poisoned):
+    """A window of 1,100 slots: 16 splits of 2 blocks each, so a split's online softmax rescales what it has, and
+    the combine meets splits of real weight; single and batched."""
+    hkv, g, d, sink, window = 1, 2, 16, 4, 1100
+    rings = [_ring(hkv, d, sink, window, p, seed=p) for p in (700, 2500)]
+    kc, vc, pos = (torch.stack(x) for x in zip(*rings, strict=True))
+    vc[:, :, -1] = float("nan")  # an unused slot holding garbage is never read
+    pt = torch.tensor([700, 2500])
+    q = torch.randn(2, hkv * g, d, generator=torch.Generator().manual_seed(3))
+    out = tg.decode_attention(q, kc, vc, pos, pt, sink, window, d**-0.5)
+    for i, p in enumerate(pt.tolist()):
+        want = _naive_decode(q[i], kc[i], vc[i], pos[i], p, sink, window, d**-0.5)
+        assert rel(out[i], want) < FP32 and rel(tg.decode_attention(q[i], kc[i], vc[i], pos[i], pt[i : i + 1], sink,
+                                                                    window, d**-0.5), want) < FP32  # fmt: skip
