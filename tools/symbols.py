@@ -183,6 +183,13 @@ def _line(path: str, n: int, text: str) -> str:
     return f"{path}:{n}: {text if len(text) <= MAX_LINE else text[:MAX_LINE] + ' [...]'}"
 
 
+def _prototype(line: str) -> bool:
+    """A signature with no body (`int add(int a, int b);`, an abstract method), not a one-line definition that
+    ends with a semicolon (`int counter = 0;`, `pub struct Unit;`, `type A = B;`)."""
+    line = line.rstrip()
+    return line.endswith(";") and "(" in line and "=" not in line
+
+
 def definition(ctx: ToolContext, name: str) -> str:
     short = _check_name(name)
     found = find_definitions(ctx.root.resolve(), short)
@@ -202,7 +209,7 @@ def definition(ctx: ToolContext, name: str) -> str:
         head += (f"; also defined in {', '.join(others)}" if others else "") + ":\n"
     elif len(paths) > 1:  # each file with its line, in the words of one (a count is no answer to copy); where
         # some are declarations only (a C prototype, an abstract method: no body), the definitions come first
-        bare = {p for p in paths if all(d.text.rstrip().endswith(";") for d in found if d.path == p)}
+        bare = {p for p in paths if all(_prototype(d.text) for d in found if d.path == p)}
         bodies = [p for p in paths if p not in bare] or paths
         first = {p: next(d.line for d in found if d.path == p) for p in paths}
         head = f"{short} is defined in " + " and in ".join(f"{p} (line {first[p]})" for p in bodies[:3])

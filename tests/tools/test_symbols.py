@@ -171,9 +171,12 @@ def test_definitions_of_a_project_read_documents_as_text(tmp_path):
 
 def test_a_definition_comes_before_its_declarations_whatever_the_paths_order(tmp_path):
     files = {"src/api.h": "int render(int n);\n", "src/render.c": "int render(int n)\n{\n    return n;\n}\n",
-             "src/zz.c": "static int render(int n) { return 2 * n; }\n"}  # fmt: skip
+             "src/zz.c": "static int render(int n) { return 2 * n; }\n",
+             "src/api2.h": "int Unit(int n);\n", "src/unit.rs": "pub struct Unit;\n"}  # fmt: skip
     ctx = ToolContext(root=git_repo(tmp_path / "repo", files))
     ok, out = run_tool(ctx, default_tools(), "definition", {"name": "render"})
     assert ok and out.splitlines()[0] == (
         "render is defined in src/render.c (line 1) and in src/zz.c (line 1); declared in src/api.h:"
     )
+    ok, out = run_tool(ctx, default_tools(), "definition", {"name": "Unit"})  # a one-line definition is one
+    assert ok and out.splitlines()[0] == "Unit is defined in src/unit.rs (line 1); declared in src/api2.h:", out
