@@ -291,6 +291,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         """The request's answer, whole or as a stream; `left` is set when a client waiting for a whole answer goes
         away: its generation stops at the next token."""
         t0 = time.perf_counter()
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):  # 1, "yes": 400, as OpenAI
+            raise ApiError(400, "stream must be true or false", param="stream")
         sample = {**api.sampling(body, chat, max_prompt_tokens), "guide": guide,
                   "parallel": body.get("parallel_tool_calls") is not False}
         ids = tokens(text)

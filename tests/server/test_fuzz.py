@@ -48,3 +48,10 @@ def test_any_body_gets_an_answer_or_an_openai_error(client, body, chat):
         assert r.json()["choices"], body
     ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
     assert ok.status_code == 200  # still serving
+
+
+@pytest.mark.parametrize("stream", [1, "yes", [True], {"on": True}])
+def test_a_stream_flag_that_is_no_boolean_is_an_openai_error(client, stream):
+    """What the fuzz above found once: `stream: 1` streamed, where OpenAI answers 400."""
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": stream})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
