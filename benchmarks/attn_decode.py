@@ -16,11 +16,10 @@ Writes DIR/attn_decode_gpu.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from common import device_name
+from common import device_name, write_out
 
 from deltamem import kernels
 from deltamem.kernels import reference
@@ -112,10 +111,7 @@ def main() -> None:
           f"{r['today_identical']} / {r['ours_identical']} | {r['today_err']:.1e} / {r['ours_err']:.1e} |"
           for r in rows),  # fmt: skip
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "attn_decode_gpu.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "attn_decode_gpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_out(args.out, "attn_decode_gpu", doc, lines)
 
 
 if __name__ == "__main__":

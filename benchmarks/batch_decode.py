@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_name, olmo_hybrid_7b_config, versions
+from common import device_name, olmo_hybrid_7b_config, versions, write_out
 from gpu_e2e import build_ours, ours_state_at, sync
 
 from deltamem.model.batch import DecodeBatch
@@ -109,10 +109,7 @@ def main() -> None:
         *(f"| {r['batch']} | {r['alone_tok_s']:.1f} | {r['batched_tok_s']:.1f} | {r['batched_step_ms']:.1f} | "
           f"{r['ratio']:.2f}x |" for r in rows),
     ]  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batch_decode.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "batch_decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_out(args.out, "batch_decode", doc, lines)
 
 
 if __name__ == "__main__":

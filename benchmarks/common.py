@@ -68,6 +68,15 @@ def write_results(name: str, rows: list[dict], title: str, columns: list[str], *
     return RESULTS / f"{name}.json"
 
 
+def write_out(out: Path, name: str, doc: dict, lines: list[str]) -> None:
+    """A GPU benchmark's figures into --out (brought back from the device): NAME.json (doc) and NAME.md (lines),
+    the table printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:,.3f}" if abs(v) < 100 else f"{v:,.0f}"

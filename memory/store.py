@@ -116,7 +116,7 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
             raise StoreError(f"{self.path} keeps its snapshot pieces in {recorded}, not {url or 'the database'}")
         if not url:
             return None
-        Objects(url)  # a bad URL is refused before anything is recorded
+        objects = Objects(url)  # a bad URL is refused before anything is recorded
         if not recorded:
             with self.transaction():  # the first to record wins; another URL recorded meanwhile is refused above
                 self.db.execute("insert into settings (key, value) values ('objects', ?) on conflict do nothing", [url])
@@ -124,7 +124,8 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
                                 " on conflict do nothing")  # fmt: skip
             if self._setting("objects") != url:
                 raise StoreError(f"{self.path} keeps its snapshot pieces in {self._setting('objects')}, not {url}")
-        return Objects(url, space=self._setting("objects_space") or "")
+        objects.space = self._setting("objects_space") or ""
+        return objects
 
     def _setting(self, key: str) -> str | None:
         row = self.db.execute("select value from settings where key = ?", [key]).fetchone()
