@@ -19,7 +19,8 @@ import triton.language as tl
 from deltamem.kernels.triton_util import block, mm
 
 BN = 64  # slots a block
-MAX_SPLITS = 16  # splits of the slots, at most (the parallelism a few kv heads lack at one query token)
+PROGRAMS = 512  # splits of the slots are added until (streams x kv heads x splits) reaches this (or one block each):
+# the parallelism a few kv heads lack at one query token; it depends on the shapes alone, never on the device
 
 
 @triton.jit
@@ -117,7 +118,7 @@ def decode_attention(
     g = h // hkv
     bg, bd = block(g), block(d)
     blocks = triton.cdiv(n, BN)
-    n_split = min(MAX_SPLITS, blocks)
+    n_split = max(1, min(blocks, triton.cdiv(PROGRAMS, b * hkv)))
     per_split = triton.cdiv(blocks, n_split)
     n_split = triton.cdiv(blocks, per_split)  # every split holds at least one block
     part_o = torch.empty(b * hkv * n_split * bg * bd, dtype=torch.float32, device=q.device)

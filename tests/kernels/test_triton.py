@@ -519,9 +519,14 @@ def test_decode_attention_batched_each_stream_on_its_own_ring(poisoned):
         tg.decode_attention(q, kc, vc, pos, pt[:3], sink, window, d**-0.5)  # a position for every stream
 
 
-def test_decode_attention_over_a_long_ring_several_blocks_a_split(poisoned):
-    """A window of 1,100 slots: 16 splits of 2 blocks each, so a split's online softmax rescales what it has, and
-    the combine meets splits of real weight; single and batched."""
+@pytest.mark.parametrize("programs", [16, None])  # 9 splits of 2 blocks each (single); the default: 1 block a split
+def test_decode_attention_over_a_long_ring_several_blocks_a_split(programs, poisoned, monkeypatch):
+    """A window of 1,100 slots (18 blocks): splits of several blocks, so a split's online softmax rescales what it
+    has, and the combine meets splits of real weight; single and batched."""
+    import deltamem.kernels.attn_decode as ad
+
+    if programs:
+        monkeypatch.setattr(ad, "PROGRAMS", programs)
     hkv, g, d, sink, window = 1, 2, 16, 4, 1100
     rings = [_ring(hkv, d, sink, window, p, seed=p) for p in (700, 2500)]
     kc, vc, pos = (torch.stack(x) for x in zip(*rings, strict=True))
