@@ -260,9 +260,9 @@ class ListGuide:
     nor go on listing (a separator, another item) once a list holds every shown file.
 
     A small model copying a list of paths from a tool result tends to write the last one again instead of the next
-    (`src/parse.rs`, `src/parse.rs`, ...) and then loops on it (benchmarks/results/agent_eval_heldout_2d8a8bd.md). Only the
-    tokens that would spell an already listed path from where the item stands are forbidden, and only while that
-    item opens right after a listed path and another shown path could still follow; everything else is free.
+    (`src/parse.rs`, `src/parse.rs`, ...) and then loops on it (benchmarks/results/agent_eval_heldout_2d8a8bd.md).
+    Only the tokens that would spell an already listed path from where the item stands are forbidden, and only while
+    that item opens right after a listed path and another shown path could still follow; everything else is free.
     paths(): the files the tools have shown so far (called at each step where a list item is open)."""
 
     def __init__(self, tok, vocab_size: int, paths: Callable[[], Sequence[str]]):

@@ -1,5 +1,7 @@
-"""Where snapshot pieces live, side by side in one run: inside the SQLite file, in a local folder (`--objects
-file://`), and in S3 (`--objects s3://`, SeaweedFS's gateway on this machine, started here as the tests start it).
+"""Where sessions and snapshot pieces live, side by side in one run: inside the SQLite file, in a local folder
+(`--objects file://`), in S3 (`--objects s3://`, SeaweedFS's gateway on this machine, started here as the tests
+start it); and the same with the rows in PostgreSQL (`--db postgresql://`, a server on this machine from Debian's
+binaries, fsync on), pieces inside it or in S3.
 
 The default model reads a 2,000-token prefix, then takes 200-token turns, each saved with its snapshot
 (Store.save_turn); per backend: seconds to save a turn (pieces, rows, commit), bytes a turn writes (new pieces),
@@ -14,6 +16,7 @@ Writes benchmarks/results/objects_cpu.{json,md}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -29,9 +32,10 @@ from deltamem.model import load_model
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # the repo: tests.objectstore (last: no shadowing)
 from tests.objectstore import seaweedfs  # noqa: E402
+from tests.postgres import create_database, pg_bin, postgres_server  # noqa: E402
 
 
-def run(label: str, db: Path, objects: str, eng, turns: int, gen_seed: int = 0) -> dict:
+def run(label: str, db: Path | str, objects: str, eng, turns: int, gen_seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(gen_seed)
     vocab = eng.config.vocab_size
     eng.reset()
@@ -68,14 +72,22 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        with seaweedfs(tmp / "weed") as s3:
+        with seaweedfs(tmp / "weed") as s3, contextlib.ExitStack() as stack:
             os.environ.update(s3.env)
             for label, objects in (("SQLite file", ""), ("folder (file://)", f"file://{tmp / 'objects'}"),
                                    ("S3 (SeaweedFS, local)", s3.url("bench"))):  # fmt: skip
                 rows.append(run(label, tmp / f"{len(rows)}.db", objects, eng, args.turns))
                 print(rows[-1], flush=True)
+            if pg_bin() is None:
+                print("PostgreSQL's server binaries are not installed: its rows are left out", flush=True)
+            else:
+                server = stack.enter_context(postgres_server(tmp / "pg", fsync=True))
+                for label, objects in (("PostgreSQL", ""), ("PostgreSQL + S3", s3.url("bench-pg"))):
+                    rows.append(run(label, create_database(server, f"bench{len(rows)}"), objects, eng, args.turns))
+                    print(rows[-1], flush=True)
     write_results(
-        "objects_cpu", rows, "Snapshot pieces inside SQLite, in a folder and in S3 (`benchmarks/objects.py`)",
+        "objects_cpu", rows, "Sessions in SQLite or PostgreSQL, snapshot pieces inside the database, in a folder or "
+        "in S3 (`benchmarks/objects.py`)",
         ["backend", "save_ms_median", "new_kb_per_turn", "snapshot_kb", "db_kb", "load_ms", "continues_exactly"],
         turns=args.turns, model="default",
     )

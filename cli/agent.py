@@ -11,7 +11,17 @@ import time
 from pathlib import Path
 
 from deltamem.cli.errors import EXIT_STEP_LIMIT, failure
-from deltamem.cli.options import convert_arg, db_arg, guide_arg, load, loop_arg, loop_guard, model_args, penalty
+from deltamem.cli.options import (
+    convert_arg,
+    db_arg,
+    guide_arg,
+    load,
+    loop_arg,
+    loop_guard,
+    model_args,
+    penalty,
+    sqlite_db,
+)
 
 
 def register(sub) -> None:
@@ -57,6 +67,7 @@ def _agent(args: argparse.Namespace):
         raise ValueError(f"--repo {args.repo}: not a directory")
     if getattr(args, "max_steps", 1) < 1:
         raise ValueError("--max-steps must be >= 1")
+    sqlite_db(args.db)
     engine = load(args)  # a model that cannot load writes nothing, the memory database included
     store = Store(args.db, objects=args.objects)
     atexit.register(store.close)  # gives back the session's lease: the next command finds it free, not abandoned
@@ -177,6 +188,7 @@ def _ingest_dry_run(args: argparse.Namespace, rules) -> int:
 
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
+    sqlite_db(args.db)
     root = args.repo.resolve()
     ledger: dict = {}
     db = args.db or default_db_path()

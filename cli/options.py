@@ -68,9 +68,30 @@ def load(args: argparse.Namespace):
     return engine
 
 
+def db_target(text: str) -> Path | str:
+    """--db: a SQLite file's path, or a postgresql:// URL as it is."""
+    return text if text.startswith(("postgresql://", "postgres://")) else Path(text)
+
+
+def sqlite_db(db: Path | str | None) -> None:
+    """Refuse a PostgreSQL memory database where the agent's conversation is kept (run, chat, ingest, tui):
+    LangGraph's saver there is SQLite's, in the same file, for now. (`serve` keeps no conversation: it runs on
+    either.)"""
+    from deltamem.memory import pgdb
+    from deltamem.memory.errors import StoreError
+    from deltamem.memory.store import default_db_path
+
+    if pgdb.is_url(str(db if db is not None else default_db_path())):
+        raise StoreError("the agent's conversation is kept in SQLite only for now: on a PostgreSQL memory database, "
+                         "use `serve` and the `sessions` commands (list, show, export, import, gc, ...); run, chat, "
+                         "ingest and tui need a SQLite --db")
+
+
 def db_arg(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--db", type=Path, default=None,
-                    help="memory database (default $DELTAMEM_DB, else ~/.local/share/deltamem/memory.db)")
+    sp.add_argument("--db", type=db_target, default=None,
+                    help="memory database: a SQLite file, or postgresql://USER@HOST/DB (serve and the sessions "
+                         "commands; the database must exist) (default $DELTAMEM_DB, else "
+                         "~/.local/share/deltamem/memory.db)")
     sp.add_argument("--objects", metavar="URL", default=None,
                     help="keep snapshot pieces in object storage: file:///FOLDER or s3://BUCKET/PREFIX (S3 settings "
                          "from the AWS_* variables, e.g. AWS_ENDPOINT_URL); default: what the database recorded on "

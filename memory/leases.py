@@ -17,6 +17,7 @@ from deltamem.memory.errors import SessionBusy
 
 log = logging.getLogger("deltamem.memory")
 
+LEASE_KEY = "deltamem-lease:"  # PostgreSQL: the advisory lock of a session's lease is keyed by a hash of this + id
 LEASE_WAIT_S = 10.0  # how long a second process waits for a session another one holds ($DELTAMEM_LEASE_WAIT)
 
 
@@ -75,6 +76,8 @@ class Leases:
         if wait_s is None:
             wait_s = float(os.environ.get("DELTAMEM_LEASE_WAIT", LEASE_WAIT_S))
         deadline = time.monotonic() + wait_s
+        if not self.sqlite:
+            return self._lease_pg(sid, ref, me, command, deadline)
         while True:
             with self.transaction():
                 row = self.db["leases"].get(sid) if self.db["leases"].count_where("session_id = ?", [sid]) else None
@@ -90,11 +93,31 @@ class Leases:
                     self._leases.add(sid)
                     return Lease(self, sid)
             if time.monotonic() >= deadline:
-                since = datetime.fromtimestamp(row["acquired"]).strftime("%Y-%m-%d %H:%M:%S")
-                raise SessionBusy(
-                    f"session {ref!r} is in use by {row['command'] or 'another deltamem'} (pid {row['pid']} on "
-                    f"{row['host']}, since {since}); wait for it to finish, stop it, or fork the session"
-                )
+                raise _busy(ref, row)
+            time.sleep(0.2)
+
+    def _lease_pg(self, sid: str, ref: str, me: dict[str, Any], command: str, deadline: float) -> Lease:
+        """On PostgreSQL the lease is also a session-level advisory lock on this store's connection: the server
+        drops it when the connection ends, so a holder that died anywhere (another machine included) is taken over,
+        and one that lives is never. The row says who holds it."""
+        while True:
+            got = sid in self._leases or self.db.execute(
+                "select pg_try_advisory_lock(hashtextextended(?, 0))", [LEASE_KEY + sid]
+            ).fetchone()[0]
+            with self.transaction():
+                row = next(self.db["leases"].rows_where("session_id = ?", [sid]), None)
+                mine = row is not None and all(row[k] == me[k] for k in ("host", "pid", "pid_start"))
+                if got or mine:  # mine without the lock: another store of this process holds it
+                    if row is not None and not mine:
+                        log.warning("taking over session %s from process %s on %s, whose connection is gone", sid,
+                                    row["pid"], row["host"])  # fmt: skip
+                    self.db["leases"].upsert(
+                        {"session_id": sid, **me, "command": command, "acquired": time.time()}, pk="session_id"
+                    )
+                    self._leases.add(sid)
+                    return Lease(self, sid)
+            if time.monotonic() >= deadline:
+                raise _busy(ref, row or {"command": "", "pid": "?", "host": "?", "acquired": time.time()})
             time.sleep(0.2)
 
     def release(self, sid: str) -> None:
@@ -105,3 +128,13 @@ class Leases:
                 "delete from leases where session_id = ? and host = ? and pid = ? and pid_start = ?",
                 [sid, me["host"], me["pid"], me["pid_start"]],
             )
+        if not self.sqlite:
+            self.db.execute("select pg_advisory_unlock(hashtextextended(?, 0))", [LEASE_KEY + sid])
+
+
+def _busy(ref: str, row: dict[str, Any]) -> SessionBusy:
+    since = datetime.fromtimestamp(row["acquired"]).strftime("%Y-%m-%d %H:%M:%S")
+    return SessionBusy(
+        f"session {ref!r} is in use by {row['command'] or 'another deltamem'} (pid {row['pid']} on "
+        f"{row['host']}, since {since}); wait for it to finish, stop it, or fork the session"
+    )

@@ -1,5 +1,5 @@
-"""The ingest ledger and recall (a part of Store): which files a session's state has read, and full-text search (FTS5)
-over its turns and the latest text of those files.
+"""The ingest ledger and recall (a part of Store): which files a session's state has read, and full-text search (FTS5;
+PostgreSQL's own on that database) over its turns and the latest text of those files.
 
 The ledger is append-only: a file re-read at a later turn gets a new row, so a rewind restores the ledger that
 matches the state (a row with sha256 None: the file was removed). Written as methods of `Ledger`, a base class of
@@ -13,6 +13,25 @@ from collections.abc import Iterable
 from typing import Any
 
 from deltamem.memory.errors import StoreError
+
+# search() on PostgreSQL: its own full-text search over the expression indexes of memory/pgdb.py's schema (English
+# stemming, as FTS5's porter tokenizer here), web-search syntax (words, "a phrase", -not, or): no query is malformed
+_HEADLINE = "'StartSel=[, StopSel=], MaxFragments=1, MaxWords=12, MinWords=4, FragmentDelimiter=…'"
+PG_SEARCH = f"""
+    with q as (select websearch_to_tsquery('english', :q) as q)
+    select * from (
+      select 'turn' as kind, t.seq, t.role as path, t.role,
+        ts_headline('english', t.text, q.q, {_HEADLINE}) as snippet,
+        -ts_rank(to_tsvector('english', coalesce(t.text, '')), q.q) as rank
+      from turns t, q where to_tsvector('english', coalesce(t.text, '')) @@ q.q and t.session_id = :sid
+      union all
+      select 'file', i.turn_seq, i.path, null, ts_headline('english', i.text, q.q, {_HEADLINE}),
+        -ts_rank(to_tsvector('english', coalesce(i.path, '') || ' ' || coalesce(i.text, '')), q.q)
+      from ingested i, q
+      where to_tsvector('english', coalesce(i.path, '') || ' ' || coalesce(i.text, '')) @@ q.q
+        and i.session_id = :sid and i.sha256 is not null
+        and i.turn_seq = (select max(turn_seq) from ingested j where j.session_id = i.session_id and j.path = i.path)
+    ) hits order by rank, kind desc, seq limit :limit"""
 
 
 class Ledger:
@@ -52,6 +71,8 @@ class Ledger:
         """Full-text search over the session's turns and the latest text of its ingested files: exact recall of
         what fell out of the attention window. Hits: kind ('turn' or 'file'), seq or path, snippet."""
         sid = self.session(ref)["id"]
+        if not self.sqlite:
+            return list(self.db.query(PG_SEARCH, {"q": query, "sid": sid, "limit": limit}))
         try:
             return list(
                 self.db.query(

@@ -64,8 +64,9 @@ class Retention:
                   select sha256 from snapshot_tokens where snapshot_id in (%s)"""
         snaps = """select ss.snapshot_id from session_snapshots ss join sessions s on s.id = ss.session_id
                    where substr(s.title, 1, :n) = :prefix"""
-        return self.db.execute(f"select coalesce(sum(bytes), 0) from pieces where sha256 in ({used % (snaps, snaps)})",
-                               {"n": len(title_prefix), "prefix": title_prefix}).fetchone()[0]  # fmt: skip
+        sql = f"select coalesce(sum(bytes), 0) from pieces where sha256 in ({used % (snaps, snaps)})"
+        # int(): PostgreSQL's sum of bigints is a numeric (a Decimal)
+        return int(self.db.execute(sql, {"n": len(title_prefix), "prefix": title_prefix}).fetchone()[0])
 
     def _prune_thread(self, sid: str) -> int:
         """Drop the session's graph checkpoints that no kept snapshot points to (see memory/checkpoints.py)."""
@@ -152,6 +153,10 @@ class Retention:
                 sids = [r[0] for r in self.db.execute("select id from sessions").fetchall()]
                 removed["checkpoints"] += sum(self._prune_thread(sid) for sid in sids)
         removed["objects"] = self._sweep_orphans(orphan_grace_s)
-        self.db.execute("VACUUM")
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self.sqlite:
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        else:  # what the rows held goes back to PostgreSQL's free space (the file shrinks only with VACUUM FULL)
+            for table in ("pieces", "snapshots", "snapshot_pieces", "snapshot_tokens", "session_snapshots"):
+                self.db.execute(f"VACUUM {table}")
         return {**removed, "bytes_before": before, "bytes_after": self.file_bytes()}

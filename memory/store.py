@@ -1,4 +1,5 @@
-"""Store: sessions, turns, snapshots of model state and the ingest ledger, in one SQLite file (sqlite-utils, WAL).
+"""Store: sessions, turns, snapshots of model state and the ingest ledger, in one SQLite file (sqlite-utils, WAL), or
+in a PostgreSQL database (memory/pgdb.py: the same API, for a team or a fleet of machines).
 
 This module holds the connection (its pragmas, the schema migrations on open, the background WAL checkpoint) and the
 transactions; `Store` composes the rest, one concept a module, each a base class whose methods use `self.db` and
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from typing import Any
 
 import sqlite_utils
 
+from deltamem.memory import pgdb
 from deltamem.memory.errors import StoreError
 from deltamem.memory.leases import LEASE_WAIT_S, Lease, Leases
 from deltamem.memory.ledger import Ledger
@@ -51,10 +54,11 @@ WAL_CHECKPOINT_BYTES = 64 << 20
 log = logging.getLogger("deltamem.memory")
 
 
-def default_db_path() -> Path:
-    """$DELTAMEM_DB, else $XDG_DATA_HOME/deltamem/memory.db (~/.local/share/deltamem/memory.db)."""
+def default_db_path() -> Path | str:
+    """$DELTAMEM_DB (a path, or a postgresql:// URL), else $XDG_DATA_HOME/deltamem/memory.db
+    (~/.local/share/deltamem/memory.db)."""
     if os.environ.get(ENV_DB):
-        return Path(os.environ[ENV_DB])
+        return os.environ[ENV_DB] if pgdb.is_url(os.environ[ENV_DB]) else Path(os.environ[ENV_DB])
     base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     return base / "deltamem" / "memory.db"
 
@@ -64,14 +68,40 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
 
     def __init__(self, path: str | Path | None = None, busy_timeout_ms: int = 30_000, keep_last: int = KEEP_LAST,
                  objects: str | None = None):  # fmt: skip
-        """objects: where snapshot pieces go (memory/objects.py): file:///FOLDER or s3://BUCKET/PREFIX; None: the
+        """path: a SQLite file (made if new), or a postgresql:// URL (memory/pgdb.py; the database must exist).
+        objects: where snapshot pieces go (memory/objects.py): file:///FOLDER or s3://BUCKET/PREFIX; None: the
         URL the database recorded, else $DELTAMEM_OBJECTS, else inside the database; "": inside the database."""
-        self.path = Path(path) if path is not None else default_db_path()
+        target = path if path is not None else default_db_path()
         self.keep_last = keep_last
         # the last save_turn's snapshot: bytes in all, bytes new to the store (written), seconds to save and commit
         self.last_save: dict[str, Any] = {}
         self._leases: set[str] = set()  # sessions leased through this store, released at close()
         self._doomed = False  # a transaction marked pieces for deletion from the object store
+        self._busy_timeout_ms = busy_timeout_ms
+        self._checkpointer: threading.Thread | None = None
+        self.sqlite = not pgdb.is_url(str(target))
+        if self.sqlite:
+            self.path: Path | str = Path(target)
+            self._open_sqlite(busy_timeout_ms)
+        else:
+            self.path = pgdb.redacted(str(target))  # what messages name: the URL without its password
+            self.db = pgdb.PgDatabase(str(target), busy_timeout_ms / 1000)
+            try:
+                if self.db.version() != len(pgdb.SCHEMA):
+                    with self.transaction():
+                        self.db.migrate()
+            except (*pgdb.DB_ERRORS, StoreError) as e:
+                self.db.close()
+                if isinstance(e, StoreError):
+                    raise
+                raise StoreError(f"cannot open the memory database {self.path}: {e}") from e
+        try:
+            self.objects = self._object_store(objects)
+        except StoreError:
+            self.db.close()
+            raise
+
+    def _open_sqlite(self, busy_timeout_ms: int) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # check_same_thread off: a Store may be handed between threads (UI workers), never used by two at once
@@ -82,8 +112,6 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
             raise StoreError(f"cannot open the memory database {self.path}: {e}") from e
         # autocommit connection: transaction()/_read() open the transactions we need, nothing else lingers
         self.db = sqlite_utils.Database(conn)
-        self._busy_timeout_ms = busy_timeout_ms
-        self._checkpointer: threading.Thread | None = None
         try:
             self.db.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
             if self.db.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file: large pages (see PAGE_SIZE)
@@ -97,13 +125,11 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
             if self.db.execute("PRAGMA user_version").fetchone()[0] != len(MIGRATIONS):
                 with self.transaction():  # the write lock first: two processes opening a new file migrate it once
                     migrate(self.db)
-            self.objects = self._object_store(objects)
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, StoreError) as e:
             conn.close()
+            if isinstance(e, StoreError):
+                raise
             raise StoreError(f"cannot open the memory database {self.path}: {e}") from e
-        except StoreError:
-            conn.close()
-            raise
 
     def _object_store(self, url: str | None) -> Objects | None:
         """The object store of this database's pieces (see __init__'s `objects`), recorded in it on first use: a
@@ -120,8 +146,8 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
         if not recorded:
             with self.transaction():  # the first to record wins; another URL recorded meanwhile is refused above
                 self.db.execute("insert into settings (key, value) values ('objects', ?) on conflict do nothing", [url])
-                self.db.execute("insert into settings (key, value) values ('objects_space', lower(hex(randomblob(8))))"
-                                " on conflict do nothing")  # fmt: skip
+                self.db.execute("insert into settings (key, value) values ('objects_space', ?) on conflict do nothing",
+                                [secrets.token_hex(8)])  # fmt: skip
             if self._setting("objects") != url:
                 raise StoreError(f"{self.path} keeps its snapshot pieces in {self._setting('objects')}, not {url}")
         objects.space = self._setting("objects_space") or ""
@@ -133,7 +159,7 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
 
     def close(self) -> None:
         for sid in list(self._leases):  # sessions this process held through this store
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(*pgdb.DB_ERRORS):
                 self.release(sid)
         if self._checkpointer is not None:
             self._checkpointer.join()
@@ -142,6 +168,8 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
     def _checkpoint_soon(self) -> None:
         """Once the write-ahead log holds WAL_CHECKPOINT_BYTES, copy it into the database from a thread with its own
         connection (a passive checkpoint: readers and writers go on meanwhile). Committed data is safe either way."""
+        if not self.sqlite:
+            return
         try:
             wal = os.path.getsize(f"{self.path}-wal")
         except OSError:
@@ -171,36 +199,43 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """One write transaction, taking the write lock up front so it never fails half-way on a lock upgrade."""
-        if self.db.conn.in_transaction:
+        if self._in_transaction():
             with self.db.atomic():  # nested: a savepoint
                 yield
             return
-        self.db.execute("BEGIN IMMEDIATE")
         try:
+            self.db.execute("BEGIN IMMEDIATE" if self.sqlite else "BEGIN")
+            if not self.sqlite:  # one writer at a time, as SQLite's write lock (memory/pgdb.py)
+                self.db.execute("select pg_advisory_xact_lock(?)", [pgdb.WRITE_LOCK])
             yield
         except BaseException:
-            if self.db.conn.in_transaction:
+            if self._in_transaction():
                 self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
         if self._doomed:  # pieces this transaction marked 'deleting' (Retention._collect): their objects go now
             try:
                 self._sweep()
-            except (StoreError, sqlite3.Error) as e:  # committed all the same; the next sweep (gc) finishes it
+            except (StoreError, *pgdb.DB_ERRORS) as e:  # committed all the same; the next sweep (gc) finishes it
                 log.warning("could not delete unused pieces from the object store yet: %s", e)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[None]:
         """Several reads that see one consistent database (WAL: never blocked by a writer)."""
-        if self.db.conn.in_transaction:
+        if self._in_transaction():
             yield
             return
-        self.db.execute("BEGIN")
+        self.db.execute("BEGIN" if self.sqlite else "BEGIN ISOLATION LEVEL REPEATABLE READ")
         try:
             yield
         finally:
             self.db.execute("COMMIT")
 
+    def _in_transaction(self) -> bool:
+        return self.db.conn.in_transaction if self.sqlite else self.db.in_transaction
+
     def file_bytes(self) -> int:
-        """The database's size on disk: the file and its write-ahead log."""
+        """The database's size on disk: the file and its write-ahead log (PostgreSQL: the database's size)."""
+        if not self.sqlite:
+            return self.db.execute("select pg_database_size(current_database())").fetchone()[0]
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())

@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from deltamem.memory import checkpoints
+from deltamem.memory import checkpoints, pgdb
 from deltamem.memory import pieces as pc
 from deltamem.memory.errors import StoreError
 
@@ -89,7 +88,7 @@ class Transfer:
             with src:
                 try:
                     return self._import_from(src, path, fingerprint)
-                except (sqlite3.Error, pc.BlobError) as e:
+                except (*pgdb.DB_ERRORS, pc.BlobError) as e:
                     raise StoreError(f"{path} is not a valid deltamem export: {e}") from e
 
     def _import_from(self, src: Transfer, path: Path, fingerprint: str | None) -> str:

@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["tests.postgres"]  # the PostgreSQL server fixtures (postgres, pg_url), for any test that asks
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # the CLI compiles the CPU decode step by default (about 40 s per model and window): only where a test asks for it

@@ -16,8 +16,10 @@ from tests.repos import git_repo
 from tests.test_app import deltamem
 
 HOLD = """
-import sys, time
+import socket, sys, time
 from deltamem.memory.store import Store
+if sys.argv[4:] == ["elsewhere"]:  # a holder on another machine: its pid cannot be checked from here
+    socket.gethostname = lambda: "another-machine"
 store = Store(sys.argv[1])
 lease = store.lease(sys.argv[2], "holder-test")
 print("held", flush=True)
@@ -30,9 +32,9 @@ store.close()
 """
 
 
-def _holder(db, sid, hold: float) -> subprocess.Popen:
+def _holder(db, sid, hold: float, *where: str) -> subprocess.Popen:
     p = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(db), sid, str(hold)],
+        [sys.executable, "-c", HOLD, str(db), sid, str(hold), *where],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -41,9 +43,11 @@ def _holder(db, sid, hold: float) -> subprocess.Popen:
     return p
 
 
-@pytest.fixture()
-def session(tmp_path):
-    db = tmp_path / "m.db"
+@pytest.fixture(params=["sqlite", "postgres"])
+def session(tmp_path, request):
+    """A session in a SQLite file, or in PostgreSQL (tests/postgres.py), where the holder in the test below runs
+    as if on another machine: PostgreSQL drops a dead holder's lock with its connection."""
+    db = request.getfixturevalue("pg_url") if request.param == "postgres" else tmp_path / "m.db"
     with Store(db) as store:
         sid = store.create_session("work", "fp")
     return db, sid
@@ -51,17 +55,20 @@ def session(tmp_path):
 
 def test_busy_then_taken_over_after_a_kill(session, caplog):
     db, sid = session
-    holder = _holder(db, sid, -1)
+    elsewhere = ["elsewhere"] if isinstance(db, str) else []
+    holder = _holder(db, sid, -1, *elsewhere)
     try:
         with Store(db) as store:
             t0 = time.monotonic()
-            with pytest.raises(SessionBusy, match=rf"in use by holder-test \(pid {holder.pid} on "):
+            on = "another-machine" if elsewhere else ""
+            with pytest.raises(SessionBusy, match=rf"in use by holder-test \(pid {holder.pid} on {on}"):
                 store.lease(sid, "test", wait_s=0.6)
             assert time.monotonic() - t0 >= 0.6  # it waited before refusing
             holder.send_signal(signal.SIGKILL)
             holder.wait()
             with caplog.at_level("WARNING"):
-                store.lease(sid, "test", wait_s=0)  # the dead holder's lease is taken over
+                store.lease(sid, "test", wait_s=5)  # the dead holder's lease is taken over (once its server-side
+                # connection has ended, on PostgreSQL: at once)
             assert any("taking over" in r.message for r in caplog.records)
             store.lease(sid, "test again", wait_s=0)  # the same process may ask again
     finally:

@@ -1,0 +1,42 @@
+"""Two `deltamem serve` processes on one PostgreSQL database (tests/postgres.py) and one object store, as two
+replicas on two machines would run: a conversation served by the first continues on the second after the first is
+killed, from the prefix state the first stored (not re-read), with the answer a server reading the prompt whole
+gives; the killed replica's lease on the session is taken over at once."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deltamem.memory.store import Store
+from deltamem.model import load_model
+from deltamem.server.app import create_app
+from tests.server.test_server import Server
+
+pytest.importorskip("psycopg")
+
+
+def test_a_conversation_moves_to_another_replica_when_its_first_dies(tmp_path, pg_url, monkeypatch):
+    monkeypatch.setenv("DELTAMEM_OBJECTS", f"file://{tmp_path / 'objects'}")  # shared storage for both replicas
+    monkeypatch.setenv("DELTAMEM_LEASE_WAIT", "20")
+    convo = [{"role": "user", "content": "Where does the ring buffer live? " * 6}]
+    first_replica = Server(pg_url)
+    try:
+        first = first_replica.client.chat.completions.create(model="random", messages=convo, max_tokens=4,
+                                                             temperature=0, user="alice")  # fmt: skip
+    finally:
+        first_replica.proc.kill()  # SIGKILL: its connection, and so its lease, ends with it
+        first_replica.proc.wait(timeout=30)
+    convo += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": "Why?"}]
+    second_replica = Server(pg_url)
+    try:
+        second = second_replica.client.chat.completions.create(model="random", messages=convo, max_tokens=5,
+                                                               temperature=0, user="alice")  # fmt: skip
+    finally:
+        second_replica.stop()
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1  # restored, not re-read
+    plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
+    whole = plain.post("/v1/chat/completions", json={"messages": convo, "max_tokens": 5, "temperature": 0}).json()
+    assert second.choices[0].message.content == whole["choices"][0]["message"]["content"]
+    with Store(pg_url) as store:  # the pieces are in the object store, the rows in PostgreSQL
+        assert store.objects is not None and list(store.objects.listing())
+        assert store.db.execute("select count(*) from pieces where data is not null").fetchone()[0] == 0
+        assert any(s["title"].startswith("serve:") and s["snapshots"] for s in store.sessions())
