@@ -81,7 +81,7 @@ def main() -> None:
             if pg_bin() is None:
                 print("PostgreSQL's server binaries are not installed: its rows are left out", flush=True)
             else:
-                server = stack.enter_context(postgres_server(tmp / "pg", fsync=True))
+                server = stack.enter_context(postgres_server(fsync=True))
                 for label, objects in (("PostgreSQL", ""), ("PostgreSQL + S3", s3.url("bench-pg"))):
                     rows.append(run(label, create_database(server, f"bench{len(rows)}"), objects, eng, args.turns))
                     print(rows[-1], flush=True)

@@ -35,13 +35,14 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def postgres_server(root: Path, fsync: bool = False) -> Iterator[str]:
-    """A PostgreSQL server with its cluster in `root` (made, and removed after), on a free localhost port; yields
-    the URL of its `postgres` database (superuser, trust authentication). fsync off for tests; on for benchmarks."""
+def postgres_server(fsync: bool = False) -> Iterator[str]:
+    """A PostgreSQL server with its cluster in a new temporary folder (removed after; its own, so that `nobody` can
+    enter it), on a free localhost port; yields the URL of its `postgres` database (superuser, trust
+    authentication). fsync off for tests; on for benchmarks."""
     bindir = pg_bin()
     if bindir is None:
         raise FileNotFoundError("PostgreSQL's server binaries are not installed (Debian: apt-get install postgresql)")
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="deltamem-pg-"))
     as_user = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
     if as_user:
         os.chmod(root, 0o755)
@@ -81,7 +82,7 @@ def postgres() -> Iterator[str]:
         missing("psycopg is not installed (the `cluster` extra)")
     if pg_bin() is None:
         missing("PostgreSQL's server binaries are not installed (Debian: apt-get install postgresql)")
-    with postgres_server(Path(tempfile.mkdtemp(prefix="deltamem-pg-"))) as url:
+    with postgres_server() as url:
         yield url
 
 
