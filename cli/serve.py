@@ -51,17 +51,23 @@ def register(sub) -> None:
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                     help="info (default): a line a request (id, session, prompt, cached and completion tokens, "
                     "time to first token, total); warning: problems only")
+    sv.add_argument("--ray", action="store_true",
+                    help="serve through Ray Serve: --replicas servers behind Ray's HTTP proxy on --host:--port, each "
+                    "session's requests routed to one replica (server/ray_serve.py); joins the cluster $RAY_ADDRESS "
+                    "names, else starts one on this machine. Give every replica the same memory: --db "
+                    "postgresql://... and --objects s3://... (docs/server.md)")
+    sv.add_argument("--replicas", type=int, default=1, help="with --ray: how many servers (default 1)")
     sv.set_defaults(run=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+# uvicorn's settings: its plain asyncio loop and h11 parser, whichever optional ones are installed (Ray brings uvloop
+# and httptools): the server behaves the same on every install
+UVICORN = {"log_level": "warning", "timeout_graceful_shutdown": 2, "loop": "asyncio", "http": "h11"}
+
+
+def check_serve_args(args: argparse.Namespace) -> None:
+    """Refuse bad options with a clear error (before a model is loaded); fill in --api-key from the environment."""
     import ipaddress
-    import logging
-
-    import uvicorn
-
-    from deltamem.memory.store import Store
-    from deltamem.server.app import create_app
 
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
@@ -77,23 +83,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("need 0 < --port < 65536, --cache-mb >= 0, --max-prompt-tokens >= 1, --store-mb >= 0")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise ValueError("--prefill-chunk must be at least 1")
+    if args.replicas < 1:
+        raise ValueError("--replicas must be at least 1")
+
+
+def build_app(args: argparse.Namespace, engine, store) -> tuple:
+    """The API app for this engine over `store`: (app, the model's name)."""
+    from deltamem.server.app import create_app
+
+    model = model_options(args).model
+    name = "default" if model == "default" else Path(model).name
+    app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,
+                     None if args.cache_mb is None else args.cache_mb << 20,
+                     prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls,
+                     share_prefixes=args.share_prefixes, store_bytes=(args.store_mb << 20) or None,
+                     **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
+    return app, name
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from deltamem.memory.store import Store
+
+    check_serve_args(args)
     logging.getLogger("deltamem.server").setLevel(args.log_level.upper())
-    engine = load(args)
+    if args.ray:
+        from deltamem.server.ray_serve import run
+
+        return run(args)
+    engine = load(args)  # a model that cannot load writes nothing, the memory database included
     with Store(args.db, objects=args.objects) as store:
-        model = model_options(args).model
-        name = "default" if model == "default" else Path(model).name
-        app = create_app(engine, store, name, args.api_key, args.max_prompt_tokens,
-                         None if args.cache_mb is None else args.cache_mb << 20,
-                         prefix_cache=args.prefix_cache, batch_decode=args.batch_decode, guided_calls=args.guided_calls,
-                         share_prefixes=args.share_prefixes, store_bytes=(args.store_mb << 20) or None,
-                         **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
+        app, name = build_app(args, engine, store)
         print(f"deltamem serve: {name} on http://{args.host}:{args.port}/v1 (memory {store.path})", file=sys.stderr)
         # On SIGTERM/Ctrl-C each reply still streaming ends at its next token with an error event (closing its
         # generator frees the engine; uvicorn cancels what is left after 2 s), then the states kept so far are
         # written. uvicorn then raises the signal again for the handler it found: for SIGTERM that is this no-op,
         # so a service manager's stop ends in exit code 0.
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                               timeout_graceful_shutdown=2))
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, **UVICORN))
         app.state.stopping = lambda: server.should_exit
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
         try:

@@ -50,27 +50,28 @@ def test_a_session_moves_from_sqlite_to_postgres_and_back(tmp_path, ckpt, pg_url
         assert b.load_tokens(sid, b.snapshots(sid)[-1]["id"]) == ids(9, 1)
 
 
-def test_two_machines_share_pieces_while_one_saves_and_the_other_collects(tmp_path, ckpt, pg_url):
-    """Two stores on one database and one object store, as two machines would have: B's gc, run over and over while
-    A saves turns, never deletes a piece one of A's snapshots still uses (writes are serialized by the database's
-    write lock; the objects of dropped pieces go only after the row's deletion committed)."""
+def test_two_machines_share_pieces_while_one_saves_and_two_collect(tmp_path, ckpt, pg_url):
+    """Three stores on one database and one object store, as three machines would have: B's and C's gc, run over and
+    over at once while A saves turns, never delete a piece one of A's snapshots still uses (writes are serialized by
+    the database's write lock; the objects of dropped pieces go only after the rows' deletion committed)."""
     objects = f"file://{tmp_path / 'objects'}"
     eng = load_model(ckpt, window=64, sink=4)
-    with Store(pg_url, objects=objects, keep_last=2) as a, Store(pg_url) as b:  # b finds the URL in the database
-        assert b.objects is not None and b.objects.space == a.objects.space
+    with Store(pg_url, objects=objects, keep_last=2) as a, Store(pg_url) as b, Store(pg_url) as c:
+        assert b.objects is not None and b.objects.space == a.objects.space  # b found the URL in the database
         sid = a.create_session("shared", eng.fingerprint)
         snaps, errors, stop = [], [], threading.Event()
 
-        def collect():
+        def collect(store):
             while not stop.is_set():
                 try:
-                    b.gc(orphan_grace_s=0.0)
+                    store.gc()  # orphan objects younger than the grace (an upload in flight) are kept
                 except Exception as e:  # noqa: BLE001 - reported below
                     errors.append(e)
                     return
 
-        gc = threading.Thread(target=collect)
-        gc.start()
+        collectors = [threading.Thread(target=collect, args=(s,)) for s in (b, c)]
+        for t in collectors:
+            t.start()
         try:
             for turn in range(6):
                 eng.feed(ids(20, 100 + turn))
@@ -78,7 +79,8 @@ def test_two_machines_share_pieces_while_one_saves_and_the_other_collects(tmp_pa
                 a.save_turn(sid, [{"role": "user", "text": str(turn)}], snaps[-1])
         finally:
             stop.set()
-            gc.join()
+            for t in collectors:
+                t.join()
         assert not errors, errors
         kept = b.snapshots(sid)
         assert [s["turn_seq"] for s in kept] == [5, 6]
