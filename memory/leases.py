@@ -101,35 +101,48 @@ class Leases:
         drops it when the connection ends, so a holder that died anywhere (another machine included) is taken over,
         and one that lives is never. The row says who holds it."""
         while True:
-            got = sid in self._leases or self.db.execute(
+            locked = sid not in self._leases and self.db.execute(
                 "select pg_try_advisory_lock(hashtextextended(?, 0))", [LEASE_KEY + sid]
             ).fetchone()[0]
-            with self.transaction():
-                row = next(self.db["leases"].rows_where("session_id = ?", [sid]), None)
-                mine = row is not None and all(row[k] == me[k] for k in ("host", "pid", "pid_start"))
-                if got or mine:  # mine without the lock: another store of this process holds it
-                    if row is not None and not mine:
-                        log.warning("taking over session %s from process %s on %s, whose connection is gone", sid,
-                                    row["pid"], row["host"])  # fmt: skip
-                    self.db["leases"].upsert(
-                        {"session_id": sid, **me, "command": command, "acquired": time.time()}, pk="session_id"
-                    )
-                    self._leases.add(sid)
-                    return Lease(self, sid)
+            try:
+                with self.transaction():
+                    row = next(self.db["leases"].rows_where("session_id = ?", [sid]), None)
+                    mine = row is not None and all(row[k] == me[k] for k in ("host", "pid", "pid_start"))
+                    if locked or sid in self._leases or mine:  # mine without the lock: another store of this
+                        if row is not None and not mine:  # process holds it
+                            log.warning("taking over session %s from process %s on %s, whose connection is gone",
+                                        sid, row["pid"], row["host"])  # fmt: skip
+                        self.db["leases"].upsert(
+                            {"session_id": sid, **me, "command": command, "acquired": time.time()}, pk="session_id"
+                        )
+                        self._leases.add(sid)
+                        return Lease(self, sid)
+            except BaseException:
+                if locked:  # taken, not kept: never left held by this connection
+                    self._unlock(sid)
+                raise
             if time.monotonic() >= deadline:
                 raise _busy(ref, row or {"command": "", "pid": "?", "host": "?", "acquired": time.time()})
             time.sleep(0.2)
 
     def release(self, sid: str) -> None:
+        held = sid in self._leases
         self._leases.discard(sid)
         me = _process()
-        with self.transaction():
-            self.db.execute(
-                "delete from leases where session_id = ? and host = ? and pid = ? and pid_start = ?",
-                [sid, me["host"], me["pid"], me["pid_start"]],
-            )
-        if not self.sqlite:
-            self.db.execute("select pg_advisory_unlock(hashtextextended(?, 0))", [LEASE_KEY + sid])
+        try:
+            with self.transaction():
+                self.db.execute(
+                    "delete from leases where session_id = ? and host = ? and pid = ? and pid_start = ?",
+                    [sid, me["host"], me["pid"], me["pid_start"]],
+                )
+        finally:
+            if held and not self.sqlite:
+                self._unlock(sid)
+
+    def _unlock(self, sid: str) -> None:
+        """Give back the session's advisory lock (PostgreSQL), every hold of it this connection has."""
+        while self.db.execute("select pg_advisory_unlock(hashtextextended(?, 0))", [LEASE_KEY + sid]).fetchone()[0]:
+            pass
 
 
 def _busy(ref: str, row: dict[str, Any]) -> SessionBusy:

@@ -24,7 +24,6 @@ import re
 import sqlite3
 from collections.abc import Iterable, Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from deltamem.memory.errors import SchemaError, StoreError
 
@@ -80,13 +79,9 @@ def is_url(target: object) -> bool:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for messages."""
-    u = urlsplit(url)
-    if u.password is None:
-        return url
-    host = u.hostname or ""
-    netloc = f"{u.username}:***@{host}" + (f":{u.port}" if u.port else "")
-    return urlunsplit(u._replace(netloc=netloc))
+    """The URL without its password (in the user part, or a `password=` parameter), for messages."""
+    url = re.sub(r"^([a-z]+://[^:@/?#]*):[^@/?#]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 @functools.lru_cache(maxsize=512)
@@ -124,11 +119,14 @@ class PgDatabase:
     def __init__(self, url: str, timeout_s: float):
         if psycopg is None:
             raise StoreError("a postgresql:// database needs psycopg: pip install 'deltamem[cluster]'")
-        try:
-            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s)))
+        try:  # keepalives: a holder whose machine died or was cut off loses its leases in a minute, not hours
+            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout_s)), keepalives=1,
+                                        keepalives_idle=30, keepalives_interval=10, keepalives_count=3)  # fmt: skip
         except psycopg.Error as e:
-            raise StoreError(f"cannot open the memory database {redacted(url)}: {e}".strip()) from None
+            raise StoreError(f"cannot open the memory database {redacted(url)}: {redacted(str(e))}".strip()) from None
         self.conn.execute(f"set lock_timeout = {int(timeout_s * 1000)}")
+        for name, value in (("tcp_keepalives_idle", 30), ("tcp_keepalives_interval", 10), ("tcp_keepalives_count", 3)):
+            self.conn.execute(f"set {name} = {value}")  # the server's side of the same
 
     @property
     def in_transaction(self) -> bool:

@@ -35,21 +35,30 @@ HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "kee
 MAX_SESSIONS = 10_000  # sessions a replica is routed (Ray's multiplexing LRU); their states live in the app's budget
 
 
-def session_key(headers: dict[str, str], body: bytes) -> str:
-    """The session the app will file this request under (server/app.py), within its API key's tenant: the routing
-    key. A request that names none is the tenant's `default` session."""
-    name = headers.get("x-deltamem-session")
-    if not name:
+def session_key(headers: dict[str, str], body: bytes, tenanted: bool) -> str:
+    """The session the app will file this request under (server/app.py's session_of: the X-Deltamem-Session name,
+    else "user:" and the body's `user`, else "default"; within the API key's tenant where keys are set): the routing
+    key."""
+    named = headers.get("x-deltamem-session")
+    if named:
+        name = named[:100]
+    else:
         try:
             user = json.loads(body).get("user") if body else None
         except (ValueError, AttributeError):
             user = None
-        name = f"user:{user}" if isinstance(user, str) and user else "default"
-    tenant = hashlib.sha256(headers.get("authorization", "").encode()).hexdigest()[:12]
+        name = f"user:{str(user)[:100]}" if user else "default"
+    tenant = hashlib.sha256(headers.get("authorization", "").encode()).hexdigest()[:12] if tenanted else "-"
     return f"{tenant}/{name}"
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# Requests a replica (and the router) takes at once. Ray's default (5) would send a busy session's next request to
+# another replica, which then waits for the session's lease: a session must stay where it is, so its requests queue
+# in its replica's app (whose engine serves them in turn, or batched), never elsewhere.
+MAX_ONGOING = 1000
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING)
 class Replica:
     """One `deltamem serve` app (its model, its memory store) on this node's loopback."""
 
@@ -68,11 +77,19 @@ class Replica:
         port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **UVICORN))
         app.state.stopping = lambda: self.server.should_exit
-        threading.Thread(target=self.server.run, name="deltamem-replica", daemon=True).start()
+        self.thread = threading.Thread(target=self.server.run, name="deltamem-replica", daemon=True)
+        self.thread.start()
         while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the replica's server did not start (its port taken?)")
             time.sleep(0.05)
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=None)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: a replica whose server thread died is replaced."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the replica's server has stopped")
 
     @serve.multiplexed(max_num_models_per_replica=MAX_SESSIONS)
     async def session(self, key: str) -> str:
@@ -87,24 +104,26 @@ class Replica:
             async for chunk in r.aiter_raw():
                 yield chunk
 
-    def __del__(self):
+    def __del__(self):  # scaled down or shut down: the app writes the states it kept, then gives its leases back
         server = getattr(self, "server", None)
         if server is not None:
             server.should_exit = True
+            self.thread.join(timeout=30)
+            self.store.close()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING)
 class Router:
     """The HTTP entry: each request to the replica that holds its session."""
 
-    def __init__(self, replica: DeploymentHandle):
-        self.replica = replica
+    def __init__(self, replica: DeploymentHandle, tenanted: bool):
+        self.replica, self.tenanted = replica, tenanted
 
     async def __call__(self, request: Request) -> StreamingResponse:
         body = await request.body()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        stream = self.replica.options(multiplexed_model_id=session_key(headers, body), stream=True)
+        stream = self.replica.options(multiplexed_model_id=session_key(headers, body, self.tenanted), stream=True)
         answer = stream.forward.remote(request.method, path, headers, body)
         head = await answer.__anext__()
 
@@ -131,11 +150,14 @@ def run(args: argparse.Namespace) -> int:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         replicas = Replica.options(num_replicas=args.replicas, ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
         replicas = replicas.bind(args)
-        serve.run(Router.bind(replicas), name="deltamem", route_prefix="/")
+        serve.run(Router.bind(replicas, bool(args.api_key)), name="deltamem", route_prefix="/")
         print(f"deltamem serve: {args.replicas} replica(s) behind Ray Serve on http://{args.host}:{args.port}/v1",
               file=sys.stderr)  # fmt: skip
         stop.wait()
     finally:
-        serve.shutdown()
+        if os.environ.get("RAY_ADDRESS"):  # a cluster of others too: only this application goes
+            serve.delete("deltamem")
+        else:
+            serve.shutdown()
         ray.shutdown()
     return 0

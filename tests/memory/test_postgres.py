@@ -23,13 +23,17 @@ def _no_objects_env(monkeypatch):
     monkeypatch.delenv("DELTAMEM_OBJECTS", raising=False)
 
 
-def test_a_session_moves_from_sqlite_to_postgres_and_back(tmp_path, ckpt, pg_url):
+def test_a_session_moves_from_sqlite_to_postgres_and_back(tmp_path, ckpt, pg_url, caplog):
     with Store(tmp_path / "a.db") as a:
         sid, blobs, fp = _two_turn_session(a, ckpt)
         a.export(sid, tmp_path / "s.dmsession")
         turns, ledger = a.turns(sid), a.ingested(sid)
-    with Store(pg_url) as pg:
-        assert pg.import_(tmp_path / "s.dmsession", fingerprint=fp) == sid
+    from deltamem.agent.graph import sqlite_checkpointer
+
+    sqlite_checkpointer(tmp_path / "s.dmsession").conn.close()  # the file carries LangGraph's conversation tables
+    with Store(pg_url) as pg, caplog.at_level("WARNING"):
+        assert pg.import_(tmp_path / "s.dmsession", fingerprint=fp) == sid  # without the conversation, said so
+        assert any("imported without it" in r.message for r in caplog.records)
         assert [(t["seq"], t["role"], t["text"]) for t in pg.turns(sid)] == [
             (t["seq"], t["role"], t["text"]) for t in turns
         ]

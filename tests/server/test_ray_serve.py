@@ -20,9 +20,9 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("psycopg")
 
 
-def ask(client, convo, user, **kw):
-    """The reply, its usage and the replica that gave it; a dead replica's requests are retried until Ray has
-    routed the session elsewhere (a client's retry)."""
+def ask(client, convo, user, retry=False, **kw):
+    """The reply, its usage and the replica that gave it; with `retry`, a dead replica's requests are retried until
+    Ray has routed the session elsewhere (a client's retry); without, any error fails the test."""
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -30,13 +30,13 @@ def ask(client, convo, user, **kw):
                                                                   temperature=0, user=user, **kw)  # fmt: skip
             return raw.parse(), raw.headers["x-deltamem-replica"]
         except (openai.InternalServerError, openai.APIConnectionError):
-            if time.monotonic() > deadline:
+            if not retry or time.monotonic() > deadline:
                 raise
             time.sleep(1)
 
 
 def test_sessions_stay_on_their_replica_and_move_when_it_dies(tmp_path, pg_url):
-    env = {**os.environ, "DELTAMEM_OBJECTS": f"file://{tmp_path / 'objects'}", "DELTAMEM_LEASE_WAIT": "30"}
+    env = {**os.environ, "DELTAMEM_OBJECTS": f"file://{tmp_path / 'objects'}", "DELTAMEM_LEASE_WAIT": "3"}
     with Served("--ray", "--replicas", "2", "--model", "random", "--window", "64", "--db", pg_url, env=env,
                 timeout=300) as server:  # fmt: skip
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
@@ -58,9 +58,25 @@ def test_sessions_stay_on_their_replica_and_move_when_it_dies(tmp_path, pg_url):
         alice += [second.choices[0].message.model_dump(include={"role", "content"}),
                   {"role": "user", "content": "And then?"}]  # fmt: skip
         os.kill(int(r1.rsplit(":", 1)[1]), signal.SIGKILL)  # alice's replica dies
-        third, r3 = ask(client, alice, "alice")
+        third, r3 = ask(client, alice, "alice", retry=True)
         assert r3 != r1
         assert third.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens - 1  # from the store
     plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
     whole = plain.post("/v1/chat/completions", json={"messages": alice, "max_tokens": 5, "temperature": 0}).json()
     assert third.choices[0].message.content == whole["choices"][0]["message"]["content"]
+
+
+def test_the_routing_key_is_the_session_the_app_files_the_request_under():
+    """server/app.py's session_of: the header's name (100 characters), else "user:" and str(user), else default;
+    the API key's tenant only where keys are set (without keys, any Authorization header is one tenant)."""
+    from deltamem.server.ray_serve import session_key
+
+    no_keys = [session_key({"authorization": f"Bearer {k}"}, b'{"user": "alice"}', False) for k in ("a", "b")]
+    assert no_keys[0] == no_keys[1] == "-/user:alice"
+    keyed = [session_key({"authorization": f"Bearer {k}"}, b'{"user": "alice"}', True) for k in ("a", "b")]
+    assert keyed[0] != keyed[1] and all(k.endswith("/user:alice") for k in keyed)
+    assert session_key({}, b'{"user": 123}', False) == "-/user:123"  # the app files a number as its text
+    assert session_key({}, b'{"user": ""}', False) == session_key({}, b"", False) == "-/default"
+    assert session_key({"x-deltamem-session": "s" * 150}, b'{"user": "x"}', False) == "-/" + "s" * 100
+    assert session_key({}, b'{"user": "' + b"u" * 150 + b'"}', False) == "-/user:" + "u" * 100
+    assert session_key({}, b"not json", False) == "-/default"

@@ -16,7 +16,7 @@ pytest.importorskip("psycopg")
 
 def test_a_conversation_moves_to_another_replica_when_its_first_dies(tmp_path, pg_url, monkeypatch):
     monkeypatch.setenv("DELTAMEM_OBJECTS", f"file://{tmp_path / 'objects'}")  # shared storage for both replicas
-    monkeypatch.setenv("DELTAMEM_LEASE_WAIT", "20")
+    monkeypatch.setenv("DELTAMEM_LEASE_WAIT", "3")  # the dead replica's lease is free at once: no long wait
     convo = [{"role": "user", "content": "Where does the ring buffer live? " * 6}]
     first_replica = Server(pg_url)
     try:
