@@ -70,7 +70,9 @@ def load(args: argparse.Namespace):
 
 def db_target(text: str) -> Path | str:
     """--db: a SQLite file's path, or a postgresql:// URL as it is."""
-    return text if text.startswith(("postgresql://", "postgres://")) else Path(text)
+    from deltamem.memory import pgdb
+
+    return text if pgdb.is_url(text) else Path(text)
 
 
 def sqlite_db(db: Path | str | None) -> None:
