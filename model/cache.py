@@ -90,6 +90,10 @@ class Rotary:
         return x * cos + rot * sin
 
 
+def _copy(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    return t.clone() if device is None else t.to(device, copy=True)
+
+
 @dataclass
 class DeltaState:
     """Gated DeltaNet layer state: conv [W-1, conv_dim] (model dtype), recurrent [1, HV, DK, DV] float32.
@@ -113,9 +117,9 @@ class DeltaState:
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.conv": self.conv, f"{prefix}.recurrent": self.recurrent}
 
-    def copy(self) -> DeltaState:
-        """An independent copy on the same device."""
-        return DeltaState(self.conv.clone(), self.recurrent.clone())
+    def copy(self, device: torch.device | str | None = None) -> DeltaState:
+        """An independent copy, on the same device or on `device`."""
+        return DeltaState(_copy(self.conv, device), _copy(self.recurrent, device))
 
     def load(self, prefix: str, t: dict[str, torch.Tensor]) -> None:
         conv, rec = t[f"{prefix}.conv"], t[f"{prefix}.recurrent"]
@@ -391,11 +395,12 @@ class KVWindow:
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {page_name(prefix, j): self.page(j) for j in range(self.pages())}
 
-    def copy(self) -> KVWindow:
-        """An independent copy on the same device (no decode graph bound to it)."""
+    def copy(self, device: torch.device | str | None = None) -> KVWindow:
+        """An independent copy, on the same device or on `device` (no decode graph bound to it)."""
         new = object.__new__(KVWindow)
         new.__dict__.update(self.__dict__)
-        new.k, new.v, new.pos, new.step_pos = self.k.clone(), self.v.clone(), self.pos.clone(), None
+        new.k, new.v, new.pos = _copy(self.k, device), _copy(self.v, device), _copy(self.pos, device)
+        new.step_pos = None
         return new
 
     def touched(self, start: int, end: int) -> set[int]:

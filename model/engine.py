@@ -94,6 +94,11 @@ class Kept:
         """This state continued by `ids`, given the states they left (a stream of model/batch.py's batch)."""
         return Kept(states, self.tokens_seen + len(ids), snap.chain(self.token_chain, ids), self.pieces, self.nbytes)
 
+    def to(self, device: torch.device | str) -> Kept:
+        """A copy of this state on `device` (what `deltamem serve`'s writer snapshots, off the GPU)."""
+        return Kept([st.copy(device) for st in self.states], self.tokens_seen, self.token_chain, self.pieces,
+                    self.nbytes)  # fmt: skip
+
 
 class Engine(Generation):
     """Runs a HybridLM over one stream of tokens, keeping per-layer state between calls.
@@ -334,10 +339,11 @@ class Engine(Generation):
         snapshot_parts)."""
         return self._pieces.copy() if self._pieces is not None else None
 
-    def restore_kept(self, kept: Kept) -> None:
-        """Back to a state keep() copied (the copy stays as it was, to be restored again)."""
+    def restore_kept(self, kept: Kept, copy: bool = True) -> None:
+        """Back to a state keep() copied (the copy stays as it was, to be restored again; copy=False: its tensors
+        become the engine's, for a copy made to be restored once)."""
         with torch.inference_mode():
-            self._adopt([st.copy() for st in kept.states])
+            self._adopt([st.copy() for st in kept.states] if copy else list(kept.states))
         self.tokens_seen, self.token_chain = kept.tokens_seen, kept.token_chain
         self._pieces = kept.pieces.copy() if kept.pieces is not None else None
 

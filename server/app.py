@@ -71,25 +71,26 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         cache_bytes = max(512 << 20, 8 * engine.state_bytes())
         if engine.device.type == "cuda":
             cache_bytes = min(cache_bytes, torch.cuda.mem_get_info(engine.device)[0] // 2)
-    cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache,
-                        share=share_prefixes, store_bytes=store_bytes)
     keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
     tenants = {f"Bearer {k}": hashlib.sha256(k.encode()).hexdigest()[:12] for k in keys}
     lock = FifoLock()
+    cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache,
+                        share=share_prefixes, store_bytes=store_bytes, device_lock=lock)  # fmt: skip
     batched = engine.device.type == "cuda" if batch_decode is None else batch_decode
     batcher = Batcher(engine, lock, chunk=prefill_chunk) if batched else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        # states kept by the last request but not yet written; in a thread, as the lock may wait for a reply that
-        # is being cancelled, whose generator closes from this event loop
-        await anyio.to_thread.run_sync(flush)
+        # states kept but not yet written; in a thread, as the writer may wait for the engine's lock, held by a
+        # reply that is being cancelled, whose generator closes from this event loop
+        await anyio.to_thread.run_sync(cache.close)
         if batcher is not None:
             await anyio.to_thread.run_sync(batcher.close)
 
     app = FastAPI(title="deltamem", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.batcher = batcher
+    app.state.prefixes = cache  # its flush() waits until the states kept so far are stored
     bodies.document(app, model_name, max_prompt_tokens)  # /openapi.json: the request bodies (server/bodies.py)
     app.state.stopping = lambda: False  # the server running the app says when it is shutting down (app.py: serve)
     engine.reset()
@@ -158,8 +159,6 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         or the decode batch feeds that one) `chunk` tokens at a time, yielding after each (the batcher decodes a
         step between two); a state is kept every `state_every` tokens and at the end. Returns the tokens the
         restored state held."""
-        if batcher is None:  # a previous request's states whose client left before they were written (batched: the
-            cache.flush()  # request threads write them, while the scheduler decodes)
         try:
             hit = cache.restore_longest(ids, session)
             at = saved = hit.tokens
@@ -197,8 +196,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     def answer(ids: list[int], sample: dict, session: str, done: dict) -> Iterator[tuple[int, str] | None]:
         """Read the prompt (restoring the longest cached prefix), yield None once it is read, then (choice, text
         piece) for each of the n choices, one choice after the other; `done` gets ids, cached and, per choice, its
-        sampler, n (tokens generated) and stopped_by. The states kept wait in the cache for a flush() (the
-        caller's, after its answer is out); the engine is left with the last choice's."""
+        sampler, n (tokens generated) and stopped_by. The states kept go to the cache, whose writer stores them;
+        the engine is left with the last choice's."""
         choices = done["choices"] = [{"sampler": sampler_for(sample, k), "n": 0, "stopped_by": "length"}
                                      for k in range(sample["n"])]  # fmt: skip
         limit = sample["max_new_tokens"] or max(1, max_prompt_tokens - len(ids))  # default: what the context leaves
@@ -241,8 +240,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 r.cancelled = r.final is None
                 if not choice.get("ended"):
                     choice["n"] = len(r.generated)
-        with lock:  # the state after the last reply, into the cache (the engine is the scheduler's meanwhile)
-            cache.save_kept(session, ids + replies[-1].generated, replies[-1].final)
+        cache.save_kept(session, ids + replies[-1].generated, replies[-1].final)  # the engine is not involved
 
     def sampler_for(sample: dict, k: int) -> Sampler:
         seed = None if sample["seed"] is None else sample["seed"] + k  # choices differ, each reproducible
@@ -262,11 +260,6 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         given, choice["given"] = choice.get("given", 0), max(upto, choice.get("given", 0))
         new = [r for r in records[given:upto] if r[0] not in eos]
         return api.logprobs_of(new, lambda i: engine.tokenizer.decode_bytes([i]), chat, offset)
-
-    def flush() -> None:
-        """Write the kept states to the store, in the request's thread (the scheduler decodes meanwhile)."""
-        with lock:
-            cache.flush()
 
     def session_of(request: Request, body: dict) -> str:
         """The request's session within its tenant (the API key's: another key's session of the same name is
@@ -317,7 +310,6 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         if left is not None and left.is_set():
             access(rid, session, done, "200, the client left")
             return None
-        flush()
         access(rid, session, done, "200")
         choices = [api.choice(k, echo + "".join(pieces[k]), api.finish_reason(c["stopped_by"]), chat, schemas,
                               logprobs(c, c["n"], chat, len(echo)), sample["parallel"])
@@ -397,7 +389,6 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                 current += 1
             if with_usage:  # as OpenAI: its own chunk, when asked
                 yield api.usage_chunk(rid, created, model_name, chat, usage(done))
-            flush()  # after the last chunk: writing the states does not delay the answer
             yield "data: [DONE]\n\n"
             how = "200"
         finally:

@@ -2,24 +2,30 @@
 prompt extends an earlier one restores that state and feeds only the rest (what OpenAI-style clients re-send every
 turn is never re-read).
 
-States live in host memory under a byte budget (least recently used dropped first) and in the SQLite store, as
+States live on the model's device under a byte budget (least recently used dropped first) and in the store, as
 snapshots of one deltamem session per name (`X-Deltamem-Session`, default "serve") with their token ids, so a
-restarted server hits them again. The engine's own current state counts too: a prompt that extends what it has just
-consumed costs no restore at all. A request reuses only its own session's states (the server names sessions per
-tenant), so neither a hit nor the time of a miss tells anything of another session's prompts; `share=True` (the
-operator's `--share-prefixes`) lets every session reuse the states in memory.
+restarted server hits them again. A writer thread of the cache's own stores them: it copies a kept state to the host
+(holding the engine's lock only for that copy, so no CUDA graph is being captured meanwhile), makes its snapshot and
+writes it, while requests go on; a request never waits for the store. When states come faster than the store takes
+them (a burst of long prompts at 7B shapes: some 0.5 GB each), the oldest not yet written are left unstored once the
+copies waiting exceed the byte budget: a cache, not a record (the session's conversation is the client's), so a
+state not stored costs at most a prompt read again after a restart (or on another replica). The engine's own current
+state counts too: a prompt that extends what it has just consumed costs no restore at all. A request reuses only its
+own session's states (the server names sessions per tenant), so neither a hit nor the time of a miss tells anything
+of another session's prompts; `share=True` (the operator's `--share-prefixes`) lets every session reuse the states
+in memory.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from deltamem.memory.errors import NotFound
 from deltamem.memory.store import Store
-from deltamem.model import snapshot as snap
 from deltamem.model.engine import Kept
 
 log = logging.getLogger(__name__)
@@ -36,13 +42,14 @@ class Hit:
 class PrefixCache:
     def __init__(
         self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256, enabled: bool = True,
-        share: bool = False, store_bytes: int | None = None,
+        share: bool = False, store_bytes: int | None = None, device_lock=None,
     ):  # fmt: skip
         """enabled=False: every prompt is read whole from an empty state (what a GDN hybrid gets from a server
         without prefix states; benchmarks/serve.py's baseline); nothing is kept. share: states in memory serve
         every session (else each session only its own). store_bytes: the stored states' budget in the file (every
         serve session's, least recently used dropped first; the last state of each session a client named with
-        X-Deltamem-Session kept: Store.trim)."""
+        X-Deltamem-Session kept: Store.trim). device_lock: the engine's lock, which the writer holds while it copies a
+        state off the device (the holders of that lock are the only ones to capture CUDA graphs)."""
         self.engine, self.store, self.budget, self.keep, self.enabled = engine, store, byte_budget, keep, enabled
         self.share, self.store_bytes = share, store_bytes
         self.used: dict[int, float] = {}  # stored state -> when this server last wrote or restored it
@@ -53,9 +60,18 @@ class PrefixCache:
         self.stored: dict[str, dict[tuple[int, ...], int]] = {}  # session -> ids -> snapshot id
         self.sessions: dict[str, str] = {}  # name -> session id
         # states save() kept, for flush() to store: device copies (their snapshots made then), or made already
-        self.pending: list[tuple[str, tuple[int, ...], Kept | snap.Parts]] = []
-        self._writer = None  # the engine flush() makes snapshots on (Engine.sibling, made at the first)
+        self.pending: list[tuple[str, tuple[int, ...], Kept]] = []
         self.pending_bytes = 0  # device memory the pending copies take (within the budget of the hot states)
+        self.unstored = 0  # states left unstored, the store being behind
+        self.device_lock = device_lock if device_lock is not None else threading.Lock()
+        # _mu guards the dicts above (held briefly, never while waiting for another lock); _io the store (held for
+        # a whole write, by the writer, or by a restore from the store). Order: the engine's lock, _io, _mu.
+        self._mu, self._io = threading.Lock(), threading.Lock()
+        self._work = threading.Condition(self._mu)  # pending grew, or the writer went idle
+        self._writing = False
+        self._closed = False
+        self._snapshots = None  # the engine the writer makes snapshots on (Engine.sibling, made at the first)
+        self._thread: threading.Thread | None = None
 
     # --- lookup -----------------------------------------------------------------------------------------
     def restore_longest(self, ids: list[int], session: str) -> Hit:
@@ -64,26 +80,34 @@ class PrefixCache:
         limit = len(ids) - 1 if self.enabled else 0
         scope = "" if self.share else session
         best: tuple[int, str, object] = (0, "none", None)
-        mine = self.scope == scope
-        if mine and 0 < len(self.current) <= limit and tuple(ids[: len(self.current)]) == self.current:
-            best = (len(self.current), "engine", None)
-        for owner, key in self.hot:
-            if owner == scope and best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
-                best = (len(key), "memory", (owner, key))
-        for key, snap_id in self._stored(session).items():
-            if best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
-                best = (len(key), "store", (key, snap_id))
-        n, source, ref = best
-        self.scope = scope
+        stored = self._stored(session)
+        with self._mu:
+            mine = self.scope == scope
+            if mine and 0 < len(self.current) <= limit and tuple(ids[: len(self.current)]) == self.current:
+                best = (len(self.current), "engine", None)
+            for owner, key in self.hot:
+                if owner == scope and best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
+                    best = (len(key), "memory", (owner, key))
+            for key, snap_id in stored.items():
+                if best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
+                    best = (len(key), "store", (key, snap_id))
+            n, source, ref = best
+            self.scope = scope
+            kept = None
+            if source == "memory":
+                self.hot.move_to_end(ref)
+                kept = self.hot[ref]
+            elif source == "store":
+                self.used[ref[1]] = time.monotonic()
         if source == "memory":
-            self.hot.move_to_end(ref)
-            self.engine.restore_kept(self.hot[ref])
+            self.engine.restore_kept(kept)
             self.current = ref[1]
         elif source == "store":
             key, snap_id = ref
-            self.used[snap_id] = time.monotonic()
             try:
-                self._restore(self.store.load_snapshot(self.sessions[session], snap_id, joined=False), key)
+                with self._io:
+                    blob = self.store.load_snapshot(self.sessions[session], snap_id, joined=False)
+                self._restore(blob, key)
             except Exception as e:  # pruned or damaged since: fall back to reading the prompt
                 log.warning("stored prefix state %s could not be restored (%s); reading the prompt", snap_id, e)
                 n, source = 0, "none"
@@ -103,69 +127,106 @@ class PrefixCache:
 
     def save(self, session: str) -> None:
         """Keep the engine's current state: a copy on its device (Engine.keep; LRU under the byte budget), queued
-        for the store too. Only that device-side copy is made here: the snapshot (host copy, hashing, the SQLite
-        write) is made from it by flush(), in the thread of a request whose answer is out, while the server's
-        scheduler goes on decoding."""
+        for the writer to store. Only that device-side copy is made here, by the caller, who holds the engine."""
         key, self.scope = self.current, "" if self.share else session  # the engine holds this session's state
-        if not self.enabled or not key or (self.scope, key) in self.hot:
+        if not self.enabled or not key:
             return
+        with self._mu:
+            if (self.scope, key) in self.hot:
+                return
         self._keep(session, key, self.engine.keep())
 
     def save_kept(self, session: str, ids: list[int], kept: Kept) -> None:
         """As save(), for a state kept elsewhere (a reply's from the decode batch), taken over as it is: the engine
         is not involved."""
         key = tuple(ids)
-        if self.enabled and key and (("" if self.share else session), key) not in self.hot:
+        if self.enabled and key:
             self._keep(session, key, kept)
 
     def _keep(self, session: str, key: tuple[int, ...], kept: Kept) -> None:
-        if self.store is not None:
+        scope = "" if self.share else session
+        with self._mu:
+            if (scope, key) in self.hot:
+                return
+            self.hot[scope, key] = kept
+            self.hot_bytes += kept.nbytes
+            while self.hot_bytes > self.budget and len(self.hot) > 1:
+                _, old = self.hot.popitem(last=False)
+                self.hot_bytes -= old.nbytes
+            if self.store is None:
+                return
             self.pending.append((session, key, kept))
             self.pending_bytes += kept.nbytes
-            for i, (name, old_key, old) in enumerate(self.pending[:-1]):  # over the budget (a long prompt, clients
-                if self.pending_bytes <= self.budget:  # that left before their flush): the oldest copies become
-                    break  # snapshots now, on the host, here
-                if isinstance(old, Kept):
-                    self.pending[i] = (name, old_key, self._parts(old))
-                    self.pending_bytes -= old.nbytes
-        self.hot["" if self.share else session, key] = kept
-        self.hot_bytes += kept.nbytes
-        while self.hot_bytes > self.budget and len(self.hot) > 1:
-            _, old = self.hot.popitem(last=False)
-            self.hot_bytes -= old.nbytes
+            while self.pending_bytes > self.budget and len(self.pending) > 1:  # the store is behind: the oldest
+                _, old_key, old = self.pending.pop(0)  # copies go unstored (they may still serve from memory)
+                self.pending_bytes -= old.nbytes
+                self.unstored += 1
+                log.info("a prompt state of %d tokens was not stored: the store is behind (%d so far)", len(old_key),
+                         self.unstored)  # fmt: skip
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_loop, name="deltamem-prefix-writer", daemon=True)
+                self._thread.start()
+            self._work.notify_all()
 
     def flush(self) -> None:
-        """Write the states save() queued to the store, each in its own transaction (after the reply: a crash
-        before loses those states, never half of one)."""
-        wrote = bool(self.pending)
-        while self.pending:
-            session, key, parts = self.pending.pop(0)
-            if isinstance(parts, Kept):  # a device copy: its snapshot is made now
-                self.pending_bytes -= parts.nbytes
-                parts = self._parts(parts)
+        """Wait until every state kept so far is in the store (or failed to be: logged)."""
+        with self._work:
+            self._work.wait_for(lambda: not self.pending and not self._writing)
+
+    def close(self) -> None:
+        """flush(), then stop the writer."""
+        self.flush()
+        with self._work:
+            self._closed = True
+            self._work.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._work:
+                self._work.wait_for(lambda: self.pending or self._closed)
+                if not self.pending:
+                    return
+                session, key, kept = self.pending.pop(0)
+                self.pending_bytes -= kept.nbytes
+                self._writing = True
+            try:
+                self._write(session, key, kept)
+            except Exception:  # the store failed (disk full, a lease lost, ...): logged, the server goes on
+                log.exception("a prompt state of %d tokens could not be stored", len(key))
+            finally:
+                with self._work:
+                    self._writing = False
+                    self._work.notify_all()
+
+    def _write(self, session: str, key: tuple[int, ...], kept: Kept) -> None:
+        """Store one kept state, each in its own transaction (a crash loses states not yet written, never half of
+        one): copied to the host under the engine's lock, its snapshot made from that copy (only what changed since
+        its piece cache is hashed), then written."""
+        if self._snapshots is None:
+            self._snapshots = self.engine.sibling()
+        with self.device_lock:
+            host = kept.to("cpu")
+        self._snapshots.restore_kept(host, copy=False)
+        parts = self._snapshots.snapshot_parts()
+        with self._io:
             sid = self._session(session)
             snap_id = self.store.save_turn(
                 sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
             )
-            self._stored(session)[key] = snap_id
-            self.used[snap_id] = time.monotonic()
             live = {r["id"] for r in self.store.snapshots(sid)}  # retention may have dropped the oldest
-            self.stored[session] = {k: v for k, v in self.stored[session].items() if v in live}
-        if wrote and self.store_bytes is not None:
-            dropped = set(self.store.trim(SERVE, self.store_bytes, self.used, spare=SERVE + USER))
-            for name, index in self.stored.items():
-                self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
-
-    def _parts(self, kept: Kept):
-        """A kept state's snapshot, as the parts the store keeps: made on an engine of its own (the server's engine
-        serves the next request meanwhile), incrementally from the piece cache the copy carries (Engine.snapshot_parts:
-        only what changed since is copied to the host and hashed)."""
-        if self._writer is None:
-            self._writer = self.engine.sibling()
-        self._writer.restore_kept(kept)
-        parts = self._writer.snapshot_parts()
-        kept.pieces = self._writer.piece_cache()  # a later state restored from this copy snapshots incrementally
-        return parts
+            with self._mu:
+                index = self.stored.setdefault(session, {})
+                index[key] = snap_id
+                self.stored[session] = {k: v for k, v in index.items() if v in live}
+                self.used[snap_id] = time.monotonic()
+                used = dict(self.used)
+            if self.store_bytes is not None:
+                dropped = set(self.store.trim(SERVE, self.store_bytes, used, spare=SERVE + USER))
+                with self._mu:
+                    for name, index in self.stored.items():
+                        self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
 
     # --- the store's sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> str:
@@ -182,14 +243,21 @@ class PrefixCache:
         return self.sessions[name]
 
     def _stored(self, name: str) -> dict[tuple[int, ...], int]:
+        """The session's stored states (ids -> snapshot id), read from the store at the session's first request."""
         if self.store is None:
             return {}
-        if name not in self.stored:
+        with self._mu:
+            if name in self.stored:
+                return dict(self.stored[name])
+        with self._io:
             sid = self._session(name)
             index: dict[tuple[int, ...], int] = {}
             for row in self.store.snapshots(sid):
                 ids = self.store.load_tokens(sid, row["id"])
                 if ids:
                     index[tuple(ids)] = row["id"]
+        with self._mu:
+            for key, snap_id in self.stored.get(name, {}).items():  # written meanwhile
+                index[key] = snap_id
             self.stored[name] = index
-        return self.stored[name]
+            return dict(index)

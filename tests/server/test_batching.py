@@ -74,22 +74,21 @@ def test_a_client_gone_before_its_first_token_ends_its_reply():
 
 
 def test_a_batched_reply_state_is_stored_by_its_own_request(tmp_path):
-    """The state a batched reply ends with is written by the request's own flush (before its answer returns): a
-    server started afresh on the same file resumes the next turn from it, the reply included."""
+    """The state a batched reply ends with is stored (by the prefix cache's writer, which the app's shutdown waits
+    for): a server started afresh on the same file resumes the next turn from it, the reply included."""
     from deltamem.memory.store import Store
 
     db = tmp_path / "m.db"
     asks = [[{"role": "user", "content": f"Count to {i}." * (1 + i % 3)}] for i in range(6)]
     firsts = []
     engine = load_model("random", window=64)
-    for convo in asks:  # each the only request of its server: nothing after it flushes for it
-        with Store(db) as store:
-            first = TestClient(create_app(engine, store, "random", batch_decode=True))
+    for convo in asks:  # each the only request of its server
+        with Store(db) as store, TestClient(create_app(engine, store, "random", batch_decode=True)) as first:
             r = first.post("/v1/chat/completions", json={"messages": convo, "max_tokens": 5, "temperature": 0})
             firsts.append(r.json())
     hits = 0
-    with Store(db) as store:
-        again = TestClient(create_app(load_model("random", window=64), store, "random", batch_decode=True))
+    with Store(db) as store, TestClient(create_app(load_model("random", window=64), store, "random",
+                                                   batch_decode=True)) as again:  # fmt: skip
         for convo, r in zip(asks, firsts, strict=True):
             turn = convo + [{"role": "assistant", "content": r["choices"][0]["message"]["content"]},
                             {"role": "user", "content": "Go"}]  # fmt: skip

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from deltamem.model import load_model
 from deltamem.server.app import create_app
 from deltamem.server.launch import Served
+from tests.server.test_server import wait_stored
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray.serve")
@@ -57,6 +58,7 @@ def test_sessions_stay_on_their_replica_and_move_when_it_dies(tmp_path, pg_url):
             assert rb == ra and b.usage.prompt_tokens_details.cached_tokens >= a.usage.prompt_tokens - 1
         alice += [second.choices[0].message.model_dump(include={"role", "content"}),
                   {"role": "user", "content": "And then?"}]  # fmt: skip
+        wait_stored(pg_url, "serve:user:alice", second.usage.prompt_tokens - 1)  # stored just after the answer
         os.kill(int(r1.rsplit(":", 1)[1]), signal.SIGKILL)  # alice's replica dies
         third, r3 = ask(client, alice, "alice", retry=True)
         assert r3 != r1

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from deltamem.memory.store import Store
 from deltamem.model import load_model
 from deltamem.server.app import create_app
-from tests.server.test_server import Server
+from tests.server.test_server import Server, wait_stored
 
 pytest.importorskip("psycopg")
 
@@ -22,6 +22,7 @@ def test_a_conversation_moves_to_another_replica_when_its_first_dies(tmp_path, p
     try:
         first = first_replica.client.chat.completions.create(model="random", messages=convo, max_tokens=4,
                                                              temperature=0, user="alice")  # fmt: skip
+        wait_stored(pg_url, "serve:user:alice", first.usage.prompt_tokens - 1)  # stored just after the answer
     finally:
         first_replica.proc.kill()  # SIGKILL: its connection, and so its lease, ends with it
         first_replica.proc.wait(timeout=30)

@@ -114,8 +114,8 @@ def test_prefix_states_from_memory_match_reading_the_prompt_whole(tmp_path):
     states reach the SQLite store."""
     from deltamem.memory.store import Store
 
-    with Store(tmp_path / "m.db") as store:
-        cached = TestClient(create_app(load_model("random", window=64), store, "random"))
+    with Store(tmp_path / "m.db") as store, TestClient(create_app(load_model("random", window=64), store,
+                                                                  "random")) as cached:  # fmt: skip
         plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
 
         def ask(client, messages):
@@ -132,6 +132,7 @@ def test_prefix_states_from_memory_match_reading_the_prompt_whole(tmp_path):
         whole = ask(plain, a)
         assert whole["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert second["choices"][0]["message"]["content"] == whole["choices"][0]["message"]["content"]
+        cached.app.state.prefixes.flush()  # the writer stores them after the answers
         (row,) = [s for s in store.sessions() if s["title"] == "serve:default"]
         assert len(store.snapshots(row["id"])) >= 4  # prompt and reply states of three requests
 
@@ -271,6 +272,24 @@ def test_langchain_chatopenai_and_concurrent_clients(tmp_path):
         server.stop()
 
 
+def wait_stored(db: Path | str, session: str, tokens: int, timeout: float = 60) -> None:
+    """Until the server's session (its title in the store, e.g. "serve:default") holds a state of at least `tokens`
+    tokens, read from the database (the prefix cache's writer stores a request's states just after its answer)."""
+    from deltamem.memory.errors import NotFound
+    from deltamem.memory.store import Store
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with Store(db) as store:
+            try:
+                if any(s["tokens_seen"] >= tokens for s in store.snapshots(session)):
+                    return
+            except NotFound:
+                pass
+        assert time.monotonic() < deadline, f"no state of {tokens} tokens stored in {session}"
+        time.sleep(0.1)
+
+
 def _whole_and_restarted(db: Path, messages: list[dict], stored_prompt_tokens: int, max_tokens: int):
     """The database a stopped server left passes integrity_check, and a new server on it hits the prompt state the
     first one stored; returns the new server's answer."""
@@ -298,6 +317,7 @@ def test_killed_mid_stream_then_restarted(tmp_path):
     try:
         first = server.client.chat.completions.create(model="random", messages=convo, max_tokens=4, temperature=0)
         reply = first.choices[0].message
+        wait_stored(db, "serve:default", first.usage.prompt_tokens - 1)
         convo += [{"role": "assistant", "content": reply.content}, {"role": "user", "content": "More."}]
         stream = server.client.chat.completions.create(
             model="random", messages=convo, max_tokens=4000, temperature=0, stream=True
@@ -556,8 +576,8 @@ def test_prefix_states_serve_only_their_own_session_and_tenant(tmp_path):
         assert r.status_code == 200, r.text
         return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
-    with Store(tmp_path / "m.db") as store:
-        client = TestClient(create_app(load_model("random", window=64), store, "random", api_key=["k1", "k2"]))
+    with Store(tmp_path / "m.db") as store, TestClient(create_app(load_model("random", window=64), store, "random",
+                                                                  api_key=["k1", "k2"])) as client:  # fmt: skip
         assert cached(client, "k1", "alice") == 0
         assert cached(client, "k1", "alice") > 0  # her own next request hits
         assert cached(client, "k2", "alice") == 0  # another tenant's "alice" is another session
@@ -567,13 +587,67 @@ def test_prefix_states_serve_only_their_own_session_and_tenant(tmp_path):
         posing = client.post("/v1/chat/completions", json=prompt, headers={"Authorization": "Bearer k1",
                              "X-Deltamem-Session": "user:alice"})  # a header may not name a `user` session
         assert posing.status_code == 400  # fmt: skip
-    with Store(tmp_path / "m.db") as store:  # restarted: the stored states keep their owners
-        client = TestClient(create_app(load_model("random", window=64), store, "random", api_key=["k1", "k2"]))
+    with Store(tmp_path / "m.db") as store, TestClient(create_app(load_model("random", window=64), store, "random",
+                                                                  api_key=["k1", "k2"])) as client:  # restarted: the
+        # stored states keep their owners
         assert cached(client, "k2", "carol") == 0 and cached(client, "k2", "alice") > 0  # k2's own, stored
         assert cached(client, "k1", "bob") > 0 and cached(client, "k1", "dave") == 0
     shared = TestClient(create_app(load_model("random", window=64), None, "random", api_key="k1",
                                    share_prefixes=True))  # fmt: skip
     assert cached(shared, "k1", "alice") == 0 and cached(shared, "k1", "bob") > 0
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])
+def test_answers_never_wait_for_the_store_and_a_store_behind_loses_only_the_oldest_states(tmp_path, batched):
+    """The memory database is held by another writer (a real SQLite lock, from another connection) while six
+    requests come: each is answered all the same, as a server without prefix states answers it. The states wait
+    for the writer in device memory within the cache's byte budget (three states here); the oldest beyond it go
+    unstored. Once the database is free the rest are stored: the newest ones, the last prompt's included, which a
+    restarted server resumes from."""
+    import sqlite3
+    import threading
+
+    from deltamem.memory.store import Store
+
+    engine = load_model("random", window=64)
+    budget = 3 * engine.state_bytes()
+    db = tmp_path / "m.db"
+    asks = [[{"role": "user", "content": f"Question {i}: " + "why is the sky blue? " * (2 + i)}] for i in range(6)]
+    plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
+
+    def ask(client, messages, tokens=4):
+        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": tokens, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with Store(db, busy_timeout_ms=600_000) as store, TestClient(create_app(
+            engine, store, "random", cache_bytes=budget, batch_decode=batched)) as client:  # fmt: skip
+        ask(client, [{"role": "user", "content": "Hello."}])  # the session exists
+        client.app.state.prefixes.flush()
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("begin immediate")  # nobody else writes until it ends
+        try:
+            answers: list[dict] = []
+            worker = threading.Thread(target=lambda: answers.extend(ask(client, a) for a in asks), daemon=True)
+            worker.start()
+            worker.join(timeout=120)
+            assert len(answers) == len(asks), "an answer waited for the store"
+        finally:
+            holder.execute("rollback")
+            holder.close()
+        for a, got in zip(asks, answers, strict=True):
+            assert got["choices"][0]["message"]["content"] == ask(plain, a)["choices"][0]["message"]["content"]
+        client.app.state.prefixes.flush()
+        unstored = client.app.state.prefixes.unstored
+        (row,) = [s for s in store.sessions() if s["title"] == "serve:default"]
+        stored = sorted(s["id"] for s in store.snapshots(row["id"]))
+    assert unstored >= 2 * len(asks) - 4  # a prompt and a reply state each; three wait, one may be in the writer
+    assert len(stored) == 2 + 2 * len(asks) - unstored  # the first request's two, and every one not given up
+    last = asks[-1] + [answers[-1]["choices"][0]["message"], {"role": "user", "content": "Go on."}]
+    with Store(db) as store, TestClient(create_app(load_model("random", window=64), store, "random")) as again:
+        r = ask(again, last, 2)  # restarted: the newest states were the ones stored
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= answers[-1]["usage"]["prompt_tokens"] - 1
+    assert r["choices"][0]["message"]["content"] == ask(plain, last, 2)["choices"][0]["message"]["content"]
 
 
 def test_stored_states_stay_within_their_budget_and_gc_gives_the_space_back(tmp_path):
@@ -602,25 +676,28 @@ def test_stored_states_stay_within_their_budget_and_gc_gives_the_space_back(tmp_
     budget = 8 << 20
     sizes = []
     named = [{"role": "user", "content": "Remember this session."}]
-    with Store(tmp_path / "b.db") as store:
-        client = TestClient(create_app(load_model("random", window=64), store, "random", store_bytes=budget))
+    with Store(tmp_path / "b.db") as store, TestClient(create_app(load_model("random", window=64), store, "random",
+                                                                  store_bytes=budget)) as client:  # fmt: skip
         first = client.post("/v1/chat/completions", json={"messages": named, "max_tokens": 3, "temperature": 0},
                             headers={"X-Deltamem-Session": "kept"}).json()  # fmt: skip
         for _ in range(2):  # 250 requests, then 250 more
             convos = talk(client, 50, 5)
+            client.app.state.prefixes.flush()
             sizes.append(pieces_bytes(tmp_path / "b.db"))
         assert max(sizes) <= budget + (1 << 20)  # within the budget (and what one request adds before its trim)
         assert sizes[1] <= sizes[0] * 1.1  # a plateau
         r = client.post("/v1/chat/completions", json={"messages": convos["u49"], "user": "u49", "max_tokens": 2})
         assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the most recent states stay
-    with Store(tmp_path / "b.db") as store:  # restarted (nothing in memory): the named session's last state stays
-        client = TestClient(create_app(load_model("random", window=64), store, "random", store_bytes=budget))
+    with Store(tmp_path / "b.db") as store, TestClient(create_app(load_model("random", window=64), store, "random",
+                                                                  store_bytes=budget)) as client:
+        # restarted (nothing in memory): the named session's last state stays
         turn = named + [first["choices"][0]["message"], {"role": "user", "content": "Still there?"}]
         r = client.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 2},
                         headers={"X-Deltamem-Session": "kept"})  # fmt: skip
         assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["total_tokens"] - 1
-    with Store(tmp_path / "free.db") as store:  # no budget: it grows past it
-        talk(TestClient(create_app(load_model("random", window=64), store, "random")), 50, 1)
+    with Store(tmp_path / "free.db") as store, TestClient(create_app(load_model("random", window=64), store,
+                                                                     "random")) as client:  # no budget: it grows
+        talk(client, 50, 1)
     grown = pieces_bytes(tmp_path / "free.db")
     assert grown > 1.5 * budget
     r = deltamem("sessions", "gc", "--serve-mb", "8", "--db", str(tmp_path / "free.db"), "--json")
