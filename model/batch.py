@@ -4,7 +4,10 @@ Decode reads every weight once per step whatever the number of rows it multiplie
 cost little more than one. A step feeds one token to each stream: embeddings, projections, MLPs, norms and the LM
 head run on [B, hidden] rows; each Gated DeltaNet layer's states are stacked ([B, ...], model/cache.py's
 DeltaStack) for its conv and delta rule; each attention layer's windows too (KVStack), each row attending on its own
-window at its own position. Streams join and leave between steps; the stacks are rebuilt then, not per step.
+window at its own position. The stacks have a fixed number of rows (1, 2, 4, 8, ...: the fewest that hold the
+streams), as a serving engine's persistent batch: a stream joining copies its state into a free row, one leaving
+copies its row out, and neither disturbs the others or the step's captured CUDA graph. A free row is computed
+with the rest (its token 0, its results unread); only growing past the rows rebuilds the stacks.
 
 A stream's state is the per-layer list an Engine holds (Engine.keep() gives a copy): a stream can leave the batch
 and go back to an engine (Engine.restore_kept) with its state exactly as the steps left it.
@@ -21,14 +24,15 @@ from deltamem.model.cache import DeltaStack, DeltaState, KVGroup, KVStack, KVWin
 from deltamem.model.layers import HybridLM
 
 State = list[DeltaState | KVWindow]
+KEEP_ROWS = 4  # stacks of up to this many rows stay when the last stream leaves (with their graph, for the next)
 log = logging.getLogger(__name__)
 
 
 class DecodeBatch:
-    """graph_after: on a GPU, once the same streams have run this many steps (eager: they also warm up every kernel
-    at this batch size), the step is captured as a CUDA graph over the stacks and replayed until a stream joins or
-    leaves. Eager, a 7B step costs tens of milliseconds of kernel launches whatever B; replayed, about what its
-    weights take to read (benchmarks/batch_decode.py)."""
+    """graph_after: on a GPU, once this many steps have run on the current stacks (eager: they also warm up every
+    kernel at this row count), the step is captured as a CUDA graph over the stacks and replayed from then on,
+    whoever joins or leaves, until the stacks grow. Eager, a 7B step costs tens of milliseconds of kernel launches
+    whatever B; replayed, about what its weights take to read (benchmarks/batch_decode.py)."""
 
     def __init__(self, model: HybridLM, graph_after: int = 2, capture_lock=None):
         """capture_lock: a lock with try_acquire()/release() that every other user of the device holds while it
@@ -38,10 +42,14 @@ class DecodeBatch:
         self.capture_lock = capture_lock
         self.device = next(model.parameters()).device
         self.graph_after = graph_after
-        self.streams: list[State] = []
-        self._layers: list[DeltaStack | KVStack | KVGroup] | None = None  # the states as stacks, while stepping
+        self.streams: list[State] = []  # in row order (the caller's rows); their tensors are stale while here
+        self.slots: list[int] = []  # the stacks' row of each stream
+        self._layers: list[DeltaStack | KVStack | KVGroup] | None = None  # the states as stacks of _rows rows
+        self._rows = 0
+        self._index: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_failed = False
+        self._steady = 0
         self.graph_steps = 0  # steps replayed from a captured graph (the rest ran eagerly)
 
     def __len__(self) -> int:
@@ -51,25 +59,38 @@ class DecodeBatch:
         """A stream joins with its state (taken over: the caller keeps no reference); returns its row."""
         if len(states) != len(self.model.model.layers):
             raise ValueError(f"a state of {len(states)} layers for a model of {len(self.model.model.layers)}")
-        self._unstack()
+        if len(self.streams) == self._rows:
+            self._grow(states)
+        slot = min(set(range(self._rows)) - set(self.slots))
+        with torch.inference_mode():
+            for layer, st in zip(self._layers, states, strict=True):
+                layer.put(slot, st)
         self.streams.append(states)
+        self.slots.append(slot)
+        self._index = None
         return len(self.streams) - 1
 
     def remove(self, row: int) -> State:
         """Stream `row` leaves (the rows after it move up by one); returns its state as the steps left it."""
-        self._unstack()
-        return self.streams.pop(row)
+        states, slot = self.streams.pop(row), self.slots.pop(row)
+        self._index = None
+        with torch.inference_mode():
+            for layer, st in zip(self._layers, states, strict=True):
+                layer.take(slot, st)
+        if not self.streams and self._rows > KEEP_ROWS:  # after a burst: the large stacks (and their graph) go
+            self._layers, self._rows, self._graph = None, 0, None
+        return states
 
     @torch.inference_mode()
     def step(self, ids: Sequence[int]) -> torch.Tensor:
-        """Feed ids[i] to stream i; returns the next-token logits [B, vocab] (float32; from a captured graph, a
-        buffer the next step overwrites)."""
+        """Feed ids[i] to stream i; returns the next-token logits [B, vocab] (float32)."""
         if len(ids) != len(self.streams) or not ids:
             raise ValueError(f"{len(ids)} ids for {len(self.streams)} streams")
-        if self._layers is None:
-            self._stack()
-        seen = [next((st.seen for st in s if isinstance(st, KVWindow)), 0) for s in self.streams]
-        host = torch.tensor([list(ids), seen], dtype=torch.long)
+        host = torch.zeros(2, self._rows, dtype=torch.long)  # a free row: token 0 at position 0
+        slots = torch.tensor(self.slots)
+        host[0, slots] = torch.tensor(list(ids))
+        host[1, slots] = torch.tensor([next((st.seen for st in s if isinstance(st, KVWindow)), 0)
+                                       for s in self.streams])  # fmt: skip
         if self.device.type == "cuda":  # through pinned memory: the copy does not wait for the device
             host = host.pin_memory()
         self._inputs.copy_(host, non_blocking=True)
@@ -81,12 +102,13 @@ class DecodeBatch:
             self.graph_steps += 1
         else:
             logits = self._run()
-        for layer in self._layers:
-            if isinstance(layer, KVStack):
-                for w in layer.windows:
-                    w.seen += 1
+        for i in self._stacked:  # the stacked windows' host counters (a KVGroup's windows count their own)
+            for s in self.streams:
+                s[i].seen += 1
         self._steady += 1
-        return logits
+        if self._index is None:  # the streams' rows, on the device (made again when one joins or leaves)
+            self._index = slots.to(logits.device)
+        return logits.index_select(0, self._index)
 
     def _run(self) -> torch.Tensor:
         return self.model.logits(self.model.hidden(self._inputs[0], self._layers)).float()
@@ -117,34 +139,27 @@ class DecodeBatch:
             torch.cuda.current_stream(self.device).wait_stream(side)
         self._graph = graph
 
-    def _stack(self) -> None:
+    def _grow(self, like: State) -> None:
+        """Stacks of twice the rows (at least one), the streams' rows copied over; the graph is captured anew."""
+        rows = max(1, 2 * self._rows)
         layers: list[DeltaStack | KVStack | KVGroup] = []
-        for i, first in enumerate(self.streams[0]):
-            if isinstance(first, KVWindow):
-                windows = [s[i] for s in self.streams]
-                layers.append(KVGroup(windows) if first.window is None else KVStack(windows))
-            else:
-                conv = torch.stack([s[i].conv for s in self.streams])
-                layers.append(DeltaStack(conv, torch.cat([s[i].recurrent for s in self.streams]).float().contiguous()))
-        self._layers = layers
-        self._inputs = torch.zeros(2, len(self.streams), dtype=torch.long, device=self.device)  # ids; positions
+        with torch.inference_mode():
+            for first in like:
+                if isinstance(first, KVWindow):
+                    layers.append(KVGroup(rows) if first.window is None else KVStack(first, rows))
+                else:
+                    layers.append(DeltaStack.empty(first, rows))
+            if self._layers is not None:
+                for i, (old, new) in enumerate(zip(self._layers, layers, strict=True)):
+                    for slot, s in zip(self.slots, self.streams, strict=True):
+                        old.take(slot, s[i])
+                        new.put(slot, s[i])
+        self._layers, self._rows, self._graph = layers, rows, None
+        self._stacked = [i for i, layer in enumerate(layers) if isinstance(layer, KVStack)]
+        self._inputs = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # ids; positions
         for layer in layers:
             if isinstance(layer, KVStack):
                 layer.p = self._inputs[1]
         if any(isinstance(layer, KVGroup) for layer in layers):
             self._graph_failed = True  # growing caches: host-side attention, never captured
         self._steady = 0
-
-    def _unstack(self) -> None:
-        """Each stream's states get their rows of the stacks back (copies: a stack is freed whole)."""
-        if self._layers is None:
-            return
-        self._graph = None
-        with torch.inference_mode():
-            for i, layer in enumerate(self._layers):
-                if isinstance(layer, DeltaStack):
-                    for b, s in enumerate(self.streams):
-                        s[i].set(layer.conv[b].clone(), layer.recurrent[b : b + 1].clone())
-                else:
-                    layer.unstack()
-        self._layers = None

@@ -135,11 +135,16 @@ class DeltaState:
 
 @dataclass
 class DeltaStack:
-    """The DeltaStates of one Gated DeltaNet layer for several independent streams, stacked (model/batch.py):
-    conv [B, W-1, conv_dim], recurrent [B, HV, DK, DV] float32. A step feeds one token to each stream."""
+    """The DeltaStates of one Gated DeltaNet layer for several independent streams, stacked in rows (model/batch.py):
+    conv [B, W-1, conv_dim], recurrent [B, HV, DK, DV] float32. A step feeds one token to each row."""
 
     conv: torch.Tensor
     recurrent: torch.Tensor
+
+    @classmethod
+    def empty(cls, like: DeltaState, rows: int) -> DeltaStack:
+        rec = like.recurrent
+        return cls(like.conv.new_zeros(rows, *like.conv.shape), rec.new_zeros(rows, *rec.shape[1:]))
 
     def set(self, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
         """In place (a captured step keeps reading and writing the same tensors)."""
@@ -148,24 +153,39 @@ class DeltaStack:
         if recurrent is not self.recurrent:
             self.recurrent.copy_(recurrent)
 
+    def put(self, row: int, st: DeltaState) -> None:
+        self.conv[row].copy_(st.conv)
+        self.recurrent[row].copy_(st.recurrent[0])
+
+    def take(self, row: int, st: DeltaState) -> None:
+        st.set(self.conv[row].clone(), self.recurrent[row : row + 1].clone())
+
 
 class KVStack:
     """The bounded KVWindows of one attention layer for several independent streams, stacked (model/batch.py):
     k, v [B, Hkv, cap, D], pos [B, cap]. A step's queries, one row per stream, attend each on its own window at its
     own position `p` ([B] int64 on the device): the ring write, the masks and the scores of all streams in a few
     batched kernels, no position read back from the device, so a step can be captured as a CUDA graph. Same keys
-    and scores as KVWindow._attend_step for each row. The windows' host counters (`seen`) are the caller's to
-    advance; unstack() gives each window its rows back."""
+    and scores as KVWindow._attend_step for each row. put() copies a stream's window into a row, take() gives it
+    back; the windows' host counters (`seen`) are the caller's to advance."""
 
-    def __init__(self, windows: list[KVWindow]):
-        w0 = windows[0]
-        if w0.window is None:
+    def __init__(self, like: KVWindow, rows: int):
+        """`rows` empty windows shaped as `like`; put() fills a row with a stream's window."""
+        if like.window is None:
             raise ValueError("only bounded windows stack (KVGroup serves growing caches)")
-        self.windows, self.sink, self.window, self.rotary = windows, w0.sink, w0.window, w0.rotary
-        self.k = torch.stack([w.k for w in windows])
-        self.v = torch.stack([w.v for w in windows])
-        self.pos = torch.stack([w.pos for w in windows])
+        self.sink, self.window, self.rotary = like.sink, like.window, like.rotary
+        self.k = like.k.new_zeros(rows, *like.k.shape)
+        self.v = like.v.new_zeros(rows, *like.v.shape)
+        self.pos = like.pos.new_full((rows, *like.pos.shape), -1)
         self.p: torch.Tensor | None = None
+
+    def put(self, row: int, w: KVWindow) -> None:
+        self.k[row].copy_(w.k)
+        self.v[row].copy_(w.v)
+        self.pos[row].copy_(w.pos)
+
+    def take(self, row: int, w: KVWindow) -> None:
+        w.k, w.v, w.pos = self.k[row].clone(), self.v[row].clone(), self.pos[row].clone()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [B, H, D]; k, v: [B, Hkv, D], row i for stream i -> [B, H, D]."""
@@ -193,23 +213,24 @@ class KVStack:
         out = torch.matmul(scores.softmax(-1).to(self.v.dtype), self.v)  # [B, Hkv, G, D]
         return out.reshape(b, h, d)
 
-    def unstack(self) -> None:
-        for i, w in enumerate(self.windows):
-            w.k, w.v, w.pos = self.k[i].clone(), self.v[i].clone(), self.pos[i].clone()
 
 
 class KVGroup:
     """Growing KVWindows (window=None) of one attention layer for several streams: they cannot stack, so each
-    stream's row attends on its own window in turn (model/batch.py)."""
+    stream's row attends on its own window in turn (model/batch.py); a row without a stream gives zeros."""
 
-    def __init__(self, windows: list[KVWindow]):
-        self.windows = windows
+    def __init__(self, rows: int):
+        self.windows: list[KVWindow | None] = [None] * rows
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.cat([w.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i, w in enumerate(self.windows)])
+        return torch.cat([w.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1]) if w is not None else
+                          torch.zeros_like(q[i : i + 1]) for i, w in enumerate(self.windows)])  # fmt: skip
 
-    def unstack(self) -> None:
-        pass
+    def put(self, row: int, w: KVWindow) -> None:
+        self.windows[row] = w  # attended in place
+
+    def take(self, row: int, w: KVWindow) -> None:
+        self.windows[row] = None
 
 
 class KVWindow:

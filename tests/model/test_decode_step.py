@@ -50,7 +50,9 @@ def test_a_stack_of_rings_reads_each_as_its_own_window(rotary, monkeypatch):
             w.attend(*prefix)
         alone.append(pair[0])
         stacked.append(pair[1])
-    stack = KVStack(stacked)
+    stack = KVStack(stacked[0], 3)
+    for row, w in enumerate(stacked):
+        stack.put(row, w)
     for _ in range(12):
         q, k, v = (torch.randn(3, m, d, generator=gen) for m in (hkv * g, hkv, hkv))
         stack.p = torch.tensor([w.seen for w in stacked])
