@@ -14,7 +14,10 @@ from tests.server.test_server import Server, wait_stored
 pytest.importorskip("psycopg")
 
 
-def test_a_conversation_moves_to_another_replica_when_its_first_dies(tmp_path, pg_url, monkeypatch):
+@pytest.mark.parametrize("when", ["between turns", "mid-reply"])
+def test_a_conversation_moves_to_another_replica_when_its_first_dies(tmp_path, pg_url, monkeypatch, when):
+    """The first replica is SIGKILLed after its answer's states are stored, or in the middle of streaming the next
+    turn's reply (which the client never gets whole, and so sends again)."""
     monkeypatch.setenv("DELTAMEM_OBJECTS", f"file://{tmp_path / 'objects'}")  # shared storage for both replicas
     monkeypatch.setenv("DELTAMEM_LEASE_WAIT", "3")  # the dead replica's lease is free at once: no long wait
     convo = [{"role": "user", "content": "Where does the ring buffer live? " * 6}]
@@ -23,6 +26,14 @@ def test_a_conversation_moves_to_another_replica_when_its_first_dies(tmp_path, p
         first = first_replica.client.chat.completions.create(model="random", messages=convo, max_tokens=4,
                                                              temperature=0, user="alice")  # fmt: skip
         wait_stored(pg_url, "serve:user:alice", first.usage.prompt_tokens - 1)  # stored just after the answer
+        if when == "mid-reply":
+            nxt = [*convo, {"role": "assistant", "content": first.choices[0].message.content},
+                   {"role": "user", "content": "Why?"}]  # fmt: skip
+            stream = first_replica.client.chat.completions.create(model="random", messages=nxt, max_tokens=4000,
+                                                                  temperature=0, user="alice", stream=True)  # fmt: skip
+            for n, _ in enumerate(stream):
+                if n == 3:
+                    break
     finally:
         first_replica.proc.kill()  # SIGKILL: its connection, and so its lease, ends with it
         first_replica.proc.wait(timeout=30)
