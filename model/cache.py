@@ -409,9 +409,16 @@ class KVWindow:
 
     def page(self, j: int) -> torch.Tensor:
         """Page j of the cache: keys and values of its slots, [2, Hkv, <=PAGE, D] (a new tensor)."""
-        used = self.capacity if self.window is not None else self.seen
-        start, end = j * PAGE, min((j + 1) * PAGE, used)
+        start, end = self._page_span(j)
         return torch.stack([self.k[:, start:end], self.v[:, start:end]])
+
+    def page_shape(self, j: int) -> tuple[int, ...]:
+        start, end = self._page_span(j)
+        return (2, self.k.shape[0], end - start, self.k.shape[2])
+
+    def _page_span(self, j: int) -> tuple[int, int]:
+        used = self.capacity if self.window is not None else self.seen
+        return j * PAGE, min((j + 1) * PAGE, used)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {page_name(prefix, j): self.page(j) for j in range(self.pages())}

@@ -74,7 +74,7 @@ class PieceCache:
             # The payload's safetensors header depends on names, dtypes and shapes only: made once per layout,
             # by safetensors itself, so the parts join to what snapshot() writes (after a restore: the restored
             # blob's, written the same way)
-            payload = st_save({n: t for n, (_, t) in self.pieces.items()})
+            payload = st_save(_unshared({n: t for n, (_, t) in self.pieces.items()}))
             (m,) = memoryview(payload)[:8].cast("Q")
             self._head = (layout, payload[: 8 + m])
         st_head = self._head[1]
@@ -95,6 +95,19 @@ class PieceCache:
         cache = cls(tokens_seen, {n: (pieces["digests"][n], t) for n, t in tensors.items()})
         cache._head = (cache._layout(), pieces["st_head"])
         return cache
+
+    @classmethod
+    def of_zeros(cls, tokens_seen: int, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> PieceCache:
+        """The cache of tensors that are all zeros (an empty state's attention pages): one host tensor and one
+        sha256 per shape and dtype, shared by every name."""
+        made: dict[tuple, tuple[str, torch.Tensor]] = {}
+        pieces = {}
+        for name, (shape, dtype) in shapes.items():
+            if (shape, dtype) not in made:
+                host = torch.zeros(shape, dtype=dtype)
+                made[shape, dtype] = (snap.sha256s([_bytes(host)])[0].hex(), host)
+            pieces[name] = made[shape, dtype]
+        return cls(tokens_seen, pieces)
 
     def _layout(self) -> tuple:
         return tuple(sorted((n, str(t.dtype), tuple(t.shape)) for n, (_, t) in self.pieces.items()))
@@ -117,6 +130,17 @@ def _to_host(tensors: list[torch.Tensor], spares: dict[tuple, list[torch.Tensor]
         out.append(host)
     if cuda:
         torch.cuda.synchronize(cuda[0].device)
+    return out
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, a copy of each that shares its buffer with one before it (of_zeros' pages), as safetensors
+    refuses shared buffers."""
+    seen: set[int] = set()
+    out = {}
+    for name, t in tensors.items():
+        out[name] = t.clone() if t.data_ptr() in seen and t.numel() else t
+        seen.add(t.data_ptr())
     return out
 
 

@@ -73,6 +73,24 @@ def test_parts_equal_the_full_snapshot_and_only_touched_pages_are_copied(folder)
         check(eng)
 
 
+def test_a_first_snapshot_after_a_reset_copies_only_the_pages_written_to(folder):
+    """After reset() (a fresh engine, a new prompt on a server) the attention pages are known zeros: the first
+    snapshot copies and hashes only the pages the prompt's tokens went to (the others share one zero buffer), and
+    its parts are still exactly the full snapshot, also after a reset from a full ring."""
+    eng = load_model(folder, window=WINDOW, sink=SINK, prefill_chunk=64)
+    for _ in range(2):
+        eng.feed(ids(PAGE + 10, 7))  # pages 0 and 1 of each attention layer
+        check(eng)
+        pages = kv_pages(eng)
+        zeros = {n for n in pages if buffers(eng)[n].count_nonzero() == 0}
+        assert zeros == {n for n in pages if n.endswith(".00002")}
+        assert len({id(buffers(eng)[n]) for n in zeros}) == 1  # one shared host buffer, never copied
+        eng.feed(ids(3 * WINDOW, 8))  # a full ring, then back to empty
+        check(eng)
+        eng.reset()
+        check(eng)
+
+
 def test_decode_graph_steps_and_a_stop_inside_a_chunk(folder):
     eng = load_model(folder, window=WINDOW, sink=SINK, prefill_chunk=64)
     eng.tokenizer = Tokenizer.cl100k_olmo()  # ids < 320 are its byte-level tokens
