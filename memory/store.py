@@ -80,6 +80,7 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
         self._busy_timeout_ms = busy_timeout_ms
         self._checkpointer: threading.Thread | None = None
         self.sqlite = not pgdb.is_url(str(target))
+        self._target = str(target)  # the URL with its password, for another()
         if self.sqlite:
             self.path: Path | str = Path(target)
             self._open_sqlite(busy_timeout_ms)
@@ -152,6 +153,11 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
                 raise StoreError(f"{self.path} keeps its snapshot pieces in {self._setting('objects')}, not {url}")
         objects.space = self._setting("objects_space") or ""
         return objects
+
+    def another(self) -> Store:
+        """A second connection to this database and its object store, for another thread (a Store is never used
+        by two threads at once), with transactions of its own."""
+        return Store(self._target, self._busy_timeout_ms, self.keep_last)
 
     def _setting(self, key: str) -> str | None:
         row = self.db.execute("select value from settings where key = ?", [key]).fetchone()

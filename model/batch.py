@@ -47,6 +47,8 @@ class DecodeBatch:
         self._layers: list[DeltaStack | KVStack | KVGroup] | None = None  # the states as stacks of _rows rows
         self._rows = 0
         self._index: torch.Tensor | None = None
+        self._inputs: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_failed = False
         self._steady = 0
@@ -60,11 +62,9 @@ class DecodeBatch:
         if len(states) != len(self.model.model.layers):
             raise ValueError(f"a state of {len(states)} layers for a model of {len(self.model.model.layers)}")
         if len(self.streams) == self._rows:
-            self._grow(states)
+            self._resize(max(1, 2 * self._rows), states)
         slot = min(set(range(self._rows)) - set(self.slots))
-        with torch.inference_mode():
-            for layer, st in zip(self._layers, states, strict=True):
-                layer.put(slot, st)
+        self._put(slot, states)
         self.streams.append(states)
         self.slots.append(slot)
         self._index = None
@@ -78,7 +78,9 @@ class DecodeBatch:
             for layer, st in zip(self._layers, states, strict=True):
                 layer.take(slot, st)
         if not self.streams and self._rows > KEEP_ROWS:  # after a burst: the large stacks (and their graph) go
-            self._layers, self._rows, self._graph = None, 0, None
+            self._layers, self._rows, self._graph, self._logits, self._inputs = None, 0, None, None, None
+        elif self._rows > KEEP_ROWS and len(self.streams) <= self._rows // 4:  # rows mostly free: fewer rows (a
+            self._resize(self._rows // 2, None)  # free row's window is read at every step too)
         return states
 
     @torch.inference_mode()
@@ -139,22 +141,38 @@ class DecodeBatch:
             torch.cuda.current_stream(self.device).wait_stream(side)
         self._graph = graph
 
-    def _grow(self, like: State) -> None:
-        """Stacks of twice the rows (at least one), the streams' rows copied over; the graph is captured anew."""
-        rows = max(1, 2 * self._rows)
-        layers: list[DeltaStack | KVStack | KVGroup] = []
+    def _put(self, slot: int, states: State) -> None:
+        """The stream's state into its row; its own tensors are let go (they would hold their memory for nothing
+        while it is in the batch: remove() gives it its row back)."""
         with torch.inference_mode():
-            for first in like:
-                if isinstance(first, KVWindow):
-                    layers.append(KVGroup(rows) if first.window is None else KVStack(first, rows))
-                else:
-                    layers.append(DeltaStack.empty(first, rows))
-            if self._layers is not None:
-                for i, (old, new) in enumerate(zip(self._layers, layers, strict=True)):
-                    for slot, s in zip(self.slots, self.streams, strict=True):
-                        old.take(slot, s[i])
-                        new.put(slot, s[i])
-        self._layers, self._rows, self._graph = layers, rows, None
+            for layer, st in zip(self._layers, states, strict=True):
+                layer.put(slot, st)
+                if isinstance(st, DeltaState):
+                    st.conv, st.recurrent = st.conv[:0], st.recurrent[:0]
+                elif not isinstance(layer, KVGroup):
+                    st.k, st.v, st.pos = st.k[:0], st.v[:0], st.pos[:0]
+
+    def _resize(self, rows: int, like: State | None) -> None:
+        """Stacks of `rows` rows (growing: the rows copied as they are; shrinking: the streams moved to the first
+        rows); the graph is captured anew. `like`: a state to shape the stacks on when there are none."""
+        old = self._layers
+        with torch.inference_mode():
+            if old is None:
+                layers = [(KVGroup(rows) if st.window is None else KVStack(st, rows)) if isinstance(st, KVWindow)
+                          else DeltaStack.empty(st, rows) for st in like]  # fmt: skip
+            else:
+                layers = [layer.resized(rows) for layer in old]
+            self._layers = layers
+            if old is not None and rows > self._rows:  # growing: the same rows
+                for o, n in zip(old, layers, strict=True):
+                    n.copy_rows(o)
+            elif old is not None:  # shrinking: each stream to the row of its index
+                for k, (slot, s) in enumerate(zip(self.slots, self.streams, strict=True)):
+                    for o, st in zip(old, s, strict=True):
+                        o.take(slot, st)
+                    self._put(k, s)
+                self.slots = list(range(len(self.streams)))
+        self._rows, self._graph, self._logits, self._index = rows, None, None, None
         self._stacked = [i for i, layer in enumerate(layers) if isinstance(layer, KVStack)]
         self._inputs = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # ids; positions
         for layer in layers:

@@ -160,6 +160,16 @@ class DeltaStack:
     def take(self, row: int, st: DeltaState) -> None:
         st.set(self.conv[row].clone(), self.recurrent[row : row + 1].clone())
 
+    def resized(self, rows: int) -> DeltaStack:
+        """An empty stack of the same shapes with `rows` rows."""
+        return DeltaStack(self.conv.new_zeros(rows, *self.conv.shape[1:]),
+                          self.recurrent.new_zeros(rows, *self.recurrent.shape[1:]))  # fmt: skip
+
+    def copy_rows(self, old: DeltaStack) -> None:
+        """Rows [0, len(old)) from a smaller stack (the same rows)."""
+        self.conv[: len(old.conv)].copy_(old.conv)
+        self.recurrent[: len(old.recurrent)].copy_(old.recurrent)
+
 
 class KVStack:
     """The bounded KVWindows of one attention layer for several independent streams, stacked (model/batch.py):
@@ -186,6 +196,21 @@ class KVStack:
 
     def take(self, row: int, w: KVWindow) -> None:
         w.k, w.v, w.pos = self.k[row].clone(), self.v[row].clone(), self.pos[row].clone()
+
+    def resized(self, rows: int) -> KVStack:
+        """An empty stack of the same windows with `rows` rows."""
+        new = object.__new__(KVStack)
+        new.sink, new.window, new.rotary, new.p = self.sink, self.window, self.rotary, None
+        new.k = self.k.new_zeros(rows, *self.k.shape[1:])
+        new.v = self.v.new_zeros(rows, *self.v.shape[1:])
+        new.pos = self.pos.new_full((rows, *self.pos.shape[1:]), -1)
+        return new
+
+    def copy_rows(self, old: KVStack) -> None:
+        n = len(old.k)
+        self.k[:n].copy_(old.k)
+        self.v[:n].copy_(old.v)
+        self.pos[:n].copy_(old.pos)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [B, H, D]; k, v: [B, Hkv, D], row i for stream i -> [B, H, D]."""
@@ -231,6 +256,12 @@ class KVGroup:
 
     def take(self, row: int, w: KVWindow) -> None:
         self.windows[row] = None
+
+    def resized(self, rows: int) -> KVGroup:
+        return KVGroup(rows)
+
+    def copy_rows(self, old: KVGroup) -> None:
+        self.windows[: len(old.windows)] = old.windows
 
 
 class KVWindow:

@@ -2,18 +2,18 @@
 prompt extends an earlier one restores that state and feeds only the rest (what OpenAI-style clients re-send every
 turn is never re-read).
 
-States live on the model's device under a byte budget (least recently used dropped first) and in the store, as
-snapshots of one deltamem session per name (`X-Deltamem-Session`, default "serve") with their token ids, so a
-restarted server hits them again. A writer thread of the cache's own stores them: it copies a kept state to the host
-(holding the engine's lock only for that copy, so no CUDA graph is being captured meanwhile), makes its snapshot and
-writes it, while requests go on; a request never waits for the store. When states come faster than the store takes
-them (a burst of long prompts at 7B shapes: some 0.5 GB each), the oldest not yet written are left unstored once the
-copies waiting exceed the byte budget: a cache, not a record (the session's conversation is the client's), so a
-state not stored costs at most a prompt read again after a restart (or on another replica). The engine's own current
-state counts too: a prompt that extends what it has just consumed costs no restore at all. A request reuses only its
-own session's states (the server names sessions per tenant), so neither a hit nor the time of a miss tells anything
-of another session's prompts; `share=True` (the operator's `--share-prefixes`) lets every session reuse the states
-in memory.
+States live on the model's device under a byte budget (least recently used dropped first) and in the store, as snapshots
+of one deltamem session per name (`X-Deltamem-Session`, default "serve") with their token ids, so a restarted server
+hits them again. A writer thread of the cache's own stores them: it copies a kept state to the host (holding the
+engine's lock only for that copy, so no CUDA graph is being captured meanwhile), makes its snapshot and writes it, while
+requests go on; a request never waits for the store: the states it restores from the store are read through a connection
+of their own, which the writer's transactions do not hold up. When states come faster than the store takes them (a burst
+of long prompts at 7B shapes: some 0.5 GB each), the oldest not yet written are left unstored once the copies waiting
+exceed the byte budget: a cache, not a record (the session's conversation is the client's), so a state not stored costs
+at most a prompt read again after a restart (or on another replica). The engine's own current state counts too: a prompt
+that extends what it has just consumed costs no restore at all. A request reuses only its own session's states (the
+server names sessions per tenant), so neither a hit nor the time of a miss tells anything of another session's prompts;
+`share=True` (the operator's `--share-prefixes`) lets every session reuse the states in memory.
 """
 
 from __future__ import annotations
@@ -58,15 +58,18 @@ class PrefixCache:
         self.current: tuple[int, ...] = ()  # ids the engine's state has consumed (engine.reset() at start)
         self.scope = ""  # whose request brought the engine to `current`
         self.stored: dict[str, dict[tuple[int, ...], int]] = {}  # session -> ids -> snapshot id
-        self.sessions: dict[str, str] = {}  # name -> session id
+        self.sessions: dict[str, str] = {}  # name -> session id, as the writer made or leased it
         # states save() kept, for flush() to store: device copies (their snapshots made then), or made already
         self.pending: list[tuple[str, tuple[int, ...], Kept]] = []
         self.pending_bytes = 0  # device memory the pending copies take (within the budget of the hot states)
         self.unstored = 0  # states left unstored, the store being behind
         self.device_lock = device_lock if device_lock is not None else threading.Lock()
-        # _mu guards the dicts above (held briefly, never while waiting for another lock); _io the store (held for
-        # a whole write, by the writer, or by a restore from the store). Order: the engine's lock, _io, _mu.
-        self._mu, self._io = threading.Lock(), threading.Lock()
+        # _mu guards the dicts above (held briefly, never while waiting for another lock). The writer alone uses
+        # `store` (and leases the sessions it writes); whoever holds the engine restores through `_reader`, a
+        # connection of its own to the same database.
+        self._mu = threading.Lock()
+        self._reader: Store | None = None
+        self._ids: dict[str, str] = {}  # session name -> id, as the reader found it
         self._work = threading.Condition(self._mu)  # pending grew, or the writer went idle
         self._writing = False
         self._closed = False
@@ -105,9 +108,7 @@ class PrefixCache:
         elif source == "store":
             key, snap_id = ref
             try:
-                with self._io:
-                    blob = self.store.load_snapshot(self.sessions[session], snap_id, joined=False)
-                self._restore(blob, key)
+                self._restore(self._read().load_snapshot(self._ids[session], snap_id, joined=False), key)
             except Exception as e:  # pruned or damaged since: fall back to reading the prompt
                 log.warning("stored prefix state %s could not be restored (%s); reading the prompt", snap_id, e)
                 n, source = 0, "none"
@@ -148,6 +149,9 @@ class PrefixCache:
         with self._mu:
             if (scope, key) in self.hot:
                 return
+            if self._closed:  # a reply that ended as the server shut down
+                self.unstored += 1
+                return
             self.hot[scope, key] = kept
             self.hot_bytes += kept.nbytes
             while self.hot_bytes > self.budget and len(self.hot) > 1:
@@ -169,18 +173,23 @@ class PrefixCache:
             self._work.notify_all()
 
     def flush(self) -> None:
-        """Wait until every state kept so far is in the store (or failed to be: logged)."""
+        """Wait until every state kept so far is in the store (or failed to be: logged). Never call it holding the
+        engine's lock (the writer needs it)."""
         with self._work:
             self._work.wait_for(lambda: not self.pending and not self._writing)
 
     def close(self) -> None:
-        """flush(), then stop the writer."""
+        """flush(), then stop the writer (states kept later are not stored) and close the reading connection; the
+        store is the caller's to close after this. Never call it holding the engine's lock (the writer needs it)."""
         self.flush()
         with self._work:
             self._closed = True
             self._work.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def _write_loop(self) -> None:
         while True:
@@ -204,29 +213,30 @@ class PrefixCache:
         """Store one kept state, each in its own transaction (a crash loses states not yet written, never half of
         one): copied to the host under the engine's lock, its snapshot made from that copy (only what changed since
         its piece cache is hashed), then written."""
-        if self._snapshots is None:
-            self._snapshots = self.engine.sibling()
-        with self.device_lock:
+        with self.device_lock:  # no capture meanwhile (a new engine allocates its state on the device too)
+            if self._snapshots is None:
+                self._snapshots = self.engine.sibling()
             host = kept.to("cpu")
         self._snapshots.restore_kept(host, copy=False)
         parts = self._snapshots.snapshot_parts()
-        with self._io:
-            sid = self._session(session)
-            snap_id = self.store.save_turn(
-                sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
-            )
-            live = {r["id"] for r in self.store.snapshots(sid)}  # retention may have dropped the oldest
+        kept.pieces = self._snapshots.piece_cache()  # a state restored from this copy later snapshots incrementally
+        sid = self._session(session)
+        snap_id = self.store.save_turn(
+            sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
+        )
+        live = {r["id"] for r in self.store.snapshots(sid)}  # retention may have dropped the oldest
+        with self._mu:
+            index = self.stored.setdefault(session, {})
+            index[key] = snap_id
+            self.stored[session] = {k: v for k, v in index.items() if v in live}
+            self._ids.setdefault(session, sid)
+            self.used[snap_id] = time.monotonic()
+            used = dict(self.used)
+        if self.store_bytes is not None:
+            dropped = set(self.store.trim(SERVE, self.store_bytes, used, spare=SERVE + USER))
             with self._mu:
-                index = self.stored.setdefault(session, {})
-                index[key] = snap_id
-                self.stored[session] = {k: v for k, v in index.items() if v in live}
-                self.used[snap_id] = time.monotonic()
-                used = dict(self.used)
-            if self.store_bytes is not None:
-                dropped = set(self.store.trim(SERVE, self.store_bytes, used, spare=SERVE + USER))
-                with self._mu:
-                    for name, index in self.stored.items():
-                        self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
+                for name, index in self.stored.items():
+                    self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
 
     # --- the store's sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> str:
@@ -243,21 +253,34 @@ class PrefixCache:
         return self.sessions[name]
 
     def _stored(self, name: str) -> dict[tuple[int, ...], int]:
-        """The session's stored states (ids -> snapshot id), read from the store at the session's first request."""
+        """The session's stored states (ids -> snapshot id), read from the store at the session's first request
+        (by the engine's holder, through the reading connection)."""
         if self.store is None:
             return {}
         with self._mu:
             if name in self.stored:
                 return dict(self.stored[name])
-        with self._io:
-            sid = self._session(name)
-            index: dict[tuple[int, ...], int] = {}
-            for row in self.store.snapshots(sid):
-                ids = self.store.load_tokens(sid, row["id"])
+        reader, index = self._read(), {}
+        try:
+            row = reader.session(f"{SERVE}{name}", None)
+        except NotFound:  # made by the writer at the session's first state
+            row = None
+        if row is not None:
+            if row["fingerprint"] != self.engine.fingerprint:
+                raise ValueError(f"session {name!r} belongs to another model; choose another session name")
+            for snap in reader.snapshots(row["id"]):
+                ids = reader.load_tokens(row["id"], snap["id"])
                 if ids:
-                    index[tuple(ids)] = row["id"]
+                    index[tuple(ids)] = snap["id"]
         with self._mu:
+            if row is not None:
+                self._ids.setdefault(name, row["id"])
             for key, snap_id in self.stored.get(name, {}).items():  # written meanwhile
                 index[key] = snap_id
             self.stored[name] = index
             return dict(index)
+
+    def _read(self) -> Store:
+        if self._reader is None:
+            self._reader = self.store.another()
+        return self._reader

@@ -74,6 +74,7 @@ class Replica:
         engine = load(args)
         self.store = Store(args.db, objects=args.objects)
         app, _ = build_app(args, engine, self.store)
+        self.prefixes = app.state.prefixes
         port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **UVICORN))
         app.state.stopping = lambda: self.server.should_exit
@@ -109,6 +110,7 @@ class Replica:
         if server is not None:
             server.should_exit = True
             self.thread.join(timeout=30)
+            self.prefixes.close()  # (the app's shutdown did, unless it is still at it) before the store closes
             self.store.close()
 
 

@@ -132,3 +132,58 @@ def test_a_state_of_another_model_is_refused(tmp_path):
     eng = load_model(tmp_path, window=None)
     with pytest.raises(ValueError, match="layers"):
         DecodeBatch(eng.model).add(eng.states[:3])
+
+
+@pytest.mark.parametrize("window", [6, None], ids=["bounded", "growing"])
+def test_streams_joining_and_leaving_at_random_as_the_rows_grow_and_shrink(window):
+    """Up to 11 streams join and leave at random (the stacks grow to 16 rows, shrink when three quarters are free,
+    are freed when the batch empties, and grow again); a stream that left takes a step alone on the engine before
+    it comes back. Every logit of every stream equals the engine's, fed that stream's tokens alone."""
+    import random
+
+    eng = load_model("random", window=window, sink=2)
+    rng = random.Random(1)
+    n, length = 11, 40
+    seqs = [[rng.randrange(2, 300) for _ in range(length)] for _ in range(n)]
+    prompt = [3 + i for i in range(n)]
+    want, kept = [], []
+    for i in range(n):
+        eng.reset()
+        want.append([eng.feed(seqs[i][: prompt[i]])[-1]] + [eng.feed([t])[-1] for t in seqs[i][prompt[i] : -1]])
+        eng.reset()
+        eng.feed(seqs[i][: prompt[i]])
+        kept.append(eng.keep())
+    batch = DecodeBatch(eng.model)
+    fed, states = list(prompt), {i: [st.copy() for st in kept[i].states] for i in range(n)}
+    inside: list[int] = []  # the stream in each of the batch's rows
+    rows_seen = []
+
+    def check(i: int, logits: torch.Tensor) -> None:
+        assert (logits - want[i][fed[i] - prompt[i] + 1]).abs().max() < 1e-4, i  # after token fed[i]
+        fed[i] += 1
+
+    for rnd in range(70):
+        outside = [i for i in range(n) if i not in inside and fed[i] < length - 1]
+        if outside and (rnd < 20 or rng.random() < 0.4):
+            i = rng.choice(outside)
+            assert batch.add(states.pop(i)) == len(inside)
+            inside.append(i)
+        if inside and (30 <= rnd < 42 or rng.random() < 0.2):
+            i = inside.pop(r := rng.randrange(len(inside)))
+            eng.restore_kept(kept[i])
+            eng._adopt(batch.remove(r))
+            check(i, eng.feed([seqs[i][fed[i]]])[-1])
+            states[i] = [st.copy() for st in eng.states]
+        if rnd == 50:  # everybody leaves
+            while inside:
+                i = inside.pop()
+                states[i] = batch.remove(len(inside))
+        for r in reversed(range(len(inside))):  # streams at their end leave
+            if fed[inside[r]] >= length - 1:
+                states[inside.pop(r)] = batch.remove(r)
+        rows_seen.append(batch._rows)
+        if inside:
+            for i, logits in zip(inside, batch.step([seqs[i][fed[i]] for i in inside]), strict=True):
+                check(i, logits)
+    assert 16 in rows_seen and 8 in rows_seen[rows_seen.index(16) :]  # grew to 16 rows, then shrank
+    assert sum(fed) - sum(prompt) > 200

@@ -600,49 +600,65 @@ def test_prefix_states_serve_only_their_own_session_and_tenant(tmp_path):
 @pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])
 def test_answers_never_wait_for_the_store_and_a_store_behind_loses_only_the_oldest_states(tmp_path, batched):
     """The memory database is held by another writer (a real SQLite lock, from another connection) while six
-    requests come: each is answered all the same, as a server without prefix states answers it. The states wait
-    for the writer in device memory within the cache's byte budget (three states here); the oldest beyond it go
-    unstored. Once the database is free the rest are stored: the newest ones, the last prompt's included, which a
-    restarted server resumes from."""
+    requests come: each is answered all the same, as a server without prefix states answers it, and a session
+    stored by an earlier server resumes from its stored state meanwhile (read beside the writer, which waits). The
+    states wait for the writer in device memory within the cache's byte budget (four states here); the oldest
+    beyond it go unstored. Once the database is free the rest are stored: the newest ones, the last prompt's
+    included, which a restarted server resumes from."""
     import sqlite3
     import threading
 
     from deltamem.memory.store import Store
 
     engine = load_model("random", window=64)
-    budget = 3 * engine.state_bytes()
+    budget = 4 * engine.state_bytes()
     db = tmp_path / "m.db"
     asks = [[{"role": "user", "content": f"Question {i}: " + "why is the sky blue? " * (2 + i)}] for i in range(6)]
     plain = TestClient(create_app(load_model("random", window=64), None, "random", prefix_cache=False))
 
-    def ask(client, messages, tokens=4):
-        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": tokens, "temperature": 0})
+    def ask(client, messages, tokens=4, session="default"):
+        r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": tokens, "temperature": 0},
+                        headers={"X-Deltamem-Session": session})  # fmt: skip
         assert r.status_code == 200, r.text
         return r.json()
 
+    def states(store) -> int:
+        return sum(len(store.snapshots(s["id"])) for s in store.sessions() if s["title"].startswith("serve:"))
+
+    old = [{"role": "user", "content": "An earlier server's conversation. " * 5}]
+    with Store(db) as store, TestClient(create_app(load_model("random", window=64), store, "random")) as earlier:
+        said = ask(earlier, old, session="old")
+    old += [said["choices"][0]["message"], {"role": "user", "content": "And now?"}]
     with Store(db, busy_timeout_ms=600_000) as store, TestClient(create_app(
             engine, store, "random", cache_bytes=budget, batch_decode=batched)) as client:  # fmt: skip
         ask(client, [{"role": "user", "content": "Hello."}])  # the session exists
         client.app.state.prefixes.flush()
+        before = states(store)
         holder = sqlite3.connect(db, isolation_level=None)
         holder.execute("begin immediate")  # nobody else writes until it ends
         try:
             answers: list[dict] = []
-            worker = threading.Thread(target=lambda: answers.extend(ask(client, a) for a in asks), daemon=True)
+
+            def work():
+                answers.extend(ask(client, a) for a in asks)  # the writer now waits for the database
+                answers.append(ask(client, old, session="old"))
+
+            worker = threading.Thread(target=work, daemon=True)
             worker.start()
             worker.join(timeout=120)
-            assert len(answers) == len(asks), "an answer waited for the store"
+            assert len(answers) == len(asks) + 1, "an answer waited for the store"
         finally:
             holder.execute("rollback")
             holder.close()
-        for a, got in zip(asks, answers, strict=True):
+        resumed = answers.pop()
+        assert resumed["usage"]["prompt_tokens_details"]["cached_tokens"] >= said["usage"]["prompt_tokens"] - 1
+        for a, got in zip([*asks, old], [*answers, resumed], strict=True):
             assert got["choices"][0]["message"]["content"] == ask(plain, a)["choices"][0]["message"]["content"]
         client.app.state.prefixes.flush()
         unstored = client.app.state.prefixes.unstored
-        (row,) = [s for s in store.sessions() if s["title"] == "serve:default"]
-        stored = sorted(s["id"] for s in store.snapshots(row["id"]))
-    assert unstored >= 2 * len(asks) - 4  # a prompt and a reply state each; three wait, one may be in the writer
-    assert len(stored) == 2 + 2 * len(asks) - unstored  # the first request's two, and every one not given up
+        kept = 2 * (len(asks) + 1)  # a prompt and a reply state each
+        assert unstored >= kept - 5  # four wait, one may be in the writer
+        assert states(store) == before + kept - unstored  # every one not given up
     last = asks[-1] + [answers[-1]["choices"][0]["message"], {"role": "user", "content": "Go on."}]
     with Store(db) as store, TestClient(create_app(load_model("random", window=64), store, "random")) as again:
         r = ask(again, last, 2)  # restarted: the newest states were the ones stored
