@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -116,6 +117,11 @@ def prompts(n: int, chars: int) -> list[str]:
     return [f"Summarise this code.\n\n{text[i * chars : (i + 1) * chars]}" for i in range(n)]
 
 
+def rank(values: list[float], q: float) -> float:
+    """The q-quantile of sorted values by the nearest rank (of 2 values the 95th percentile is the larger)."""
+    return values[max(0, math.ceil(q * len(values)) - 1)]
+
+
 def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
     """Clients 1, 4 and 16 at once, each sending --requests streamed requests one after the other (a --prompt-chars
     prompt of its own, up to --tokens tokens, greedy): aggregate tok/s, time to first token, and the gaps between
@@ -161,8 +167,8 @@ def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
             tokens = sum(r["completion_tokens"] for r in rows)
             out[n] = {"requests": len(rows), "prompt_tokens": sum(r["prompt_tokens"] for r in rows) / len(rows),
                       "completion_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-                      "ttft_median_s": statistics.median(ttfts), "ttft_p95_s": ttfts[int(0.95 * (len(ttfts) - 1))],
-                      "gap_p99_s": gaps[int(0.99 * (len(gaps) - 1))] if gaps else None,
+                      "ttft_median_s": statistics.median(ttfts), "ttft_p95_s": rank(ttfts, 0.95),
+                      "gap_p99_s": rank(gaps, 0.99) if gaps else None,
                       "gap_max_s": gaps[-1] if gaps else None}  # fmt: skip
             print(f"{'batched' if batched else 'one at a time'} {n} clients: {out[n]}", file=sys.stderr, flush=True)
     finally:
