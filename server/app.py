@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -154,16 +154,16 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
             raise ApiError(400, f"the prompt has {len(ids)} tokens, over this server's limit of {max_prompt_tokens}")
         return ids
 
-    def read(ids: list[int], session: str, chunk: int) -> Generator[None, None, int]:
+    def read(ids: list[int], session: str, chunk: Callable[[], int]) -> Generator[None, None, int]:
         """Holding the engine: restore the longest cached prefix, then feed the rest but the last token (generate()
-        or the decode batch feeds that one) `chunk` tokens at a time, yielding after each (the batcher decodes a
+        or the decode batch feeds that one) chunk() tokens at a time, yielding after each (the batcher decodes a
         step between two); a state is kept every `state_every` tokens and at the end. Returns the tokens the
         restored state held."""
         try:
             hit = cache.restore_longest(ids, session)
             at = saved = hit.tokens
             while at < len(ids) - 1:
-                step = min(len(ids) - 1, at + chunk)
+                step = min(len(ids) - 1, at + chunk())
                 engine.feed(ids[at:step], logits="none")
                 at = step
                 cache.consumed(ids[:at])
@@ -181,7 +181,10 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         """The scheduler's job for a request: read its prompt a chunk at a time, then its first token's logits; the
         n replies join the decode batch, each with a copy of the prompt's state. Returns (cached tokens, replies,
         their text iterators)."""
-        cached = yield from read(ids, session, batcher.chunk)
+        # --prefill-chunk tokens between two decode steps; with no reply decoding, the engine's own chunk (4096 on
+        # a GPU: larger matmuls)
+        cached = yield from read(ids, session, lambda: batcher.chunk if batcher.busy() else
+                                 max(batcher.chunk, engine.prefill_chunk))  # fmt: skip
         try:
             logits = engine.feed(ids[-1:], logits="last")[-1]
         except BaseException:
@@ -203,7 +206,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
         limit = sample["max_new_tokens"] or max(1, max_prompt_tokens - len(ids))  # default: what the context leaves
         if batcher is None:  # the replies decoded on the engine, which they hold meanwhile
             with lock:
-                cached = drain(read(ids, session, state_every))
+                cached = drain(read(ids, session, lambda: state_every))
                 done.update(ids=ids, cached=cached)
                 yield None
                 kept = engine.keep() if len(choices) > 1 else None  # each choice starts from the prompt's state

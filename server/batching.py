@@ -102,6 +102,10 @@ class Batcher:
             self._cond.notify()
         return job
 
+    def busy(self) -> bool:
+        """Replies decoding or waiting to (read on the scheduler's thread)."""
+        return bool(self.active or self.waiting)
+
     def submit(self, reply: Reply) -> Iterator[str]:
         """Queue the reply to decode now; iterate what this returns for its text pieces as they are decoded (when
         the iteration ends, reply.final holds its state)."""

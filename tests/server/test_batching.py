@@ -53,6 +53,11 @@ def test_a_prompt_read_in_chunks_between_the_steps_of_a_running_reply():
     # each answer as served alone
     assert texts["long"] == ask(serial, long)
     assert texts["running"] == ask(serial, running)
+    # with no reply decoding, a prompt is read in the engine's own chunks (512 tokens on a CPU), not 16 at a time
+    other = {**long, "messages": [{"role": "user", "content": "Explain the prefix cache. " * 30}]}
+    before = len(batcher.trace)
+    assert ask(batched, other) == ask(serial, other)
+    assert [kind for kind, _ in list(batcher.trace)[before:]].count("job") == 1
 
 
 def test_a_client_gone_before_its_first_token_ends_its_reply():
