@@ -147,10 +147,10 @@ class DecodeBatch:
         with torch.inference_mode():
             for layer, st in zip(self._layers, states, strict=True):
                 layer.put(slot, st)
-                if isinstance(st, DeltaState):
-                    st.conv, st.recurrent = st.conv[:0], st.recurrent[:0]
+                if isinstance(st, DeltaState):  # (new empty tensors: a view would keep the storage)
+                    st.conv, st.recurrent = st.conv.new_empty(0), st.recurrent.new_empty(0)
                 elif not isinstance(layer, KVGroup):
-                    st.k, st.v, st.pos = st.k[:0], st.v[:0], st.pos[:0]
+                    st.k, st.v, st.pos = st.k.new_empty(0), st.v.new_empty(0), st.pos.new_empty(0)
 
     def _resize(self, rows: int, like: State | None) -> None:
         """Stacks of `rows` rows (growing: the rows copied as they are; shrinking: the streams moved to the first

@@ -8,6 +8,7 @@ import torch
 
 from deltamem.model import load_model
 from deltamem.model.batch import DecodeBatch
+from deltamem.model.cache import DeltaState
 from tests.model.hf_models import OLMO_SHAPES, QWEN_SHAPES, make_olmo_hybrid, make_qwen
 
 MODELS = {
@@ -166,8 +167,13 @@ def test_streams_joining_and_leaving_at_random_as_the_rows_grow_and_shrink(windo
         outside = [i for i in range(n) if i not in inside and fed[i] < length - 1]
         if outside and (rnd < 20 or rng.random() < 0.4):
             i = rng.choice(outside)
-            assert batch.add(states.pop(i)) == len(inside)
+            joining = states.pop(i)
+            assert batch.add(joining) == len(inside)
             inside.append(i)
+            if window is not None:  # its own tensors let go while it is in the batch (their memory, not a view)
+                own = [t for st in joining for t in ((st.conv, st.recurrent) if isinstance(st, DeltaState) else
+                                                      (st.k, st.v, st.pos))]  # fmt: skip
+                assert all(t.untyped_storage().nbytes() == 0 for t in own)
         if inside and (30 <= rnd < 42 or rng.random() < 0.2):
             i = inside.pop(r := rng.randrange(len(inside)))
             eng.restore_kept(kept[i])
