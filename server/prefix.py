@@ -241,16 +241,24 @@ class PrefixCache:
     # --- the store's sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> str:
         if name not in self.sessions:
-            try:
-                row = self.store.session(f"{SERVE}{name}", None)
-                if row["fingerprint"] != self.engine.fingerprint:
-                    raise ValueError(f"session {name!r} belongs to another model; choose another session name")
+            row = self._row(self.store, name)
+            if row is not None:
                 self.sessions[name] = row["id"]
-            except NotFound:
+            else:
                 self.sessions[name] = self.store.create_session(f"{SERVE}{name}", self.engine.fingerprint)
                 self.store.set_keep_last(self.sessions[name], self.keep)
             self.store.lease(self.sessions[name], "deltamem serve")  # this server writes it
         return self.sessions[name]
+
+    def _row(self, store: Store, name: str) -> dict | None:
+        """The serve session `name` as `store` has it (None: not made yet); one of another model is refused."""
+        try:
+            row = store.session(f"{SERVE}{name}", None)
+        except NotFound:
+            return None
+        if row["fingerprint"] != self.engine.fingerprint:
+            raise ValueError(f"session {name!r} belongs to another model; choose another session name")
+        return row
 
     def _stored(self, name: str) -> dict[tuple[int, ...], int]:
         """The session's stored states (ids -> snapshot id), read from the store at the session's first request
@@ -261,13 +269,8 @@ class PrefixCache:
             if name in self.stored:
                 return dict(self.stored[name])
         reader, index = self._read(), {}
-        try:
-            row = reader.session(f"{SERVE}{name}", None)
-        except NotFound:  # made by the writer at the session's first state
-            row = None
+        row = self._row(reader, name)  # None: made by the writer at the session's first state
         if row is not None:
-            if row["fingerprint"] != self.engine.fingerprint:
-                raise ValueError(f"session {name!r} belongs to another model; choose another session name")
             for snap in reader.snapshots(row["id"]):
                 ids = reader.load_tokens(row["id"], snap["id"])
                 if ids:
