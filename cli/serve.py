@@ -47,7 +47,7 @@ def register(sub) -> None:
                     "between the steps (default: on a GPU)")
     sv.add_argument("--prefill-chunk", type=int, default=None, metavar="TOKENS",
                     help="with --batch-decode: prompt tokens read between two decode steps of the replies running "
-                    "(default 512: the longest a running reply waits is one such chunk)")
+                    "(default 512, on a GPU 2048: the longest a running reply waits is one such chunk)")
     sv.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                     help="info (default): a line a request (id, session, prompt, cached and completion tokens, "
                     "time to first token, total); warning: problems only")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from deltamem.model.cache import DeltaStack, DeltaState, KVGroup, KVStack, KVWindow
+from deltamem.model.cuda_graph import CAPTURING
 from deltamem.model.layers import HybridLM
 
 State = list[DeltaState | KVWindow]
@@ -121,7 +122,11 @@ class DecodeBatch:
         if self._graph_failed or (self.capture_lock is not None and not self.capture_lock.try_acquire()):
             return
         try:
-            self._record()
+            if CAPTURING.acquire(blocking=False):  # else a copy beside the model runs: a later step captures
+                try:
+                    self._record()
+                finally:
+                    CAPTURING.release()
         finally:
             if self.capture_lock is not None:
                 self.capture_lock.release()

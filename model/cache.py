@@ -91,6 +91,9 @@ class Rotary:
 
 
 def _copy(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    if device == "pinned":  # host memory the copy engine reads and writes by itself: issued, not waited for
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
     return t.clone() if device is None else t.to(device, copy=True)
 
 
@@ -118,7 +121,8 @@ class DeltaState:
         return {f"{prefix}.conv": self.conv, f"{prefix}.recurrent": self.recurrent}
 
     def copy(self, device: torch.device | str | None = None) -> DeltaState:
-        """An independent copy, on the same device or on `device`."""
+        """An independent copy, on the same device or on `device` ("pinned": in pinned host memory, from a GPU,
+        issued on the current stream and not waited for)."""
         return DeltaState(_copy(self.conv, device), _copy(self.recurrent, device))
 
     def load(self, prefix: str, t: dict[str, torch.Tensor]) -> None:
@@ -455,7 +459,8 @@ class KVWindow:
         return {page_name(prefix, j): self.page(j) for j in range(self.pages())}
 
     def copy(self, device: torch.device | str | None = None) -> KVWindow:
-        """An independent copy, on the same device or on `device` (no decode graph bound to it)."""
+        """An independent copy, on the same device or on `device` (no decode graph bound to it; "pinned": as
+        DeltaState.copy)."""
         new = object.__new__(KVWindow)
         new.__dict__.update(self.__dict__)
         new.k, new.v, new.pos = _copy(self.k, device), _copy(self.v, device), _copy(self.pos, device)

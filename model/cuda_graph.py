@@ -17,6 +17,7 @@ state has consumed exactly the tokens kept.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,10 @@ from deltamem.model.cache import DeltaState, KVWindow
 
 log = logging.getLogger(__name__)
 WARMUP = 2  # eager steps on a side stream before capture (lazy inits, Triton autotuning)
+# Held while a CUDA graph is recorded, and by a thread that uses the device beside the one running the model
+# (deltamem serve's prefix writer, copying kept states to the host): a capture that overlaps another thread's device
+# calls fails, and fails them.
+CAPTURING = threading.Lock()
 
 
 class DecodeGraph:
@@ -114,7 +119,7 @@ class DecodeGraph:
                 self._run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with CAPTURING, torch.cuda.graph(graph):
             logits = self._run()
         for t, s in zip(self.held, saved, strict=True):
             t.copy_(s)

@@ -94,10 +94,24 @@ class Kept:
         """This state continued by `ids`, given the states they left (a stream of model/batch.py's batch)."""
         return Kept(states, self.tokens_seen + len(ids), snap.chain(self.token_chain, ids), self.pieces, self.nbytes)
 
-    def to(self, device: torch.device | str) -> Kept:
-        """A copy of this state on `device` (what `deltamem serve`'s writer snapshots, off the GPU)."""
-        return Kept([st.copy(device) for st in self.states], self.tokens_seen, self.token_chain, self.pieces,
-                    self.nbytes)  # fmt: skip
+    def to_host(self) -> Kept:
+        """A copy of this state in host memory (what `deltamem serve`'s writer snapshots). From a GPU it goes into
+        pinned memory on a stream of its own, after the work already queued: the copy engine moves it while the
+        model's kernels go on (a plain copy from a GPU would queue between them and stall decode for its whole
+        length). Returns once the copy is done. The caller holds model/cuda_graph.py's CAPTURING."""
+        first = self.states[0]
+        device = (first.conv if isinstance(first, DeltaState) else first.k).device
+        if device.type != "cuda":
+            return self._with([st.copy("cpu") for st in self.states])
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            states = [st.copy("pinned") for st in self.states]
+        side.synchronize()
+        return self._with(states)
+
+    def _with(self, states: list[DeltaState | KVWindow]) -> Kept:
+        return Kept(states, self.tokens_seen, self.token_chain, self.pieces, self.nbytes)
 
 
 class Engine(Generation):

@@ -71,12 +71,7 @@ class PieceCache:
             del self.pieces[name]
         layout = self._layout()
         if self._head is None or self._head[0] != layout:
-            # The payload's safetensors header depends on names, dtypes and shapes only: made once per layout,
-            # by safetensors itself, so the parts join to what snapshot() writes (after a restore: the restored
-            # blob's, written the same way)
-            payload = st_save(_unshared({n: t for n, (_, t) in self.pieces.items()}))
-            (m,) = memoryview(payload)[:8].cast("Q")
-            self._head = (layout, payload[: 8 + m])
+            self._head = (layout, _st_head(layout, self.pieces))
         st_head = self._head[1]
         order = [name for name, *_ in snap.payload_index(memoryview(st_head))]
         return snap.pack_parts(header, st_head, [(self.pieces[n][0], _bytes(self.pieces[n][1])) for n in order])
@@ -131,6 +126,25 @@ def _to_host(tensors: list[torch.Tensor], spares: dict[tuple, list[torch.Tensor]
     if cuda:
         torch.cuda.synchronize(cuda[0].device)
     return out
+
+
+# layout -> the safetensors header of a payload of that layout: it depends on names, dtypes and shapes only, so it is
+# made once per layout and process (serialising a whole 7B state to get it takes about half a second, holding the
+# GIL: every new prompt's first snapshot in `deltamem serve` paid it, stalling the decode thread)
+_HEADS: dict[tuple, bytes] = {}
+_HEADS_LOCK = threading.Lock()
+
+
+def _st_head(layout: tuple, pieces: dict[str, tuple[str, torch.Tensor]]) -> bytes:
+    """The safetensors header of these pieces' payload, by safetensors itself, so the parts join to what snapshot()
+    writes (after a restore: the restored blob's, written the same way)."""
+    with _HEADS_LOCK:
+        head = _HEADS.get(layout)
+        if head is None:
+            payload = st_save(_unshared({n: t for n, (_, t) in pieces.items()}))
+            (m,) = memoryview(payload)[:8].cast("Q")
+            head = _HEADS[layout] = payload[: 8 + m]
+    return head
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

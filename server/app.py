@@ -35,7 +35,7 @@ from deltamem.agent.protocol import prepare_turn, stop_ids
 from deltamem.model.sampling import Sampler, TextStream
 from deltamem.server import api, bodies
 from deltamem.server.api import ApiError
-from deltamem.server.batching import PREFILL_CHUNK, Batcher, Reply
+from deltamem.server.batching import GPU_PREFILL_CHUNK, PREFILL_CHUNK, Batcher, Reply
 from deltamem.server.http import ClosingStreamingResponse, FifoLock, Guard, error_response, in_threads
 from deltamem.server.prefix import USER, PrefixCache
 
@@ -54,7 +54,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
                max_prompt_tokens: int = 131072, cache_bytes: int | None = None, state_every: int = 4096,
                prefix_cache: bool = True, batch_decode: bool | None = None, guided_calls: bool = True,
                share_prefixes: bool = False, store_bytes: int | None = None,
-               prefill_chunk: int = PREFILL_CHUNK) -> FastAPI:  # fmt: skip
+               prefill_chunk: int | None = None) -> FastAPI:  # fmt: skip
     """api_key: one key or several, each a tenant: a session name (X-Deltamem-Session or `user`) is the key's own,
     and prefix states serve only the session that made them (share_prefixes: the states in memory serve every
     session, for an operator whose clients trust each other). store_bytes: the stored states' budget in the
@@ -62,9 +62,9 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     every this many tokens (a later prompt sharing only the beginning still hits). cache_bytes: the hot states'
     budget on the model's device (default: 8 states, at least 512 MiB; on a GPU at most half of its free memory).
     batch_decode: continuous batching (server/batching.py): concurrent replies decoded in one batch, prompts read
-    `prefill_chunk` tokens at a time between its steps (default: on a GPU, where a step costs about the same for
-    one reply or many). guided_calls: where tools are offered, a tool call the model opens can only be a
-    well-formed call of one of them (agent/guide.py)."""
+    `prefill_chunk` tokens at a time between its steps (batching's default: on a GPU, where a step costs about the
+    same for one reply or many; prefill_chunk's: 512, on a GPU 2048). guided_calls: where tools are offered, a tool
+    call the model opens can only be a well-formed call of one of them (agent/guide.py)."""
     if engine.tokenizer is None:
         raise ValueError("serving needs a model with a tokenizer")
     if cache_bytes is None:
@@ -75,8 +75,10 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     tenants = {f"Bearer {k}": hashlib.sha256(k.encode()).hexdigest()[:12] for k in keys}
     lock = FifoLock()
     cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache,
-                        share=share_prefixes, store_bytes=store_bytes, device_lock=lock)  # fmt: skip
+                        share=share_prefixes, store_bytes=store_bytes)  # fmt: skip
     batched = engine.device.type == "cuda" if batch_decode is None else batch_decode
+    if prefill_chunk is None:
+        prefill_chunk = GPU_PREFILL_CHUNK if engine.device.type == "cuda" else PREFILL_CHUNK
     batcher = Batcher(engine, lock, chunk=prefill_chunk) if batched else None
 
     @contextlib.asynccontextmanager

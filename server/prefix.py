@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from deltamem.memory.errors import NotFound
 from deltamem.memory.store import Store
+from deltamem.model.cuda_graph import CAPTURING
 from deltamem.model.engine import Kept
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,13 @@ class Hit:
 class PrefixCache:
     def __init__(
         self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256, enabled: bool = True,
-        share: bool = False, store_bytes: int | None = None, device_lock=None,
+        share: bool = False, store_bytes: int | None = None,
     ):  # fmt: skip
         """enabled=False: every prompt is read whole from an empty state (what a GDN hybrid gets from a server
         without prefix states; benchmarks/serve.py's baseline); nothing is kept. share: states in memory serve
         every session (else each session only its own). store_bytes: the stored states' budget in the file (every
         serve session's, least recently used dropped first; the last state of each session a client named with
-        X-Deltamem-Session kept: Store.trim). device_lock: the engine's lock, which the writer holds while it copies a
-        state off the device (the holders of that lock are the only ones to capture CUDA graphs)."""
+        X-Deltamem-Session kept: Store.trim)."""
         self.engine, self.store, self.budget, self.keep, self.enabled = engine, store, byte_budget, keep, enabled
         self.share, self.store_bytes = share, store_bytes
         self.used: dict[int, float] = {}  # stored state -> when this server last wrote or restored it
@@ -63,7 +63,6 @@ class PrefixCache:
         self.pending: list[tuple[str, tuple[int, ...], Kept]] = []
         self.pending_bytes = 0  # device memory the pending copies take (within the budget of the hot states)
         self.unstored = 0  # states left unstored, the store being behind
-        self.device_lock = device_lock if device_lock is not None else threading.Lock()
         # _mu guards the dicts above (held briefly, never while waiting for another lock). The writer alone uses
         # `store` (and leases the sessions it writes); whoever holds the engine restores through `_reader`, a
         # connection of its own to the same database.
@@ -75,6 +74,18 @@ class PrefixCache:
         self._closed = False
         self._snapshots = None  # the engine the writer makes snapshots on (Engine.sibling, made at the first)
         self._thread: threading.Thread | None = None
+        if store is not None and enabled and engine.device.type == "cuda":
+            self._warm_host_copies()
+
+    def _warm_host_copies(self) -> None:
+        """Allocate now, at start, the pinned host memory of two states' copies (the writer's engine holds one while
+        the next is copied), which later copies reuse through torch's caching host allocator: a first pinned
+        allocation costs about 2 ms per MB, and meanwhile the driver holds up the model's kernel launches (at 7B
+        shapes, a second's pause in the first replies)."""
+        kept = self.engine.keep()
+        with CAPTURING:
+            copies = [kept.to_host() for _ in range(2)]
+        del copies, kept
 
     # --- lookup -----------------------------------------------------------------------------------------
     def restore_longest(self, ids: list[int], session: str) -> Hit:
@@ -212,11 +223,12 @@ class PrefixCache:
     def _write(self, session: str, key: tuple[int, ...], kept: Kept) -> None:
         """Store one kept state, each in its own transaction (a crash loses states not yet written, never half of
         one): copied to the host under the engine's lock, its snapshot made from that copy (only what changed since
-        its piece cache is hashed), then written."""
-        with self.device_lock:  # no capture meanwhile (a new engine allocates its state on the device too)
+        its piece cache is hashed), then written. The copy runs beside the model, which goes on decoding: only a CUDA
+        graph capture waits for it (and it for one)."""
+        with CAPTURING:  # a new engine allocates its state on the device too
             if self._snapshots is None:
                 self._snapshots = self.engine.sibling()
-            host = kept.to("cpu")
+            host = kept.to_host()
         self._snapshots.restore_kept(host, copy=False)
         parts = self._snapshots.snapshot_parts()
         kept.pieces = self._snapshots.piece_cache()  # a state restored from this copy later snapshots incrementally

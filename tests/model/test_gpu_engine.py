@@ -285,6 +285,42 @@ def test_cuda_decode_memory_is_flat_across_the_window():
     assert max(peaks) - min(peaks) < 1 << 20, peaks
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_a_kept_state_copied_to_the_host_while_the_engine_decodes_on_is_the_state_it_kept(device):
+    """Kept.to_host (deltamem serve's prefix writer, on a thread of its own) beside an engine that goes on feeding
+    and decoding, capturing its decode graph meanwhile: the host copy restores to the very snapshot the engine had
+    when it kept the state (on a GPU the copy runs on a stream of its own, into pinned memory)."""
+    import threading
+
+    from deltamem.model.cuda_graph import CAPTURING
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    eng = tiny_engine(True, device, dtype, window=512, sink=4)
+    logits = eng.feed(ids_of(700, 3), logits="last")
+    want = eng.snapshot()
+    kept = eng.keep()
+    copies = []
+
+    def writer():
+        for _ in range(8):
+            with CAPTURING:
+                copies.append(kept.to_host())
+
+    t = threading.Thread(target=writer)
+    t.start()
+    for _ in range(4):
+        eng.decode(logits, 16)
+        logits = eng.feed(ids_of(40, eng.tokens_seen), logits="last")
+    t.join()
+    assert eng.snapshot() != want  # the engine did move on
+    for host in copies:
+        tensors = [x for st in host.states for x in ((st.conv, st.recurrent) if hasattr(st, "conv") else (st.k, st.v))]
+        assert all(x.device.type == "cpu" and x.is_pinned() == (device == "cuda") for x in tensors)
+        other = eng.sibling()
+        other.restore_kept(host, copy=False)
+        assert other.snapshot() == want
+
+
 def test_on_a_cpu_the_decode_graph_path_streams_a_token_at_a_time():
     """A CPU engine's decode-graph path (what --compile runs) reads each token as it is sampled: the first piece of
     text comes after the tokens it needs, not after a GPU's GRAPH_CHUNK; the reply is the same either way."""
