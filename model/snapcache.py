@@ -129,8 +129,8 @@ def _to_host(tensors: list[torch.Tensor], spares: dict[tuple, list[torch.Tensor]
 
 
 # layout -> the safetensors header of a payload of that layout: it depends on names, dtypes and shapes only, so it is
-# made once per layout and process (serialising a whole 7B state to get it takes about half a second, holding the
-# GIL: every new prompt's first snapshot in `deltamem serve` paid it, stalling the decode thread)
+# made once per layout and process (every new prompt's first snapshot in `deltamem serve` serialised its whole
+# state, about half a GB at 7B shapes, to get it: the writer thread's largest cost in a profile of the server)
 _HEADS: dict[tuple, bytes] = {}
 _HEADS_LOCK = threading.Lock()
 
