@@ -1,4 +1,5 @@
-"""The agent loop as a LangGraph StateGraph, checkpointed by langgraph's own SQLite saver in the memory database.
+"""The agent loop as a LangGraph StateGraph, checkpointed by LangGraph's own saver in the memory database (SQLite's or
+PostgreSQL's: memory/checkpoints.py).
 
     START -> feed -> END                       (mode "feed": ingested files are read, nothing is generated)
     START -> model -> tools -> model ... -> END (a task: the model answers or calls tools, up to max_steps calls)
@@ -12,12 +13,10 @@ any tool of that step runs, so resuming after an interrupt never runs a tool twi
 from __future__ import annotations
 
 import operator
-import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, TypedDict
 
-from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import interrupt
@@ -48,7 +47,7 @@ def build_graph(
     ctx: ToolContext,
     approve: Approve = "never",
     max_steps: int = 8,
-    checkpointer: SqliteSaver | None = None,
+    checkpointer: BaseCheckpointSaver | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ):
     if approve not in ("never", "ask", "always"):
@@ -114,14 +113,6 @@ def build_graph(
     g.add_conditional_edges("model", route_model, ["tools", END])
     g.add_edge("tools", "model")
     return g.compile(checkpointer=checkpointer)
-
-
-def sqlite_checkpointer(db_path: str | Path) -> SqliteSaver:
-    """langgraph's SQLite saver on the memory database file (its own connection; WAL is already on)."""
-    conn = sqlite3.connect(str(db_path), check_same_thread=False, timeout=30)
-    saver = SqliteSaver(conn)
-    saver.setup()
-    return saver
 
 
 def outcome(state: dict[str, Any]) -> str:

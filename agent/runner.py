@@ -21,7 +21,7 @@ from pathlib import Path
 from langgraph.types import Command
 
 from deltamem.agent import threads
-from deltamem.agent.graph import Approve, build_graph, outcome, sqlite_checkpointer
+from deltamem.agent.graph import Approve, build_graph, outcome
 from deltamem.agent.guide import Guides, ListGuide
 from deltamem.agent.hygiene import Rules, feed_order
 from deltamem.agent.prompt import MAP_PATH, file_message, system_prompt, tool_specs
@@ -126,7 +126,7 @@ class Agent:
         calls = call_guide(s.tok, engine.config.vocab_size, s.stop_ids, s.template, offer) if guided_calls else None
         s.guide = Guides(calls, listing) if self.tools else calls  # no tool, no file shown
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
-        self.saver = sqlite_checkpointer(store.path)
+        self.saver = store.conversation_saver()
         self.graph = build_graph(
             self.session, self.tools, self.ctx, approve, max_steps, self.saver, should_stop=self.session.cancel.is_set
         )

@@ -9,9 +9,11 @@ so the shared snapshot rows stay valid) and then rewinds the copy; deleting drop
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from deltamem.agent.graph import build_graph, sqlite_checkpointer
+from deltamem.agent.graph import build_graph
 from deltamem.memory import checkpoints
 from deltamem.memory.store import Store
 from deltamem.tools import ToolContext
@@ -28,11 +30,16 @@ class _Idle:
 
 
 def _has_threads(store: Store) -> bool:
-    return "checkpoints" in store.db.table_names()
+    return checkpoints.present(store.db)
 
 
-def _graph(store: Store):
-    return build_graph(_Idle(), {}, ToolContext(root=Path(".")), checkpointer=sqlite_checkpointer(store.path))
+@contextlib.contextmanager
+def _graph(store: Store) -> Iterator:
+    saver = store.conversation_saver()
+    try:
+        yield build_graph(_Idle(), {}, ToolContext(root=Path(".")), checkpointer=saver)
+    finally:
+        saver.conn.close()
 
 
 def _at(thread: str, checkpoint_id: str | None) -> dict:
@@ -67,7 +74,8 @@ def rewind(store: Store, ref: str, to_turn: int) -> None:
     sid = store.session(ref)["id"]
     store.rewind(sid, to_turn)
     if _has_threads(store):
-        reconcile(_graph(store), sid, _latest_checkpoint(store, sid))
+        with _graph(store) as graph:
+            reconcile(graph, sid, _latest_checkpoint(store, sid))
 
 
 def fork(store: Store, ref: str, at_turn: int | None = None, title: str | None = None) -> str:
@@ -75,21 +83,16 @@ def fork(store: Store, ref: str, at_turn: int | None = None, title: str | None =
     src = store.session(ref)["id"]
     new = store.fork(src, at_turn, title)
     if _has_threads(store):
-        graph = _graph(store)
-        _copy_thread(store, src, new)
-        reconcile(graph, new, _latest_checkpoint(store, new))
+        with store.transaction():  # the thread's rows under the new id (neither saver has a copy_thread)
+            checkpoints.copy(store.db, store.db, src, new)
+        with _graph(store) as graph:
+            reconcile(graph, new, _latest_checkpoint(store, new))
     return new
-
-
-def _copy_thread(store: Store, src: str, new: str) -> None:
-    """Copy a thread's checkpoints and writes under a new thread id, in one transaction (langgraph's SQLite saver
-    has no copy_thread)."""
-    with store.transaction():
-        checkpoints.copy(store.db, store.db, src, new)
 
 
 def delete(store: Store, ref: str) -> None:
     sid = store.session(ref)["id"]
     store.delete(sid)
     if _has_threads(store):
-        _graph(store).checkpointer.delete_thread(sid)
+        with _graph(store) as graph:
+            graph.checkpointer.delete_thread(sid)

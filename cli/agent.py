@@ -12,6 +12,7 @@ from pathlib import Path
 
 from deltamem.cli.errors import EXIT_STEP_LIMIT, failure
 from deltamem.cli.options import (
+    agent_db,
     convert_arg,
     db_arg,
     guide_arg,
@@ -20,7 +21,6 @@ from deltamem.cli.options import (
     loop_guard,
     model_args,
     penalty,
-    sqlite_db,
 )
 
 
@@ -67,7 +67,7 @@ def _agent(args: argparse.Namespace):
         raise ValueError(f"--repo {args.repo}: not a directory")
     if getattr(args, "max_steps", 1) < 1:
         raise ValueError("--max-steps must be >= 1")
-    sqlite_db(args.db)
+    agent_db(args.db)
     engine = load(args)  # a model that cannot load writes nothing, the memory database included
     store = Store(args.db, objects=args.objects)
     atexit.register(store.close)  # gives back the session's lease: the next command finds it free, not abandoned
@@ -183,16 +183,17 @@ def _ingest_dry_run(args: argparse.Namespace, rules) -> int:
     the session's ledger if it exists; nothing is written."""
     from deltamem.agent.prompt import ChatTemplate, file_message
     from deltamem.agent.runner import scan_project
+    from deltamem.memory import pgdb
     from deltamem.memory.errors import NotFound
     from deltamem.memory.store import Store, default_db_path
 
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
-    sqlite_db(args.db)
+    agent_db(args.db)
     root = args.repo.resolve()
     ledger: dict = {}
     db = args.db or default_db_path()
-    if Path(db).exists():
+    if pgdb.is_url(str(db)) or Path(db).exists():
         with Store(db, objects=args.objects) as store:
             project = store.project_id(root)
             try:

@@ -75,24 +75,26 @@ def db_target(text: str) -> Path | str:
     return text if pgdb.is_url(text) else Path(text)
 
 
-def sqlite_db(db: Path | str | None) -> None:
-    """Refuse a PostgreSQL memory database where the agent's conversation is kept (run, chat, ingest, tui):
-    LangGraph's saver there is SQLite's, in the same file, for now. (`serve` keeps no conversation: it runs on
-    either.)"""
+def agent_db(db: Path | str | None) -> None:
+    """Where the agent keeps its conversation (run, chat, ingest, tui): on a PostgreSQL memory database, LangGraph's
+    PostgreSQL saver, which the `cluster` extra installs. Without it the command stops here, before a model loads."""
     from deltamem.memory import pgdb
     from deltamem.memory.errors import StoreError
     from deltamem.memory.store import default_db_path
 
     if pgdb.is_url(str(db if db is not None else default_db_path())):
-        raise StoreError("the agent's conversation is kept in SQLite only for now: on a PostgreSQL memory database, "
-                         "use `serve` and the `sessions` commands (list, show, export, import, gc, ...); run, chat, "
-                         "ingest and tui need a SQLite --db")
+        try:
+            import langgraph.checkpoint.postgres  # noqa: F401
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise StoreError("the agent's conversation on a PostgreSQL memory database needs psycopg and "
+                             "langgraph-checkpoint-postgres: pip install 'deltamem[cluster]'") from None
 
 
 def db_arg(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--db", type=db_target, default=None,
-                    help="memory database: a SQLite file, or postgresql://USER@HOST/DB (serve and the sessions "
-                         "commands; the database must exist) (default $DELTAMEM_DB, else "
+                    help="memory database: a SQLite file, or postgresql://USER@HOST/DB (the database must "
+                         "exist; needs the `cluster` extra) (default $DELTAMEM_DB, else "
                          "~/.local/share/deltamem/memory.db)")
     sp.add_argument("--objects", metavar="URL", default=None,
                     help="keep snapshot pieces in object storage: file:///FOLDER or s3://BUCKET/PREFIX (S3 settings "

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from deltamem.cli.options import convert_arg, db_arg, model_args, model_options, sqlite_db
+from deltamem.cli.options import agent_db, convert_arg, db_arg, model_args, model_options
 
 
 def register(sub) -> None:
@@ -28,7 +28,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
     if not args.repo.is_dir():
         raise ValueError(f"--repo {args.repo}: not a directory")
-    sqlite_db(args.db)
+    agent_db(args.db)
     app = DeltamemApp(
         args.db, args.repo, args.session, model_options(args), args.max_new_tokens,
         convert_state=args.convert_state, tools=args.tools,

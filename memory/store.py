@@ -30,7 +30,7 @@ from typing import Any
 
 import sqlite_utils
 
-from deltamem.memory import pgdb
+from deltamem.memory import checkpoints, pgdb
 from deltamem.memory.errors import StoreError
 from deltamem.memory.leases import LEASE_WAIT_S, Lease, Leases
 from deltamem.memory.ledger import Ledger
@@ -153,6 +153,11 @@ class Store(Sessions, Snapshots, Retention, Leases, Ledger, Transfer):
                 raise StoreError(f"{self.path} keeps its snapshot pieces in {self._setting('objects')}, not {url}")
         objects.space = self._setting("objects_space") or ""
         return objects
+
+    def conversation_saver(self) -> Any:
+        """LangGraph's saver of this database's conversation threads (memory/checkpoints.py), on a connection of its
+        own: the agent's graph checkpoints through it while the store saves turns. Close its `conn` after use."""
+        return checkpoints.open_saver(self._target, self._busy_timeout_ms / 1000)
 
     def another(self) -> Store:
         """A second connection to this database and its object store, for another thread (a Store is never used

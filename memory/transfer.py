@@ -48,12 +48,14 @@ class Transfer:
                 conversation = 0
                 if checkpoints.present(self.db):  # the graph thread up to the exported point: the latest snapshot's
                     snaps = [r for r in self.snapshots(sess["id"]) if r["checkpoint_id"]]
-                    if snaps:
+                    upto = snaps[-1]["checkpoint_id"] if snaps else None
+                    if upto and self.sqlite:
                         checkpoints.create_like(self.db, out.db)
                         with out.transaction():
-                            conversation = checkpoints.copy(
-                                self.db, out.db, sess["id"], sess["id"], upto=snaps[-1]["checkpoint_id"]
-                            )
+                            conversation = checkpoints.copy(self.db, out.db, sess["id"], sess["id"], upto=upto)
+                    elif upto:  # from PostgreSQL's saver into SQLite's, through the savers (the file is not in place
+                        # before it is whole)
+                        conversation = checkpoints.convert(self.db, out.db, sess["id"], upto=upto)
                 out.db["export_info"].insert_all(
                     [{"key": "format", "value": str(EXPORT_FORMAT)}, {"key": "session", "value": sess["id"]}],
                     pk="key",
@@ -119,22 +121,24 @@ class Transfer:
                     f"{path}: snapshot {snap['id']} is of model {header.get('fingerprint')}, not of its "
                     f"session's model {sess['fingerprint']}"
                 )
+        conversation = checkpoints.present(src.db)
+        if conversation and not self.sqlite:  # PostgreSQL's saver tables, made outside any transaction
+            self.conversation_saver().conn.close()
         with self.transaction():
             if next(self.db["sessions"].rows_where("id = ?", [sess["id"]]), None):
                 raise StoreError(f"session {sess['id']} already exists here; delete it first to re-import")
             _copy_session(src, self, sess["id"], new_id=sess["id"])
-            if checkpoints.present(src.db) and not self.sqlite:
-                log.warning("%s carries the agent's conversation, which a PostgreSQL memory database does not keep "
-                            "yet: the session is imported without it (serve and the sessions commands need none)",
-                            path)  # fmt: skip
-            elif checkpoints.present(src.db):  # the conversation, in the same transaction
+            if conversation:  # the conversation, in the same transaction
                 try:
-                    checkpoints.create_like(src.db, self.db)
-                except ValueError as e:
+                    if self.sqlite:
+                        checkpoints.create_like(src.db, self.db)
+                    checkpoints.delete(self.db, sess["id"])  # a deleted session's thread left behind is not this one's
+                    if self.sqlite:
+                        checkpoints.copy(src.db, self.db, sess["id"], sess["id"])
+                    else:  # from SQLite's saver into PostgreSQL's, through the savers
+                        checkpoints.convert(src.db, self.db, sess["id"])
+                except (ValueError, TypeError, KeyError) as e:
                     raise StoreError(f"{path} is not a valid deltamem export: {e}") from None
-                for table in checkpoints.TABLES:  # a deleted session's thread left behind is not this session's
-                    self.db.execute(f"delete from {table} where thread_id = ?", [sess["id"]])
-                checkpoints.copy(src.db, self.db, sess["id"], sess["id"])
         if fmt < 2:
             log.warning(
                 "%s was exported by an older deltamem (format %d) without its conversation: the session's next run "

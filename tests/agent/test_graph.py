@@ -4,8 +4,9 @@ tool results, the step limit, malformed calls, approval interrupts, and checkpoi
 import pytest
 from langgraph.types import Command
 
-from deltamem.agent.graph import INVALID_CALL, build_graph, outcome, sqlite_checkpointer
+from deltamem.agent.graph import INVALID_CALL, build_graph, outcome
 from deltamem.agent.parse import format_tool_call
+from deltamem.memory.checkpoints import open_saver
 from deltamem.tools import ToolContext, default_tools
 
 
@@ -60,7 +61,7 @@ def task(text):
 
 def test_tool_call_then_answer(project, tmp_path):
     brain = Scripted("Let me look." + format_tool_call("read_file", {"path": "README.md"}), "It is 42.")
-    saver = sqlite_checkpointer(tmp_path / "m.db")
+    saver = open_saver(str(tmp_path / "m.db"))
     graph = build_graph(brain, default_tools(), ToolContext(root=project), checkpointer=saver)
     config = {"configurable": {"thread_id": "t1"}}
     events = drive(graph, task("what is the answer?"), config)
@@ -74,7 +75,7 @@ def test_tool_call_then_answer(project, tmp_path):
     )
     # the checkpoint is in the SQLite file: a fresh graph on a fresh connection sees the conversation
     again = build_graph(
-        Scripted(), default_tools(), ToolContext(root=project), checkpointer=sqlite_checkpointer(tmp_path / "m.db")
+        Scripted(), default_tools(), ToolContext(root=project), checkpointer=open_saver(str(tmp_path / "m.db"))
     )
     assert again.get_state(config).values["messages"] == state["messages"]
 
@@ -87,7 +88,7 @@ def test_step_limit_and_malformed_calls(project):
         default_tools(),
         ToolContext(root=project),
         max_steps=3,
-        checkpointer=sqlite_checkpointer(project.parent / "c.db"),
+        checkpointer=open_saver(str(project.parent / "c.db")),
     )
     config = {"configurable": {"thread_id": "t2"}}
     events = drive(graph, task("loop"), config)
@@ -112,7 +113,7 @@ def test_risky_tools_follow_the_approval_policy(project, policy, answers, writte
         default_tools(),
         ToolContext(root=project),
         approve=policy,
-        checkpointer=sqlite_checkpointer(project.parent / f"{policy}{answers}.db"),
+        checkpointer=open_saver(str(project.parent / f"{policy}{answers}.db")),
     )
     config = {"configurable": {"thread_id": "t3"}}
     events = drive(graph, task("write it"), config, answers)
@@ -132,7 +133,7 @@ def test_risky_tools_follow_the_approval_policy(project, policy, answers, writte
 def test_feed_mode_generates_nothing(project):
     brain = Scripted()
     graph = build_graph(
-        brain, default_tools(), ToolContext(root=project), checkpointer=sqlite_checkpointer(project.parent / "f.db")
+        brain, default_tools(), ToolContext(root=project), checkpointer=open_saver(str(project.parent / "f.db"))
     )
     config = {"configurable": {"thread_id": "t4"}}
     msgs = [{"role": "user", "content": "File a:\nx"}, {"role": "user", "content": "File b:\ny"}]
@@ -154,7 +155,7 @@ def test_tool_call_in_qwen35_native_syntax_round_trips(project, tmp_path):
     assert call.startswith("<tool_call>\n<function=read_file>\n<parameter=path>\nREADME.md\n</parameter>")
     brain = Scripted("<think>\nthe README says\n</think>\n\n" + call, "It is 42.")
     graph = build_graph(
-        brain, default_tools(), ToolContext(root=project), checkpointer=sqlite_checkpointer(tmp_path / "q.db")
+        brain, default_tools(), ToolContext(root=project), checkpointer=open_saver(str(tmp_path / "q.db"))
     )
     config = {"configurable": {"thread_id": "q"}}
     drive(graph, task("what is the answer?"), config)
