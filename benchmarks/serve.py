@@ -30,6 +30,7 @@ import sysconfig
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from common import RESULTS, device_name, versions
@@ -50,6 +51,16 @@ class Server(Served):
             raise SystemExit(f"the server did not start ({e}); see {log}") from None
         self.client = openai.OpenAI(base_url=self.url, api_key="-", max_retries=0, timeout=3600)
         self.model = self.client.models.list().data[0].id
+
+    def counters(self) -> dict[str, float]:
+        """The server's GET /metrics (server/metrics.py): each counter's value, by name and labels."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.url.removesuffix("/v1") + "/metrics", timeout=60) as r:
+            text = r.read().decode()
+        return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+                for f in text_string_to_metric_families(text) if f.type == "counter" for s in f.samples
+                if s.name.endswith("_total")}  # fmt: skip
 
     def first_token(self, messages: list[dict], max_tokens: int = 8) -> dict:
         """Seconds to the first streamed content, and the usage the server reports."""
@@ -155,6 +166,7 @@ def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
                 for k in range(args.requests):
                     rows.append(stream(asks[i * args.requests + k]))
 
+            before = server.counters()
             t0 = time.perf_counter()
             threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
             for th in threads:
@@ -162,6 +174,9 @@ def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
             for th in threads:
                 th.join()
             wall = time.perf_counter() - t0
+            after = server.counters()  # where the server's time went meanwhile (its writer may still be behind)
+            spent = {k.removeprefix("deltamem_"): round(v - before.get(k, 0.0), 3) for k, v in after.items()
+                     if v != before.get(k, 0.0) and not k.startswith(("deltamem_requests", "deltamem_tokens"))}
             ttfts = sorted(r["ttft_s"] for r in rows if r["ttft_s"] is not None)
             gaps = sorted(g for r in rows for g in r["gaps_s"])
             tokens = sum(r["completion_tokens"] for r in rows)
@@ -169,7 +184,7 @@ def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
                       "completion_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
                       "ttft_median_s": statistics.median(ttfts), "ttft_p95_s": rank(ttfts, 0.95),
                       "gap_p99_s": rank(gaps, 0.99) if gaps else None,
-                      "gap_max_s": gaps[-1] if gaps else None}  # fmt: skip
+                      "gap_max_s": gaps[-1] if gaps else None, "server": spent}  # fmt: skip
             print(f"{'batched' if batched else 'one at a time'} {n} clients: {out[n]}", file=sys.stderr, flush=True)
     finally:
         server.stop()
@@ -248,7 +263,8 @@ def main() -> None:
         f"about {conc['serial'][1]['prompt_tokens']:,.0f} tokens of its own, up to {args.tokens} tokens, greedy; "
         + (f"the clients start spread over {args.ramp:g} s); " if args.ramp else "all starting at once); ")
         + "one at a time (`--no-batch-decode`) and continuous batching (`--batch-decode`: replies decoded together, "
-        f"prompts read {args.prefill_chunk or 512} tokens at a time between the decode steps), side by side in one "
+        f"prompts read {args.prefill_chunk or (2048 if gpu else 512)} tokens at a time between the decode steps), "
+        "side by side in one "
         "run. Wall time from the first request to the last reply; each request also keeps its states in the SQLite "
         "store. Gap: the time between two tokens of one stream (the longest is how long a running reply waited).",
         "",
@@ -260,6 +276,12 @@ def main() -> None:
           f"{r['gap_p99_s'] or 0:.3f} | {r['gap_max_s'] or 0:.3f} |"
           for n in conc["serial"] for label, runs in (("one at a time", conc["serial"]), ("batched", conc["batched"]))
           for r in [runs[n]]),
+        "",
+        "Where the server's time went during each run (its GET /metrics, after minus before; seconds, except "
+        "steps, tokens and states):",
+        "",
+        *(f"- {n} clients, {label}: " + ", ".join(f"{k} {v:g}" for k, v in sorted(runs[n].get("server", {}).items()))
+          for n in conc["serial"] for label, runs in (("one at a time", conc["serial"]), ("batched", conc["batched"]))),
         "",
         "Decode alone, batched against one stream at a time: benchmarks/results/batch_decode.md.",
     ]

@@ -16,6 +16,7 @@ and go back to an engine (Engine.restore_kept) with its state exactly as the ste
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,7 @@ class DecodeBatch:
         fail. While it is busy the step runs eagerly and the capture waits for a later step."""
         self.model = model
         self.capture_lock = capture_lock
+        self.capture_s = 0.0  # seconds spent capturing graphs, so far
         self.device = next(model.parameters()).device
         self.graph_after = graph_after
         self.streams: list[State] = []  # in row order (the caller's rows); their tensors are stale while here
@@ -123,10 +125,12 @@ class DecodeBatch:
             return
         try:
             if CAPTURING.acquire(blocking=False):  # else a copy beside the model runs: a later step captures
+                t0 = time.perf_counter()
                 try:
                     self._record()
                 finally:
                     CAPTURING.release()
+                    self.capture_s += time.perf_counter() - t0
         finally:
             if self.capture_lock is not None:
                 self.capture_lock.release()

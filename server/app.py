@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -37,6 +37,7 @@ from deltamem.server import api, bodies
 from deltamem.server.api import ApiError
 from deltamem.server.batching import GPU_PREFILL_CHUNK, PREFILL_CHUNK, Batcher, Reply
 from deltamem.server.http import ClosingStreamingResponse, FifoLock, Guard, error_response, in_threads
+from deltamem.server.metrics import Metrics
 from deltamem.server.prefix import USER, PrefixCache
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,13 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     keys = [api_key] if isinstance(api_key, str) else list(api_key or ())
     tenants = {f"Bearer {k}": hashlib.sha256(k.encode()).hexdigest()[:12] for k in keys}
     lock = FifoLock()
+    metrics = Metrics()
     cache = PrefixCache(engine, store if prefix_cache else None, cache_bytes, enabled=prefix_cache,
-                        share=share_prefixes, store_bytes=store_bytes)  # fmt: skip
+                        share=share_prefixes, store_bytes=store_bytes, metrics=metrics)  # fmt: skip
     batched = engine.device.type == "cuda" if batch_decode is None else batch_decode
     if prefill_chunk is None:
         prefill_chunk = GPU_PREFILL_CHUNK if engine.device.type == "cuda" else PREFILL_CHUNK
-    batcher = Batcher(engine, lock, chunk=prefill_chunk) if batched else None
+    batcher = Batcher(engine, lock, chunk=prefill_chunk, metrics=metrics) if batched else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -93,6 +95,7 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     app = FastAPI(title="deltamem", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.batcher = batcher
     app.state.prefixes = cache  # its flush() waits until the states kept so far are stored
+    app.state.metrics = metrics
     bodies.document(app, model_name, max_prompt_tokens)  # /openapi.json: the request bodies (server/bodies.py)
     app.state.stopping = lambda: False  # the server running the app says when it is shutting down (app.py: serve)
     engine.reset()
@@ -104,6 +107,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         log.info("%s %s %d %s", request.method, request.url.path, exc.status, exc)
+        if request.method == "POST":  # a completion refused before it began
+            metrics.requests.labels(str(exc.status)).inc()
         return error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -117,6 +122,11 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics_text() -> Response:
+        """Prometheus' text format (server/metrics.py); with API keys, a scraper sends one too."""
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     card = {"id": model_name, "object": "model", "created": 0, "owned_by": "deltamem"}
 
@@ -279,10 +289,14 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
 
     def access(rid: str, session: str, done: dict, how: str) -> None:
         """The access log: one line a request (`deltamem serve --log-level info`, the default)."""
-        first, t0 = done.get("first"), done["t0"]
-        log.info("%s session=%s prompt=%d cached=%d completion=%d ttft=%s total=%.2fs %s", rid, session,
-                 len(done.get("ids") or ()), done.get("cached", 0), sum(c["n"] for c in done.get("choices", ())),
-                 "-" if first is None else f"{first - t0:.2f}s", time.perf_counter() - t0, how)  # fmt: skip
+        first, t0, total = done.get("first"), done["t0"], time.perf_counter() - done["t0"]
+        prompt, cached = len(done.get("ids") or ()), done.get("cached", 0)
+        completion = sum(c["n"] for c in done.get("choices", ()))
+        log.info("%s session=%s prompt=%d cached=%d completion=%d ttft=%s total=%.2fs %s", rid, session, prompt,
+                 cached, completion, "-" if first is None else f"{first - t0:.2f}s", total, how)  # fmt: skip
+        status = how.split(None, 1)[0].rstrip(",")
+        metrics.request(int(status) if status.isdigit() else 500, prompt, cached, completion,
+                        None if first is None else first - t0, total)  # fmt: skip
 
     def complete(text: str, body: dict, session: str, chat: bool, schemas: dict, guide=None,
                  left: threading.Event | None = None) -> Any:  # fmt: skip

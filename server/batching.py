@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -74,9 +75,11 @@ class Job:
 class Batcher:
     """The scheduler thread: run() engine jobs, submit() replies to decode; both proceed concurrently."""
 
-    def __init__(self, engine, lock, max_batch: int = MAX_BATCH, chunk: int = PREFILL_CHUNK):
+    def __init__(self, engine, lock, max_batch: int = MAX_BATCH, chunk: int = PREFILL_CHUNK, metrics=None):
         """lock: the engine's lock (server/http.py's FifoLock), held by this thread while a job runs; a decode step
-        is captured as a CUDA graph only while no other thread holds it (see DecodeBatch)."""
+        is captured as a CUDA graph only while no other thread holds it (see DecodeBatch). metrics: where the
+        thread's time goes (server/metrics.py)."""
+        self.metrics = metrics
         self.lock = lock
         self.batch = DecodeBatch(engine.model, capture_lock=_CaptureGate(self))
         self.unknown = engine.unknown_ids()
@@ -138,10 +141,18 @@ class Batcher:
             self._cond.notify()
         self._thread.join(timeout=60)
 
+    def _spent(self, work: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.scheduler.labels(work).inc(now - since)
+        return now
+
     def _loop(self) -> None:
+        t = time.perf_counter()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self.job or self.jobs or self.waiting or self.active or self._closing)
+                t = self._spent("idle", t)
                 if self._closing:
                     self._shut()
                     return
@@ -152,8 +163,10 @@ class Batcher:
                     joining.append(self.waiting.popleft())
             if self.job is not None:
                 self._job_step()
+                t = self._spent("job", t)
             if not (joining or self.active):
                 continue
+            captured = self.batch.capture_s
             try:
                 with torch.inference_mode():
                     self._step(joining)
@@ -163,6 +176,10 @@ class Batcher:
                     r.out.put(e)
                 self.active = []
                 self.batch = DecodeBatch(self.batch.model, capture_lock=self.batch.capture_lock)
+            captured = max(0.0, self.batch.capture_s - captured)
+            if self.metrics is not None and captured:
+                self.metrics.scheduler.labels("capture").inc(captured)
+            t = self._spent("decode", t + captured)
 
     def _job_step(self) -> None:
         job = self.job
@@ -215,6 +232,9 @@ class Batcher:
         if not self.active:
             return
         self.trace.append(("step", len(self.active)))
+        if self.metrics is not None:
+            self.metrics.steps.inc()
+            self.metrics.decoded.inc(len(self.active))
         tokens = self._sample()
         ended = [self._advance(r, tok) for r, tok in zip(self.active, tokens, strict=True)]  # text out first
         logits = self.batch.step(tokens)  # every sampled token is fed, the last one too (as generate() does)

@@ -43,13 +43,15 @@ class Hit:
 class PrefixCache:
     def __init__(
         self, engine, store: Store | None, byte_budget: int = 512 << 20, keep: int = 256, enabled: bool = True,
-        share: bool = False, store_bytes: int | None = None,
+        share: bool = False, store_bytes: int | None = None, metrics=None,
     ):  # fmt: skip
         """enabled=False: every prompt is read whole from an empty state (what a GDN hybrid gets from a server
         without prefix states; benchmarks/serve.py's baseline); nothing is kept. share: states in memory serve
         every session (else each session only its own). store_bytes: the stored states' budget in the file (every
         serve session's, least recently used dropped first; the last state of each session a client named with
-        X-Deltamem-Session kept: Store.trim)."""
+        X-Deltamem-Session kept: Store.trim). metrics: what became of the states and where the writer's time went
+        (server/metrics.py)."""
+        self.metrics = metrics
         self.engine, self.store, self.budget, self.keep, self.enabled = engine, store, byte_budget, keep, enabled
         self.share, self.store_bytes = share, store_bytes
         self.used: dict[int, float] = {}  # stored state -> when this server last wrote or restored it
@@ -161,7 +163,7 @@ class PrefixCache:
             if (scope, key) in self.hot:
                 return
             if self._closed:  # a reply that ended as the server shut down
-                self.unstored += 1
+                self._unstored()
                 return
             self.hot[scope, key] = kept
             self.hot_bytes += kept.nbytes
@@ -175,7 +177,7 @@ class PrefixCache:
             while self.pending_bytes > self.budget and len(self.pending) > 1:  # the store is behind: the oldest
                 _, old_key, old = self.pending.pop(0)  # copies go unstored (they may still serve from memory)
                 self.pending_bytes -= old.nbytes
-                self.unstored += 1
+                self._unstored()
                 log.info("a prompt state of %d tokens was not stored: the store is behind (%d so far)", len(old_key),
                          self.unstored)  # fmt: skip
             if self._thread is None:
@@ -213,8 +215,10 @@ class PrefixCache:
                 self._writing = True
             try:
                 self._write(session, key, kept)
+                self._count("stored")
             except Exception:  # the store failed (disk full, a lease lost, ...): logged, the server goes on
                 log.exception("a prompt state of %d tokens could not be stored", len(key))
+                self._count("failed")
             finally:
                 with self._work:
                     self._writing = False
@@ -222,16 +226,19 @@ class PrefixCache:
 
     def _write(self, session: str, key: tuple[int, ...], kept: Kept) -> None:
         """Store one kept state, each in its own transaction (a crash loses states not yet written, never half of
-        one): copied to the host under the engine's lock, its snapshot made from that copy (only what changed since
+        one): copied to the host, its snapshot made from that copy (only what changed since
         its piece cache is hashed), then written. The copy runs beside the model, which goes on decoding: only a CUDA
         graph capture waits for it (and it for one)."""
+        t = time.perf_counter()
         with CAPTURING:  # a new engine allocates its state on the device too
             if self._snapshots is None:
                 self._snapshots = self.engine.sibling()
             host = kept.to_host()
+        t = self._spent("copy", t)
         self._snapshots.restore_kept(host, copy=False)
         parts = self._snapshots.snapshot_parts()
         kept.pieces = self._snapshots.piece_cache()  # a state restored from this copy later snapshots incrementally
+        t = self._spent("snapshot", t)
         sid = self._session(session)
         snap_id = self.store.save_turn(
             sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
@@ -249,6 +256,22 @@ class PrefixCache:
             with self._mu:
                 for name, index in self.stored.items():
                     self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
+        self._spent("store", t)
+
+    def _spent(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.writer.labels(phase).inc(now - since)
+        return now
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.states.labels(result).inc()
+
+    def _unstored(self) -> None:
+        """(Holding _mu.) A state given up unstored."""
+        self.unstored += 1
+        self._count("unstored")
 
     # --- the store's sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> str:

@@ -746,3 +746,43 @@ def test_calls_stream_as_a_name_then_argument_fragments_whatever_the_syntax(repl
     assert len([d for d in deltas if d["index"] == 0]) > 3  # the first call's arguments came in several pieces
     one = CallStream(schemas, parallel=False)
     assert {d["index"] for d in one.deltas(reply, final=True)} == {0}
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one_at_a_time", "batched"])
+def test_metrics_count_what_the_clients_were_given(tmp_path, batched):
+    """GET /metrics, read by prometheus_client's own parser, against what the clients got: the requests by status,
+    their tokens as each answer's usage gives them, a time to first token each; batched, a decoded token for each
+    completion token; and the prefix states, once written, as many as the real SQLite store holds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deltamem.memory.store import Store
+
+    with Store(tmp_path / "m.db") as store, TestClient(create_app(load_model("random", window=64), store, "random",
+                                                                  batch_decode=batched)) as client:  # fmt: skip
+        usages = []
+        for i, stream in enumerate((False, True, False)):
+            body = {"model": "random", "messages": [{"role": "user", "content": f"Say {i}."}], "max_tokens": 3 + i,
+                    "temperature": 0}  # fmt: skip
+            if stream:
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200
+            chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+            usages.append(chunks[-1]["usage"] if stream else r.json()["usage"])
+        assert client.post("/v1/chat/completions", json={"model": "random", "messages": []}).status_code == 400
+        client.app.state.prefixes.flush()
+        got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples}  # fmt: skip
+        kept = store.db.execute("select count(*) from session_snapshots").fetchone()[0]
+    assert got["deltamem_requests_total", (("status", "200"),)] == 3
+    assert got["deltamem_requests_total", (("status", "400"),)] == 1
+    for kind, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+        assert got["deltamem_tokens_total", (("kind", kind),)] == sum(u[field] for u in usages)
+    assert got["deltamem_time_to_first_token_seconds_count", ()] == 3
+    assert kept > 0 and got["deltamem_prefix_states_total", (("result", "stored"),)] == kept
+    assert got["deltamem_prefix_writer_seconds_total", (("phase", "snapshot"),)] > 0
+    if batched:
+        assert got["deltamem_decode_tokens_total", ()] == sum(u["completion_tokens"] for u in usages)
+        assert got["deltamem_scheduler_seconds_total", (("work", "decode"),)] > 0
+    else:
+        assert ("deltamem_decode_steps_total", ()) not in got or got["deltamem_decode_steps_total", ()] == 0
