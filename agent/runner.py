@@ -127,14 +127,23 @@ class Agent:
         s.guide = Guides(calls, listing) if self.tools else calls  # no tool, no file shown
         self.ctx = ToolContext(root=self.root, store=store, session_id=self.session.sid, allow_shell=allow_shell)
         self.saver = store.conversation_saver()
-        self.graph = build_graph(
-            self.session, self.tools, self.ctx, approve, max_steps, self.saver, should_stop=self.session.cancel.is_set
-        )
-        self.config = {"configurable": {"thread_id": self.session.sid}}
-        if self._reconcile():
-            log.warning(
-                "the conversation went past the last saved turn (an unfinished run?); resuming at the last saved turn"
-            )
+        try:
+            self.graph = build_graph(
+                self.session, self.tools, self.ctx, approve, max_steps, self.saver,
+                should_stop=self.session.cancel.is_set,
+            )  # fmt: skip
+            self.config = {"configurable": {"thread_id": self.session.sid}}
+            if self._reconcile():
+                log.warning("the conversation went past the last saved turn (an unfinished run?); resuming at the "
+                            "last saved turn")  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let go of the conversation saver's connection (on PostgreSQL, a server connection); the store and the
+        engine are the caller's."""
+        self.saver.conn.close()
 
     def _reconcile(self) -> bool:
         """Bring the graph thread to the checkpoint of the snapshot the state was restored from."""

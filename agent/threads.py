@@ -94,5 +94,5 @@ def delete(store: Store, ref: str) -> None:
     sid = store.session(ref)["id"]
     store.delete(sid)
     if _has_threads(store):
-        with _graph(store) as graph:
-            graph.checkpointer.delete_thread(sid)
+        with store.transaction():
+            checkpoints.delete(store.db, sid)

@@ -27,6 +27,7 @@ from deltamem.memory.errors import StoreError
 TABLES = ("checkpoints", "writes")  # SQLite's saver
 PG_TABLES = ("checkpoints", "checkpoint_blobs", "checkpoint_writes")  # PostgreSQL's
 SETUP_LOCK = 0x444D4350  # "DMCP": the advisory lock under which a first user creates PostgreSQL's tables
+SETTING = "conversation_tables"  # in `settings` once deltamem made them
 # a blob row some checkpoint of its thread still points to (through its channel_versions)
 _REFERENCED = ("exists (select 1 from checkpoints c where c.thread_id = b.thread_id and c.checkpoint_ns = "
                "b.checkpoint_ns and c.checkpoint -> 'channel_versions' ->> b.channel = b.version{})")  # fmt: skip
@@ -134,13 +135,20 @@ def _pg_copy(db, thread: str, new_thread: str, upto: str | None) -> int:
     return copied
 
 
+def _postgres_saver() -> type:
+    try:
+        from langgraph.checkpoint.postgres import PostgresSaver
+    except ImportError:
+        raise StoreError("the agent's conversation on a PostgreSQL memory database needs "
+                         "langgraph-checkpoint-postgres: pip install 'deltamem[cluster]'") from None
+    return PostgresSaver
+
+
 def saver(db) -> Any:
     """LangGraph's saver of this database, on its connection (so in the caller's transaction; SQLite's commits
     after each write, so never inside one of the store's)."""
     if _pg(db):
-        from langgraph.checkpoint.postgres import PostgresSaver
-
-        return PostgresSaver(db.conn)
+        return _postgres_saver()(db.conn)
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     return SqliteSaver(db.conn)
@@ -156,8 +164,9 @@ def open_saver(target: str, timeout_s: float = 30.0) -> Any:
         saver.setup()
         return saver
     import psycopg
-    from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg.rows import dict_row
+
+    postgres_saver = _postgres_saver()
 
     try:
         conn = psycopg.connect(target, autocommit=True, prepare_threshold=0, row_factory=dict_row,
@@ -169,17 +178,27 @@ def open_saver(target: str, timeout_s: float = 30.0) -> Any:
     except BaseException:
         conn.close()
         raise
-    return PostgresSaver(conn)
+    return postgres_saver(conn)
 
 
 def setup_postgres(conn) -> None:
     """Create (or bring up to date) PostgreSQL's saver tables, on an autocommit connection of its own (the saver's
-    migrations build indexes concurrently, which no transaction may hold), one process at a time."""
-    from langgraph.checkpoint.postgres import PostgresSaver
-
+    migrations build indexes concurrently, which no transaction may hold), one process at a time, and mark them
+    deltamem's in `settings`. Tables of those names that deltamem did not make (another LangGraph program's, whose
+    threads gc would take for deleted sessions') are refused."""
+    postgres_saver = _postgres_saver()
     conn.execute("select pg_advisory_lock(%s)", [SETUP_LOCK])
     try:
-        PostgresSaver(conn).setup()
+        ours = conn.execute("select count(*) as n from settings where key = %s", [SETTING]).fetchone()["n"]
+        there = conn.execute("select count(*) as n from pg_tables where schemaname = current_schema() and "
+                             "tablename = any(%s)", [list(PG_TABLES)]).fetchone()["n"]  # fmt: skip
+        if there and not ours:
+            raise StoreError("this PostgreSQL database holds LangGraph checkpoint tables that deltamem did not make "
+                             "(another program's conversations): give deltamem a database of its own")  # fmt: skip
+        postgres_saver(conn).setup()
+        if not ours:
+            conn.execute("insert into settings (key, value) values (%s, %s) on conflict do nothing",
+                         [SETTING, "langgraph-checkpoint-postgres"])  # fmt: skip
     finally:
         with contextlib.suppress(Exception):
             conn.execute("select pg_advisory_unlock(%s)", [SETUP_LOCK])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ class Transfer:
                 try:
                     return self._import_from(src, path, fingerprint)
                 except (*pgdb.DB_ERRORS, pc.BlobError) as e:
+                    if not isinstance(e, sqlite3.Error | pc.BlobError):  # this PostgreSQL database's, not the file's
+                        raise StoreError(f"cannot import {path} into {self.path}: {pgdb.redacted(str(e))}") from e
                     raise StoreError(f"{path} is not a valid deltamem export: {e}") from e
 
     def _import_from(self, src: Transfer, path: Path, fingerprint: str | None) -> str:

@@ -16,6 +16,7 @@ after a resume is cheap too).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -131,7 +132,9 @@ def _to_host(tensors: list[torch.Tensor], spares: dict[tuple, list[torch.Tensor]
 # layout -> the safetensors header of a payload of that layout: it depends on names, dtypes and shapes only, so it is
 # made once per layout and process (every new prompt's first snapshot in `deltamem serve` serialised its whole
 # state, about half a GB at 7B shapes, to get it: the writer thread's largest cost in a profile of the server)
-_HEADS: dict[tuple, bytes] = {}
+# (the few most recent: a growing window's layout changes with every length)
+_HEADS: OrderedDict[tuple, bytes] = OrderedDict()
+_HEADS_KEPT = 16
 _HEADS_LOCK = threading.Lock()
 
 
@@ -140,10 +143,16 @@ def _st_head(layout: tuple, pieces: dict[str, tuple[str, torch.Tensor]]) -> byte
     writes (after a restore: the restored blob's, written the same way)."""
     with _HEADS_LOCK:
         head = _HEADS.get(layout)
-        if head is None:
-            payload = st_save(_unshared({n: t for n, (_, t) in pieces.items()}))
-            (m,) = memoryview(payload)[:8].cast("Q")
-            head = _HEADS[layout] = payload[: 8 + m]
+        if head is not None:
+            _HEADS.move_to_end(layout)
+            return head
+    payload = st_save(_unshared({n: t for n, (_, t) in pieces.items()}))
+    (m,) = memoryview(payload)[:8].cast("Q")
+    head = payload[: 8 + m]
+    with _HEADS_LOCK:
+        _HEADS[layout] = head
+        while len(_HEADS) > _HEADS_KEPT:
+            _HEADS.popitem(last=False)
     return head
 
 

@@ -86,8 +86,8 @@ def create_app(engine, store=None, model_name: str = "deltamem", api_key: str | 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        # states kept but not yet written; in a thread, as the writer may wait for the engine's lock, held by a
-        # reply that is being cancelled, whose generator closes from this event loop
+        # states kept but not yet written; in a thread, as the writer may wait for a graph capture, under the
+        # engine's lock held by a reply that is being cancelled, whose generator closes from this event loop
         await anyio.to_thread.run_sync(cache.close)
         if batcher is not None:
             await anyio.to_thread.run_sync(batcher.close)

@@ -4,16 +4,17 @@ turn is never re-read).
 
 States live on the model's device under a byte budget (least recently used dropped first) and in the store, as snapshots
 of one deltamem session per name (`X-Deltamem-Session`, default "serve") with their token ids, so a restarted server
-hits them again. A writer thread of the cache's own stores them: it copies a kept state to the host (holding the
-engine's lock only for that copy, so no CUDA graph is being captured meanwhile), makes its snapshot and writes it, while
-requests go on; a request never waits for the store: the states it restores from the store are read through a connection
-of their own, which the writer's transactions do not hold up. When states come faster than the store takes them (a burst
-of long prompts at 7B shapes: some 0.5 GB each), the oldest not yet written are left unstored once the copies waiting
-exceed the byte budget: a cache, not a record (the session's conversation is the client's), so a state not stored costs
-at most a prompt read again after a restart (or on another replica). The engine's own current state counts too: a prompt
-that extends what it has just consumed costs no restore at all. A request reuses only its own session's states (the
-server names sessions per tenant), so neither a hit nor the time of a miss tells anything of another session's prompts;
-`share=True` (the operator's `--share-prefixes`) lets every session reuse the states in memory.
+hits them again. A writer thread of the cache's own stores them: it copies a kept state to the host (beside the model,
+which goes on; only a CUDA graph capture waits for the copy, through model/cuda_graph.py's CAPTURING), makes its
+snapshot and writes it, while requests go on; a request never waits for the store: the states it restores from the store
+are read through a connection of their own, which the writer's transactions do not hold up. When states come faster than
+the store takes them (a burst of long prompts at 7B shapes: some 0.5 GB each), the oldest not yet written are left
+unstored once the copies waiting exceed the byte budget: a cache, not a record (the session's conversation is the
+client's), so a state not stored costs at most a prompt read again after a restart (or on another replica). The engine's
+own current state counts too: a prompt that extends what it has just consumed costs no restore at all. A request reuses
+only its own session's states (the server names sessions per tenant), so neither a hit nor the time of a miss tells
+anything of another session's prompts; `share=True` (the operator's `--share-prefixes`) lets every session reuse the
+states in memory.
 """
 
 from __future__ import annotations
@@ -186,14 +187,14 @@ class PrefixCache:
             self._work.notify_all()
 
     def flush(self) -> None:
-        """Wait until every state kept so far is in the store (or failed to be: logged). Never call it holding the
-        engine's lock (the writer needs it)."""
+        """Wait until every state kept so far is in the store (or failed to be: logged). Never call it holding
+        CAPTURING (the writer needs it)."""
         with self._work:
             self._work.wait_for(lambda: not self.pending and not self._writing)
 
     def close(self) -> None:
         """flush(), then stop the writer (states kept later are not stored) and close the reading connection; the
-        store is the caller's to close after this. Never call it holding the engine's lock (the writer needs it)."""
+        store is the caller's to close after this. Never call it holding CAPTURING (the writer needs it)."""
         self.flush()
         with self._work:
             self._closed = True
@@ -233,9 +234,9 @@ class PrefixCache:
         with CAPTURING:  # a new engine allocates its state on the device too
             if self._snapshots is None:
                 self._snapshots = self.engine.sibling()
-            host = kept.to_host()
+            # the previous copy, let go here, goes back to the caching host allocator, which records events
+            self._snapshots.restore_kept(kept.to_host(), copy=False)
         t = self._spent("copy", t)
-        self._snapshots.restore_kept(host, copy=False)
         parts = self._snapshots.snapshot_parts()
         kept.pieces = self._snapshots.piece_cache()  # a state restored from this copy later snapshots incrementally
         t = self._spent("snapshot", t)

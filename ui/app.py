@@ -159,7 +159,9 @@ class DeltamemApp(App):
         except Exception as e:  # an ambiguous title, another project's session, a model that does not load: shown
             self.call_from_thread(self._open_failed, f"cannot open session {name!r}: {e}")
             return
-        self.agent, self.repo = agent, root
+        old, self.agent, self.repo = self.agent, agent, root
+        if old is not None and old is not agent and hasattr(old, "close"):
+            old.close()  # its saver's connection
         self.call_from_thread(self._show_session)
 
     def _open_failed(self, message: str) -> None:

@@ -99,3 +99,22 @@ def test_the_agent_on_postgres_keeps_its_conversation_as_on_sqlite(tmp_path, pg_
     with Store(twin) as a, Store(pg_url) as b:
         assert messages(b, "shop") == messages(a, "shop")
         assert b.load_snapshot("shop") == a.load_snapshot("shop")
+
+
+def test_checkpoint_tables_of_another_program_are_refused(pg_url):
+    """A database where another LangGraph program keeps its threads in the saver's tables: deltamem refuses it (its gc
+    would take those threads for deleted sessions') with a clear error, and leaves them as they were."""
+    import psycopg
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg.rows import dict_row
+
+    from deltamem.memory.errors import StoreError
+
+    with psycopg.connect(pg_url, autocommit=True, row_factory=dict_row) as conn:
+        PostgresSaver(conn).setup()
+        conn.execute("insert into checkpoints (thread_id, checkpoint_ns, checkpoint_id, checkpoint, metadata) "
+                     "values ('theirs', '', '1', '{}', '{}')")  # fmt: skip
+    with Store(pg_url) as store:
+        with pytest.raises(StoreError, match="did not make"):
+            store.conversation_saver()
+        assert rows(store, "checkpoints", "theirs") == 1
