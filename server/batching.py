@@ -30,6 +30,7 @@ import torch
 from deltamem.model.batch import DecodeBatch
 from deltamem.model.engine import Kept
 from deltamem.model.sampling import Sampler, TextStream, account, allowed
+from deltamem.server.metrics import Metrics, lap
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 32  # replies decoded in one step; more wait for a place
@@ -78,8 +79,8 @@ class Batcher:
     def __init__(self, engine, lock, max_batch: int = MAX_BATCH, chunk: int = PREFILL_CHUNK, metrics=None):
         """lock: the engine's lock (server/http.py's FifoLock), held by this thread while a job runs; a decode step
         is captured as a CUDA graph only while no other thread holds it (see DecodeBatch). metrics: where the
-        thread's time goes (server/metrics.py)."""
-        self.metrics = metrics
+        thread's time goes (server/metrics.py; default: a registry of its own)."""
+        self.metrics = metrics if metrics is not None else Metrics()
         self.lock = lock
         self.batch = DecodeBatch(engine.model, capture_lock=_CaptureGate(self))
         self.unknown = engine.unknown_ids()
@@ -141,18 +142,12 @@ class Batcher:
             self._cond.notify()
         self._thread.join(timeout=60)
 
-    def _spent(self, work: str, since: float) -> float:
-        now = time.perf_counter()
-        if self.metrics is not None:
-            self.metrics.scheduler.labels(work).inc(now - since)
-        return now
-
     def _loop(self) -> None:
         t = time.perf_counter()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self.job or self.jobs or self.waiting or self.active or self._closing)
-                t = self._spent("idle", t)
+                t = lap(self.metrics.scheduler, "idle", t)
                 if self._closing:
                     self._shut()
                     return
@@ -163,7 +158,7 @@ class Batcher:
                     joining.append(self.waiting.popleft())
             if self.job is not None:
                 self._job_step()
-                t = self._spent("job", t)
+                t = lap(self.metrics.scheduler, "job", t)
             if not (joining or self.active):
                 continue
             captured = self.batch.capture_s
@@ -177,9 +172,8 @@ class Batcher:
                 self.active = []
                 self.batch = DecodeBatch(self.batch.model, capture_lock=self.batch.capture_lock)
             captured = max(0.0, self.batch.capture_s - captured)
-            if self.metrics is not None and captured:
-                self.metrics.scheduler.labels("capture").inc(captured)
-            t = self._spent("decode", t + captured)
+            self.metrics.scheduler.labels("capture").inc(captured)
+            t = lap(self.metrics.scheduler, "decode", t + captured)
 
     def _job_step(self) -> None:
         job = self.job
@@ -232,9 +226,8 @@ class Batcher:
         if not self.active:
             return
         self.trace.append(("step", len(self.active)))
-        if self.metrics is not None:
-            self.metrics.steps.inc()
-            self.metrics.decoded.inc(len(self.active))
+        self.metrics.steps.inc()
+        self.metrics.decoded.inc(len(self.active))
         tokens = self._sample()
         ended = [self._advance(r, tok) for r, tok in zip(self.active, tokens, strict=True)]  # text out first
         logits = self.batch.step(tokens)  # every sampled token is fed, the last one too (as generate() does)

@@ -11,6 +11,8 @@ the snapshot, the store's write).
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 # seconds: from a cached turn's first token to a long prompt's on a CPU
@@ -52,3 +54,10 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def lap(counter: Counter, label: str, since: float) -> float:
+    """Add the seconds since `since` (a time.perf_counter()) to counter{label}; returns now, the next lap's start."""
+    now = time.perf_counter()
+    counter.labels(label).inc(now - since)
+    return now

@@ -29,6 +29,7 @@ from deltamem.memory.errors import NotFound
 from deltamem.memory.store import Store
 from deltamem.model.cuda_graph import CAPTURING
 from deltamem.model.engine import Kept
+from deltamem.server.metrics import Metrics, lap
 
 log = logging.getLogger(__name__)
 SERVE = "serve:"  # the title prefix of the server's sessions
@@ -51,8 +52,8 @@ class PrefixCache:
         every session (else each session only its own). store_bytes: the stored states' budget in the file (every
         serve session's, least recently used dropped first; the last state of each session a client named with
         X-Deltamem-Session kept: Store.trim). metrics: what became of the states and where the writer's time went
-        (server/metrics.py)."""
-        self.metrics = metrics
+        (server/metrics.py; default: a registry of its own)."""
+        self.metrics = metrics if metrics is not None else Metrics()
         self.engine, self.store, self.budget, self.keep, self.enabled = engine, store, byte_budget, keep, enabled
         self.share, self.store_bytes = share, store_bytes
         self.used: dict[int, float] = {}  # stored state -> when this server last wrote or restored it
@@ -216,10 +217,10 @@ class PrefixCache:
                 self._writing = True
             try:
                 self._write(session, key, kept)
-                self._count("stored")
+                self.metrics.states.labels("stored").inc()
             except Exception:  # the store failed (disk full, a lease lost, ...): logged, the server goes on
                 log.exception("a prompt state of %d tokens could not be stored", len(key))
-                self._count("failed")
+                self.metrics.states.labels("failed").inc()
             finally:
                 with self._work:
                     self._writing = False
@@ -236,10 +237,10 @@ class PrefixCache:
                 self._snapshots = self.engine.sibling()
             # the previous copy, let go here, goes back to the caching host allocator, which records events
             self._snapshots.restore_kept(kept.to_host(), copy=False)
-        t = self._spent("copy", t)
+        t = lap(self.metrics.writer, "copy", t)
         parts = self._snapshots.snapshot_parts()
         kept.pieces = self._snapshots.piece_cache()  # a state restored from this copy later snapshots incrementally
-        t = self._spent("snapshot", t)
+        t = lap(self.metrics.writer, "snapshot", t)
         sid = self._session(session)
         snap_id = self.store.save_turn(
             sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
@@ -257,22 +258,12 @@ class PrefixCache:
             with self._mu:
                 for name, index in self.stored.items():
                     self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
-        self._spent("store", t)
-
-    def _spent(self, phase: str, since: float) -> float:
-        now = time.perf_counter()
-        if self.metrics is not None:
-            self.metrics.writer.labels(phase).inc(now - since)
-        return now
-
-    def _count(self, result: str) -> None:
-        if self.metrics is not None:
-            self.metrics.states.labels(result).inc()
+        lap(self.metrics.writer, "store", t)
 
     def _unstored(self) -> None:
         """(Holding _mu.) A state given up unstored."""
         self.unstored += 1
-        self._count("unstored")
+        self.metrics.states.labels("unstored").inc()
 
     # --- the store's sessions ---------------------------------------------------------------------------
     def _session(self, name: str) -> str:
