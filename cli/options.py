@@ -78,17 +78,11 @@ def db_target(text: str) -> Path | str:
 def agent_db(db: Path | str | None) -> None:
     """Where the agent keeps its conversation (run, chat, ingest, tui): on a PostgreSQL memory database, LangGraph's
     PostgreSQL saver, which the `cluster` extra installs. Without it the command stops here, before a model loads."""
-    from deltamem.memory import pgdb
-    from deltamem.memory.errors import StoreError
+    from deltamem.memory import checkpoints, pgdb
     from deltamem.memory.store import default_db_path
 
     if pgdb.is_url(str(db if db is not None else default_db_path())):
-        try:
-            import langgraph.checkpoint.postgres  # noqa: F401
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise StoreError("the agent's conversation on a PostgreSQL memory database needs psycopg and "
-                             "langgraph-checkpoint-postgres: pip install 'deltamem[cluster]'") from None
+        checkpoints.postgres_saver()  # (which imports psycopg too)
 
 
 def db_arg(sp: argparse.ArgumentParser) -> None:

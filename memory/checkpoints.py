@@ -135,7 +135,8 @@ def _pg_copy(db, thread: str, new_thread: str, upto: str | None) -> int:
     return copied
 
 
-def _postgres_saver() -> type:
+def postgres_saver() -> type:
+    """LangGraph's PostgreSQL saver class, or a clear error where the `cluster` extra is missing."""
     try:
         from langgraph.checkpoint.postgres import PostgresSaver
     except ImportError:
@@ -148,7 +149,7 @@ def saver(db) -> Any:
     """LangGraph's saver of this database, on its connection (so in the caller's transaction; SQLite's commits
     after each write, so never inside one of the store's)."""
     if _pg(db):
-        return _postgres_saver()(db.conn)
+        return postgres_saver()(db.conn)
     from langgraph.checkpoint.sqlite import SqliteSaver
 
     return SqliteSaver(db.conn)
@@ -166,7 +167,7 @@ def open_saver(target: str, timeout_s: float = 30.0) -> Any:
     import psycopg
     from psycopg.rows import dict_row
 
-    postgres_saver = _postgres_saver()
+    saver_class = postgres_saver()
 
     try:
         conn = psycopg.connect(target, autocommit=True, prepare_threshold=0, row_factory=dict_row,
@@ -178,7 +179,7 @@ def open_saver(target: str, timeout_s: float = 30.0) -> Any:
     except BaseException:
         conn.close()
         raise
-    return postgres_saver(conn)
+    return saver_class(conn)
 
 
 def setup_postgres(conn) -> None:
@@ -186,7 +187,7 @@ def setup_postgres(conn) -> None:
     migrations build indexes concurrently, which no transaction may hold), one process at a time, and mark them
     deltamem's in `settings`. Tables of those names that deltamem did not make (another LangGraph program's, whose
     threads gc would take for deleted sessions') are refused."""
-    postgres_saver = _postgres_saver()
+    saver_class = postgres_saver()
     conn.execute("select pg_advisory_lock(%s)", [SETUP_LOCK])
     try:
         ours = conn.execute("select count(*) as n from settings where key = %s", [SETTING]).fetchone()["n"]
@@ -195,7 +196,7 @@ def setup_postgres(conn) -> None:
         if there and not ours:
             raise StoreError("this PostgreSQL database holds LangGraph checkpoint tables that deltamem did not make "
                              "(another program's conversations): give deltamem a database of its own")  # fmt: skip
-        postgres_saver(conn).setup()
+        saver_class(conn).setup()
         if not ours:
             conn.execute("insert into settings (key, value) values (%s, %s) on conflict do nothing",
                          [SETTING, "langgraph-checkpoint-postgres"])  # fmt: skip
