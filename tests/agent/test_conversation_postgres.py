@@ -38,6 +38,14 @@ def turn(repo, db, task: str) -> tuple[dict, str]:
     return out, err
 
 
+def same_next_turn(repo, lite, twin, db, task: str) -> None:
+    """`db`'s next turn is the one the SQLite session `lite` would take (run on `twin`, a copy of it made now)."""
+    with sqlite3.connect(lite) as x, sqlite3.connect(twin) as y:
+        x.backup(y)
+    (here, _), (there, there_err) = turn(repo, twin, task), turn(repo, db, task)
+    assert ROLLBACK not in there_err and there == here
+
+
 def rows(store: Store, table: str, thread: str) -> int:
     return store.db.execute(f"select count(*) from {table} where thread_id = ?", [thread]).fetchone()[0]
 
@@ -61,10 +69,7 @@ def test_the_agent_on_postgres_keeps_its_conversation_as_on_sqlite(tmp_path, pg_
     assert out["checkpoints"] > 0
     back, twin = tmp_path / "back.db", tmp_path / "twin.db"
     sessions(back, "import", str(tmp_path / "pg.dmsession"))
-    with sqlite3.connect(lite) as x, sqlite3.connect(twin) as y:
-        x.backup(y)
-    (here, _), (there, there_err) = turn(repo, twin, "And a plum?"), turn(repo, back, "And a plum?")
-    assert ROLLBACK not in there_err and there == here
+    same_next_turn(repo, lite, twin, back, "And a plum?")
 
     # rewind, fork, retention: the thread follows the snapshots on both databases alike
     with Store(lite) as a, Store(pg_url) as b:
@@ -92,10 +97,7 @@ def test_the_agent_on_postgres_keeps_its_conversation_as_on_sqlite(tmp_path, pg_
     with Store(pg_url) as b:
         threads.delete(b, "shop")
     sessions(pg_url, "import", str(tmp_path / "lite.dmsession"))
-    with sqlite3.connect(lite) as x, sqlite3.connect(twin) as y:
-        x.backup(y)
-    (here, _), (there, there_err) = turn(repo, twin, "And a fig?"), turn(repo, pg_url, "And a fig?")
-    assert ROLLBACK not in there_err and there == here
+    same_next_turn(repo, lite, twin, pg_url, "And a fig?")
     with Store(twin) as a, Store(pg_url) as b:
         assert messages(b, "shop") == messages(a, "shop")
         assert b.load_snapshot("shop") == a.load_snapshot("shop")
