@@ -76,20 +76,26 @@ class PrefixCache:
         self._work = threading.Condition(self._mu)  # pending grew, or the writer went idle
         self._writing = False
         self._closed = False
-        self._snapshots = None  # the engine the writer makes snapshots on (Engine.sibling, made at the first)
+        self._snapshots = None  # the engine the writer makes snapshots on (Engine.sibling)
         self._thread: threading.Thread | None = None
-        if store is not None and enabled and engine.device.type == "cuda":
-            self._warm_host_copies()
+        if store is not None and enabled:
+            self._warm()
 
-    def _warm_host_copies(self) -> None:
-        """Allocate now, at start, the pinned host memory of two states' copies (the writer's engine holds one while
-        the next is copied), which later copies reuse through torch's caching host allocator: a first pinned
-        allocation costs about 2 ms per MB, and meanwhile the driver holds up the model's kernel launches (at 7B
-        shapes, a second's pause in the first replies)."""
-        kept = self.engine.keep()
-        with CAPTURING:
-            copies = [kept.to_host() for _ in range(2)]
-        del copies, kept
+    def _warm(self) -> None:
+        """Make now, at start, what the writer's first state would make while requests run. Its engine, and the
+        safetensors header of the state's layout (model/snapcache.py makes it by serialising a whole state, which
+        holds the GIL: at 7B shapes 1.4-1.8 s in which no other thread of the server runs, the scheduler's
+        included; benchmarks/writer_stalls.py). On a GPU, the pinned host memory of two states' copies (the
+        writer's engine holds one while the next is copied), which later copies reuse through torch's caching host
+        allocator: a first pinned allocation costs about 2 ms per MB, and meanwhile the driver holds up the model's
+        kernel launches (at 7B shapes, a second's pause in the first replies)."""
+        self._snapshots = self.engine.sibling()
+        self._snapshots.snapshot_parts()  # an empty state has every state's layout (a bounded window's pages)
+        if self.engine.device.type == "cuda":
+            kept = self.engine.keep()
+            with CAPTURING:
+                copies = [kept.to_host() for _ in range(2)]
+            del copies, kept
 
     # --- lookup -----------------------------------------------------------------------------------------
     def restore_longest(self, ids: list[int], session: str) -> Hit:
@@ -232,10 +238,7 @@ class PrefixCache:
         its piece cache is hashed), then written. The copy runs beside the model, which goes on decoding: only a CUDA
         graph capture waits for it (and it for one)."""
         t = time.perf_counter()
-        with CAPTURING:  # a new engine allocates its state on the device too
-            if self._snapshots is None:
-                self._snapshots = self.engine.sibling()
-            # the previous copy, let go here, goes back to the caching host allocator, which records events
+        with CAPTURING:  # the previous copy, let go here, goes back to the caching host allocator (it records events)
             self._snapshots.restore_kept(kept.to_host(), copy=False)
         t = lap(self.metrics.writer, "copy", t)
         parts = self._snapshots.snapshot_parts()

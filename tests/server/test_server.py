@@ -666,6 +666,36 @@ def test_answers_never_wait_for_the_store_and_a_store_behind_loses_only_the_olde
     assert r["choices"][0]["message"]["content"] == ask(plain, last, 2)["choices"][0]["message"]["content"]
 
 
+def test_the_writer_makes_its_snapshot_header_at_start_not_while_requests_run(tmp_path, monkeypatch):
+    """safetensors serialises a whole state to make a snapshot's header, holding the GIL all along (at 7B shapes
+    1.4-1.8 s in which the scheduler thread cannot run): the server does it once as it starts, for the layout every
+    state of a bounded window has, and the states its requests leave are stored without it. What is stored is
+    what safetensors writes for the same state."""
+    from deltamem.memory.store import Store
+    from deltamem.model import snapcache
+
+    made, save = [], snapcache.st_save
+    monkeypatch.setattr(snapcache, "_HEADS", snapcache.OrderedDict())  # no layout known to this process yet
+    monkeypatch.setattr(snapcache, "st_save", lambda tensors: made.append(1) or save(tensors))
+    with Store(tmp_path / "m.db") as store, TestClient(create_app(load_model("random", window=64), store,
+                                                                  "random")) as client:  # fmt: skip
+        at_start = len(made)
+        for i in range(3):
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"{i}: " +
+                            "tell me about the sea " * 20}], "max_tokens": 3, "temperature": 0})  # fmt: skip
+            assert r.status_code == 200, r.text
+        client.app.state.prefixes.flush()
+        assert at_start == 1 and len(made) == 1  # made at start, once; none while requests ran
+        session = next(s for s in store.sessions() if s["title"].startswith("serve:"))
+        snaps = store.snapshots(session["id"])
+        assert len(snaps) == 6  # a prompt's and a reply's state per request
+        fresh = load_model("random", window=64)
+        for row in snaps:
+            blob = store.load_snapshot(session["id"], row["id"])
+            fresh.restore(blob)
+            assert fresh.snapshot() == blob  # Engine.snapshot(): safetensors' own file of the whole state
+
+
 def test_stored_states_stay_within_their_budget_and_gc_gives_the_space_back(tmp_path):
     """500 requests over 50 `user` values, 8 MB of states allowed: the file stops growing (its pieces within the
     budget; sizes measured on the real SQLite file), each user's last state still serves its next turn, and
