@@ -3,8 +3,9 @@
 For a state after N tokens (1,000: window partly filled; 6,000: wrapped), the snapshot is restored R times and the
 same tokens are fed one at a time after each restore; a run counts as equal when its logits are bit-identical to
 the first run's. Measured with the attention backends deltamem restricts SDPA to on a GPU (memory-efficient or
-math: model/cache.py `_backends`) and with PyTorch free to pick any, side by side, with the CUDA-graph decode rate
-(tokens/s at 8k context) of each.
+math: model/cache.py `_backends`), with PyTorch free to pick any, and with deltamem's own decode attention reading
+the ring in place (DELTAMEM_DECODE_ATTENTION=ring), side by side, with the CUDA-graph decode rate (tokens/s at 8k
+context) of each.
 
     python benchmarks/gpu_determinism.py --out DIR
 Writes DIR/gpu_determinism.json and DIR/gpu_determinism.md.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -62,8 +64,11 @@ def main() -> None:
     args = ap.parse_args()
     base = build_ours(olmo_hybrid_7b_config(), 4096, 4, 4096)
     rows = []
-    for name, backends in (("restricted (deltamem)", RESTRICTED), ("any (PyTorch's choice)", any_backend)):
+    modes = (("restricted (deltamem)", RESTRICTED, "sdpa"), ("any (PyTorch's choice)", any_backend, "sdpa"),
+             ("ring (kernels/attn_decode.py)", RESTRICTED, "ring"))
+    for name, backends, attention in modes:
         cache._backends = backends
+        os.environ["DELTAMEM_DECODE_ATTENTION"] = attention  # read as each step is built (and captured)
         eng = base.sibling()
         row = {"sdpa_backends": name, "decode_tok_s_8k": round(max(decode_rate(eng), decode_rate(eng.sibling())), 1)}
         for seen in (1000, 6000):
@@ -71,12 +76,13 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     cache._backends = RESTRICTED
+    os.environ.pop("DELTAMEM_DECODE_ATTENTION")
     doc = {"device": device_name(), "versions": versions(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_determinism.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = ["# Restore, then the same tokens one at a time: bit-identical runs (7B shapes, bf16, window 4096)", "",
              f"Device: {doc['device']}; torch {torch.__version__}", "",
-             "| SDPA backends | equal runs, 1,000 seen | equal runs, 6,000 seen (wrapped) | decode tok/s at 8k |",
+             "| decode attention | equal runs, 1,000 seen | equal runs, 6,000 seen (wrapped) | decode tok/s at 8k |",
              "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['sdpa_backends']} | {r['equal_runs_1000']} | {r['equal_runs_6000']} | "
