@@ -133,6 +133,18 @@ def rank(values: list[float], q: float) -> float:
     return values[max(0, math.ceil(q * len(values)) - 1)]
 
 
+def ttft_floor(clients: int, ramp: float, read_s: float) -> float:
+    """The p95 time to first token that reading the prompts alone allows: clients arriving as the benchmark's do
+    (spread evenly over `ramp` s), each prompt read in `read_s` s, one after the other on one device (a GPU reads a
+    2k-token prompt at 7B shapes near its peak rate already: reading several at once would not be faster)."""
+    free, waits = 0.0, []
+    for i in range(clients):
+        arrive = ramp * i / clients
+        free = max(free, arrive) + read_s
+        waits.append(free - arrive)
+    return rank(sorted(waits), 0.95)
+
+
 def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
     """Clients 1, 4 and 16 at once, each sending --requests streamed requests one after the other (a --prompt-chars
     prompt of its own, up to --tokens tokens, greedy): aggregate tok/s, time to first token, and the gaps between
@@ -189,6 +201,19 @@ def concurrency(args, db: Path, log: Path, batched: bool) -> dict:
     finally:
         server.stop()
     return out
+
+
+def floors(batched: dict, ramp: float) -> list[str]:
+    """A line on the p95 times to first token the prompt reads alone allow (ttft_floor), from the one-client batched
+    run's prompt-read time (its scheduler's job seconds), beside the single client's own time to first token."""
+    one = batched[1]
+    read_s = one.get("server", {}).get("scheduler_seconds_total{work=job}", 0.0) / one["requests"]
+    if not read_s:
+        return []
+    floor = {n: ttft_floor(n, ramp, read_s) for n in batched}
+    parts = [f"{n} clients {f:.2f} s ({f / one['ttft_median_s']:.1f}x)" for n, f in floor.items()]
+    return [f"The prompt reads alone (one client's read: {read_s:.3f} s, one after the other as the clients arrive) "
+            f"allow a p95 time to first token of at least: {', '.join(parts)} (x: against one client's).", ""]
 
 
 def main() -> None:
@@ -277,6 +302,7 @@ def main() -> None:
           for n in conc["serial"] for label, runs in (("one at a time", conc["serial"]), ("batched", conc["batched"]))
           for r in [runs[n]]),
         "",
+        *floors(conc["batched"], args.ramp),
         "Where the server's time went during each run (its GET /metrics, after minus before; seconds, except "
         "steps, tokens and states):",
         "",
