@@ -164,6 +164,15 @@ class DeltaStack:
     def take(self, row: int, st: DeltaState) -> None:
         st.set(self.conv[row].clone(), self.recurrent[row : row + 1].clone())
 
+    def head(self, rows: int) -> DeltaStack:
+        """The first `rows` rows, sharing this stack's memory (a step over fewer rows than the stack holds)."""
+        return DeltaStack(self.conv[:rows], self.recurrent[:rows])
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's state into row dst (src's is left as it was: free)."""
+        self.conv[dst].copy_(self.conv[src])
+        self.recurrent[dst].copy_(self.recurrent[src])
+
     def resized(self, rows: int) -> DeltaStack:
         """An empty stack of the same shapes with `rows` rows."""
         return DeltaStack(self.conv.new_zeros(rows, *self.conv.shape[1:]),
@@ -201,13 +210,25 @@ class KVStack:
     def take(self, row: int, w: KVWindow) -> None:
         w.k, w.v, w.pos = self.k[row].clone(), self.v[row].clone(), self.pos[row].clone()
 
+    def head(self, rows: int, p: torch.Tensor) -> KVStack:
+        """The first `rows` windows, sharing this stack's memory, attending at positions `p` ([rows] int64)."""
+        return self._with(self.k[:rows], self.v[:rows], self.pos[:rows], p)
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src's window into row dst (src's is left as it was: free)."""
+        self.k[dst].copy_(self.k[src])
+        self.v[dst].copy_(self.v[src])
+        self.pos[dst].copy_(self.pos[src])
+
     def resized(self, rows: int) -> KVStack:
         """An empty stack of the same windows with `rows` rows."""
+        return self._with(self.k.new_zeros(rows, *self.k.shape[1:]), self.v.new_zeros(rows, *self.v.shape[1:]),
+                          self.pos.new_full((rows, *self.pos.shape[1:]), -1), None)  # fmt: skip
+
+    def _with(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, p: torch.Tensor | None) -> KVStack:
         new = object.__new__(KVStack)
-        new.sink, new.window, new.rotary, new.p = self.sink, self.window, self.rotary, None
-        new.k = self.k.new_zeros(rows, *self.k.shape[1:])
-        new.v = self.v.new_zeros(rows, *self.v.shape[1:])
-        new.pos = self.pos.new_full((rows, *self.pos.shape[1:]), -1)
+        new.sink, new.window, new.rotary = self.sink, self.window, self.rotary
+        new.k, new.v, new.pos, new.p = k, v, pos, p
         return new
 
     def copy_rows(self, old: KVStack) -> None:
@@ -260,6 +281,15 @@ class KVGroup:
 
     def take(self, row: int, w: KVWindow) -> None:
         self.windows[row] = None
+
+    def head(self, rows: int) -> KVGroup:
+        """The first `rows` streams' windows (as they are now: a step's view)."""
+        view = KVGroup(0)
+        view.windows = self.windows[:rows]
+        return view
+
+    def move(self, src: int, dst: int) -> None:
+        self.windows[dst], self.windows[src] = self.windows[src], None
 
     def resized(self, rows: int) -> KVGroup:
         return KVGroup(rows)

@@ -137,9 +137,10 @@ def test_a_state_of_another_model_is_refused(tmp_path):
 
 @pytest.mark.parametrize("window", [6, None], ids=["bounded", "growing"])
 def test_streams_joining_and_leaving_at_random_as_the_rows_grow_and_shrink(window):
-    """Up to 11 streams join and leave at random (the stacks grow to 16 rows, shrink when three quarters are free,
-    are freed when the batch empties, and grow again); a stream that left takes a step alone on the engine before
-    it comes back. Every logit of every stream equals the engine's, fed that stream's tokens alone."""
+    """Up to 11 streams join and leave at random (the stacks grow to 16 rows, are freed when the batch empties, and
+    grow again; in between, with bounded windows, a step computes only the fewest rows that hold the streams, on the
+    same stacks); a stream that left takes a step alone on the engine before it comes back. Every logit of every
+    stream equals the engine's, fed that stream's tokens alone."""
     import random
 
     eng = load_model("random", window=window, sink=2)
@@ -157,7 +158,7 @@ def test_streams_joining_and_leaving_at_random_as_the_rows_grow_and_shrink(windo
     batch = DecodeBatch(eng.model)
     fed, states = list(prompt), {i: [st.copy() for st in kept[i].states] for i in range(n)}
     inside: list[int] = []  # the stream in each of the batch's rows
-    rows_seen = []
+    rows, stepped, stacks = [], [], []  # each round: the stacks' rows, the rows its step computed, their memory
 
     def check(i: int, logits: torch.Tensor) -> None:
         assert (logits - want[i][fed[i] - prompt[i] + 1]).abs().max() < 1e-4, i  # after token fed[i]
@@ -187,9 +188,69 @@ def test_streams_joining_and_leaving_at_random_as_the_rows_grow_and_shrink(windo
         for r in reversed(range(len(inside))):  # streams at their end leave
             if fed[inside[r]] >= length - 1:
                 states[inside.pop(r)] = batch.remove(r)
-        rows_seen.append(batch._rows)
         if inside:
             for i, logits in zip(inside, batch.step([seqs[i][fed[i]] for i in inside]), strict=True):
                 check(i, logits)
-    assert 16 in rows_seen and 8 in rows_seen[rows_seen.index(16) :]  # grew to 16 rows, then shrank
+        rows.append(batch._rows)
+        stepped.append(batch.rows_stepped if inside else 0)
+        stacks.append(batch._layers[0].conv.data_ptr() if batch._layers else None)
     assert sum(fed) - sum(prompt) > 200
+    grown = rows.index(16)
+    freed = rows.index(0, grown)
+    assert max(rows[freed:]) > 0  # freed when everybody had left, then grown again
+    changes = [k for k in range(1, len(rows)) if stacks[k] != stacks[k - 1]]
+    assert changes == [k for k in range(1, len(rows)) if rows[k] != rows[k - 1]]  # new stacks only as rows change
+    if window is None:  # growing windows: every row, each step
+        assert all(s == r for s, r in zip(stepped, rows, strict=True) if s)
+    else:  # the steps shrank and grew on the same 16 rows
+        assert 16 in stepped[grown:freed] and min(s for s in stepped[stepped.index(16) : freed] if s) <= 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])  # fmt: skip
+def test_a_reserved_batch_keeps_its_stacks_and_graphs_as_streams_come_and_go(device):
+    """reserve(8) makes the stacks at once and, on a GPU, captures the step over 8, 4, 2 and 1 rows then. Six
+    streams join and leave (the steps grow and shrink between 1 and 8 rows): no new stacks, no capture, on a GPU
+    every step replayed; every logit equals the engine's (float32, same device) fed that stream's tokens alone; the
+    stacks stay when the batch empties."""
+    from tests.model.test_gpu_engine import ids_of, rel_err, tiny_engine
+
+    eng = tiny_engine(False, device, torch.float32, window=16, sink=2)
+    seqs = [ids_of(40, 30 + i) for i in range(6)]
+    want = []
+    for seq in seqs:
+        eng.reset()
+        want.append([eng.feed(seq[:5])[-1]] + [eng.feed([t])[-1] for t in seq[5:-1]])
+    eng.reset()
+    batch = DecodeBatch(eng.model)
+    batch.reserve(8, eng.keep().states)
+    stacks, replayed = batch._layers[0].conv.data_ptr(), batch.graph_steps
+    assert batch._rows == 8 and batch.captures == (4 if device == "cuda" else 0)
+    inside, fed, states, stepped = [], {}, {}, set()
+    for i, seq in enumerate(seqs):
+        eng.reset()
+        eng.feed(seq[:5])
+        states[i], fed[i] = eng.keep().states, 5
+    for rnd in range(34):
+        if rnd < 6 or rnd in (20, 22):  # all join, two leave at 12 and 16 and come back
+            i = rnd if rnd < 6 else (1 if rnd == 20 else 4)
+            assert batch.add(states.pop(i)) == len(inside)
+            inside.append(i)
+        if rnd in (12, 16, 26, 27, 28, 29, 30):
+            r = inside.index({12: 1, 16: 4}.get(rnd, inside[-1]))
+            i = inside.pop(r)
+            states[i] = batch.remove(r)
+        if inside:
+            logits = batch.step([seqs[i][fed[i]] for i in inside])
+            stepped.add(batch.rows_stepped)
+            for i, row in zip(inside, logits, strict=True):
+                fed[i] += 1
+                assert rel_err(row, want[i][fed[i] - 5]) < 1e-4, (rnd, i)
+    while inside:
+        i = inside.pop()
+        states[i] = batch.remove(len(inside))
+    assert stepped == {1, 2, 4, 8}
+    assert batch._layers[0].conv.data_ptr() == stacks and batch._rows == 8  # the same stacks all along, kept
+    assert batch.captures == (4 if device == "cuda" else 0)
+    if device == "cuda":
+        assert batch.graph_steps == replayed + 34  # every step replayed
