@@ -60,6 +60,13 @@ class Sampler:
         else:
             self.gen.manual_seed(seed)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax of the logits as they are (no penalty, bias or log-probabilities): one argmax over several
+        replies' rows draws what each row's own would."""
+        return (self.temperature == 0 and self.penalty == 1.0 and not (self.bias or self.presence or self.frequency)
+                and self.logprobs is None)  # fmt: skip
+
     @torch.inference_mode()  # as on_device: the counts are made and updated in one mode wherever it is called
     def __call__(self, logits: torch.Tensor) -> int:
         # logits: [vocab]
@@ -189,10 +196,10 @@ class Sampler:
 
 
 def allowed(row: torch.Tensor, unknown: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A next-token logits row with what may not be sampled at -inf: the ids the tokenizer cannot decode (`unknown`),
-    and those a guide's `mask` (True: allowed) forbids."""
+    """A next-token logits row (or rows [B, vocab]) with what may not be sampled at -inf: the ids the tokenizer
+    cannot decode (`unknown`), and those a guide's `mask` (True: allowed) forbids."""
     if unknown is not None:
-        row = row.index_fill(0, unknown, float("-inf"))
+        row = row.index_fill(-1, unknown, float("-inf"))
     return row if mask is None else row.masked_fill(~mask, float("-inf"))
 
 
