@@ -302,7 +302,7 @@ def main() -> None:
           for n in conc["serial"] for label, runs in (("one at a time", conc["serial"]), ("batched", conc["batched"]))
           for r in [runs[n]]),
         "",
-        *floors(conc["batched"], args.ramp),
+        *(floors(conc["batched"], args.ramp) if args.requests == 1 else []),
         "Where the server's time went during each run (its GET /metrics, after minus before; seconds, except "
         "steps, tokens and states):",
         "",

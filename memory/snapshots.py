@@ -152,10 +152,11 @@ class Snapshots:
         return snap_id
 
     def _insert_piece(self, digest: str, data: bytes | memoryview) -> None:
-        """A piece's row with its bytes. On SQLite they go through the blob API: a blob bound as a parameter is
-        copied by SQLite holding the GIL (at 7B shapes some 0.1 s a state, in which no other thread of `deltamem
-        serve` runs: benchmarks/writer_stalls.py), a blob written lets it go."""
-        if not self.sqlite or not len(data):
+        """A piece's row with its bytes. On SQLite, in a transaction (the row and its bytes commit together), they
+        go through the blob API: a blob bound as a parameter is copied by SQLite holding the GIL (at 7B shapes some
+        0.1 s a state, in which no other thread of `deltamem serve` runs: benchmarks/writer_stalls.py), a blob
+        written lets it go."""
+        if not self.sqlite or not len(data) or not self.db.conn.in_transaction:
             self.db.execute("insert into pieces (sha256, bytes, data) values (?, ?, ?)", [digest, len(data), data])
             return
         rowid = self.db.execute("insert into pieces (sha256, bytes, data) values (?, ?, zeroblob(?))",

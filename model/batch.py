@@ -29,7 +29,7 @@ from deltamem.model.cuda_graph import CAPTURING
 from deltamem.model.layers import HybridLM
 
 State = list[DeltaState | KVWindow]
-KEEP_ROWS = 4  # stacks of up to this many rows stay when the last stream leaves (with their graph, for the next)
+KEEP_ROWS = 4  # stacks of up to this many rows stay when the last stream leaves (with their graphs, for the next)
 log = logging.getLogger(__name__)
 
 
@@ -67,9 +67,10 @@ class DecodeBatch:
         return len(self.streams)
 
     def reserve(self, rows: int, like: State) -> None:
-        """Make the stacks `rows` rows now (a power of two), shaped as the state `like`, and on a GPU capture the
-        step over every power of two of rows up to it: a burst of requests then finds every graph made. The
-        stacks stay when the batch empties. Only on an empty batch (the warm-up steps run on the free rows)."""
+        """Make the stacks at least `rows` rows now (a power of two), shaped as the state `like`, and on a GPU
+        capture the step over every power of two of rows up to the stacks' rows: a burst of requests then finds
+        every graph made. Stacks of up to `rows` rows stay when the batch empties. Only on an empty batch (the
+        warm-up steps run on the free rows)."""
         if self.streams:
             raise RuntimeError("reserve() needs an empty batch")
         if rows < 1 or rows & (rows - 1):
@@ -106,8 +107,8 @@ class DecodeBatch:
         return len(self.streams) - 1
 
     def remove(self, row: int) -> State:
-        """Stream `row` leaves (the rows after it move up by one); returns its state as the steps left it. The
-        stream in the stacks' last used row moves into the row it freed."""
+        """Stream `row` leaves (the caller's rows after it move up by one); returns its state as the steps left it.
+        In the stacks, the stream of the last used row moves into the row it freed."""
         states, slot = self.streams.pop(row), self.slots.pop(row)
         self._index = None
         with torch.inference_mode():
@@ -146,10 +147,8 @@ class DecodeBatch:
         return logits.index_select(0, self._index)
 
     def _step_size(self) -> int:
-        """The fewest rows, a power of two, that hold the streams (a KVGroup's windows: all of them)."""
-        if self._stacked_only:
-            return min(self._rows, 1 << (len(self.streams) - 1).bit_length())
-        return self._rows
+        """The fewest rows, a power of two, that hold the streams."""
+        return min(self._rows, 1 << (len(self.streams) - 1).bit_length())
 
     def _step_rows(self, b: int) -> torch.Tensor:
         """One step over the first b rows: replayed from its graph, else eagerly (captured after graph_after)."""
@@ -227,7 +226,6 @@ class DecodeBatch:
         self._layers, self._rows, self._index = layers, rows, None
         self._graphs, self._logits, self._steady = {}, {}, {}
         self._stacked = [i for i, layer in enumerate(layers) if isinstance(layer, KVStack)]
-        self._stacked_only = not any(isinstance(layer, KVGroup) for layer in layers)
         self._inputs = torch.zeros(2, rows, dtype=torch.long, device=self.device)  # ids; positions
-        if not self._stacked_only:
+        if any(isinstance(layer, KVGroup) for layer in layers):
             self._graph_failed = True  # growing caches: host-side attention, never captured

@@ -187,10 +187,10 @@ class DeltaStack:
 class KVStack:
     """The bounded KVWindows of one attention layer for several independent streams, stacked (model/batch.py):
     k, v [B, Hkv, cap, D], pos [B, cap]. A step's queries, one row per stream, attend each on its own window at its
-    own position `p` ([B] int64 on the device): the ring write, the masks and the scores of all streams in a few
-    batched kernels, no position read back from the device, so a step can be captured as a CUDA graph. Same keys
-    and scores as KVWindow._attend_step for each row. put() copies a stream's window into a row, take() gives it
-    back; the windows' host counters (`seen`) are the caller's to advance."""
+    own position `p` ([B] int64 on the device, given by head() to the rows a step reads): the ring write, the masks
+    and the scores of all streams in a few batched kernels, no position read back from the device, so a step can be
+    captured as a CUDA graph. Same keys and scores as KVWindow._attend_step for each row. put() copies a stream's
+    window into a row, take() gives it back; the windows' host counters (`seen`) are the caller's to advance."""
 
     def __init__(self, like: KVWindow, rows: int):
         """`rows` empty windows shaped as `like`; put() fills a row with a stream's window."""

@@ -87,9 +87,6 @@ class Batcher:
         self.unknown = engine.unknown_ids()
         self.on_device = engine.device.type == "cuda"
         self.max_batch, self.chunk = max_batch, chunk
-        if self.on_device:  # the stacks at their largest and the step over each number of rows captured now, not
-            self.max_batch = reserved_rows(engine, max_batch)  # in the middle of a burst of requests
-            self.batch.reserve(self.max_batch, engine.keep().states)
         self.jobs: deque[Job] = deque()
         self.job: Job | None = None  # the job under way: this thread holds the lock until it ends
         self.waiting: deque[Reply] = deque()
@@ -100,8 +97,23 @@ class Batcher:
         self._holding = False
         self._cond = threading.Condition()
         self._closing = False
+        self._engine = engine
+        if self.on_device:
+            self.max_batch = reserved_rows(engine, max_batch)
+            self._reserve()
         self._thread = threading.Thread(target=self._loop, name="deltamem-scheduler", daemon=True)
         self._thread.start()
+
+    def _reserve(self) -> None:
+        """On a GPU: the decode batch's stacks at their largest and its step over 1, 2, 4, ... rows captured now,
+        not in the middle of a burst of requests (DecodeBatch.reserve)."""
+        try:
+            self.batch.reserve(self.max_batch, self._engine.keep().states)
+        except Exception:  # out of memory, ...: the batch grows as replies come, its graphs captured meanwhile
+            log.exception("the decode batch's %d rows could not be made in advance", self.max_batch)
+            return
+        log.info("decode batch: %d rows made in advance, %d CUDA graphs captured in %.1f s", self.max_batch,
+                 self.batch.captures, self.batch.capture_s)  # fmt: skip
 
     def run(self, steps: Generator[None, None, Any]) -> Job:
         """Queue a job (jobs run one after the other, in this order); job.wait() for its result."""
@@ -175,6 +187,8 @@ class Batcher:
                     r.out.put(e)
                 self.active = []
                 self.batch = DecodeBatch(self.batch.model, capture_lock=self.batch.capture_lock)
+                if self.on_device:
+                    self._reserve()
             captured = max(0.0, self.batch.capture_s - captured)
             self.metrics.scheduler.labels("capture").inc(captured)
             t = lap(self.metrics.scheduler, "decode", t + captured)
@@ -273,12 +287,16 @@ class Batcher:
 
 def reserved_rows(engine, most: int) -> int:
     """The decode batch's rows on a GPU: the largest power of two up to `most` whose states fit in RESERVE_SHARE of
-    the device memory free now (at OLMo Hybrid 7B shapes a state is 0.56 GB: 32 rows on an 80 GB card)."""
+    the device memory free now (at OLMo Hybrid 7B shapes a state is 0.56 GB: 32 rows on an 80 GB card); at least
+    one. Replies beyond it wait for a place."""
     free, _ = torch.cuda.mem_get_info(engine.device)
     fit = min(most, int(free * RESERVE_SHARE) // max(1, engine.state_bytes()))
     rows = 1
     while rows * 2 <= fit:
         rows *= 2
+    if rows < most:
+        log.info("decode batch: %d rows (a reply's state takes %.2f GB; %.1f GB of device memory free)", rows,
+                 engine.state_bytes() / 1e9, free / 1e9)  # fmt: skip
     return rows
 
 

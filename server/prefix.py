@@ -84,18 +84,19 @@ class PrefixCache:
     def _warm(self) -> None:
         """Make now, at start, what the writer's first state would make while requests run. Its engine, and the
         safetensors header of the state's layout (model/snapcache.py makes it by serialising a whole state, which
-        holds the GIL: at 7B shapes 1.4-1.8 s in which no other thread of the server runs, the scheduler's
+        holds the GIL: at 7B shapes 1.4-1.9 s in which no other thread of the server runs, the scheduler's
         included; benchmarks/writer_stalls.py). On a GPU, the pinned host memory of two states' copies (the
         writer's engine holds one while the next is copied), which later copies reuse through torch's caching host
         allocator: a first pinned allocation costs about 2 ms per MB, and meanwhile the driver holds up the model's
         kernel launches (at 7B shapes, a second's pause in the first replies)."""
-        self._snapshots = self.engine.sibling()
-        self._snapshots.snapshot_parts()  # an empty state has every state's layout (a bounded window's pages)
-        if self.engine.device.type == "cuda":
-            kept = self.engine.keep()
-            with CAPTURING:
+        with CAPTURING:  # a new engine allocates its state on the device
+            self._snapshots = self.engine.sibling()
+            if self.engine.device.type == "cuda":  # the writer's engine holds host copies only
+                kept = self.engine.keep()
                 copies = [kept.to_host() for _ in range(2)]
-            del copies, kept
+                self._snapshots.restore_kept(copies[0], copy=False)
+                del copies, kept
+        self._snapshots.snapshot_parts()  # an empty state has every state's layout (a bounded window's pages)
 
     # --- lookup -----------------------------------------------------------------------------------------
     def restore_longest(self, ids: list[int], session: str) -> Hit:

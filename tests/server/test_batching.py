@@ -5,6 +5,8 @@ a time between that reply's decode steps, and both answers are the ones a server
 import json
 import threading
 
+import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from deltamem.model import load_model
@@ -100,3 +102,27 @@ def test_a_batched_reply_state_is_stored_by_its_own_request(tmp_path):
             r2 = again.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 2, "temperature": 0}).json()
             hits += r2["usage"]["prompt_tokens_details"]["cached_tokens"] == r["usage"]["total_tokens"]
     assert hits >= 3  # (a reply whose text tokenizes back to other ids than its own gets a shorter hit)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_batch_is_made_and_captured_at_start_and_serves_as_one_at_a_time():
+    """On a GPU the server makes the decode batch's rows and captures its step for 1, 2, 4, ... rows as it starts;
+    four concurrent requests are then answered with no further capture, from replayed graphs, each as a server
+    doing one request at a time answers it (float32, the same device)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def engine():
+        return load_model("random", device="cuda", dtype="float32", window=64)
+
+    app = create_app(engine(), None, "random", batch_decode=True)
+    batcher = app.state.batcher
+    rows = batcher.batch._rows
+    assert rows == batcher.max_batch >= 4 and batcher.batch.captures == rows.bit_length()
+    captures, replayed = batcher.batch.captures, batcher.batch.graph_steps
+    serial = TestClient(create_app(engine(), None, "random", batch_decode=False))
+    bodies = [{"messages": [{"role": "user", "content": f"Tell me about {w}. " * (3 + i)}], "max_tokens": 12,
+               "temperature": 0} for i, w in enumerate(["rivers", "stars", "glass", "bread"])]  # fmt: skip
+    with TestClient(app) as batched, ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda b: ask(batched, b), bodies))
+    assert batcher.batch.captures == captures and batcher.batch.graph_steps > replayed
+    assert answers == [ask(serial, b) for b in bodies]
