@@ -3,9 +3,11 @@ stores states of OLMo Hybrid 7B's shapes (559 MB each: 32 layers, window 4096), 
 
 A thread standing in for the scheduler runs small torch ops and a 0.5 ms sleep in a loop and records the time of each
 round (0.6 ms when nothing else runs): a round that takes longer waited for the GIL or for a core. Measured side by
-side: with nothing else running; while the writer stores N states as the server did before this change (the
-safetensors header of the state's layout made at its first state); and as it does now (made as the server starts,
-server/prefix.py `_warm`). Only the state's tensors are real: the weights are left unset (never read).
+side: with nothing else running; while the writer stores N states as the server did before (the safetensors header of
+the state's layout made at its first state; the pieces' bytes bound as SQL parameters, which SQLite copies holding
+the GIL); with the header made as the server starts (server/prefix.py `_warm`); and as it does now, the pieces also
+written through SQLite's blob API, which lets the GIL go (memory/snapshots.py `_insert_piece`). Only the state's
+tensors are real: the weights are left unset (never read).
 
     python benchmarks/writer_stalls.py [--states 4]
 
@@ -81,11 +83,18 @@ def rounds(work) -> dict:
             "stalled_s": round(sum(max(0.0, t - 0.002) for t in times), 2)}  # fmt: skip
 
 
-def store_states(eng: Engine, n: int, warm_header: bool) -> dict:
+def bound(store: Store, digest: str, data) -> None:
+    """A piece's bytes bound as a parameter (as before: SQLite copies them holding the GIL)."""
+    store.db.execute("insert into pieces (sha256, bytes, data) values (?, ?, ?)", [digest, len(data), data])
+
+
+def store_states(eng: Engine, n: int, warm_header: bool, blob_api: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "m.db") as store:
         cache = PrefixCache(eng, store, byte_budget=64 << 30)
         if not warm_header:
             snapcache._HEADS.clear()  # as before: the first state's snapshot makes the header
+        if not blob_api:
+            store._insert_piece = lambda digest, data: bound(store, digest, data)
 
         def work():
             for i in range(n):
@@ -109,8 +118,10 @@ def main() -> None:
     mb = eng.state_bytes() / 2**20
     store_states(eng, 1, True)  # not counted: the first host copies and SQLite file of the process
     rows = [{"writer": "none", "states": 0, **rounds(lambda: time.sleep(2))}]
-    for name, warm in (("header made at the first state (before)", False), ("header made at start (now)", True)):
-        rows.append({"writer": name, "states": args.states, **store_states(eng, args.states, warm)})
+    for name, warm, blob_api in (("header made at the first state, pieces bound (before)", False, False),
+                                 ("header made at start, pieces bound", True, False),
+                                 ("header made at start, pieces written as blobs (now)", True, True)):
+        rows.append({"writer": name, "states": args.states, **store_states(eng, args.states, warm, blob_api)})
         print(rows[-1], flush=True)
     write_results(
         "writer_stalls", rows, f"A stand-in scheduler thread's rounds while the prefix writer stores {args.states} "

@@ -250,18 +250,20 @@ class PrefixCache:
             sid, [{"role": "event", "text": f"prefix state of {len(key)} tokens"}], parts, token_ids=list(key)
         )
         live = {r["id"] for r in self.store.snapshots(sid)}  # retention may have dropped the oldest
-        with self._mu:
+        with self._mu:  # (keys deleted in place: a tuple's hash is made anew each time, a long prompt's is slow)
             index = self.stored.setdefault(session, {})
             index[key] = snap_id
-            self.stored[session] = {k: v for k, v in index.items() if v in live}
+            for gone in [k for k, v in index.items() if v not in live]:
+                del index[gone]
             self._ids.setdefault(session, sid)
             self.used[snap_id] = time.monotonic()
             used = dict(self.used)
         if self.store_bytes is not None:
             dropped = set(self.store.trim(SERVE, self.store_bytes, used, spare=SERVE + USER))
             with self._mu:
-                for name, index in self.stored.items():
-                    self.stored[name] = {k: v for k, v in index.items() if v not in dropped}
+                for index in self.stored.values():
+                    for gone in [k for k, v in index.items() if v in dropped]:
+                        del index[gone]
         lap(self.metrics.writer, "store", t)
 
     def _unstored(self) -> None:
