@@ -104,19 +104,19 @@ class PrefixCache:
         feed, which gives the next token's logits); returns how many tokens it holds."""
         limit = len(ids) - 1 if self.enabled else 0
         scope = "" if self.share else session
-        best: tuple[int, str, object] = (0, "none", None)
         stored = self._stored(session)
         with self._mu:
-            mine = self.scope == scope
-            if mine and 0 < len(self.current) <= limit and tuple(ids[: len(self.current)]) == self.current:
-                best = (len(self.current), "engine", None)
-            for owner, key in self.hot:
-                if owner == scope and best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
-                    best = (len(key), "memory", (owner, key))
-            for key, snap_id in stored.items():
-                if best[0] < len(key) <= limit and tuple(ids[: len(key)]) == key:
-                    best = (len(key), "store", (key, snap_id))
-            n, source, ref = best
+            # the candidates, longest first (the engine's own state, then memory, then the store at equal length):
+            # the first whose ids begin the prompt wins, so a conversation's next turn compares one or two
+            known = [(len(self.current), 0, "engine", self.current, None)] if self.scope == scope else []
+            known += [(len(key), 1, "memory", key, (owner, key)) for owner, key in self.hot if owner == scope]
+            known += [(len(key), 2, "store", key, (key, snap_id)) for key, snap_id in stored.items()]
+            known.sort(key=lambda c: (-c[0], c[1]))
+            n, source, ref = 0, "none", None
+            for length, _, where, key, at in known:
+                if 0 < length <= limit and tuple(ids[:length]) == key:
+                    n, source, ref = length, where, at
+                    break
             self.scope = scope
             kept = None
             if source == "memory":
